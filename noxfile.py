@@ -1,0 +1,60 @@
+"""Test and demo sessions. Airflow and Prefect pin incompatible FastAPI ranges, so each gets its own env."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests_core", "tests_airflow", "tests_prefect"]
+
+STORES = "redis,mongodb,postgres,test"
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    session.run("python", "-m", "pytest", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session
+def tests_core(session: nox.Session) -> None:
+    """The core, the five persisters, the CLI and the reliability checks that run in CI."""
+    session.install("-e", f".[{STORES}]")
+    _pytest(session, "tests/core", "tests/cli", "tests/reliability")
+
+
+@nox.session
+def tests_airflow(session: nox.Session) -> None:
+    """The Airflow provider against real Airflow (dag.test) and real stores."""
+    session.install("-e", f".[airflow,{STORES}]")
+    _pytest(session, "tests/airflow")
+
+
+@nox.session
+def tests_prefect(session: nox.Session) -> None:
+    """The Prefect blocks against a real Prefect test harness and real stores."""
+    session.install("-e", f".[prefect,{STORES}]")
+    _pytest(session, "tests/prefect")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's first command: a race, an expiry, Airflow and Prefect yielding to a cron job."""
+    session.install("-e", f".[{STORES}]")
+    envs = {}
+    for name, extra in (("airflow", "airflow"), ("prefect", "prefect")):
+        location = os.path.join(".nox", f"demo_{name}")
+        if not os.path.exists(os.path.join(location, "bin", "python")):
+            session.run("uv", "venv", "--quiet", "--python", session.python or "python3", location, external=True)
+        session.run("uv", "pip", "install", "--quiet", "--python", os.path.join(location, "bin", "python"),
+                    "-e", f".[{extra}]", external=True)
+        envs[f"SINGLETON_DEMO_{name.upper()}_PYTHON"] = os.path.abspath(os.path.join(location, "bin", "python"))
+    session.run("python", "-m", "singleton_integrations.demo", *session.posargs, env=envs)
+
+
+@nox.session
+def benchmarks(session: nox.Session) -> None:
+    """Throughput against the floor and peer libraries, on the local Redis, PostgreSQL and MongoDB-wire server."""
+    session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
+    session.run("python", "benchmarks/run.py", *session.posargs)

@@ -1,0 +1,90 @@
+"""The exception tree, one root so callers can catch everything the library raises.
+
+    SingletonError
+    ├── LockConflict      another live holder has the lock (carries who and since when)
+    ├── LockLost          a held lock expired or was taken while we believed we held it
+    ├── PersisterError    the store failed; the driver's error is the ``__cause__``
+    │   └── MissingDependency (also ImportError)  an optional extra is not installed
+    └── InvalidName / InvalidOption are ``ValueError``/``TypeError`` subclasses raised
+        at construction, so bad input fails before any I/O.
+
+Every exception pickles: integrations ship them across process boundaries
+(Airflow's task runner, Prefect's result persistence).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._record import LockRecord
+
+__all__ = [
+    "LockConflict",
+    "LockLost",
+    "MissingDependency",
+    "PersisterError",
+    "SingletonError",
+]
+
+
+class SingletonError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class LockConflict(SingletonError):
+    """Another live holder has the lock; ``holder`` says who, when known."""
+
+    def __init__(self, name: str, holder: LockRecord | None = None, message: str | None = None) -> None:
+        self.name = name
+        self.holder = holder
+        if message is None:
+            message = f"lock {name!r} is held by {holder.describe()}" if holder else f"lock {name!r} is held by another process"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.holder, str(self)))
+
+
+class LockLost(SingletonError):
+    """The lock was ours but no longer is: it expired, or a renewal was refused."""
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        super().__init__(message or f"exclusivity on lock {name!r} was lost")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, str(self)))
+
+
+class PersisterError(SingletonError):
+    """The store could not be reached or refused an operation; names the backend."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        self.backend = backend
+        super().__init__(f"{backend}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_persister_error, (type(self), self.backend, str(self)))
+
+
+def _rebuild_persister_error(cls: type[PersisterError], backend: str, text: str) -> PersisterError:
+    error = cls.__new__(cls)
+    error.backend = backend
+    Exception.__init__(error, text)
+    return error
+
+
+class MissingDependency(PersisterError, ImportError):
+    """An optional extra is needed; the message says which one to install."""
+
+    def __init__(self, backend: str, extra: str, module: str) -> None:
+        self.extra = extra
+        PersisterError.__init__(
+            self,
+            backend,
+            f"the {module!r} package is not installed; run: pip install 'singleton-integrations[{extra}]'",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_persister_error, (type(self), self.backend, str(self)))

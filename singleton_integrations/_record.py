@@ -1,0 +1,143 @@
+"""Plain values passed between ``Singleton`` and the persisters."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["AcquireResult", "LockRecord", "Owner", "validate_name", "validate_ttl"]
+
+MAX_NAME_LENGTH = 255
+MAX_METADATA_ITEMS = 32
+MAX_METADATA_VALUE_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who asks for a lock: the random token proves ownership, the rest is for humans."""
+
+    owner_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the token is a capability: keep it out of logs
+        return f"Owner(host={self.host!r}, pid={self.pid}, metadata={dict(self.metadata)!r})"
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    """A live lock as the store sees it; times come from the store's clock."""
+
+    name: str
+    owner_token: str
+    fencing_token: int
+    host: str
+    pid: int
+    created_at: datetime
+    expires_at: datetime | None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line naming the holder, for conflict messages and logs."""
+        parts = [f"{self.host} pid {self.pid}"]
+        if self.metadata:
+            parts.append(", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())))
+        parts.append(f"since {self.created_at.astimezone(timezone.utc).isoformat(timespec='seconds')}")
+        if self.expires_at is not None:
+            parts.append(f"until {self.expires_at.astimezone(timezone.utc).isoformat(timespec='seconds')}")
+        parts.append(f"fencing token {self.fencing_token}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view without the owner token (a capability, not information)."""
+        return {
+            "name": self.name,
+            "fencing_token": self.fencing_token,
+            "host": self.host,
+            "pid": self.pid,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "metadata": dict(self.metadata),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"LockRecord(name={self.name!r}, fencing_token={self.fencing_token}, host={self.host!r}, "
+            f"pid={self.pid}, created_at={self.created_at.isoformat()}, "
+            f"expires_at={self.expires_at.isoformat() if self.expires_at else None}, "
+            f"metadata={dict(self.metadata)!r})"
+        )
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """What one atomic acquire did.
+
+    ``record`` is our new lock when ``acquired``; otherwise the live holder's, or
+    None when it vanished between the attempt and the read. ``expired`` is the
+    expired lock this acquire replaced, if any, so the caller can say whose it was.
+    """
+
+    acquired: bool
+    record: LockRecord | None
+    expired: LockRecord | None = None
+    retry_after: float | None = None  # seconds until the holder's lease ends, by the store's clock
+
+
+def validate_name(name: object) -> str:
+    """Refuse names that cannot be stored faithfully everywhere, before any I/O."""
+    if not isinstance(name, str):
+        raise TypeError(f"a lock name must be a str, not {type(name).__name__}")
+    if not name:
+        raise ValueError("a lock name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"a lock name must be at most {MAX_NAME_LENGTH} characters, not {len(name)}")
+    bad = next((c for c in name if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029"), None)
+    if bad is not None:
+        raise ValueError(f"a lock name must not contain control characters (found {bad!r})")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise ValueError("a lock name must not contain lone surrogates")
+    return name
+
+
+def validate_ttl(seconds: object, what: str = "lock_expire_seconds") -> float | None:
+    """A lease length: a positive finite number, or None for a lock that never expires."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{what} must be a number or None, not {type(seconds).__name__}")
+    value = float(seconds)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive finite number, not {seconds!r}")
+    if value < 0.001:
+        raise ValueError(f"{what} must be at least 0.001 (one millisecond), not {seconds!r}")
+    if value > 10 * 365 * 86400:
+        raise ValueError(f"{what} must be at most ten years; use None for a lock that never expires")
+    return value
+
+
+def validate_metadata(metadata: object) -> dict[str, str]:
+    """Holder metadata: a small mapping of short strings, shown in conflict messages."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of str to str, not {type(metadata).__name__}")
+    if len(metadata) > MAX_METADATA_ITEMS:
+        raise ValueError(f"metadata may hold at most {MAX_METADATA_ITEMS} items")
+    clean: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("metadata keys and values must be str")
+        if not key or len(key) > 64 or key.startswith("$") or "." in key or "\x00" in key:
+            raise ValueError(f"metadata key {key!r} must be 1-64 characters without '$' prefix, '.' or NUL")
+        if len(value) > MAX_METADATA_VALUE_LENGTH or "\x00" in value:
+            raise ValueError(f"metadata value for {key!r} must be at most {MAX_METADATA_VALUE_LENGTH} characters without NUL")
+        clean[key] = value
+    return clean

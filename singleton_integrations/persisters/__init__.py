@@ -1,0 +1,90 @@
+"""Stores for locks, chosen by class or by URL scheme.
+
+Built in: ``memory://``, ``sqlite:///path`` (the embedded default), ``redis://``
+and ``rediss://``, ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``.
+Third parties add schemes through the ``singleton_integrations.persisters``
+entry-point group (name: the scheme; value: a ``Persister`` subclass with a
+``from_url(url, **options)`` classmethod).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from .._urls import redact_url, scheme_of
+from ._base import Persister, ReleaseWatch, SleepWatch
+from .memory import Memory
+from .sqlite import Sqlite
+
+if TYPE_CHECKING:
+    from .mongodb import MongoDb
+    from .postgres import Postgres
+    from .redis import Redis
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Memory",
+    "MongoDb",
+    "Persister",
+    "Postgres",
+    "Redis",
+    "ReleaseWatch",
+    "SleepWatch",
+    "Sqlite",
+    "from_url",
+    "schemes",
+]
+
+ENTRY_POINT_GROUP = "singleton_integrations.persisters"
+
+# Modules are imported on first use so the core imports no driver.
+_LAZY = {"Redis": ".redis", "MongoDb": ".mongodb", "Postgres": ".postgres"}
+_BUILTIN_SCHEMES = {
+    "memory": "Memory",
+    "sqlite": "Sqlite",
+    "redis": "Redis",
+    "rediss": "Redis",
+    "unix": "Redis",
+    "mongodb": "MongoDb",
+    "mongodb+srv": "MongoDb",
+    "postgresql": "Postgres",
+    "postgres": "Postgres",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        cls = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def schemes() -> dict[str, type[Persister]]:
+    """Every URL scheme known here, built in or added by an installed package."""
+    found: dict[str, type[Persister]] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found[point.name.lower()] = point.load()
+    for scheme, class_name in _BUILTIN_SCHEMES.items():
+        found[scheme] = __getattr__(class_name) if class_name in _LAZY else globals()[class_name]
+    return found
+
+
+def from_url(url: str, **options: Any) -> Persister:
+    """A persister for ``url``; keyword options override the URL's query options.
+
+    Nothing connects here: the first lock operation does.
+    """
+    scheme = scheme_of(url)
+    class_name = _BUILTIN_SCHEMES.get(scheme)
+    if class_name is not None:
+        cls: Any = __getattr__(class_name) if class_name in _LAZY else globals()[class_name]
+    else:
+        matches = [p for p in entry_points(group=ENTRY_POINT_GROUP) if p.name.lower() == scheme]
+        if not matches:
+            known = ", ".join(sorted({*_BUILTIN_SCHEMES, *(p.name for p in entry_points(group=ENTRY_POINT_GROUP))}))
+            raise ValueError(f"no persister for scheme {scheme!r} in {redact_url(url)!r}; known schemes: {known}")
+        cls = matches[0].load()
+    return cls.from_url(url, **options)

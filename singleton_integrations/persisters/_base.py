@@ -1,0 +1,110 @@
+"""The persister interface: the few atomic primitives a store must provide.
+
+``Singleton`` owns everything else (waiting, events, renewal, signals), so a new
+backend is a handful of methods. Each primitive is one atomic step on the store
+and judges expiry by the store's clock. Run
+``singleton_integrations.testing.conformance`` against a new persister to prove it.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+from .._record import AcquireResult, LockRecord, Owner
+
+__all__ = ["Persister", "ReleaseWatch", "SleepWatch"]
+
+
+class ReleaseWatch:
+    """A subscription to releases of one name, opened before the acquire attempt.
+
+    Opening it first is what makes waiting lose no wake-up: a release that
+    happens between a failed attempt and ``wait()`` is already queued.
+    """
+
+    def wait(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when the name may be free."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the subscription."""
+
+
+class SleepWatch(ReleaseWatch):
+    """The fallback for stores that cannot notify: a bounded, interruptible sleep."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def wait(self, timeout: float) -> None:
+        self._event.wait(timeout)
+
+    def notify(self) -> None:
+        self._event.set()
+
+
+class Persister(ABC):
+    """Stores locks; every method is one atomic operation judged by the store's clock."""
+
+    backend: ClassVar[str] = "persister"
+    #: True when several hosts can share the store (False for in-memory and SQLite).
+    distributed: ClassVar[bool] = False
+    #: True when ``watch`` is woken by releases rather than polling.
+    notifies: ClassVar[bool] = False
+    #: Where expiry is judged, for docs and errors.
+    clock: ClassVar[str] = "the store's clock"
+    #: Longest pause between polls while waiting when notification is unavailable.
+    poll_interval: float = 0.5
+
+    @abstractmethod
+    def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
+        """Take ``name`` if it is free or expired (replacing the expired lock in the same step).
+
+        A successful acquire mints a fencing token strictly greater than every earlier
+        one for ``name``. On conflict, return the live holder's record.
+        """
+
+    @abstractmethod
+    def release(self, name: str, owner_token: str) -> bool:
+        """Give up ``name`` only if ``owner_token`` still holds it; True when it did."""
+
+    @abstractmethod
+    def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        """Extend our live lease to ``ttl`` from now; None when the lock is no longer ours."""
+
+    @abstractmethod
+    def get(self, name: str) -> LockRecord | None:
+        """The live (unexpired) lock on ``name``, if any."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[LockRecord]:
+        """Every live lock whose name starts with ``prefix``, sorted by name."""
+
+    @abstractmethod
+    def force_release(self, name: str) -> LockRecord | None:
+        """Administrative release regardless of owner; returns the record it removed."""
+
+    def watch(self, name: str) -> ReleaseWatch:
+        """Subscribe to releases of ``name``; the default polls."""
+        return SleepWatch()
+
+    @contextmanager
+    def watching(self, name: str) -> Iterator[ReleaseWatch]:
+        watch = self.watch(name)
+        try:
+            yield watch
+        finally:
+            watch.close()
+
+    def close(self) -> None:
+        """Release pooled connections; the persister reconnects if used again."""
+
+    def __enter__(self) -> Persister:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
