@@ -53,6 +53,8 @@ class Persister(ABC):
     backend: ClassVar[str] = "persister"
     #: True when several hosts can share the store (False for in-memory and SQLite).
     distributed: ClassVar[bool] = False
+    #: True when separate processes can share the store (False only for in-memory).
+    multiprocess: ClassVar[bool] = True
     #: True when ``watch`` is woken by releases rather than polling.
     notifies: ClassVar[bool] = False
     #: Where expiry is judged, for docs and errors.

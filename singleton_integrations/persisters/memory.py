@@ -32,6 +32,7 @@ class Memory(Persister):
 
     backend: ClassVar[str] = "memory"
     notifies: ClassVar[bool] = True
+    multiprocess: ClassVar[bool] = False
     clock: ClassVar[str] = "this process's clock"
 
     def __init__(self) -> None:

@@ -1,0 +1,123 @@
+"""Roles played by separate processes in the conformance suite.
+
+Run as ``python -m singleton_integrations.testing._child ROLE JSON``; each role
+prints one JSON line per fact so the parent can assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from .. import Singleton, persisters
+
+
+def _say(**fact: Any) -> None:
+    print(json.dumps(fact), flush=True)
+
+
+def _singleton(args: dict[str, Any], events: list[str] | None = None) -> Singleton:
+    singleton = Singleton(
+        args["name"],
+        persisters.from_url(args["url"]),
+        lock_expire_seconds=args.get("ttl", 30),
+        auto_renew=args.get("auto_renew", False),
+        metadata=args.get("metadata"),
+    )
+    if events is not None:
+        for event in ("expired", "locked", "conflict", "lost", "released"):
+            singleton.on(event, lambda message, event=event: events.append(event))
+    return singleton
+
+
+def race(args: dict[str, Any]) -> None:
+    """Wait for a shared start time, try once, report the outcome and event order."""
+    events: list[str] = []
+    singleton = _singleton(args, events)
+    singleton.persister.get(args["name"])  # connect before the start line, so the race is on the acquire
+    time.sleep(max(0.0, args["start_at"] - time.time()))
+    acquired = singleton.lock()
+    _say(acquired=acquired, events=events, token=singleton.fencing_token)
+    if acquired and args.get("keep", True):
+        time.sleep(args.get("hold_for", 1.0))
+        singleton.release()
+
+
+def hold(args: dict[str, Any]) -> None:
+    """Take the lock, say so, then sleep until killed or ``hold_for`` has passed."""
+    if args.get("previous_handler"):
+        signal.signal(signal.SIGTERM, lambda signum, frame: (_say(previous_handler=True), sys.exit(3)))
+    singleton = _singleton(args)
+    acquired = singleton.lock(wait=args.get("wait"))
+    _say(acquired=acquired, token=singleton.fencing_token, pid=os.getpid())
+    if acquired:
+        time.sleep(args.get("hold_for", 60))
+        if args.get("release", True):
+            singleton.release()
+    _say(done=True)
+
+
+def try_lock(args: dict[str, Any]) -> None:
+    """One attempt (used under a skewed clock): report acquired, exists and the holder's times."""
+    singleton = _singleton(args)
+    exists = singleton.exists()
+    acquired = singleton.lock()
+    holder = singleton.holder()
+    _say(acquired=acquired, exists_before=exists, token=singleton.fencing_token,
+         holder_expires_at=holder.expires_at.timestamp() if holder and holder.expires_at else None)
+    if acquired and args.get("release", False):
+        singleton.release()
+
+
+def loop(args: dict[str, Any]) -> None:
+    """Acquire, note the hold interval by the system-wide monotonic clock, release; repeat."""
+    singleton = _singleton(args)
+    deadline = time.time() + args["seconds"]
+    with open(args["log"], "a", buffering=1) as log:
+        while time.time() < deadline:
+            if not singleton.lock(wait=args.get("wait", 5)):
+                log.write(json.dumps({"conflict": True}) + "\n")
+                continue
+            start = time.monotonic()
+            token = singleton.fencing_token
+            time.sleep(args.get("work", 0.002))
+            end = time.monotonic()
+            released = singleton.release()
+            log.write(json.dumps({"start": start, "end": end, "token": token, "released": released, "pid": os.getpid()}) + "\n")
+
+
+def exit_holding(args: dict[str, Any]) -> None:
+    """Take the lock (renewing) and return without releasing: exit must release it."""
+    singleton = _singleton(args)
+    _say(acquired=singleton.lock(), token=singleton.fencing_token)
+
+
+def fork_child(args: dict[str, Any]) -> None:
+    """Hold with renewal, fork, and report what the child sees; the child must not own the lock."""
+    singleton = _singleton(args)
+    assert singleton.lock()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        report = {"held": singleton.held, "token": singleton.fencing_token, "released": singleton.release()}
+        os.write(write, json.dumps(report).encode())
+        os.close(write)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    time.sleep(args.get("after", 0))
+    _say(child=child, parent_held=singleton.verify())
+    singleton.release()
+
+
+ROLES = {f.__name__: f for f in (race, hold, try_lock, loop, exit_holding, fork_child)}
+
+if __name__ == "__main__":
+    ROLES[sys.argv[1]](json.loads(sys.argv[2]))
