@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -17,9 +18,21 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     session.run("python", "-m", "pytest", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
 
 
+def _ensure_faketime(session: nox.Session) -> None:
+    """The clock-skew rule runs clients under libfaketime (Debian's ``faketime``)."""
+    if shutil.which("faketime"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        session.warn("faketime is missing and cannot be installed here: the clock-skew tests will say so")
+        return
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "faketime", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 @nox.session
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
+    _ensure_faketime(session)
     session.install("-e", f".[{STORES}]")
     _pytest(session, "tests/core", "tests/cli", "tests/reliability")
 
