@@ -1,0 +1,115 @@
+"""The Redis server for tests: ``SINGLETON_TEST_REDIS_URL``, else 127.0.0.1:6379, else a throwaway one.
+
+The URL found is exported in the environment so child processes use the same
+server. Under ``CI=true`` a missing server raises; elsewhere the test is skipped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["ENV", "start_throwaway", "url"]
+
+ENV = "SINGLETON_TEST_REDIS_URL"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+_found: str | None = None
+
+
+def _pong(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a Redis answers PING at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15.0) -> tuple[subprocess.Popen[bytes], Path]:
+    """A private ``redis-server`` on 127.0.0.1 (no persistence), stopped at exit; returns it and its directory.
+
+    Tests that need a special server (a Unix socket, TLS) pass ``extra_args``
+    and ``port=0`` and wait for it themselves.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed")
+    directory = Path(tempfile.mkdtemp(prefix="singleton-redis-"))
+    chosen = _free_port() if port is None else port
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(chosen), "--save", "", "--appendonly", "no",
+         "--dir", str(directory), *extra_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(stop)
+    if chosen:
+        deadline = time.monotonic() + ready
+        while not _pong("127.0.0.1", chosen, timeout=0.5):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop()
+                raise RuntimeError(f"redis-server did not start on port {chosen}")
+            time.sleep(0.05)
+    return process, directory
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"Redis is required under CI=true: {why}")
+    import pytest
+
+    pytest.skip(f"Redis unavailable: {why}")
+
+
+def url() -> str:
+    """The test Redis URL, found or started once per process."""
+    global _found
+    if _found is not None:
+        return _found
+    candidate = os.environ.get(ENV)
+    if candidate:
+        parts = urlsplit(candidate)
+        if parts.scheme == "redis" and not _pong(parts.hostname or "127.0.0.1", parts.port or 6379):
+            _unavailable(f"{ENV} is set but its server does not answer")
+    elif _pong("127.0.0.1", 6379):
+        candidate = DEFAULT_URL
+    else:
+        try:
+            process, _ = start_throwaway()
+        except (FileNotFoundError, RuntimeError) as error:
+            _unavailable(f"nothing answers on 127.0.0.1:6379 and no throwaway server: {error}")
+        else:
+            candidate = f"redis://127.0.0.1:{_port_of(process)}/0"
+    os.environ[ENV] = candidate  # type: ignore[assignment]
+    _found = candidate
+    return candidate  # type: ignore[return-value]
+
+
+def _port_of(process: subprocess.Popen[bytes]) -> int:
+    return int(process.args[process.args.index("--port") + 1])  # type: ignore[union-attr,index]
