@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "unregister"]
 
 _held: weakref.WeakSet[Singleton] = weakref.WeakSet()
-_guard = threading.Lock()
+_guard = threading.RLock()  # re-entrant: the SIGTERM handler runs on the main thread mid-call
 _previous_handler: Any = None
 _installed = False
 
@@ -73,7 +73,7 @@ def _after_fork_in_child() -> None:
     # The child owns none of the parent's locks: no renewal, no release on its exit.
     global _held, _guard
     _held = weakref.WeakSet()
-    _guard = threading.Lock()
+    _guard = threading.RLock()
 
 
 atexit.register(_release_all, "process exit")

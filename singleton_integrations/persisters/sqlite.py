@@ -67,7 +67,7 @@ class Sqlite(Persister):
             raise TypeError(f"a SQLite path must be a str or path, not {type(path).__name__}")
         self.path = Path(path) if path is not None else default_path()
         self.timeout = float(timeout)
-        self._guard = threading.Lock()
+        self._guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
 
