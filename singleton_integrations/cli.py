@@ -1,0 +1,492 @@
+"""The ``singleton`` command: run a shell command under a named lock, like ``flock -n`` across hosts.
+
+Exit codes (docs/cli.md has the table): the command's own code, or 128+N when
+signal N killed it; 1 for "free"/"nothing to release"; 64 usage; 69 store
+unavailable; 70 internal error; 75 conflict (``--conflict-exit-code``); 79 the
+lock was lost and the command was terminated; 126/127 command not executable/found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from types import FrameType
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
+
+from . import __version__, persisters
+from ._errors import PersisterError, SingletonError
+from ._record import LockRecord, validate_name
+from ._singleton import Singleton
+from ._urls import redact_url
+
+__all__ = [
+    "EXIT_CONFLICT",
+    "EXIT_FREE",
+    "EXIT_LOCK_LOST",
+    "EXIT_NOT_EXECUTABLE",
+    "EXIT_NOT_FOUND",
+    "EXIT_SOFTWARE",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "main",
+]
+
+EXIT_FREE = 1  # status: nobody holds the lock; release --force: nothing was held
+EXIT_USAGE = 64  # EX_USAGE: bad arguments, bad URL, bad lock name
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the store cannot be reached, refused, or its driver is missing
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug in singleton itself
+EXIT_CONFLICT = 75  # EX_TEMPFAIL: another live holder has the lock; try again later
+EXIT_LOCK_LOST = 79  # next to the sysexits range: the lease was lost, so CMD was terminated
+EXIT_NOT_EXECUTABLE = 126  # as shells do
+EXIT_NOT_FOUND = 127  # as shells do
+
+DEFAULT_RUN_TTL = 60.0
+DEFAULT_KILL_AFTER = 10.0
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+log = logging.getLogger("singleton_integrations.cli")
+
+
+class UsageError(Exception):
+    """Bad arguments: reported in one line with ``EXIT_USAGE``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line and exit 64, not argparse's usage dump and exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# -- argument types -----------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds(text)
+
+
+def _exit_code(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 255:
+        raise argparse.ArgumentTypeError(f"expected an exit code from 0 to 255, got {text!r}")
+    return int(text)
+
+
+def _metadata_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _build_parser(with_command: bool = True) -> _Parser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="store URL (default: $SINGLETON_URL, else SQLite in your state directory)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log every lock event to stderr")
+
+    parser = _Parser(prog="singleton", description="Only one instance of a job at a time, across processes and hosts.")
+    parser.add_argument("--version", action="version", version=f"singleton-integrations {__version__}")
+    commands = parser.add_subparsers(dest="action", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", parents=[common], help="run CMD while holding the lock NAME",
+                              usage="singleton run NAME [options] -- CMD [ARGS...]")
+    run.add_argument("name", metavar="NAME")
+    run.add_argument("--ttl", type=_seconds, metavar="S", default=DEFAULT_RUN_TTL,
+                     help=f"lease length in seconds (default {DEFAULT_RUN_TTL:g}); renewed every third of it")
+    run.add_argument("--wait", type=_wait_seconds, metavar="S", default=0.0,
+                     help="wait up to S seconds for the lock (default 0)")
+    run.add_argument("--renew", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep renewing the lease while CMD runs (default on)")
+    run.add_argument("--conflict-exit-code", type=_exit_code, metavar="N", default=EXIT_CONFLICT,
+                     help=f"exit code when another holder has the lock (default {EXIT_CONFLICT})")
+    run.add_argument("--kill-after", type=_seconds, metavar="S", default=DEFAULT_KILL_AFTER,
+                     help=f"after losing the lock, SIGKILL CMD if SIGTERM has not ended it in S s "
+                          f"(default {DEFAULT_KILL_AFTER:g})")
+    run.add_argument("--metadata", type=_metadata_item, action="append", default=[], metavar="KEY=VALUE",
+                     help="shown to whoever finds the lock held; repeatable")
+    if with_command:  # without '--', CMD is whatever follows NAME
+        run.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="the command and its arguments")
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser("status", parents=[common], help="who holds NAME (exit 0 if held, 1 if free)")
+    status.add_argument("name", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_cmd_status)
+
+    listing = commands.add_parser("list", parents=[common], help="live locks as a table")
+    listing.add_argument("--prefix", default="", help="only names starting with this")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_cmd_list)
+
+    release = commands.add_parser("release", parents=[common], help="break a lock whoever holds it (admin)")
+    release.add_argument("name", metavar="NAME")
+    release.add_argument("--force", action="store_true", help="required: confirms breaking another owner's lock")
+    release.set_defaults(handler=_cmd_release)
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    if argv[:1] == ["run"] and "--" in argv:
+        cut = argv.index("--")
+        args = _build_parser(with_command=False).parse_args(argv[:cut])
+        args.command = argv[cut + 1:]
+        return args
+    args = _build_parser().parse_args(argv)
+    if args.action == "run" and args.command and args.command[0].startswith("-"):
+        raise UsageError(f"singleton run: options after NAME need '--' before CMD (got {args.command[0]!r})")
+    return args
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class _Store:
+    """Opens the persister and maps what it raises to the CLI's errors, scrubbing passwords."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        try:
+            self.persister = persisters.from_url(url) if url else persisters.Sqlite()
+        except ImportError as error:
+            raise PersisterError(_scheme(url), f"this store is not available here ({error})") from None
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"singleton: bad store URL: {self.scrub(str(error))}") from None
+        if not getattr(self.persister, "multiprocess", True):
+            raise UsageError(f"singleton: {redact_url(url or '')!r} lives inside one process; "
+                             "the CLI needs a store other processes can see")
+
+    def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except SingletonError:
+            raise
+        except Exception as error:  # a driver error the persister did not wrap
+            raise PersisterError(self.persister.backend, f"{type(error).__name__}: {error}") from error
+
+    def scrub(self, text: str) -> str:
+        return _scrub(text, self.url)
+
+    def close(self) -> None:
+        try:
+            self.persister.close()
+        except Exception:  # closing is best effort; the process is ending
+            pass
+
+
+def _scrub(text: str, url: str | None) -> str:
+    """``text`` without the URL's password, in any spelling, even where a driver echoed it bare."""
+    text = redact_url(text)
+    try:
+        password = urlsplit(url).password if url and "://" in url else None
+    except ValueError:
+        password = None
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(secret, "***")  # type: ignore[arg-type]
+    return text
+
+
+def _scheme(url: str | None) -> str:
+    return (url or "sqlite:").partition(":")[0].lower() or "store"
+
+
+# -- output helpers ----------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"singleton: {message}", file=sys.stderr, flush=True)
+
+
+def _iso(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _relative(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    delta = moment.timestamp() - time.time()
+    span = abs(delta)
+    text = f"{span:.0f} s" if span < 120 else f"{span / 60:.0f} min" if span < 7200 else f"{span / 3600:.1f} h"
+    return f"in {text}" if delta >= 0 else f"{text} ago"
+
+
+def _metadata_text(record: LockRecord) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(record.metadata.items()))
+
+
+def _holder_line(record: LockRecord) -> str:
+    """Who holds a lock, for humans: host, pid, since when, until when, fencing token, metadata."""
+    line = (f"lock {record.name!r} is held by {record.host} pid {record.pid} since {_iso(record.created_at)} "
+            f"({_relative(record.created_at)}), expires {_relative(record.expires_at)}, "
+            f"fencing token {record.fencing_token}")
+    meta = _metadata_text(record)
+    return f"{line}, {meta}" if meta else line
+
+
+class _EventFilter(logging.Filter):
+    """Show the events a CLI user needs (a takeover, a loss, admin actions); everything with -v."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.name.startswith(log.name):
+            return True
+        return getattr(record, "singleton_event", None) in ("expired", "lost")
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("singleton: %(message)s"))
+    handler.addFilter(_EventFilter(verbose))
+    root = logging.getLogger("singleton_integrations")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+class _SignalRelay:
+    """Forwards SIGTERM, SIGINT and SIGHUP to CMD; before CMD starts, a signal cancels the wait."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.cancelled = threading.Event()
+        self.child: subprocess.Popen[bytes] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalRelay:
+        for signum in _FORWARDED:
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue  # ignored when we started (e.g. a background job): CMD inherits that, as from a shell
+            self._previous[signum] = previous
+            signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def attach(self, child: subprocess.Popen[bytes]) -> None:
+        self.child = child
+        if self.received is not None:  # arrived between the lock and the spawn
+            self._forward(self.received)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        self.cancelled.set()
+        if self.child is not None:
+            self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        child = self.child
+        if child is None or child.returncode is not None:
+            return
+        if signum == signal.SIGINT and _terminal_signals_our_group():
+            return  # Ctrl-C already reached CMD: the terminal signals the whole foreground group
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def _terminal_signals_our_group() -> bool:
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+    return False
+
+
+def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
+    command: list[str] = args.command
+    if not command:
+        raise UsageError("singleton run: no command given; write: singleton run NAME [options] -- CMD [ARGS...]")
+    metadata = {"command": os.path.basename(command[0])[:200]}
+    metadata.update(dict(args.metadata))
+    try:
+        lock = Singleton(args.name, store.persister, lock_expire_seconds=args.ttl, auto_renew=args.renew,
+                         metadata=metadata, release_on_sigterm=False)  # the relay owns SIGTERM
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"singleton run: {error}") from None
+    with _SignalRelay() as relay:
+        acquired = lock.lock(wait=args.wait, _cancelled=relay.cancelled)
+        if relay.received is not None:
+            if acquired:
+                lock.release()
+            return 128 + relay.received
+        if not acquired:
+            holder = lock.last_holder
+            _say(_holder_line(holder) if holder else f"lock {args.name!r} is held by another process")
+            return int(args.conflict_exit_code)
+        try:
+            return _supervise(lock, command, relay, args.kill_after)
+        finally:
+            _release_quietly(lock, store)
+
+
+def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_after: float) -> int:
+    wake, exited, lost = threading.Event(), threading.Event(), threading.Event()
+    lock.on("lost", lambda message: (lost.set(), wake.set()))
+    lock.on("error", lambda error: _say(f"renewing lock {lock.name!r} failed: {error}; retrying until the lease ends"))
+    try:
+        child = subprocess.Popen(command)
+    except FileNotFoundError:
+        _say(f"{command[0]}: command not found")
+        return EXIT_NOT_FOUND
+    except OSError as error:
+        _say(f"{command[0]}: cannot run: {error.strerror or error}")
+        return EXIT_NOT_EXECUTABLE
+    relay.attach(child)
+
+    def reap() -> None:
+        child.wait()
+        exited.set()
+        wake.set()
+
+    threading.Thread(target=reap, name="singleton-cmd-waiter", daemon=True).start()
+    while not wake.wait(1.0):
+        pass
+    if lost.is_set() and not exited.is_set():
+        _say(f"terminating {command[0]} (pid {child.pid}): it may no longer run exclusively")
+        child.terminate()
+        if not exited.wait(kill_after):
+            _say(f"{command[0]} (pid {child.pid}) outlived SIGTERM by {kill_after:g} s; sending SIGKILL")
+            child.kill()
+            exited.wait()
+        return EXIT_LOCK_LOST
+    code = child.returncode
+    return 128 - code if code < 0 else code
+
+
+def _release_quietly(lock: Singleton, store: _Store) -> None:
+    try:
+        lock.release()  # a lock found lost here is reported by the ``lost`` event's log line
+    except SingletonError as error:
+        _say(f"could not release lock {lock.name!r} ({store.scrub(str(error))}); it expires when its lease ends")
+
+
+# -- status, list, release -------------------------------------------------------------
+
+
+def _cmd_status(args: argparse.Namespace, store: _Store) -> int:
+    name = _name(args.name)
+    record: LockRecord | None = store.call(store.persister.get, name)
+    if args.json:
+        print(json.dumps({"name": name, "held": record is not None, "holder": record.to_dict() if record else None}))
+    else:
+        print(_holder_line(record) if record else f"lock {name!r} is free")
+    return 0 if record is not None else EXIT_FREE
+
+
+def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
+    records: list[LockRecord] = store.call(store.persister.list, args.prefix)
+    if args.json:
+        print(json.dumps([record.to_dict() for record in records], indent=2))
+        return 0
+    if not records:
+        print("no live locks" + (f" starting with {args.prefix!r}" if args.prefix else ""), file=sys.stderr)
+        return 0
+    rows = [("NAME", "HOLDER", "SINCE", "EXPIRES", "FENCE", "METADATA")]
+    rows += [(r.name, f"{r.host}:{r.pid}", _iso(r.created_at), _relative(r.expires_at), str(r.fencing_token),
+              _metadata_text(r)) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace, store: _Store) -> int:
+    name = _name(args.name)
+    if not args.force:
+        raise UsageError("singleton release: this breaks another owner's lock; add --force to confirm")
+    record: LockRecord | None = store.call(store.persister.force_release, name)
+    if record is None:
+        _say(f"lock {name!r} is not held; nothing released")
+        return EXIT_FREE
+    log.warning("force-released lock %r held by %s pid %d since %s (fencing token %d), requested by %s on %s pid %d",
+                name, record.host, record.pid, _iso(record.created_at), record.fencing_token, _user(),
+                os.uname().nodename, os.getpid())
+    return 0
+
+
+def _name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"singleton: {error}") from None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, no $USER: still log the action
+        return f"uid {os.getuid()}"
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to ``sys.exit``)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    store: _Store | None = None
+    url = os.environ.get("SINGLETON_URL") or None
+    try:
+        args = _parse(arguments)
+        url = args.url or url
+        _configure_logging(args.verbose)
+        store = _Store(url)
+        return int(args.handler(args, store))
+    except UsageError as error:
+        print(f"{_scrub(_first_line(error), url)} (see: singleton --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except PersisterError as error:
+        _say(f"store unavailable: {_scrub(_first_line(error), url)}")
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 128 + signal.SIGINT
+    except Exception as error:  # a bug: one line, and the traceback only on request
+        if os.environ.get("SINGLETON_DEBUG"):
+            raise
+        detail = _scrub(_first_line(error), url)
+        _say(f"internal error: {type(error).__name__}: {detail} (set SINGLETON_DEBUG=1 for details)")
+        return EXIT_SOFTWARE
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
