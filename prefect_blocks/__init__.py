@@ -1,0 +1,29 @@
+"""Prefect blocks for singleton-integrations: one run at a time across deployments, workers and orchestrators.
+
+``SingletonBlock`` holds the store URL; ``block.lock(name)`` guards a block of code,
+``@singleton(...)`` a flow or task, and ``SingletonLockManager`` Prefect's SERIALIZABLE
+transactions. Register the block with ``prefect block register -m prefect_blocks``.
+"""
+
+from __future__ import annotations
+
+from singleton_integrations import LockConflict, LockLost
+
+from ._block import SingletonBlock
+from ._decorator import OnConflict, current_lock, singleton
+from ._events import EVENT_NAMES, lock_resource_id
+from ._lock import SingletonLock
+from ._lock_manager import SingletonLockManager
+
+__all__ = [
+    "EVENT_NAMES",
+    "LockConflict",
+    "LockLost",
+    "OnConflict",
+    "SingletonBlock",
+    "SingletonLock",
+    "SingletonLockManager",
+    "current_lock",
+    "lock_resource_id",
+    "singleton",
+]

@@ -1,0 +1,167 @@
+"""``SingletonBlock``: a store URL kept as a Prefect secret, and the bridge to the core lock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Optional
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from singleton_integrations import AsyncSingleton, LockRecord, Singleton
+from singleton_integrations._urls import redact_url, scheme_of
+from singleton_integrations.persisters import Persister
+
+from ._lock import SingletonLock
+from ._lock_manager import SingletonLockManager
+from ._store import persister_for
+
+__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "SingletonBlock"]
+
+PROJECT_URL = "https://github.com/singleton-integrations/singleton-integrations"
+DOCUMENTATION_URL = f"{PROJECT_URL}/blob/main/docs/prefect.md"
+#: The same square PNG ships as ``prefect_blocks/logo.png``.
+LOGO_URL = "https://raw.githubusercontent.com/singleton-integrations/singleton-integrations/main/prefect_blocks/logo.png"
+
+
+class SingletonBlock(Block):
+    """Only one run at a time across deployments, workers and orchestrators, through a shared lock store.
+
+    The same lock name on the same store is the same lock for the core library,
+    the ``singleton`` CLI, the Airflow provider and these blocks.
+    """
+
+    _block_type_name: ClassVar[str] = "Singleton"
+    _block_type_slug: ClassVar[str] = "singleton"
+    _logo_url: ClassVar[Any] = LOGO_URL
+    _documentation_url: ClassVar[Any] = DOCUMENTATION_URL
+    _description: ClassVar[str] = (
+        "A distributed lock store (Redis, PostgreSQL, MongoDB, SQLite) that keeps a flow or task "
+        "from running twice at once across deployments, workers, workspaces and orchestrators."
+    )
+    _code_example: ClassVar[str] = '''
+        ```python
+        from prefect import flow
+        from prefect_blocks import SingletonBlock, singleton
+
+        singleton_block = SingletonBlock.load("BLOCK_NAME")
+
+        @flow
+        def nightly():
+            with singleton_block.lock("nightly-report"):
+                ...  # runs in one place at a time; LockConflict elsewhere
+
+        @flow
+        @singleton(block="BLOCK_NAME", lock_name="export-{region}")  # skips as "Skipped" when held
+        def export(region: str):
+            ...
+        ```
+    '''
+
+    url: SecretStr = Field(
+        default=...,
+        title="Store URL",
+        description=(
+            "The lock store, e.g. redis://host:6379/0, postgresql://user:password@host/db, "
+            "mongodb://host/db or sqlite:////shared/locks.db."
+        ),
+    )
+    lock_expire_seconds: Optional[float] = Field(
+        default=300.0,
+        gt=0,
+        title="Lock expire seconds",
+        description="How long a lock outlives a holder that stops renewing it (crash, kill -9); empty never expires.",
+    )
+    auto_renew: bool = Field(
+        default=True,
+        title="Auto renew",
+        description="Renew the lease while the run is alive, so long runs keep the lock and dead ones lose it.",
+    )
+    name_prefix: Optional[str] = Field(
+        default=None,
+        title="Name prefix",
+        description="Prepended to every lock name; leave empty so the same name is the same lock everywhere.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: SecretStr) -> SecretStr:
+        scheme_of(url.get_secret_value())  # a clear error now, without echoing a password
+        return url
+
+    @model_validator(mode="after")
+    def _check_renewal(self) -> SingletonBlock:
+        if self.auto_renew and self.lock_expire_seconds is None:
+            raise ValueError("auto_renew needs lock_expire_seconds: a lock that never expires has nothing to renew")
+        return self
+
+    # -- bridges to the core ---------------------------------------------------------
+
+    def lock_name(self, name: str) -> str:
+        """The stored name for ``name``: the block's prefix, if any, then the name."""
+        return f"{self.name_prefix or ''}{name}"
+
+    def get_persister(self) -> Persister:
+        """The store's persister, pooled per process (nothing connects until first use)."""
+        return persister_for(self.url.get_secret_value())
+
+    def get_singleton(
+        self,
+        name: str,
+        *,
+        lock_expire_seconds: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        release_on_sigterm: bool = True,
+        apply_prefix: bool = True,
+    ) -> Singleton:
+        """A core ``Singleton`` configured from this block, for code that wants the plain API."""
+        return Singleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
+            lock_expire_seconds, metadata, release_on_sigterm))
+
+    def get_async_singleton(
+        self,
+        name: str,
+        *,
+        lock_expire_seconds: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        release_on_sigterm: bool = True,
+        apply_prefix: bool = True,
+    ) -> AsyncSingleton:
+        """``get_singleton`` as an ``AsyncSingleton``, for ``async`` flows and tasks."""
+        return AsyncSingleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
+            lock_expire_seconds, metadata, release_on_sigterm))
+
+    def _singleton_arguments(self, name: str, apply_prefix: bool) -> tuple[str, Persister]:
+        return (self.lock_name(name) if apply_prefix else name), self.get_persister()
+
+    def _singleton_options(
+        self, lock_expire_seconds: float | None, metadata: Mapping[str, str] | None, release_on_sigterm: bool
+    ) -> dict[str, Any]:
+        return {
+            "lock_expire_seconds": self.lock_expire_seconds if lock_expire_seconds is None else lock_expire_seconds,
+            "auto_renew": self.auto_renew,
+            "metadata": metadata,
+            "release_on_sigterm": release_on_sigterm,
+        }
+
+    def lock(self, name: str, wait: float | None = None, lock_expire_seconds: float | None = None) -> SingletonLock:
+        """Hold ``name`` for a ``with`` or ``async with`` block; ``LockConflict`` when another holds it.
+
+        ``wait`` seconds to wait for a busy lock (default: do not wait);
+        ``lock_expire_seconds`` overrides the block's lease for this lock.
+        """
+        return SingletonLock(self, name, wait=wait, lock_expire_seconds=lock_expire_seconds)
+
+    def holder(self, name: str) -> LockRecord | None:
+        """Who holds ``name`` now, if anyone (host, pid, run ids, since when, fencing token)."""
+        return self.get_persister().get(self.lock_name(name))
+
+    def get_lock_manager(self, name_prefix: str = SingletonLockManager.DEFAULT_NAME_PREFIX) -> SingletonLockManager:
+        """A ``prefect.locking`` lock manager on this store, for SERIALIZABLE transactions and cache policies."""
+        return SingletonLockManager(self.url, name_prefix=(self.name_prefix or "") + name_prefix)
+
+    def __repr__(self) -> str:
+        return (
+            f"SingletonBlock(url={redact_url(self.url.get_secret_value())!r}, lock_expire_seconds={self.lock_expire_seconds!r}, "
+            f"auto_renew={self.auto_renew!r}, name_prefix={self.name_prefix!r})"
+        )

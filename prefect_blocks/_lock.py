@@ -1,0 +1,168 @@
+"""``block.lock(name)``: one context manager for ``with`` and ``async with``.
+
+It acquires or raises ``LockConflict``, renews while held (when the block says so),
+releases on exit, on exceptions, on cancellation and on Prefect's ``TerminationSignal``,
+and turns every step into a Prefect event and a run log line.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from singleton_integrations import AsyncSingleton, LockConflict, LockLost, Singleton
+
+from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
+from ._events import emit_lock_event
+
+if TYPE_CHECKING:
+    from ._block import SingletonBlock
+
+__all__ = ["SingletonLock"]
+
+
+class SingletonLock:
+    """A lock on one name through a block; enter it with ``with`` or ``async with``.
+
+    ``with`` yields the core ``Singleton`` and ``async with`` an ``AsyncSingleton``, so the
+    body can read ``fencing_token`` or call ``ensure_held()`` before side effects.
+    """
+
+    def __init__(
+        self,
+        block: SingletonBlock,
+        name: str,
+        *,
+        wait: float | None = None,
+        lock_expire_seconds: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.block = block
+        self.name = block.lock_name(name)
+        self.wait = wait
+        self.lock_expire_seconds = lock_expire_seconds
+        self.extra_metadata = dict(metadata or {})
+        self._singleton: Singleton | None = None
+        self._async: AsyncSingleton | None = None
+        self._run = RunInfo()
+        self._lost_reason: str | None = None
+        self._entered = threading.Lock()
+
+    @property
+    def singleton(self) -> Singleton | None:
+        """The core lock while entered."""
+        return self._singleton
+
+    # -- sync ----------------------------------------------------------------------
+
+    def __enter__(self) -> Singleton:
+        singleton = self._prepare()
+        try:
+            acquired = singleton.lock(wait=self.wait)
+        except BaseException:
+            self._finish()
+            raise
+        if not acquired:
+            self._conflict(singleton)
+        self._acquired(singleton)
+        return singleton
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        singleton = self._singleton
+        assert singleton is not None, "exit without enter"
+        try:
+            released = singleton.release()
+        finally:
+            self._finish()
+        self._after_release(singleton, released, exc_type is None)
+
+    # -- async ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncSingleton:
+        singleton = self._prepare(asynchronous=True)
+        assert self._async is not None
+        try:
+            acquired = await self._async.lock(wait=self.wait)
+        except BaseException:  # cancellation included: AsyncSingleton never leaks a lock it got
+            self._finish()
+            raise
+        if not acquired:
+            self._conflict(singleton)
+        self._acquired(singleton)
+        return self._async
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        singleton, face = self._singleton, self._async
+        assert singleton is not None and face is not None, "exit without enter"
+        try:
+            released = await face.release()  # shielded: a cancelled task still releases
+        finally:
+            self._finish()
+        self._after_release(singleton, released, exc_type is None)
+
+    # -- shared ----------------------------------------------------------------------
+
+    def _prepare(self, asynchronous: bool = False) -> Singleton:
+        if not self._entered.acquire(blocking=False):
+            raise RuntimeError(f"this lock on {self.name!r} is already entered; create another with block.lock()")
+        self._run = current_run()
+        self._lost_reason = None
+        metadata = {**self._run.metadata(), **self.extra_metadata}
+        options: dict[str, Any] = {
+            "lock_expire_seconds": self.lock_expire_seconds,
+            "metadata": metadata,
+            "release_on_sigterm": not prefect_handles_sigterm(),
+            "apply_prefix": False,
+        }
+        try:
+            if asynchronous:
+                self._async = self.block.get_async_singleton(self.name, **options)
+                singleton = self._async.sync
+            else:
+                singleton = self.block.get_singleton(self.name, **options)
+        except BaseException:
+            self._entered.release()
+            raise
+        singleton.on("expired", lambda message: self._emit("expired", singleton, str(message)))
+        singleton.on("lost", lambda message: self._on_lost(singleton, str(message)))
+        self._singleton = singleton
+        return singleton
+
+    def _finish(self) -> None:
+        self._singleton = None
+        self._async = None
+        self._entered.release()
+
+    def _conflict(self, singleton: Singleton) -> None:
+        self._finish()
+        error = LockConflict(singleton.name, singleton.last_holder)
+        if self.wait:
+            error = LockConflict(singleton.name, singleton.last_holder, f"{error} (after waiting {self.wait:g} s)")
+        self._emit("conflict", singleton, str(error), singleton.last_holder)
+        run_logger().info("%s", error)
+        raise error
+
+    def _acquired(self, singleton: Singleton) -> None:
+        message = f"acquired lock {singleton.name!r} with fencing token {singleton.fencing_token}"
+        self._emit("acquired", singleton, message, singleton.record)
+        run_logger().info("%s", message)
+
+    def _after_release(self, singleton: Singleton, released: bool, body_succeeded: bool) -> None:
+        if released:
+            self._emit("released", singleton, f"released lock {singleton.name!r}")
+        if self._lost_reason is not None and body_succeeded:
+            raise LockLost(singleton.name, self._lost_reason)
+
+    def _on_lost(self, singleton: Singleton, message: str) -> None:
+        # May run on the renewal thread: the run context is the one captured at enter.
+        self._lost_reason = message
+        self._emit("lost", singleton, message)
+        run_logger().warning("%s", message)
+
+    def _emit(self, what: str, singleton: Singleton, message: str, record: Any = None) -> None:
+        emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend, message=message, record=record)
+
+    def __repr__(self) -> str:
+        return f"SingletonLock({self.name!r}, wait={self.wait!r})"
