@@ -198,10 +198,14 @@ class _Store:
 def _scrub(text: str, url: str | None) -> str:
     """``text`` without the URL's password, in any spelling, even where a driver echoed it bare."""
     text = redact_url(text)
-    try:
-        password = urlsplit(url).password if url and "://" in url else None
-    except ValueError:
-        password = None
+    password: str | None = None
+    if url and "@" in url:
+        userinfo = url.partition("://")[2].rpartition("@")[0] if "://" in url else url.rpartition("@")[0]
+        try:
+            password = urlsplit(url).password if "://" in url else None
+        except ValueError:
+            password = None
+        password = password or (userinfo.partition(":")[2] or None)  # a URL missing its scheme, too
     for secret in {password, unquote(password or "")} - {None, ""}:
         text = text.replace(secret, "***")  # type: ignore[arg-type]
     return text
@@ -359,7 +363,9 @@ def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_af
     lock.on("lost", lambda message: (lost.set(), wake.set()))
     lock.on("error", lambda error: _say(f"renewing lock {lock.name!r} failed: {error}; retrying until the lease ends"))
     try:
-        child = subprocess.Popen(command)
+        # CMD can hand the fencing token to the resource it writes, which then refuses older tokens.
+        env = dict(os.environ, SINGLETON_NAME=lock.name, SINGLETON_FENCING_TOKEN=str(lock.fencing_token))
+        child = subprocess.Popen(command, env=env)
     except FileNotFoundError:
         _say(f"{command[0]}: command not found")
         return EXIT_NOT_FOUND
