@@ -1,0 +1,128 @@
+"""What Airflow's providers manager reads through the ``apache_airflow_provider`` entry point.
+
+Connection form fields are declared here (``conn-fields`` / ``ui-field-behaviour``, read
+by Airflow 3.2+ without importing the hook); the hook keeps the equivalent methods for 3.0/3.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CONNECTION_TYPES", "get_provider_info"]
+
+_HOOKS = "airflow_provider.hooks.singleton"
+_OPTIONS = {
+    "label": "Store options",
+    "schema": {"type": ["string", "null"]},
+    "description": "Extra URL query options passed to the lock store, e.g. key_prefix=etl&timeout=5",
+}
+_NETWORK_HIDDEN = ["extra"]
+
+#: One connection type per lock store; ``singleton`` takes a whole store URL.
+CONNECTION_TYPES: list[dict[str, Any]] = [
+    {
+        "connection-type": "singleton",
+        "hook-class-name": f"{_HOOKS}.SingletonHook",
+        "hook-name": "Singleton lock store (URL)",
+        "conn-fields": {
+            "url": {
+                "label": "Store URL",
+                "schema": {"type": ["string", "null"], "format": "password"},
+                "description": "redis://, rediss://, mongodb://, mongodb+srv://, postgresql:// or sqlite:////abs/path.db",
+            },
+        },
+        "ui-field-behaviour": {"hidden-fields": ["host", "schema", "port", "login", "password", "extra"]},
+    },
+    {
+        "connection-type": "singleton_redis",
+        "hook-class-name": f"{_HOOKS}.SingletonRedisHook",
+        "hook-name": "Singleton lock store: Redis",
+        "conn-fields": {
+            "ssl": {"label": "Use TLS (rediss://)", "schema": {"type": ["boolean", "null"], "default": False}},
+            "options": _OPTIONS,
+        },
+        "ui-field-behaviour": {
+            "hidden-fields": _NETWORK_HIDDEN,
+            "relabeling": {"schema": "Database number"},
+            "placeholders": {"host": "127.0.0.1", "port": "6379", "schema": "0", "login": "default (ACL user, optional)"},
+        },
+    },
+    {
+        "connection-type": "singleton_mongodb",
+        "hook-class-name": f"{_HOOKS}.SingletonMongoDbHook",
+        "hook-name": "Singleton lock store: MongoDB",
+        "conn-fields": {
+            "srv": {"label": "DNS seed list (mongodb+srv://)", "schema": {"type": ["boolean", "null"], "default": False}},
+            "options": _OPTIONS,
+        },
+        "ui-field-behaviour": {
+            "hidden-fields": _NETWORK_HIDDEN,
+            "relabeling": {"schema": "Database"},
+            "placeholders": {"host": "127.0.0.1 or host1:27017,host2:27017", "port": "27017", "schema": "singleton"},
+        },
+    },
+    {
+        "connection-type": "singleton_postgres",
+        "hook-class-name": f"{_HOOKS}.SingletonPostgresHook",
+        "hook-name": "Singleton lock store: PostgreSQL",
+        "conn-fields": {
+            "sslmode": {
+                "label": "SSL mode",
+                "schema": {
+                    "type": ["string", "null"],
+                    "enum": [None, "disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+                },
+            },
+            "options": _OPTIONS,
+        },
+        "ui-field-behaviour": {
+            "hidden-fields": _NETWORK_HIDDEN,
+            "relabeling": {"schema": "Database"},
+            "placeholders": {"host": "127.0.0.1", "port": "5432", "schema": "postgres", "login": "postgres"},
+        },
+    },
+    {
+        "connection-type": "singleton_sqlite",
+        "hook-class-name": f"{_HOOKS}.SingletonSqliteHook",
+        "hook-name": "Singleton lock store: SQLite (one host only)",
+        "conn-fields": {
+            "path": {
+                "label": "Database file",
+                "schema": {"type": ["string", "null"]},
+                "description": "Absolute path of the SQLite file shared by every worker on this host",
+            },
+        },
+        "ui-field-behaviour": {"hidden-fields": ["host", "schema", "port", "login", "password", "extra"]},
+    },
+]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("singleton-integrations")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from singleton_integrations import __version__
+
+        return __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    """The provider's metadata; ``package-name`` is the distribution name, as Airflow requires."""
+    modules = {kind: [f"airflow_provider.{kind}.singleton"] for kind in ("hooks", "operators", "sensors", "triggers")}
+    integration = "Singleton"
+    return {
+        "package-name": "singleton-integrations",
+        "name": "Singleton",
+        "description": "Only one instance of a task at a time across Airflow deployments, "
+        "with lock conflicts shown as native task states.",
+        "versions": [_version()],
+        "integrations": [{"integration-name": integration, "tags": ["software"]}],
+        "hooks": [{"integration-name": integration, "python-modules": modules["hooks"]}],
+        "operators": [{"integration-name": integration, "python-modules": modules["operators"]}],
+        "sensors": [{"integration-name": integration, "python-modules": modules["sensors"]}],
+        "triggers": [{"integration-name": integration, "python-modules": modules["triggers"]}],
+        "connection-types": [dict(entry) for entry in CONNECTION_TYPES],
+        "task-decorators": [{"name": "singleton", "class-name": "airflow_provider.decorators.singleton.singleton_task"}],
+    }

@@ -1,0 +1,1 @@
+"""Hooks: SingletonHook and one connection type per lock store."""

@@ -1,0 +1,284 @@
+"""``SingletonHook``: a lock store (persister) built from an Airflow connection.
+
+Our connection types (``singleton``, ``singleton_redis``, ``singleton_mongodb``,
+``singleton_postgres``, ``singleton_sqlite``) and the standard ``redis``, ``mongo``
+and ``postgres`` ones all work, so ``singleton_conn_id="redis_default"`` reuses an
+existing connection. A connection's ``url`` extra, when set, wins over its fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote, urlencode
+
+from airflow.sdk import BaseHook
+
+from singleton_integrations import Singleton, persisters
+from singleton_integrations._record import Owner
+from singleton_integrations._urls import redact_url
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+    from singleton_integrations import AcquireResult, LockRecord
+    from singleton_integrations.persisters import Persister
+
+__all__ = [
+    "SingletonHook",
+    "SingletonMongoDbHook",
+    "SingletonPostgresHook",
+    "SingletonRedisHook",
+    "SingletonSqliteHook",
+    "store_url",
+]
+
+#: Connection type -> the store it points at (None: the connection carries a whole URL).
+_STORE_OF_CONN_TYPE: dict[str, str | None] = {
+    "singleton": None,
+    "singleton_redis": "redis",
+    "redis": "redis",
+    "singleton_mongodb": "mongodb",
+    "mongo": "mongodb",
+    "mongodb": "mongodb",
+    "singleton_postgres": "postgresql",
+    "postgres": "postgresql",
+    "postgresql": "postgresql",
+    "singleton_sqlite": "sqlite",
+    "sqlite": "sqlite",
+}
+#: Extras of the standard (foreign) connection types that mean the same to our stores.
+_FOREIGN_OPTIONS = {
+    "redis": frozenset(),
+    "mongodb": frozenset({"authSource", "authMechanism", "replicaSet", "tls", "directConnection", "tlsCAFile"}),
+    "postgresql": frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name"}),
+    "sqlite": frozenset(),
+}
+#: Extras our own form fields use; everything else on our types is passed on as a URL option.
+_FORM_EXTRAS = frozenset({"url", "ssl", "srv", "options", "path", "db"})
+#: The name read by ``test_connection``; it is only looked up, never written.
+_PROBE_NAME = "singleton-integrations/connection-test"
+
+
+def _truthy(value: object) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _userinfo(conn: Connection) -> str:
+    if not conn.login and not conn.password:
+        return ""
+    user = quote(conn.login or "", safe="")
+    return f"{user}:{quote(conn.password, safe='')}@" if conn.password else f"{user}@"
+
+
+def _hostport(conn: Connection, default_host: str) -> str:
+    host = conn.host or default_host
+    if conn.port and ":" not in host and "," not in host:
+        return f"{host}:{conn.port}"
+    return host
+
+
+def _query(conn: Connection, store: str, own_type: bool) -> str:
+    extra = conn.extra_dejson
+    if own_type:
+        pairs = {k: v for k, v in extra.items() if k not in _FORM_EXTRAS and v not in (None, "")}
+    else:
+        pairs = {k: v for k, v in extra.items() if k in _FOREIGN_OPTIONS[store] and v not in (None, "")}
+    pairs = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in pairs.items()}
+    parts = [urlencode(pairs)] if pairs else []
+    if own_type and extra.get("options"):
+        parts.append(str(extra["options"]).lstrip("?&"))
+    return "?" + "&".join(parts) if parts else ""
+
+
+def store_url(conn: Connection) -> str:
+    """The lock-store URL a connection describes (it may hold a password: redact before showing)."""
+    conn_type = (conn.conn_type or "").replace("-", "_").lower()
+    extra = conn.extra_dejson
+    if extra.get("url"):
+        return str(extra["url"])
+    if conn_type not in _STORE_OF_CONN_TYPE:
+        known = ", ".join(sorted(_STORE_OF_CONN_TYPE))
+        raise ValueError(f"connection {conn.conn_id!r} has type {conn.conn_type!r}; a lock store needs one of: {known}")
+    store = _STORE_OF_CONN_TYPE[conn_type]
+    own_type = conn_type.startswith("singleton")
+    if store is None:
+        if conn.host and "://" in conn.host:
+            return conn.host
+        raise ValueError(f"connection {conn.conn_id!r} of type 'singleton' needs its Store URL (extra 'url')")
+    if store == "sqlite":
+        path = extra.get("path") or conn.schema or conn.host
+        if not path:
+            raise ValueError(f"connection {conn.conn_id!r} needs the SQLite file path (extra 'path')")
+        return f"sqlite:///{path}"
+    query = _query(conn, store, own_type)
+    if store == "redis":
+        scheme = "rediss" if _truthy(extra.get("ssl")) else "redis"
+        db = conn.schema or extra.get("db") or ""
+        return f"{scheme}://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{db}{query}"
+    if store == "mongodb":
+        if _truthy(extra.get("srv")):
+            return f"mongodb+srv://{_userinfo(conn)}{conn.host or ''}/{conn.schema or ''}{query}"
+        return f"mongodb://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
+    return f"postgresql://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
+
+
+class SingletonHook(BaseHook):
+    """Acquire, release and inspect locks in the store a connection points at.
+
+    :param singleton_conn_id: the connection naming the store (any type listed in this module).
+    """
+
+    conn_name_attr: ClassVar[str] = "singleton_conn_id"
+    default_conn_name: ClassVar[str] = "singleton_default"
+    conn_type: ClassVar[str] = "singleton"
+    hook_name: ClassVar[str] = "Singleton lock store (URL)"
+
+    def __init__(self, singleton_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.singleton_conn_id = singleton_conn_id
+        self._persister: Persister | None = None
+
+    # -- the store ---------------------------------------------------------------------
+
+    @staticmethod
+    def persister_from_connection(conn: Connection) -> Persister:
+        """Build (without connecting) the persister for ``conn``; triggers use it with an async-fetched connection."""
+        return persisters.from_url(store_url(conn))
+
+    def get_conn(self) -> Persister:
+        """The persister for this connection, built once per hook and reused."""
+        if self._persister is None:
+            self._persister = self.persister_from_connection(self.get_connection(self.singleton_conn_id))
+        return self._persister
+
+    def close(self) -> None:
+        """Release the store's pooled connections."""
+        if self._persister is not None:
+            self._persister.close()
+            self._persister = None
+
+    def describe_store(self) -> str:
+        """The store URL with any password redacted, for logs."""
+        return redact_url(store_url(self.get_connection(self.singleton_conn_id)))
+
+    # -- locks -----------------------------------------------------------------------------
+
+    def singleton(self, lock_name: str, **options: Any) -> Singleton:
+        """A ``Singleton`` on this store; ``options`` are its keyword arguments (``lock_expire_seconds``, ...)."""
+        return Singleton(lock_name, self.get_conn(), **options)
+
+    def acquire(
+        self, lock_name: str, *, lock_expire_seconds: float | None = 300.0, metadata: Mapping[str, str] | None = None
+    ) -> AcquireResult:
+        """One atomic attempt; the lock outlives this process, so keep ``result.record.owner_token`` to release it."""
+        from singleton_integrations._record import validate_metadata, validate_name, validate_ttl
+
+        owner = Owner(metadata=validate_metadata(metadata))
+        return self.get_conn().acquire(validate_name(lock_name), owner, validate_ttl(lock_expire_seconds))
+
+    def release(self, lock_name: str, owner_token: str) -> bool:
+        """Release ``lock_name`` only if ``owner_token`` still holds it; True when it did."""
+        return self.get_conn().release(lock_name, owner_token)
+
+    def exists(self, lock_name: str) -> bool:
+        """Whether a live lock exists for ``lock_name``, whoever holds it."""
+        return self.get_conn().get(lock_name) is not None
+
+    def holder(self, lock_name: str) -> LockRecord | None:
+        """The live holder of ``lock_name`` (host, pid, metadata, since when), if any."""
+        return self.get_conn().get(lock_name)
+
+    def force_release(self, lock_name: str) -> LockRecord | None:
+        """Administrative release regardless of owner; returns the record it removed."""
+        return self.get_conn().force_release(lock_name)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """The UI's "Test" button: one read on the store, never a write."""
+        try:
+            description = self.describe_store()
+            self.get_conn().get(_PROBE_NAME)
+        except Exception as error:  # the UI shows the message; it must never carry a password
+            return False, redact_url(f"{type(error).__name__}: {error}")
+        finally:
+            self.close()
+        return True, f"Connected to the lock store at {description}"
+
+    # -- connection form for Airflow 3.0/3.1 (3.2+ reads conn-fields from get_provider_info) --
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return _legacy_behaviour(cls.conn_type)
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _legacy_widgets(cls.conn_type)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Airflow before 3.2 only reads these two methods from the hook's own __dict__.
+        super().__init_subclass__(**kwargs)
+        for method in ("get_ui_field_behaviour", "get_connection_form_widgets"):
+            if method not in cls.__dict__:
+                setattr(cls, method, classmethod(getattr(SingletonHook, method).__func__))
+
+
+class SingletonRedisHook(SingletonHook):
+    """``SingletonHook`` for the ``singleton_redis`` connection type."""
+
+    conn_type: ClassVar[str] = "singleton_redis"
+    hook_name: ClassVar[str] = "Singleton lock store: Redis"
+
+
+class SingletonMongoDbHook(SingletonHook):
+    """``SingletonHook`` for the ``singleton_mongodb`` connection type."""
+
+    conn_type: ClassVar[str] = "singleton_mongodb"
+    hook_name: ClassVar[str] = "Singleton lock store: MongoDB"
+
+
+class SingletonPostgresHook(SingletonHook):
+    """``SingletonHook`` for the ``singleton_postgres`` connection type."""
+
+    conn_type: ClassVar[str] = "singleton_postgres"
+    hook_name: ClassVar[str] = "Singleton lock store: PostgreSQL"
+
+
+class SingletonSqliteHook(SingletonHook):
+    """``SingletonHook`` for the ``singleton_sqlite`` connection type (one host only)."""
+
+    conn_type: ClassVar[str] = "singleton_sqlite"
+    hook_name: ClassVar[str] = "Singleton lock store: SQLite (one host only)"
+
+
+def _declared(conn_type: str) -> dict[str, Any]:
+    from airflow_provider.get_provider_info import CONNECTION_TYPES
+
+    return next(entry for entry in CONNECTION_TYPES if entry["connection-type"] == conn_type)
+
+
+def _legacy_behaviour(conn_type: str) -> dict[str, Any]:
+    behaviour = _declared(conn_type).get("ui-field-behaviour", {})
+    return {
+        "hidden_fields": list(behaviour.get("hidden-fields", [])),
+        "relabeling": dict(behaviour.get("relabeling", {})),
+        "placeholders": dict(behaviour.get("placeholders", {})),
+    }
+
+
+def _legacy_widgets(conn_type: str) -> dict[str, Any]:
+    """WTForms fields built from the same declarations, for Airflow versions before 3.2."""
+    from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget  # type: ignore[import-not-found]
+    from wtforms import BooleanField, PasswordField, StringField  # type: ignore[import-not-found]
+
+    widgets: dict[str, Any] = {}
+    for name, field in _declared(conn_type).get("conn-fields", {}).items():
+        schema = field.get("schema", {})
+        label = field.get("label", name)
+        types = schema.get("type", [])
+        if "boolean" in types:
+            widgets[name] = BooleanField(label, default=schema.get("default", False))
+        elif schema.get("format") == "password":
+            widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget())
+        else:
+            widgets[name] = StringField(label, widget=BS3TextFieldWidget())
+    return widgets

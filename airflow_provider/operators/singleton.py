@@ -1,0 +1,401 @@
+"""``SingletonOperator``: run a callable under a lock, or guard a group of tasks with it.
+
+Lock outcomes become native task states (``on_conflict``):
+
+============================  =====================================================
+``skip`` (default)            skipped; the log names the holder (DAG, run, task, host)
+``fail``                      failed, no retries (``AirflowFailException``)
+``retry``                     up_for_retry (``SingletonLockConflict``; retries apply)
+``wait``                      deferred, up_for_reschedule or blocking, until free or
+                              ``wait_timeout`` (then ``SingletonWaitTimeout``)
+============================  =====================================================
+
+An expired lock taken over is logged with its previous holder; a lock lost while the
+callable ran fails the task (``SingletonLockLost``); SIGTERM, ``on_kill`` and
+``execution_timeout`` release the lock before the task stops.
+
+As a context manager, ``with SingletonOperator(task_id="guard", lock_name=...):`` makes
+itself an Airflow setup task that acquires the lock and adds a teardown task
+(``<task_id>_release``) that releases it, so the release runs even when a guarded
+task fails. The acquire and release tasks run in different processes, so the
+acquire task hands the owner token to the release task through XCom (masked in
+logs); the release is owner-checked and never frees a lock someone else holds.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    AirflowTaskTerminated,
+)
+
+from airflow_provider.exceptions import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
+from airflow_provider.hooks.singleton import SingletonHook
+from airflow_provider.triggers.singleton import SingletonTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from singleton_integrations import LockRecord, Singleton
+
+__all__ = ["ON_CONFLICT", "XCOM_KEY", "SingletonOperator", "SingletonReleaseOperator"]
+
+#: What a task does when another holder has the lock.
+ON_CONFLICT = ("skip", "fail", "retry", "wait")
+#: The XCom key under which an acquire task hands its hold to the release task.
+XCOM_KEY = "singleton_lock"
+#: Unique within a DAG and the same in every deployment: the default lock name.
+DEFAULT_LOCK_NAME = "{{ dag.dag_id }}.{{ task.task_id }}"
+
+
+def _hold_for_group() -> None:
+    """Placeholder callable: the task only acquires, and a release task frees the lock later."""
+
+
+def _seconds(value: float | timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"{what} must be a non-negative number of seconds or a timedelta, not {value!r}")
+    return float(value)
+
+
+def holder_metadata(context: Context, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Who holds the lock, in Airflow terms, so a conflict names the DAG, run, task and host."""
+    ti = context["ti"]
+    metadata = {
+        "dag_id": str(ti.dag_id),
+        "run_id": str(ti.run_id),
+        "task_id": str(ti.task_id),
+        "map_index": str(ti.map_index if ti.map_index is not None else -1),
+        "try_number": str(ti.try_number),
+        "host": str(getattr(ti, "hostname", None) or socket.gethostname()),
+    }
+    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
+    return metadata
+
+
+class SingletonOperator(PythonOperator):
+    """Run ``python_callable`` only while holding ``lock_name``, across every deployment sharing the store.
+
+    :param lock_name: the lock (templated); defaults to ``"<dag_id>.<task_id>"``.
+    :param singleton_conn_id: the connection naming the store.
+    :param python_callable: the work; it may accept a ``singleton`` argument (the held ``Singleton``,
+        e.g. for its ``fencing_token``). Omit it when using the operator as a context manager.
+    :param on_conflict: ``skip``, ``fail``, ``retry`` or ``wait`` (see the module docstring).
+    :param lock_expire_seconds: lease length; a crashed holder frees the lock after this long.
+    :param auto_renew: renew the lease while the callable runs (a refused renewal fails the task).
+    :param wait_timeout: with ``wait``, give up after this long (None waits without limit).
+    :param poll_interval: with ``wait``, seconds between looks when the store cannot notify.
+    :param deferrable: with ``wait``, free the worker slot by deferring to an observe-only trigger.
+    :param mode: with ``wait`` and not deferrable: ``poke`` blocks in the worker, ``reschedule``
+        frees the slot between looks (up_for_reschedule).
+    :param lock_metadata: extra holder details shown in conflicts, e.g. ``{"deployment": "eu-1"}``.
+    """
+
+    template_fields: ClassVar[tuple[str, ...]] = ("lock_name", *PythonOperator.template_fields)
+    ui_color: ClassVar[str] = "#e8d7f5"
+
+    def __init__(
+        self,
+        *,
+        lock_name: str = DEFAULT_LOCK_NAME,
+        singleton_conn_id: str = SingletonHook.default_conn_name,
+        python_callable: Callable[..., Any] | None = None,
+        on_conflict: str = "skip",
+        lock_expire_seconds: float | None = 300.0,
+        auto_renew: bool = True,
+        wait_timeout: float | timedelta | None = None,
+        poll_interval: float | timedelta = 5.0,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        mode: str = "poke",
+        lock_metadata: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._requested_task_id = kwargs.get("task_id")
+        super().__init__(python_callable=python_callable or _hold_for_group, **kwargs)
+        if on_conflict not in ON_CONFLICT:
+            raise ValueError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, not {on_conflict!r}")
+        if mode not in ("poke", "reschedule"):
+            raise ValueError(f"mode must be 'poke' or 'reschedule', not {mode!r}")
+        if auto_renew and lock_expire_seconds is None:
+            raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
+        self.lock_name = lock_name
+        self.singleton_conn_id = singleton_conn_id
+        self.on_conflict = on_conflict
+        self.lock_expire_seconds = lock_expire_seconds
+        self.auto_renew = auto_renew
+        self.wait_timeout = _seconds(wait_timeout, "wait_timeout")
+        self.poll_interval = _seconds(poll_interval, "poll_interval") or 5.0
+        self.deferrable = deferrable
+        self.mode = mode
+        self.lock_metadata = dict(lock_metadata or {})
+        self.release_task: SingletonReleaseOperator | None = None
+        self._singleton: Singleton | None = None
+        self._conflict_holder: str | None = None
+
+    # -- construction helpers ----------------------------------------------------------
+
+    @property
+    def holds_for_group(self) -> bool:
+        """True when this task only acquires and a release task frees the lock."""
+        return self.python_callable is _hold_for_group
+
+    @property
+    def hook(self) -> SingletonHook:
+        hook = self.__dict__.get("_hook")
+        if hook is None:
+            hook = self.__dict__["_hook"] = SingletonHook(singleton_conn_id=self.singleton_conn_id)
+        return hook
+
+    def __enter__(self) -> Any:
+        """Become the setup (acquire) task and add the teardown (release) task around the block."""
+        if not self.holds_for_group:
+            raise ValueError(f"{self.task_id}: a SingletonOperator used with 'with' guards the tasks inside it; "
+                             "do not pass python_callable")
+        if self.release_task is None:
+            label = self._requested_task_id or self.task_id
+            self.release_task = SingletonReleaseOperator(
+                task_id=f"{label}_release",
+                acquire_task_id=self.task_id,
+                singleton_conn_id=self.singleton_conn_id,
+                dag=self.dag,
+                task_group=self.task_group,
+            )
+            self.release_task.as_teardown(setups=self)
+        super().__enter__()
+        return self
+
+    # -- execution -------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        deadline = self._deadline(context)
+        if self.on_conflict == "wait" and not self.deferrable and self.mode == "poke":
+            remaining = math.inf if deadline is None else max(deadline - time.time(), 0.0)
+            acquired = self._try_acquire(context, wait=remaining)
+        else:
+            acquired = self._try_acquire(context)
+        if acquired:
+            return self._work(context)
+        return self._on_conflict(context, deadline)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger: race for the lock, and wait again if someone else won."""
+        status = event.get("status")
+        if status == "timeout":
+            raise SingletonWaitTimeout(self.lock_name, event.get("holder"),
+                                       f"lock {self.lock_name!r} was still held by {event.get('holder')} "
+                                       f"after waiting {self.wait_timeout:g} s")
+        if status != "free":
+            raise AirflowException(f"watching lock {self.lock_name!r} failed: {event.get('message', event)}")
+        if self._try_acquire(context):
+            return self._work(context)
+        self.log.info("Lock %r was taken before this task could acquire it; waiting again", self.lock_name)
+        return self._on_conflict(context, event.get("deadline"))
+
+    def on_kill(self) -> None:
+        """Release the lock at once: the supervisor kills the process a few seconds later."""
+        self._release("the task was killed")
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _deadline(self, context: Context) -> float | None:
+        if self.on_conflict != "wait" or self.wait_timeout is None:
+            return None
+        start = datetime.now(timezone.utc)
+        if self.mode == "reschedule" and not self.deferrable:
+            start = context["ti"].get_first_reschedule_date(context) or start
+        return start.timestamp() + self.wait_timeout
+
+    def _try_acquire(self, context: Context, wait: float = 0.0) -> bool:
+        """One attempt (or a blocking wait); remembers the hold, or the holder for the conflict message."""
+        metadata = holder_metadata(context, self.lock_metadata)
+        if self.holds_for_group:
+            return self._acquire_for_group(context, metadata, wait)
+        singleton = self.hook.singleton(
+            self.lock_name,
+            lock_expire_seconds=self.lock_expire_seconds,
+            auto_renew=self.auto_renew,
+            metadata=metadata,
+            release_on_sigterm=False,  # this operator's own handler releases, then stops the task
+        )
+        singleton.on("expired", lambda message: self.log.warning("Expired lock taken over: %s", message))
+        singleton.on("lost", lambda message: self.log.error("%s", message))
+        singleton.on("error", lambda error: self.log.warning("Lock store error on %r: %s", self.lock_name, error))
+        if singleton.lock(wait=wait or None):
+            self._singleton = singleton
+            self.log.info("Acquired lock %r (fencing token %s) on %s", self.lock_name, singleton.fencing_token,
+                          self.hook.describe_store())
+            return True
+        self._conflict_holder = self._describe(singleton.last_holder)
+        return False
+
+    def _acquire_for_group(self, context: Context, metadata: dict[str, str], wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while True:
+            result = self.hook.acquire(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata)
+            if result.acquired:
+                assert result.record is not None
+                if result.expired is not None:
+                    self.log.warning("Expired lock taken over: lock %r held by %s had expired",
+                                     self.lock_name, result.expired.describe())
+                self._hand_over(context, result.record)
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._conflict_holder = self._describe(result.record)
+                return False
+            pause = min(left, self.poll_interval)
+            if result.retry_after is not None:
+                pause = min(pause, result.retry_after + 0.01)
+            time.sleep(max(pause, 0.01))
+
+    def _hand_over(self, context: Context, record: LockRecord) -> None:
+        from airflow.sdk.log import mask_secret
+
+        mask_secret(record.owner_token)  # the token releases the lock: keep it out of every log
+        context["ti"].xcom_push(
+            key=XCOM_KEY,
+            value={"lock_name": record.name, "owner_token": record.owner_token, "fencing_token": record.fencing_token},
+        )
+        until = record.expires_at.isoformat(timespec="seconds") if record.expires_at else "released"
+        self.log.info("Acquired lock %r (fencing token %s) for the guarded tasks; held until %s or released by %s",
+                      record.name, record.fencing_token, until,
+                      self.release_task.task_id if self.release_task else "a SingletonReleaseOperator")
+
+    @staticmethod
+    def _describe(holder: LockRecord | None) -> str:
+        return holder.describe() if holder is not None else "another process (it released as we looked)"
+
+    def _on_conflict(self, context: Context, deadline: float | None) -> Any:
+        holder = self._conflict_holder or "another process"
+        message = f"lock {self.lock_name!r} is held by {holder}"
+        if self.on_conflict == "skip":
+            raise AirflowSkipException(f"Skipping: {message}")
+        if self.on_conflict == "fail":
+            raise AirflowFailException(f"Failing without retry: {message}")
+        if self.on_conflict == "retry":
+            raise SingletonLockConflict(self.lock_name, holder)
+        if deadline is not None and time.time() >= deadline:
+            raise SingletonWaitTimeout(self.lock_name, holder,
+                                       f"{message} after waiting {self.wait_timeout:g} s")
+        if self.deferrable:
+            self.log.info("Waiting for lock %r: %s; deferring", self.lock_name, message)
+            self.defer(
+                trigger=SingletonTrigger(lock_name=self.lock_name, singleton_conn_id=self.singleton_conn_id,
+                                         poll_interval=self.poll_interval, deadline=deadline),
+                method_name="execute_complete",
+            )
+        if self.mode == "reschedule":
+            self.log.info("Waiting for lock %r: %s; rescheduling", self.lock_name, message)
+            raise AirflowRescheduleException(datetime.now(timezone.utc) + timedelta(seconds=self.poll_interval))
+        raise SingletonWaitTimeout(self.lock_name, holder, f"{message} after waiting {self.wait_timeout or 0:g} s")
+
+    def _work(self, context: Context) -> Any:
+        if self.holds_for_group:
+            return None
+        singleton = self._singleton
+        assert singleton is not None
+        context["singleton"] = singleton  # type: ignore[typeddict-unknown-key]  # callables may ask for it
+        with self._sigterm_releases():
+            try:
+                result = super().execute(context)
+            finally:
+                self._release("the task ended")  # owner-checked: a lock taken over is left alone, and marked lost
+        if singleton.lost:
+            raise SingletonLockLost(
+                self.lock_name,
+                f"exclusivity on lock {self.lock_name!r} was lost while the task ran (the lease expired or was "
+                f"taken over; renewal was refused); its work may have overlapped another holder's",
+            )
+        return result
+
+    def _release(self, reason: str) -> bool:
+        singleton = self._singleton
+        if singleton is None or not singleton.held:
+            return False
+        try:
+            released = singleton.release()
+        except Exception as error:  # the lease still ends by itself; say so rather than hide the failure
+            self.log.error("Releasing lock %r failed (%s): it frees itself when its lease ends", self.lock_name, error)
+            return False
+        if released:
+            self.log.info("Released lock %r (%s)", self.lock_name, reason)
+        return released
+
+    @contextmanager
+    def _sigterm_releases(self) -> Iterator[None]:
+        """While the callable runs, SIGTERM releases the lock first, then stops the task."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self._release("SIGTERM")
+            if callable(previous):
+                previous(signum, frame)  # the task runner's handler calls on_kill
+            raise AirflowTaskTerminated(f"SIGTERM received; lock {self.lock_name!r} was released")
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class SingletonReleaseOperator(BaseOperator):
+    """The teardown that releases a lock a ``SingletonOperator`` acquired for a group of tasks.
+
+    It reads the hold from the acquire task's XCom and releases by owner token, so it
+    never frees a lock that expired and now belongs to someone else; in that case it
+    fails, saying exclusivity was lost while the group ran.
+    """
+
+    ui_color: ClassVar[str] = "#f5e0d7"
+
+    def __init__(self, *, acquire_task_id: str, singleton_conn_id: str = SingletonHook.default_conn_name,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.acquire_task_id = acquire_task_id
+        self.singleton_conn_id = singleton_conn_id
+
+    def execute(self, context: Context) -> None:
+        from airflow.sdk.log import mask_secret
+
+        hold = context["ti"].xcom_pull(task_ids=self.acquire_task_id, key=XCOM_KEY)
+        if not hold:
+            self.log.info("Task %r holds no lock for this run; nothing to release", self.acquire_task_id)
+            return
+        mask_secret(hold["owner_token"])
+        hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
+        try:
+            if hook.release(hold["lock_name"], hold["owner_token"]):
+                self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
+                return
+            holder = hook.holder(hold["lock_name"])
+        finally:
+            hook.close()
+        now = f"it is now held by {holder.describe()}" if holder else "it had expired"
+        raise SingletonLockLost(
+            hold["lock_name"],
+            f"exclusivity on lock {hold['lock_name']!r} (fencing token {hold['fencing_token']}) was lost while the "
+            f"guarded tasks ran: {now}; raise lock_expire_seconds above the group's run time",
+        )

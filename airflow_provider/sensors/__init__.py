@@ -1,0 +1,1 @@
+"""Sensors: SingletonSensor waits until a lock is free."""

@@ -1,0 +1,1 @@
+"""Triggers: an observe-only trigger that reports when a lock is free; it never acquires."""

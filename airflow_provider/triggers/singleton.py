@@ -1,0 +1,90 @@
+"""``SingletonTrigger``: tells a deferred task when a lock looks free; it only observes.
+
+A triggerer may run the same trigger twice at once (HA, reassignment), so a trigger
+that acquired could hold a lock nobody releases. This one never writes: the resumed
+task acquires, and defers again if it lost the race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from singleton_integrations._urls import redact_url
+
+__all__ = ["SingletonTrigger"]
+
+
+class SingletonTrigger(BaseTrigger):
+    """Fire ``{"status": "free"}`` when ``lock_name`` has no live holder, ``"timeout"`` at ``deadline``.
+
+    :param lock_name: the rendered lock name.
+    :param singleton_conn_id: the connection naming the store.
+    :param poll_interval: seconds between looks; shortened when the holder's lease ends sooner.
+    :param deadline: epoch seconds after which to report ``timeout`` instead of waiting on; None waits on.
+    """
+
+    def __init__(
+        self,
+        *,
+        lock_name: str,
+        singleton_conn_id: str = "singleton_default",
+        poll_interval: float = 5.0,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.lock_name = lock_name
+        self.singleton_conn_id = singleton_conn_id
+        self.poll_interval = float(poll_interval)
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "lock_name": self.lock_name,
+                "singleton_conn_id": self.singleton_conn_id,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+            },
+        )
+
+    def _event(self, status: str, **details: Any) -> TriggerEvent:
+        return TriggerEvent({"status": status, "lock_name": self.lock_name, "deadline": self.deadline, **details})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow_provider.hooks.singleton import SingletonHook
+
+        try:
+            # The async lookup: a sync one from the event loop can deadlock the triggerer.
+            conn = await SingletonHook.aget_connection(self.singleton_conn_id)
+            persister = SingletonHook.persister_from_connection(conn)
+        except Exception as error:
+            yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
+            return
+        try:
+            while True:
+                try:
+                    holder = await asyncio.to_thread(persister.get, self.lock_name)
+                except Exception as error:
+                    yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
+                    return
+                if holder is None:
+                    yield self._event("free")
+                    return
+                now = time.time()
+                if self.deadline is not None and now >= self.deadline:
+                    yield self._event("timeout", holder=holder.describe())
+                    return
+                pause = self.poll_interval
+                if holder.expires_at is not None:  # look again right after the lease would end
+                    pause = min(pause, max(holder.expires_at.timestamp() - now, 0.0) + 0.05)
+                if self.deadline is not None:
+                    pause = min(pause, max(self.deadline - now, 0.0))
+                await asyncio.sleep(max(pause, 0.01))
+        finally:
+            await asyncio.to_thread(persister.close)
