@@ -408,7 +408,12 @@ class Postgres(Persister):
                     num_workers=1,
                     open=False,
                 )
-                pool.open(wait=False)
+                # Waiting for min_size connections keeps the first getconn from growing the pool.
+                try:
+                    pool.open(wait=self.min_size > 0, timeout=self.pool_timeout)
+                except BaseException:
+                    pool.close(timeout=0)
+                    raise
             self._pool, self._pool_pid = pool, pid
             return pool
 

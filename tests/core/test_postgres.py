@@ -1,0 +1,529 @@
+"""PostgreSQL-specific behaviour; the lock rules themselves run in the conformance suite."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timezone
+from typing import Any
+
+import pytest
+
+if os.environ.get("CI") == "true":  # CI must fail, not skip, without the driver
+    import psycopg
+else:
+    psycopg = pytest.importorskip("psycopg")
+from psycopg import sql  # noqa: E402
+
+from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
+from singleton_integrations._record import Owner  # noqa: E402
+from singleton_integrations.persisters.postgres import Postgres  # noqa: E402
+from tests.servers import postgres_server  # noqa: E402
+
+
+@pytest.fixture
+def server_url() -> str:
+    return postgres_server.url()
+
+
+@pytest.fixture
+def admin(server_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as connection:
+        yield connection
+
+
+@pytest.fixture
+def table(admin: psycopg.Connection[Any]) -> Iterator[str]:
+    """A table name of this test alone, dropped afterwards, so parallel runs never meet."""
+    name = f"singleton_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def schema(admin: psycopg.Connection[Any]) -> Iterator[str]:
+    name = f"singleton_schema_{uuid.uuid4().hex[:12]}"
+    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    yield name
+    admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def persister(server_url: str, table: str) -> Iterator[Postgres]:
+    store = Postgres(server_url, table=table)
+    yield store
+    store.close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def backend_pids(store: Postgres) -> set[int]:
+    """Server process ids behind the store's pool, seen from the server side."""
+    with store._get_pool().connection() as connection:
+        row = connection.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return {int(row[0])}
+
+
+def sessions_named(admin: psycopg.Connection[Any], application_name: str) -> list[int]:
+    rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)).fetchall()
+    return sorted(int(row[0]) for row in rows)
+
+
+# -- tables and schemas -------------------------------------------------------------
+
+
+def test_table_is_created_with_the_documented_columns(persister: Postgres, admin: psycopg.Connection[Any], table: str) -> None:
+    assert persister.acquire("job", Owner(), 30).acquired
+    rows = admin.execute(
+        "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+        (table,),
+    ).fetchall()
+    assert rows == [
+        ("name", "text", "NO"),
+        ("owner_token", "text", "YES"),
+        ("fencing_token", "bigint", "NO"),
+        ("host", "text", "NO"),
+        ("pid", "integer", "NO"),
+        ("created_at", "timestamp with time zone", "NO"),
+        ("expires_at", "timestamp with time zone", "YES"),
+        ("metadata", "jsonb", "NO"),
+    ]
+
+
+def test_schema_qualified_table_keeps_its_locks_apart(server_url: str, schema: str, admin: psycopg.Connection[Any], table: str) -> None:
+    qualified = Postgres(server_url, table=f"{schema}.locks")
+    plain = Postgres(server_url, table=table)
+    try:
+        assert qualified.acquire("job", Owner(), 30).acquired
+        assert plain.acquire("job", Owner(), 30).acquired  # another table: another lock of the same name
+        found = admin.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'locks'", (schema,)
+        ).fetchone()
+        assert found == (1,)
+        assert [record.name for record in qualified.list()] == ["job"]
+    finally:
+        qualified.close()
+        plain.close()
+
+
+def test_awkward_table_names_are_quoted(server_url: str, admin: psycopg.Connection[Any]) -> None:
+    awkward = f'Locks "{uuid.uuid4().hex[:8]}"; DROP TABLE x; --'
+    store = Postgres(server_url, table=awkward)
+    try:
+        assert store.acquire("job", Owner(), 30).acquired
+        assert store.get("job") is not None
+        assert admin.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(awkward).as_string(admin),)).fetchone() == (True,)
+    finally:
+        store.close()
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(awkward)))
+
+
+def test_table_names_are_validated_before_any_io() -> None:
+    with pytest.raises(ValueError):
+        Postgres(f"postgresql://127.0.0.1:{closed_port()}/x", table="a.b.c")
+    with pytest.raises(ValueError):
+        Postgres(f"postgresql://127.0.0.1:{closed_port()}/x", table="x" * 64)
+    with pytest.raises(TypeError):
+        Postgres(f"postgresql://127.0.0.1:{closed_port()}/x", table=3)  # type: ignore[arg-type]
+
+
+_CREATOR = textwrap.dedent(
+    """
+    import json, sys, time
+    from singleton_integrations.persisters.postgres import Postgres
+    from singleton_integrations._record import Owner
+    url, table, start_at, name = sys.argv[1:5]
+    store = Postgres(url, table=table)
+    time.sleep(max(0.0, float(start_at) - time.time()))
+    result = store.acquire(name, Owner(), 60)
+    print(json.dumps({"acquired": result.acquired, "fence": result.record.fencing_token}))
+    store.close()
+    """
+)
+
+
+def test_racing_processes_create_the_table_once(server_url: str, table: str) -> None:
+    start_at = time.time() + 2.0
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _CREATOR, server_url, table, str(start_at), f"job-{index}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(6)
+    ]
+    outcomes = [racer.communicate(timeout=120) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * 6, [err[-1500:] for _, err in outcomes]
+    assert all('"acquired": true, "fence": 1' in out for out, _ in outcomes), outcomes
+    store = Postgres(server_url, table=table)
+    try:
+        assert sorted(record.name for record in store.list("job-")) == [f"job-{index}" for index in range(6)]
+    finally:
+        store.close()
+
+
+# -- statements ----------------------------------------------------------------------
+
+
+def test_list_prefixes_are_literal_not_like_patterns(persister: Postgres) -> None:
+    names = ["100%_done", "100x_done", "1000", "a_b", "axb", "a\\b", "a\\\\b", "ab"]
+    for name in names:
+        assert persister.acquire(name, Owner(), 30).acquired
+    assert [r.name for r in persister.list("100%")] == ["100%_done"]
+    assert [r.name for r in persister.list("a_")] == ["a_b"]
+    assert [r.name for r in persister.list("a\\")] == ["a\\\\b", "a\\b"]
+    assert [r.name for r in persister.list("%")] == []
+    assert [r.name for r in persister.list("")] == sorted(names)
+
+
+def test_list_orders_by_code_point_like_python(persister: Postgres) -> None:
+    names = ["b", "B", "a", "é", "Z", "ä", "名前", "_x"]
+    for name in names:
+        assert persister.acquire(name, Owner(), 30).acquired
+    assert [r.name for r in persister.list()] == sorted(names)
+
+
+def test_times_are_utc_whatever_the_session_time_zone(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    url = f"{server_url}?options=-c%20TimeZone%3DAsia/Tokyo&statement_timeout_ms=4321"
+    store = persisters.from_url(url, table=table)
+    try:
+        result = store.acquire("job", Owner(), 60)
+        assert result.acquired and result.record is not None
+        assert result.record.created_at.tzinfo == timezone.utc
+        assert result.record.expires_at is not None and result.record.expires_at.tzinfo == timezone.utc
+        server_now = admin.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        assert abs((result.record.created_at - server_now).total_seconds()) < 60
+        with store._get_pool().connection() as connection:  # the user's options and ours both apply
+            assert connection.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+            assert connection.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+    finally:
+        store.close()
+
+
+def test_ttl_is_judged_by_the_server_clock(persister: Postgres, admin: psycopg.Connection[Any]) -> None:
+    result = persister.acquire("job", Owner(), 120)
+    assert result.record is not None and result.record.expires_at is not None
+    lease = (result.record.expires_at - result.record.created_at).total_seconds()
+    assert lease == pytest.approx(120, abs=0.01)
+    conflict = persister.acquire("job", Owner(), 120)
+    assert not conflict.acquired and conflict.retry_after is not None and 0 < conflict.retry_after <= 120
+
+
+def test_expired_takeover_has_one_winner_among_racing_connections(server_url: str, table: str) -> None:
+    """Eight connections race for an expired lock; winners keep it, so a late racer cannot win afresh."""
+    stores = [Postgres(server_url, table=table) for _ in range(8)]
+    try:
+        for store in stores:
+            store.get("warm-up")  # connect first, so the race is on the acquire itself
+        for round_ in range(5):
+            name = f"race-{round_}"
+            stale = stores[0].acquire(name, Owner(), 0.05)
+            assert stale.acquired
+            assert wait_for(lambda: stores[0].get(name) is None)
+            barrier = threading.Barrier(len(stores))
+            results: list[Any] = [None] * len(stores)
+
+            def race(index: int, name: str = name, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait(timeout=30)
+                results[index] = stores[index].acquire(name, Owner(), 60)
+
+            threads = [threading.Thread(target=race, args=(index,)) for index in range(len(stores))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            winners = [result for result in results if result.acquired]
+            assert len(winners) == 1, results
+            assert winners[0].expired is not None and winners[0].expired.owner_token == stale.record.owner_token
+            assert winners[0].record.fencing_token == stale.record.fencing_token + 1
+            losers = [result for result in results if not result.acquired]
+            assert all(result.record.owner_token == winners[0].record.owner_token for result in losers)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def wait_for(check: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return bool(check())
+
+
+# -- URLs, options, redaction ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_from_url_reads_both_schemes_and_query_options(scheme: str, server_url: str, table: str) -> None:
+    rest = server_url.split("://", 1)[1]
+    store = persisters.from_url(f"{scheme}://{rest}?table={table}&statement_timeout_ms=2500&max_size=2&min_size=0")
+    try:
+        assert isinstance(store, Postgres)
+        assert (store.table, store.statement_timeout_ms, store.max_size, store.min_size) == (table, 2500, 2, 0)
+        assert store.acquire("job", Owner(), 30).acquired
+    finally:
+        store.close()
+
+
+def test_keyword_options_override_the_url(server_url: str, table: str) -> None:
+    store = persisters.from_url(f"{server_url}?table=not_this_one&connect_timeout=9", table=table, connect_timeout=3)
+    assert (store.table, store.connect_timeout) == (table, 3.0)
+
+
+def test_libpq_settings_pass_through(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    application = f"si-test+{uuid.uuid4().hex[:8]}"  # a '+' stays a plus, as libpq reads URLs
+    store = persisters.from_url(f"{server_url}?application_name={application}&sslmode=disable", table=table)
+    try:
+        assert store.acquire("job", Owner(), 30).acquired
+        assert len(sessions_named(admin, application)) >= 1
+        with store._get_pool().connection() as connection:
+            assert connection.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (False,)
+    finally:
+        store.close()
+
+
+def test_sslmode_require_reaches_libpq(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    store = persisters.from_url(f"{server_url}?sslmode=require", table=table, connect_timeout=3)
+    try:
+        if admin.execute("SHOW ssl").fetchone() == ("on",):
+            assert store.acquire("job", Owner(), 30).acquired
+            with store._get_pool().connection() as connection:
+                assert connection.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+        else:
+            with pytest.raises(PersisterError, match="SSL"):
+                store.get("job")
+    finally:
+        store.close()
+
+
+def test_invalid_options_fail_at_construction() -> None:
+    url = f"postgresql://u:hunter2@127.0.0.1:{closed_port()}/db"
+    with pytest.raises(ValueError) as bad_number:
+        persisters.from_url(f"{url}?statement_timeout_ms=soon")
+    assert "hunter2" not in str(bad_number.value)
+    with pytest.raises(ValueError) as bad_libpq:
+        persisters.from_url(f"{url}?no_such_libpq_option=1")
+    assert "hunter2" not in str(bad_libpq.value)
+    with pytest.raises(ValueError):
+        Postgres(url, statement_timeout_ms=0)
+    with pytest.raises(ValueError):
+        Postgres(url, min_size=3, max_size=2)
+    with pytest.raises(ValueError):
+        Postgres(url, connect_timeout=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://admin:hunter2@127.0.0.1:{port}/db?sslmode=disable",
+        "host=127.0.0.1 port={port} user=admin password=hunter2 dbname=db",
+        "host=127.0.0.1 port={port} user=admin password='hunter2' dbname=db",
+        "postgresql://admin@127.0.0.1:{port}/db?password=hunter2",
+    ],
+)
+def test_password_never_shows(dsn: str) -> None:
+    store = Postgres(dsn.format(port=closed_port()), connect_timeout=2)
+    assert "hunter2" not in repr(store) and "***" in repr(store)
+    with pytest.raises(PersisterError) as failure:
+        store.get("job")
+    assert "hunter2" not in str(failure.value)
+    assert "hunter2" not in repr(Singleton("job", store))
+
+
+# -- connections ------------------------------------------------------------------------
+
+
+def test_construction_touches_no_network() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    try:
+        Postgres(f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/test")
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_unreachable_server_fails_fast_with_persister_error() -> None:
+    store = Postgres(f"postgresql://postgres@127.0.0.1:{closed_port()}/test")
+    started = time.monotonic()
+    with pytest.raises(PersisterError) as failure:
+        store.acquire("job", Owner(), 30)
+    assert time.monotonic() - started < 15
+    assert failure.value.backend == "postgres"
+    assert isinstance(failure.value.__cause__, psycopg.Error)
+
+
+def test_silent_server_is_bounded_by_connect_timeout() -> None:
+    """A port that accepts TCP but never speaks: connect_timeout must end the wait."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        store = Postgres(f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/test", connect_timeout=2)
+        started = time.monotonic()
+        with pytest.raises(PersisterError):
+            store.get("job")
+        assert time.monotonic() - started < 15
+    finally:
+        listener.close()
+
+
+def test_pool_is_created_once_and_reused(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    application = f"si-pool-{uuid.uuid4().hex[:8]}"
+    store = Postgres(f"{server_url}?application_name={application}", table=table)
+    try:
+        owner = Owner()
+        assert store.acquire("job", owner, 30).acquired
+        first = backend_pids(store)
+        for _ in range(20):
+            store.get("job")
+            store.renew("job", owner.owner_token, 30)
+            store.list("jo")
+        assert backend_pids(store) == first
+        assert sessions_named(admin, application) == sorted(first)  # one session: no connection per call
+        store.close()
+        assert wait_for(lambda: sessions_named(admin, application) == [])
+        assert store.get("job") is not None  # a closed store reconnects when used again
+    finally:
+        store.close()
+
+
+def test_missing_driver_fails_at_construction_naming_the_extra() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["psycopg"] = None
+        from singleton_integrations import persisters
+        from singleton_integrations._errors import MissingDependency
+        cls = persisters.Postgres
+        try:
+            cls("postgresql://127.0.0.1/x")
+        except MissingDependency as error:
+            assert error.extra == "postgres" and isinstance(error, ImportError), error
+            print("ok", error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok") and "singleton-integrations[postgres]" in done.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_forked_child_builds_its_own_pool(persister: Postgres) -> None:
+    assert persister.acquire("parent", Owner(), 60).acquired
+    parent_pids = backend_pids(persister)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(reader)
+            result = persister.acquire("child", Owner(), 60)
+            pids = backend_pids(persister)
+            os.write(writer, f"{int(result.acquired)} {','.join(map(str, pids))}".encode())
+            persister.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        reported = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0, reported
+    acquired, pids = reported.split()
+    assert acquired == "1"
+    assert {int(pid) for pid in pids.split(",")}.isdisjoint(parent_pids)
+    # The child's close() left the parent's sessions alone.
+    assert backend_pids(persister) == parent_pids
+    assert persister.get("parent") is not None and persister.get("child") is not None
+
+
+# -- notification -----------------------------------------------------------------------------
+
+
+def test_release_wakes_a_watcher_of_that_name(server_url: str, table: str, persister: Postgres) -> None:
+    other = Postgres(server_url, table=table)  # another pool, as another process would have
+    owner = Owner()
+    try:
+        assert other.acquire("job", owner, 60).acquired
+        with persister.watching("job") as watch:
+            assert not persister.acquire("job", Owner(), 60).acquired
+            threading.Timer(0.2, other.release, args=("job", owner.owner_token)).start()
+            started = time.monotonic()
+            watch.wait(30)
+            assert time.monotonic() - started < 20  # woken, not timed out
+        assert persister.acquire("job", Owner(), 60).acquired
+    finally:
+        other.close()
+
+
+def test_release_before_wait_is_not_lost(persister: Postgres) -> None:
+    owner = Owner()
+    assert persister.acquire("job", owner, 60).acquired
+    with persister.watching("job") as watch:
+        assert persister.release("job", owner.owner_token)  # between the attempt and the wait
+        started = time.monotonic()
+        watch.wait(30)
+        assert time.monotonic() - started < 20
+
+
+def test_force_release_notifies(persister: Postgres) -> None:
+    assert persister.acquire("job", Owner(), 60).acquired
+    with persister.watching("job") as watch:
+        assert persister.force_release("job") is not None
+        started = time.monotonic()
+        watch.wait(30)
+        assert time.monotonic() - started < 20
+
+
+def test_other_names_do_not_wake_a_watcher(persister: Postgres) -> None:
+    owner = Owner()
+    assert persister.acquire("other", owner, 60).acquired
+    with persister.watching("job") as watch:
+        assert persister.release("other", owner.owner_token)
+        started = time.monotonic()
+        watch.wait(0.5)
+        assert time.monotonic() - started >= 0.45  # slept its full timeout despite the other release
+
+
+def test_tables_do_not_share_wake_ups(server_url: str, persister: Postgres, table: str, admin: psycopg.Connection[Any]) -> None:
+    elsewhere = Postgres(server_url, table=f"{table}_other")
+    owner = Owner()
+    try:
+        assert elsewhere.acquire("job", owner, 60).acquired
+        with persister.watching("job") as watch:
+            assert elsewhere.release("job", owner.owner_token)
+            started = time.monotonic()
+            watch.wait(0.5)
+            assert time.monotonic() - started >= 0.45
+    finally:
+        elsewhere.close()
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f"{table}_other")))
+
+
+def test_singleton_wait_is_woken_by_release(persister: Postgres) -> None:
+    holder = Singleton("job", persister, lock_expire_seconds=60, release_on_sigterm=False)
+    waiter = Singleton("job", persister, lock_expire_seconds=60, release_on_sigterm=False)
+    assert holder.lock()
+    threading.Timer(0.3, holder.release).start()
+    started = time.monotonic()
+    assert waiter.lock(wait=30)
+    assert time.monotonic() - started < 20
+    assert waiter.fencing_token == 2
+    assert waiter.release()
