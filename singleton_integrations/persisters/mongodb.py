@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -290,8 +291,12 @@ class MongoDb(Persister):
         self._pymongo = _import_pymongo()
         driver_url, own, path_database, url_driver_options = _split_url(url)
         self.url = url
-        self.collection_name = _check_name("collection", collection or own.get("collection", DEFAULT_COLLECTION), "$\x00")
-        self.database_name = _check_name("database", database or path_database or DEFAULT_DATABASE, '/\\. "$\x00')
+        if collection is None:
+            collection = own.get("collection", DEFAULT_COLLECTION)
+        if database is None:
+            database = path_database or DEFAULT_DATABASE
+        self.collection_name = _check_name("collection", collection, "$\x00")
+        self.database_name = _check_name("database", database, '/\\. "$\x00')
         if purge_after_seconds is _UNSET:
             text = own.get("purge_after_seconds", str(DEFAULT_PURGE_AFTER_SECONDS))
             purge_after_seconds = None if text.lower() in ("", "none", "never") else float(text)
@@ -322,8 +327,7 @@ class MongoDb(Persister):
         self._driver_url = driver_url
         self._client_options = kwargs
         self._password = urlsplit(driver_url).password
-        if not driver_url.lower().startswith("mongodb+srv://"):  # +srv would resolve DNS here
-            self._validate_uri()
+        self._validate_options()
 
         self._guard = threading.Lock()
         self._client_: MongoClient[Any] | None = None
@@ -339,11 +343,18 @@ class MongoDb(Persister):
 
     # -- connection --------------------------------------------------------------------
 
-    def _validate_uri(self) -> None:
+    def _validate_options(self) -> None:
+        """Refuse a bad URL or option now, not at the first lock; touches no network."""
+        errors = self._pymongo.errors
         try:
-            self._pymongo.uri_parser.parse_uri(self._driver_url, warn=False)
-        except (self._pymongo.errors.PyMongoError, ValueError) as error:
-            raise ValueError(f"invalid MongoDB URL {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
+            if not self._driver_url.lower().startswith("mongodb+srv://"):  # +srv would resolve DNS here
+                self._pymongo.uri_parser.parse_uri(self._driver_url, warn=False)
+            for option, value in self._client_options.items():
+                self._pymongo.common.validate(option, value)
+        except TypeError as error:
+            raise TypeError(f"invalid MongoDB option for {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
+        except (errors.PyMongoError, ValueError, OSError) as error:
+            raise ValueError(f"invalid MongoDB URL or option {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
 
     def _client(self) -> MongoClient[Any]:
         pid = os.getpid()
@@ -354,9 +365,13 @@ class MongoDb(Persister):
             if self._client_ is None or self._pid != pid:
                 # In a forked child the parent's client must not be used (pymongo is not
                 # fork-safe); it is dropped, not closed, so the parent keeps its sockets.
-                self._client_ = self._pymongo.MongoClient(
-                    self._driver_url, connect=False, tz_aware=True, **self._client_options
-                )
+                try:
+                    self._client_ = self._pymongo.MongoClient(
+                        self._driver_url, connect=False, tz_aware=True, **self._client_options
+                    )
+                except (self._pymongo.errors.PyMongoError, ssl.SSLError, OSError, ValueError, TypeError) as error:
+                    message = f"cannot create a client for {redact_url(self.url)}: {type(error).__name__}: "
+                    raise PersisterError(self.backend, message + self._describe(error)) from error
                 self._pid, self._indexed, self._clock_offset = pid, False, None
             return self._client_
 

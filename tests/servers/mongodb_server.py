@@ -24,10 +24,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "ServerUnavailable", "is_managed", "restart", "start", "stop", "url"]
+__all__ = ["ENV_VAR", "ServerUnavailable", "extra_server", "is_managed", "ping", "restart", "start", "stop", "url"]
 
 #: Set by the process that started the server, read by its children.
 ENV_VAR = "SINGLETON_TEST_MONGODB_URL"
@@ -47,11 +49,16 @@ class _Managed:
     port: int
     data_dir: Path
     log_path: Path
+    flags: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
+
+    @property
+    def ping_url(self) -> str:
+        return self.url if "--tls-cert-file" not in self.flags else self.url + "?tls=true&tlsInsecure=true"
 
 
 _guard = threading.Lock()
@@ -113,6 +120,7 @@ def _launch(managed: _Managed) -> None:
         "--port", str(managed.port),
         "--storage-path", str(managed.data_dir),
         "--log-level", "WARNING",
+        *managed.flags,
     ]  # fmt: skip
     log = open(managed.log_path, "ab")  # noqa: SIM115 - owned by the child from here on
     try:
@@ -129,7 +137,7 @@ def _launch(managed: _Managed) -> None:
                 f"SecantusDB exited with code {managed.process.returncode} on port {managed.port}:\n"
                 + _log_tail(managed.log_path)
             )
-        if ping(managed.url, timeout_ms=500):
+        if ping(managed.ping_url, timeout_ms=500):
             return
         time.sleep(0.1)
     _terminate(managed.process, kill=True)
@@ -160,9 +168,7 @@ def _stop_at_exit(owner_pid: int) -> None:
     _managed = None
 
 
-def start() -> str:
-    """Start a SecantusDB owned by this process (a few tries on a fresh port); returns its URL."""
-    global _managed
+def _start(flags: tuple[str, ...] = ()) -> _Managed:
     try:
         import secantus  # noqa: F401 - only to fail early with a clear reason
     except ImportError as error:
@@ -171,17 +177,42 @@ def start() -> str:
     (root / "data").mkdir()
     last: Exception | None = None
     for _ in range(3):  # the free port can be taken between probing and binding
-        managed = _Managed(port=_free_port(), data_dir=root / "data", log_path=root / "secantusd.log")
+        managed = _Managed(port=_free_port(), data_dir=root / "data", log_path=root / "secantusd.log", flags=flags)
         try:
             _launch(managed)
         except ServerUnavailable as error:
             last = error
             continue
-        _managed = managed
-        atexit.register(_stop_at_exit, os.getpid())
-        return managed.url
+        return managed
     shutil.rmtree(root, ignore_errors=True)
     raise ServerUnavailable(str(last))
+
+
+def start() -> str:
+    """Start a SecantusDB owned by this process (a few tries on a fresh port); returns its URL."""
+    global _managed
+    _managed = _start()
+    atexit.register(_stop_at_exit, os.getpid())
+    return _managed.url
+
+
+@contextmanager
+def extra_server(*flags: str) -> Iterator[str]:
+    """A separate, short-lived SecantusDB with extra flags (``--standalone``, ``--tls-cert-file`` ...).
+
+    Only SecantusDB can be started this way, so under MONGODB_URL these tests
+    still run against a SecantusDB of their own.
+    """
+    try:
+        managed = _start(tuple(flags))
+    except ServerUnavailable as error:
+        _unavailable(f"cannot start SecantusDB {' '.join(flags)}: {error}")
+        raise
+    try:
+        yield managed.url
+    finally:
+        _terminate(managed.process)
+        shutil.rmtree(managed.data_dir.parent, ignore_errors=True)
 
 
 def url() -> str:

@@ -1,0 +1,449 @@
+"""MongoDB-specific behaviour; the shared rules are in the conformance suite.
+
+Runs against a real ``mongod`` when MONGODB_URL is set, else a SecantusDB the
+fixture starts (tests/servers/mongodb_server.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pymongo = pytest.importorskip("pymongo") if os.environ.get("CI") != "true" else __import__("pymongo")
+
+from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
+from singleton_integrations._errors import MissingDependency  # noqa: E402
+from singleton_integrations._record import Owner  # noqa: E402
+from singleton_integrations.persisters._base import SleepWatch  # noqa: E402
+from singleton_integrations.persisters.mongodb import MongoDb  # noqa: E402
+from tests.servers import mongodb_server  # noqa: E402
+
+RUN_DATABASE = f"singleton_test_{uuid.uuid4().hex[:10]}"
+OPERATOR_NAMES = ["$where", "a.b", '{"$gt": ""}', "$gt", "$$NOW", "_id", "a.$b", "$", ".", "x\\y", "O'Brien"]
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    server_url = mongodb_server.url()
+    yield server_url
+    client: pymongo.MongoClient = pymongo.MongoClient(server_url, serverSelectionTimeoutMS=5000)
+    try:
+        client.drop_database(RUN_DATABASE)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def collection_name() -> str:
+    return f"locks_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(url: str, collection_name: str) -> Iterator[MongoDb]:
+    persister = MongoDb(url, database=RUN_DATABASE, collection=collection_name)
+    yield persister
+    persister.close()
+
+
+def raw(store: MongoDb) -> Any:
+    """The collection itself, to look at (or damage) what the persister wrote."""
+    return store._client()[store.database_name][store.collection_name]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- names are data, never operators or patterns ---------------------------------------
+
+
+@pytest.mark.parametrize("name", OPERATOR_NAMES)
+def test_operator_shaped_names_are_plain_names(store: MongoDb, name: str) -> None:
+    bystander = store.acquire("bystander", Owner(), 60)
+    assert bystander.acquired
+    first, second = Owner(host="$host", metadata={"run": "$where"}), Owner()
+    taken = store.acquire(name, first, 60)
+    assert taken.acquired and taken.record is not None
+    assert taken.record.name == name and taken.record.host == "$host" and taken.record.metadata == {"run": "$where"}
+    assert raw(store).find_one({"_id": name})["owner"] == first.owner_token
+
+    refused = store.acquire(name, second, 60)
+    assert not refused.acquired and refused.record is not None
+    assert refused.record.fencing_token == taken.record.fencing_token
+    assert store.get(name) == taken.record
+    assert store.get("bystander") == bystander.record  # the name matched nothing else
+    assert not store.release(name, second.owner_token)
+    assert store.release(name, first.owner_token)
+    assert store.get(name) is None
+    assert store.get("bystander") is not None
+    assert store.acquire(name, second, 60).acquired
+
+
+def test_list_treats_prefixes_as_text(store: MongoDb) -> None:
+    names = ["a.b/1", "a.b/2", "aXb/3", "(x)*[y]", "(x)+", "^top", "top$", "$where", "a|b", "\\d9", "d9"]
+    for name in names:
+        assert store.acquire(name, Owner(), 60).acquired
+    listed = lambda prefix: [record.name for record in store.list(prefix)]  # noqa: E731
+    assert listed("a.b") == ["a.b/1", "a.b/2"]
+    assert listed("(x)*") == ["(x)*[y]"]
+    assert listed("^") == ["^top"]
+    assert listed("top$") == ["top$"]
+    assert listed("$") == ["$where"]
+    assert listed("a|") == ["a|b"]
+    assert listed("\\d") == ["\\d9"]
+    assert listed(".*") == []
+    assert listed("") == sorted(names)
+
+
+# -- URL, options, repr ----------------------------------------------------------------
+
+
+def test_url_path_query_and_keyword_overrides() -> None:
+    store = MongoDb("mongodb://h1:1,h2:2/jobs?replicaSet=rs&collection=locks&purgeAfterSeconds=60&serverSelectionTimeoutMS=1500")
+    assert (store.database_name, store.collection_name, store.purge_after_seconds) == ("jobs", "locks", 60.0)
+    options = store._client().options
+    assert options.server_selection_timeout == 1.5  # the URL's own value beats the default
+    assert options.pool_options.connect_timeout == 5.0 and options.timeout == 10.0  # defaults fill the gaps
+    assert options.replica_set_name == "rs"
+    assert "collection" not in store._driver_url and "purgeAfterSeconds" not in store._driver_url
+
+    overridden = persisters.from_url(
+        "mongodb://h1/jobs?collection=locks&serverSelectionTimeoutMS=1500",
+        collection="other", database="elsewhere", server_selection_timeout_ms=700, purge_after_seconds=None,
+    )  # fmt: skip
+    assert isinstance(overridden, MongoDb)
+    assert (overridden.database_name, overridden.collection_name, overridden.purge_after_seconds) == (
+        "elsewhere", "other", None,
+    )  # fmt: skip
+    assert overridden._client().options.server_selection_timeout == 0.7
+
+    default = MongoDb("mongodb://h1")
+    assert (default.database_name, default.collection_name) == ("singleton", "singletons")
+    srv = persisters.from_url("mongodb+srv://user:pw@cluster.example.invalid/app")  # no DNS until first use
+    assert isinstance(srv, MongoDb) and srv.database_name == "app"
+
+
+def test_tls_and_driver_options_pass_through(tmp_path: Path) -> None:
+    store = MongoDb("mongodb://h1/?tls=true&tlsAllowInvalidHostnames=true", tlsDisableOCSPEndpointCheck=True,
+                    write_concern="majority")  # fmt: skip
+    options = store._client().options
+    assert options.pool_options._ssl_context is not None
+    assert options.pool_options.tls_allow_invalid_hostnames
+    assert options._options["tlsdisableocspendpointcheck"] is True
+    assert options.write_concern.document == {"w": "majority"}
+
+    not_a_certificate = tmp_path / "ca.pem"
+    not_a_certificate.write_text("not a certificate")
+    broken = MongoDb("mongodb://h1/?tls=true", tlsCAFile=str(not_a_certificate))  # readable, so accepted here
+    with pytest.raises(PersisterError, match="cannot create a client"):
+        broken.get("job")  # ... and refused clearly at first use
+
+
+def test_tls_round_trip(tmp_path: Path) -> None:
+    """A lock over a real TLS connection, with the CA passed as a URL option."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    with mongodb_server.extra_server("--tls-cert-file", str(cert), "--tls-key-file", str(key)) as server:
+        secure = MongoDb(f"{server}?tls=true&tlsCAFile={cert}", database=RUN_DATABASE)
+        plain = MongoDb(f"{server}?tls=true", database=RUN_DATABASE, server_selection_timeout_ms=1500)
+        try:
+            assert secure.acquire("tls", Owner(), 60).acquired
+            with pytest.raises(PersisterError):  # an unknown CA is refused, not silently accepted
+                plain.get("tls")
+        finally:
+            secure.close()
+            plain.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("http://h/db", {}),
+        ("mongodb://", {}),
+        ("mongodb:///db", {}),
+        ("mongodb://h/db", {"collection": "$bad"}),
+        ("mongodb://h/db", {"collection": ""}),
+        ("mongodb://h/db", {"database": "a.b"}),
+        ("mongodb://h/db", {"server_selection_timeout_ms": -1}),
+        ("mongodb://h/db", {"purge_after_seconds": 0}),
+        ("mongodb://h/db?connectTimeoutMS=soon", {}),
+        ("mongodb://h/db", {"tls": "maybe"}),
+        ("mongodb://h/db", {"bogusOption": 1}),
+        ("mongodb://h/db", {"tlsCAFile": "/nonexistent/ca.pem"}),
+    ],
+)
+def test_bad_urls_and_options_fail_before_any_io(url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        MongoDb(url, **options)
+
+
+def test_wrong_types_raise_type_error() -> None:
+    with pytest.raises(TypeError):
+        MongoDb(b"mongodb://h/db")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        MongoDb("mongodb://h/db", write_concern=True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        MongoDb("mongodb://h/db", timeout_ms="10")  # type: ignore[arg-type]
+
+
+def test_repr_and_errors_hide_the_password() -> None:
+    secret = "hunter2-s3cret"
+    store = MongoDb(f"mongodb://admin:{secret}@127.0.0.1:{closed_port()}/db?authSource=admin")
+    assert secret not in repr(store) and "admin:***@" in repr(store)
+    assert secret not in repr(pickle.loads(pickle.dumps(store)))
+
+
+def test_unreachable_server_raises_persister_error_in_bounded_time() -> None:
+    secret = "hunter2-s3cret"
+    store = MongoDb(f"mongodb://admin:{secret}@127.0.0.1:{closed_port()}/db")
+    started = time.monotonic()
+    with pytest.raises(PersisterError) as caught:
+        store.acquire("job", Owner(), 60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"took {elapsed:.1f} s; the default bound is a 5 s server selection"
+    assert caught.value.backend == "mongodb"
+    assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
+    assert secret not in str(caught.value) and secret not in str(caught.value.__cause__)
+    assert pickle.loads(pickle.dumps(caught.value)).backend == "mongodb"
+
+
+def test_construction_never_connects() -> None:
+    store = MongoDb(f"mongodb://127.0.0.1:{closed_port()}/db")
+    assert store._client_ is None
+    assert "db" in repr(store)
+
+
+def test_missing_pymongo_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in [m for m in sys.modules if m == "pymongo" or m.startswith("pymongo.")]:
+        monkeypatch.setitem(sys.modules, module, None)
+    import singleton_integrations.persisters as package  # importing the package needs no driver
+
+    with pytest.raises(MissingDependency) as caught:
+        package.MongoDb("mongodb://h/db")
+    assert caught.value.extra == "mongodb" and "singleton-integrations[mongodb]" in str(caught.value)
+    with pytest.raises(MissingDependency):
+        persisters.from_url("mongodb://h/db")
+
+
+# -- connections -----------------------------------------------------------------------
+
+
+def test_one_client_per_persister_reused(store: MongoDb) -> None:
+    store.acquire("reuse", Owner(), 60)
+    client = store._client_
+    assert client is not None
+    store.get("reuse")
+    store.list()
+    assert store._client_ is client
+    store.close()
+    assert store._client_ is None
+    assert store.get("reuse") is not None  # reconnects after close
+    assert store._client_ is not None and store._client_ is not client
+
+
+def _use_after_fork(store: MongoDb, queue: Any) -> None:
+    record = store.get("forked")
+    queue.put((record.fencing_token if record else None, store._pid == os.getpid()))
+
+
+def test_forked_child_gets_its_own_client(store: MongoDb) -> None:
+    held = store.acquire("forked", Owner(), 60)
+    assert held.acquired and held.record is not None
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_use_after_fork, args=(store, queue))
+    child.start()
+    fence, own_client = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert (fence, own_client) == (held.record.fencing_token, True)
+    assert store.get("forked") == held.record  # the parent's client still works
+
+
+# -- clean-up and fencing --------------------------------------------------------------
+
+
+def test_ttl_index_on_purge_at(store: MongoDb) -> None:
+    owner = Owner()
+    assert store.acquire("ttl", owner, 60).acquired
+    indexes = raw(store).index_information()
+    ttl = [index for index in indexes.values() if index["key"] == [("purgeAt", 1)]]
+    assert len(ttl) == 1 and ttl[0]["expireAfterSeconds"] == 0
+    held = raw(store).find_one({"_id": "ttl"})
+    assert held["purgeAt"] > held["expiresAt"]  # an abandoned lock is purged only after the retention
+    assert store.release("ttl", owner.owner_token)
+    released = raw(store).find_one({"_id": "ttl"})
+    assert released["owner"] is None and released["fence"] == held["fence"]  # the counter stays
+    retention = (released["purgeAt"] - held["createdAt"]).total_seconds()
+    assert store.purge_after_seconds - 60 < retention < store.purge_after_seconds + 3600
+
+
+def test_purge_disabled_creates_no_index(url: str, collection_name: str) -> None:
+    store = MongoDb(url, database=RUN_DATABASE, collection=collection_name, purge_after_seconds=None)
+    owner = Owner()
+    assert store.acquire("keep", owner, 60).acquired
+    assert store.release("keep", owner.owner_token)
+    assert "purgeAt" not in raw(store).find_one({"_id": "keep"})
+    assert all(index["key"] != [("purgeAt", 1)] for index in raw(store).index_information().values())
+    store.close()
+
+
+def test_fencing_tokens_rise_after_a_purge(store: MongoDb) -> None:
+    tokens = []
+    for _ in range(3):
+        owner = Owner()
+        result = store.acquire("fenced", owner, 60)
+        assert result.acquired and result.record is not None
+        tokens.append(result.record.fencing_token)
+        assert store.release("fenced", owner.owner_token)
+    raw(store).delete_one({"_id": "fenced"})  # what the TTL monitor does after the retention
+    again = store.acquire("fenced", Owner(), 60)
+    assert again.acquired and again.record is not None
+    tokens.append(again.record.fencing_token)
+    assert tokens == sorted(set(tokens)), tokens
+
+
+def test_expiry_is_judged_by_the_server_clock(store: MongoDb) -> None:
+    """A holder whose expiresAt is in the past by the server's clock is taken over at once."""
+    owner = Owner()
+    assert store.acquire("skewed", owner, 3600).acquired
+    server_now = store._client().admin.command("hello")["localTime"]
+    raw(store).update_one({"_id": "skewed"}, {"$set": {"expiresAt": server_now.replace(year=server_now.year - 1)}})
+    taken = store.acquire("skewed", Owner(), 60)
+    assert taken.acquired and taken.expired is not None and taken.expired.owner_token == owner.owner_token
+    conflict = store.acquire("skewed", Owner(), 60)
+    assert not conflict.acquired and conflict.retry_after is not None and 0 < conflict.retry_after <= 60
+
+
+# -- races -----------------------------------------------------------------------------
+
+
+def _race(url: str, database: str, collection: str, names: list[str], barrier: Any, queue: Any) -> None:
+    store = MongoDb(url, database=database, collection=collection)
+    store.get(names[0])  # connect before the barrier, so the race is on the write
+    for name in names:
+        barrier.wait(60)
+        try:
+            result = store.acquire(name, Owner(), 60)
+        except Exception as error:  # reported, and fails the test in the parent
+            queue.put((name, "error", repr(error)))
+            continue
+        expired = result.expired.owner_token if result.expired else None
+        fence = result.record.fencing_token if result.record else None
+        queue.put((name, result.acquired, (fence, expired)))
+    store.close()
+
+
+def test_eight_processes_race_for_expired_and_new_names(store: MongoDb, url: str) -> None:
+    expired_holders = {}
+    for index in range(3):
+        owner = Owner()
+        assert store.acquire(f"expired-{index}", owner, 0.05).acquired
+        expired_holders[f"expired-{index}"] = owner.owner_token
+    time.sleep(0.2)
+    names = [*expired_holders, "new-0", "new-1"]  # new names: concurrent upserts meet the unique _id
+    contenders = 8
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(contenders), context.Queue()
+    workers = [
+        context.Process(target=_race, args=(url, store.database_name, store.collection_name, names, barrier, queue))
+        for _ in range(contenders)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=120) for _ in range(contenders * len(names))]
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    for name in names:
+        outcomes = [outcome for got, *outcome in results if got == name]
+        assert not [o for o in outcomes if o[0] == "error"], outcomes
+        winners = [details for won, details in outcomes if won is True]
+        assert len(winners) == 1, f"{name}: {len(winners)} winners"
+        fence, expired = winners[0]
+        assert expired == expired_holders.get(name)  # the winner reports whose lock it replaced
+        assert all(details[0] == fence for won, details in outcomes if not won)  # losers saw the winner
+        assert store.get(name) is not None and store.get(name).fencing_token == fence
+
+
+# -- waiting ---------------------------------------------------------------------------
+
+
+def test_change_stream_wakes_a_waiter_on_release(store: MongoDb, url: str) -> None:
+    owner = Owner()
+    assert store.acquire("woken", owner, 600).acquired
+    other = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name)
+    hello = other._client().admin.command("hello")
+    replica_set = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+    watch = other.watch("woken")
+    try:
+        assert other.notifies is replica_set
+        assert isinstance(watch, SleepWatch) is not replica_set
+        if replica_set:
+            store.renew("woken", owner.owner_token, 600)  # a renewal is not a release: no wake-up
+            timer = threading.Timer(0.3, store.release, ("woken", owner.owner_token))
+            timer.start()
+            started = time.monotonic()
+            watch.wait(60)
+            assert time.monotonic() - started < 30  # woken by the release, not the timeout
+            timer.join()
+            assert store.get("woken") is None
+    finally:
+        watch.close()
+        other.close()
+
+
+def test_standalone_server_falls_back_to_polling() -> None:
+    with mongodb_server.extra_server("--standalone") as server:
+        store = MongoDb(server, database=RUN_DATABASE)
+        try:
+            assert isinstance(store.watch("job"), SleepWatch)
+            assert store.notifies is False and store._change_streams is False
+            assert isinstance(store.watch("job"), SleepWatch)  # detected once, cached
+            job = Singleton("job", store, lock_expire_seconds=0.5)
+            assert job.lock()
+            rival = Singleton("job", store, lock_expire_seconds=30)
+            assert rival.lock(wait=30)  # polling sees the expiry
+        finally:
+            store.close()
+
+
+def test_singleton_over_mongodb(store: MongoDb) -> None:
+    events: list[str] = []
+    first = Singleton("smoke", store, lock_expire_seconds=0.5)
+    second = Singleton("smoke", store, lock_expire_seconds=30)
+    for event in ("locked", "conflict", "expired", "released"):
+        second.on(event, lambda message, event=event: events.append(event))
+    assert first.lock()
+    assert not second.lock()
+    assert second.lock(wait=30)  # the first holder's lease runs out
+    assert events[:3] == ["conflict", "expired", "locked"]
+    assert second.fencing_token is not None and first.fencing_token is not None
+    assert second.fencing_token > first.fencing_token
+    third = Singleton("smoke", store, lock_expire_seconds=30)
+    threading.Timer(0.3, second.release).start()
+    assert third.lock(wait=30)  # woken by the release
+    assert "released" in events
+    third.release()
+    assert not store.list("smoke")
