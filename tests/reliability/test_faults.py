@@ -21,8 +21,9 @@ DEFAULT_PORTS = {"redis": 6379, "postgres": 5432, "mongodb": 27017}
 #: Short client timeouts for the outage tests, set through each store's URL options.
 SHORT_TIMEOUTS = {
     "redis": {"socket_timeout": "2", "socket_connect_timeout": "2"},
-    "postgres": {"connect_timeout": "2"},
-    "mongodb": {"serverSelectionTimeoutMS": "2000", "socketTimeoutMS": "2000", "connectTimeoutMS": "2000"},
+    "postgres": {"connect_timeout": "2", "pool_timeout": "2", "statement_timeout_ms": "2000"},
+    "mongodb": {"timeoutMS": "2000", "serverSelectionTimeoutMS": "2000", "socketTimeoutMS": "2000",
+                "connectTimeoutMS": "2000"},
 }
 CONFIGURED_TIMEOUT = 2.0
 
@@ -166,4 +167,24 @@ def test_store_partitioned_then_healed(networked_kind: str, proxy: Any, figures:
     assert recovered is True and other.release() is True
     assert successor_acquired and successor.fencing_token is not None and successor.fencing_token > first_token
     assert successor.release() is True
+    store.close()
+
+
+@pytest.mark.slow
+def test_partition_with_default_timeouts(networked_kind: str, proxy: Any, figures: dict[str, Any]) -> None:
+    """With the persister's own default timeouts, a partitioned store fails a call within about 10 s (rule 9)."""
+    tcp, _, direct_url = proxy
+    store = persisters.from_url(through(direct_url, tcp.port))
+    job = Singleton(unique("partition-default"), store, lock_expire_seconds=30)
+    assert job.lock() and job.release()
+    tcp.partition()
+    started = time.monotonic()
+    with pytest.raises(PersisterError):
+        job.lock()
+    failed_after = time.monotonic() - started
+    tcp.heal()
+    recovered, tries = retry_until(30, job.lock)
+    figures.update(persister=networked_kind, call_failed_after_s=round(failed_after, 3), recovered_after_tries=tries)
+    assert failed_after < 12, f"an unreachable store took {failed_after:.1f} s to fail"
+    assert recovered is True and job.release() is True
     store.close()
