@@ -1,0 +1,516 @@
+"""The two-minute tour, ``python -m singleton_integrations.demo`` (``nox -s demo`` sets up Airflow and Prefect).
+
+On a throwaway SQLite store it shows, as a timeline: processes racing for one
+lock, a SIGKILLed holder's lock expiring and being taken over, a fencing token
+refusing a paused holder's late write, and an Airflow task and a Prefect flow
+yielding to a cron-style ``singleton run`` that holds the same name. Every child
+runs in its own process group and is killed on exit, so nothing is left running.
+The Airflow and Prefect parts run in the interpreters named by
+``SINGLETON_DEMO_AIRFLOW_PYTHON`` and ``SINGLETON_DEMO_PREFECT_PYTHON`` (they pin
+incompatible FastAPI releases, so each has its own virtual environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+RESULT_PREFIX = "SINGLETON_DEMO_RESULT "
+EVENT_PREFIX = "@@demo "
+SHARED_NAME = "nightly-export"  # the one name the cron job, the DAG and the flow share
+ORCHESTRATOR_TIMEOUT = 300.0
+
+
+@dataclass
+class Event:
+    t: float
+    actor: str
+    text: str
+    kind: str = "note"
+    name: str = ""
+    token: int | None = None
+
+
+@dataclass
+class Timeline:
+    """Every actor's events, printed per section relative to the demo's start."""
+
+    start: float = field(default_factory=time.time)
+    events: list[Event] = field(default_factory=list)
+    printed: int = 0
+    failures: list[str] = field(default_factory=list)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, event: Event) -> None:
+        with self.guard:
+            self.events.append(event)
+
+    def note(self, actor: str, text: str, kind: str = "note", name: str = "") -> None:
+        self.add(Event(time.time(), actor, text, kind, name))
+
+    def flush(self) -> None:
+        with self.guard:
+            fresh = sorted(self.events[self.printed:], key=lambda e: e.t)
+            self.events[self.printed:] = fresh
+            self.printed = len(self.events)
+        for event in fresh:
+            print(f"  {1000 * (event.t - self.start):+8.0f} ms  {event.actor:<10} {event.text}", flush=True)
+
+    def check(self, ok: bool, claim: str) -> None:
+        print(f"  {'ok' if ok else 'FAILED'}: {claim}", flush=True)
+        if not ok:
+            self.failures.append(claim)
+
+
+class Actor:
+    """A child process in its own process group, whose ``@@demo`` stdout lines become events."""
+
+    registry: list[Actor] = []
+
+    def __init__(self, timeline: Timeline, label: str, argv: list[str], env: dict[str, str],
+                 log: Path | None = None, stdin: bool = False) -> None:
+        self.label = label
+        self.timeline = timeline
+        self.kinds: queue.Queue[Event] = queue.Queue()
+        self.log = log
+        output = open(log, "wb") if log else subprocess.PIPE  # noqa: SIM115 - closed by the child's exit
+        self.process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT if log else None,
+                                        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                        start_new_session=True)
+        if log:
+            output.close()  # type: ignore[union-attr]
+        Actor.registry.append(self)
+        if not log:
+            threading.Thread(target=self._read, name=f"demo-{label}", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith(EVENT_PREFIX):
+                data = json.loads(line[len(EVENT_PREFIX):])
+                event = Event(data["t"], self.label, data["text"], data["kind"], data.get("name", ""),
+                              data.get("token"))
+                if event.kind != "ready":  # a barrier detail, not a lock event
+                    self.timeline.add(event)
+                self.kinds.put(event)
+
+    def wait_for(self, kind: str, timeout: float = 60.0) -> Event:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self.kinds.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{self.label} did not report {kind!r} within {timeout:g} s") from None
+            if event.kind == kind:
+                return event
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def finish(self, timeout: float = 60.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    @classmethod
+    def kill_all(cls) -> list[int]:
+        """SIGKILL every child's process group; returns the groups still alive afterwards."""
+        for actor in cls.registry:
+            _killpg(actor.process.pid, signal.SIGKILL)
+            _killpg(actor.process.pid, signal.SIGCONT)
+        survivors = []
+        for actor in cls.registry:
+            try:
+                actor.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                survivors.append(actor.process.pid)
+            deadline = time.monotonic() + 5
+            while _group_alive(actor.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _group_alive(actor.process.pid):
+                survivors.append(actor.process.pid)
+        return survivors
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the parts ------------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.workdir = workdir
+        self.url = f"sqlite:///{workdir / 'locks.sqlite3'}"
+        self.timeline = Timeline()
+        self.args = args
+        self.env = {**os.environ, "SINGLETON_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        self.env.pop("SINGLETON_DEBUG", None)
+
+    def child(self, label: str, role: str, name: str, *extra: str, stdin: bool = False) -> Actor:
+        argv = [sys.executable, "-m", "singleton_integrations.demo", "--child", role, "--name", name,
+                "--actor", label, *extra]
+        return Actor(self.timeline, label, argv, self.env, stdin=stdin)
+
+    def race(self, racers: int = 4) -> None:
+        print(f"\n1. {racers} processes race for 'demo.race'; the winner holds it for a second", flush=True)
+        actors = [self.child(f"racer-{i}", "racer", "demo.race", stdin=True) for i in range(1, racers + 1)]
+        for actor in actors:
+            actor.wait_for("ready")
+        for actor in actors:  # released together, as close to simultaneously as a pipe write allows
+            actor.send("go")
+        codes = [actor.finish() for actor in actors]
+        self.timeline.flush()
+        winners = [e for e in self.timeline.events if e.name == "demo.race" and e.kind == "locked"]
+        conflicts = [e for e in self.timeline.events if e.name == "demo.race" and e.kind == "conflict"]
+        self.timeline.check(len(winners) == 1 and len(conflicts) == racers - 1 and codes.count(0) == racers,
+                            f"exactly one of {racers} won; the others saw the lock held and who held it")
+
+    def crash(self) -> None:
+        print("\n2. A holder is killed with SIGKILL; its 2 s lease expires and another process takes over", flush=True)
+        holder = self.child("holder", "crasher", "demo.crash", "--ttl", "2")
+        first = holder.wait_for("locked")
+        time.sleep(0.3)
+        holder.process.send_signal(signal.SIGKILL)
+        self.timeline.note("demo", f"SIGKILL holder (pid {holder.process.pid}): no release, no cleanup")
+        holder.finish()
+        taker = self.child("taker", "taker", "demo.crash", "--wait", "30")
+        second = taker.wait_for("locked")
+        taker.finish()
+        self.timeline.flush()
+        expired = [e for e in self.timeline.events if e.name == "demo.crash" and e.kind == "expired"]
+        self.timeline.check(bool(expired) and (second.token or 0) > (first.token or 0),
+                            f"the 'expired' event fired and the fencing token rose from {first.token} to {second.token}")
+
+    def fencing(self) -> None:
+        print("\n3. A holder pauses (SIGSTOP) past its lease; its late write is refused by fencing token", flush=True)
+        ledger = self.workdir / "ledger.json"
+        slow = self.child("paused", "writer", "demo.fencing", "--ttl", "1.5", "--ledger", str(ledger),
+                          "--writes", "1000")
+        slow.wait_for("wrote")
+        slow.process.send_signal(signal.SIGSTOP)
+        self.timeline.note("demo", f"SIGSTOP paused (pid {slow.process.pid}), like a long GC pause or a frozen VM")
+        fresh = self.child("fresh", "writer", "demo.fencing", "--ttl", "1.5", "--ledger", str(ledger),
+                           "--writes", "1", "--wait", "30")
+        fresh.finish()
+        slow.process.send_signal(signal.SIGCONT)
+        self.timeline.note("demo", "SIGCONT paused: it resumes believing it still holds the lock")
+        refused = slow.wait_for("refused")
+        slow.finish()
+        self.timeline.flush()
+        tokens = [e.token for e in self.timeline.events if e.name == "demo.fencing" and e.kind == "locked"]
+        self.timeline.check(len(tokens) == 2 and tokens[1] > tokens[0] and refused.token == tokens[0],
+                            f"fencing tokens rose {tokens[0]} -> {tokens[1]}; the stale holder's write was refused")
+
+    def orchestrators(self) -> None:
+        print(f"\n4. A cron-style `singleton run {SHARED_NAME}` holds the name; Airflow and Prefect yield to it",
+              flush=True)
+        go = self.workdir / "cron-may-finish"
+        cron_argv = [sys.executable, "-m", "singleton_integrations", "run", SHARED_NAME, "--ttl", "30",
+                     "--metadata", "actor=cron", "--", sys.executable, "-m", "singleton_integrations.demo",
+                     "--child", "cron-job", "--name", SHARED_NAME, "--actor", "cron", "--go", str(go)]
+        cron = Actor(self.timeline, "cron", cron_argv, self.env)
+        cron.wait_for("locked")
+        parts = [threading.Thread(target=self._guarded, args=(part,), daemon=True)
+                 for part in (self._airflow, self._prefect)]
+        for part in parts:
+            part.start()
+        for part in parts:
+            part.join()
+        go.touch()
+        code = cron.finish()
+        self.timeline.note("cron", f"`singleton run` exited {code}: the lock is released", kind="released",
+                           name=SHARED_NAME)
+        self.timeline.flush()
+
+    def _guarded(self, part: Any) -> None:
+        try:
+            part()
+        except Exception as error:  # reported as a failed check; the other part carries on
+            self.timeline.check(False, f"{part.__name__.strip('_')}: {type(error).__name__}: {error}")
+
+    def _interpreter(self, which: str, probe: str) -> str | None:
+        variable = f"SINGLETON_DEMO_{which.upper()}_PYTHON"
+        python = getattr(self.args, f"{which}_python") or os.environ.get(variable)
+        if not python:
+            self.timeline.note(which, f"skipped: {variable} is not set (`nox -s demo` sets it up)", kind="skipped")
+            return None
+        script = EXAMPLES / which / "nightly_export.py"
+        if not script.exists():
+            self.timeline.note(which, f"skipped: {script} is missing (run the demo from a clone)", kind="skipped")
+            return None
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120, env=self.env)
+        if found.returncode != 0:
+            reason = (found.stderr.strip().splitlines() or ["not importable"])[-1]
+            self.timeline.note(which, f"skipped: {python} cannot import it ({reason})", kind="skipped")
+            return None
+        return python
+
+    def _airflow(self) -> None:
+        python = self._interpreter("airflow", "import airflow.sdk, airflow_provider.decorators.singleton")
+        if python is None:
+            return
+        home = self.workdir / "airflow"
+        env = {**self.env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+               "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLES / "airflow"),
+               "AIRFLOW_CONN_SINGLETON_DEFAULT": json.dumps({"conn_type": "singleton", "extra": {"url": self.url}}),
+               "SINGLETON_LOCK_NAME": SHARED_NAME}
+        self.timeline.note("airflow", "airflow db migrate (Airflow's own SQLite metadata DB)")
+        migrate = Actor(self.timeline, "airflow", [python, "-m", "airflow", "db", "migrate"], env,
+                        log=self.workdir / "airflow-migrate.log")
+        if migrate.finish(ORCHESTRATOR_TIMEOUT) != 0:
+            self.timeline.check(False, f"airflow db migrate failed; see {migrate.log}")
+            return
+        self.timeline.note("airflow", "dag.test() of nightly_export: @task.singleton(on_conflict='skip')")
+        run = Actor(self.timeline, "airflow", [python, str(EXAMPLES / "airflow" / "nightly_export.py")], env,
+                    log=self.workdir / "airflow-dag.log")
+        run.finish(ORCHESTRATOR_TIMEOUT)
+        result = _result(run.log)
+        state = (result or {}).get("tasks", {}).get("export")
+        if result:
+            self.timeline.add(Event(result["t"], "airflow", f"task 'export' ended {state}: the cron job holds "
+                                    f"{SHARED_NAME!r}", kind="airflow-state", name=SHARED_NAME))
+        self.timeline.check(state == "skipped", f"the Airflow task was skipped (state {state!r}; log {run.log.name})")
+
+    def _prefect(self) -> None:
+        python = self._interpreter("prefect", "import prefect, prefect_blocks")
+        if python is None:
+            return
+        env = {**self.env, "PREFECT_HOME": str(self.workdir / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SINGLETON_LOCK_NAME": SHARED_NAME}
+        env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral server, never the user's
+        self.timeline.note("prefect", "flow nightly-export: @singleton(on_conflict='skip'), ephemeral server")
+        run = Actor(self.timeline, "prefect", [python, str(EXAMPLES / "prefect" / "nightly_export.py")], env,
+                    log=self.workdir / "prefect-flow.log")
+        run.finish(ORCHESTRATOR_TIMEOUT)
+        result = _result(run.log)
+        name = (result or {}).get("name")
+        if result:
+            self.timeline.add(Event(result["t"], "prefect", f"flow run ended {result['type']}/{name!r}: "
+                                    f"the cron job holds {SHARED_NAME!r}", kind="prefect-state", name=SHARED_NAME))
+        self.timeline.check(name == "Skipped" and (result or {}).get("type") == "COMPLETED",
+                            f"the Prefect flow ended 'Skipped' (state {name!r}; log {run.log.name})")
+
+
+def _result(log: Path | None) -> dict[str, Any] | None:
+    if log is None or not log.exists():
+        return None
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+# -- the children ------------------------------------------------------------------------------
+
+
+def _emit(kind: str, text: str, name: str = "", token: int | None = None) -> None:
+    payload = {"t": time.time(), "kind": kind, "text": text, "name": name, "token": token}
+    print(EVENT_PREFIX + json.dumps(payload), flush=True)
+
+
+def _child(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import Singleton
+
+    logging.getLogger("singleton_integrations").addHandler(logging.NullHandler())  # events arrive as timeline lines
+    url = os.environ["SINGLETON_URL"]
+    name = args.name
+    if args.child == "cron-job":  # runs under `singleton run`, which hands it the fencing token
+        token = int(os.environ["SINGLETON_FENCING_TOKEN"])
+        _emit("locked", f"cron job runs under `singleton run` (fencing token {token})", name, token)
+        deadline = time.monotonic() + ORCHESTRATOR_TIMEOUT * 2
+        while not Path(args.go).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return 0
+    lock = Singleton(name, url, lock_expire_seconds=args.ttl, auto_renew=args.child == "writer",
+                     metadata={"actor": args.actor})
+    lock.on("expired", lambda message: _emit("expired", "'expired' event: the previous holder's lease ran out; "
+                                             "taken over", name))
+    if args.child == "racer":
+        _emit("ready", "ready", name)
+        sys.stdin.readline()
+    if not lock.lock(wait=args.wait):
+        holder = lock.last_holder
+        who = holder.metadata.get("actor", f"pid {holder.pid}") if holder else "someone"
+        _emit("conflict", f"conflict: held by {who} (fencing token {holder.fencing_token if holder else '?'})", name)
+        return 0
+    token = lock.fencing_token
+    _emit("locked", f"locked {name!r} (fencing token {token})", name, token)
+    if args.child == "crasher":
+        while True:  # works until SIGKILL; never releases
+            time.sleep(1)
+    if args.child == "racer":
+        time.sleep(1.0)
+    if args.child == "writer":
+        lock.on("lost", lambda message: _emit("lost", "'lost' event: its lease ended while it was paused", name))
+        for attempt in range(args.writes):
+            if not _fenced_write(Path(args.ledger), token, args.actor):
+                _emit("refused", f"write with fencing token {token} refused: the ledger has seen a newer one",
+                      name, token)
+                break
+            if attempt == 0:
+                _emit("wrote", f"write with fencing token {token} accepted", name, token)
+            time.sleep(0.1)
+    if lock.release():
+        _emit("released", f"released {name!r}", name, token)
+    else:
+        _emit("released", "release found the lock no longer ours and left it to its new holder", name, token)
+    return 0
+
+
+def _fenced_write(ledger: Path, token: int | None, actor: str) -> bool:
+    """The protected resource: it remembers the highest token and refuses older ones."""
+    import fcntl
+
+    with open(ledger.with_suffix(".lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        seen = json.loads(ledger.read_text()) if ledger.exists() else {"highest": 0, "writes": []}
+        if token is None or token < seen["highest"]:
+            return False
+        seen["highest"] = token
+        seen["writes"].append({"actor": actor, "token": token})
+        ledger.write_text(json.dumps(seen))
+        return True
+
+
+# -- the chart ---------------------------------------------------------------------------------
+
+
+def _svg(timeline: Timeline, path: Path) -> None:
+    """Who held which lock when, as bars: drawn by hand so the demo needs no plotting library."""
+    holds: list[tuple[str, str, float, float]] = []
+    opened: dict[tuple[str, str], float] = {}
+    for event in sorted(timeline.events, key=lambda e: e.t):
+        key = (event.name, event.actor)
+        if event.kind == "locked":
+            opened[key] = event.t
+        elif event.kind in ("released", "refused", "lost") and key in opened:
+            holds.append((event.name, event.actor, opened.pop(key), event.t))
+        elif event.kind == "expired":
+            for other in [k for k in opened if k[0] == event.name]:
+                holds.append((other[0], other[1], opened.pop(other), event.t))
+    end = max((e.t for e in timeline.events), default=timeline.start + 1)
+    rows = sorted({(name, actor) for name, actor, _, _ in holds}, key=lambda r: min(h[2] for h in holds if h[:2] == r))
+    width, left, row_height = 900, 260, 26
+    scale = (width - left - 20) / max(end - timeline.start, 0.001)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_height * len(rows) + 50}" '
+             f'font-family="sans-serif" font-size="13">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="10" y="18" font-weight="bold">Lock holders over time (s since the demo started)</text>']
+    for index, (name, actor) in enumerate(rows):
+        y = 30 + index * row_height
+        parts.append(f'<text x="10" y="{y + 16}">{_xml(name)} · {_xml(actor)}</text>')
+        for hold_name, hold_actor, begin, finish in holds:
+            if (hold_name, hold_actor) == (name, actor):
+                x = left + (begin - timeline.start) * scale
+                parts.append(f'<rect x="{x:.1f}" y="{y + 4}" width="{max((finish - begin) * scale, 2):.1f}" '
+                             f'height="{row_height - 8}" fill="#7b5ea7"/>')
+    for second in range(int(end - timeline.start) + 1):
+        x = left + second * scale
+        if second % max(1, int((end - timeline.start) / 10)) == 0:
+            parts.append(f'<text x="{x:.1f}" y="{row_height * len(rows) + 45}" fill="#555">{second}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m singleton_integrations.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--airflow-python", help="interpreter with Airflow (default $SINGLETON_DEMO_AIRFLOW_PYTHON)")
+    parser.add_argument("--prefect-python", help="interpreter with Prefect (default $SINGLETON_DEMO_PREFECT_PYTHON)")
+    parser.add_argument("--svg", type=Path, help="also draw the holders' timeline as an SVG chart here")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (store, logs)")
+    child = parser.add_argument_group("internal: the demo's child processes")
+    child.add_argument("--child", choices=("racer", "crasher", "taker", "writer", "cron-job"), help=argparse.SUPPRESS)
+    child.add_argument("--name", help=argparse.SUPPRESS)
+    child.add_argument("--actor", help=argparse.SUPPRESS)
+    child.add_argument("--ttl", type=float, default=10.0, help=argparse.SUPPRESS)
+    child.add_argument("--wait", type=float, default=0.0, help=argparse.SUPPRESS)
+    child.add_argument("--ledger", help=argparse.SUPPRESS)
+    child.add_argument("--writes", type=int, default=1, help=argparse.SUPPRESS)
+    child.add_argument("--go", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        return _child(args)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    workdir = Path(tempfile.mkdtemp(prefix="singleton-demo-"))
+    demo = Demo(workdir, args)
+    print(f"singleton-integrations demo: lock store {demo.url}", flush=True)
+    failed = False
+    try:
+        demo.race()
+        demo.crash()
+        demo.fencing()
+        demo.orchestrators()
+    except KeyboardInterrupt:
+        print("\ninterrupted", flush=True)
+        failed = True
+    except (TimeoutError, subprocess.TimeoutExpired) as error:
+        demo.timeline.flush()
+        print(f"  FAILED: {error}", flush=True)
+        failed = True
+    finally:
+        survivors = Actor.kill_all()
+        count = len(Actor.registry)
+        print(f"\n{count} child processes started; "
+              + (f"still running: {survivors}" if survivors else "none left running"), flush=True)
+        if args.svg:
+            _svg(demo.timeline, args.svg)
+            print(f"timeline chart: {args.svg}")
+        if args.keep or failed or demo.timeline.failures:
+            print(f"working directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    failed = failed or bool(demo.timeline.failures) or bool(survivors)
+    print(f"{time.time() - demo.timeline.start:.1f} s, " + ("some checks FAILED" if failed else "every check passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
