@@ -1,0 +1,192 @@
+"""``block.lock(name)`` with ``with`` and ``async with``: acquire, conflict, renew, release on every exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from prefect import flow, task
+from prefect.context import FlowRunContext, TaskRunContext
+
+from prefect_blocks import LockConflict, LockLost, SingletonBlock
+
+from .conftest import HERE, ROOT, held_elsewhere
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def block(store_url: str) -> SingletonBlock:
+    return SingletonBlock(url=store_url, lock_expire_seconds=30)
+
+
+def test_with_holds_then_releases(block: SingletonBlock, lock_name: str) -> None:
+    with block.lock(lock_name) as held:
+        record = block.holder(lock_name)
+        assert record is not None and record.fencing_token == held.fencing_token and record.pid == os.getpid()
+    assert block.holder(lock_name) is None
+
+
+def test_conflict_names_the_other_process(block: SingletonBlock, store_url: str, lock_name: str) -> None:
+    with held_elsewhere(store_url, lock_name, "--metadata", "job=cron") as other:
+        with pytest.raises(LockConflict, match=f"pid {other.pid}.*job=cron") as raised:
+            with block.lock(lock_name):
+                pytest.fail("the body must not run")
+        assert raised.value.holder.fencing_token == other.fencing_token
+        with pytest.raises(LockConflict, match=r"after waiting 0\.3 s"):
+            with block.lock(lock_name, wait=0.3):
+                pytest.fail("the body must not run")
+    with block.lock(lock_name, wait=5) as held:  # free again once the other released
+        assert held.fencing_token > other.fencing_token
+
+
+def test_released_on_exception(block: SingletonBlock, lock_name: str) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with block.lock(lock_name):
+            1 / 0
+    assert block.holder(lock_name) is None
+
+
+def test_name_prefix_and_lease_override(store_url: str, lock_name: str) -> None:
+    block = SingletonBlock(url=store_url, lock_expire_seconds=30, name_prefix="team-a/")
+    with block.lock(lock_name, lock_expire_seconds=120):
+        record = block.get_persister().get(f"team-a/{lock_name}")
+        assert record is not None
+        assert 100 < (record.expires_at - record.created_at).total_seconds() <= 120
+        assert block.holder(lock_name) == record
+
+
+def test_renews_while_held(store_url: str, lock_name: str) -> None:
+    block = SingletonBlock(url=store_url, lock_expire_seconds=0.6, auto_renew=True)
+    with block.lock(lock_name) as held:
+        first = block.holder(lock_name)
+        renewals: list[str] = []
+        held.on("renewed", renewals.append)
+        wait_until(lambda: len(renewals) >= 4)  # well past the 0.6 s lease
+        now = block.holder(lock_name)
+        assert now is not None and now.fencing_token == first.fencing_token
+        assert now.expires_at > first.expires_at
+        held.ensure_held()
+    assert block.holder(lock_name) is None
+
+
+def test_loss_without_renewal_raises_lock_lost(store_url: str, lock_name: str) -> None:
+    block = SingletonBlock(url=store_url, lock_expire_seconds=0.3, auto_renew=False)
+    with pytest.raises(LockLost, match="was lost"):
+        with block.lock(lock_name):
+            wait_until(lambda: block.holder(lock_name) is None)  # the lease ran out
+            with held_elsewhere(store_url, lock_name):
+                pass
+
+
+def test_holder_metadata_names_the_runs(block: SingletonBlock, lock_name: str) -> None:
+    @task
+    def in_task() -> dict[str, str]:
+        with block.lock(f"{lock_name}-task"):
+            return {**block.holder(f"{lock_name}-task").metadata, "expected": str(TaskRunContext.get().task_run.id)}
+
+    @flow(name="metadata-flow")
+    def in_flow() -> tuple[dict[str, str], dict[str, str], str]:
+        with block.lock(lock_name):
+            metadata = dict(block.holder(lock_name).metadata)
+        return metadata, in_task(), str(FlowRunContext.get().flow_run.id)
+
+    flow_metadata, task_metadata, flow_run_id = in_flow()
+    assert flow_metadata["prefect_flow_run_id"] == flow_run_id
+    assert flow_metadata["prefect_flow_name"] == "metadata-flow"
+    assert "prefect_task_run_id" not in flow_metadata
+    assert task_metadata["prefect_task_run_id"] == task_metadata["expected"]
+    assert task_metadata["prefect_flow_run_id"] == flow_run_id
+
+
+# -- async ---------------------------------------------------------------------------
+
+
+async def test_async_with_holds_then_releases(block: SingletonBlock, store_url: str, lock_name: str) -> None:
+    async with block.lock(lock_name) as held:
+        assert (await held.holder()).fencing_token == held.fencing_token
+    assert block.holder(lock_name) is None
+    with held_elsewhere(store_url, lock_name):
+        with pytest.raises(LockConflict):
+            async with block.lock(lock_name):
+                pytest.fail("the body must not run")
+
+
+async def test_cancelled_while_holding_releases(block: SingletonBlock, lock_name: str) -> None:
+    entered = asyncio.Event()
+
+    async def guarded() -> None:
+        async with block.lock(lock_name):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    running = asyncio.create_task(guarded())
+    await asyncio.wait_for(entered.wait(), 30)
+    assert block.holder(lock_name) is not None
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert block.holder(lock_name) is None
+
+
+async def test_cancelled_while_waiting_leaks_nothing(block: SingletonBlock, store_url: str, lock_name: str) -> None:
+    with held_elsewhere(store_url, lock_name) as other:
+        waiting = asyncio.create_task(_hold_briefly(block, lock_name))
+        await asyncio.sleep(0.3)  # let it start waiting; correctness does not depend on this
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert block.holder(lock_name).pid == other.pid
+    assert block.holder(lock_name) is None
+
+
+async def _hold_briefly(block: SingletonBlock, name: str) -> None:
+    async with block.lock(name, wait=3600):
+        pytest.fail("the other process holds the lock throughout")
+
+
+# -- SIGTERM: Prefect's TerminationSignal unwinds the lock ------------------------------
+
+SIGTERM_FLOW = """
+import sys, time
+from prefect import flow
+from prefect_blocks import SingletonBlock
+
+@flow
+def guarded(url: str, name: str):
+    with SingletonBlock(url=url, lock_expire_seconds=600).lock(name):
+        print("HELD", flush=True)
+        time.sleep(600)
+
+guarded(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_sigterm_releases_through_termination_signal(block: SingletonBlock, store_url: str, lock_name: str, child_env) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_FLOW, store_url, lock_name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env, cwd=ROOT,
+    )
+    try:
+        assert process.stdout.readline().strip() == "HELD"
+        assert block.holder(lock_name).pid == process.pid
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Released, not left to its 600 s lease.
+    assert block.holder(lock_name) is None, process.stderr.read()[-2000:]
+    assert process.returncode != 0
