@@ -3,25 +3,27 @@
 Layout for a lock ``NAME`` under the key prefix (default ``singleton:``); the
 braces are a hash tag, so both keys of a name share one cluster slot::
 
-    singleton:{NAME}        string: the holder's owner token, with a PX lease (none for ttl=None)
-    singleton:{NAME}:state  hash, no TTL: ``fence`` (the fencing counter, kept across release
-                            and expiry) and the latest holder's fields, cleared on release
+    singleton:{NAME}            string: the holder's owner token, with a PX lease (none for ttl=None)
+    singleton:{NAME}:state      hash, no TTL: ``fence``, the fencing counter kept across release and
+                                expiry, and ``holder``, the latest holder as JSON, removed on release
     singleton:{NAME}:released   pub/sub channel told of every release
 
-Expiry is Redis's own key TTL, so an expired lock is simply gone. The state hash
-still names its holder, which is how the next acquire tells "expired" (holder
-fields present) from "released" (cleared) in the same script. Times come from
-the server's ``TIME``, never the client's clock.
+Expiry is Redis's own key TTL, so an expired lock is simply gone; a ``holder``
+still present in the state hash is what tells the next acquire that the lock
+expired rather than was released, in the same script. Times come from the
+server's ``TIME``, never the client's clock. The state hash of every name ever
+locked stays (a few dozen bytes) so that fencing tokens keep rising.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,98 +44,113 @@ _DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _DEFAULT_PREFIX = "singleton:"
 # Options this persister reads from the URL's query string; the rest go to redis-py.
 _OWN_QUERY_OPTIONS = ("key_prefix", "wait_replicas", "wait_timeout_ms")
-_EMPTY_METADATA = "{}"
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)
 
-# Shared Lua: the state hash fields of a holder, in the order every script returns them.
-_FIELDS = "local FIELDS = {'fence', 'owner_token', 'host', 'pid', 'created_at', 'expires_at', 'metadata'}\n"
-_NOW_MS = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry), host, pid, metadata JSON.
-#: Returns {1, fence, created_ms, expires_ms or '', expired holder fields or nil}
-#:      or {0, holder token, holder fields, pttl}.
-ACQUIRE_SCRIPT = _FIELDS + _NOW_MS + """
-local holder = redis.call('GET', KEYS[1])
-if holder then
-  local fields = redis.call('HMGET', KEYS[2], unpack(FIELDS))
-  if holder == ARGV[1] then
-    -- a retried attempt whose first reply was lost: it already holds the lock
-    return {1, tonumber(fields[1]), tonumber(fields[5]), fields[6], false}
-  end
-  return {0, holder, fields, redis.call('PTTL', KEYS[1])}
-end
-local expired = false
-if redis.call('HEXISTS', KEYS[2], 'owner_token') == 1 then
-  expired = redis.call('HMGET', KEYS[2], unpack(FIELDS))
-end
-local now = now_ms()
+# The holder JSON starts with expires_at so RENEW can rewrite it with one anchored gsub.
+# SET NX comes first: on the uncontended path the script makes four calls, and it
+# answers with a status string so the client parses one line.
+#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry), the holder's other JSON
+#: members ('"owner_token":...,"host":...,"pid":...,"metadata":{...}').
+#: Returns the status "FENCE CREATED_MS" when it took a free name; {1, fence, created_ms,
+#: expired holder JSON} when it replaced an expired lock; {0, holder token, holder JSON,
+#: pttl} on conflict; {2, holder JSON} when this token already holds it (an attempt
+#: retried after its reply was lost).
+ACQUIRE_SCRIPT = """
 local ttl = tonumber(ARGV[2])
-local expires = ''
+local taken
+if ttl > 0 then
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ttl)
+else
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+end
+if not taken then
+  local token = redis.call('GET', KEYS[1])
+  local holder = redis.call('HGET', KEYS[2], 'holder')
+  if token == ARGV[1] then
+    return {2, holder}
+  end
+  return {0, token, holder, redis.call('PTTL', KEYS[1])}
+end
+local state = redis.call('HMGET', KEYS[2], 'fence', 'holder')
+local fence = (tonumber(state[1]) or 0) + 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = 'null'
 if ttl > 0 then
   expires = now + ttl
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
 end
-local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
-redis.call('HSET', KEYS[2], 'owner_token', ARGV[1], 'host', ARGV[3], 'pid', ARGV[4],
-           'created_at', now, 'expires_at', expires, 'metadata', ARGV[5])
-return {1, fence, now, expires, expired}
+redis.call('HSET', KEYS[2], 'fence', fence, 'holder',
+  '{"expires_at":' .. expires .. ',"created_at":' .. now .. ',"fencing_token":' .. fence .. ',' .. ARGV[3] .. '}')
+if state[2] then
+  return {1, fence, now, state[2]}
+end
+return {ok = fence .. ' ' .. now}
 """
 
-#: KEYS: lock, state. ARGV: owner_token, channel. Returns 1 when the token held the lock.
+#: KEYS: lock, state. ARGV: owner_token. Returns 1 when the token held the lock.
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[2], 'owner_token', 'host', 'pid', 'created_at', 'expires_at', 'metadata')
-redis.call('PUBLISH', ARGV[2], 'released')
+redis.call('HDEL', KEYS[2], 'holder')
+redis.call('PUBLISH', KEYS[1] .. ':released', '')
 return 1
 """
 
-#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry). Returns {token, fields} or nil.
-RENEW_SCRIPT = _FIELDS + _NOW_MS + """
+#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry). Returns the holder JSON or nil.
+RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return false
 end
 local ttl = tonumber(ARGV[2])
-local expires = ''
+local expires = 'null'
 if ttl > 0 then
-  expires = now_ms() + ttl
+  local t = redis.call('TIME')
+  expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
   redis.call('PEXPIRE', KEYS[1], ttl)
 else
   redis.call('PERSIST', KEYS[1])
 end
-redis.call('HSET', KEYS[2], 'expires_at', expires)
-return {ARGV[1], redis.call('HMGET', KEYS[2], unpack(FIELDS))}
+local holder = redis.call('HGET', KEYS[2], 'holder')
+if not holder then
+  return false
+end
+holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. expires, 1)
+redis.call('HSET', KEYS[2], 'holder', holder)
+return holder
 """
 
-#: KEYS: lock, state. Returns {token, fields} of the live holder, or nil.
-GET_SCRIPT = _FIELDS + """
+#: KEYS: lock, state. Returns {token, holder JSON} of the live holder, or nil.
+GET_SCRIPT = """
 local token = redis.call('GET', KEYS[1])
 if not token then
   return false
 end
-return {token, redis.call('HMGET', KEYS[2], unpack(FIELDS))}
+return {token, redis.call('HGET', KEYS[2], 'holder')}
 """
 
-#: KEYS: lock, state. ARGV: channel. Returns {token, fields} of the holder it removed, or nil.
-FORCE_RELEASE_SCRIPT = _FIELDS + """
+#: KEYS: lock, state. Returns {token, holder JSON} of the holder it removed, or nil.
+FORCE_RELEASE_SCRIPT = """
 local token = redis.call('GET', KEYS[1])
 if not token then
   return false
 end
-local fields = redis.call('HMGET', KEYS[2], unpack(FIELDS))
+local holder = redis.call('HGET', KEYS[2], 'holder')
 redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[2], 'owner_token', 'host', 'pid', 'created_at', 'expires_at', 'metadata')
-redis.call('PUBLISH', ARGV[1], 'released')
-return {token, fields}
+redis.call('HDEL', KEYS[2], 'holder')
+redis.call('PUBLISH', KEYS[1] .. ':released', '')
+return {token, holder}
 """
+
+_SCRIPTS: dict[str, str] = {
+    "acquire": ACQUIRE_SCRIPT,
+    "release": RELEASE_SCRIPT,
+    "renew": RENEW_SCRIPT,
+    "get": GET_SCRIPT,
+    "force_release": FORCE_RELEASE_SCRIPT,
+}
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]^\-{}])")
 
@@ -152,23 +169,23 @@ def _import_redis() -> Any:
 
 
 def _when(milliseconds: object) -> datetime | None:
-    if milliseconds in (None, "", b""):
+    if milliseconds is None or milliseconds == "":
         return None
     return datetime.fromtimestamp(int(milliseconds) / 1000, timezone.utc)  # type: ignore[call-overload]
 
 
-def _record(name: str, token: str, fields: Sequence[Any] | None) -> LockRecord:
-    """A record from a state hash; tolerant of a state hash someone else removed."""
-    fence, _token, host, pid, created, expires, metadata = fields or (None,) * 7
+def _record(name: str, token: str | None, holder: str | None) -> LockRecord:
+    """A record from the state hash's holder JSON; tolerant of one someone else removed."""
+    data: dict[str, Any] = json.loads(holder) if holder else {}
     return LockRecord(
         name=name,
-        owner_token=token,
-        fencing_token=int(fence or 0),
-        host=host if host is not None else "unknown",
-        pid=int(pid or 0),
-        created_at=_when(created) or datetime.fromtimestamp(0, timezone.utc),
-        expires_at=_when(expires),
-        metadata=json.loads(metadata) if metadata else {},
+        owner_token=token if token is not None else str(data.get("owner_token", "")),
+        fencing_token=int(data.get("fencing_token", 0)),
+        host=str(data.get("host", "unknown")),
+        pid=int(data.get("pid", 0)),
+        created_at=_when(data.get("created_at")) or _EPOCH,
+        expires_at=_when(data.get("expires_at")),
+        metadata=data.get("metadata") or {},
     )
 
 
@@ -201,7 +218,7 @@ class _PubSubWatch(ReleaseWatch):
                     if message is not None and message["type"] == "subscribe":
                         break
                     if time.monotonic() >= deadline:
-                        raise PersisterError("redis", f"no subscription confirmation within {persister.socket_timeout} s")
+                        raise persister._driver.exceptions.TimeoutError("no subscription confirmation")
             except BaseException:
                 self._pubsub.close()
                 raise
@@ -230,20 +247,21 @@ class Redis(Persister):
     ``url`` accepts ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs as redis-py
     does, plus our query options ``key_prefix``, ``wait_replicas`` and ``wait_timeout_ms``.
     Keyword options override the URL's; other keywords (``ssl_ca_certs``, ``ssl_certfile``,
-    ``username``, ``client_name``, ...) go to redis-py's connections unchanged.
+    ``username``, ``client_name``, ...) go to redis-py's connections unchanged. Nothing
+    connects here: the first operation opens the pool, which redis-py resets after a fork.
 
     ``wait_replicas``: after each acquire and release, also send ``WAIT`` for that many
     replicas (``wait_timeout_ms`` at most). An acquire that too few replicas confirm is
-    undone and raises ``PersisterError``, so a failover right after it cannot hand the
-    same lock to a second holder. It costs a second round trip and the replication lag
-    on every acquire and release, and still is not consensus: Redis replication is
-    asynchronous, so ``WAIT`` narrows the window after a failover rather than closing it.
+    given back and raises ``PersisterError``, so a failover right after it is less likely
+    to hand the lock to a second holder. It costs a second round trip plus the
+    replication lag on every acquire and release, and it is not consensus: replication
+    stays asynchronous, so ``WAIT`` narrows the failover window rather than closing it.
     A release that too few replicas confirm is not an error (the worst case after a
     failover is a lock that lives until its TTL). Leave it at 0 on a single server.
 
-    Network errors are retried once only for ``ConnectionError`` (a pooled connection the
-    server closed); timeouts are not retried, so an unreachable server fails within
-    about ``socket_connect_timeout`` seconds. A retried acquire is recognised by its owner
+    Only ``ConnectionError`` is retried, once (a pooled connection the server closed);
+    timeouts are not, so an unreachable server fails within about
+    ``socket_connect_timeout`` seconds. A retried acquire is recognised by its owner
     token, so a lost reply never makes us conflict with ourselves.
     """
 
@@ -264,11 +282,11 @@ class Redis(Persister):
         wait_timeout_ms: int | None = None,
         **connection_options: Any,
     ) -> None:
-        redis = _import_redis()
+        redis = self._driver = _import_redis()
         if scheme_of(url) not in _SCHEMES:
             raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, not {redact_url(url)!r}")
         self.url = url
-        driver_url, query = self._split_own_options(url)
+        driver_url, query = _split_own_options(url)
         try:
             options: dict[str, Any] = redis.connection.parse_url(driver_url)
         except ValueError as error:
@@ -281,13 +299,10 @@ class Redis(Persister):
         self.wait_replicas = _int_option("wait_replicas", wait_replicas, query, 0, minimum=0)
         self.wait_timeout_ms = _int_option("wait_timeout_ms", wait_timeout_ms, query, 1000, minimum=1)
 
-        for key, value, default in (
-            ("socket_timeout", socket_timeout, 5.0),
-            ("socket_connect_timeout", socket_connect_timeout, 5.0),
-        ):
-            chosen = value if value is not None else options.get(key, default)
+        for key, value in (("socket_timeout", socket_timeout), ("socket_connect_timeout", socket_connect_timeout)):
+            chosen = value if value is not None else options.get(key, 5.0)
             if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not 0 < chosen < 3600:
-                raise ValueError(f"{key} must be a positive number of seconds, not {chosen!r}")
+                raise ValueError(f"{key} must be a positive number of seconds below an hour, not {chosen!r}")
             options[key] = float(chosen)
         if max_connections is not None:
             options["max_connections"] = max_connections
@@ -308,132 +323,130 @@ class Redis(Persister):
         self.socket_timeout: float = options["socket_timeout"]
         self._password: str | None = options.get("password")
         self._options = options
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._no_script = redis.exceptions.NoScriptError
         self._guard = threading.Lock()
         self._redis: Any = None
-        self._scripts: dict[str, Any] = {}
+        self._members: tuple[str, int, Mapping[str, str], str] | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Redis:
         """The persister for ``url``; keyword options override the URL's query options."""
         return cls(url, **options)
 
-    @staticmethod
-    def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        own = {k: v for k, v in query if k in _OWN_QUERY_OPTIONS}
-        rest = [(k, v) for k, v in query if k not in _OWN_QUERY_OPTIONS]
-        return urlunsplit(parts._replace(query=urlencode(rest))), own
-
     # -- connection ------------------------------------------------------------------
 
     def _client(self) -> redis_py.Redis:
         """The shared client; its pool is made at first use and resets itself after fork."""
-        client = self._redis
-        if client is not None:
-            return client
         with self._guard:
             if self._redis is None:
-                redis = _import_redis()
-                pool = redis.ConnectionPool(**self._options)
-                client = redis.Redis(connection_pool=pool)
-                self._scripts = {
-                    "acquire": client.register_script(ACQUIRE_SCRIPT),
-                    "release": client.register_script(RELEASE_SCRIPT),
-                    "renew": client.register_script(RENEW_SCRIPT),
-                    "get": client.register_script(GET_SCRIPT),
-                    "force_release": client.register_script(FORCE_RELEASE_SCRIPT),
-                }
-                self._redis = client
-            return self._redis
+                pool = self._driver.ConnectionPool(**self._options)
+                self._redis = self._driver.Redis(connection_pool=pool)
+            return self._redis  # type: ignore[no-any-return]
+
+    def _failure(self, action: str, error: BaseException) -> PersisterError:
+        """The one place a redis-py error becomes ``PersisterError``, without the password."""
+        detail = f"{type(error).__name__}: {error}"
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        return PersisterError(self.backend, f"{action} failed on {redact_url(self.url)}: {detail}")
 
     @contextmanager
     def _translate(self, action: str) -> Iterator[None]:
-        """The one place redis-py errors become ``PersisterError``, without the password."""
-        redis = _import_redis()
         try:
             yield
-        except (redis.exceptions.RedisError, OSError) as error:
-            detail = f"{type(error).__name__}: {error}"
-            if self._password:
-                detail = detail.replace(self._password, "***")
-            raise PersisterError(self.backend, f"{action} failed on {redact_url(self.url)}: {detail}") from error
+        except self._errors as error:
+            raise self._failure(action, error) from error
 
-    def _keys(self, name: str) -> tuple[str, str]:
+    def _eval(self, script: str, name: str, *args: object) -> Any:
+        """One EVALSHA on ``name``'s lock and state keys, loading the script if the server lacks it."""
         lock = f"{self.key_prefix}{{{name}}}"
-        return lock, lock + ":state"
+        client = self._redis or self._client()
+        try:
+            try:
+                return client.execute_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
+            except self._no_script:
+                client.script_load(_SCRIPTS[script])
+                return client.execute_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
+        except self._errors as error:
+            raise self._failure(f"{script.replace('_', ' ')} of {name!r}", error) from error
 
-    def _channel(self, name: str) -> str:
-        return f"{self.key_prefix}{{{name}}}:released"
+    def _wait_for_replicas(self, name: str) -> int:
+        with self._translate(f"waiting for replicas after writing {name!r}"):
+            return int(self._client().execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms))
 
-    def _run(self, script: str, keys: Sequence[str], args: Sequence[object] = ()) -> Any:
-        """One EVALSHA (redis-py loads the script once if the server lacks it)."""
-        if self._redis is None:
-            self._client()
-        return self._scripts[script](keys=keys, args=args)
-
-    def _wait_for_replicas(self) -> int:
-        return int(self._client().execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms))
+    def _holder_members(self, owner: Owner) -> str:
+        """The holder's JSON members but the times; host, pid and metadata are cached as they rarely change."""
+        token = owner.owner_token
+        token_json = f'"{token}"' if token.isalnum() and token.isascii() else json.dumps(token)
+        cached = self._members
+        if cached is None or cached[0] != owner.host or cached[1] != owner.pid or cached[2] != owner.metadata:
+            metadata = dict(owner.metadata)
+            text = json.dumps({"host": owner.host, "pid": owner.pid, "metadata": metadata}, separators=(",", ":"))[1:-1]
+            self._members = cached = (owner.host, owner.pid, metadata, text)
+        return f'"owner_token":{token_json},{cached[3]}'
 
     # -- primitives ------------------------------------------------------------------
 
     def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
-        lock, state = self._keys(name)
         ttl_ms = max(1, round(ttl * 1000)) if ttl else 0
-        metadata = json.dumps(dict(owner.metadata), separators=(",", ":")) if owner.metadata else _EMPTY_METADATA
-        with self._translate(f"acquiring {name!r}"):
-            reply = self._run("acquire", (lock, state), (owner.owner_token, ttl_ms, owner.host, owner.pid, metadata))
-            if reply[0] == 1 and self.wait_replicas:
-                acknowledged = self._wait_for_replicas()
-                if acknowledged < self.wait_replicas:
-                    self._run("release", (lock, state), (owner.owner_token, self._channel(name)))
-                    raise PersisterError(
-                        self.backend,
-                        f"acquiring {name!r}: only {acknowledged} of {self.wait_replicas} replicas confirmed "
-                        f"within {self.wait_timeout_ms} ms; the lock was given back",
-                    )
-        if reply[0] == 0:
-            _, token, fields, pttl = reply
-            retry_after = pttl / 1000 if pttl >= 0 else None
-            return AcquireResult(False, _record(name, token, fields), retry_after=retry_after)
-        _, fence, created, expires, expired = reply
-        record = LockRecord(
+        reply = self._eval("acquire", name, owner.owner_token, ttl_ms, self._holder_members(owner))
+        expired = None
+        if type(reply) is str:  # the uncontended path: "FENCE CREATED_MS"
+            fence, _, created = reply.partition(" ")
+            record = self._our_record(name, owner, int(fence), int(created), ttl_ms)
+        elif reply[0] == 1:
+            record = self._our_record(name, owner, reply[1], reply[2], ttl_ms)
+            expired = _record(name, None, reply[3])
+        elif reply[0] == 2:
+            record = _record(name, owner.owner_token, reply[1])
+        else:
+            pttl = reply[3]
+            return AcquireResult(False, _record(name, reply[1], reply[2]), retry_after=pttl / 1000 if pttl >= 0 else None)
+        if self.wait_replicas:
+            acknowledged = self._wait_for_replicas(name)
+            if acknowledged < self.wait_replicas:
+                self._eval("release", name, owner.owner_token)
+                raise PersisterError(
+                    self.backend,
+                    f"acquiring {name!r}: only {acknowledged} of {self.wait_replicas} replicas confirmed "
+                    f"within {self.wait_timeout_ms} ms; the lock was given back",
+                )
+        return AcquireResult(True, record, expired=expired)
+
+    @staticmethod
+    def _our_record(name: str, owner: Owner, fence: int, created_ms: int, ttl_ms: int) -> LockRecord:
+        return LockRecord(
             name=name,
             owner_token=owner.owner_token,
             fencing_token=int(fence),
             host=owner.host,
             pid=owner.pid,
-            created_at=_when(created),  # type: ignore[arg-type]
-            expires_at=_when(expires),
+            created_at=datetime.fromtimestamp(created_ms / 1000, timezone.utc),
+            expires_at=datetime.fromtimestamp((created_ms + ttl_ms) / 1000, timezone.utc) if ttl_ms else None,
             metadata=dict(owner.metadata),
         )
-        return AcquireResult(True, record, expired=_record(name, expired[1], expired) if expired else None)
 
     def release(self, name: str, owner_token: str) -> bool:
-        lock, state = self._keys(name)
-        with self._translate(f"releasing {name!r}"):
-            released = self._run("release", (lock, state), (owner_token, self._channel(name)))
-            if released and self.wait_replicas:
-                self._wait_for_replicas()  # best effort: see the class docstring
-        return released == 1
+        released = self._eval("release", name, owner_token) == 1
+        if released and self.wait_replicas:
+            self._wait_for_replicas(name)  # best effort: see the class docstring
+        return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        lock, state = self._keys(name)
         ttl_ms = max(1, round(ttl * 1000)) if ttl else 0
-        with self._translate(f"renewing {name!r}"):
-            reply = self._run("renew", (lock, state), (owner_token, ttl_ms))
-        return _record(name, reply[0], reply[1]) if reply else None
+        holder = self._eval("renew", name, owner_token, ttl_ms)
+        return _record(name, owner_token, holder) if holder else None
 
     def get(self, name: str) -> LockRecord | None:
-        with self._translate(f"reading {name!r}"):
-            reply = self._run("get", self._keys(name))
+        reply = self._eval("get", name)
         return _record(name, reply[0], reply[1]) if reply else None
 
     def list(self, prefix: str = "") -> list[LockRecord]:
         """SCAN for lock keys (never KEYS), then read each batch in one MULTI/EXEC round trip."""
         pattern = f"{_glob_escape(self.key_prefix)}\\{{{_glob_escape(prefix)}*\\}}"
         start = len(self.key_prefix) + 1
-        found: list[LockRecord] = []
+        found: dict[str, LockRecord] = {}  # SCAN may return a key twice
         with self._translate(f"listing locks under {prefix!r}"):
             client = self._client()
             cursor = 0
@@ -443,25 +456,21 @@ class Redis(Persister):
                     with client.pipeline(transaction=True) as pipe:
                         for key in keys:
                             pipe.get(key)
-                            pipe.hmget(key + ":state", "fence", "owner_token", "host", "pid", "created_at", "expires_at", "metadata")
+                            pipe.hget(key + ":state", "holder")
                         replies = pipe.execute()
-                    for key, token, fields in zip(keys, replies[::2], replies[1::2]):
-                        if token is not None:  # expired between SCAN and the read
-                            found.append(_record(key[start:-1], token, fields))
+                    for key, token, holder in zip(keys, replies[::2], replies[1::2]):
+                        if token is not None:  # None: expired between SCAN and the read
+                            found[key[start:-1]] = _record(key[start:-1], token, holder)
                 if cursor == 0:
                     break
-        # SCAN may return a key twice; keep one record per name.
-        unique = {record.name: record for record in found}
-        return [unique[name] for name in sorted(unique)]
+        return [found[name] for name in sorted(found)]
 
     def force_release(self, name: str) -> LockRecord | None:
-        lock, state = self._keys(name)
-        with self._translate(f"force-releasing {name!r}"):
-            reply = self._run("force_release", (lock, state), (self._channel(name),))
+        reply = self._eval("force_release", name)
         return _record(name, reply[0], reply[1]) if reply else None
 
     def watch(self, name: str) -> ReleaseWatch:
-        return _PubSubWatch(self, self._channel(name))
+        return _PubSubWatch(self, f"{self.key_prefix}{{{name}}}:released")
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -475,23 +484,39 @@ class Redis(Persister):
     def __getstate__(self) -> dict[str, Any]:
         # Pickle the configuration only; the copy opens its own pool when first used.
         state = self.__dict__.copy()
-        state.update(_guard=None, _redis=None, _scripts={})
+        for transient in ("_driver", "_errors", "_no_script", "_guard", "_redis"):
+            state.pop(transient, None)
         return state
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
+        redis = self._driver = _import_redis()
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._no_script = redis.exceptions.NoScriptError
         self._guard = threading.Lock()
+        self._redis = None
 
     def __repr__(self) -> str:
         return f"Redis({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
 
+def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
+    """Our query options apart from redis-py's, which get the rest of the URL unchanged."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {k: v for k, v in query if k in _OWN_QUERY_OPTIONS}
+    rest = [(k, v) for k, v in query if k not in _OWN_QUERY_OPTIONS]
+    return urlunsplit(parts._replace(query=urlencode(rest))), own
+
+
 def _int_option(name: str, value: int | None, query: Mapping[str, str], default: int, *, minimum: int) -> int:
     raw: object = value if value is not None else query.get(name, default)
-    try:
-        number = int(raw) if not isinstance(raw, bool) else None  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum or (isinstance(raw, float) and raw != number):
+    number: int | None = None
+    if not isinstance(raw, (bool, float)):
+        try:
+            number = int(raw)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            pass
+    if number is None or number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, not {raw!r}")
     return number
