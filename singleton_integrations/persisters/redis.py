@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
@@ -502,11 +502,11 @@ class Redis(Persister):
 
 def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
     """Our query options apart from redis-py's, which get the rest of the URL unchanged."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    base, _, query_text = url.partition("?")
+    query = parse_qsl(query_text, keep_blank_values=True)
     own = {k: v for k, v in query if k in _OWN_QUERY_OPTIONS}
     rest = [(k, v) for k, v in query if k not in _OWN_QUERY_OPTIONS]
-    return urlunsplit(parts._replace(query=urlencode(rest))), own
+    return (f"{base}?{urlencode(rest)}" if rest else base), own
 
 
 def _int_option(name: str, value: int | None, query: Mapping[str, str], default: int, *, minimum: int) -> int:

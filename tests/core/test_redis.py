@@ -1,0 +1,468 @@
+"""What only the Redis persister does: key layout, URLs, pooling, pub/sub, TLS and Unix sockets.
+
+The lock rules themselves are in the conformance suite. Every test here uses
+uuid names or prefixes, so it can share the server with other runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("CI") == "true":  # the driver is part of the test environment there
+    import redis
+else:
+    redis = pytest.importorskip("redis")
+
+from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
+from singleton_integrations._record import Owner  # noqa: E402
+from singleton_integrations.persisters.redis import Redis  # noqa: E402
+from tests.servers import redis_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    return redis_server.url()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def store(url: str, prefix: str) -> Iterator[Redis]:
+    persister = Redis(url, key_prefix=prefix)
+    yield persister
+    persister.close()
+
+
+@pytest.fixture
+def raw(url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def closed_port() -> int:
+    """A port nothing listens on: bound, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def throwaway(*args: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """A private redis-server (the Unix-socket, TLS and script-flush tests must not disturb the shared one)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required under CI=true")
+        pytest.skip("redis-server is not installed")
+    return redis_server.start_throwaway(*args, port=port)
+
+
+def wait_for(check: object, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# -- storage layout -------------------------------------------------------------------
+
+
+def test_keys_follow_the_documented_layout(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    name = "layout-job"
+    owner = Owner(metadata={"run": "42"})
+    result = store.acquire(name, owner, 30)
+    lock, state = f"{prefix}{{{name}}}", f"{prefix}{{{name}}}:state"
+    assert raw.get(lock) == owner.owner_token
+    assert 0 < raw.pttl(lock) <= 30_000
+    assert raw.ttl(state) == -1  # the fencing counter never expires
+    assert raw.hget(state, "fence") == str(result.record.fencing_token)
+    holder = json.loads(raw.hget(state, "holder"))
+    assert holder["owner_token"] == owner.owner_token
+    assert holder["metadata"] == {"run": "42"}
+    assert holder["expires_at"] - holder["created_at"] == 30_000
+
+    assert store.release(name, owner.owner_token)
+    assert raw.exists(lock) == 0
+    assert raw.hgetall(state) == {"fence": str(result.record.fencing_token)}
+
+
+def test_times_come_from_the_server_clock(store: Redis, raw: redis.Redis) -> None:
+    seconds, microseconds = raw.time()
+    server_now = seconds + microseconds / 1e6
+    record = store.acquire("clock", Owner(), 60).record
+    assert record is not None
+    assert abs(record.created_at.timestamp() - server_now) < 5
+    assert (record.expires_at - record.created_at).total_seconds() == pytest.approx(60, abs=0.002)
+
+
+def test_hash_tag_puts_both_keys_of_a_name_in_one_slot(store: Redis, prefix: str) -> None:
+    from redis.crc import key_slot
+
+    for name in ("plain", "{braces}", "a}b{c", "ünï"):
+        lock = f"{prefix}{{{name}}}".encode()
+        assert key_slot(lock) == key_slot(lock + b":state"), name
+
+
+def test_lock_without_expiry_has_no_ttl_until_renewed(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    owner = Owner()
+    assert store.acquire("forever", owner, None).record.expires_at is None  # type: ignore[union-attr]
+    assert raw.pttl(f"{prefix}{{forever}}") == -1
+    renewed = store.renew("forever", owner.owner_token, 10)
+    assert renewed is not None and renewed.expires_at is not None
+    assert 0 < raw.pttl(f"{prefix}{{forever}}") <= 10_000
+    back = store.renew("forever", owner.owner_token, None)
+    assert back is not None and back.expires_at is None
+    assert raw.pttl(f"{prefix}{{forever}}") == -1
+    conflict = store.acquire("forever", Owner(), 5)
+    assert not conflict.acquired and conflict.retry_after is None
+
+
+def test_conflict_reports_remaining_lease_from_pttl(store: Redis) -> None:
+    store.acquire("lease", Owner(), 30)
+    conflict = store.acquire("lease", Owner(), 30)
+    assert not conflict.acquired
+    assert conflict.retry_after is not None and 0 < conflict.retry_after <= 30
+
+
+def test_retried_acquire_with_the_same_token_is_not_a_conflict(store: Redis) -> None:
+    owner = Owner()
+    first = store.acquire("retry", owner, 30)
+    again = store.acquire("retry", owner, 30)
+    assert first.acquired and again.acquired
+    assert again.record is not None and first.record is not None
+    assert again.record.fencing_token == first.record.fencing_token
+
+
+def test_key_prefixes_isolate_stores(url: str, prefix: str) -> None:
+    outer, nested = Redis(url, key_prefix=prefix), Redis(url, key_prefix=prefix + "inner:")
+    try:
+        assert outer.acquire("shared", Owner(), 30).acquired
+        assert nested.acquire("shared", Owner(), 30).acquired  # a different store: no conflict
+        assert [r.name for r in outer.list()] == ["shared"]
+        assert [r.name for r in nested.list()] == ["shared"]
+        assert outer.force_release("shared") is not None
+        assert nested.get("shared") is not None
+    finally:
+        outer.close()
+        nested.close()
+
+
+def test_list_treats_glob_characters_in_prefix_and_names_literally(url: str) -> None:
+    store = Redis(url, key_prefix=f"glob*[{uuid.uuid4().hex[:8]}]?\\:")
+    names = ["job*", "job*x", "job?", "job[1]", "job[1]x", "job\\", "job-a", "jobz", "j{o}b", "job^"]
+    try:
+        for name in names:
+            assert store.acquire(name, Owner(), 30).acquired
+        assert [r.name for r in store.list()] == sorted(names)
+        assert [r.name for r in store.list("job*")] == ["job*", "job*x"]
+        assert [r.name for r in store.list("job?")] == ["job?"]
+        assert [r.name for r in store.list("job[1]")] == ["job[1]", "job[1]x"]
+        assert [r.name for r in store.list("job\\")] == ["job\\"]
+        assert [r.name for r in store.list("j{o}")] == ["j{o}b"]
+        assert [r.name for r in store.list("job[")] == ["job[1]", "job[1]x"]
+        assert store.list("job[2") == [] and store.list("job[1-9]") == []
+    finally:
+        for name in names:
+            store.force_release(name)
+        store.close()
+
+
+# -- URLs and options -----------------------------------------------------------------
+
+
+def test_url_query_options_and_keyword_overrides() -> None:
+    url = "redis://127.0.0.1:6390/3?key_prefix=from-url:&socket_timeout=3&wait_replicas=1&wait_timeout_ms=50"
+    from_query = Redis(url)
+    assert from_query.key_prefix == "from-url:"
+    assert (from_query.wait_replicas, from_query.wait_timeout_ms) == (1, 50)
+    assert from_query._options["db"] == 3 and from_query._options["socket_timeout"] == 3.0
+    assert from_query._options["socket_connect_timeout"] == 5.0
+
+    overridden = Redis.from_url(url, key_prefix="kw:", socket_timeout=2.0, wait_replicas=0)
+    assert overridden.key_prefix == "kw:" and overridden.wait_replicas == 0
+    assert overridden._options["socket_timeout"] == 2.0
+    via_registry = persisters.from_url(url, key_prefix="kw:")
+    assert isinstance(via_registry, Redis) and via_registry.key_prefix == "kw:"
+    assert Redis("redis://127.0.0.1").key_prefix == "singleton:"
+
+
+def test_tls_and_unix_urls_configure_redis_py() -> None:
+    tls = Redis("rediss://user:pw@cache.example:6380/0?ssl_cert_reqs=none", ssl_ca_certs="/etc/ca.pem")
+    assert tls._options["connection_class"] is redis.SSLConnection
+    assert tls._options["ssl_cert_reqs"] == "none" and tls._options["ssl_ca_certs"] == "/etc/ca.pem"
+    assert (tls._options["host"], tls._options["port"], tls._options["username"]) == ("cache.example", 6380, "user")
+    unix = Redis("unix:///run/redis/redis.sock?db=2&key_prefix=u:")
+    assert unix._options["connection_class"] is redis.UnixDomainSocketConnection
+    assert (unix._options["path"], unix._options["db"], unix.key_prefix) == ("/run/redis/redis.sock", 2, "u:")
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "error"),
+    [
+        ("http://127.0.0.1", {}, ValueError),
+        ("redis://127.0.0.1", {"no_such_option": 1}, TypeError),
+        ("redis://127.0.0.1", {"socket_timeout": 0}, ValueError),
+        ("redis://127.0.0.1", {"key_prefix": b"bytes:"}, TypeError),
+        ("redis://127.0.0.1?wait_replicas=-1", {}, ValueError),
+        ("redis://127.0.0.1?wait_timeout_ms=abc", {}, ValueError),
+        ("redis://127.0.0.1", {"wait_replicas": 1, "wait_timeout_ms": 10_000}, ValueError),
+    ],
+)
+def test_bad_options_fail_at_construction(url: str, options: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        Redis(url, **options)
+
+
+def test_repr_and_errors_never_show_the_password(url: str) -> None:
+    port = closed_port()
+    store = Redis(f"redis://admin:s3cr3t-pw@127.0.0.1:{port}/0?key_prefix=x:")
+    assert "s3cr3t-pw" not in repr(store) and "***" in repr(store)
+    with pytest.raises(PersisterError) as caught:
+        store.get("anything")
+    text = "".join(traceback.format_exception(caught.value))
+    assert caught.value.backend == "redis" and "s3cr3t-pw" not in text
+    assert isinstance(caught.value.__cause__, redis.RedisError)
+
+    # A real server refusing the credentials.
+    host_part = url.split("://", 1)[1]
+    refused = Redis(f"redis://nobody:s3cr3t-pw@{host_part}")
+    with pytest.raises(PersisterError) as caught:
+        refused.get("anything")
+    assert "s3cr3t-pw" not in "".join(traceback.format_exception(caught.value))
+
+
+def test_unreachable_server_fails_within_the_bound() -> None:
+    store = Redis(f"redis://127.0.0.1:{closed_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(PersisterError, match="redis"):
+        store.acquire("unreachable", Owner(), 10)
+    assert time.monotonic() - started < 10
+
+
+def test_connect_timeouts_are_not_multiplied_by_retries() -> None:
+    # A non-routable address: each attempt waits out the connect timeout (or fails at once).
+    store = Redis("redis://10.255.255.1:6379/0", socket_connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(PersisterError):
+        store.get("blackhole")
+    assert time.monotonic() - started < 5  # redis-py's default (10 retries) would take over 5 s
+
+
+# -- connections ----------------------------------------------------------------------
+
+
+def test_construction_touches_no_network_and_the_import_no_driver() -> None:
+    store = Redis(f"redis://127.0.0.1:{closed_port()}/0")
+    assert store._redis is None
+    code = "import sys, singleton_integrations.persisters; assert 'redis' not in sys.modules, 'driver imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_missing_driver_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from singleton_integrations.persisters import Redis\n"  # the module itself imports fine
+        "from singleton_integrations import PersisterError\n"
+        "try:\n    Redis()\nexcept ImportError as error:\n"
+        "    assert isinstance(error, PersisterError) and error.extra == 'redis', error\n"
+        "    assert \"singleton-integrations[redis]\" in str(error), error\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_one_pooled_connection_serves_many_calls(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"pool-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    try:
+        for i in range(25):
+            owner = Owner()
+            assert store.acquire(f"pool-{i}", owner, 30).acquired
+            assert store.get(f"pool-{i}") is not None
+            assert store.renew(f"pool-{i}", owner.owner_token, 30) is not None
+            assert store.release(f"pool-{i}", owner.owner_token)
+        store.list()
+        mine = [c for c in raw.client_list() if c.get("name") == client_name]
+        assert len(mine) == 1, mine
+    finally:
+        store.close()
+    wait_for(lambda: not [c for c in raw.client_list() if c.get("name") == client_name])
+
+
+def test_a_forked_child_gets_its_own_connection(store: Redis) -> None:
+    parent_id = store._client().client_id()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: use the inherited persister, report, and leave without cleanup
+        code = 1
+        try:
+            owner = Owner()
+            ok = store.acquire("forked", owner, 30).acquired and store.release("forked", owner.owner_token)
+            os.write(writer, json.dumps({"ok": ok, "id": store._client().client_id()}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader) as stream:
+        child = json.loads(stream.read())
+    assert os.waitpid(pid, 0)[1] == 0
+    assert child["ok"] and child["id"] != parent_id
+    assert store._client().client_id() == parent_id  # the parent's connection is untouched
+    assert store.acquire("after-fork", Owner(), 30).acquired
+
+
+def test_pickled_store_rebuilds_its_own_pool(store: Redis) -> None:
+    store.get("warm-up")
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._redis is None and copy.key_prefix == store.key_prefix
+    owner = Owner()
+    assert copy.acquire("pickled", owner, 30).acquired
+    assert store.get("pickled") is not None
+    copy.close()
+
+
+def test_scripts_are_reloaded_after_a_script_flush() -> None:
+    process, _ = throwaway()
+    port = int(process.args[process.args.index("--port") + 1])  # type: ignore[union-attr,index]
+    store = Redis(f"redis://127.0.0.1:{port}/0")
+    try:
+        owner = Owner()
+        assert store.acquire("flushed", owner, 30).acquired
+        redis.Redis(port=port).script_flush()
+        assert store.release("flushed", owner.owner_token)
+    finally:
+        store.close()
+        process.terminate()
+        process.wait(10)
+
+
+def test_wait_replicas_gives_the_lock_back_when_too_few_confirm(store: Redis, url: str, prefix: str) -> None:
+    strict = Redis(url, key_prefix=prefix, wait_replicas=1, wait_timeout_ms=50)  # this server has no replicas
+    try:
+        with pytest.raises(PersisterError, match="replicas confirmed"):
+            strict.acquire("replicated", Owner(), 30)
+        assert store.get("replicated") is None
+        assert store.acquire("replicated", Owner(), 30).acquired
+    finally:
+        strict.close()
+
+
+# -- pub/sub wake-ups -----------------------------------------------------------------
+
+
+def test_watch_is_woken_by_a_release(store: Redis) -> None:
+    owner = Owner()
+    store.acquire("wake", owner, 60)
+    with store.watching("wake") as watch:
+        timer = threading.Timer(0.2, store.release, ("wake", owner.owner_token))
+        timer.start()
+        started = time.monotonic()
+        watch.wait(30)
+        assert time.monotonic() - started < 15  # woken, not timed out
+        timer.join()
+    assert store.acquire("wake", Owner(), 60).acquired
+
+
+def test_a_release_before_wait_is_not_lost(store: Redis) -> None:
+    owner = Owner()
+    store.acquire("early", owner, 60)
+    with store.watching("early") as watch:
+        store.force_release("early")  # between a failed attempt and wait(): already queued
+        started = time.monotonic()
+        watch.wait(30)
+        assert time.monotonic() - started < 15
+
+
+def test_other_names_do_not_wake_a_watch(store: Redis) -> None:
+    owner = Owner()
+    store.acquire("other", owner, 60)
+    with store.watching("mine") as watch:
+        store.release("other", owner.owner_token)
+        started = time.monotonic()
+        watch.wait(0.5)
+        assert time.monotonic() - started >= 0.45
+
+
+def test_singleton_wait_is_handed_over_by_pubsub(store: Redis) -> None:
+    holder = Singleton(f"handover-{uuid.uuid4().hex}", store, lock_expire_seconds=60, release_on_sigterm=False)
+    waiter = Singleton(holder.name, store, lock_expire_seconds=60, release_on_sigterm=False)
+    assert holder.lock()
+    first_token = holder.fencing_token
+    threading.Timer(0.2, holder.release).start()
+    started = time.monotonic()
+    assert waiter.lock(wait=30)
+    assert time.monotonic() - started < 15  # handed over by the release, long before the wait ends
+    assert waiter.fencing_token is not None and first_token is not None and waiter.fencing_token > first_token
+    waiter.release()
+
+
+# -- other transports, on private servers ---------------------------------------------
+
+
+def test_unix_socket(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    process, _ = throwaway("--unixsocket", str(socket_path), "--unixsocketperm", "700", port=0)
+    try:
+        wait_for(socket_path.exists)
+        store = Redis(f"unix://{socket_path}?db=0")
+        owner = Owner()
+        wait_for(lambda: _answers(store))
+        assert store.acquire("over-unix", owner, 30).acquired
+        assert store.release("over-unix", owner.owner_token)
+        store.close()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_tls_server(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssl is required under CI=true")
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    port = closed_port()
+    process, _ = throwaway("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", port=0)
+    try:
+        store = Redis(f"rediss://127.0.0.1:{port}/0", ssl_ca_certs=str(cert))
+        wait_for(lambda: _answers(store))
+        owner = Owner()
+        assert store.acquire("over-tls", owner, 30).acquired
+        assert store.release("over-tls", owner.owner_token)
+        store.close()
+        untrusted = Redis(f"rediss://127.0.0.1:{port}/0")  # the system CAs do not know our certificate
+        with pytest.raises(PersisterError):
+            untrusted.get("over-tls")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _answers(store: Redis) -> bool:
+    try:
+        store.get("ping")
+    except PersisterError:
+        return False
+    return True
