@@ -24,9 +24,9 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import parse_qsl, urlencode
 
 from .._errors import MissingDependency, PersisterError
@@ -235,10 +235,9 @@ class _PubSubWatch(ReleaseWatch):
                     return
 
     def close(self) -> None:
-        try:
+        # Closing a broken subscription must not mask the caller's outcome.
+        with suppress(*self._persister._errors):
             self._pubsub.close()
-        except Exception:  # closing a broken subscription must not mask the caller's outcome
-            pass
 
 
 class Redis(Persister):
@@ -342,7 +341,7 @@ class Redis(Persister):
             if self._redis is None:
                 pool = self._driver.ConnectionPool(**self._options)
                 self._redis = self._driver.Redis(connection_pool=pool)
-            return self._redis  # type: ignore[no-any-return]
+            return self._redis
 
     def _failure(self, action: str, error: BaseException) -> PersisterError:
         """The one place a redis-py error becomes ``PersisterError``, without the password."""
@@ -451,16 +450,18 @@ class Redis(Persister):
             client = self._client()
             cursor = 0
             while True:
-                cursor, keys = client.scan(cursor=cursor, match=pattern, count=500)
+                cursor, found_keys = client.scan(cursor=cursor, match=pattern, count=500)
+                keys = cast("list[str]", found_keys)  # decode_responses: keys are str
                 if keys:
                     with client.pipeline(transaction=True) as pipe:
                         for key in keys:
                             pipe.get(key)
-                            pipe.hget(key + ":state", "holder")
+                            pipe.hget(f"{key}:state", "holder")
                         replies = pipe.execute()
                     for key, token, holder in zip(keys, replies[::2], replies[1::2]):
                         if token is not None:  # None: expired between SCAN and the read
-                            found[key[start:-1]] = _record(key[start:-1], token, holder)
+                            name = str(key)[start:-1]
+                            found[name] = _record(name, token, holder)
                 if cursor == 0:
                     break
         return [found[name] for name in sorted(found)]

@@ -19,18 +19,19 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from singleton_integrations import PersisterError, Singleton, persisters
+from singleton_integrations._record import Owner
+from singleton_integrations.persisters.redis import Redis
+from tests.servers import redis_server
 
 if os.environ.get("CI") == "true":  # the driver is part of the test environment there
     import redis
 else:
     redis = pytest.importorskip("redis")
-
-from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
-from singleton_integrations._record import Owner  # noqa: E402
-from singleton_integrations.persisters.redis import Redis  # noqa: E402
-from tests.servers import redis_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def throwaway(*args: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def throwaway(*args: str, port: int | None = None) -> redis_server.Throwaway:
     """A private redis-server (the Unix-socket, TLS and script-flush tests must not disturb the shared one)."""
     if shutil.which("redis-server") is None:
         if os.environ.get("CI") == "true":
@@ -87,12 +88,13 @@ def test_keys_follow_the_documented_layout(store: Redis, prefix: str, raw: redis
     name = "layout-job"
     owner = Owner(metadata={"run": "42"})
     result = store.acquire(name, owner, 30)
+    assert result.record is not None
     lock, state = f"{prefix}{{{name}}}", f"{prefix}{{{name}}}:state"
     assert raw.get(lock) == owner.owner_token
     assert 0 < raw.pttl(lock) <= 30_000
     assert raw.ttl(state) == -1  # the fencing counter never expires
     assert raw.hget(state, "fence") == str(result.record.fencing_token)
-    holder = json.loads(raw.hget(state, "holder"))
+    holder = json.loads(str(raw.hget(state, "holder")))
     assert holder["owner_token"] == owner.owner_token
     assert holder["metadata"] == {"run": "42"}
     assert holder["expires_at"] - holder["created_at"] == 30_000
@@ -106,7 +108,7 @@ def test_times_come_from_the_server_clock(store: Redis, raw: redis.Redis) -> Non
     seconds, microseconds = raw.time()
     server_now = seconds + microseconds / 1e6
     record = store.acquire("clock", Owner(), 60).record
-    assert record is not None
+    assert record is not None and record.expires_at is not None
     assert abs(record.created_at.timestamp() - server_now) < 5
     assert (record.expires_at - record.created_at).total_seconds() == pytest.approx(60, abs=0.002)
 
@@ -224,7 +226,7 @@ def test_tls_and_unix_urls_configure_redis_py() -> None:
         ("redis://127.0.0.1", {"wait_replicas": 1, "wait_timeout_ms": 10_000}, ValueError),
     ],
 )
-def test_bad_options_fail_at_construction(url: str, options: dict[str, object], error: type[Exception]) -> None:
+def test_bad_options_fail_at_construction(url: str, options: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         Redis(url, **options)
 
@@ -338,18 +340,16 @@ def test_pickled_store_rebuilds_its_own_pool(store: Redis) -> None:
 
 
 def test_scripts_are_reloaded_after_a_script_flush() -> None:
-    process, _ = throwaway()
-    port = int(process.args[process.args.index("--port") + 1])  # type: ignore[union-attr,index]
-    store = Redis(f"redis://127.0.0.1:{port}/0")
+    server = throwaway()
+    store = Redis(server.url)
     try:
         owner = Owner()
         assert store.acquire("flushed", owner, 30).acquired
-        redis.Redis(port=port).script_flush()
+        redis.Redis(port=server.port).script_flush()
         assert store.release("flushed", owner.owner_token)
     finally:
         store.close()
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def test_wait_replicas_gives_the_lock_back_when_too_few_confirm(store: Redis, url: str, prefix: str) -> None:
@@ -417,7 +417,7 @@ def test_singleton_wait_is_handed_over_by_pubsub(store: Redis) -> None:
 
 def test_unix_socket(tmp_path: Path) -> None:
     socket_path = tmp_path / "redis.sock"
-    process, _ = throwaway("--unixsocket", str(socket_path), "--unixsocketperm", "700", port=0)
+    server = throwaway("--unixsocket", str(socket_path), "--unixsocketperm", "700", port=0)
     try:
         wait_for(socket_path.exists)
         store = Redis(f"unix://{socket_path}?db=0")
@@ -427,8 +427,7 @@ def test_unix_socket(tmp_path: Path) -> None:
         assert store.release("over-unix", owner.owner_token)
         store.close()
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def test_tls_server(tmp_path: Path) -> None:
@@ -443,7 +442,7 @@ def test_tls_server(tmp_path: Path) -> None:
         check=True, capture_output=True,
     )
     port = closed_port()
-    process, _ = throwaway("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+    server = throwaway("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
                            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", port=0)
     try:
         store = Redis(f"rediss://127.0.0.1:{port}/0", ssl_ca_certs=str(cert))
@@ -456,8 +455,7 @@ def test_tls_server(tmp_path: Path) -> None:
         with pytest.raises(PersisterError):
             untrusted.get("over-tls")
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def _answers(store: Redis) -> bool:

@@ -13,10 +13,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
-__all__ = ["ENV", "start_throwaway", "url"]
+__all__ = ["DEFAULT_URL", "ENV", "Throwaway", "start_throwaway", "url"]
 
 ENV = "SINGLETON_TEST_REDIS_URL"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -41,11 +43,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15.0) -> tuple[subprocess.Popen[bytes], Path]:
-    """A private ``redis-server`` on 127.0.0.1 (no persistence), stopped at exit; returns it and its directory.
+@dataclass
+class Throwaway:
+    """A private redis-server: its process, data directory and TCP port (0 when it has none)."""
 
-    Tests that need a special server (a Unix socket, TLS) pass ``extra_args``
-    and ``port=0`` and wait for it themselves.
+    process: subprocess.Popen[bytes]
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15.0) -> Throwaway:
+    """A private ``redis-server`` on 127.0.0.1 without persistence, stopped at exit at the latest.
+
+    Tests that need a special server (a Unix socket, TLS) pass ``extra_args`` and
+    ``port=0`` (no plain TCP port) and wait for it themselves.
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -58,33 +83,25 @@ def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-    def stop() -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        shutil.rmtree(directory, ignore_errors=True)
-
-    atexit.register(stop)
+    server = Throwaway(process, directory, chosen)
+    atexit.register(server.stop)
     if chosen:
         deadline = time.monotonic() + ready
         while not _pong("127.0.0.1", chosen, timeout=0.5):
             if process.poll() is not None or time.monotonic() > deadline:
-                stop()
+                server.stop()
                 raise RuntimeError(f"redis-server did not start on port {chosen}")
             time.sleep(0.05)
-    return process, directory
+    return server
 
 
-def _unavailable(why: str) -> None:
+def _unavailable(why: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         raise RuntimeError(f"Redis is required under CI=true: {why}")
     import pytest
 
     pytest.skip(f"Redis unavailable: {why}")
+    raise AssertionError("unreachable")
 
 
 def url() -> str:
@@ -101,15 +118,10 @@ def url() -> str:
         candidate = DEFAULT_URL
     else:
         try:
-            process, _ = start_throwaway()
+            candidate = start_throwaway().url
         except (FileNotFoundError, RuntimeError) as error:
             _unavailable(f"nothing answers on 127.0.0.1:6379 and no throwaway server: {error}")
-        else:
-            candidate = f"redis://127.0.0.1:{_port_of(process)}/0"
-    os.environ[ENV] = candidate  # type: ignore[assignment]
+            raise  # _unavailable raised already; this line is for the type checker
+    os.environ[ENV] = candidate
     _found = candidate
-    return candidate  # type: ignore[return-value]
-
-
-def _port_of(process: subprocess.Popen[bytes]) -> int:
-    return int(process.args[process.args.index("--port") + 1])  # type: ignore[union-attr,index]
+    return candidate
