@@ -54,6 +54,7 @@ class Timeline:
     events: list[Event] = field(default_factory=list)
     printed: int = 0
     failures: list[str] = field(default_factory=list)
+    checks: list[tuple[bool, str]] = field(default_factory=list)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, event: Event) -> None:
@@ -64,17 +65,22 @@ class Timeline:
         self.add(Event(time.time(), actor, text, kind, name))
 
     def flush(self) -> None:
+        """Print the events so far in time order, then the checks made on them."""
         with self.guard:
             fresh = sorted(self.events[self.printed:], key=lambda e: e.t)
             self.events[self.printed:] = fresh
             self.printed = len(self.events)
+            checks, self.checks = self.checks, []
         for event in fresh:
             print(f"  {1000 * (event.t - self.start):+8.0f} ms  {event.actor:<10} {event.text}", flush=True)
+        for ok, claim in checks:
+            print(f"  {'ok' if ok else 'FAILED'}: {claim}", flush=True)
 
     def check(self, ok: bool, claim: str) -> None:
-        print(f"  {'ok' if ok else 'FAILED'}: {claim}", flush=True)
-        if not ok:
-            self.failures.append(claim)
+        with self.guard:
+            self.checks.append((ok, claim))
+            if not ok:
+                self.failures.append(claim)
 
 
 class Actor:
@@ -190,11 +196,11 @@ class Demo:
         for actor in actors:  # released together, as close to simultaneously as a pipe write allows
             actor.send("go")
         codes = [actor.finish() for actor in actors]
-        self.timeline.flush()
         winners = [e for e in self.timeline.events if e.name == "demo.race" and e.kind == "locked"]
         conflicts = [e for e in self.timeline.events if e.name == "demo.race" and e.kind == "conflict"]
         self.timeline.check(len(winners) == 1 and len(conflicts) == racers - 1 and codes.count(0) == racers,
                             f"exactly one of {racers} won; the others saw the lock held and who held it")
+        self.timeline.flush()
 
     def crash(self) -> None:
         print("\n2. A holder is killed with SIGKILL; its 2 s lease expires and another process takes over", flush=True)
@@ -207,10 +213,10 @@ class Demo:
         taker = self.child("taker", "taker", "demo.crash", "--wait", "30")
         second = taker.wait_for("locked")
         taker.finish()
-        self.timeline.flush()
         expired = [e for e in self.timeline.events if e.name == "demo.crash" and e.kind == "expired"]
         self.timeline.check(bool(expired) and (second.token or 0) > (first.token or 0),
-                            f"the 'expired' event fired and the fencing token rose from {first.token} to {second.token}")
+                            f"the 'expired' event fired; the fencing token rose {first.token} -> {second.token}")
+        self.timeline.flush()
 
     def fencing(self) -> None:
         print("\n3. A holder pauses (SIGSTOP) past its lease; its late write is refused by fencing token", flush=True)
@@ -227,10 +233,10 @@ class Demo:
         self.timeline.note("demo", "SIGCONT paused: it resumes believing it still holds the lock")
         refused = slow.wait_for("refused")
         slow.finish()
-        self.timeline.flush()
         tokens = [e.token for e in self.timeline.events if e.name == "demo.fencing" and e.kind == "locked"]
         self.timeline.check(len(tokens) == 2 and tokens[1] > tokens[0] and refused.token == tokens[0],
                             f"fencing tokens rose {tokens[0]} -> {tokens[1]}; the stale holder's write was refused")
+        self.timeline.flush()
 
     def orchestrators(self) -> None:
         print(f"\n4. A cron-style `singleton run {SHARED_NAME}` holds the name; Airflow and Prefect yield to it",
@@ -259,7 +265,7 @@ class Demo:
         except Exception as error:  # reported as a failed check; the other part carries on
             self.timeline.check(False, f"{part.__name__.strip('_')}: {type(error).__name__}: {error}")
 
-    def _interpreter(self, which: str, probe: str) -> str | None:
+    def _interpreter(self, which: str, probe: tuple[str, ...]) -> str | None:
         variable = f"SINGLETON_DEMO_{which.upper()}_PYTHON"
         python = getattr(self.args, f"{which}_python") or os.environ.get(variable)
         if not python:
@@ -269,15 +275,21 @@ class Demo:
         if not script.exists():
             self.timeline.note(which, f"skipped: {script} is missing (run the demo from a clone)", kind="skipped")
             return None
-        found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120, env=self.env)
-        if found.returncode != 0:
-            reason = (found.stderr.strip().splitlines() or ["not importable"])[-1]
-            self.timeline.note(which, f"skipped: {python} cannot import it ({reason})", kind="skipped")
+        # find_spec, not import: a quick look that costs no Airflow or Prefect start-up.
+        code = f"import importlib.util as u; print(' '.join(m for m in {probe!r} if u.find_spec(m) is None))"
+        try:
+            found = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, env=self.env)
+        except OSError as error:
+            self.timeline.note(which, f"skipped: cannot start {python} ({error.strerror})", kind="skipped")
+            return None
+        missing = found.stdout.strip() if found.returncode == 0 else "its interpreter failed"
+        if missing:
+            self.timeline.note(which, f"skipped: {python} lacks {missing}", kind="skipped")
             return None
         return python
 
     def _airflow(self) -> None:
-        python = self._interpreter("airflow", "import airflow.sdk, airflow_provider.decorators.singleton")
+        python = self._interpreter("airflow", ("airflow", "airflow_provider"))
         if python is None:
             return
         home = self.workdir / "airflow"
@@ -303,11 +315,13 @@ class Demo:
         self.timeline.check(state == "skipped", f"the Airflow task was skipped (state {state!r}; log {run.log.name})")
 
     def _prefect(self) -> None:
-        python = self._interpreter("prefect", "import prefect, prefect_blocks")
+        python = self._interpreter("prefect", ("prefect", "prefect_blocks"))
         if python is None:
             return
         env = {**self.env, "PREFECT_HOME": str(self.workdir / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "SINGLETON_LOCK_NAME": SHARED_NAME}
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(int(ORCHESTRATOR_TIMEOUT)),
+               "SINGLETON_LOCK_NAME": SHARED_NAME}
         env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral server, never the user's
         self.timeline.note("prefect", "flow nightly-export: @singleton(on_conflict='skip'), ephemeral server")
         run = Actor(self.timeline, "prefect", [python, str(EXAMPLES / "prefect" / "nightly_export.py")], env,
@@ -428,7 +442,7 @@ def _svg(timeline: Timeline, path: Path) -> None:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_height * len(rows) + 50}" '
              f'font-family="sans-serif" font-size="13">',
              '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="10" y="18" font-weight="bold">Lock holders over time (s since the demo started)</text>']
+             '<text x="10" y="18" font-weight="bold">Lock holders over time (s since the demo started)</text>']
     for index, (name, actor) in enumerate(rows):
         y = 30 + index * row_height
         parts.append(f'<text x="10" y="{y + 16}">{_xml(name)} · {_xml(actor)}</text>')
@@ -492,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", flush=True)
         failed = True
     except (TimeoutError, subprocess.TimeoutExpired) as error:
+        demo.timeline.check(False, str(error))
         demo.timeline.flush()
-        print(f"  FAILED: {error}", flush=True)
         failed = True
     finally:
         survivors = Actor.kill_all()

@@ -179,7 +179,8 @@ def test_internal_errors_are_one_line_unless_debugging(cli: Cli, tmp_path: Path)
     # A persister registered through the entry-point group that is broken on purpose.
     plugin = tmp_path / "plugin"
     (plugin / "brokenstore-0.dist-info").mkdir(parents=True)
-    (plugin / "brokenstore-0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenstore\nVersion: 0\n")
+    (plugin / "brokenstore-0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: brokenstore\nVersion: 0\n")
     (plugin / "brokenstore-0.dist-info" / "entry_points.txt").write_text(
         "[singleton_integrations.persisters]\nbroken = brokenstore:Broken\n")
     (plugin / "brokenstore.py").write_text(
