@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Optional
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from singleton_integrations import AsyncSingleton, LockRecord, Singleton
 from singleton_integrations._urls import redact_url, scheme_of
@@ -30,6 +30,9 @@ class SingletonBlock(Block):
     The same lock name on the same store is the same lock for the core library,
     the ``singleton`` CLI, the Airflow provider and these blocks.
     """
+
+    # A rejected URL may carry a password: keep inputs out of validation errors.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name: ClassVar[str] = "Singleton"
     _block_type_slug: ClassVar[str] = "singleton"
@@ -86,7 +89,11 @@ class SingletonBlock(Block):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: SecretStr) -> SecretStr:
-        scheme_of(url.get_secret_value())  # a clear error now, without echoing a password
+        try:
+            scheme_of(url.get_secret_value())
+        except ValueError:  # the core's message quotes the URL; a form field may hold a password anywhere
+            raise ValueError("the store URL needs a scheme, e.g. redis://host:6379/0, postgresql://host/db, "
+                             "mongodb://host/db or sqlite:////path/locks.db") from None
         return url
 
     @model_validator(mode="after")
