@@ -1,0 +1,20 @@
+"""The example DAGs in examples/airflow load without import errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "airflow"
+
+
+def test_example_dags_load() -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(EXAMPLES))
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"nightly_load", "warehouse_sync", "after_the_migration"}
+    sync = bag.get_dag("warehouse_sync")
+    assert sync.get_task("warehouse_lock").is_setup and sync.get_task("warehouse_lock_release").is_teardown
+    assert sync.get_task("extract").upstream_task_ids == {"warehouse_lock"}
+    load = bag.get_dag("nightly_load").get_task("load")
+    assert load.lock_name == "{{ dag.dag_id }}.{{ task.task_id }}" and load.auto_renew
