@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import re
 import threading
 import time
@@ -45,6 +46,8 @@ _DEFAULT_PREFIX = "singleton:"
 # Options this persister reads from the URL's query string; the rest go to redis-py.
 _OWN_QUERY_OPTIONS = ("key_prefix", "wait_replicas", "wait_timeout_ms")
 _EPOCH = datetime.fromtimestamp(0, timezone.utc)
+#: Subscription connections a persister keeps for reuse (about one per waiting thread).
+_IDLE_PUBSUBS = 4
 
 # The holder JSON starts with expires_at so RENEW can rewrite it with one anchored gsub.
 # SET NX comes first: on the uncontended path the script makes four calls, and it
@@ -202,26 +205,34 @@ def _connection_option_names(connection_class: type) -> set[str]:
 
 
 class _PubSubWatch(ReleaseWatch):
-    """A subscription to one name's release channel, confirmed before the first attempt."""
+    """A subscription to one name's release channel, confirmed before the first attempt.
+
+    Its connection is lent by the persister and given back unsubscribed at close, so a
+    loop of ``lock(wait=...)`` costs one SUBSCRIBE round trip, not a new connection.
+    """
 
     def __init__(self, persister: Redis, channel: str) -> None:
         self._persister = persister
+        self._channel = channel
+        self._pubsub: Any = None
         with persister._translate("subscribing to releases"):
-            self._pubsub = persister._client().pubsub()
+            pubsub = persister._lend_pubsub()
             try:
-                self._pubsub.subscribe(channel)
+                pubsub.subscribe(channel)
                 # The confirmation proves the server registered us before we try to acquire,
-                # so a release between a failed attempt and wait() is already queued.
+                # so a release between a failed attempt and wait() is already queued. Replies
+                # left from the connection's previous channel come first and are skipped.
                 deadline = time.monotonic() + persister.socket_timeout
                 while True:
-                    message = self._pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
-                    if message is not None and message["type"] == "subscribe":
+                    message = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
+                    if message is not None and message["type"] == "subscribe" and message["channel"] == channel:
                         break
                     if time.monotonic() >= deadline:
                         raise persister._driver.exceptions.TimeoutError("no subscription confirmation")
             except BaseException:
-                self._pubsub.close()
+                persister._discard_pubsub(pubsub)
                 raise
+        self._pubsub = pubsub
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -231,13 +242,13 @@ class _PubSubWatch(ReleaseWatch):
                 if remaining <= 0:
                     return
                 message = self._pubsub.get_message(timeout=remaining)
-                if message is not None and message["type"] == "message":
+                if message is not None and message["type"] == "message" and message["channel"] == self._channel:
                     return
 
     def close(self) -> None:
-        # Closing a broken subscription must not mask the caller's outcome.
-        with suppress(*self._persister._errors):
-            self._pubsub.close()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            self._persister._take_back_pubsub(pubsub, self._channel)
 
 
 class Redis(Persister):
@@ -327,6 +338,8 @@ class Redis(Persister):
         self._guard = threading.Lock()
         self._redis: Any = None
         self._members: tuple[str, int, Mapping[str, str], str] | None = None
+        self._idle_pubsubs: list[Any] = []  # subscription connections kept for the next watch
+        self._idle_pid = os.getpid()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Redis:
@@ -473,10 +486,41 @@ class Redis(Persister):
     def watch(self, name: str) -> ReleaseWatch:
         return _PubSubWatch(self, f"{self.key_prefix}{{{name}}}:released")
 
+    def _lend_pubsub(self) -> Any:
+        with self._guard:
+            if self._idle_pid == os.getpid() and self._idle_pubsubs:
+                return self._idle_pubsubs.pop()
+        return self._client().pubsub()
+
+    def _take_back_pubsub(self, pubsub: Any, channel: str) -> None:
+        """Unsubscribe (not waiting for the reply) and keep the connection for the next watch."""
+        try:
+            pubsub.unsubscribe(channel)
+        except self._errors:
+            self._discard_pubsub(pubsub)
+            return
+        with self._guard:
+            if self._idle_pid != os.getpid():  # a forked child never reuses its parent's sockets
+                self._idle_pubsubs, self._idle_pid = [], os.getpid()
+            if len(self._idle_pubsubs) < _IDLE_PUBSUBS:
+                self._idle_pubsubs.append(pubsub)
+                return
+        self._discard_pubsub(pubsub)
+
+    def _discard_pubsub(self, pubsub: Any) -> None:
+        # Closing a broken subscription must not mask the caller's outcome.
+        with suppress(*self._errors):
+            pubsub.close()
+
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
         """Close pooled connections; the next operation reconnects."""
+        with self._guard:
+            idle = self._idle_pubsubs if self._idle_pid == os.getpid() else []
+            self._idle_pubsubs = []
+        for pubsub in idle:
+            self._discard_pubsub(pubsub)
         client = self._redis
         if client is not None:
             with self._translate("closing"):
@@ -485,7 +529,7 @@ class Redis(Persister):
     def __getstate__(self) -> dict[str, Any]:
         # Pickle the configuration only; the copy opens its own pool when first used.
         state = self.__dict__.copy()
-        for transient in ("_driver", "_errors", "_no_script", "_guard", "_redis"):
+        for transient in ("_driver", "_errors", "_no_script", "_guard", "_redis", "_idle_pubsubs"):
             state.pop(transient, None)
         return state
 
@@ -496,6 +540,7 @@ class Redis(Persister):
         self._no_script = redis.exceptions.NoScriptError
         self._guard = threading.Lock()
         self._redis = None
+        self._idle_pubsubs = []
 
     def __repr__(self) -> str:
         return f"Redis({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"

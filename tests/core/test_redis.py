@@ -399,6 +399,32 @@ def test_other_names_do_not_wake_a_watch(store: Redis) -> None:
         assert time.monotonic() - started >= 0.45
 
 
+def test_watches_reuse_one_subscription_connection(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"watch-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    try:
+        first, second = Owner(), Owner()
+        store.acquire("first", first, 60)
+        store.acquire("second", second, 60)
+        for _ in range(10):
+            with store.watching("first"):
+                pass
+        with store.watching("second") as watch:  # on the connection that watched "first"
+            store.release("first", first.owner_token)
+            started = time.monotonic()
+            watch.wait(0.5)
+            assert time.monotonic() - started >= 0.45  # the old channel no longer wakes it
+            store.release("second", second.owner_token)
+            started = time.monotonic()
+            watch.wait(30)
+            assert time.monotonic() - started < 15
+        mine = [c for c in raw.client_list() if c.get("name") == client_name]
+        assert len(mine) == 2, mine  # commands and one parked subscription
+    finally:
+        store.close()
+    wait_for(lambda: not [c for c in raw.client_list() if c.get("name") == client_name])
+
+
 def test_singleton_wait_is_handed_over_by_pubsub(store: Redis) -> None:
     holder = Singleton(f"handover-{uuid.uuid4().hex}", store, lock_expire_seconds=60, release_on_sigterm=False)
     waiter = Singleton(holder.name, store, lock_expire_seconds=60, release_on_sigterm=False)
