@@ -40,10 +40,11 @@ def race(args: dict[str, Any]) -> None:
     singleton = _singleton(args, events)
     singleton.persister.get(args["name"])  # connect before the start line, so the race is on the acquire
     time.sleep(max(0.0, args["start_at"] - time.time()))
+    late = time.time() - args["start_at"]
     acquired = singleton.lock()
-    _say(acquired=acquired, events=events, token=singleton.fencing_token)
-    if acquired and args.get("keep", True):
-        time.sleep(args.get("hold_for", 1.0))
+    _say(acquired=acquired, events=events, token=singleton.fencing_token, late=late)
+    sys.stdin.read()  # the parent closes our stdin once every racer has reported
+    if acquired:
         singleton.release()
 
 

@@ -59,6 +59,7 @@ def spawn_role(role: str, args: dict[str, Any], prefix: tuple[str, ...] = (), en
     """Start a child process playing ``role`` from ``singleton_integrations.testing._child``."""
     return subprocess.Popen(
         [*prefix, sys.executable, "-m", "singleton_integrations.testing._child", role, json.dumps(args)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -112,7 +113,10 @@ class PersisterConformance:
         for process in started:
             if process.poll() is None:
                 process.kill()
-            process.communicate()
+            process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
 
     def singleton(self, name: str, persister: Persister, **options: Any) -> Singleton:
         options.setdefault("lock_expire_seconds", 30)
@@ -198,11 +202,12 @@ class PersisterConformance:
             stale = self.singleton(name, persister, lock_expire_seconds=0.2)
             assert stale.lock()
             self.wait_until_expired(persister, name)
-            start_at = time.time() + 2.0
-            racers = [spawn_role("race", {"name": name, "url": store_url, "start_at": start_at, "hold_for": 0.5})
-                      for _ in range(8)]
+            start_at = time.time() + 3.0
+            racers = [spawn_role("race", {"name": name, "url": store_url, "start_at": start_at}) for _ in range(8)]
             processes.extend(racers)
             facts = [read_fact(racer, timeout=60) for racer in racers]
+            for racer in racers:
+                racer.stdin.close()  # the winner holds until every racer has tried
             winners = [fact for fact in facts if fact["acquired"]]
             assert len(winners) == 1, facts
             assert winners[0]["events"].index("expired") < winners[0]["events"].index("locked")
