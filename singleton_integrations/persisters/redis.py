@@ -257,8 +257,11 @@ class Redis(Persister):
     ``url`` accepts ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs as redis-py
     does, plus our query options ``key_prefix``, ``wait_replicas`` and ``wait_timeout_ms``.
     Keyword options override the URL's; other keywords (``ssl_ca_certs``, ``ssl_certfile``,
-    ``username``, ``client_name``, ...) go to redis-py's connections unchanged. Nothing
-    connects here: the first operation opens the pool, which redis-py resets after a fork.
+    ``username``, ``client_name``, ...) go to redis-py's connections unchanged. Left as
+    None, ``key_prefix`` is the URL's or ``singleton:`` and each socket timeout the URL's
+    or 5 s. Nothing connects here: the first operation opens the pool, which redis-py
+    resets after a fork. Release channels are server-wide (pub/sub ignores the database
+    number), so stores on other databases can only cause a spurious, harmless wake-up.
 
     ``wait_replicas``: after each acquire and release, also send ``WAIT`` for that many
     replicas (``wait_timeout_ms`` at most). An acquire that too few replicas confirm is
