@@ -81,7 +81,9 @@ def singleton(
                         finally:
                             _current.reset(token)
                 except LockConflict as conflict:
-                    return _on_conflict(conflict, on_conflict)
+                    if on_conflict != "skip":
+                        raise  # the engine records Failed with the LockConflict
+                    return _skipped(conflict)
 
             return run_async  # type: ignore[return-value]
 
@@ -96,16 +98,17 @@ def singleton(
                     finally:
                         _current.reset(token)
             except LockConflict as conflict:
-                return _on_conflict(conflict, on_conflict)
+                if on_conflict != "skip":
+                    raise  # the engine records Failed with the LockConflict
+                return _skipped(conflict)
 
         return run  # type: ignore[return-value]
 
     return decorate
 
 
-def _on_conflict(conflict: LockConflict, on_conflict: OnConflict) -> Any:
-    if on_conflict != "skip":
-        raise conflict  # the engine records Failed with the LockConflict
+def _skipped(conflict: LockConflict) -> Any:
+    """Completed, named "Skipped": another holder doing the work is success, not failure."""
     from prefect.states import Completed
 
     message = f"Skipped: {conflict}"
