@@ -101,7 +101,7 @@ def _metadata_item(text: str) -> tuple[str, str]:
 
 
 def _build_parser(with_command: bool = True) -> _Parser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--url", help="store URL (default: $SINGLETON_URL, else SQLite in your state directory)")
     common.add_argument("-v", "--verbose", action="store_true", help="log every lock event to stderr")
 
@@ -264,10 +264,13 @@ class _EventFilter(logging.Filter):
 
 
 def _configure_logging(verbose: bool) -> None:
+    root = logging.getLogger("singleton_integrations")
+    for old in [h for h in root.handlers if getattr(h, "singleton_cli", False)]:
+        root.removeHandler(old)  # main() called again in one process: one handler, not two
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("singleton: %(message)s"))
     handler.addFilter(_EventFilter(verbose))
-    root = logging.getLogger("singleton_integrations")
+    handler.singleton_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
@@ -360,7 +363,12 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
 
 def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_after: float) -> int:
     wake, exited, lost = threading.Event(), threading.Event(), threading.Event()
-    lock.on("lost", lambda message: (lost.set(), wake.set()))
+
+    def on_lost(message: object) -> None:
+        lost.set()
+        wake.set()
+
+    lock.on("lost", on_lost)
     lock.on("error", lambda error: _say(f"renewing lock {lock.name!r} failed: {error}; retrying until the lease ends"))
     try:
         # CMD can hand the fencing token to the resource it writes, which then refuses older tokens.

@@ -233,9 +233,9 @@ class Demo:
         self.timeline.note("demo", "SIGCONT paused: it resumes believing it still holds the lock")
         refused = slow.wait_for("refused")
         slow.finish()
-        tokens = [e.token for e in self.timeline.events if e.name == "demo.fencing" and e.kind == "locked"]
+        tokens = [e.token or 0 for e in self.timeline.events if e.name == "demo.fencing" and e.kind == "locked"]
         self.timeline.check(len(tokens) == 2 and tokens[1] > tokens[0] and refused.token == tokens[0],
-                            f"fencing tokens rose {tokens[0]} -> {tokens[1]}; the stale holder's write was refused")
+                            f"fencing tokens rose {' -> '.join(map(str, tokens))}; the stale write was refused")
         self.timeline.flush()
 
     def orchestrators(self) -> None:
@@ -304,15 +304,15 @@ class Demo:
             self.timeline.check(False, f"airflow db migrate failed; see {migrate.log}")
             return
         self.timeline.note("airflow", "dag.test() of nightly_export: @task.singleton(on_conflict='skip')")
-        run = Actor(self.timeline, "airflow", [python, str(EXAMPLES / "airflow" / "nightly_export.py")], env,
-                    log=self.workdir / "airflow-dag.log")
+        log = self.workdir / "airflow-dag.log"
+        run = Actor(self.timeline, "airflow", [python, str(EXAMPLES / "airflow" / "nightly_export.py")], env, log=log)
         run.finish(ORCHESTRATOR_TIMEOUT)
-        result = _result(run.log)
+        result = _result(log)
         state = (result or {}).get("tasks", {}).get("export")
         if result:
             self.timeline.add(Event(result["t"], "airflow", f"task 'export' ended {state}: the cron job holds "
                                     f"{SHARED_NAME!r}", kind="airflow-state", name=SHARED_NAME))
-        self.timeline.check(state == "skipped", f"the Airflow task was skipped (state {state!r}; log {run.log.name})")
+        self.timeline.check(state == "skipped", f"the Airflow task was skipped (state {state!r}; log {log.name})")
 
     def _prefect(self) -> None:
         python = self._interpreter("prefect", ("prefect", "prefect_blocks"))
@@ -324,16 +324,16 @@ class Demo:
                "SINGLETON_LOCK_NAME": SHARED_NAME}
         env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral server, never the user's
         self.timeline.note("prefect", "flow nightly-export: @singleton(on_conflict='skip'), ephemeral server")
-        run = Actor(self.timeline, "prefect", [python, str(EXAMPLES / "prefect" / "nightly_export.py")], env,
-                    log=self.workdir / "prefect-flow.log")
+        log = self.workdir / "prefect-flow.log"
+        run = Actor(self.timeline, "prefect", [python, str(EXAMPLES / "prefect" / "nightly_export.py")], env, log=log)
         run.finish(ORCHESTRATOR_TIMEOUT)
-        result = _result(run.log)
+        result = _result(log)
         name = (result or {}).get("name")
         if result:
             self.timeline.add(Event(result["t"], "prefect", f"flow run ended {result['type']}/{name!r}: "
                                     f"the cron job holds {SHARED_NAME!r}", kind="prefect-state", name=SHARED_NAME))
         self.timeline.check(name == "Skipped" and (result or {}).get("type") == "COMPLETED",
-                            f"the Prefect flow ended 'Skipped' (state {name!r}; log {run.log.name})")
+                            f"the Prefect flow ended 'Skipped' (state {name!r}; log {log.name})")
 
 
 def _result(log: Path | None) -> dict[str, Any] | None:
@@ -362,8 +362,8 @@ def _child(args: argparse.Namespace) -> int:
     url = os.environ["SINGLETON_URL"]
     name = args.name
     if args.child == "cron-job":  # runs under `singleton run`, which hands it the fencing token
-        token = int(os.environ["SINGLETON_FENCING_TOKEN"])
-        _emit("locked", f"cron job runs under `singleton run` (fencing token {token})", name, token)
+        given = int(os.environ["SINGLETON_FENCING_TOKEN"])
+        _emit("locked", f"cron job runs under `singleton run` (fencing token {given})", name, given)
         deadline = time.monotonic() + ORCHESTRATOR_TIMEOUT * 2
         while not Path(args.go).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -410,7 +410,7 @@ def _fenced_write(ledger: Path, token: int | None, actor: str) -> bool:
 
     with open(ledger.with_suffix(".lock"), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        seen = json.loads(ledger.read_text()) if ledger.exists() else {"highest": 0, "writes": []}
+        seen: dict[str, Any] = json.loads(ledger.read_text()) if ledger.exists() else {"highest": 0, "writes": []}
         if token is None or token < seen["highest"]:
             return False
         seen["highest"] = token

@@ -18,7 +18,7 @@ def test_demo_core_parts_pass_and_leave_nothing_running(tmp_path: Path) -> None:
     assert result.returncode == 0, out + result.stderr
     assert "ok: exactly one of 4 won" in out
     assert "'expired' event" in out and "ok: the 'expired' event fired; the fencing token rose 1 -> 2" in out
-    assert "refused" in out and "ok: fencing tokens rose 1 -> 2" in out
+    assert "refused" in out and "ok: fencing tokens rose 1 -> 2; the stale write was refused" in out
     assert "cron job runs under `singleton run` (fencing token 1)" in out
     assert "skipped: SINGLETON_DEMO_AIRFLOW_PYTHON is not set" in out
     assert "skipped: SINGLETON_DEMO_PREFECT_PYTHON is not set" in out
