@@ -7,12 +7,19 @@ checked: a statement that waited on a row lock still judges by the time it
 actually looks, which ``now()`` (the transaction's start) would not.
 
 Releases ``pg_notify`` one channel per table with the lock name as payload, so a
-waiter LISTENs before its attempt and wakes at the release.
+waiter LISTENs before its attempt and wakes at the release. A NOTIFY costs the
+server about as much as the release itself, so a release sends one only when
+someone waits: each waiter holds a shared advisory lock on the name's key while
+it listens, and the release notifies when it cannot take that key exclusively.
+The releaser's exclusive try-lock lasts until its commit, so a waiter arriving
+meanwhile blocks on its shared lock until the release is visible and no wake-up
+is lost.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -63,7 +70,8 @@ _LIVE = "owner_token IS NOT NULL AND (expires_at IS NULL OR expires_at > clock_t
 # row we report: the expired holder we replaced, or the live one that kept it.
 # The ON CONFLICT ... WHERE is the atomic guard itself: of several racers, the
 # first to lock the row rewrites it and the others re-check the new, live
-# version and back off. The fencing token is minted in the same write.
+# version and back off. The fencing token is minted in the same write. Only what
+# the client does not know comes back (a free row's leftovers are not sent).
 _ACQUIRE = f"""
 WITH previous AS MATERIALIZED (
     SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s FOR UPDATE
@@ -81,10 +89,10 @@ WITH previous AS MATERIALIZED (
         expires_at = excluded.expires_at,
         metadata = excluded.metadata
     WHERE held.owner_token IS NULL OR held.expires_at <= clock_timestamp()
-    RETURNING {_COLUMNS}
+    RETURNING fencing_token, created_at, expires_at
 )
 SELECT taken.*, previous.*, extract(epoch FROM previous.expires_at - clock_timestamp())::float8
-FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON true
+FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON previous.owner_token IS NOT NULL
 """
 _RELEASE = """
 WITH released AS (
@@ -92,7 +100,9 @@ WITH released AS (
     WHERE name = %(name)s AND owner_token = %(owner_token)s
     RETURNING name
 )
-SELECT pg_notify(%(channel)s, name) FROM released
+SELECT CASE WHEN pg_try_advisory_xact_lock(%(waiters)s) THEN false
+            ELSE (SELECT true FROM pg_notify(%(channel)s, name)) END
+FROM released
 """
 _RENEW = f"""
 UPDATE {{table}} SET expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second'
@@ -424,8 +434,13 @@ class Postgres(Persister):
         query = self._sql[query_key]
         for attempt in (1, 2):
             try:
-                with pool.connection() as connection:
-                    return fetch(connection.execute(query, params, prepare=prepare))  # type: ignore[call-overload]
+                # getconn/putconn rather than pool.connection(): no transaction to close
+                # in autocommit, and this is the hot path. Binary results parse faster.
+                connection = pool.getconn()
+                try:
+                    return fetch(connection.execute(query, params, prepare=prepare, binary=True))  # type: ignore[call-overload]
+                finally:
+                    pool.putconn(connection)
             except self._psycopg.OperationalError as error:
                 if retry and attempt == 1 and _retriable(error, self._psycopg_pool):
                     logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
@@ -440,14 +455,17 @@ class Postgres(Persister):
     def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
         params = {
             "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-            "ttl": ttl, "metadata": self._psycopg.types.json.Jsonb(dict(owner.metadata)),
+            "ttl": ttl, "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
         }
         for _ in range(2):
             # Retrying after a dropped connection is safe: if the first try did write,
             # the second finds our own token as the holder and reports the acquisition.
             row = self._run("acquire", "acquire", params, lambda cursor: cursor.fetchone(), retry=True)
-            taken, previous, remaining = _record(row), _record(row, 8), row[16]
-            if taken is not None:
+            fence, created, expires = row[0:3]
+            previous, remaining = _record(row, 3), row[11]
+            if fence is not None:
+                taken = LockRecord(name, owner.owner_token, fence, owner.host, owner.pid,
+                                   _utc(created), _utc(expires), dict(owner.metadata))  # type: ignore[arg-type]
                 return AcquireResult(True, taken, expired=previous)
             if previous is not None:
                 if previous.owner_token == owner.owner_token:
@@ -457,7 +475,8 @@ class Postgres(Persister):
         return AcquireResult(False, None)
 
     def release(self, name: str, owner_token: str) -> bool:
-        params = {"name": name, "owner_token": owner_token, "channel": self._channel_name()}
+        params = {"name": name, "owner_token": owner_token, "channel": self._channel_name(),
+                  "waiters": self._waiters_key(name)}
         return self._run("release", "release", params, lambda cursor: cursor.fetchone() is not None, retry=False)
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
@@ -478,7 +497,10 @@ class Postgres(Persister):
         return self._run("force_release", "force_release", params, lambda cursor: _record(cursor.fetchone()), retry=False)
 
     def watch(self, name: str) -> ReleaseWatch:
-        """LISTEN on a connection of its own, opened before the caller's first attempt."""
+        """LISTEN on a connection of its own, opened before the caller's first attempt.
+
+        The shared advisory lock it holds tells releases of ``name`` that someone waits.
+        """
         self._get_pool()  # resolves the channel (and creates the table) first
         try:
             connection = self._connect()
@@ -487,10 +509,16 @@ class Postgres(Persister):
             return SleepWatch()
         try:
             connection.execute(self._psycopg.sql.SQL("LISTEN {}").format(self._psycopg.sql.Identifier(self._channel)))
+            connection.execute("SELECT pg_advisory_lock_shared(%s)", (self._waiters_key(name),))
         except self._psycopg.Error as error:
             connection.close()
             raise self._error("LISTEN", error) from error
         return _NotifyWatch(connection, name)
+
+    def _waiters_key(self, name: str) -> int:
+        """The advisory-lock key that waiters on ``name`` hold shared (collisions only add a NOTIFY)."""
+        digest = hashlib.sha256(f"{self._channel_name()}\x00{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
 
     def _channel_name(self) -> str:
         if not self._channel or self._pool_pid != os.getpid():

@@ -527,3 +527,19 @@ def test_singleton_wait_is_woken_by_release(persister: Postgres) -> None:
     assert time.monotonic() - started < 20
     assert waiter.fencing_token == 2
     assert waiter.release()
+
+
+def test_release_notifies_only_while_someone_waits(persister: Postgres, server_url: str, table: str) -> None:
+    """NOTIFY costs the server as much as the release, so an unwatched release sends none."""
+    owner = Owner()
+    assert persister.acquire("job", owner, 60).acquired
+    channel = f"singleton:public.{table}"
+    with psycopg.connect(server_url, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        assert persister.release("job", owner.owner_token)
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == []
+        owner = Owner()
+        assert persister.acquire("job", owner, 60).acquired
+        with persister.watching("job"):
+            assert persister.release("job", owner.owner_token)
+            assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["job"]
