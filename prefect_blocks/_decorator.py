@@ -13,11 +13,11 @@ import functools
 import inspect
 import math
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Literal, TypeVar, Union
 
-from singleton_integrations import AsyncSingleton, LockConflict, Singleton
+from singleton_integrations import LockConflict, Singleton
 
 from ._block import SingletonBlock
 from ._context import run_logger
@@ -62,6 +62,10 @@ def singleton(
     wait = wait_timeout if wait_timeout is not None else (math.inf if on_conflict == "wait" else None)
 
     def decorate(fn: F) -> F:
+        from prefect import Flow, Task
+
+        if isinstance(fn, (Flow, Task)):
+            raise TypeError("put @singleton under @flow or @task, so the lock's outcome becomes the run's state")
         if not callable(fn):
             raise TypeError("@singleton decorates a function")
         signature = inspect.signature(fn)
@@ -165,6 +169,3 @@ def _parameters(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dic
             values.update(values.pop(parameter.name, {}))
     return values
 
-
-# Keep the async face importable for type checkers reading the wrappers.
-_ = (AsyncSingleton, Awaitable)

@@ -210,11 +210,13 @@ def test_every_shape_completes_then_skips(shape: str, store_url: str, lock_name:
     assert other.name == "Completed" and other.result() == 9
 
 
-def test_block_by_saved_name(store_url: str, lock_name: str) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_block_by_saved_name(mode: str, store_url: str, lock_name: str) -> None:
     block_name = f"states-{uuid.uuid4().hex[:8]}"
     SingletonBlock(url=store_url, lock_expire_seconds=30).save(block_name)
-    done = guarded_flow(block_name, lock_name)(2, return_state=True)
-    assert done.name == "Completed" and done.result() == 4
-    with held_elsewhere(store_url, lock_name):
-        skipped = guarded_flow(block_name, lock_name)(2, return_state=True)
+    runner = make_shape(f"flow-{mode}", block_name, lock_name)
+    done = run_shape(f"flow-{mode}", runner, 2)
+    assert done.name == "Completed" and done.result() == 3
+    with held_elsewhere(store_url, f"{lock_name}-2"):
+        skipped = run_shape(f"flow-{mode}", runner, 2)
     assert skipped.name == "Skipped"
