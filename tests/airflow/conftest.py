@@ -7,8 +7,11 @@ holding a lock is a second process (``holder.py``).
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ import pytest
 
 # Airflow reads its configuration once, at import: set it before anything imports airflow.
 _HOME = Path(tempfile.mkdtemp(prefix="singleton-airflow-home-"))
+atexit.register(shutil.rmtree, _HOME, True)
 (_HOME / "dags").mkdir()
 os.environ.update(
     {
@@ -129,6 +133,15 @@ class Holder:
             self.process.stdin.flush()
             self.process.wait(30)
 
+    def release_later(self, seconds: float) -> None:
+        """Let go ``seconds`` from now, without waiting; a task's ``on_execute_callback`` calls this."""
+        if self.process.poll() is None and self.process.stdin:
+            try:
+                self.process.stdin.write(f"later {seconds}\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                pass
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -156,6 +169,19 @@ def hold() -> Iterator[Callable[..., Holder]]:
     yield start
     for holder in started:
         holder.stop()
+
+
+@pytest.fixture
+def task_log(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
+    """Everything the tasks logged so far: Airflow's task logs reach stdout or the logging module."""
+    caplog.set_level(logging.INFO)
+    seen: list[str] = []
+
+    def read() -> str:
+        seen.append(capfd.readouterr().out)
+        return "".join(seen) + caplog.text
+
+    return read
 
 
 @pytest.fixture

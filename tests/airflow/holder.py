@@ -1,11 +1,11 @@
 """Another deployment holding a lock, in its own process.
 
-    python holder.py URL NAME [--ttl S] [--release-after S] [--crash] [--takeover] [--metadata KEY=VALUE ...]
+    python holder.py URL NAME [--ttl S] [--crash] [--takeover] [--metadata KEY=VALUE ...]
 
 Prints one JSON line once it holds the lock ({"acquired": false} and exit 3 if it
 cannot), then: ``--crash`` exits at once without releasing (the lease runs out by
-itself); ``--release-after S`` releases after S seconds; otherwise it releases when
-a line or EOF arrives on stdin. ``--takeover`` force-releases the current holder first.
+itself); otherwise it releases when a line or EOF arrives on stdin (a line
+``later S`` releases S seconds after it arrives). ``--takeover`` force-releases the current holder first.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def main() -> int:
     parser.add_argument("url")
     parser.add_argument("name")
     parser.add_argument("--ttl", type=float, default=120.0)
-    parser.add_argument("--release-after", type=float, default=None)
     parser.add_argument("--crash", action="store_true")
     parser.add_argument("--takeover", action="store_true")
     parser.add_argument("--metadata", nargs="*", default=[])
@@ -40,10 +39,9 @@ def main() -> int:
     print(json.dumps({"acquired": True, "fencing_token": lock.fencing_token}), flush=True)
     if options.crash:
         os._exit(0)  # no release, no atexit: the record stays until its lease ends
-    if options.release_after is not None:
-        time.sleep(options.release_after)
-    else:
-        sys.stdin.readline()
+    line = sys.stdin.readline().split()
+    if len(line) == 2 and line[0] == "later":
+        time.sleep(float(line[1]))
     lock.release()
     return 0
 

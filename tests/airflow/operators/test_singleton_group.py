@@ -80,7 +80,7 @@ def test_release_fails_when_the_lease_ran_out_during_the_group(sqlite_store, loc
     assert isinstance(SEEN["guard_release"], SingletonLockLost) and "had expired" in str(SEEN["guard_release"])
 
 
-def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, capfd) -> None:
+def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, task_log) -> None:
     tokens: list[str] = []
     persister = sqlite_store.persister()
     original = type(persister).acquire
@@ -94,7 +94,7 @@ def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, capfd) -> No
         run_dag(_group_dag("group_token", sqlite_store, lock_name))
     finally:
         type(persister).acquire = original
-    assert tokens and all(token not in capfd.readouterr().out for token in tokens)
+    assert tokens and all(token not in task_log() for token in tokens)
 
 
 def test_with_a_callable_is_refused() -> None:

@@ -23,7 +23,7 @@ def test_serialize_round_trips() -> None:
 
 
 def test_reports_free_when_the_holder_releases(store, hold, lock_name) -> None:
-    hold(store, lock_name, "--release-after", "1")
+    hold(store, lock_name).release_later(1.0)
     trigger = SingletonTrigger(lock_name=lock_name, singleton_conn_id=store.conn_id, poll_interval=0.2,
                                deadline=time.time() + 60)
     payload = asyncio.run(asyncio.wait_for(_first_event(trigger), 60))
