@@ -356,12 +356,12 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
             _say(_holder_line(holder) if holder else f"lock {args.name!r} is held by another process")
             return int(args.conflict_exit_code)
         try:
-            return _supervise(lock, command, relay, args.kill_after)
+            return _supervise(lock, command, relay, args.kill_after, store)
         finally:
             _release_quietly(lock, store)
 
 
-def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_after: float) -> int:
+def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_after: float, store: _Store) -> int:
     wake, exited, lost = threading.Event(), threading.Event(), threading.Event()
 
     def on_lost(message: object) -> None:
@@ -369,7 +369,8 @@ def _supervise(lock: Singleton, command: list[str], relay: _SignalRelay, kill_af
         wake.set()
 
     lock.on("lost", on_lost)
-    lock.on("error", lambda error: _say(f"renewing lock {lock.name!r} failed: {error}; retrying until the lease ends"))
+    lock.on("error", lambda error: _say(f"renewing lock {lock.name!r} failed: {store.scrub(str(error))}; "
+                                        "retrying until the lease ends"))
     try:
         # CMD can hand the fencing token to the resource it writes, which then refuses older tokens.
         env = dict(os.environ, SINGLETON_NAME=lock.name, SINGLETON_FENCING_TOKEN=str(lock.fencing_token))

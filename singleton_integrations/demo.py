@@ -44,6 +44,8 @@ class Event:
     kind: str = "note"
     name: str = ""
     token: int | None = None
+    target: str = ""  # for the demo's own actions: whom it did them to
+
 
 
 @dataclass
@@ -61,8 +63,8 @@ class Timeline:
         with self.guard:
             self.events.append(event)
 
-    def note(self, actor: str, text: str, kind: str = "note", name: str = "") -> None:
-        self.add(Event(time.time(), actor, text, kind, name))
+    def note(self, actor: str, text: str, kind: str = "note", name: str = "", target: str = "") -> None:
+        self.add(Event(time.time(), actor, text, kind, name, target=target))
 
     def flush(self) -> None:
         """Print the events so far in time order, then the checks made on them."""
@@ -208,7 +210,8 @@ class Demo:
         first = holder.wait_for("locked")
         time.sleep(0.3)
         holder.process.send_signal(signal.SIGKILL)
-        self.timeline.note("demo", f"SIGKILL holder (pid {holder.process.pid}): no release, no cleanup")
+        self.timeline.note("demo", f"SIGKILL holder (pid {holder.process.pid}): no release, no cleanup",
+                           kind="SIGKILL", name="demo.crash", target="holder")
         holder.finish()
         taker = self.child("taker", "taker", "demo.crash", "--wait", "30")
         second = taker.wait_for("locked")
@@ -225,12 +228,14 @@ class Demo:
                           "--writes", "1000")
         slow.wait_for("wrote")
         slow.process.send_signal(signal.SIGSTOP)
-        self.timeline.note("demo", f"SIGSTOP paused (pid {slow.process.pid}), like a long GC pause or a frozen VM")
+        self.timeline.note("demo", f"SIGSTOP paused (pid {slow.process.pid}), like a long GC pause or a frozen VM",
+                           kind="SIGSTOP", name="demo.fencing", target="paused")
         fresh = self.child("fresh", "writer", "demo.fencing", "--ttl", "1.5", "--ledger", str(ledger),
                            "--writes", "1", "--wait", "30")
         fresh.finish()
         slow.process.send_signal(signal.SIGCONT)
-        self.timeline.note("demo", "SIGCONT paused: it resumes believing it still holds the lock")
+        self.timeline.note("demo", "SIGCONT paused: it resumes believing it still holds the lock",
+                           kind="SIGCONT", name="demo.fencing", target="paused")
         refused = slow.wait_for("refused")
         slow.finish()
         tokens = [e.token or 0 for e in self.timeline.events if e.name == "demo.fencing" and e.kind == "locked"]
@@ -421,42 +426,96 @@ def _fenced_write(ledger: Path, token: int | None, actor: str) -> bool:
 
 # -- the chart ---------------------------------------------------------------------------------
 
+_COLOURS = ("#6a4c93", "#1982c4", "#8ac926", "#ff924c", "#c5283d")
+_MARKS = {"conflict": ("#888888", "conflict"), "refused": ("#c5283d", "write refused"),
+          "wrote": ("#2a9d55", "write ok"), "SIGKILL": ("#c5283d", "SIGKILL"), "SIGSTOP": ("#c5283d", "SIGSTOP"),
+          "SIGCONT": ("#2a9d55", "SIGCONT"), "expired": ("#ff924c", "expired: taken over"),
+          "airflow-state": ("#ff924c", "task skipped"), "prefect-state": ("#ff924c", "flow Skipped")}
+
 
 def _svg(timeline: Timeline, path: Path) -> None:
-    """Who held which lock when, as bars: drawn by hand so the demo needs no plotting library."""
-    holds: list[tuple[str, str, float, float]] = []
-    opened: dict[tuple[str, str], float] = {}
-    for event in sorted(timeline.events, key=lambda e: e.t):
-        key = (event.name, event.actor)
-        if event.kind == "locked":
-            opened[key] = event.t
-        elif event.kind in ("released", "refused", "lost") and key in opened:
-            holds.append((event.name, event.actor, opened.pop(key), event.t))
-        elif event.kind == "expired":
-            for other in [k for k in opened if k[0] == event.name]:
-                holds.append((other[0], other[1], opened.pop(other), event.t))
-    end = max((e.t for e in timeline.events), default=timeline.start + 1)
-    rows = sorted({(name, actor) for name, actor, _, _ in holds}, key=lambda r: min(h[2] for h in holds if h[:2] == r))
-    width, left, row_height = 900, 260, 26
-    scale = (width - left - 20) / max(end - timeline.start, 0.001)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_height * len(rows) + 50}" '
-             f'font-family="sans-serif" font-size="13">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             '<text x="10" y="18" font-weight="bold">Lock holders over time (s since the demo started)</text>']
-    for index, (name, actor) in enumerate(rows):
-        y = 30 + index * row_height
-        parts.append(f'<text x="10" y="{y + 16}">{_xml(name)} · {_xml(actor)}</text>')
-        for hold_name, hold_actor, begin, finish in holds:
-            if (hold_name, hold_actor) == (name, actor):
-                x = left + (begin - timeline.start) * scale
-                parts.append(f'<rect x="{x:.1f}" y="{y + 4}" width="{max((finish - begin) * scale, 2):.1f}" '
-                             f'height="{row_height - 8}" fill="#7b5ea7"/>')
-    for second in range(int(end - timeline.start) + 1):
-        x = left + second * scale
-        if second % max(1, int((end - timeline.start) / 10)) == 0:
-            parts.append(f'<text x="{x:.1f}" y="{row_height * len(rows) + 45}" fill="#555">{second}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+    """Who held each lock when, one panel per lock on its own time scale; drawn by hand, no plotting library."""
+    events = sorted((e for e in timeline.events if e.name), key=lambda e: e.t)
+    names = list(dict.fromkeys(e.name for e in events))
+    width, left, right, row_h = 900, 150, 870, 26
+    parts: list[str] = []
+    y = 46
+    for index, name in enumerate(names):
+        mine = [e for e in events if e.name == name]
+        rows = list(dict.fromkeys(e.target or e.actor for e in mine if (e.target or e.actor) != "demo"))
+        begin, end = mine[0].t, mine[-1].t
+        pad = max(end - begin, 0.5) * 0.05
+        begin, end = begin - pad, end + pad * 4
+
+        def x(t: float, begin: float = begin, end: float = end) -> float:
+            return left + (t - begin) / (end - begin) * (right - left)
+
+        colour = _COLOURS[index % len(_COLOURS)]
+        parts.append(f'<text x="10" y="{y}" font-weight="bold">{_xml(name)}</text>')
+        y += 8
+        label_end: dict[str, float] = {}
+        for row, actor in enumerate(rows):
+            top = y + row * row_h
+            parts.append(f'<text x="20" y="{top + 17}">{_xml(actor)}</text>')
+            parts.append(f'<line x1="{left}" y1="{top + row_h / 2}" x2="{right}" y2="{top + row_h / 2}" '
+                         'stroke="#eeeeee"/>')
+            for start, stop, alive_until in _holds(mine, actor):
+                parts.append(f'<rect x="{x(start):.1f}" y="{top + 5}" width="{max(x(alive_until) - x(start), 2):.1f}" '
+                             f'height="{row_h - 10}" fill="{colour}"/>')
+                if stop > alive_until:  # the holder is dead or frozen, but its lease still stands
+                    parts.append(f'<rect x="{x(alive_until):.1f}" y="{top + 5}" '
+                                 f'width="{max(x(stop) - x(alive_until), 1):.1f}" height="{row_h - 10}" '
+                                 f'fill="{colour}" fill-opacity="0.3"/>')
+        for event in mine:
+            mark = _MARKS.get(event.kind)
+            row_actor = event.target or event.actor
+            if mark is None or row_actor not in rows:
+                continue
+            top = y + rows.index(row_actor) * row_h
+            cx = x(event.t)
+            fill, label = mark
+            shift = 11 if label_end.get(row_actor, 0) > cx else 0
+            parts.append(f'<circle cx="{cx:.1f}" cy="{top + row_h / 2}" r="4" fill="{fill}"/>')
+            parts.append(f'<text x="{cx + 6:.1f}" y="{top + 10 + shift}" font-size="10" fill="{fill}">'
+                         f'{_xml(label)}</text>')
+            label_end[row_actor] = cx + 6 + 5.5 * len(label)
+        y += len(rows) * row_h
+        for tick in _ticks(begin - timeline.start, end - timeline.start):
+            tx = x(timeline.start + tick)
+            parts.append(f'<text x="{tx:.1f}" y="{y + 12}" font-size="10" fill="#777" text-anchor="middle">'
+                         f'{tick:g} s</text>')
+        y += 38
+    header = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y - 10}" font-family="sans-serif" '
+              'font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+              '<text x="10" y="16" font-size="13" font-weight="bold">singleton-integrations demo: who held each lock '
+              '(time since the demo started)</text>']
+    path.write_text("\n".join([*header, *parts, "</svg>"]) + "\n")
+
+
+def _holds(events: list[Event], actor: str) -> list[tuple[float, float, float]]:
+    """(start, end of lease, end of the holder's life) for each hold by ``actor``."""
+    holds: list[tuple[float, float, float]] = []
+    start: float | None = None
+    alive_until: float | None = None
+    for event in events:
+        if event.actor == actor and event.kind == "locked":
+            start, alive_until = event.t, None
+        elif start is None:
+            continue
+        elif event.target == actor and event.kind in ("SIGKILL", "SIGSTOP"):
+            alive_until = event.t
+        elif (event.actor == actor and event.kind in ("released", "refused", "lost")) or (
+                event.actor != actor and event.kind == "expired"):
+            holds.append((start, event.t, alive_until if alive_until is not None else event.t))
+            start = None
+    return holds
+
+
+def _ticks(low: float, high: float) -> list[float]:
+    span = max(high - low, 0.001)
+    step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120) if span / s <= 8)
+    first = step * (int(low / step) + 1)
+    return [round(first + i * step, 3) for i in range(int((high - first) / step) + 1)]
 
 
 def _xml(text: str) -> str:

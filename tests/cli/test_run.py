@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -160,3 +162,27 @@ def test_missing_and_unexecutable_commands_give_127_and_126(cli: Cli, tmp_path: 
     plain.write_text("echo hi\n")
     assert cli.run("run", cli.name, "--", str(plain)).returncode == 126
     assert cli.run("status", cli.name).returncode == 1, "the lock is released when CMD cannot start"
+
+
+def test_store_outage_while_running_ends_in_a_lost_lock_and_exit_79(cli: Cli) -> None:
+    """Renewals fail while the store is down; when the lease runs out, CMD is stopped: it may no longer be alone."""
+    redis_persister = importlib.util.find_spec("singleton_integrations.persisters.redis")
+    if redis_persister is None or shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("the Redis persister and redis-server are needed for this check")
+        pytest.skip("needs the Redis persister and redis-server")
+    from tests.servers.redis_server import start_throwaway
+
+    server = start_throwaway()
+    try:
+        env = {**cli.env, "SINGLETON_URL": f"{server.url}?socket_timeout=0.5"}
+        process = cli.start("run", cli.name, "--ttl", "2", "--", *cli.child("job", "--trap"), env=env)
+        cli.wait_ready("job")
+        server.stop()  # the store goes away mid-run
+        code, _out, err = finish(process)
+    finally:
+        server.stop()
+    assert code == EXIT_LOCK_LOST, err
+    assert "renewing lock" in err and "retrying until the lease ends" in err
+    assert "lost" in err and (cli.workdir / "job.signal").read_text() == "SIGTERM"
+    assert "Traceback" not in err
