@@ -427,8 +427,14 @@ class Postgres(Persister):
             self._pool, self._pool_pid = pool, pid
             return pool
 
-    def _run(self, action: str, query_key: str, params: Mapping[str, Any], fetch: Callable[[Any], _T], *, retry: bool) -> _T:
-        """One statement on a pooled connection; a dropped connection is retried once when ``retry``."""
+    def _run(self, action: str, query_key: str, params: Mapping[str, Any], fetch: Callable[[Any], _T]) -> _T:
+        """One statement on a pooled connection, tried again once on a fresh one if the connection dropped.
+
+        A pooled connection dies unseen when the server restarts or a proxy drops it,
+        and then fails before the server runs anything, so one more try is what a
+        caller wants. (A connection lost after the server committed would make a
+        retried release report False; that needs a crash in a microsecond window.)
+        """
         pool = self._get_pool()
         prepare = True if self.prepare_threshold is not None else None
         query = self._sql[query_key]
@@ -442,8 +448,12 @@ class Postgres(Persister):
                 finally:
                     pool.putconn(connection)
             except self._psycopg.OperationalError as error:
-                if retry and attempt == 1 and _retriable(error, self._psycopg_pool):
+                if attempt == 1 and _retriable(error, self._psycopg_pool):
                     logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
+                    try:
+                        pool.check()  # replace every idle connection that died the same way
+                    except self._psycopg.Error:
+                        pass  # the retry reports it
                     continue
                 raise self._error(action, error) from error
             except self._psycopg.Error as error:
@@ -460,7 +470,7 @@ class Postgres(Persister):
         for _ in range(2):
             # Retrying after a dropped connection is safe: if the first try did write,
             # the second finds our own token as the holder and reports the acquisition.
-            row = self._run("acquire", "acquire", params, lambda cursor: cursor.fetchone(), retry=True)
+            row = self._run("acquire", "acquire", params, lambda cursor: cursor.fetchone())
             fence, created, expires = row[0:3]
             previous, remaining = _record(row, 3), row[11]
             if fence is not None:
@@ -477,24 +487,24 @@ class Postgres(Persister):
     def release(self, name: str, owner_token: str) -> bool:
         params = {"name": name, "owner_token": owner_token, "channel": self._channel_name(),
                   "waiters": self._waiters_key(name)}
-        return self._run("release", "release", params, lambda cursor: cursor.fetchone() is not None, retry=False)
+        return self._run("release", "release", params, lambda cursor: cursor.fetchone() is not None)
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         params = {"name": name, "owner_token": owner_token, "ttl": ttl}
-        return self._run("renew", "renew", params, lambda cursor: _record(cursor.fetchone()), retry=True)
+        return self._run("renew", "renew", params, lambda cursor: _record(cursor.fetchone()))
 
     def get(self, name: str) -> LockRecord | None:
-        return self._run("get", "get", {"name": name}, lambda cursor: _record(cursor.fetchone()), retry=True)
+        return self._run("get", "get", {"name": name}, lambda cursor: _record(cursor.fetchone()))
 
     def list(self, prefix: str = "") -> list[LockRecord]:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        rows = self._run("list", "list", {"prefix": prefix}, lambda cursor: cursor.fetchall(), retry=True)
+        rows = self._run("list", "list", {"prefix": prefix}, lambda cursor: cursor.fetchall())
         return [record for record in map(_record, rows) if record is not None]
 
     def force_release(self, name: str) -> LockRecord | None:
         params = {"name": name, "channel": self._channel_name()}
-        return self._run("force_release", "force_release", params, lambda cursor: _record(cursor.fetchone()), retry=False)
+        return self._run("force_release", "force_release", params, lambda cursor: _record(cursor.fetchone()))
 
     def watch(self, name: str) -> ReleaseWatch:
         """LISTEN on a connection of its own, opened before the caller's first attempt.
@@ -508,8 +518,10 @@ class Postgres(Persister):
             logger.warning("cannot open a LISTEN connection (%s); waiting by polling", self._scrub(str(error)))
             return SleepWatch()
         try:
-            connection.execute(self._psycopg.sql.SQL("LISTEN {}").format(self._psycopg.sql.Identifier(self._channel)))
-            connection.execute("SELECT pg_advisory_lock_shared(%s)", (self._waiters_key(name),))
+            sql = self._psycopg.sql
+            # Both in one round trip (simple protocol); LISTEN first, so no release is missed.
+            connection.execute(sql.SQL("LISTEN {}; SELECT pg_advisory_lock_shared({})").format(
+                sql.Identifier(self._channel), sql.Literal(self._waiters_key(name))))
         except self._psycopg.Error as error:
             connection.close()
             raise self._error("LISTEN", error) from error

@@ -543,3 +543,34 @@ def test_release_notifies_only_while_someone_waits(persister: Postgres, server_u
         with persister.watching("job"):
             assert persister.release("job", owner.owner_token)
             assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["job"]
+
+
+def test_a_dropped_connection_is_replaced_without_failing_the_call(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    application = f"si-drop-{uuid.uuid4().hex[:8]}"
+    store = Postgres(f"{server_url}?application_name={application}", table=table)
+    owner = Owner()
+    try:
+        assert store.acquire("job", owner, 60).acquired
+        for operation in (lambda: store.get("job"), lambda: store.renew("job", owner.owner_token, 60),
+                          lambda: store.list("jo"), lambda: store.release("job", owner.owner_token),
+                          lambda: store.acquire("job", owner, 60).acquired):
+            before = sessions_named(admin, application)
+            assert before
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (before,))
+            assert operation()  # as after a server restart: the call succeeds on a fresh connection
+            assert set(sessions_named(admin, application)).isdisjoint(before)
+    finally:
+        store.close()
+
+
+def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    store = Postgres(server_url, table=table, statement_timeout_ms=300)
+    try:
+        assert store.acquire("job", Owner(), 60).acquired
+        with psycopg.connect(server_url) as blocker:  # a transaction that keeps the row locked
+            blocker.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'job' FOR UPDATE").format(sql.Identifier(table)))
+            with pytest.raises(PersisterError, match="QueryCanceled|statement timeout"):
+                store.acquire("job", Owner(), 60)
+            blocker.rollback()
+    finally:
+        store.close()
