@@ -29,7 +29,7 @@ Why it is shaped this way:
 * **Waiting.** ``watch`` opens a change stream on this ``_id`` before the
   acquire attempt, so no release is missed; change streams need a replica set,
   so on a standalone server it falls back to polling every ``poll_interval``
-  (detected once per persister; ``notifies`` turns True after a stream opened).
+  (``notifies`` finds out once per persister, on first read, by opening a stream).
 * **Durability.** ``write_concern="majority"`` makes an acquire or release
   survive a primary failover (with the default ``w:1`` a failover can roll back
   an acknowledged acquire, and a second holder can then take the name), at the
@@ -51,6 +51,7 @@ this module avoids with formulations that are also correct on mongod:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import ssl
@@ -256,6 +257,17 @@ class _ChangeStreamWatch(ReleaseWatch):
                 pass
 
 
+class _NotifiesProbe:
+    """``notifies`` that finds out once, on first read, whether the server has change streams.
+
+    ``Singleton`` reads ``notifies`` before it opens a watch, so the answer must be
+    right from the first wait; read on the class it stays the conservative False.
+    """
+
+    def __get__(self, instance: MongoDb | None, owner: type | None = None) -> bool:
+        return False if instance is None else instance._probe_change_streams()
+
+
 class MongoDb(Persister):
     """Locks in a MongoDB collection; every decision is one write judged by ``$$NOW``.
 
@@ -272,6 +284,7 @@ class MongoDb(Persister):
     backend: ClassVar[str] = "mongodb"
     distributed: ClassVar[bool] = True
     clock: ClassVar[str] = "the MongoDB server's clock ($$NOW)"
+    notifies = _NotifiesProbe()  # type: ignore[assignment]
     poll_interval: float = 0.1
 
     def __init__(
@@ -334,6 +347,7 @@ class MongoDb(Persister):
         self._pid = 0
         self._indexed = False
         self._change_streams: bool | None = None
+        self._probed_at = -math.inf
         self._clock_offset: tuple[float, float] | None = None  # (server - client seconds, measured at)
 
     @classmethod
@@ -497,10 +511,8 @@ class MongoDb(Persister):
             )  # fmt: skip
         return _record(name, doc) if doc is not None else None
 
-    def watch(self, name: str) -> ReleaseWatch:
-        """A change stream on this name where the server has them, else polling."""
-        if self._change_streams is False:
-            return SleepWatch()
+    def _open_stream(self, name: str) -> ChangeStream[Any] | None:
+        """A change stream woken by releases of ``name``; None where the server has none."""
         woken_by = {
             "documentKey._id": name,
             "$or": [
@@ -516,12 +528,26 @@ class MongoDb(Persister):
         except errors.OperationFailure as error:  # a standalone server: no change streams, ever
             logger.debug("mongodb: change streams unavailable, polling: %s", self._describe(error))
             self._change_streams = False
-            return SleepWatch()
+            return None
         except (errors.PyMongoError, PersisterError):  # unreachable now; the attempt will say so
-            return SleepWatch()
+            return None
         self._change_streams = True
-        self.notifies = True  # type: ignore[misc]  # per instance, once proven
-        return _ChangeStreamWatch(self, stream)
+        return stream
+
+    def _probe_change_streams(self) -> bool:
+        # An unreachable server leaves the answer unknown; asking again at most every
+        # _CLOCK_REFRESH_SECONDS keeps each wait from paying a second connect timeout.
+        if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
+            self._probed_at = time.monotonic()
+            stream = self._open_stream("")  # the empty name is never a lock: the stream stays quiet
+            if stream is not None:
+                _ChangeStreamWatch(self, stream).close()
+        return bool(self._change_streams)
+
+    def watch(self, name: str) -> ReleaseWatch:
+        """A change stream on this name where the server has them, else polling."""
+        stream = None if self._change_streams is False else self._open_stream(name)
+        return SleepWatch() if stream is None else _ChangeStreamWatch(self, stream)
 
     def close(self) -> None:
         with self._guard:
@@ -542,7 +568,7 @@ class MongoDb(Persister):
         self.__dict__.update(state)
         self._pymongo = _import_pymongo()
         self._guard = threading.Lock()
-        self._client_, self._pid, self._clock_offset = None, 0, None
+        self._client_, self._pid, self._clock_offset, self._probed_at = None, 0, None, -math.inf
 
     def __repr__(self) -> str:
         return f"MongoDb({redact_url(self.url)!r}, database={self.database_name!r}, collection={self.collection_name!r})"

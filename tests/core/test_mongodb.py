@@ -396,9 +396,10 @@ def test_change_stream_wakes_a_waiter_on_release(store: MongoDb, url: str) -> No
     other = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name)
     hello = other._client().admin.command("hello")
     replica_set = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+    assert MongoDb.notifies is False  # on the class: the conservative answer
+    assert other.notifies is replica_set  # found out on first read, before any watch
     watch = other.watch("woken")
     try:
-        assert other.notifies is replica_set
         assert isinstance(watch, SleepWatch) is not replica_set
         if replica_set:
             store.renew("woken", owner.owner_token, 600)  # a renewal is not a release: no wake-up
@@ -418,8 +419,8 @@ def test_standalone_server_falls_back_to_polling() -> None:
     with mongodb_server.extra_server("--standalone") as server:
         store = MongoDb(server, database=RUN_DATABASE)
         try:
-            assert isinstance(store.watch("job"), SleepWatch)
             assert store.notifies is False and store._change_streams is False
+            assert isinstance(store.watch("job"), SleepWatch)
             assert isinstance(store.watch("job"), SleepWatch)  # detected once, cached
             job = Singleton("job", store, lock_expire_seconds=0.5)
             assert job.lock()
