@@ -218,18 +218,22 @@ class _NotifyWatch(ReleaseWatch):
     def __init__(self, connection: psycopg.Connection[Any], name: str) -> None:
         self._connection = connection
         self._name = name
+        self._broken = False
 
     def wait(self, timeout: float) -> None:
         if timeout <= 0:
             return
         deadline = time.monotonic() + timeout
-        try:
-            for notify in self._connection.notifies(timeout=timeout):
-                if notify.payload == self._name:
-                    return
-        except Exception as error:  # a lost listener degrades to polling; attempts still report outages
-            logger.warning("LISTEN connection failed (%s); waiting without notification", type(error).__name__)
-            time.sleep(max(0.0, deadline - time.monotonic()))
+        if not self._broken:
+            try:
+                for notify in self._connection.notifies(timeout=timeout):
+                    if notify.payload == self._name:
+                        return
+                return
+            except Exception as error:  # a lost listener degrades to polling; attempts still report outages
+                self._broken = True
+                logger.warning("LISTEN connection failed (%s); waiting by polling", type(error).__name__)
+        time.sleep(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         try:
@@ -242,7 +246,12 @@ class Postgres(Persister):
     """Locks in a PostgreSQL table (created if missing), judged by the server's clock.
 
     ``dsn`` is a ``postgresql://`` URL or a libpq ``key=value`` string. Nothing
-    connects until the first operation; each process then keeps one small pool.
+    connects until the first operation; each process then keeps one small pool
+    of autocommit connections. ``table`` may be ``"schema.table"``.
+    ``connect_timeout`` (default: the DSN's, else 5 s), ``statement_timeout_ms``
+    and ``pool_timeout`` (waiting for a free pooled connection) bound every call.
+    ``prepare_threshold=None`` turns prepared statements off, for PgBouncer in
+    transaction mode before 1.21.
     """
 
     backend: ClassVar[str] = "postgres"
@@ -339,12 +348,13 @@ class Postgres(Persister):
     # -- connections ---------------------------------------------------------------
 
     def _scrub(self, message: str, dsn: str | None = None) -> str:
-        password = getattr(self, "_password", "")
-        if password:
-            message = message.replace(password, "***")
+        """``message`` without the password, however the driver happened to quote it."""
+        secrets = [getattr(self, "_password", "")]
         if dsn:
-            secret = urlsplit(dsn).password if "://" in dsn else None
-            if secret:
+            secrets.append((urlsplit(dsn).password or "") if "://" in dsn else "")
+            secrets += [match.group(2).strip("'") for match in _KV_PASSWORD.finditer(dsn)]
+        for secret in secrets:
+            if len(secret) >= 3:  # shorter ones would mangle the message and hide nothing
                 message = message.replace(secret, "***")
         return _redact(message)
 
@@ -403,11 +413,13 @@ class Postgres(Persister):
             if self._pool is not None:
                 _inherited_pools.append(self._pool)  # the parent's: never close or reuse it here
                 self._pool = None
+            # A direct first connection reports why a server is unreachable within
+            # connect_timeout (a pool would only say it timed out) and creates the table.
             with self._translated("connecting"):
-                # A direct first connection reports why a server is unreachable within
-                # connect_timeout (a pool would only say it timed out) and creates the table.
-                with self._connect() as connection:
-                    self._ensure_table(connection)
+                connection = self._connect()
+            with connection, self._translated(f"opening table {self.table!r}"):
+                self._ensure_table(connection)
+            with self._translated("connecting"):
                 pool = self._psycopg_pool.ConnectionPool(
                     self._conninfo,
                     kwargs={"autocommit": True, "prepare_threshold": self.prepare_threshold},

@@ -574,3 +574,10 @@ def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: st
             blocker.rollback()
     finally:
         store.close()
+
+
+def test_a_missing_schema_is_reported_not_created(server_url: str) -> None:
+    schema = f"singleton_absent_{uuid.uuid4().hex[:8]}"
+    store = Postgres(server_url, table=f"{schema}.locks")
+    with pytest.raises(PersisterError, match=f"{schema}.*does not exist"):
+        store.get("job")
