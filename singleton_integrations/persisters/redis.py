@@ -295,7 +295,8 @@ class Redis(Persister):
         wait_timeout_ms: int | None = None,
         **connection_options: Any,
     ) -> None:
-        redis = self._driver = _import_redis()
+        self._reset_runtime()
+        redis = self._driver
         if scheme_of(url) not in _SCHEMES:
             raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, not {redact_url(url)!r}")
         self.url = url
@@ -336,10 +337,17 @@ class Redis(Persister):
         self.socket_timeout: float = options["socket_timeout"]
         self._password: str | None = options.get("password")
         self._options = options
-        self._errors = (redis.exceptions.RedisError, OSError)
+
+    def _reset_runtime(self) -> None:
+        """Driver handles and connection state: never pickled, rebuilt after unpickling."""
+        redis = self._driver = _import_redis()
+        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
         self._no_script = redis.exceptions.NoScriptError
+        self._connection_error = redis.exceptions.ConnectionError
+        self._response_error = redis.exceptions.ResponseError
         self._guard = threading.Lock()
         self._redis: Any = None
+        self._pool_arguments: tuple[str, ...] = ()
         self._members: tuple[str, int, Mapping[str, str], str] | None = None
         self._idle_pubsubs: list[Any] = []  # subscription connections kept for the next watch
         self._idle_pid = os.getpid()
@@ -356,6 +364,9 @@ class Redis(Persister):
         with self._guard:
             if self._redis is None:
                 pool = self._driver.ConnectionPool(**self._options)
+                # redis-py before 5.3 wants a command name here; later versions deprecate it.
+                parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+                self._pool_arguments = ("EVALSHA",) if parameter and parameter.default is parameter.empty else ()
                 self._redis = self._driver.Redis(connection_pool=pool)
             return self._redis
 
@@ -374,15 +385,39 @@ class Redis(Persister):
             raise self._failure(action, error) from error
 
     def _eval(self, script: str, name: str, *args: object) -> Any:
-        """One EVALSHA on ``name``'s lock and state keys, loading the script if the server lacks it."""
+        """One EVALSHA on ``name``'s lock and state keys, loading the script if the server lacks it.
+
+        It talks to a pooled connection directly: redis-py's command wrapper (retry
+        object, observability hooks, reply callbacks EVALSHA does not need) costs more
+        client time per call than the script does on the server. The retry policy is
+        the same: once, on ``ConnectionError`` only.
+        """
         lock = f"{self.key_prefix}{{{name}}}"
-        client = self._redis or self._client()
+        pool = (self._redis or self._client()).connection_pool
         try:
-            try:
-                return client.execute_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
-            except self._no_script:
-                client.script_load(_SCRIPTS[script])
-                return client.execute_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
+            for attempt in (1, 2):
+                connection = pool.get_connection(*self._pool_arguments)
+                try:
+                    connection.send_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
+                    try:
+                        return connection.read_response()
+                    except self._no_script:
+                        connection.send_command("SCRIPT", "LOAD", _SCRIPTS[script])
+                        connection.read_response()
+                        connection.send_command("EVALSHA", _SHAS[script], 2, lock, lock + ":state", *args)
+                        return connection.read_response()
+                except self._connection_error:
+                    connection.disconnect()
+                    if attempt == 2:
+                        raise
+                except self._response_error:
+                    raise  # an error reply was read whole: the connection stays usable
+                except BaseException:
+                    connection.disconnect()  # never hand back a connection with a reply unread
+                    raise
+                finally:
+                    pool.release(connection)
+            raise AssertionError("unreachable")
         except self._errors as error:
             raise self._failure(f"{script.replace('_', ' ')} of {name!r}", error) from error
 
@@ -531,22 +566,20 @@ class Redis(Persister):
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickle the configuration only; the copy opens its own pool when first used.
-        state = self.__dict__.copy()
-        for transient in ("_driver", "_errors", "_no_script", "_guard", "_redis", "_idle_pubsubs"):
-            state.pop(transient, None)
-        return state
+        return {key: value for key, value in self.__dict__.items() if key not in _RUNTIME}
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
-        redis = self._driver = _import_redis()
-        self._errors = (redis.exceptions.RedisError, OSError)
-        self._no_script = redis.exceptions.NoScriptError
-        self._guard = threading.Lock()
-        self._redis = None
-        self._idle_pubsubs = []
+        self._reset_runtime()
 
     def __repr__(self) -> str:
         return f"Redis({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+
+_RUNTIME = frozenset({
+    "_driver", "_errors", "_no_script", "_connection_error", "_response_error", "_guard", "_redis",
+    "_pool_arguments", "_members", "_idle_pubsubs", "_idle_pid",
+})
 
 
 def _split_own_options(url: str) -> tuple[str, dict[str, str]]:

@@ -307,6 +307,37 @@ def test_one_pooled_connection_serves_many_calls(url: str, prefix: str, raw: red
     wait_for(lambda: not [c for c in raw.client_list() if c.get("name") == client_name])
 
 
+def test_a_connection_the_server_closed_is_replaced(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"killed-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    try:
+        assert store.get("stale") is None
+        (mine,) = [c for c in raw.client_list() if c.get("name") == client_name]
+        assert raw.client_kill_filter(_id=mine["id"]) == 1  # only our own connection
+        wait_for(lambda: not [c for c in raw.client_list() if c.get("name") == client_name])
+        owner = Owner()
+        assert store.acquire("stale", owner, 30).acquired  # on a fresh connection, no error
+        assert store.release("stale", owner.owner_token)
+    finally:
+        store.close()
+
+
+def test_an_error_reply_is_translated_and_keeps_the_connection(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"wrongtype-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    try:
+        raw.hset(f"{prefix}{{foreign}}", "not", "a lock")  # someone else's key where a lock would be
+        assert store.get("warm-up") is None
+        (before,) = [c["id"] for c in raw.client_list() if c.get("name") == client_name]
+        with pytest.raises(PersisterError, match="WRONGTYPE") as caught:
+            store.acquire("foreign", Owner(), 30)
+        assert isinstance(caught.value.__cause__, redis.ResponseError)
+        assert store.acquire("next", Owner(), 30).acquired
+        assert [c["id"] for c in raw.client_list() if c.get("name") == client_name] == [before]
+    finally:
+        store.close()
+
+
 def test_a_forked_child_gets_its_own_connection(store: Redis) -> None:
     parent_id = store._client().client_id()
     reader, writer = os.pipe()
