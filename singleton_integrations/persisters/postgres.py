@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -215,9 +215,10 @@ def _retriable(error: BaseException, pool_module: Any) -> bool:
 class _NotifyWatch(ReleaseWatch):
     """A dedicated LISTEN connection; ``wait`` returns at a release of its name."""
 
-    def __init__(self, connection: psycopg.Connection[Any], name: str) -> None:
+    def __init__(self, connection: psycopg.Connection[Any], name: str, errors: tuple[type[BaseException], ...]) -> None:
         self._connection = connection
         self._name = name
+        self._errors = errors
         self._broken = False
 
     def wait(self, timeout: float) -> None:
@@ -230,16 +231,14 @@ class _NotifyWatch(ReleaseWatch):
                     if notify.payload == self._name:
                         return
                 return
-            except Exception as error:  # a lost listener degrades to polling; attempts still report outages
+            except self._errors as error:  # a lost listener degrades to polling; attempts still report outages
                 self._broken = True
                 logger.warning("LISTEN connection failed (%s); waiting by polling", type(error).__name__)
         time.sleep(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        try:
+        with suppress(*self._errors):  # closing a broken connection has nothing left to do
             self._connection.close()
-        except Exception:  # closing a broken connection has nothing left to do
-            pass
 
 
 class Postgres(Persister):
@@ -385,7 +384,7 @@ class Postgres(Persister):
             try:
                 with connection.transaction():
                     connection.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-                    connection.execute(self._sql["create"])  # type: ignore[arg-type]
+                    connection.execute(self._sql["create"])
             except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
                 pass  # created meanwhile by a process that does not take our advisory lock
         # One channel per table, named from its canonical name so 'public.t' and 't' agree.
@@ -456,7 +455,7 @@ class Postgres(Persister):
                 # in autocommit, and this is the hot path. Binary results parse faster.
                 connection = pool.getconn()
                 try:
-                    return fetch(connection.execute(query, params, prepare=prepare, binary=True))  # type: ignore[call-overload]
+                    return fetch(connection.execute(query, params, prepare=prepare, binary=True))
                 finally:
                     pool.putconn(connection)
             except self._psycopg.OperationalError as error:
@@ -537,7 +536,7 @@ class Postgres(Persister):
         except self._psycopg.Error as error:
             connection.close()
             raise self._error("LISTEN", error) from error
-        return _NotifyWatch(connection, name)
+        return _NotifyWatch(connection, name, (self._psycopg.Error, OSError))
 
     def _waiters_key(self, name: str) -> int:
         """The advisory-lock key that waiters on ``name`` hold shared (collisions only add a NOTIFY)."""

@@ -20,12 +20,12 @@ if os.environ.get("CI") == "true":  # CI must fail, not skip, without the driver
     import psycopg
 else:
     psycopg = pytest.importorskip("psycopg")
-from psycopg import sql  # noqa: E402
+from psycopg import sql
 
-from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
-from singleton_integrations._record import Owner  # noqa: E402
-from singleton_integrations.persisters.postgres import Postgres  # noqa: E402
-from tests.servers import postgres_server  # noqa: E402
+from singleton_integrations import PersisterError, Singleton, persisters
+from singleton_integrations._record import Owner
+from singleton_integrations.persisters.postgres import Postgres
+from tests.servers import postgres_server
 
 
 @pytest.fixture
@@ -230,11 +230,11 @@ def test_expired_takeover_has_one_winner_among_racing_connections(server_url: st
             name = f"race-{round_}"
             stale = stores[0].acquire(name, Owner(), 0.05)
             assert stale.acquired
-            assert wait_for(lambda: stores[0].get(name) is None)
+            assert wait_for(lambda name=name: stores[0].get(name) is None)
             barrier = threading.Barrier(len(stores))
             results: list[Any] = [None] * len(stores)
 
-            def race(index: int, name: str = name, barrier: threading.Barrier = barrier) -> None:
+            def race(index: int, name: str = name, barrier: threading.Barrier = barrier, results: list[Any] = results) -> None:
                 barrier.wait(timeout=30)
                 results[index] = stores[index].acquire(name, Owner(), 60)
 
@@ -419,7 +419,7 @@ def test_missing_driver_fails_at_construction_naming_the_extra() -> None:
             print("ok", error)
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok") and "singleton-integrations[postgres]" in done.stdout
 

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["DEFAULT_URL", "ENV", "answers", "start_throwaway", "url"]
 
@@ -89,22 +90,19 @@ def start_throwaway(ready: float = 30.0) -> str:
     if initdb is None or postgres is None:
         raise FileNotFoundError("initdb/postgres are not installed")
     directory = Path(tempfile.mkdtemp(prefix="singleton-postgres-"))
-    demote = None
+    demote: dict[str, Any] = {}
     if os.geteuid() == 0:
         account = pwd.getpwnam("postgres")
         os.chown(directory, account.pw_uid, account.pw_gid)
-
-        def demote() -> None:
-            os.setgid(account.pw_gid)
-            os.setuid(account.pw_uid)
+        demote = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
     data = directory / "data"
     subprocess.run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=120, preexec_fn=demote)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=120, **demote)
     port = _free_port()
     process = subprocess.Popen(
         [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(directory), "-c", "fsync=off"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=demote,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **demote,
     )
 
     def stop() -> None:
