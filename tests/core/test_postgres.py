@@ -581,3 +581,33 @@ def test_a_missing_schema_is_reported_not_created(server_url: str) -> None:
     store = Postgres(server_url, table=f"{schema}.locks")
     with pytest.raises(PersisterError, match=f"{schema}.*does not exist"):
         store.get("job")
+
+
+def test_racing_for_a_name_never_seen_has_one_winner_and_named_losers(server_url: str, table: str) -> None:
+    """Losers of a first-ever insert race conflict on a row their snapshot cannot see; they still name the winner."""
+    stores = [Postgres(server_url, table=table) for _ in range(6)]
+    try:
+        for store in stores:
+            store.get("warm-up")
+        for round_ in range(5):
+            name = f"fresh-{round_}-{uuid.uuid4().hex[:6]}"
+            barrier = threading.Barrier(len(stores))
+            results: list[Any] = [None] * len(stores)
+
+            def race(index: int, name: str = name, barrier: threading.Barrier = barrier, results: list[Any] = results) -> None:
+                barrier.wait(timeout=30)
+                results[index] = stores[index].acquire(name, Owner(), 60)
+
+            threads = [threading.Thread(target=race, args=(index,)) for index in range(len(stores))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            winners = [result for result in results if result.acquired]
+            assert len(winners) == 1, results
+            assert winners[0].record.fencing_token == 1 and winners[0].expired is None
+            for loser in (result for result in results if not result.acquired):
+                assert loser.record is not None and loser.record.owner_token == winners[0].record.owner_token
+    finally:
+        for store in stores:
+            store.close()
