@@ -240,7 +240,7 @@ class _ChangeStreamWatch(ReleaseWatch):
             try:
                 if self._stream.try_next() is not None:  # blocks up to _CHANGE_STREAM_AWAIT_MS
                     return
-            except Exception as error:  # the stream broke (e.g. a restart): poll instead
+            except self._persister._pymongo.errors.PyMongoError as error:  # broke (e.g. a restart): poll instead
                 logger.debug("mongodb: change stream failed, polling instead: %s", type(error).__name__)
                 self.close()
                 break
@@ -253,8 +253,8 @@ class _ChangeStreamWatch(ReleaseWatch):
         if stream is not None:
             try:
                 stream.close()
-            except Exception:  # closing is best effort; the server times cursors out
-                pass
+            except self._persister._pymongo.errors.PyMongoError as error:  # the server times the cursor out
+                logger.debug("mongodb: closing a change stream failed: %s", type(error).__name__)
 
 
 class _NotifiesProbe:
@@ -284,7 +284,7 @@ class MongoDb(Persister):
     backend: ClassVar[str] = "mongodb"
     distributed: ClassVar[bool] = True
     clock: ClassVar[str] = "the MongoDB server's clock ($$NOW)"
-    notifies = _NotifiesProbe()  # type: ignore[assignment]
+    notifies = _NotifiesProbe()
     poll_interval: float = 0.1
 
     def __init__(
@@ -368,7 +368,9 @@ class MongoDb(Persister):
         except TypeError as error:
             raise TypeError(f"invalid MongoDB option for {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
         except (errors.PyMongoError, ValueError, OSError) as error:
-            raise ValueError(f"invalid MongoDB URL or option {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
+            raise ValueError(
+                f"invalid MongoDB URL or option {redact_url(self.url)!r}: {self._scrub(str(error))}"
+            ) from None
 
     def _client(self) -> MongoClient[Any]:
         pid = os.getpid()
@@ -426,7 +428,8 @@ class MongoDb(Persister):
             raise
         except self._pymongo.errors.PyMongoError as error:
             raise PersisterError(
-                self.backend, f"cannot {action} on {redact_url(self.url)}: {type(error).__name__}: {self._describe(error)}"
+                self.backend,
+                f"cannot {action} on {redact_url(self.url)}: {type(error).__name__}: {self._describe(error)}",
             ) from error
 
     def _server_now(self) -> float:
@@ -571,4 +574,6 @@ class MongoDb(Persister):
         self._client_, self._pid, self._clock_offset, self._probed_at = None, 0, None, -math.inf
 
     def __repr__(self) -> str:
-        return f"MongoDb({redact_url(self.url)!r}, database={self.database_name!r}, collection={self.collection_name!r})"
+        return (
+            f"MongoDb({redact_url(self.url)!r}, database={self.database_name!r}, collection={self.collection_name!r})"
+        )

@@ -16,20 +16,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pymongo
 import pytest
 
-pymongo = pytest.importorskip("pymongo") if os.environ.get("CI") != "true" else __import__("pymongo")
-
-from singleton_integrations import PersisterError, Singleton, persisters  # noqa: E402
-from singleton_integrations._errors import MissingDependency  # noqa: E402
-from singleton_integrations._record import Owner  # noqa: E402
-from singleton_integrations.persisters._base import SleepWatch  # noqa: E402
-from singleton_integrations.persisters.mongodb import MongoDb  # noqa: E402
-from tests.servers import mongodb_server  # noqa: E402
+from singleton_integrations import PersisterError, Singleton, persisters
+from singleton_integrations._errors import MissingDependency
+from singleton_integrations._record import Owner
+from singleton_integrations.persisters._base import SleepWatch
+from singleton_integrations.persisters.mongodb import MongoDb
+from tests.servers import mongodb_server
 
 RUN_DATABASE = f"singleton_test_{uuid.uuid4().hex[:10]}"
 OPERATOR_NAMES = ["$where", "a.b", '{"$gt": ""}', "$gt", "$$NOW", "_id", "a.$b", "$", ".", "x\\y", "O'Brien"]
@@ -98,7 +97,7 @@ def test_list_treats_prefixes_as_text(store: MongoDb) -> None:
     names = ["a.b/1", "a.b/2", "aXb/3", "(x)*[y]", "(x)+", "^top", "top$", "$where", "a|b", "\\d9", "d9"]
     for name in names:
         assert store.acquire(name, Owner(), 60).acquired
-    listed = lambda prefix: [record.name for record in store.list(prefix)]  # noqa: E731
+    listed = lambda prefix: [record.name for record in store.list(prefix)]
     assert listed("a.b") == ["a.b/1", "a.b/2"]
     assert listed("(x)*") == ["(x)*[y]"]
     assert listed("^") == ["^top"]
@@ -114,7 +113,9 @@ def test_list_treats_prefixes_as_text(store: MongoDb) -> None:
 
 
 def test_url_path_query_and_keyword_overrides() -> None:
-    store = MongoDb("mongodb://h1:1,h2:2/jobs?replicaSet=rs&collection=locks&purgeAfterSeconds=60&serverSelectionTimeoutMS=1500")
+    store = MongoDb(
+        "mongodb://h1:1,h2:2/jobs?replicaSet=rs&collection=locks&purgeAfterSeconds=60&serverSelectionTimeoutMS=1500"
+    )
     assert (store.database_name, store.collection_name, store.purge_after_seconds) == ("jobs", "locks", 60.0)
     options = store._client().options
     assert options.server_selection_timeout == 1.5  # the URL's own value beats the default
@@ -202,7 +203,7 @@ def test_wrong_types_raise_type_error() -> None:
     with pytest.raises(TypeError):
         MongoDb(b"mongodb://h/db")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        MongoDb("mongodb://h/db", write_concern=True)  # type: ignore[arg-type]
+        MongoDb("mongodb://h/db", write_concern=True)
     with pytest.raises(TypeError):
         MongoDb("mongodb://h/db", timeout_ms="10")  # type: ignore[arg-type]
 
@@ -296,6 +297,7 @@ def test_ttl_index_on_purge_at(store: MongoDb) -> None:
     released = raw(store).find_one({"_id": "ttl"})
     assert released["owner"] is None and released["fence"] == held["fence"]  # the counter stays
     retention = (released["purgeAt"] - held["createdAt"]).total_seconds()
+    assert store.purge_after_seconds is not None
     assert store.purge_after_seconds - 60 < retention < store.purge_after_seconds + 3600
 
 
@@ -346,7 +348,7 @@ def _race(url: str, database: str, collection: str, names: list[str], barrier: A
         barrier.wait(60)
         try:
             result = store.acquire(name, Owner(), 60)
-        except Exception as error:  # reported, and fails the test in the parent
+        except PersisterError as error:  # reported, and fails the test in the parent
             queue.put((name, "error", repr(error)))
             continue
         expired = result.expired.owner_token if result.expired else None
@@ -384,7 +386,8 @@ def test_eight_processes_race_for_expired_and_new_names(store: MongoDb, url: str
         fence, expired = winners[0]
         assert expired == expired_holders.get(name)  # the winner reports whose lock it replaced
         assert all(details[0] == fence for won, details in outcomes if not won)  # losers saw the winner
-        assert store.get(name) is not None and store.get(name).fencing_token == fence
+        current = store.get(name)
+        assert current is not None and current.fencing_token == fence
 
 
 # -- waiting ---------------------------------------------------------------------------
@@ -434,8 +437,12 @@ def test_singleton_over_mongodb(store: MongoDb) -> None:
     events: list[str] = []
     first = Singleton("smoke", store, lock_expire_seconds=0.5)
     second = Singleton("smoke", store, lock_expire_seconds=30)
+
+    def recorder(event: str) -> Callable[[object], None]:
+        return lambda message: events.append(event)
+
     for event in ("locked", "conflict", "expired", "released"):
-        second.on(event, lambda message, event=event: events.append(event))
+        second.on(event, recorder(event))
     assert first.lock()
     assert not second.lock()
     assert second.lock(wait=30)  # the first holder's lease runs out

@@ -15,6 +15,7 @@ same data directory, so documents survive as they would on a mongod restart);
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import signal
@@ -169,10 +170,8 @@ def _stop_at_exit(owner_pid: int) -> None:
 
 
 def _start(flags: tuple[str, ...] = ()) -> _Managed:
-    try:
-        import secantus  # noqa: F401 - only to fail early with a clear reason
-    except ImportError as error:
-        raise ServerUnavailable(f"SecantusDB is not installed ({error}); pip install SecantusDB") from error
+    if importlib.util.find_spec("secantus") is None:
+        raise ServerUnavailable("SecantusDB is not installed; pip install 'singleton-integrations[test]'")
     root = Path(tempfile.mkdtemp(prefix="singleton-secantus-"))
     (root / "data").mkdir()
     last: Exception | None = None
