@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +40,26 @@ def default_path() -> Path:
     """The user's state directory, so every process of a user finds the same store."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "singleton-integrations" / "locks.sqlite3"
+
+
+def _retry_busy(step: Callable[[], object], timeout: float) -> None:
+    """Run ``step``, retrying "database is locked" until ``timeout``.
+
+    Several processes opening a fresh file at once can get SQLITE_BUSY from the
+    switch to WAL without SQLite calling its busy handler (it would deadlock), so
+    the busy timeout alone does not cover the first open.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as error:
+            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _when(seconds: float | None) -> datetime | None:
@@ -87,9 +107,9 @@ class Sqlite(Persister):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
+            _retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), self.timeout)
             connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(_SCHEMA)
+            _retry_busy(lambda: connection.execute(_SCHEMA), self.timeout)
         except (sqlite3.Error, OSError) as error:
             raise PersisterError(self.backend, f"cannot open {str(self.path)!r}: {error}") from error
         self._connection, self._pid = connection, os.getpid()
