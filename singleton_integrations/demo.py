@@ -111,7 +111,11 @@ class Actor:
         for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(EVENT_PREFIX):
-                data = json.loads(line[len(EVENT_PREFIX):])
+                try:
+                    data = json.loads(line[len(EVENT_PREFIX):])
+                except ValueError:  # not ours after all: keep reading, the checks will tell
+                    print(f"  ({self.label} printed an unreadable event line: {line[:80]!r})", flush=True)
+                    continue
                 event = Event(data["t"], self.label, data["text"], data["kind"], data.get("name", ""),
                               data.get("token"))
                 if event.kind != "ready":  # a barrier detail, not a lock event
@@ -353,9 +357,14 @@ def _result(log: Path | None) -> dict[str, Any] | None:
 # -- the children ------------------------------------------------------------------------------
 
 
+_emit_guard = threading.Lock()
+
+
 def _emit(kind: str, text: str, name: str = "", token: int | None = None) -> None:
     payload = {"t": time.time(), "kind": kind, "text": text, "name": name, "token": token}
-    print(EVENT_PREFIX + json.dumps(payload), flush=True)
+    with _emit_guard:  # event handlers run on the renewal thread too: one whole line at a time
+        sys.stdout.write(EVENT_PREFIX + json.dumps(payload) + "\n")
+        sys.stdout.flush()
 
 
 def _child(args: argparse.Namespace) -> int:
