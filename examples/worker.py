@@ -13,6 +13,7 @@ import argparse
 import os
 import sqlite3
 import sys
+import tempfile
 import time
 
 from singleton_integrations import LockConflict, Singleton
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds of 'work' per batch")
-    parser.add_argument("--output", default="exports.sqlite3", help="the SQLite file the export writes")
+    parser.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "nightly-export.sqlite3"),
+                        help="the SQLite file the export writes (default: in the temp directory)")
     args = parser.parse_args(argv)
 
     # None: $SINGLETON_URL is unset, so the embedded SQLite store in the user's state directory.
