@@ -387,12 +387,14 @@ class SingletonReleaseOperator(BaseOperator):
         mask_secret(hold["owner_token"])
         hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
         try:
-            if hook.release(hold["lock_name"], hold["owner_token"]):
-                self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
-                return
+            # Look first: some stores let an owner release its own expired lock, which would hide the expiry.
             holder = hook.holder(hold["lock_name"])
+            released = hook.release(hold["lock_name"], hold["owner_token"])  # owner-checked in the store
         finally:
             hook.close()
+        if released and holder is not None and holder.owner_token == hold["owner_token"]:
+            self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
+            return
         now = f"it is now held by {holder.describe()}" if holder else "it had expired"
         raise SingletonLockLost(
             hold["lock_name"],

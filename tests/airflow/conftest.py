@@ -143,6 +143,11 @@ class Holder:
                 pass
 
     def stop(self) -> None:
+        """Release (so shared servers keep no stale locks), or kill a holder that does not answer."""
+        try:
+            self.release()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)

@@ -26,9 +26,9 @@ def test_task_singleton_is_the_providers_decorator() -> None:
     assert operator.custom_operator_name == "@task.singleton"
 
 
-def test_decorated_task_runs_under_its_templated_lock(store, hold) -> None:
+def test_decorated_task_runs_under_its_templated_lock(store, hold, lock_name) -> None:
     seen: dict[str, Any] = {}
-    dag_id = f"decorated_{store.kind}"
+    dag_id = f"decorated_{store.kind}_{lock_name[-12:]}"  # lock names derive from it: unique per run
     with DAG(dag_id, schedule=None, start_date=START) as dag:
 
         @task.singleton(singleton_conn_id=store.conn_id, lock_expire_seconds=30)
