@@ -7,10 +7,12 @@ checked: a statement that waited on a row lock still judges by the time it
 actually looks, which ``now()`` (the transaction's start) would not.
 
 Releases ``pg_notify`` one channel per table with the lock name as payload, so a
-waiter LISTENs before its attempt and wakes at the release. A NOTIFY costs the
-server about as much as the release itself, so a release sends one only when
-someone waits: each waiter holds a shared advisory lock on the name's key while
-it listens, and the release notifies when it cannot take that key exclusively.
+waiter LISTENs before its attempt and wakes at the release. A committing NOTIFY
+holds a cluster-wide lock through its commit (so notifying transactions commit
+one at a time) and wakes every listener in the database, so a release sends one
+only when someone waits: each waiter holds a shared advisory lock on the name's
+key while it listens, and the release notifies when it cannot take that key
+exclusively.
 The releaser's exclusive try-lock lasts until its commit, so a waiter arriving
 meanwhile blocks on its shared lock until the release is visible and no wake-up
 is lost.
