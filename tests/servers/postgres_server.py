@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["DEFAULT_URL", "ENV", "answers", "start_throwaway", "url"]
 
@@ -125,7 +125,7 @@ def start_throwaway(ready: float = 30.0) -> str:
     return found
 
 
-def _unavailable(why: str) -> None:
+def _unavailable(why: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         raise RuntimeError(f"PostgreSQL is required under CI=true: {why}")
     import pytest
@@ -149,6 +149,6 @@ def url() -> str:
             candidate = start_throwaway()
         except (OSError, KeyError, RuntimeError, subprocess.SubprocessError) as error:
             _unavailable(f"nothing answers at {DEFAULT_URL} and no throwaway server: {error}")
-    os.environ[ENV] = candidate  # type: ignore[assignment]
+    os.environ[ENV] = candidate
     _found = candidate
-    return candidate  # type: ignore[return-value]
+    return candidate
