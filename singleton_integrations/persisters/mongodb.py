@@ -23,9 +23,10 @@ Why it is shaped this way:
   before the purge unless the server's clock went back by more than the
   retention (30 days by default). Tokens are therefore large integers.
 * **Clean-up without losing counters.** A TTL index on ``purgeAt`` (not on
-  ``expiresAt``) deletes a document ``purge_after_seconds`` after its lock was
-  released or expired; ``purge_after_seconds=None`` keeps every document and
-  skips the index.
+  ``expiresAt``) deletes a document between ``purge_after_seconds`` and twice
+  that after its lock was last live (released or expired); ``purgeAt`` moves
+  only when it would fall short, so most writes leave the index alone.
+  ``purge_after_seconds=None`` keeps every document and skips the index.
 * **Waiting.** ``watch`` opens a change stream on this ``_id`` before the
   acquire attempt, so no release is missed; change streams need a replica set,
   so on a standalone server it falls back to polling every ``poll_interval``
@@ -124,7 +125,17 @@ def _expires(ttl_ms: int | None) -> Any:
 
 
 def _purge(at: Any, purge_ms: int | None) -> Any:
-    return "$$REMOVE" if purge_ms is None or at is None else {"$add": [at, purge_ms]}
+    """``purgeAt`` for a lock last live at ``at``: kept unless it falls short of ``at`` + retention.
+
+    Moving it only then (to ``at`` + twice the retention) leaves the TTL index
+    untouched by almost every acquire and release: the clean-up costs no index
+    write on the hot path, and a document goes between one and two retentions
+    after its lock was last live.
+    """
+    if purge_ms is None or at is None:
+        return "$$REMOVE"
+    far_enough = {"$gte": [{"$toLong": "$purgeAt"}, {"$add": [{"$toLong": at}, purge_ms]}]}
+    return {"$cond": [far_enough, "$purgeAt", {"$add": [at, 2 * purge_ms]}]}
 
 
 def _acquire_update(owner: Owner, ttl_ms: int | None, purge_ms: int | None) -> list[dict[str, Any]]:
@@ -342,7 +353,7 @@ class MongoDb(Persister):
         self._password = urlsplit(driver_url).password
         self._validate_options()
 
-        self._guard = threading.Lock()
+        self._guard, self._guard_pid = threading.Lock(), os.getpid()
         self._client_: MongoClient[Any] | None = None
         self._pid = 0
         self._indexed = False
@@ -377,6 +388,8 @@ class MongoDb(Persister):
         client = self._client_
         if client is not None and self._pid == pid:
             return client
+        if self._guard_pid != pid:  # a forked child must not wait on a lock a parent's thread held
+            self._guard, self._guard_pid = threading.Lock(), pid
         with self._guard:
             if self._client_ is None or self._pid != pid:
                 # In a forked child the parent's client must not be used (pymongo is not
@@ -532,7 +545,7 @@ class MongoDb(Persister):
             logger.debug("mongodb: change streams unavailable, polling: %s", self._describe(error))
             self._change_streams = False
             return None
-        except (errors.PyMongoError, PersisterError):  # unreachable now; the attempt will say so
+        except (errors.PyMongoError, PersisterError, ValueError):  # unreachable now, or timeoutMS < the await
             return None
         self._change_streams = True
         return stream
@@ -570,7 +583,7 @@ class MongoDb(Persister):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pymongo = _import_pymongo()
-        self._guard = threading.Lock()
+        self._guard, self._guard_pid = threading.Lock(), os.getpid()
         self._client_, self._pid, self._clock_offset, self._probed_at = None, 0, None, -math.inf
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -291,14 +292,23 @@ def test_ttl_index_on_purge_at(store: MongoDb) -> None:
     indexes = raw(store).index_information()
     ttl = [index for index in indexes.values() if index["key"] == [("purgeAt", 1)]]
     assert len(ttl) == 1 and ttl[0]["expireAfterSeconds"] == 0
+    retention = store.purge_after_seconds
+    assert retention is not None
     held = raw(store).find_one({"_id": "ttl"})
-    assert held["purgeAt"] > held["expiresAt"]  # an abandoned lock is purged only after the retention
+    assert (held["purgeAt"] - held["expiresAt"]).total_seconds() >= retention  # abandoned: kept a retention
     assert store.release("ttl", owner.owner_token)
     released = raw(store).find_one({"_id": "ttl"})
     assert released["owner"] is None and released["fence"] == held["fence"]  # the counter stays
-    retention = (released["purgeAt"] - held["createdAt"]).total_seconds()
-    assert store.purge_after_seconds is not None
-    assert store.purge_after_seconds - 60 < retention < store.purge_after_seconds + 3600
+    assert released["purgeAt"] == held["purgeAt"]  # far enough already: the index is not rewritten
+    server_now = store._client().admin.command("hello")["localTime"].replace(tzinfo=timezone.utc)
+    assert (released["purgeAt"] - server_now).total_seconds() >= retention
+
+    forever = Owner()
+    assert store.acquire("forever", forever, None).acquired
+    assert "purgeAt" not in raw(store).find_one({"_id": "forever"})  # a lock that never expires stays
+    assert store.release("forever", forever.owner_token)
+    purge_at = raw(store).find_one({"_id": "forever"})["purgeAt"]
+    assert retention <= (purge_at - server_now).total_seconds() <= 2 * retention + 60
 
 
 def test_purge_disabled_creates_no_index(url: str, collection_name: str) -> None:
