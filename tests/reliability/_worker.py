@@ -68,12 +68,15 @@ def fenced_write(resource: dict[str, Any], token: int, writer: str) -> bool:
 def overlap(config: dict[str, Any]) -> None:
     """Loop acquire / work / release until ``until``; log each hold as ``start end token pid``."""
     lock = Singleton(config["name"], persisters.from_url(config["url"]), lock_expire_seconds=config["ttl"])
+    lock.exists()  # connect before the start, so slow interpreter start-up eats no test time
+    say(event="ready")
+    window = json.loads(sys.stdin.readline())  # the parent starts everyone at once
     holds = conflicts = errors = 0
     pid = os.getpid()
     with open(config["log"], "w", encoding="utf-8") as log:
-        while time.monotonic() < config["start_at"]:
+        while time.monotonic() < window["start_at"]:
             time.sleep(0.005)
-        while time.monotonic() < config["until"]:
+        while time.monotonic() < window["until"]:
             try:
                 acquired = lock.lock(wait=config["wait"])
             except Exception as error:  # counted and shown; the parent asserts there are none

