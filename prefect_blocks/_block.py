@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -69,7 +69,7 @@ class SingletonBlock(Block):
             "mongodb://host/db or sqlite:////shared/locks.db."
         ),
     )
-    lock_expire_seconds: Optional[float] = Field(
+    lock_expire_seconds: float | None = Field(
         default=300.0,
         gt=0,
         title="Lock expire seconds",
@@ -80,7 +80,7 @@ class SingletonBlock(Block):
         title="Auto renew",
         description="Renew the lease while the run is alive, so long runs keep the lock and dead ones lose it.",
     )
-    name_prefix: Optional[str] = Field(
+    name_prefix: str | None = Field(
         default=None,
         title="Name prefix",
         description="Prepended to every lock name; leave empty so the same name is the same lock everywhere.",

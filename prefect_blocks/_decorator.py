@@ -15,7 +15,7 @@ import math
 import string
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 from singleton_integrations import LockConflict, Singleton
 
@@ -26,7 +26,7 @@ __all__ = ["OnConflict", "current_lock", "singleton"]
 
 OnConflict = Literal["skip", "fail", "wait"]
 F = TypeVar("F", bound=Callable[..., Any])
-LockName = Union[str, Callable[[dict[str, Any]], str]]
+LockName = str | Callable[[dict[str, Any]], str]
 
 _current: ContextVar[Singleton | None] = ContextVar("prefect_blocks_current_lock", default=None)
 

@@ -132,10 +132,8 @@ class SingletonLockManager(LockManager):
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
             cancelled.set()
-            try:
-                acquired = await attempt
-            except Exception:
-                acquired = False
+            await asyncio.wait({attempt})
+            acquired = attempt.exception() is None and attempt.result()
             if acquired:  # got it as the cancellation arrived: never leak it
                 await asyncio.to_thread(self.persister.release, self.lock_name(key), owner_token_for(holder))
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, task
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import FlowRunContext
 
 from prefect_blocks import EVENT_NAMES, SingletonBlock, current_lock, lock_resource_id, singleton
 

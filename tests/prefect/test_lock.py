@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 
 from prefect_blocks import LockConflict, LockLost, SingletonBlock
 
-from .conftest import HERE, ROOT, held_elsewhere
+from .conftest import ROOT, held_elsewhere
 
 
 def wait_until(predicate, timeout: float = 30.0) -> None:
@@ -40,21 +39,18 @@ def test_with_holds_then_releases(block: SingletonBlock, lock_name: str) -> None
 
 def test_conflict_names_the_other_process(block: SingletonBlock, store_url: str, lock_name: str) -> None:
     with held_elsewhere(store_url, lock_name, "--metadata", "job=cron") as other:
-        with pytest.raises(LockConflict, match=f"pid {other.pid}.*job=cron") as raised:
-            with block.lock(lock_name):
-                pytest.fail("the body must not run")
+        with pytest.raises(LockConflict, match=f"pid {other.pid}.*job=cron") as raised, block.lock(lock_name):
+            pytest.fail("the body must not run")
         assert raised.value.holder.fencing_token == other.fencing_token
-        with pytest.raises(LockConflict, match=r"after waiting 0\.3 s"):
-            with block.lock(lock_name, wait=0.3):
-                pytest.fail("the body must not run")
+        with pytest.raises(LockConflict, match=r"after waiting 0\.3 s"), block.lock(lock_name, wait=0.3):
+            pytest.fail("the body must not run")
     with block.lock(lock_name, wait=5) as held:  # free again once the other released
         assert held.fencing_token > other.fencing_token
 
 
 def test_released_on_exception(block: SingletonBlock, lock_name: str) -> None:
-    with pytest.raises(ZeroDivisionError):
-        with block.lock(lock_name):
-            1 / 0
+    with pytest.raises(RuntimeError, match="boom"), block.lock(lock_name):
+        raise RuntimeError("boom")
     assert block.holder(lock_name) is None
 
 
@@ -68,12 +64,12 @@ def test_name_prefix_and_lease_override(store_url: str, lock_name: str) -> None:
 
 
 def test_renews_while_held(store_url: str, lock_name: str) -> None:
-    block = SingletonBlock(url=store_url, lock_expire_seconds=0.6, auto_renew=True)
+    block = SingletonBlock(url=store_url, lock_expire_seconds=1.5, auto_renew=True)
     with block.lock(lock_name) as held:
         first = block.holder(lock_name)
         renewals: list[str] = []
         held.on("renewed", renewals.append)
-        wait_until(lambda: len(renewals) >= 4)  # well past the 0.6 s lease
+        wait_until(lambda: len(renewals) >= 4)  # well past the 1.5 s lease
         now = block.holder(lock_name)
         assert now is not None and now.fencing_token == first.fencing_token
         assert now.expires_at > first.expires_at
@@ -83,11 +79,10 @@ def test_renews_while_held(store_url: str, lock_name: str) -> None:
 
 def test_loss_without_renewal_raises_lock_lost(store_url: str, lock_name: str) -> None:
     block = SingletonBlock(url=store_url, lock_expire_seconds=0.3, auto_renew=False)
-    with pytest.raises(LockLost, match="was lost"):
-        with block.lock(lock_name):
-            wait_until(lambda: block.holder(lock_name) is None)  # the lease ran out
-            with held_elsewhere(store_url, lock_name):
-                pass
+    with pytest.raises(LockLost, match="was lost"), block.lock(lock_name):
+        wait_until(lambda: block.holder(lock_name) is None)  # the lease ran out
+        with held_elsewhere(store_url, lock_name):
+            pass
 
 
 def test_holder_metadata_names_the_runs(block: SingletonBlock, lock_name: str) -> None:
@@ -117,10 +112,9 @@ async def test_async_with_holds_then_releases(block: SingletonBlock, store_url: 
     async with block.lock(lock_name) as held:
         assert (await held.holder()).fencing_token == held.fencing_token
     assert block.holder(lock_name) is None
-    with held_elsewhere(store_url, lock_name):
-        with pytest.raises(LockConflict):
-            async with block.lock(lock_name):
-                pytest.fail("the body must not run")
+    with held_elsewhere(store_url, lock_name), pytest.raises(LockConflict):
+        async with block.lock(lock_name):
+            pytest.fail("the body must not run")
 
 
 async def test_cancelled_while_holding_releases(block: SingletonBlock, lock_name: str) -> None:
