@@ -162,6 +162,9 @@ def render(outcomes: dict[str, tuple[str, float, str]], figures: dict[str, dict[
                 lines += [f"Proves: {doc}", ""]
             lines += [f"Rerun: `python -m pytest '{path}::{function}'`"
                       + (" (slow: add `-m slow`)" if any(_is_slow(n, outcomes) for n in nodeids) else ""), ""]
+            if not any(figures.get(nodeid) for nodeid in nodeids):
+                lines += [_summary(nodeids, outcomes), ""]
+                continue
             keys: list[str] = []
             for nodeid in nodeids:
                 for key in figures.get(nodeid, {}).get("figures", {}):
@@ -172,7 +175,7 @@ def render(outcomes: dict[str, tuple[str, float, str]], figures: dict[str, dict[
             lines.append("|" + "---|" * len(header))
             for nodeid in nodeids:
                 outcome, seconds, message = outcomes[nodeid]
-                case = nodeid.partition("[")[2].rstrip("]") or "-"
+                case = _case(nodeid)
                 shown = outcome if not message or outcome == "passed" else f"{outcome}: {message[:120]}"
                 data = figures.get(nodeid, {}).get("figures", {})
                 row = [case, shown, f"{seconds:.1f}", *[_cell(data.get(key, "")) for key in keys]]
@@ -180,6 +183,26 @@ def render(outcomes: dict[str, tuple[str, float, str]], figures: dict[str, dict[
             lines.append("")
     lines.append(DURABILITY)
     return "\n".join(lines)
+
+
+def _case(nodeid: str) -> str:
+    name = nodeid.partition("::")[2]
+    return name[name.index("[") + 1:-1] if "[" in name else "-"
+
+
+def _summary(nodeids: list[str], outcomes: dict[str, tuple[str, float, str]]) -> str:
+    """One line for checks that measure nothing but pass or fail: how many cases, which did not pass."""
+    by_outcome: dict[str, list[str]] = defaultdict(list)
+    for nodeid in nodeids:
+        by_outcome[outcomes[nodeid][0]].append(nodeid)
+    seconds = sum(outcomes[n][1] for n in nodeids)
+    parts = [f"{len(found)} {outcome}" for outcome, found in sorted(by_outcome.items())]
+    text = f"Cases: {len(nodeids)} ({', '.join(parts)}; {seconds:.1f} s)."
+    for outcome, found in sorted(by_outcome.items()):
+        if outcome != "passed":
+            for nodeid in found:
+                text += f" `{_case(nodeid)}` {outcome}: {_cell(outcomes[nodeid][2][:200])}."
+    return text
 
 
 def _is_slow(nodeid: str, outcomes: dict[str, tuple[str, float, str]]) -> bool:

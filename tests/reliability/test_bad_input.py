@@ -44,6 +44,7 @@ def store(kind: str, url: str) -> Any:
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=lambda v: repr(v)[:20])
 def test_bad_names_refused_before_io(kind: str, store: Any, name: object) -> None:
+    """Wrong types, empty, over-long, control characters, lone surrogates: refused at construction, nothing written."""
     prefix = f"reliability-bad-{uuid.uuid4().hex[:8]}"
     candidate = prefix + name if isinstance(name, str) and name else name
     with pytest.raises((TypeError, ValueError)):
@@ -55,18 +56,21 @@ def test_bad_names_refused_before_io(kind: str, store: Any, name: object) -> Non
 
 @pytest.mark.parametrize("ttl", BAD_TTLS, ids=repr)
 def test_bad_lease_lengths_refused(ttl: object) -> None:
+    """Zero, negative, NaN, infinite, strings, bools and absurd lease lengths are refused."""
     with pytest.raises((TypeError, ValueError)):
         Singleton("reliability-bad-ttl", persisters.Memory(), lock_expire_seconds=ttl)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("metadata", BAD_METADATA, ids=lambda v: repr(v)[:20])
 def test_bad_metadata_refused(metadata: object) -> None:
+    """Holder metadata that is not a small mapping of plain str keys to short str values is refused."""
     with pytest.raises((TypeError, ValueError)):
         Singleton("reliability-bad-metadata", persisters.Memory(), metadata=metadata)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("wait", BAD_WAITS, ids=repr)
 def test_bad_waits_refused_without_locking(wait: object) -> None:
+    """A bad ``wait`` is refused before any attempt, so no lock is taken."""
     store = persisters.Memory()
     job = Singleton("reliability-bad-wait", store)
     with pytest.raises((TypeError, ValueError)):
@@ -81,12 +85,14 @@ def test_bad_waits_refused_without_locking(wait: object) -> None:
     ids=repr,
 )
 def test_bad_options_refused(options: dict[str, Any]) -> None:
+    """Contradictory or mistyped Singleton options are refused."""
     with pytest.raises((TypeError, ValueError)):
         Singleton("reliability-bad-options", persisters.Memory(), **options)
 
 
 @pytest.mark.parametrize("persister", [42, b"redis://x", object(), ["memory://"], {"url": "memory://"}], ids=repr)
 def test_bad_persister_objects_refused(persister: object) -> None:
+    """Anything but a Persister, a URL string or None is refused as a persister."""
     with pytest.raises((TypeError, ValueError)):
         Singleton("reliability-bad-persister", persister)  # type: ignore[arg-type]
 
@@ -101,6 +107,7 @@ def test_bad_persister_objects_refused(persister: object) -> None:
          "mongodb-bytes", "sqlite-int", "sqlite-bytes"],
 )
 def test_persister_constructors_refuse_wrong_types(make: Any) -> None:
+    """Each persister class refuses wrong types and foreign schemes at construction."""
     with pytest.raises((TypeError, ValueError, PersisterError)):
         make()
 
