@@ -74,6 +74,10 @@ class SingletonLock:
         assert singleton is not None, "exit without enter"
         try:
             released = singleton.release()
+        except Exception as error:
+            if exc_type is None:
+                raise
+            released = self._release_failed(singleton, error)  # the body's exception says more
         finally:
             self._finish()
         self._after_release(singleton, released, exc_type is None)
@@ -98,6 +102,10 @@ class SingletonLock:
         assert singleton is not None and face is not None, "exit without enter"
         try:
             released = await face.release()  # shielded: a cancelled task still releases
+        except Exception as error:
+            if exc_type is None:
+                raise
+            released = self._release_failed(singleton, error)
         finally:
             self._finish()
         self._after_release(singleton, released, exc_type is None)
@@ -154,6 +162,11 @@ class SingletonLock:
             self._emit("released", singleton, f"released lock {singleton.name!r}")
         if self._lost_reason is not None and body_succeeded:
             raise LockLost(singleton.name, self._lost_reason)
+
+    @staticmethod
+    def _release_failed(singleton: Singleton, error: Exception) -> bool:
+        run_logger().warning("could not release lock %r (its lease will expire): %s", singleton.name, error)
+        return False
 
     def _on_lost(self, singleton: Singleton, message: str) -> None:
         # May run on the renewal thread: the run context is the one captured at enter.
