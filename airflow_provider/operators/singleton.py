@@ -333,7 +333,7 @@ class SingletonOperator(PythonOperator):
             return False
         try:
             released = singleton.release()
-        except Exception as error:  # the lease still ends by itself; say so rather than hide the failure
+        except Exception as error:  # noqa: BLE001  (the lease still ends by itself: say so, do not mask the task's outcome)
             self.log.error("Releasing lock %r failed (%s): it frees itself when its lease ends", self.lock_name, error)
             return False
         if released:

@@ -63,14 +63,14 @@ class SingletonTrigger(BaseTrigger):
             # The async lookup: a sync one from the event loop can deadlock the triggerer.
             conn = await SingletonHook.aget_connection(self.singleton_conn_id)
             persister = SingletonHook.persister_from_connection(conn)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
             yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
             return
         try:
             while True:
                 try:
                     holder = await asyncio.to_thread(persister.get, self.lock_name)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
                     yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
                     return
                 if holder is None:

@@ -15,7 +15,13 @@ import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import TaskDeferred
 
-from airflow_provider import SingletonLockConflict, SingletonLockLost, SingletonOperator, SingletonTrigger, SingletonWaitTimeout
+from airflow_provider import (
+    SingletonLockConflict,
+    SingletonLockLost,
+    SingletonOperator,
+    SingletonTrigger,
+    SingletonWaitTimeout,
+)
 from tests.airflow._dagrun import history, run_dag
 from tests.airflow.conftest import HOLDER, STORES
 

@@ -23,24 +23,26 @@ def _on_failure(context: Any) -> None:
 def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = False,
                lock_expire_seconds: float = 300.0, hold_for: float = 0.0) -> DAG:
     SEEN.clear()
-    with DAG(dag_id, schedule=None, start_date=START, catchup=False,
-             default_args={"on_failure_callback": _on_failure}) as dag:
-        with SingletonOperator(task_id="guard", lock_name=lock_name, singleton_conn_id=store.conn_id,
-                               lock_expire_seconds=lock_expire_seconds, auto_renew=False):
+    with (
+        DAG(dag_id, schedule=None, start_date=START, catchup=False,
+            default_args={"on_failure_callback": _on_failure}) as dag,
+        SingletonOperator(task_id="guard", lock_name=lock_name, singleton_conn_id=store.conn_id,
+                          lock_expire_seconds=lock_expire_seconds, auto_renew=False),
+    ):
 
-            @task
-            def extract() -> None:
-                record = store.holder(lock_name)
-                SEEN["holder_during_group"] = record
-                time.sleep(hold_for)
-                if first_fails:
-                    raise RuntimeError("extract failed")
+        @task
+        def extract() -> None:
+            record = store.holder(lock_name)
+            SEEN["holder_during_group"] = record
+            time.sleep(hold_for)
+            if first_fails:
+                raise RuntimeError("extract failed")
 
-            @task
-            def load() -> None:
-                SEEN["load_ran"] = True
+        @task
+        def load() -> None:
+            SEEN["load_ran"] = True
 
-            extract() >> load()
+        extract() >> load()
     return dag
 
 
@@ -100,6 +102,5 @@ def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, task_log) ->
 def test_with_a_callable_is_refused() -> None:
     with DAG("group_refused", schedule=None, start_date=START):
         operator = SingletonOperator(task_id="guard", lock_name="x", python_callable=lambda: None)
-        with pytest.raises(ValueError, match="guards the tasks inside it"):
-            with operator:
-                pass
+        with pytest.raises(ValueError, match="guards the tasks inside it"), operator:
+            pass
