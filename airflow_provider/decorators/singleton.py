@@ -39,6 +39,10 @@ class _SingletonDecoratedOperator(DecoratedOperator, SingletonOperator):
             **kwargs,
         )
 
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """After a deferred wait, handle the return value as ``execute`` does (assets in outlets)."""
+        return self._handle_output(return_value=super().execute_complete(context, event))
+
 
 def singleton_task(
     python_callable: Callable[..., Any] | None = None,

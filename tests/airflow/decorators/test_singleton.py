@@ -41,15 +41,24 @@ def test_decorated_task_runs_under_its_templated_lock(store, hold, lock_name) ->
         def busy() -> None:
             seen["busy_ran"] = True
 
-        @task
-        def check(doubled: int) -> None:
-            seen["doubled"] = doubled
+        @task.singleton(lock_name="{{ dag.dag_id }}-wait", singleton_conn_id=store.conn_id, on_conflict="wait",
+                        deferrable=True, wait_timeout=60, poll_interval=0.5,
+                        on_execute_callback=lambda context: waited_for.release_later(1.0))
+        def after_wait(doubled: int) -> int:
+            return doubled + 1
 
-        check(load(21))
+        @task
+        def check(doubled: int, plus_one: int) -> None:
+            seen["doubled"], seen["plus_one"] = doubled, plus_one
+
+        doubled = load(21)
+        check(doubled, after_wait(doubled))
         busy()
     hold(store, f"{dag_id}-busy")
+    waited_for = hold(store, f"{dag_id}-wait")
     tis = run_dag(dag)
     assert tis["load"].state == "success" and tis["check"].state == "success"
     assert seen["name"] == f"{dag_id}.load" and seen["doubled"] == 42 and seen["fencing_token"] >= 1
+    assert tis["after_wait"].state == "success" and seen["plus_one"] == 43, "the value returned after deferral"
     assert tis["busy"].state == "skipped" and "busy_ran" not in seen
     assert store.holder(f"{dag_id}.load") is None
