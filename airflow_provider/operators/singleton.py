@@ -98,7 +98,9 @@ class SingletonOperator(PythonOperator):
     :param lock_name: the lock (templated); defaults to ``"<dag_id>.<task_id>"``.
     :param singleton_conn_id: the connection naming the store.
     :param python_callable: the work; it may accept a ``singleton`` argument (the held ``Singleton``,
-        e.g. for its ``fencing_token``). Omit it when using the operator as a context manager.
+        e.g. for its ``fencing_token``). Omit it when using the operator as a context manager; without a
+        callable outside a ``with`` block, the task acquires and leaves the lock to a
+        ``SingletonReleaseOperator(acquire_task_id=...)`` (or to its lease's end).
     :param on_conflict: ``skip``, ``fail``, ``retry`` or ``wait`` (see the module docstring).
     :param lock_expire_seconds: lease length; a crashed holder frees the lock after this long.
     :param auto_renew: renew the lease while the callable runs (a refused renewal fails the task).

@@ -1,0 +1,24 @@
+"""The provider's exceptions keep their Airflow meaning (retry or not) and survive pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
+
+
+def test_retry_semantics_follow_the_base_classes() -> None:
+    assert issubclass(SingletonLockConflict, AirflowException)
+    assert not issubclass(SingletonLockConflict, AirflowFailException), "retries must apply"
+    assert issubclass(SingletonWaitTimeout, SingletonLockConflict)
+    assert issubclass(SingletonLockLost, AirflowFailException), "a lost lock must not be retried blindly"
+
+
+def test_exceptions_pickle_with_their_details() -> None:
+    for error in (SingletonLockConflict("n", "host pid 1"), SingletonWaitTimeout("n", "h", "waited"),
+                  SingletonLockLost("n")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.lock_name == "n"
+    assert pickle.loads(pickle.dumps(SingletonLockConflict("n", "host pid 1"))).holder == "host pid 1"
