@@ -88,6 +88,7 @@ _TTL_INDEX = "singleton_purgeAt_ttl"
 _DUPLICATE_KEY_RETRIES = 5
 _CHANGE_STREAM_AWAIT_MS = 100
 _CLOCK_REFRESH_SECONDS = 60.0
+_PROBE_SECONDS = 2.0
 # Options of ours that may appear in the URL's query; pymongo would reject them.
 _OWN_QUERY_OPTIONS = {"collection": "collection", "purgeafterseconds": "purge_after_seconds"}
 # keyword -> (MongoClient option, default applied when neither keyword nor URL sets it)
@@ -95,7 +96,9 @@ _DRIVER_OPTIONS = {
     "server_selection_timeout_ms": ("serverSelectionTimeoutMS", 5000),
     "connect_timeout_ms": ("connectTimeoutMS", 5000),
     "socket_timeout_ms": ("socketTimeoutMS", 10000),
-    "timeout_ms": ("timeoutMS", 10000),
+    # pymongo's per-operation bound, retries and server selection included (so an
+    # unreachable server fails after this long, not serverSelectionTimeoutMS).
+    "timeout_ms": ("timeoutMS", 8000),
 }
 
 # --- expressions: every time comparison is on {$toLong} values (see the SecantusDB note) ---
@@ -323,7 +326,10 @@ class MongoDb(Persister):
         self.database_name = _check_name("database", database, '/\\. "$\x00')
         if purge_after_seconds is _UNSET:
             text = own.get("purge_after_seconds", str(DEFAULT_PURGE_AFTER_SECONDS))
-            purge_after_seconds = None if text.lower() in ("", "none", "never") else float(text)
+            try:
+                purge_after_seconds = None if text.lower() in ("", "none", "never") else float(text)
+            except ValueError:
+                raise ValueError(f"purgeAfterSeconds must be a number of seconds or 'none', not {text!r}") from None
         if purge_after_seconds is not None:
             _positive("purge_after_seconds", purge_after_seconds)
         self.purge_after_seconds = purge_after_seconds
@@ -411,14 +417,14 @@ class MongoDb(Persister):
         return collection
 
     def _ensure_ttl_index(self, collection: Collection[Any]) -> None:
+        """Once per client, inside the caller's ``_translate``: an unreachable server fails the caller."""
         errors = self._pymongo.errors
-        with self._translate("create the TTL index"):
-            try:
-                collection.create_index("purgeAt", expireAfterSeconds=0, name=_TTL_INDEX)
-            except errors.OperationFailure as error:  # e.g. no createIndex privilege: locks still work
-                if isinstance(error, errors.ExecutionTimeout) or error.code in (None, 50):
-                    raise
-                logger.warning("mongodb: cannot create the clean-up TTL index on purgeAt: %s", self._describe(error))
+        try:
+            collection.create_index("purgeAt", expireAfterSeconds=0, name=_TTL_INDEX)
+        except errors.OperationFailure as error:  # e.g. no createIndex privilege: locks still work
+            if isinstance(error, errors.ExecutionTimeout) or error.code in (None, 50):
+                raise
+            logger.warning("mongodb: cannot create the clean-up TTL index on purgeAt: %s", self._describe(error))
         self._indexed = True
 
     def _scrub(self, text: str) -> str:
@@ -555,14 +561,15 @@ class MongoDb(Persister):
         # _CLOCK_REFRESH_SECONDS keeps each wait from paying a second connect timeout.
         if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
             self._probed_at = time.monotonic()
-            stream = self._open_stream("")  # the empty name is never a lock: the stream stays quiet
+            with self._pymongo.timeout(_PROBE_SECONDS):  # a dead server costs the probe little
+                stream = self._open_stream("")  # the empty name is never a lock: the stream stays quiet
             if stream is not None:
                 _ChangeStreamWatch(self, stream).close()
         return bool(self._change_streams)
 
     def watch(self, name: str) -> ReleaseWatch:
         """A change stream on this name where the server has them, else polling."""
-        stream = None if self._change_streams is False else self._open_stream(name)
+        stream = self._open_stream(name) if self._probe_change_streams() else None
         return SleepWatch() if stream is None else _ChangeStreamWatch(self, stream)
 
     def close(self) -> None:

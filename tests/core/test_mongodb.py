@@ -120,7 +120,7 @@ def test_url_path_query_and_keyword_overrides() -> None:
     assert (store.database_name, store.collection_name, store.purge_after_seconds) == ("jobs", "locks", 60.0)
     options = store._client().options
     assert options.server_selection_timeout == 1.5  # the URL's own value beats the default
-    assert options.pool_options.connect_timeout == 5.0 and options.timeout == 10.0  # defaults fill the gaps
+    assert options.pool_options.connect_timeout == 5.0 and options.timeout == 8.0  # defaults fill the gaps
     assert options.replica_set_name == "rs"
     assert "collection" not in store._driver_url and "purgeAfterSeconds" not in store._driver_url
 
@@ -190,6 +190,8 @@ def test_tls_round_trip(tmp_path: Path) -> None:
         ("mongodb://h/db", {"server_selection_timeout_ms": -1}),
         ("mongodb://h/db", {"purge_after_seconds": 0}),
         ("mongodb://h/db?connectTimeoutMS=soon", {}),
+        ("mongodb://h/db?purgeAfterSeconds=soon", {}),
+        ("mongodb://h/db?purgeAfterSeconds=-5", {}),
         ("mongodb://h/db", {"tls": "maybe"}),
         ("mongodb://h/db", {"bogusOption": 1}),
         ("mongodb://h/db", {"tlsCAFile": "/nonexistent/ca.pem"}),
@@ -228,6 +230,10 @@ def test_unreachable_server_raises_persister_error_in_bounded_time() -> None:
     assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
     assert secret not in str(caught.value) and secret not in str(caught.value.__cause__)
     assert pickle.loads(pickle.dumps(caught.value)).backend == "mongodb"
+    # Waiting on it: the change-stream probe gives up quickly, stays unknown, and the
+    # watch falls back to polling instead of paying a second full timeout.
+    assert store.notifies is False and store._change_streams is None
+    assert isinstance(store.watch("job"), SleepWatch)
 
 
 def test_construction_never_connects() -> None:
