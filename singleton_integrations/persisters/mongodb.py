@@ -31,6 +31,11 @@ Why it is shaped this way:
   acquire attempt, so no release is missed; change streams need a replica set,
   so on a standalone server it falls back to polling every ``poll_interval``
   (``notifies`` finds out once per persister, on first read, by opening a stream).
+* **Bounded calls.** ``timeout_ms`` (8 s, pymongo's client-side operation
+  timeout) bounds every operation, server selection and retries included, so
+  an unreachable server raises ``PersisterError`` after it; connect and socket
+  timeouts (5 s, 10 s) bound the pieces. Options in the URL are kept unless a
+  keyword overrides them.
 * **Durability.** ``write_concern="majority"`` makes an acquire or release
   survive a primary failover (with the default ``w:1`` a failover can roll back
   an acknowledged acquire, and a second holder can then take the name), at the
@@ -41,9 +46,10 @@ this module avoids with formulations that are also correct on mongod:
 
 * comparing a date with ``$$NOW`` can give the wrong answer, so every
   comparison is between ``{$toLong: ...}`` values;
-* a ``findAndModify`` with ``upsert`` can return no document although it wrote
-  one, so the result is then read back by ``_id`` (safe: the random owner token
-  says whether the write was ours);
+* a ``findAndModify`` with ``upsert`` can return no document: reported after a
+  write, and seen here from the loser of concurrent first-time upserts (where
+  mongod raises ``DuplicateKeyError``), so the result is then read back by
+  ``_id`` (safe: the random owner token says whether the write was ours);
 * ``$$NOW`` is undefined in a ``findAndModify`` projection (and the command
   fails after having written), so the time left on a holder's lease is computed
   from the server's clock as reported by ``hello``, never from the client's.
