@@ -15,7 +15,7 @@ from . import _process
 from ._errors import LockConflict, LockLost, PersisterError, SingletonError
 from ._events import EventEmitter, logger
 from ._record import AcquireResult, LockRecord, Owner, validate_metadata, validate_name, validate_ttl
-from .persisters._base import Persister
+from .persisters._base import Persister, ReleaseWatch
 
 __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton"]
 
@@ -25,6 +25,8 @@ DEFAULT_LOCK_EXPIRE_SECONDS = 300.0
 #: While waiting on a store that notifies, still look again this often (a lost
 #: notification costs at most this much).
 _NOTIFY_SAFETY_POLL = 2.0
+#: How soon a cancelled wait (async cancellation, a CLI signal) notices.
+_CANCEL_CHECK_INTERVAL = 0.1
 
 _UNSET: Any = object()
 
@@ -147,12 +149,14 @@ class Singleton(EventEmitter):
         callback: Callable[[BaseException | None, bool | None], object] | None = None,
         *,
         wait: float | None = None,
-        _cancelled: threading.Event | None = None,
+        cancel: threading.Event | None = None,
     ) -> bool:
         """Try to take the lock; with ``wait``, block up to that many seconds for it.
 
         Returns True when acquired, False when another live holder kept it.
         ``callback(err, success)`` is the seed's style and is called as well.
+        Setting ``cancel`` (a ``threading.Event``) from another thread or a
+        signal handler ends the wait early.
         """
         seconds = _validate_wait(wait)
         if callback is not None and not callable(callback):
@@ -161,7 +165,7 @@ class Singleton(EventEmitter):
             return self._finish(callback, None, True)
         self.emit("locking", f"locking {self.name!r}", self.name)
         try:
-            result = self._acquire(seconds, _cancelled)
+            result = self._acquire(seconds, cancel)
         except Exception as error:
             return self._fail(callback, error)
         if not result.acquired:
@@ -274,7 +278,7 @@ class Singleton(EventEmitter):
         owner = Owner(metadata=self.metadata)
         return self._call(self.persister.acquire, self.name, owner, self.lock_expire_seconds)
 
-    def _acquire(self, wait: float, cancelled: threading.Event | None) -> AcquireResult:
+    def _acquire(self, wait: float, cancel: threading.Event | None) -> AcquireResult:
         if wait <= 0:
             return self._attempt()
         deadline = time.monotonic() + wait
@@ -283,14 +287,33 @@ class Singleton(EventEmitter):
             while True:
                 result = self._attempt()
                 remaining = deadline - time.monotonic()
-                if result.acquired or remaining <= 0 or (cancelled is not None and cancelled.is_set()):
+                if result.acquired or remaining <= 0 or (cancel is not None and cancel.is_set()):
                     return result
                 pause = min(remaining, poll)
                 if result.retry_after is not None:
                     pause = min(pause, max(result.retry_after, 0.0) + 0.001)
-                if cancelled is not None:
-                    pause = min(pause, 0.1)
-                watch.wait(pause)
+                if cancel is None:
+                    watch.wait(pause)
+                elif not self._wait_cancellable(watch, pause, cancel):
+                    return result
+
+    @staticmethod
+    def _wait_cancellable(watch: ReleaseWatch, pause: float, cancel: threading.Event) -> bool:
+        """Wait in short slices so ``cancel`` is seen soon, without more store round trips.
+
+        A slice that ends early was woken by a release: stop waiting and try again.
+        Returns False when cancelled.
+        """
+        end = time.monotonic() + pause
+        while (left := end - time.monotonic()) > 0:
+            step = min(_CANCEL_CHECK_INTERVAL, left)
+            started = time.monotonic()
+            watch.wait(step)
+            if cancel.is_set():
+                return False
+            if time.monotonic() - started < step * 0.9:
+                break
+        return not cancel.is_set()
 
     def _take(self, record: LockRecord) -> None:
         with self._state:
@@ -402,7 +425,7 @@ class AsyncSingleton:
 
     async def lock(self, callback: Callable[[BaseException | None, bool | None], object] | None = None, *, wait: float | None = None) -> bool:
         cancelled = threading.Event()
-        task = asyncio.ensure_future(asyncio.to_thread(self.sync.lock, callback, wait=wait, _cancelled=cancelled))
+        task = asyncio.ensure_future(asyncio.to_thread(self.sync.lock, callback, wait=wait, cancel=cancelled))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -346,7 +346,7 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
     except (ValueError, TypeError) as error:
         raise UsageError(f"singleton run: {error}") from None
     with _SignalRelay() as relay:
-        acquired = lock.lock(wait=args.wait, _cancelled=relay.cancelled)
+        acquired = lock.lock(wait=args.wait, cancel=relay.cancelled)
         if relay.received is not None:
             if acquired:
                 lock.release()
