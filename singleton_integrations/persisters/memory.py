@@ -85,7 +85,8 @@ class Memory(Persister):
             del self._locks[name]
             self._releases += 1
             self._changed.notify_all()
-            return True
+            # A lease that ran out untaken is cleared too, but it was not held until now.
+            return record.expires_at is None or record.expires_at.timestamp() > time.time()
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         with self._changed:

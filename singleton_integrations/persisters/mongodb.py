@@ -501,9 +501,15 @@ class MongoDb(Persister):
         return AcquireResult(False, holder, retry_after=retry)
 
     def release(self, name: str, owner_token: str) -> bool:
+        update = _release_update(self._purge_ms)
         with self._translate(f"release {name!r}"):
-            result = self._collection().update_one({"_id": name, "owner": owner_token}, _release_update(self._purge_ms))
-        return result.matched_count == 1
+            collection = self._collection()
+            if collection.update_one({"_id": name, **_LIVE, "owner": owner_token}, update).matched_count == 1:
+                return True
+            # A lease that ran out untaken is cleared too (a second trip only on this path),
+            # but it was not held until now.
+            collection.update_one({"_id": name, "owner": owner_token}, update)
+        return False
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         ttl_ms = None if ttl is None else max(1, round(ttl * 1000))

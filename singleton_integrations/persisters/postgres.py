@@ -96,14 +96,19 @@ WITH previous AS MATERIALIZED (
 SELECT taken.*, previous.*, extract(epoch FROM previous.expires_at - clock_timestamp())::float8
 FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON previous.owner_token IS NOT NULL
 """
-_RELEASE = """
-WITH released AS (
-    UPDATE {table} SET owner_token = NULL, expires_at = NULL
-    WHERE name = %(name)s AND owner_token = %(owner_token)s
-    RETURNING name
+# Frees the name if the token still owns it, and says whether the lease was still
+# live: a lock that expired untaken is cleared too, but the caller lost it.
+_RELEASE = f"""
+WITH old AS (
+    SELECT name, (expires_at IS NULL OR expires_at > clock_timestamp()) AS live FROM {{table}}
+    WHERE name = %(name)s AND owner_token = %(owner_token)s FOR UPDATE
+), released AS (
+    UPDATE {{table}} AS freed SET owner_token = NULL, expires_at = NULL
+    FROM old WHERE freed.name = old.name
+    RETURNING old.live, freed.name
 )
-SELECT CASE WHEN pg_try_advisory_xact_lock(%(waiters)s) THEN false
-            ELSE (SELECT true FROM pg_notify(%(channel)s, name)) END
+SELECT live, CASE WHEN pg_try_advisory_xact_lock(%(waiters)s) THEN false
+                  ELSE (SELECT true FROM pg_notify(%(channel)s, name)) END
 FROM released
 """
 _RENEW = f"""
@@ -500,7 +505,7 @@ class Postgres(Persister):
     def release(self, name: str, owner_token: str) -> bool:
         params = {"name": name, "owner_token": owner_token, "channel": self._channel_name(),
                   "waiters": self._waiters_key(name)}
-        return self._run("release", "release", params, lambda cursor: cursor.fetchone() is not None)
+        return self._run("release", "release", params, lambda cursor: bool((cursor.fetchone() or (False,))[0]))
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         params = {"name": name, "owner_token": owner_token, "ttl": ttl}

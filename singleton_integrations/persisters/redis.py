@@ -91,8 +91,17 @@ return {ok = fence .. ' ' .. now}
 """
 
 #: KEYS: lock, state. ARGV: owner_token. Returns 1 when the token held the lock.
+#: A lease of this token that ran out untaken is cleared from the state hash (so the
+#: next holder is not told it expired), but the answer is 0: it was not held until now.
 RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local token = redis.call('GET', KEYS[1])
+if token ~= ARGV[1] then
+  if not token then
+    local holder = redis.call('HGET', KEYS[2], 'holder')
+    if holder and string.find(holder, '"owner_token":"' .. ARGV[1] .. '"', 1, true) then
+      redis.call('HDEL', KEYS[2], 'holder')
+    end
+  end
   return 0
 end
 redis.call('DEL', KEYS[1])

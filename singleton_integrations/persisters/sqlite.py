@@ -146,11 +146,13 @@ class Sqlite(Persister):
 
     def release(self, name: str, owner_token: str) -> bool:
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE singleton_locks SET owner_token = NULL, expires_at = NULL WHERE name = ? AND owner_token = ?",
-                (name, owner_token),
-            )
-            return cursor.rowcount == 1
+            mine = "WHERE name = ? AND owner_token = ?"
+            row = db.execute(f"SELECT expires_at FROM singleton_locks {mine}", (name, owner_token)).fetchone()
+            if row is None:
+                return False
+            db.execute(f"UPDATE singleton_locks SET owner_token = NULL, expires_at = NULL {mine}", (name, owner_token))
+            # A lease that ran out untaken is cleared too, but it was not held until now.
+            return row[0] is None or row[0] > time.time()
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         with self._transaction() as db:

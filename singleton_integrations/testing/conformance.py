@@ -231,6 +231,20 @@ class PersisterConformance:
         assert persister.get(name).owner_token == new.record.owner_token
         assert new.release() is True
 
+    def test_release_after_the_lease_ran_out_reports_the_loss(self, persister: Persister, name: str) -> None:
+        """Nobody took it, but the lease ended before release: exclusivity was not kept."""
+        holder = self.singleton(name, persister, lock_expire_seconds=0.3)
+        events = self.record_events(holder)
+        assert holder.lock()
+        self.wait_until_expired(persister, name)
+        assert holder.release() is False
+        assert holder.lost and "lost" in [event for event, _ in events]
+        successor = self.singleton(name, persister)
+        successor_events = self.record_events(successor)
+        assert successor.lock()
+        assert "expired" not in [event for event, _ in successor_events], "release left the stale lock behind"
+        successor.release()
+
     def test_release_without_holding_is_a_no_op(self, persister: Persister, name: str) -> None:
         holder = self.singleton(name, persister)
         other = self.singleton(name, persister)
