@@ -8,15 +8,35 @@ and judges expiry by the store's clock. Run
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
 from .._record import AcquireResult, LockRecord, Owner
 
 __all__ = ["Persister", "ReleaseWatch", "SleepWatch"]
+
+_logger = logging.getLogger("singleton_integrations")
+
+
+def _logged_force_release(method: Callable[[Persister, str], LockRecord | None]) -> Callable[[Persister, str], LockRecord | None]:
+    """Every forced release leaves a warning naming the lock and whom it was taken from."""
+
+    @functools.wraps(method)
+    def force_release(self: Persister, name: str) -> LockRecord | None:
+        removed = method(self, name)
+        if removed is not None:
+            _logger.warning("force-released lock %r held by %s (%s)", name, removed.describe(), self.backend)
+        else:
+            _logger.info("force release of lock %r found no live holder (%s)", name, self.backend)
+        return removed
+
+    force_release.__logged__ = True  # type: ignore[attr-defined]
+    return force_release
 
 
 class ReleaseWatch:
@@ -61,6 +81,12 @@ class Persister(ABC):
     clock: ClassVar[str] = "the store's clock"
     #: Longest pause between polls while waiting when notification is unavailable.
     poll_interval: float = 0.5
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("force_release")
+        if method is not None and not getattr(method, "__logged__", False) and not getattr(method, "__isabstractmethod__", False):
+            cls.force_release = _logged_force_release(method)  # type: ignore[method-assign]
 
     @abstractmethod
     def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:

@@ -135,8 +135,6 @@ def test_non_owner_release_refused(kind: str, url: str) -> None:
         assert holder.release() is True
 
 
-@pytest.mark.xfail(strict=True, reason="core gap, reported to the lead: persisters' force_release does not log; "
-                   "only the CLI logs it (Airflow hook, Prefect and library callers force silently)")
 def test_force_release_is_logged(kind: str, url: str, caplog: pytest.LogCaptureFixture) -> None:
     """The one way to free another owner's lock, force_release, leaves a warning naming the lock and its holder."""
     caplog.set_level(logging.INFO, logger="singleton_integrations")
