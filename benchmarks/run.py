@@ -55,6 +55,7 @@ class Case:
     note: str = ""
     close: Callable[[], None] = lambda: None
     rates: list[float] = field(default_factory=list)
+    cpu_per_cycle: list[float] = field(default_factory=list)  # this process's CPU seconds per cycle
 
     @property
     def rate(self) -> float:
@@ -348,9 +349,9 @@ CASES = {"redis": redis_cases, "postgres": postgres_cases, "mongodb": mongodb_ca
 
 
 def run_for(case: Case, seconds: float) -> float:
-    """Cycles per second over about ``seconds``."""
+    """Cycles per second over about ``seconds``; also records the client's CPU time per cycle."""
     count = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     deadline = start + seconds
     while True:
         for _ in range(10):
@@ -358,6 +359,7 @@ def run_for(case: Case, seconds: float) -> float:
         count += 10
         now = time.perf_counter()
         if now >= deadline:
+            case.cpu_per_cycle.append((time.process_time() - cpu) / count)
             return count / (now - start)
 
 
@@ -489,10 +491,12 @@ def render(cases: list[Case], skipped: list[tuple[str, str, str]], latencies: di
         f"Uncontended acquire+release cycles per second, median of {args.repetitions} runs of {args.seconds:g} s "
         f"after a {args.warmup:g} s warm-up, cases interleaved (order reversed every other round); the ratio to the "
         f"floor on the same server is the median of the per-round ratios, so load drift on a shared machine cancels. "
-        f"Total run time {elapsed:.0f} s.",
+        f"Client CPU is this benchmark process's CPU time per cycle (library and driver overhead; the rest is "
+        f"round trips and the server). The machine is shared, so absolute rates vary between runs; the ratios "
+        f"and CPU figures are the stable part. Total run time {elapsed:.0f} s.",
         "",
-        "| Backend | Implementation | cycles/s | ratio to floor | runs (min-max) | notes |",
-        "|---|---|---:|---:|---|---|",
+        "| Backend | Implementation | cycles/s | ratio to floor | runs (min-max) | client CPU µs/cycle | notes |",
+        "|---|---|---:|---:|---|---:|---|",
     ]
     for backend in backends:
         group = [c for c in cases if c.backend == backend]
@@ -501,10 +505,11 @@ def render(cases: list[Case], skipped: list[tuple[str, str, str]], latencies: di
             ratio = f"{paired_ratio(case, floor):.2f}" if floor and floor.rate else "n/a"
             spread = f"{min(case.rates):.0f}-{max(case.rates):.0f}" if case.rates else ""
             label = f"**{case.label}**" if case.label.startswith("singleton-integrations") else case.label
-            lines.append(f"| {backend} | {label} | {case.rate:.0f} | {ratio} | {spread} | {case.note} |")
+            cpu = f"{statistics.median(case.cpu_per_cycle) * 1e6:.0f}" if case.cpu_per_cycle else ""
+            lines.append(f"| {backend} | {label} | {case.rate:.0f} | {ratio} | {spread} | {cpu} | {case.note} |")
         for skipped_backend, label, why in skipped:
             if skipped_backend == backend:
-                lines.append(f"| {backend} | {label} | not measured | | | {why} |")
+                lines.append(f"| {backend} | {label} | not measured | | | | {why} |")
     lines += [
         "",
         "Hand-over latency: the holder calls `release()`; a waiter blocked in `lock(wait=30)` (another thread, its own",

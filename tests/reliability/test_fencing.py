@@ -54,13 +54,14 @@ def test_sigstop_past_ttl_then_write_is_refused(kind: str, url: str, tmp_path: P
         # The successor still holds: the stale holder's release left its lock alone.
         current = successor.holder()
         assert current is not None and current.owner_token == successor.record.owner_token
+        successor_token = successor.fencing_token
         assert successor.release() is True
     finally:
         if holder.poll() is None:
             os.kill(holder.pid, signal.SIGCONT)
         stop(holder)
     figures.update(persister=kind, resource=resource["kind"], stale_token=first["token"],
-                   successor_token=successor.record.fencing_token if successor.record else None,
+                   successor_token=successor_token,
                    lease_taken_over_after_s=round(taken_after, 3), stale_write_admitted=outcome["second_write"],
                    lost_event=outcome["lost"], stale_release_removed_lock=outcome["released"])
     assert outcome["second_write"] is False, "the resource admitted a write from a paused, superseded holder"
