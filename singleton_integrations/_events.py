@@ -52,12 +52,25 @@ class EventEmitter:
                 self._handlers[event].remove(handler)
 
     def emit(self, event: str, payload: Any, name: str) -> None:
-        if event == "error":
-            logger.log(_LEVELS[event], "%s: %s", name, payload, exc_info=False)
-        else:
-            logger.log(_LEVELS.get(event, logging.INFO), "%s", payload, extra={"singleton_event": event, "singleton_name": name})
+        """Log ``payload`` and hand it to the handlers.
+
+        A callable payload is a message built only if someone listens: the
+        acquire and release paths are hot and usually unobserved.
+        """
+        level = _LEVELS.get(event, logging.INFO)
+        handlers = self._handlers[event]
+        logged = logger.isEnabledFor(level)
+        if not handlers and not logged:
+            return
+        if callable(payload):
+            payload = payload()
+        if logged:
+            if event == "error":
+                logger.log(level, "%s: %s", name, payload)
+            else:
+                logger.log(level, "%s", payload, extra={"singleton_event": event, "singleton_name": name})
         with self._handlers_guard:
-            handlers = list(self._handlers[event])
+            handlers = list(handlers)
         for handler in handlers:
             try:
                 handler(payload)

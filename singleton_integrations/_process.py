@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "unregister"]
 
+try:
+    from _signal import getsignal as _raw_getsignal
+except ImportError:  # pragma: no cover - other interpreters
+    _raw_getsignal = signal.getsignal
+
 _held: weakref.WeakSet[Singleton] = weakref.WeakSet()
 _guard = threading.RLock()  # re-entrant: the SIGTERM handler runs on the main thread mid-call
 _previous_handler: Any = None
@@ -61,9 +66,11 @@ def _install_sigterm_handler() -> None:
     global _previous_handler, _installed
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
-    current = signal.getsignal(signal.SIGTERM)
-    if current is _on_sigterm:
+    # Checked on every acquire: a framework may have replaced our handler since.
+    # The C-level getter skips the enum conversion signal.getsignal does (hot path).
+    if _raw_getsignal(signal.SIGTERM) is _on_sigterm:
         return
+    current = signal.getsignal(signal.SIGTERM)
     _previous_handler = current
     signal.signal(signal.SIGTERM, _on_sigterm)
     _installed = True
@@ -73,7 +80,7 @@ def _after_fork_in_child() -> None:
     # The child owns none of the parent's locks: no renewal, no release on its exit.
     global _held, _guard
     _held = weakref.WeakSet()
-    _guard = threading.RLock()
+    _guard = threading.RLock()  # the parent's may have been held by another thread at fork
 
 
 atexit.register(_release_all, "process exit")

@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = ["AcquireResult", "LockRecord", "Owner", "validate_name", "validate_ttl"]
 
+_HOSTNAME = socket.gethostname()  # read once: every acquire records it
 MAX_NAME_LENGTH = 255
 MAX_METADATA_ITEMS = 32
 MAX_METADATA_VALUE_LENGTH = 1024
@@ -23,7 +24,7 @@ class Owner:
     """Who asks for a lock: the random token proves ownership, the rest is for humans."""
 
     owner_token: str = field(default_factory=lambda: secrets.token_hex(16))
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=lambda: _HOSTNAME)
     pid: int = field(default_factory=os.getpid)
     metadata: Mapping[str, str] = field(default_factory=dict)
 

@@ -163,7 +163,7 @@ class Singleton(EventEmitter):
             raise TypeError("callback must be callable")
         if self.held and not self._lost:
             return self._finish(callback, None, True)
-        self.emit("locking", f"locking {self.name!r}", self.name)
+        self.emit("locking", lambda: f"locking {self.name!r}", self.name)
         try:
             result = self._acquire(seconds, cancel)
         except Exception as error:
@@ -172,14 +172,14 @@ class Singleton(EventEmitter):
             self._last_holder = result.record
             who = result.record.describe() if result.record else "another process"
             waited = f" after waiting {seconds:g} s" if seconds else ""
-            self.emit("conflict", f"lock {self.name!r} is held by {who}{waited}", self.name)
+            self.emit("conflict", lambda: f"lock {self.name!r} is held by {who}{waited}", self.name)
             return self._finish(callback, None, False)
         record = result.record
         assert record is not None
         if result.expired is not None:
-            self.emit("expired", f"lock {self.name!r} held by {result.expired.describe()} had expired and was taken over", self.name)
+            self.emit("expired", lambda: f"lock {self.name!r} held by {result.expired.describe()} had expired and was taken over", self.name)
         self._take(record)
-        self.emit("locked", f"locked {self.name!r} with fencing token {record.fencing_token}", self.name)
+        self.emit("locked", lambda: f"locked {self.name!r} with fencing token {record.fencing_token}", self.name)
         return self._finish(callback, None, True)
 
     def release(self, callback: Callable[[BaseException | None], object] | None = None) -> bool:
@@ -189,7 +189,7 @@ class Singleton(EventEmitter):
         """
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable")
-        self.emit("releasing", f"releasing {self.name!r}", self.name)
+        self.emit("releasing", lambda: f"releasing {self.name!r}", self.name)
         try:
             released = self._release_for("release")
         except Exception as error:
@@ -246,7 +246,7 @@ class Singleton(EventEmitter):
             if self._hold is not None and self._hold.owner_token == record.owner_token:
                 self._hold = record
                 self._lease_deadline = time.monotonic() + (self.lock_expire_seconds or math.inf)
-        self.emit("renewed", f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}", self.name)
+        self.emit("renewed", lambda: f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}", self.name)
         return True
 
     def __enter__(self) -> Singleton:
@@ -321,7 +321,8 @@ class Singleton(EventEmitter):
             self._owner_pid = os.getpid()
             self._lost = False
             self._lease_deadline = time.monotonic() + (self.lock_expire_seconds or math.inf)
-            self._stop_renewing = threading.Event()
+            if self.auto_renew:
+                self._stop_renewing = threading.Event()
         _process.register(self, self.release_on_sigterm)
         if self.auto_renew:
             self._renewer = threading.Thread(
@@ -342,19 +343,19 @@ class Singleton(EventEmitter):
             return False  # a forked child never releases its parent's lock
         hold = self._hold
         if hold is None:
-            self.emit("released", f"{self.name!r} was not held; nothing to release", self.name)
+            self.emit("released", lambda: f"{self.name!r} was not held; nothing to release", self.name)
             return False
         self._stop_renewing.set()
         # Ask the store first: if it fails, we still know our token and release() can be retried.
         released = self._call(self.persister.release, self.name, hold.owner_token)
         self._drop()
         if released:
-            self.emit("released", f"released {self.name!r} ({reason})", self.name)
+            self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
         else:
             if not self._lost:
                 self._lost = True
-                self.emit("lost", f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release", self.name)
-            self.emit("released", f"{self.name!r} was no longer ours; left to its new holder", self.name)
+                self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release", self.name)
+            self.emit("released", lambda: f"{self.name!r} was no longer ours; left to its new holder", self.name)
         return released
 
     def _mark_lost(self, why: str) -> None:
@@ -363,7 +364,7 @@ class Singleton(EventEmitter):
                 return
             self._lost = True
         self._drop()
-        self.emit("lost", f"exclusivity on lock {self.name!r} was lost: {why}", self.name)
+        self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: {why}", self.name)
 
     def _renew_loop(self, stop: threading.Event, owner_token: str) -> None:
         interval = self.renew_interval or 1.0
