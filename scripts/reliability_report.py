@@ -39,6 +39,30 @@ figures are from the last run of `python scripts/reliability_report.py`;
 nothing here is typed in by hand.
 """
 
+FINDINGS = """\
+## Open findings (kept up to date by hand; the tables above are generated)
+
+- **PostgreSQL, partition with default timeouts** (`test_partition_with_default_timeouts[postgres]`, slow):
+  when the TCP peer stays up but the server never answers (a stuck proxy or
+  pooler; the loopback proxy's kernel acknowledges every byte, so
+  `tcp_user_timeout` and keepalives never fire), a statement on a pooled
+  connection can wait in psycopg's `execute` forever; `statement_timeout` is
+  enforced by the server, which never sees the statement. It passes or hangs
+  depending on which pooled connection is used. Needs a client-side deadline
+  per call (for example shut the socket down from a timer and discard the
+  connection).
+- **MongoDB on SecantusDB, 10,000 names** (`test_10000_names_flat_cost[mongodb]`, slow):
+  180 s in one run (per-acquire median 2.4 ms at the start, 5.4 ms at 10,000
+  held), over 900 s in the next with the SecantusDB process at 100 % CPU. The
+  32-process overlap run on SecantusDB also gives few turns (waiters each hold a
+  change stream). To be judged again on a real `mongod` (`MONGODB_URL`).
+- **Redis without persistence**: a restart forgets the fencing counter, so the
+  first token after a restart can repeat an earlier one (see
+  `redis-no-persistence` in the restart table: 1 then 1). Run Redis with an
+  append-only file, or seed the counter from the server's `TIME` when the state
+  hash is missing.
+"""
+
 DURABILITY = """\
 ## Durability options and their trade-offs
 
@@ -181,6 +205,7 @@ def render(outcomes: dict[str, tuple[str, float, str]], figures: dict[str, dict[
                 row = [case, shown, f"{seconds:.1f}", *[_cell(data.get(key, "")) for key in keys]]
                 lines.append("| " + " | ".join(_cell(c) if i == 1 else c for i, c in enumerate(row)) + " |")
             lines.append("")
+    lines.append(FINDINGS)
     lines.append(DURABILITY)
     return "\n".join(lines)
 
