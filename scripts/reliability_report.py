@@ -98,10 +98,19 @@ def run_suite(results: Path, junit: Path, quick: bool, extra: list[str]) -> int:
     return subprocess.call(command, cwd=ROOT, env=env)
 
 
+RUN_STARTED = ""
+
+
 def read_outcomes(junit: Path) -> dict[str, tuple[str, float, str]]:
-    """nodeid -> (outcome, seconds, message)."""
+    """nodeid -> (outcome, seconds, message); also notes when the run started."""
+    global RUN_STARTED
     outcomes: dict[str, tuple[str, float, str]] = {}
-    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+    root = ElementTree.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    stamp = suite.get("timestamp") if suite is not None else None
+    if stamp:
+        RUN_STARTED = datetime.fromisoformat(stamp).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + " (start)"
+    for case in root.iter("testcase"):
         module = case.get("classname", "")
         path = module.replace(".", "/") + ".py"
         nodeid = f"{path}::{case.get('name')}"
@@ -156,7 +165,7 @@ def render(outcomes: dict[str, tuple[str, float, str]], figures: dict[str, dict[
     overlaps = sum(int(r["figures"].get("overlaps", 0)) for r in figures.values())
     checked_holds = sum(int(r["figures"].get("holds", 0)) for r in figures.values() if "overlaps" in r["figures"])
     lines = [INTRO]
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = RUN_STARTED or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [
         f"Last run: {when} on {platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}); "
         f"{'CI subset only' if quick else 'slow tests included'}"
