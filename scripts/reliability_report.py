@@ -56,11 +56,10 @@ FINDINGS = """\
   held), over 900 s in the next with the SecantusDB process at 100 % CPU. The
   32-process overlap run on SecantusDB also gives few turns (waiters each hold a
   change stream). To be judged again on a real `mongod` (`MONGODB_URL`).
-- **Redis without persistence**: a restart forgets the fencing counter, so the
-  first token after a restart can repeat an earlier one (see
-  `redis-no-persistence` in the restart table: 1 then 1). Run Redis with an
-  append-only file, or seed the counter from the server's `TIME` when the state
-  hash is missing.
+- **Redis without persistence** (fixed): a restart forgot the fencing counter, so
+  the first token after a restart repeated an earlier one (1, then 1). A name's
+  first token is now the server's `TIME` in milliseconds, so a lost counter
+  still gives a larger token; the restart check asserts it on both servers.
 """
 
 DURABILITY = """\
@@ -68,9 +67,11 @@ DURABILITY = """\
 
 - **Redis**: a lock lives in memory. Without persistence a Redis restart forgets
   every lock (the holder is told: its next renewal is refused and `lost` fires,
-  see the restart check), and the fencing counter starts again. Run Redis with an
-  append-only file (`appendonly yes`; `appendfsync always` to lose nothing,
-  `everysec` to lose at most a second) when fencing tokens must survive restarts.
+  see the restart check). Fencing tokens still rise across such a restart, because
+  a name whose counter is gone starts again from the server's `TIME` in
+  milliseconds. Run Redis with an append-only file (`appendonly yes`;
+  `appendfsync always` to lose nothing, `everysec` to lose at most a second) when
+  locks themselves must survive restarts.
   With replicas, the `wait_replicas` / `wait_timeout_ms` URL options make each
   acquire wait (Redis `WAIT`) until that many replicas have it, so a failover
   does not hand the lock to a second holder; it costs one more round trip per

@@ -8,6 +8,11 @@ braces are a hash tag, so both keys of a name share one cluster slot::
                                 expiry, and ``holder``, the latest holder as JSON, removed on release
     singleton:{NAME}:released   pub/sub channel told of every release
 
+A name's first fencing token is the server's ``TIME`` in milliseconds, and each
+later one adds 1: should the state hash be lost (a restart without persistence,
+an eviction), the next token still exceeds every earlier one unless the server's
+clock went back or the name was locked more than 1,000 times a second on average.
+
 Expiry is Redis's own key TTL, so an expired lock is simply gone; a ``holder``
 still present in the state hash is what tells the next acquire that the lock
 expired rather than was released, in the same script. Times come from the
@@ -75,9 +80,14 @@ if not taken then
   return {0, token, holder, redis.call('PTTL', KEYS[1])}
 end
 local state = redis.call('HMGET', KEYS[2], 'fence', 'holder')
-local fence = (tonumber(state[1]) or 0) + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fence = tonumber(state[1])
+if fence then
+  fence = fence + 1
+else
+  fence = now
+end
 local expires = 'null'
 if ttl > 0 then
   expires = now + ttl
