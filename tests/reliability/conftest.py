@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,10 @@ from typing import Any
 
 import pytest
 
+from singleton_integrations.testing.conformance import read_fact
 from tests.conftest import store_url_for
+
+__all__ = ["read_fact"]  # re-exported for the reliability tests
 
 WORKER = str(Path(__file__).with_name("_worker.py"))
 RESULTS_ENV = "SINGLETON_RELIABILITY_RESULTS"
@@ -78,19 +80,6 @@ def spawn(mode: str, config: dict[str, Any], stdin: bool = False) -> subprocess.
     )
 
 
-def read_fact(process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
-    """The child's next JSON line, or a failure that shows its stderr."""
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            process.kill()
-            pytest.fail(f"child said nothing within {timeout} s; stderr: {process.communicate()[1][-2000:]}")
-    line = process.stdout.readline()
-    if not line:
-        stderr = process.stderr.read() if process.stderr else ""
-        pytest.fail(f"child ended (code {process.wait()}) without a fact; stderr: {stderr[-2000:]}")
-    return json.loads(line)
 
 
 def stop(process: subprocess.Popen[str]) -> None:
