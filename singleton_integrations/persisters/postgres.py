@@ -21,6 +21,7 @@ is lost.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -143,6 +144,7 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "connect_timeout": float,
     "statement_timeout_ms": int,
     "pool_timeout": float,
+    "timeout": float,
     "min_size": int,
     "max_size": int,
     "prepare_threshold": lambda text: None if text.lower() in ("", "none", "null") else int(text),
@@ -219,6 +221,23 @@ def _retriable(error: BaseException, pool_module: Any) -> bool:
     return state is None or state.startswith(("08", "57P"))
 
 
+class _NoAnswer(TimeoutError):
+    """The peer kept the socket open but did not answer within the call's deadline."""
+
+
+def _bounded_waits(psycopg: Any) -> bool:
+    """Whether this psycopg can wait for a statement with a deadline (3.3.6+: ``Connection.wait(timeout=)``).
+
+    TCP settings cannot bound a peer that acknowledges bytes and never answers
+    (a stuck proxy or pooler), so the deadline has to live in the client.
+    """
+    try:
+        accepts_timeout = "timeout" in inspect.signature(psycopg.Connection.wait).parameters
+    except (TypeError, ValueError):
+        return False
+    return accepts_timeout and hasattr(psycopg.Cursor, "_execute_gen") and hasattr(psycopg.errors, "_WaitTimeout")
+
+
 class _NotifyWatch(ReleaseWatch):
     """A dedicated LISTEN connection; ``wait`` returns at a release of its name."""
 
@@ -255,7 +274,9 @@ class Postgres(Persister):
     connects until the first operation; each process then keeps one small pool
     of autocommit connections. ``table`` may be ``"schema.table"``.
     ``connect_timeout`` (default: the DSN's, else 5 s), ``statement_timeout_ms``
-    and ``pool_timeout`` (waiting for a free pooled connection) bound every call.
+    and ``pool_timeout`` (waiting for a free pooled connection) bound every call,
+    and ``timeout`` (default: the statement timeout + 0.5 s) bounds a whole call
+    on the client, so a peer that swallows traffic fails it rather than hangs it.
     ``prepare_threshold=None`` turns prepared statements off, for PgBouncer in
     transaction mode before 1.21.
     """
@@ -273,6 +294,7 @@ class Postgres(Persister):
         connect_timeout: float | None = None,
         statement_timeout_ms: int = 10_000,
         pool_timeout: float = 5.0,
+        timeout: float | None = None,
         min_size: int = 1,
         max_size: int = 4,
         prepare_threshold: int | None = 5,
@@ -287,6 +309,13 @@ class Postgres(Persister):
             raise ValueError(f"statement_timeout_ms must be a positive int, not {statement_timeout_ms!r}")
         self.statement_timeout_ms = statement_timeout_ms
         self.pool_timeout = _positive(pool_timeout, "pool_timeout")
+        # Longer than the statement timeout, so a slow statement is cancelled by the
+        # server (leaving its connection usable) before the client gives up on it.
+        self.timeout = statement_timeout_ms / 1000 + 0.5 if timeout is None else _positive(timeout, "timeout")
+        self._bounded = _bounded_waits(self._psycopg)
+        if not self._bounded:
+            logger.warning("psycopg %s cannot bound a statement on the client; upgrade to 3.3.9+ "
+                           "so a peer that never answers cannot hang a call", self._psycopg.__version__)
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
             raise ValueError(f"min_size must be an int >= 0, not {min_size!r}")
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < max(1, min_size):
@@ -366,7 +395,7 @@ class Postgres(Persister):
 
     def _error(self, action: str, error: BaseException) -> PersisterError:
         detail = self._scrub(str(error).strip() or type(error).__name__)
-        return PersisterError(self.backend, f"{action} failed ({type(error).__name__}) on {self.dsn}: {detail}")
+        return PersisterError(self.backend, f"{action} failed ({type(error).__name__.lstrip('_')}) on {self.dsn}: {detail}")
 
     @contextmanager
     def _translated(self, action: str) -> Iterator[None]:
@@ -378,24 +407,54 @@ class Postgres(Persister):
         except self._psycopg.Error as error:
             raise self._error(action, error) from error
 
+    def _execute(self, connection: psycopg.Connection[Any], query: str, params: Mapping[str, Any] | tuple[Any, ...] | None,
+                 timeout: float, *, prepare: bool | None = None, binary: bool = False) -> psycopg.Cursor[Any]:
+        """``connection.execute`` that gives up after ``timeout`` seconds, closing the connection.
+
+        psycopg waits on the socket itself with the deadline: no thread, no signal.
+        A statement abandoned halfway leaves the protocol in an unknown state, so the
+        connection is closed (a pool then replaces it) and ``_NoAnswer`` raised.
+        """
+        cursor = connection.cursor(binary=binary)
+        if not self._bounded:
+            return cursor.execute(query, params, prepare=prepare)
+        try:
+            with connection.lock:
+                connection.wait(cursor._execute_gen(query, params, prepare=prepare, binary=binary), timeout=max(timeout, 0.001))
+        except self._psycopg.errors._WaitTimeout:
+            connection.close()
+            raise _NoAnswer(f"no answer within {timeout:.1f} s") from None
+        return cursor
+
+    def _check_connection(self, connection: psycopg.Connection[Any]) -> None:
+        """The pool's health check (an empty statement), bounded like every other call."""
+        self._execute(connection, "", None, min(self.timeout, self.connect_timeout))
+
     def _connect(self) -> psycopg.Connection[Any]:
         return self._psycopg.Connection.connect(
             self._conninfo, autocommit=True, prepare_threshold=self.prepare_threshold
         )
 
     def _ensure_table(self, connection: psycopg.Connection[Any]) -> None:
-        """Create the table once, serialized by an advisory lock so racing processes don't collide."""
-        exists = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (self._quoted_table,)).fetchone()
+        """Create the table once, serialized by an advisory lock so racing processes don't collide.
+
+        The caller closes ``connection`` afterwards, which also ends a failed transaction.
+        """
+        deadline = time.monotonic() + self.timeout
+        exists = self._execute(connection, "SELECT to_regclass(%s) IS NOT NULL", (self._quoted_table,),
+                               deadline - time.monotonic()).fetchone()
         if not (exists and exists[0]):
             key = int.from_bytes(hashlib.sha256(f"singleton_integrations:{self._quoted_table}".encode()).digest()[:8], "big", signed=True)
             try:
-                with connection.transaction():
-                    connection.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-                    connection.execute(self._sql["create"])
+                self._execute(connection, "BEGIN", None, deadline - time.monotonic())
+                self._execute(connection, "SELECT pg_advisory_xact_lock(%s)", (key,), deadline - time.monotonic())
+                self._execute(connection, self._sql["create"], None, deadline - time.monotonic())
+                self._execute(connection, "COMMIT", None, deadline - time.monotonic())
             except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                pass  # created meanwhile by a process that does not take our advisory lock
+                # created meanwhile by a process that does not take our advisory lock
+                self._execute(connection, "ROLLBACK", None, deadline - time.monotonic())
         # One channel per table, named from its canonical name so 'public.t' and 't' agree.
-        row = connection.execute(_CANONICAL_NAME, {"table": self._quoted_table}).fetchone()
+        row = self._execute(connection, _CANONICAL_NAME, {"table": self._quoted_table}, deadline - time.monotonic()).fetchone()
         schema, relation = row if row else ("", self.table)
         channel = f"singleton:{schema}.{relation}"
         if len(channel.encode()) > _MAX_IDENTIFIER_BYTES:
@@ -423,8 +482,13 @@ class Postgres(Persister):
             # connect_timeout (a pool would only say it timed out) and creates the table.
             with self._translated("connecting"):
                 connection = self._connect()
-            with connection, self._translated(f"opening table {self.table!r}"):
-                self._ensure_table(connection)
+            try:
+                with self._translated(f"opening table {self.table!r}"):
+                    self._ensure_table(connection)
+            except _NoAnswer as error:
+                raise self._error(f"opening table {self.table!r}", error) from error
+            finally:
+                connection.close()
             with self._translated("connecting"):
                 pool = self._psycopg_pool.ConnectionPool(
                     self._conninfo,
@@ -436,6 +500,7 @@ class Postgres(Persister):
                     num_workers=1,
                     open=False,
                 )
+                pool.check_connection = self._check_connection  # type: ignore[method-assign]  # pool.check() must not hang either
                 # Waiting for min_size connections keeps the first getconn from growing the pool.
                 try:
                     pool.open(wait=self.min_size > 0, timeout=self.pool_timeout)
@@ -453,6 +518,7 @@ class Postgres(Persister):
         caller wants. (A connection lost after the server committed would make a
         retried release report False; that needs a crash in a microsecond window.)
         """
+        deadline = time.monotonic() + self.timeout  # for the whole call, retry included
         pool = self._get_pool()
         prepare = True if self.prepare_threshold is not None else None
         query = self._sql[query_key]
@@ -460,11 +526,14 @@ class Postgres(Persister):
             try:
                 # getconn/putconn rather than pool.connection(): no transaction to close
                 # in autocommit, and this is the hot path. Binary results parse faster.
-                connection = pool.getconn()
+                connection = pool.getconn(min(self.pool_timeout, max(deadline - time.monotonic(), 0.001)))
                 try:
-                    return fetch(connection.execute(query, params, prepare=prepare, binary=True))
+                    return fetch(self._execute(connection, query, params, deadline - time.monotonic(),
+                                               prepare=prepare, binary=True))
                 finally:
                     pool.putconn(connection)
+            except _NoAnswer as error:
+                raise self._error(action, error) from error
             except self._psycopg.OperationalError as error:
                 if attempt == 1 and _retriable(error, self._psycopg_pool):
                     logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
@@ -538,9 +607,10 @@ class Postgres(Persister):
         try:
             sql = self._psycopg.sql
             # Both in one round trip (simple protocol); LISTEN first, so no release is missed.
-            connection.execute(sql.SQL("LISTEN {}; SELECT pg_advisory_lock_shared({})").format(
-                sql.Identifier(self._channel), sql.Literal(self._waiters_key(name))))
-        except self._psycopg.Error as error:
+            statement = sql.SQL("LISTEN {}; SELECT pg_advisory_lock_shared({})").format(
+                sql.Identifier(self._channel), sql.Literal(self._waiters_key(name)))
+            self._execute(connection, statement.as_string(connection), None, self.timeout)
+        except (self._psycopg.Error, _NoAnswer) as error:
             connection.close()
             raise self._error("LISTEN", error) from error
         return _NotifyWatch(connection, name, (self._psycopg.Error, OSError))

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -382,6 +383,46 @@ def test_silent_server_is_bounded_by_connect_timeout() -> None:
         assert time.monotonic() - started < 15
     finally:
         listener.close()
+
+
+def test_a_peer_that_swallows_traffic_fails_the_call_within_its_timeout(server_url: str, table: str) -> None:
+    """A proxy that keeps sockets open but moves no bytes: TCP never notices, the client deadline must.
+
+    The call fails with PersisterError, and once the proxy forwards again the same store works.
+    """
+    from tests.reliability._proxy import TcpProxy, through
+
+    parts = urlsplit(server_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    store = Postgres(through(server_url, proxy.port), table=table, timeout=1.5, connect_timeout=2)
+    owner = Owner()
+    try:
+        assert store.acquire("job", owner, 60).acquired
+        proxy.partition()
+        time.sleep(0.5)  # the proxy's pumps notice within 0.2 s; from then on bytes vanish
+        # The first call is stuck on its pooled connection; the next finds the pool
+        # unable to reconnect. Both must end with PersisterError, never hang.
+        for call, reason in ((lambda: store.acquire("other", Owner(), 60), "no answer within"),
+                             (lambda: store.get("job"), "no answer within|PoolTimeout")):
+            started = time.monotonic()
+            with pytest.raises(PersisterError, match=reason):
+                call()
+            assert time.monotonic() - started < 10  # bound 1.5 s; generous for a loaded machine
+        proxy.heal()
+        deadline = time.monotonic() + 30
+        while True:  # the pool replaces the abandoned connections in the background
+            try:
+                record = store.get("job")
+                break
+            except PersisterError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert record is not None and record.owner_token == owner.owner_token
+        assert store.release("job", owner.owner_token) is True
+    finally:
+        store.close()
+        proxy.stop()
 
 
 def test_pool_is_created_once_and_reused(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
