@@ -99,12 +99,12 @@ FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON previous.
 """
 # Frees the name if the token still owns it, and says whether the lease was still
 # live: a lock that expired untaken is cleared too, but the caller lost it.
-_RELEASE = f"""
+_RELEASE = """
 WITH old AS (
-    SELECT name, (expires_at IS NULL OR expires_at > clock_timestamp()) AS live FROM {{table}}
+    SELECT name, (expires_at IS NULL OR expires_at > clock_timestamp()) AS live FROM {table}
     WHERE name = %(name)s AND owner_token = %(owner_token)s FOR UPDATE
 ), released AS (
-    UPDATE {{table}} AS freed SET owner_token = NULL, expires_at = NULL
+    UPDATE {table} AS freed SET owner_token = NULL, expires_at = NULL
     FROM old WHERE freed.name = old.name
     RETURNING old.live, freed.name
 )
@@ -500,7 +500,7 @@ class Postgres(Persister):
                     num_workers=1,
                     open=False,
                 )
-                pool.check_connection = self._check_connection  # type: ignore[method-assign]  # pool.check() must not hang either
+                pool.check_connection = self._check_connection  # pool.check() must not hang either
                 # Waiting for min_size connections keeps the first getconn from growing the pool.
                 try:
                     pool.open(wait=self.min_size > 0, timeout=self.pool_timeout)
