@@ -160,6 +160,9 @@ _NETWORK_DEFAULTS = {
     "application_name": "singleton-integrations",
 }
 _KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# How long a connection may stay out of the pool between calls before it goes back,
+# so the pool's own lifetime and health policies still reach it.
+_LEND_SECONDS = 60.0
 # Pools a forked child must neither use nor finalize: their sockets belong to the parent.
 _inherited_pools: list[object] = []
 
@@ -353,6 +356,10 @@ class Postgres(Persister):
         self._guard = threading.Lock()
         self._guard_pid = os.getpid()
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        # Connections this object keeps out of the pool between calls, with a reused
+        # cursor each and the moment to hand them back (so the pool still recycles
+        # them): list.pop/append are atomic, so the hot path takes no pool lock.
+        self._idle: list[tuple[psycopg.Connection[Any], psycopg.Cursor[Any], float]] = []
         self._pool_pid = 0
 
     @classmethod
@@ -408,14 +415,17 @@ class Postgres(Persister):
             raise self._error(action, error) from error
 
     def _execute(self, connection: psycopg.Connection[Any], query: str, params: Mapping[str, Any] | tuple[Any, ...] | None,
-                 timeout: float, *, prepare: bool | None = None, binary: bool = False) -> psycopg.Cursor[Any]:
+                 timeout: float, *, prepare: bool | None = None, binary: bool = False,
+                 cursor: psycopg.Cursor[Any] | None = None) -> psycopg.Cursor[Any]:
         """``connection.execute`` that gives up after ``timeout`` seconds, closing the connection.
 
         psycopg waits on the socket itself with the deadline: no thread, no signal.
         A statement abandoned halfway leaves the protocol in an unknown state, so the
         connection is closed (a pool then replaces it) and ``_NoAnswer`` raised.
+        ``cursor`` (of ``connection``) is reused if given: creating one costs more than its use.
         """
-        cursor = connection.cursor(binary=binary)
+        if cursor is None:
+            cursor = connection.cursor(binary=binary)
         if not self._bounded:
             return cursor.execute(query, params, prepare=prepare)
         try:
@@ -507,6 +517,7 @@ class Postgres(Persister):
                 except BaseException:
                     pool.close(timeout=0)
                     raise
+            self._idle = []  # a forked child must not touch the parent's connections
             self._pool, self._pool_pid = pool, pid
             return pool
 
@@ -520,23 +531,29 @@ class Postgres(Persister):
         """
         deadline = time.monotonic() + self.timeout  # for the whole call, retry included
         pool = self._get_pool()
+        idle = self._idle
         prepare = True if self.prepare_threshold is not None else None
         query = self._sql[query_key]
         for attempt in (1, 2):
             try:
-                # getconn/putconn rather than pool.connection(): no transaction to close
-                # in autocommit, and this is the hot path. Binary results parse faster.
-                connection = pool.getconn(min(self.pool_timeout, max(deadline - time.monotonic(), 0.001)))
+                connection, cursor, hand_back = self._borrow(pool, idle, deadline)
                 try:
-                    return fetch(self._execute(connection, query, params, deadline - time.monotonic(),
-                                               prepare=prepare, binary=True))
-                finally:
+                    result = fetch(self._execute(connection, query, params, deadline - time.monotonic(),
+                                                 prepare=prepare, binary=True, cursor=cursor))
+                except BaseException:
+                    pool.putconn(connection)  # the pool checks it and replaces it if broken
+                    raise
+                if time.monotonic() < hand_back:
+                    idle.append((connection, cursor, hand_back))
+                else:
                     pool.putconn(connection)
+                return result
             except _NoAnswer as error:
                 raise self._error(action, error) from error
             except self._psycopg.OperationalError as error:
                 if attempt == 1 and _retriable(error, self._psycopg_pool):
                     logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
+                    self._hand_back(pool, idle)  # they likely died the same way: let the pool check them
                     try:
                         pool.check()  # replace every idle connection that died the same way
                     except self._psycopg.Error:
@@ -546,6 +563,38 @@ class Postgres(Persister):
             except self._psycopg.Error as error:
                 raise self._error(action, error) from error
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _borrow(self, pool: psycopg_pool.ConnectionPool[Any], idle: list[Any], deadline: float) -> tuple[Any, Any, float]:
+        """A connection kept from an earlier call, else one from the pool, within ``pool_timeout``.
+
+        While every connection is busy, the pool is asked in short slices, so a
+        connection returned to ``idle`` meanwhile is noticed rather than starved.
+        """
+        with suppress(IndexError):
+            return idle.pop()
+        started = time.monotonic()
+        give_up = min(started + self.pool_timeout, deadline)
+        while True:
+            try:
+                connection = pool.getconn(max(min(give_up - time.monotonic(), 0.05), 0.001))
+            except self._psycopg_pool.PoolTimeout:
+                with suppress(IndexError):
+                    return idle.pop()
+                if time.monotonic() >= give_up:
+                    raise self._psycopg_pool.PoolTimeout(
+                        f"couldn't get a connection after {time.monotonic() - started:.2f} sec") from None
+                continue
+            return connection, connection.cursor(binary=True), time.monotonic() + _LEND_SECONDS
+
+    @staticmethod
+    def _hand_back(pool: psycopg_pool.ConnectionPool[Any], idle: list[Any]) -> None:
+        """Return every kept connection to the pool."""
+        while True:
+            try:
+                connection = idle.pop()[0]
+            except IndexError:
+                return
+            pool.putconn(connection)
 
     # -- the primitives ------------------------------------------------------------
 
@@ -634,6 +683,7 @@ class Postgres(Persister):
             if self._pool_pid != os.getpid():
                 _inherited_pools.append(pool)  # the parent's: its sockets are not ours to close
                 return
+            self._hand_back(pool, self._idle)
             with self._translated("closing"):
                 pool.close(timeout=self.pool_timeout)
 

@@ -72,7 +72,9 @@ def closed_port() -> int:
 
 def backend_pids(store: Postgres) -> set[int]:
     """Server process ids behind the store's pool, seen from the server side."""
-    with store._get_pool().connection() as connection:
+    pool = store._get_pool()
+    store._hand_back(pool, store._idle)  # the connection kept between calls, back in the pool
+    with pool.connection() as connection:
         row = connection.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
     return {int(row[0])}
@@ -423,6 +425,32 @@ def test_a_peer_that_swallows_traffic_fails_the_call_within_its_timeout(server_u
     finally:
         store.close()
         proxy.stop()
+
+
+def test_more_threads_than_connections_all_get_served(server_url: str, table: str) -> None:
+    """Connections kept between calls are shared with threads waiting on the pool, never starve them."""
+    store = Postgres(server_url, table=table, max_size=2, pool_timeout=5)
+    failures: list[BaseException] = []
+
+    def work(index: int) -> None:
+        owner = Owner()
+        try:
+            for _ in range(30):
+                assert store.acquire(f"job-{index}", owner, 30).acquired
+                assert store.release(f"job-{index}", owner.owner_token)
+        except (AssertionError, PersisterError) as error:  # reported below: a thread's failure fails the test
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert failures == []
+    finally:
+        store.close()
 
 
 def test_pool_is_created_once_and_reused(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
