@@ -97,6 +97,18 @@ WITH previous AS MATERIALIZED (
 SELECT taken.*, previous.*, extract(epoch FROM previous.expires_at - clock_timestamp())::float8
 FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON previous.owner_token IS NOT NULL
 """
+# The common case in one plain UPDATE: a name whose row is free (released before).
+# It skips the upsert and the row lock above, a sixth of the server's time per cycle;
+# a free row's leftovers are not reported, so the result is the same. Of racing
+# callers the first to update the row wins: the others re-check the WHERE on the new,
+# held version and update nothing, then take the full path above.
+_ACQUIRE_FREE = """
+UPDATE {table} SET owner_token = %(owner_token)s, fencing_token = fencing_token + 1, host = %(host)s,
+    pid = %(pid)s::integer, created_at = clock_timestamp(),
+    expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second', metadata = %(metadata)s::jsonb
+WHERE name = %(name)s AND owner_token IS NULL
+RETURNING fencing_token, created_at, expires_at
+"""
 # Frees the name if the token still owns it, and says whether the lease was still
 # live: a lock that expired untaken is cleared too, but the caller lost it.
 _RELEASE = """
@@ -349,7 +361,7 @@ class Postgres(Persister):
         self._quoted_table: str = quoted.as_string(None)
         self._sql = {
             key: sql.SQL(template).format(table=quoted).as_string(None)
-            for key, template in (("create", _CREATE_TABLE), ("acquire", _ACQUIRE), ("release", _RELEASE),
+            for key, template in (("create", _CREATE_TABLE), ("acquire", _ACQUIRE), ("acquire_free", _ACQUIRE_FREE), ("release", _RELEASE),
                                   ("renew", _RENEW), ("get", _GET), ("list", _LIST), ("force_release", _FORCE_RELEASE))
         }
         self._channel = ""
@@ -360,6 +372,7 @@ class Postgres(Persister):
         # cursor each and the moment to hand them back (so the pool still recycles
         # them): list.pop/append are atomic, so the hot path takes no pool lock.
         self._idle: list[tuple[psycopg.Connection[Any], psycopg.Cursor[Any], float]] = []
+        self._waiter_keys: dict[str, tuple[str, int]] = {}  # name -> (channel, key): a hash per release costs
         self._pool_pid = 0
 
     @classmethod
@@ -603,9 +616,14 @@ class Postgres(Persister):
             "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
             "ttl": ttl, "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
         }
-        for _ in range(2):
-            # Retrying after a dropped connection is safe: if the first try did write,
-            # the second finds our own token as the holder and reports the acquisition.
+        # Retrying after a dropped connection is safe: if the first try did write,
+        # the full statement finds our own token as the holder and reports the acquisition.
+        row = self._run("acquire", "acquire_free", params, lambda cursor: cursor.fetchone())
+        if row is not None:
+            taken = LockRecord(name, owner.owner_token, row[0], owner.host, owner.pid,
+                               _utc(row[1]), _utc(row[2]), dict(owner.metadata))  # type: ignore[arg-type]
+            return AcquireResult(True, taken)
+        for _ in range(2):  # held, expired, or never seen
             row = self._run("acquire", "acquire", params, lambda cursor: cursor.fetchone())
             fence, created, expires = row[0:3]
             previous, remaining = _record(row, 3), row[11]
@@ -666,8 +684,14 @@ class Postgres(Persister):
 
     def _waiters_key(self, name: str) -> int:
         """The advisory-lock key that waiters on ``name`` hold shared (collisions only add a NOTIFY)."""
-        digest = hashlib.sha256(f"{self._channel_name()}\x00{name}".encode()).digest()
-        return int.from_bytes(digest[:8], "big", signed=True)
+        channel = self._channel_name()
+        key = self._waiter_keys.get(name)
+        if key is None or key[0] != channel:
+            digest = hashlib.sha256(f"{channel}\x00{name}".encode()).digest()
+            if len(self._waiter_keys) >= 1024:  # a process locking endless distinct names
+                self._waiter_keys.clear()
+            key = self._waiter_keys[name] = (channel, int.from_bytes(digest[:8], "big", signed=True))
+        return key[1]
 
     def _channel_name(self) -> str:
         if not self._channel or self._pool_pid != os.getpid():
