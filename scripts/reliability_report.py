@@ -42,15 +42,11 @@ nothing here is typed in by hand.
 FINDINGS = """\
 ## Open findings (kept up to date by hand; the tables above are generated)
 
-- **PostgreSQL, partition with default timeouts** (`test_partition_with_default_timeouts[postgres]`, slow):
-  when the TCP peer stays up but the server never answers (a stuck proxy or
-  pooler; the loopback proxy's kernel acknowledges every byte, so
-  `tcp_user_timeout` and keepalives never fire), a statement on a pooled
-  connection can wait in psycopg's `execute` forever; `statement_timeout` is
-  enforced by the server, which never sees the statement. It passes or hangs
-  depending on which pooled connection is used. Needs a client-side deadline
-  per call (for example shut the socket down from a timer and discard the
-  connection).
+- **PostgreSQL, partition with default timeouts** (fixed): when the TCP peer
+  stays up but never answers (a stuck proxy or pooler), a statement could wait
+  in psycopg's `execute` forever. Every call now has a client-side deadline
+  (`timeout`, default the statement timeout + 0.5 s) through psycopg's bounded
+  wait; `tests/core/test_postgres.py` proves it with a proxy that swallows traffic.
 - **MongoDB on SecantusDB, 10,000 names** (`test_10000_names_flat_cost[mongodb]`, slow):
   180 s in one run (per-acquire median 2.4 ms at the start, 5.4 ms at 10,000
   held), over 900 s in the next with the SecantusDB process at 100 % CPU. The
