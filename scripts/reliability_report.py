@@ -48,10 +48,14 @@ FINDINGS = """\
   (`timeout`, default the statement timeout + 0.5 s) through psycopg's bounded
   wait; `tests/core/test_postgres.py` proves it with a proxy that swallows traffic.
 - **MongoDB on SecantusDB, 10,000 names** (`test_10000_names_flat_cost[mongodb]`, slow):
-  180 s in one run (per-acquire median 2.4 ms at the start, 5.4 ms at 10,000
-  held), over 900 s in the next with the SecantusDB process at 100 % CPU. The
-  32-process overlap run on SecantusDB also gives few turns (waiters each hold a
-  change stream). To be judged again on a real `mongod` (`MONGODB_URL`).
+  180 s in one run, over 900 s in another, with the SecantusDB process at 100 % CPU.
+  Cause, measured: SecantusDB's `findAndModify` scans the collection — 1.4 ms per
+  call with 100 documents, 16.6 ms with 3,000 — while its `update_one` and
+  `find_one` by `_id` stay flat (0.7 and 0.3 ms at both sizes). A real `mongod`
+  serves `findAndModify` on `_id` from the index, so this is a property of the
+  test server, not of the persister's one-write acquire; to be judged again on a
+  real `mongod` (`MONGODB_URL`). The 32-process overlap run on SecantusDB gives
+  few turns for the same reason.
 - **Redis without persistence** (fixed): a restart forgot the fencing counter, so
   the first token after a restart repeated an earlier one (1, then 1). A name's
   first token is now the server's `TIME` in milliseconds, so a lost counter
