@@ -19,7 +19,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import ServerUnavailable, free_port, unavailable
+
 __all__ = ["ENV_VAR", "ServerUnavailable", "extra_server", "is_managed", "ping", "restart", "start", "stop", "url"]
 
 #: Set by the process that started the server, read by its children.
@@ -38,9 +39,6 @@ ENV_VAR = "SINGLETON_TEST_MONGODB_URL"
 _START_TIMEOUT = 60.0
 _PING_TIMEOUT_MS = 2000
 
-
-class ServerUnavailable(RuntimeError):
-    """No MongoDB-wire server could be found or started."""
 
 
 @dataclass
@@ -65,26 +63,6 @@ class _Managed:
 _guard = threading.Lock()
 _managed: _Managed | None = None
 _url: str | None = None
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def _unavailable(reason: str) -> str:
-    """Fail under CI (a missing server must never pass silently), else skip."""
-    if _ci():
-        raise ServerUnavailable(reason)
-    import pytest
-
-    pytest.skip(reason)
-    raise AssertionError("unreachable")  # pytest.skip raises
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ping(target: str, timeout_ms: int = _PING_TIMEOUT_MS) -> bool:
@@ -176,7 +154,7 @@ def _start(flags: tuple[str, ...] = ()) -> _Managed:
     (root / "data").mkdir()
     last: Exception | None = None
     for _ in range(3):  # the free port can be taken between probing and binding
-        managed = _Managed(port=_free_port(), data_dir=root / "data", log_path=root / "secantusd.log", flags=flags)
+        managed = _Managed(port=free_port(), data_dir=root / "data", log_path=root / "secantusd.log", flags=flags)
         try:
             _launch(managed)
         except ServerUnavailable as error:
@@ -205,7 +183,7 @@ def extra_server(*flags: str) -> Iterator[str]:
     try:
         managed = _start(tuple(flags))
     except ServerUnavailable as error:
-        _unavailable(f"cannot start SecantusDB {' '.join(flags)}: {error}")
+        unavailable("MongoDB", f"cannot start SecantusDB {' '.join(flags)}: {error}")
         raise
     try:
         yield managed.url
@@ -223,7 +201,7 @@ def url() -> str:
         explicit = os.environ.get("MONGODB_URL")
         if explicit:
             if not ping(explicit, timeout_ms=5000):
-                return _unavailable("MONGODB_URL is set but its server does not answer ping")
+                unavailable("MongoDB", "MONGODB_URL is set but its server does not answer ping")
             _url = explicit
             return _url
         inherited = os.environ.get(ENV_VAR)
@@ -233,7 +211,7 @@ def url() -> str:
         try:
             started = start()
         except ServerUnavailable as error:
-            return _unavailable(f"cannot start SecantusDB: {error}")
+            unavailable("MongoDB", f"cannot start SecantusDB: {error}")
         os.environ[ENV_VAR] = started
         _url = started
         return _url

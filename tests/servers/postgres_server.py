@@ -16,7 +16,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from . import free_port, unavailable
 
 __all__ = ["DEFAULT_URL", "ENV", "answers", "start_throwaway", "url"]
 
@@ -50,11 +52,6 @@ def _port_open(candidate: str, timeout: float) -> bool:
     except OSError:
         return False
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _binary(name: str) -> str | None:
@@ -99,7 +96,7 @@ def start_throwaway(ready: float = 30.0) -> str:
     data = directory / "data"
     subprocess.run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=120, **demote)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(directory), "-c", "fsync=off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **demote,
@@ -125,13 +122,6 @@ def start_throwaway(ready: float = 30.0) -> str:
     return found
 
 
-def _unavailable(why: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"PostgreSQL is required under CI=true: {why}")
-    import pytest
-
-    pytest.skip(f"PostgreSQL unavailable: {why}")
-
 
 def url() -> str:
     """The test PostgreSQL URL, found or started once per process."""
@@ -141,14 +131,14 @@ def url() -> str:
     candidate = os.environ.get(ENV)
     if candidate:
         if not answers(candidate):
-            _unavailable(f"{ENV} is set but its server does not answer")
+            unavailable("PostgreSQL", f"{ENV} is set but its server does not answer")
     elif answers(DEFAULT_URL) or _restart_system_cluster():
         candidate = DEFAULT_URL
     else:
         try:
             candidate = start_throwaway()
         except (OSError, KeyError, RuntimeError, subprocess.SubprocessError) as error:
-            _unavailable(f"nothing answers at {DEFAULT_URL} and no throwaway server: {error}")
+            unavailable("PostgreSQL", f"nothing answers at {DEFAULT_URL} and no throwaway server: {error}")
     os.environ[ENV] = candidate
     _found = candidate
     return candidate

@@ -15,8 +15,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import urlsplit
+
+from . import free_port, unavailable
 
 __all__ = ["DEFAULT_URL", "ENV", "Throwaway", "start_throwaway", "url"]
 
@@ -36,11 +37,6 @@ def _pong(host: str, port: int, timeout: float = 2.0) -> bool:
     except OSError:
         return False
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -76,7 +72,7 @@ def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15
     if binary is None:
         raise FileNotFoundError("redis-server is not installed")
     directory = Path(tempfile.mkdtemp(prefix="singleton-redis-"))
-    chosen = _free_port() if port is None else port
+    chosen = free_port() if port is None else port
     process = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(chosen), "--save", "", "--appendonly", "no",
          "--dir", str(directory), *extra_args],
@@ -95,13 +91,6 @@ def start_throwaway(*extra_args: str, port: int | None = None, ready: float = 15
     return server
 
 
-def _unavailable(why: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"Redis is required under CI=true: {why}")
-    import pytest
-
-    pytest.skip(f"Redis unavailable: {why}")
-
 
 def url() -> str:
     """The test Redis URL, found or started once per process."""
@@ -112,14 +101,14 @@ def url() -> str:
     if candidate:
         parts = urlsplit(candidate)
         if parts.scheme == "redis" and not _pong(parts.hostname or "127.0.0.1", parts.port or 6379):
-            _unavailable(f"{ENV} is set but its server does not answer")
+            unavailable("Redis", f"{ENV} is set but its server does not answer")
     elif _pong("127.0.0.1", 6379):
         candidate = DEFAULT_URL
     else:
         try:
             candidate = start_throwaway().url
         except (FileNotFoundError, RuntimeError) as error:
-            _unavailable(f"nothing answers on 127.0.0.1:6379 and no throwaway server: {error}")
+            unavailable("Redis", f"nothing answers on 127.0.0.1:6379 and no throwaway server: {error}")
     os.environ[ENV] = candidate
     _found = candidate
     return candidate
