@@ -44,7 +44,7 @@ except ImportError:
         raise
     collect_ignore_glob = ["*"]  # this env has no Airflow; the tests_airflow nox session has it
 
-HOLDER = Path(__file__).with_name("holder.py")
+HOLDER = Path(__file__).parents[1] / "holder.py"
 STORES = ("sqlite", "redis", "postgres", "mongodb")
 # Another deployment, as its lock metadata names it in conflict messages.
 OTHER = {"dag_id": "nightly_load", "run_id": "scheduled__other-region", "task_id": "load", "deployment": "eu-west"}

@@ -82,7 +82,7 @@ class HeldLock:
 def held_elsewhere(url: str, name: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[HeldLock]:
     """Hold ``name`` in a second process until the block ends (or ``release()``)."""
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "holder.py"), url, name, *extra],
+        [sys.executable, str(HERE.parent / "holder.py"), url, name, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     try:

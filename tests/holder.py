@@ -1,4 +1,4 @@
-"""Another deployment holding a lock, in its own process.
+"""Another deployment (or a cron job) holding a lock, in its own process; shared by the Airflow and Prefect tests.
 
     python holder.py URL NAME [--ttl S] [--crash] [--takeover] [--metadata KEY=VALUE ...]
 
@@ -36,7 +36,7 @@ def main() -> int:
     if not lock.lock():
         print(json.dumps({"acquired": False}), flush=True)
         return 3
-    print(json.dumps({"acquired": True, "fencing_token": lock.fencing_token}), flush=True)
+    print(json.dumps({"acquired": True, "fencing_token": lock.fencing_token, "pid": os.getpid()}), flush=True)
     if options.crash:
         os._exit(0)  # no release, no atexit: the record stays until its lease ends
     line = sys.stdin.readline().split()
