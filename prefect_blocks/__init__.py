@@ -10,12 +10,13 @@ from __future__ import annotations
 from singleton_integrations import LockConflict, LockLost
 
 from ._block import SingletonBlock
-from ._decorator import OnConflict, current_lock, singleton
+from ._decorator import BLOCK_CACHE_SECONDS_ENV, OnConflict, clear_block_cache, current_lock, singleton
 from ._events import EVENT_NAMES, lock_resource_id
 from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 
 __all__ = [
+    "BLOCK_CACHE_SECONDS_ENV",
     "EVENT_NAMES",
     "LockConflict",
     "LockLost",
@@ -23,6 +24,7 @@ __all__ = [
     "SingletonBlock",
     "SingletonLock",
     "SingletonLockManager",
+    "clear_block_cache",
     "current_lock",
     "lock_resource_id",
     "singleton",

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from singleton_integrations import AsyncSingleton, LockRecord, Singleton
+from singleton_integrations._singleton import DEFAULT_LOCK_EXPIRE_SECONDS
 from singleton_integrations._urls import redact_url, scheme_of
 from singleton_integrations.persisters import Persister
 
@@ -16,12 +17,17 @@ from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 from ._store import persister_for
 
-__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "SingletonBlock"]
+__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "URL_PATTERN", "SingletonBlock"]
 
 PROJECT_URL = "https://github.com/singleton-integrations/singleton-integrations"
 DOCUMENTATION_URL = f"{PROJECT_URL}/blob/main/docs/prefect.md"
 #: The same square PNG ships as ``prefect_blocks/logo.png``.
 LOGO_URL = "https://raw.githubusercontent.com/singleton-integrations/singleton-integrations/main/prefect_blocks/logo.png"
+
+#: A scheme then ``://``: what ``persisters.from_url`` needs, checked by the block form before saving.
+URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+_SCHEME_HINT = ("the store URL needs a scheme, e.g. redis://host:6379/0, postgresql://host/db, "
+                "mongodb://host/db or sqlite:////path/locks.db")
 
 
 class SingletonBlock(Block):
@@ -42,6 +48,7 @@ class SingletonBlock(Block):
         "A distributed lock store (Redis, PostgreSQL, MongoDB, SQLite) that keeps a flow or task "
         "from running twice at once across deployments, workers, workspaces and orchestrators."
     )
+    # The UI replaces only the first BLOCK_NAME with the block's name: say it once.
     _code_example: ClassVar[str] = '''
         ```python
         from prefect import flow
@@ -55,7 +62,7 @@ class SingletonBlock(Block):
                 ...  # runs in one place at a time; LockConflict elsewhere
 
         @flow
-        @singleton(block="BLOCK_NAME", lock_name="export-{region}")  # skips as "Skipped" when held
+        @singleton(block=singleton_block, lock_name="export-{region}")  # Completed "Skipped" when held
         def export(region: str):
             ...
         ```
@@ -68,12 +75,22 @@ class SingletonBlock(Block):
             "The lock store, e.g. redis://host:6379/0, postgresql://user:password@host/db, "
             "mongodb://host/db or sqlite:////shared/locks.db."
         ),
+        # In the schema, so the UI's form refuses a URL without a scheme before it saves.
+        json_schema_extra={"pattern": URL_PATTERN},
     )
     lock_expire_seconds: float | None = Field(
-        default=300.0,
+        default=DEFAULT_LOCK_EXPIRE_SECONDS,
         gt=0,
         title="Lock expire seconds",
-        description="How long a lock outlives a holder that stops renewing it (crash, kill -9); empty never expires.",
+        description="How long a lock outlives a holder that stops renewing it (crash, kill -9).",
+    )
+    never_expires: bool = Field(
+        default=False,
+        title="Never expires",
+        description=(
+            "Keep a lock until it is released, even if its holder dies (an admin frees it with "
+            "`singleton release`); lock expire seconds and auto renew are then ignored."
+        ),
     )
     auto_renew: bool = Field(
         default=True,
@@ -92,15 +109,34 @@ class SingletonBlock(Block):
         try:
             scheme_of(url.get_secret_value())
         except ValueError:  # the core's message quotes the URL; a form field may hold a password anywhere
-            raise ValueError("the store URL needs a scheme, e.g. redis://host:6379/0, postgresql://host/db, "
-                             "mongodb://host/db or sqlite:////path/locks.db") from None
+            raise ValueError(_SCHEME_HINT) from None
         return url
 
     @model_validator(mode="after")
     def _check_renewal(self) -> SingletonBlock:
-        if self.auto_renew and self.lock_expire_seconds is None:
-            raise ValueError("auto_renew needs lock_expire_seconds: a lock that never expires has nothing to renew")
+        if self.auto_renew and self.lock_expire_seconds is None and not self.never_expires:
+            raise ValueError("auto_renew needs lock_expire_seconds: a lock that never expires has nothing to renew; "
+                             "set never_expires=True for such a lock")
         return self
+
+    @property
+    def lease_seconds(self) -> float | None:
+        """The lease each lock gets: None when the block says it never expires."""
+        return None if self.never_expires else self.lock_expire_seconds
+
+    @classmethod
+    def _from_block_document(cls, block_document: Any) -> Any:
+        """Prefect reports a saved block that does not validate as a generic "failed validation";
+        say what is wrong, without the input (a URL may carry a password)."""
+        try:
+            return super()._from_block_document(block_document)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc']) or 'block'}: {problem['msg']}"
+                for problem in error.errors(include_input=False, include_url=False)
+            )
+            raise ValueError(f"the Singleton block {block_document.name!r} cannot be used: {problems}. "
+                             "Fix it in the UI (Blocks) or save it again from code.") from None
 
     # -- bridges to the core ---------------------------------------------------------
 
@@ -117,47 +153,67 @@ class SingletonBlock(Block):
         name: str,
         *,
         lock_expire_seconds: float | None = None,
+        min_hold_seconds: float | None = None,
         metadata: Mapping[str, str] | None = None,
         release_on_sigterm: bool = True,
         apply_prefix: bool = True,
     ) -> Singleton:
         """A core ``Singleton`` configured from this block, for code that wants the plain API."""
         return Singleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
-            lock_expire_seconds, metadata, release_on_sigterm))
+            lock_expire_seconds, min_hold_seconds, metadata, release_on_sigterm))
 
     def get_async_singleton(
         self,
         name: str,
         *,
         lock_expire_seconds: float | None = None,
+        min_hold_seconds: float | None = None,
         metadata: Mapping[str, str] | None = None,
         release_on_sigterm: bool = True,
         apply_prefix: bool = True,
     ) -> AsyncSingleton:
         """``get_singleton`` as an ``AsyncSingleton``, for ``async`` flows and tasks."""
         return AsyncSingleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
-            lock_expire_seconds, metadata, release_on_sigterm))
+            lock_expire_seconds, min_hold_seconds, metadata, release_on_sigterm))
 
     def _singleton_arguments(self, name: str, apply_prefix: bool) -> tuple[str, Persister]:
         return (self.lock_name(name) if apply_prefix else name), self.get_persister()
 
     def _singleton_options(
-        self, lock_expire_seconds: float | None, metadata: Mapping[str, str] | None, release_on_sigterm: bool
+        self,
+        lock_expire_seconds: float | None,
+        min_hold_seconds: float | None,
+        metadata: Mapping[str, str] | None,
+        release_on_sigterm: bool,
     ) -> dict[str, Any]:
-        return {
-            "lock_expire_seconds": self.lock_expire_seconds if lock_expire_seconds is None else lock_expire_seconds,
-            "auto_renew": self.auto_renew,
+        lease = self.lease_seconds if lock_expire_seconds is None else lock_expire_seconds
+        options: dict[str, Any] = {
+            "lock_expire_seconds": lease,
+            "auto_renew": self.auto_renew and lease is not None,
             "metadata": metadata,
             "release_on_sigterm": release_on_sigterm,
         }
+        if min_hold_seconds is not None:
+            options["min_hold_seconds"] = min_hold_seconds
+        return options
 
-    def lock(self, name: str, wait: float | None = None, lock_expire_seconds: float | None = None) -> SingletonLock:
+    def lock(
+        self,
+        name: str,
+        wait: float | None = None,
+        lock_expire_seconds: float | None = None,
+        *,
+        min_hold_seconds: float | None = None,
+    ) -> SingletonLock:
         """Hold ``name`` for a ``with`` or ``async with`` block; ``LockConflict`` when another holds it.
 
         ``wait`` seconds to wait for a busy lock (default: do not wait);
-        ``lock_expire_seconds`` overrides the block's lease for this lock.
+        ``lock_expire_seconds`` overrides the block's lease for this lock;
+        ``min_hold_seconds`` keeps the name held that long after the acquisition even when
+        released sooner, so a schedule's slot runs once across deployments started seconds apart.
         """
-        return SingletonLock(self, name, wait=wait, lock_expire_seconds=lock_expire_seconds)
+        return SingletonLock(self, name, wait=wait, lock_expire_seconds=lock_expire_seconds,
+                             min_hold_seconds=min_hold_seconds)
 
     def holder(self, name: str) -> LockRecord | None:
         """Who holds ``name`` now, if anyone (host, pid, run ids, since when, fencing token)."""
@@ -170,5 +226,5 @@ class SingletonBlock(Block):
     def __repr__(self) -> str:
         return (
             f"SingletonBlock(url={redact_url(self.url.get_secret_value())!r}, lock_expire_seconds={self.lock_expire_seconds!r}, "
-            f"auto_renew={self.auto_renew!r}, name_prefix={self.name_prefix!r})"
+            f"never_expires={self.never_expires!r}, auto_renew={self.auto_renew!r}, name_prefix={self.name_prefix!r})"
         )

@@ -19,6 +19,7 @@ class RunInfo:
     flow_run_name: str | None = None
     flow_name: str | None = None
     deployment_id: str | None = None
+    deployment_name: str | None = None
     task_run_id: str | None = None
     task_run_name: str | None = None
 
@@ -29,6 +30,7 @@ class RunInfo:
             "prefect_flow_run_name": self.flow_run_name,
             "prefect_flow_name": self.flow_name,
             "prefect_deployment_id": self.deployment_id,
+            "prefect_deployment_name": self.deployment_name,
             "prefect_task_run_id": self.task_run_id,
             "prefect_task_run_name": self.task_run_name,
         }
@@ -62,14 +64,34 @@ def current_run() -> RunInfo:
     flow: Any = getattr(flow_context, "flow", None)
     task_run: Any = getattr(task_context, "task_run", None)
     flow_run_id = getattr(flow_run, "id", None) or getattr(task_run, "flow_run_id", None)
+    deployment_id = _text(getattr(flow_run, "deployment_id", None))
     return RunInfo(
         flow_run_id=_text(flow_run_id),
         flow_run_name=_text(getattr(flow_run, "name", None)),
         flow_name=_text(getattr(flow, "name", None)),
-        deployment_id=_text(getattr(flow_run, "deployment_id", None)),
+        deployment_id=deployment_id,
+        deployment_name=_deployment_name(deployment_id),
         task_run_id=_text(getattr(task_run, "id", None)),
         task_run_name=_text(getattr(task_run, "name", None)),
     )
+
+
+_deployment_names: dict[str, str | None] = {}
+
+
+def _deployment_name(deployment_id: str | None) -> str | None:
+    """The deployment's name, read once per process (a conflict message names it, not its UUID)."""
+    if deployment_id is None:
+        return None
+    if deployment_id not in _deployment_names:
+        try:
+            from prefect.runtime import deployment
+
+            _deployment_names[deployment_id] = _text(deployment.name)
+        except Exception:  # the name is for humans: never let it break locking
+            _fallback_logger.debug("could not read the name of deployment %s", deployment_id, exc_info=True)
+            return None
+    return _deployment_names[deployment_id]
 
 
 def _text(value: object) -> str | None:

@@ -12,28 +12,52 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import string
+import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from singleton_integrations import LockConflict, Singleton
+from singleton_integrations import AsyncSingleton, LockConflict, Singleton
 
 from ._block import SingletonBlock
-from ._context import run_logger
+from ._lock import SingletonLock
 
-__all__ = ["OnConflict", "current_lock", "singleton"]
+__all__ = ["BLOCK_CACHE_SECONDS_ENV", "OnConflict", "clear_block_cache", "current_lock", "singleton"]
 
 OnConflict = Literal["skip", "fail", "wait"]
 F = TypeVar("F", bound=Callable[..., Any])
 LockName = str | Callable[[dict[str, Any]], str]
 
-_current: ContextVar[Singleton | None] = ContextVar("prefect_blocks_current_lock", default=None)
+#: Seconds a block loaded by name is reused in a process before it is read again (default 60; 0: every run).
+BLOCK_CACHE_SECONDS_ENV = "SINGLETON_BLOCK_CACHE_SECONDS"
+_DEFAULT_BLOCK_CACHE_SECONDS = 60.0
+
+# Module state is reached only through module functions, which pickle by reference:
+# the wrappers below must stay picklable for flow.serve() and ProcessPoolTaskRunner.
+_current: ContextVar[Singleton | AsyncSingleton | None] = ContextVar("prefect_blocks_current_lock", default=None)
+_loaded: dict[str, tuple[float, SingletonBlock]] = {}
+_loaded_guard = threading.Lock()
 
 
-def current_lock() -> Singleton | None:
-    """The lock held for the innermost ``@singleton`` function running here (for its fencing token)."""
+def current_lock() -> Singleton | AsyncSingleton | None:
+    """The lock held for the innermost ``@singleton`` function running here (for its fencing token).
+
+    A ``Singleton`` in sync functions, an ``AsyncSingleton`` in ``async`` ones.
+    """
     return _current.get()
+
+
+def clear_block_cache(name: str | None = None) -> None:
+    """Forget blocks loaded by name (all, or ``name``), so the next run reads the saved block again."""
+    with _loaded_guard:
+        if name is None:
+            _loaded.clear()
+        else:
+            _loaded.pop(name, None)
 
 
 def singleton(
@@ -43,14 +67,18 @@ def singleton(
     on_conflict: OnConflict = "skip",
     wait_timeout: float | None = None,
     lock_expire_seconds: float | None = None,
+    min_hold_seconds: float | None = None,
 ) -> Callable[[F], F]:
     """Guard a flow's or task's function with a lock; put it under ``@flow`` / ``@task``.
 
-    ``block``: a ``SingletonBlock`` or the name of a saved one (loaded at run time).
+    ``block``: a ``SingletonBlock`` or the name of a saved one (loaded on the first run in
+    a process, then reused for ``SINGLETON_BLOCK_CACHE_SECONDS``; see ``clear_block_cache``).
     ``lock_name``: a template filled from the run's parameters (``"export-{region}"``),
     or a callable taking the parameters; default: the function's name.
     ``wait_timeout``: seconds to wait for a busy lock before the conflict outcome;
     default 0 for "skip" and "fail", forever for "wait".
+    ``min_hold_seconds``: the name stays held that long after the acquisition even when the
+    run ends sooner, so a scheduled slot runs once across deployments started seconds apart.
     """
     if on_conflict not in ("skip", "fail", "wait"):
         raise ValueError(f"on_conflict must be 'skip', 'fail' or 'wait', not {on_conflict!r}")
@@ -59,6 +87,10 @@ def singleton(
     if wait_timeout is not None and (isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float))
                                      or math.isnan(wait_timeout) or wait_timeout < 0):
         raise ValueError(f"wait_timeout must be zero or more seconds, not {wait_timeout!r}")
+    if min_hold_seconds is not None and (isinstance(min_hold_seconds, bool)
+                                         or not isinstance(min_hold_seconds, (int, float))
+                                         or not math.isfinite(min_hold_seconds) or min_hold_seconds <= 0):
+        raise ValueError(f"min_hold_seconds must be a positive number of seconds, not {min_hold_seconds!r}")
     wait = wait_timeout if wait_timeout is not None else (math.inf if on_conflict == "wait" else None)
 
     def decorate(fn: F) -> F:
@@ -68,68 +100,116 @@ def singleton(
             raise TypeError("put @singleton under @flow or @task, so the lock's outcome becomes the run's state")
         if not callable(fn):
             raise TypeError("@singleton decorates a function")
-        signature = inspect.signature(fn)
-        name_of = _lock_namer(lock_name if lock_name is not None else fn.__name__, signature, fn)
+        _lock_namer(lock_name if lock_name is not None else fn.__name__, inspect.signature(fn), fn)  # check now
+        guard = _Guard(block, lock_name if lock_name is not None else fn.__name__, on_conflict, wait,
+                       lock_expire_seconds, min_hold_seconds)
 
+        # The wrappers refer to module functions only (pickled by reference) and to
+        # ``guard`` and ``fn`` (pickled by value with the flow or task).
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                resolved = await _aload(block)
-                try:
-                    async with resolved.lock(name_of(args, kwargs), wait=wait,
-                                             lock_expire_seconds=lock_expire_seconds) as held:
-                        token = _current.set(held.sync)
-                        try:
-                            return await fn(*args, **kwargs)
-                        finally:
-                            _current.reset(token)
-                except LockConflict as conflict:
-                    if on_conflict != "skip":
-                        raise  # the engine records Failed with the LockConflict
-                    return _skipped(conflict)
+                return await _run_guarded_async(guard, fn, args, kwargs)
 
             return run_async  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            resolved = _load(block)
-            try:
-                with resolved.lock(name_of(args, kwargs), wait=wait, lock_expire_seconds=lock_expire_seconds) as held:
-                    token = _current.set(held)
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        _current.reset(token)
-            except LockConflict as conflict:
-                if on_conflict != "skip":
-                    raise  # the engine records Failed with the LockConflict
-                return _skipped(conflict)
+            return _run_guarded(guard, fn, args, kwargs)
 
         return run  # type: ignore[return-value]
 
     return decorate
 
 
+@dataclass(frozen=True)
+class _Guard:
+    """What a guarded call needs: plain, picklable configuration."""
+
+    block: SingletonBlock | str
+    lock_name: LockName
+    on_conflict: OnConflict
+    wait: float | None
+    lock_expire_seconds: float | None
+    min_hold_seconds: float | None
+
+    def lock_for(self, block: SingletonBlock, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = _lock_namer(self.lock_name, inspect.signature(fn), fn)(args, kwargs)
+        return SingletonLock(block, name, wait=self.wait, lock_expire_seconds=self.lock_expire_seconds,
+                             min_hold_seconds=self.min_hold_seconds, log_conflict=False)
+
+
+def _run_guarded(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        with guard.lock_for(_load(guard.block), fn, args, kwargs) as held:
+            token = _current.set(held)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _current.reset(token)
+    except LockConflict as conflict:
+        if guard.on_conflict != "skip":
+            raise  # the engine records Failed with the LockConflict
+        return _skipped(conflict)
+
+
+async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        async with guard.lock_for(await _aload(guard.block), fn, args, kwargs) as held:
+            token = _current.set(held)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                _current.reset(token)
+    except LockConflict as conflict:
+        if guard.on_conflict != "skip":
+            raise  # the engine records Failed with the LockConflict
+        return _skipped(conflict)
+
+
 def _skipped(conflict: LockConflict) -> Any:
-    """Completed, named "Skipped": another holder doing the work is success, not failure."""
+    """Completed, named "Skipped": another holder doing the work is success, not failure.
+
+    The message is said once: Prefect logs it with the final state.
+    """
     from prefect.states import Completed
 
-    message = f"Skipped: {conflict}"
-    run_logger().info("%s", message)
-    return Completed(name="Skipped", message=message)
+    return Completed(name="Skipped", message=str(conflict))
+
+
+def _cache_seconds() -> float:
+    text = os.environ.get(BLOCK_CACHE_SECONDS_ENV, "")
+    try:
+        return max(float(text), 0.0) if text.strip() else _DEFAULT_BLOCK_CACHE_SECONDS
+    except ValueError:
+        raise ValueError(f"{BLOCK_CACHE_SECONDS_ENV} must be a number of seconds, not {text!r}") from None
+
+
+def _cached(name: str) -> SingletonBlock | None:
+    with _loaded_guard:
+        found = _loaded.get(name)
+    if found is None or time.monotonic() - found[0] >= _cache_seconds():
+        return None
+    return found[1]
+
+
+def _remember(name: str, block: SingletonBlock) -> SingletonBlock:
+    with _loaded_guard:
+        _loaded[name] = (time.monotonic(), block)
+    return block
 
 
 def _load(block: SingletonBlock | str) -> SingletonBlock:
     if isinstance(block, SingletonBlock):
         return block
-    return SingletonBlock.load(block, _sync=True)  # type: ignore[call-arg,return-value]
+    return _cached(block) or _remember(block, SingletonBlock.load(block, _sync=True))  # type: ignore[call-arg,arg-type]
 
 
 async def _aload(block: SingletonBlock | str) -> SingletonBlock:
     if isinstance(block, SingletonBlock):
         return block
-    return await SingletonBlock.aload(block)
+    return _cached(block) or _remember(block, await SingletonBlock.aload(block))
 
 
 def _lock_namer(lock_name: LockName, signature: inspect.Signature, fn: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:

@@ -10,17 +10,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
-from singleton_integrations import AsyncSingleton, LockConflict, LockLost, Singleton
+from singleton_integrations import AsyncSingleton, LockLost, Singleton
 
 from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
 from ._events import emit_lock_event
+from ._messages import conflict
 
 if TYPE_CHECKING:
     from ._block import SingletonBlock
 
 __all__ = ["SingletonLock"]
+
+#: What ``with`` (a ``Singleton``) or ``async with`` (an ``AsyncSingleton``) holds.
+CoreLock = Union[Singleton, AsyncSingleton]
 
 
 class SingletonLock:
@@ -37,28 +41,33 @@ class SingletonLock:
         *,
         wait: float | None = None,
         lock_expire_seconds: float | None = None,
+        min_hold_seconds: float | None = None,
         metadata: Mapping[str, str] | None = None,
+        log_conflict: bool = True,
     ) -> None:
         self.block = block
         self.name = block.lock_name(name)
         self.wait = wait
         self.lock_expire_seconds = lock_expire_seconds
+        self.min_hold_seconds = min_hold_seconds
         self.extra_metadata = dict(metadata or {})
-        self._singleton: Singleton | None = None
-        self._async: AsyncSingleton | None = None
+        #: ``@singleton`` turns the conflict into the run's state, whose message Prefect logs: say it once.
+        self.log_conflict = log_conflict
+        self._held: CoreLock | None = None
         self._run = RunInfo()
         self._lost_reason: str | None = None
         self._entered = threading.Lock()
 
     @property
-    def singleton(self) -> Singleton | None:
+    def singleton(self) -> CoreLock | None:
         """The core lock while entered."""
-        return self._singleton
+        return self._held
 
     # -- sync ----------------------------------------------------------------------
 
     def __enter__(self) -> Singleton:
-        singleton = self._prepare()
+        singleton = self._prepare(asynchronous=False)
+        assert isinstance(singleton, Singleton)
         try:
             acquired = singleton.lock(wait=self.wait)
         except BaseException:
@@ -70,8 +79,8 @@ class SingletonLock:
         return singleton
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        singleton = self._singleton
-        assert singleton is not None, "exit without enter"
+        singleton = self._held
+        assert isinstance(singleton, Singleton), "exit without enter"
         try:
             released = singleton.release()
         except Exception as error:
@@ -86,22 +95,22 @@ class SingletonLock:
 
     async def __aenter__(self) -> AsyncSingleton:
         singleton = self._prepare(asynchronous=True)
-        assert self._async is not None
+        assert isinstance(singleton, AsyncSingleton)
         try:
-            acquired = await self._async.lock(wait=self.wait)
+            acquired = await singleton.lock(wait=self.wait)
         except BaseException:  # cancellation included: AsyncSingleton never leaks a lock it got
             self._finish()
             raise
         if not acquired:
             self._conflict(singleton)
         self._acquired(singleton)
-        return self._async
+        return singleton
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        singleton, face = self._singleton, self._async
-        assert singleton is not None and face is not None, "exit without enter"
+        singleton = self._held
+        assert isinstance(singleton, AsyncSingleton), "exit without enter"
         try:
-            released = await face.release()  # shielded: a cancelled task still releases
+            released = await singleton.release()  # shielded: a cancelled task still releases
         except Exception as error:
             if exc_type is None:
                 raise
@@ -112,7 +121,7 @@ class SingletonLock:
 
     # -- shared ----------------------------------------------------------------------
 
-    def _prepare(self, asynchronous: bool = False) -> Singleton:
+    def _prepare(self, asynchronous: bool) -> CoreLock:
         if not self._entered.acquire(blocking=False):
             raise RuntimeError(f"this lock on {self.name!r} is already entered; create another with block.lock()")
         self._run = current_run()
@@ -120,14 +129,15 @@ class SingletonLock:
         metadata = {**self._run.metadata(), **self.extra_metadata}
         options: dict[str, Any] = {
             "lock_expire_seconds": self.lock_expire_seconds,
+            "min_hold_seconds": self.min_hold_seconds,
             "metadata": metadata,
             "release_on_sigterm": not prefect_handles_sigterm(),
             "apply_prefix": False,
         }
         try:
+            singleton: CoreLock
             if asynchronous:
-                self._async = self.block.get_async_singleton(self.name, **options)
-                singleton = self._async.sync
+                singleton = self.block.get_async_singleton(self.name, **options)
             else:
                 singleton = self.block.get_singleton(self.name, **options)
         except BaseException:
@@ -135,46 +145,44 @@ class SingletonLock:
             raise
         singleton.on("expired", lambda message: self._emit("expired", singleton, str(message)))
         singleton.on("lost", lambda message: self._on_lost(singleton, str(message)))
-        self._singleton = singleton
+        self._held = singleton
         return singleton
 
     def _finish(self) -> None:
-        self._singleton = None
-        self._async = None
+        self._held = None
         self._entered.release()
 
-    def _conflict(self, singleton: Singleton) -> None:
+    def _conflict(self, singleton: CoreLock) -> None:
         self._finish()
-        error = LockConflict(singleton.name, singleton.last_holder)
-        if self.wait:
-            error = LockConflict(singleton.name, singleton.last_holder, f"{error} (after waiting {self.wait:g} s)")
+        error = conflict(singleton.name, singleton.last_holder, self.wait)
         self._emit("conflict", singleton, str(error), singleton.last_holder)
-        run_logger().info("%s", error)
+        if self.log_conflict:
+            run_logger().info("%s", error)
         raise error
 
-    def _acquired(self, singleton: Singleton) -> None:
+    def _acquired(self, singleton: CoreLock) -> None:
         message = f"acquired lock {singleton.name!r} with fencing token {singleton.fencing_token}"
         self._emit("acquired", singleton, message, singleton.record)
         run_logger().info("%s", message)
 
-    def _after_release(self, singleton: Singleton, released: bool, body_succeeded: bool) -> None:
+    def _after_release(self, singleton: CoreLock, released: bool, body_succeeded: bool) -> None:
         if released:
             self._emit("released", singleton, f"released lock {singleton.name!r}")
         if self._lost_reason is not None and body_succeeded:
             raise LockLost(singleton.name, self._lost_reason)
 
     @staticmethod
-    def _release_failed(singleton: Singleton, error: Exception) -> bool:
+    def _release_failed(singleton: CoreLock, error: Exception) -> bool:
         run_logger().warning("could not release lock %r (its lease will expire): %s", singleton.name, error)
         return False
 
-    def _on_lost(self, singleton: Singleton, message: str) -> None:
+    def _on_lost(self, singleton: CoreLock, message: str) -> None:
         # May run on the renewal thread: the run context is the one captured at enter.
         self._lost_reason = message
         self._emit("lost", singleton, message)
         run_logger().warning("%s", message)
 
-    def _emit(self, what: str, singleton: Singleton, message: str, record: Any = None) -> None:
+    def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None) -> None:
         emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend, message=message, record=record)
 
     def __repr__(self) -> str:

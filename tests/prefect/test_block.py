@@ -5,20 +5,22 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
 from prefect import get_client
 from prefect.blocks.core import Block
+from prefect.client.schemas.actions import BlockDocumentCreate
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr, ValidationError
 
 import prefect_blocks
 from prefect_blocks import SingletonBlock
-from prefect_blocks._block import LOGO_URL
+from prefect_blocks._block import LOGO_URL, URL_PATTERN
 
-from .conftest import ROOT
+from .conftest import ROOT, held_elsewhere
 
 
 class TestSingletonBlockStandards(BlockStandardTestSuite):
@@ -85,7 +87,59 @@ def test_registers_with_the_prefect_cli(child_env: dict[str, str]) -> None:
     assert block_type.name == "Singleton" and str(block_type.logo_url) == LOGO_URL
     assert "from prefect_blocks import SingletonBlock" in block_type.code_example
     assert schema.fields["secret_fields"] == ["url"]
-    assert set(schema.fields["properties"]) == {"url", "lock_expire_seconds", "auto_renew", "name_prefix"}
+    assert set(schema.fields["properties"]) == {"url", "lock_expire_seconds", "never_expires", "auto_renew", "name_prefix"}
+    assert schema.fields["properties"]["url"]["pattern"] == URL_PATTERN
+    assert schema.fields["required"] == ["url"]
+    # The UI fills in the first BLOCK_NAME only: the example says it once, so it works when pasted.
+    assert block_type.code_example.count("BLOCK_NAME") == 1
+
+
+def test_the_code_example_runs_when_pasted(store_url: str, lock_name: str) -> None:
+    """What the block page shows, with BLOCK_NAME replaced once as the UI does, runs as is."""
+    name = f"pasted-{uuid.uuid4().hex[:8]}"
+    SingletonBlock(url=store_url).save(name)
+    code = textwrap.dedent(SingletonBlock._code_example).strip().removeprefix("```python").removesuffix("```")
+    namespace: dict = {}
+    exec(compile(code.replace("BLOCK_NAME", name, 1), "<block page>", "exec"), namespace)
+    assert namespace["nightly"](return_state=True).name == "Completed"
+    assert namespace["export"]("eu", return_state=True).name == "Completed"
+    with held_elsewhere(store_url, "export-eu"):
+        assert namespace["export"]("eu", return_state=True).name == "Skipped"
+
+
+def test_the_schema_refuses_a_url_without_a_scheme() -> None:
+    """Prefect's own schema validation (what the UI's form runs before saving) applies the pattern."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = SingletonBlock.model_json_schema()
+    validate({"url": "redis://127.0.0.1:6379/0"}, schema, raise_on_error=True)
+    with pytest.raises(Exception, match="does not match"):
+        validate({"url": "127.0.0.1:6379"}, schema, raise_on_error=True)
+
+
+def test_never_expires_survives_a_save_and_load() -> None:
+    name = f"never-{uuid.uuid4().hex[:8]}"
+    # As the form saves it: the lease field left at its default, auto renew left on.
+    SingletonBlock(url="redis://127.0.0.1:6379/0", never_expires=True).save(name)
+    loaded = SingletonBlock.load(name)
+    assert loaded.never_expires and loaded.lease_seconds is None
+    lock = loaded.get_singleton("x")
+    assert lock.lock_expire_seconds is None and lock.auto_renew is False
+
+
+def test_a_saved_block_that_does_not_validate_says_why() -> None:
+    """A document saved around the form (API, older schema) fails at load with the reason, not Prefect's generic one."""
+    name = f"broken-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("singleton")
+        schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
+        client.create_block_document(BlockDocumentCreate(
+            name=name, block_type_id=block_type.id, block_schema_id=schema.id,
+            data={"url": "user:hunter2@db.example:5432"},
+        ))
+    with pytest.raises(ValueError, match=rf"Singleton block '{name}' cannot be used: url: .*needs a scheme") as raised:
+        SingletonBlock.load(name)
+    assert "hunter2" not in str(raised.value) and "failed validation" not in str(raised.value)
 
 
 def test_rejects_bad_configuration() -> None:

@@ -1,0 +1,70 @@
+"""Conflict messages for Prefect users: said once, the holder first, in Prefect's terms.
+
+A holder that is a Prefect run is named by its flow run name and deployment,
+not by UUIDs; any other holder (the CLI, Airflow, a cron job) by its host, pid
+and metadata. UUIDs, the fencing token and the lease stay in the event payload
+and in ``LockConflict.holder``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from singleton_integrations import LockConflict, LockRecord
+
+__all__ = ["conflict", "describe_holder"]
+
+#: Metadata written by this package; the friendly ones are said in words, the ids left out.
+_PREFECT_KEYS = (
+    "prefect_flow_run_id",
+    "prefect_flow_run_name",
+    "prefect_flow_name",
+    "prefect_deployment_id",
+    "prefect_deployment_name",
+    "prefect_task_run_id",
+    "prefect_task_run_name",
+)
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "an unknown time"
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def describe_holder(record: LockRecord) -> str:
+    """``flow run 'x' of deployment 'flow/dep' on host (pid N)``, or host, pid and metadata for others."""
+    metadata = dict(record.metadata)
+    task_run = metadata.get("prefect_task_run_name")
+    flow_run = metadata.get("prefect_flow_run_name")
+    flow_name = metadata.get("prefect_flow_name")
+    deployment = metadata.get("prefect_deployment_name")
+    words: list[str] = []
+    if task_run:
+        words.append(f"task run {task_run!r}" + (" in" if flow_run else ""))
+    if flow_run:
+        words.append(f"flow run {flow_run!r}")
+    if deployment:
+        full = f"{flow_name}/{deployment}" if flow_name else deployment
+        words.append(f"of deployment {full!r}")
+    elif flow_name and (flow_run or task_run):
+        words.append(f"of flow {flow_name!r}")
+    others = ", ".join(f"{key}={value}" for key, value in sorted(metadata.items()) if key not in _PREFECT_KEYS)
+    where = f"on {record.host} (pid {record.pid}{', ' + others if others else ''})"
+    return " ".join([*words, where])
+
+
+def conflict(name: str, record: LockRecord | None, waited: float | None = None) -> LockConflict:
+    """The ``LockConflict`` a run reports: one sentence, holder first, then since when."""
+    after = f" (after waiting {waited:g} s)" if waited else ""
+    if record is None:
+        return LockConflict(name, None, f"lock {name!r} is held by another process{after}")
+    who = describe_holder(record)
+    released_at = getattr(record, "released_at", None)
+    hold_until = getattr(record, "hold_until", None)
+    if released_at is not None:
+        message = (f"lock {name!r} already ran: {who} ran it at {_when(record.created_at)} and finished at "
+                   f"{_when(released_at)}; held until {_when(hold_until)} for the minimum hold{after}")
+    else:
+        message = f"lock {name!r} is held by {who} since {_when(record.created_at)}{after}"
+    return LockConflict(name, record, message)
