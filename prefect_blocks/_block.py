@@ -30,6 +30,13 @@ _SCHEME_HINT = ("the store URL needs a scheme, e.g. redis://host:6379/0, postgre
                 "mongodb://host/db or sqlite:////path/locks.db")
 
 
+def _only(schema: dict[str, Any], kind: str) -> None:
+    """Show an optional field in the form as its plain type, without the "null" toggle."""
+    for choice in schema.pop("anyOf", []):
+        if choice.get("type") == kind:
+            schema.update(choice)
+
+
 class SingletonBlock(Block):
     """Only one run at a time across deployments, workers and orchestrators, through a shared lock store.
 
@@ -83,6 +90,8 @@ class SingletonBlock(Block):
         gt=0,
         title="Lock expire seconds",
         description="How long a lock outlives a holder that stops renewing it (crash, kill -9).",
+        # The form offers a number only: its "null" choice was dropped on save; never_expires says "never".
+        json_schema_extra=lambda schema: _only(schema, "number"),
     )
     never_expires: bool = Field(
         default=False,
@@ -101,6 +110,7 @@ class SingletonBlock(Block):
         default=None,
         title="Name prefix",
         description="Prepended to every lock name; leave empty so the same name is the same lock everywhere.",
+        json_schema_extra=lambda schema: _only(schema, "string"),
     )
 
     @field_validator("url")
@@ -132,7 +142,7 @@ class SingletonBlock(Block):
             return super()._from_block_document(block_document)
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(str(part) for part in problem['loc']) or 'block'}: {problem['msg']}"
+                f"{'.'.join(str(part) for part in problem['loc']) or 'block'}: {problem['msg'].removeprefix('Value error, ')}"
                 for problem in error.errors(include_input=False, include_url=False)
             )
             raise ValueError(f"the Singleton block {block_document.name!r} cannot be used: {problems}. "

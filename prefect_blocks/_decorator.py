@@ -68,6 +68,7 @@ def singleton(
     wait_timeout: float | None = None,
     lock_expire_seconds: float | None = None,
     min_hold_seconds: float | None = None,
+    skipped_state_name: str = "Skipped",
 ) -> Callable[[F], F]:
     """Guard a flow's or task's function with a lock; put it under ``@flow`` / ``@task``.
 
@@ -79,6 +80,8 @@ def singleton(
     default 0 for "skip" and "fail", forever for "wait".
     ``min_hold_seconds``: the name stays held that long after the acquisition even when the
     run ends sooner, so a scheduled slot runs once across deployments started seconds apart.
+    ``skipped_state_name``: the name of a skip's Completed state; "Completed" lets the UI's
+    deployment Runs tab list skips under its default filter (the message then starts "Skipped:").
     """
     if on_conflict not in ("skip", "fail", "wait"):
         raise ValueError(f"on_conflict must be 'skip', 'fail' or 'wait', not {on_conflict!r}")
@@ -91,6 +94,8 @@ def singleton(
                                          or not isinstance(min_hold_seconds, (int, float))
                                          or not math.isfinite(min_hold_seconds) or min_hold_seconds <= 0):
         raise ValueError(f"min_hold_seconds must be a positive number of seconds, not {min_hold_seconds!r}")
+    if not isinstance(skipped_state_name, str) or not skipped_state_name.strip():
+        raise ValueError(f"skipped_state_name must be a non-empty str, not {skipped_state_name!r}")
     wait = wait_timeout if wait_timeout is not None else (math.inf if on_conflict == "wait" else None)
 
     def decorate(fn: F) -> F:
@@ -102,7 +107,7 @@ def singleton(
             raise TypeError("@singleton decorates a function")
         _lock_namer(lock_name if lock_name is not None else fn.__name__, inspect.signature(fn), fn)  # check now
         guard = _Guard(block, lock_name if lock_name is not None else fn.__name__, on_conflict, wait,
-                       lock_expire_seconds, min_hold_seconds)
+                       lock_expire_seconds, min_hold_seconds, skipped_state_name)
 
         # The wrappers refer to module functions only (pickled by reference) and to
         # ``guard`` and ``fn`` (pickled by value with the flow or task).
@@ -133,6 +138,7 @@ class _Guard:
     wait: float | None
     lock_expire_seconds: float | None
     min_hold_seconds: float | None
+    skipped_state_name: str
 
     def lock_for(self, block: SingletonBlock, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = _lock_namer(self.lock_name, inspect.signature(fn), fn)(args, kwargs)
@@ -151,7 +157,7 @@ def _run_guarded(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], k
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        return _skipped(conflict)
+        return _skipped(conflict, guard.skipped_state_name)
 
 
 async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -165,17 +171,18 @@ async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        return _skipped(conflict)
+        return _skipped(conflict, guard.skipped_state_name)
 
 
-def _skipped(conflict: LockConflict) -> Any:
+def _skipped(conflict: LockConflict, state_name: str) -> Any:
     """Completed, named "Skipped": another holder doing the work is success, not failure.
 
     The message is said once: Prefect logs it with the final state.
     """
     from prefect.states import Completed
 
-    return Completed(name="Skipped", message=str(conflict))
+    message = str(conflict) if state_name == "Skipped" else f"Skipped: {conflict}"
+    return Completed(name=state_name, message=message)
 
 
 def _cache_seconds() -> float:

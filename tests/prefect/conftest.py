@@ -23,6 +23,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from tests.conftest import store_url_for
 
+from .real_server import PrefectServer, prefect_server
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 #: The states table runs on every store; the rest of the suite on one, to stay fast.
@@ -36,6 +38,22 @@ def prefect_api() -> Iterator[str]:
         from prefect.settings import PREFECT_API_URL
 
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """``prefect server start`` on loopback, started once for the modules that ask for it."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running
+
+
+@pytest.fixture
+def server(real_server: PrefectServer) -> Iterator[PrefectServer]:
+    """Point this test's Prefect client at the real server (the rest of the suite keeps the harness)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: real_server.api_url}):
+        yield real_server
 
 
 @pytest.fixture

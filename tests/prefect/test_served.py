@@ -24,17 +24,10 @@ from prefect.states import Scheduled
 from prefect import get_client
 from prefect_blocks import SingletonBlock
 
-from .real_server import ROOT, PrefectServer, prefect_server
+from .real_server import ROOT, PrefectServer
 
 HERE = Path(__file__).parent
 RUN_TIMEOUT = 180.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
-        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
-            yield running
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +38,17 @@ def lock_store() -> str:
 
 
 @pytest.fixture(scope="module")
-def names(server: PrefectServer, lock_store: str) -> dict[str, str]:
+def names(real_server: PrefectServer, lock_store: str) -> dict[str, str]:
     block = f"served-{uuid.uuid4().hex[:8]}"
-    SingletonBlock(url=lock_store, lock_expire_seconds=60).save(block)
+    with temporary_settings(updates={PREFECT_API_URL: real_server.api_url}):
+        SingletonBlock(url=lock_store, lock_expire_seconds=60).save(block)
     return {"SERVED_BLOCK": block, "SERVED_LOCK": f"served-{uuid.uuid4().hex[:10]}"}
 
 
 @pytest.fixture(scope="module")
-def two_servers(server: PrefectServer, names: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[subprocess.Popen[str]]]:
+def two_servers(real_server: PrefectServer, names: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[subprocess.Popen[str]]]:
     """``served_flow.py`` in two processes serving the same deployments, polling every second."""
-    env = server.env(**names, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    env = real_server.env(**names, PREFECT_RUNNER_POLL_FREQUENCY="1")
     logs = tmp_path_factory.mktemp("served-logs")
     processes = []
     try:
@@ -62,7 +56,7 @@ def two_servers(server: PrefectServer, names: dict[str, str], tmp_path_factory: 
             log = open(logs / f"serve-{number}.log", "w")  # noqa: SIM115 - closed with the process
             processes.append(subprocess.Popen([sys.executable, str(HERE / "served_flow.py")], env=env, cwd=ROOT,
                                               stdout=log, stderr=subprocess.STDOUT, text=True))
-        with get_client(sync_client=True) as client:
+        with temporary_settings(updates={PREFECT_API_URL: real_server.api_url}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + RUN_TIMEOUT
             while True:
                 for process in processes:
@@ -98,7 +92,7 @@ def wait_final(run_ids: list, until: int | None = None) -> list[FlowRun]:
             time.sleep(0.25)
 
 
-def test_two_served_runs_at_once_one_completes_one_skips(two_servers: list, tmp_path: Path, names: dict[str, str]) -> None:
+def test_two_served_runs_at_once_one_completes_one_skips(server: PrefectServer, two_servers: list, tmp_path: Path, names: dict[str, str]) -> None:
     marker = tmp_path / "release"
     parameters = {"slot": "a", "release_when": str(marker)}
     with get_client(sync_client=True) as client:
@@ -121,7 +115,7 @@ def test_two_served_runs_at_once_one_completes_one_skips(two_servers: list, tmp_
     assert sum("is held by" in log.message for log in logs) == 1, [log.message for log in logs]
 
 
-def test_the_slot_recipe_skips_a_second_deployment_run_of_the_same_slot(two_servers: list, names: dict[str, str]) -> None:
+def test_the_slot_recipe_skips_a_second_deployment_run_of_the_same_slot(server: PrefectServer, two_servers: list, names: dict[str, str]) -> None:
     """Two schedulers firing the same slot seconds apart: the second run is Completed "Skipped"."""
     slot = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(minutes=1)
     with get_client(sync_client=True) as client:
