@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["AcquireResult", "LockRecord", "Owner", "validate_name", "validate_ttl"]
+__all__ = ["AcquireResult", "LockRecord", "Owner", "validate_min_hold", "validate_name", "validate_ttl"]
 
 _HOSTNAME = socket.gethostname()  # read once: every acquire records it
 MAX_NAME_LENGTH = 255
@@ -34,7 +34,11 @@ class Owner:
 
 @dataclass(frozen=True)
 class LockRecord:
-    """A live lock as the store sees it; times come from the store's clock."""
+    """A live lock as the store sees it; times come from the store's clock.
+
+    ``released_at`` is set while a released lock still holds its name for the
+    minimum hold (until ``hold_until``): the slot already ran.
+    """
 
     name: str
     owner_token: str
@@ -44,9 +48,18 @@ class LockRecord:
     created_at: datetime
     expires_at: datetime | None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    released_at: datetime | None = None
+    hold_until: datetime | None = None
+
+    @property
+    def released(self) -> bool:
+        """True when the holder released and the name is held only for the minimum hold."""
+        return self.released_at is not None
 
     def describe(self) -> str:
         """One line naming the holder, for conflict messages and logs."""
+        if self.released_at is not None:
+            return self._describe_released()
         parts = [f"{self.host} pid {self.pid}"]
         if self.metadata:
             parts.append(", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())))
@@ -55,6 +68,14 @@ class LockRecord:
             parts.append(f"until {self.expires_at.astimezone(timezone.utc).isoformat(timespec='seconds')}")
         parts.append(f"fencing token {self.fencing_token}")
         return ", ".join(parts)
+
+    def _describe_released(self) -> str:
+        who = f"{self.host} pid {self.pid}"
+        if self.metadata:
+            who += " (" + ", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())) + ")"
+        until = self.hold_until or self.expires_at
+        held = f"; held until {_iso(until)} for the minimum hold" if until is not None else ""
+        return f"ran at {_iso(self.created_at)} on {who}, released at {_iso(self.released_at)}{held}, fencing token {self.fencing_token}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view without the owner token (a capability, not information)."""
@@ -66,6 +87,8 @@ class LockRecord:
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "metadata": dict(self.metadata),
+            "released_at": self.released_at.isoformat() if self.released_at else None,
+            "hold_until": self.hold_until.isoformat() if self.hold_until else None,
         }
 
     def __repr__(self) -> str:
@@ -73,8 +96,15 @@ class LockRecord:
             f"LockRecord(name={self.name!r}, fencing_token={self.fencing_token}, host={self.host!r}, "
             f"pid={self.pid}, created_at={self.created_at.isoformat()}, "
             f"expires_at={self.expires_at.isoformat() if self.expires_at else None}, "
-            f"metadata={dict(self.metadata)!r})"
+            f"metadata={dict(self.metadata)!r}"
+            + (f", released_at={self.released_at.isoformat()}" if self.released_at else "")
+            + (f", hold_until={self.hold_until.isoformat()}" if self.hold_until else "")
+            + ")"
         )
+
+
+def _iso(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds") if moment is not None else "?"
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,13 @@ def validate_ttl(seconds: object, what: str = "lock_expire_seconds") -> float | 
     if value > 10 * 365 * 86400:
         raise ValueError(f"{what} must be at most ten years; use None for a lock that never expires")
     return value
+
+
+def validate_min_hold(seconds: object) -> float | None:
+    """A minimum hold: None (no hold) or a positive finite number of seconds, at most ten years."""
+    if seconds is None:
+        return None
+    return validate_ttl(seconds, "min_hold_seconds")
 
 
 def validate_metadata(metadata: object) -> dict[str, str]:

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .._urls import redact_url, scheme_of
-from ._base import Persister, ReleaseWatch, SleepWatch
+from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, SleepWatch, run_blocking
 from .memory import Memory
 from .sqlite import Sqlite
 
@@ -24,16 +24,20 @@ if TYPE_CHECKING:
     from .redis import Redis
 
 __all__ = [
+    "DEFAULT_PURGE_AFTER_SECONDS",
     "ENTRY_POINT_GROUP",
+    "HubWatch",
     "Memory",
     "MongoDb",
     "Persister",
     "Postgres",
     "Redis",
+    "ReleaseHub",
     "ReleaseWatch",
     "SleepWatch",
     "Sqlite",
     "from_url",
+    "run_blocking",
     "schemes",
 ]
 

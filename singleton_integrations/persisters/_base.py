@@ -4,23 +4,73 @@
 backend is a handful of methods. Each primitive is one atomic step on the store
 and judges expiry by the store's clock. Run
 ``singleton_integrations.testing.conformance`` against a new persister to prove it.
+
+Every primitive has an async twin (``aacquire`` for ``acquire`` and so on). A
+persister that only writes the sync ones still serves ``AsyncSingleton``: the
+defaults here run them in this project's own bounded executor, never in
+asyncio's default pool. Built-in persisters override them with native async
+drivers and say so with ``native_async = True``.
+
+Waiting: a persister that can hear releases (pub/sub, LISTEN, change streams)
+keeps ONE subscription per process in a ``ReleaseHub``, shared by every waiter,
+sync or async; ``watch(name)`` hands out a ``ReleaseWatch`` on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import os
 import threading
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import ClassVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, ClassVar, TypeVar
 
 from .._record import AcquireResult, LockRecord, Owner
 
-__all__ = ["Persister", "ReleaseWatch", "SleepWatch"]
+__all__ = [
+    "BLOCKING_IO_WORKERS",
+    "DEFAULT_PURGE_AFTER_SECONDS",
+    "HubWatch",
+    "Persister",
+    "ReleaseHub",
+    "ReleaseWatch",
+    "SleepWatch",
+    "run_blocking",
+]
 
 _logger = logging.getLogger("singleton_integrations")
+_T = TypeVar("_T")
+
+#: A name's stored state (its fencing counter) is purged after it has been free
+#: this long: 30 days. ``None`` keeps every name's state for good.
+DEFAULT_PURGE_AFTER_SECONDS: float = 30 * 86400.0
+#: Threads in the executor that serves sync-only persisters to async callers.
+BLOCKING_IO_WORKERS = 16
+
+_executor: ThreadPoolExecutor | None = None
+_executor_guard = threading.Lock()
+
+
+def _blocking_executor() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_guard:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(BLOCKING_IO_WORKERS, thread_name_prefix="singleton-io")
+        return _executor
+
+
+async def run_blocking(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking store call in this project's bounded executor, off the event loop.
+
+    Never asyncio's default pool: a busy default pool is what starved waiters before.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_blocking_executor(), functools.partial(func, *args))
 
 
 def _logged_force_release(method: Callable[[Persister, str], LockRecord | None]) -> Callable[[Persister, str], LockRecord | None]:
@@ -39,16 +89,38 @@ def _logged_force_release(method: Callable[[Persister, str], LockRecord | None])
     return force_release
 
 
+def _logged_aforce_release(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The async twin of ``_logged_force_release``."""
+
+    @functools.wraps(method)
+    async def aforce_release(self: Persister, name: str) -> LockRecord | None:
+        removed = await method(self, name)
+        if removed is not None:
+            _logger.warning("force-released lock %r held by %s (%s)", name, removed.describe(), self.backend)
+        else:
+            _logger.info("force release of lock %r found no live holder (%s)", name, self.backend)
+        return removed
+
+    aforce_release.__logged__ = True  # type: ignore[attr-defined]
+    return aforce_release
+
+
 class ReleaseWatch:
     """A subscription to releases of one name, opened before the acquire attempt.
 
     Opening it first is what makes waiting lose no wake-up: a release that
-    happens between a failed attempt and ``wait()`` is already queued.
+    happens between a failed attempt and ``wait()`` is remembered, and the next
+    ``wait`` returns at once.
     """
 
-    def wait(self, timeout: float) -> None:
-        """Block up to ``timeout`` seconds, returning early when the name may be free."""
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True when woken because the name may be free."""
         raise NotImplementedError
+
+    async def wait_async(self, timeout: float) -> bool:
+        """``wait`` for coroutines: holds no thread. The default sleeps (a poll)."""
+        await asyncio.sleep(max(timeout, 0.0))
+        return False
 
     def close(self) -> None:
         """Drop the subscription."""
@@ -60,11 +132,208 @@ class SleepWatch(ReleaseWatch):
     def __init__(self) -> None:
         self._event = threading.Event()
 
-    def wait(self, timeout: float) -> None:
-        self._event.wait(timeout)
+    def wait(self, timeout: float) -> bool:
+        woken = self._event.wait(max(timeout, 0.0))
+        self._event.clear()
+        return woken
 
     def notify(self) -> None:
         self._event.set()
+
+
+class HubWatch(ReleaseWatch):
+    """One waiter's view of a ``ReleaseHub``: a remembered wake-up, for threads and coroutines alike."""
+
+    def __init__(self, hub: ReleaseHub, name: str) -> None:
+        self.hub = hub
+        self.name = name
+        self._event = threading.Event()
+        self._guard = threading.Lock()
+        self._futures: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._closed = False
+
+    def wake(self) -> None:
+        """Called by the hub (any thread): remember the wake-up and rouse whoever waits."""
+        with self._guard:
+            self._event.set()
+            futures = list(self._futures)
+        for loop, future in futures:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that loop has closed
+                pass
+
+    def _consume(self) -> bool:
+        with self._guard:
+            woken = self._event.is_set()
+            self._event.clear()
+            return woken
+
+    def wait(self, timeout: float) -> bool:
+        if self._event.wait(max(timeout, 0.0)):
+            return self._consume() or True
+        return self._consume()
+
+    async def wait_async(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with self._guard:
+            if self._event.is_set():
+                self._event.clear()
+                return True
+            self._futures.add(entry)
+        try:
+            await asyncio.wait_for(future, max(timeout, 0.0))
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        finally:
+            with self._guard:
+                self._futures.discard(entry)
+        return self._consume()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.hub.discard(self)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+#: ``listen(hub, stop)``: subscribe, call ``hub.ready()``, then ``hub.notify(name)`` per
+#: release heard, until ``stop`` is set; return or raise to be restarted.
+Listener = Callable[["ReleaseHub", threading.Event], None]
+
+_hubs: weakref.WeakSet[ReleaseHub] = weakref.WeakSet()
+
+
+class ReleaseHub:
+    """One release subscription per persister and process, fanned out to every waiter.
+
+    With a ``listen`` function, the hub runs it in one daemon thread while anyone
+    watches (and ``idle_seconds`` after, so back-to-back waits reuse it). Without
+    one, only in-process releases wake waiters (``notify`` from the releasing
+    call); waiters still poll for the rest. Each (re)subscription is followed by
+    ``ready()``, which wakes every waiter: a release in the gap is never lost,
+    only answered by one extra attempt.
+    """
+
+    def __init__(self, listen: Listener | None = None, *, thread_name: str = "singleton-release-listener",
+                 idle_seconds: float = 30.0, retry_seconds: float = 0.5) -> None:
+        self._listen = listen
+        self._thread_name = thread_name
+        self._idle_seconds = idle_seconds
+        self._retry_seconds = retry_seconds
+        self._guard = threading.Lock()
+        self._watches: dict[str, set[HubWatch]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._idle_timer: threading.Timer | None = None
+        self.subscribed = threading.Event()
+        _hubs.add(self)
+
+    def watch(self, name: str) -> HubWatch:
+        """Register a waiter for ``name``; starts the listener thread if it is not running."""
+        watch = HubWatch(self, name)
+        with self._guard:
+            self._watches.setdefault(name, set()).add(watch)
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            if self._listen is not None and (self._thread is None or not self._thread.is_alive()):
+                self._stop = threading.Event()
+                self.subscribed.clear()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,), name=self._thread_name, daemon=True)
+                self._thread.start()
+        return watch
+
+    def discard(self, watch: HubWatch) -> None:
+        with self._guard:
+            waiting = self._watches.get(watch.name)
+            if waiting is not None:
+                waiting.discard(watch)
+                if not waiting:
+                    del self._watches[watch.name]
+            if not self._watches and self._thread is not None and self._idle_timer is None:
+                self._idle_timer = threading.Timer(self._idle_seconds, self._stop_if_idle)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+
+    def names(self) -> frozenset[str]:
+        """The names someone in this process waits for now."""
+        with self._guard:
+            return frozenset(self._watches)
+
+    def notify(self, name: str) -> None:
+        """Wake every waiter for ``name`` (thread-safe; cheap when nobody waits)."""
+        with self._guard:
+            targets = list(self._watches.get(name, ()))
+        for watch in targets:
+            watch.wake()
+
+    def notify_all(self) -> None:
+        """Wake every waiter: the subscription had a gap and may have missed releases."""
+        with self._guard:
+            targets = [watch for group in self._watches.values() for watch in group]
+        for watch in targets:
+            watch.wake()
+
+    def ready(self) -> None:
+        """The listener calls this once subscribed (again after each reconnect)."""
+        self.subscribed.set()
+        self.notify_all()
+
+    def close(self) -> None:
+        """Stop the listener thread; waiters fall back to their safety polls."""
+        with self._guard:
+            self._stop.set()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+
+    def _stop_if_idle(self) -> None:
+        with self._guard:
+            if self._watches:
+                return
+            self._idle_timer = None
+            self._stop.set()
+            self._thread = None
+
+    def _run(self, stop: threading.Event) -> None:
+        assert self._listen is not None
+        while not stop.is_set():
+            try:
+                self._listen(self, stop)
+            except Exception as error:  # a dropped connection: resubscribe after a pause
+                _logger.debug("release listener %s failed, resubscribing: %s", self._thread_name, type(error).__name__)
+            self.subscribed.clear()
+            stop.wait(self._retry_seconds)
+
+    def _reset_after_fork(self) -> None:
+        # The listener thread did not survive the fork; the parent's waiters are not ours.
+        self._guard = threading.Lock()
+        self._watches = {}
+        self._thread = None
+        self._idle_timer = None
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()
+
+
+def _after_fork_in_child() -> None:
+    global _executor, _executor_guard
+    _executor = None
+    _executor_guard = threading.Lock()
+    for hub in list(_hubs):
+        hub._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Persister(ABC):
@@ -81,32 +350,55 @@ class Persister(ABC):
     clock: ClassVar[str] = "the store's clock"
     #: Longest pause between polls while waiting when notification is unavailable.
     poll_interval: float = 0.5
+    #: True when ``acquire`` honours ``min_hold`` (see ``acquire``); the core refuses
+    #: ``min_hold_seconds`` on a persister without it.
+    supports_min_hold: ClassVar[bool] = False
+    #: True when the ``a*`` primitives use a native async driver rather than ``run_blocking``.
+    native_async: ClassVar[bool] = False
+    #: The longest one store call can take (its client-side deadline), in seconds. The
+    #: core declares a lock lost this long (at most a quarter of the lease) before the
+    #: lease would end when renewals cannot get through.
+    call_timeout: float = 10.0
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         method = cls.__dict__.get("force_release")
         if method is not None and not getattr(method, "__logged__", False) and not getattr(method, "__isabstractmethod__", False):
             cls.force_release = _logged_force_release(method)  # type: ignore[method-assign]
+        amethod = cls.__dict__.get("aforce_release")
+        if amethod is not None and not getattr(amethod, "__logged__", False):
+            cls.aforce_release = _logged_aforce_release(amethod)  # type: ignore[method-assign]
 
     @abstractmethod
-    def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
         """Take ``name`` if it is free or expired (replacing the expired lock in the same step).
 
         A successful acquire mints a fencing token strictly greater than every earlier
-        one for ``name``. On conflict, return the live holder's record.
+        one for ``name``. On conflict, return the live holder's record and, when the
+        store knows it, ``retry_after`` (seconds until the name can be free).
+
+        ``min_hold`` (only passed when ``supports_min_hold``): record
+        ``hold_until = store now + min_hold``. The name is then free for others only
+        once the lease is over or released AND the store's clock has passed
+        ``hold_until``, so a crashed holder frees it at the later of the two.
         """
 
     @abstractmethod
     def release(self, name: str, owner_token: str) -> bool:
-        """Give up ``name`` only if ``owner_token`` still holds it; True when it did."""
+        """Give up ``name`` only if ``owner_token`` still holds it; True when it did.
+
+        Before ``hold_until`` (a minimum hold), a release keeps the record as the
+        name's holder, marked ``released_at`` with ``expires_at = hold_until``; the
+        token can no longer renew or release it, and no wake-up is sent yet.
+        """
 
     @abstractmethod
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        """Extend our live lease to ``ttl`` from now; None when the lock is no longer ours."""
+        """Extend our live lease to ``ttl`` from now (never before ``hold_until``); None when not ours."""
 
     @abstractmethod
     def get(self, name: str) -> LockRecord | None:
-        """The live (unexpired) lock on ``name``, if any."""
+        """The live (unexpired) lock on ``name``, if any, including one released into its minimum hold."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[LockRecord]:
@@ -116,12 +408,49 @@ class Persister(ABC):
     def force_release(self, name: str) -> LockRecord | None:
         """Administrative release regardless of owner; returns the record it removed."""
 
+    # -- async twins: native in built-in persisters, the bounded executor otherwise --
+
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        if min_hold is None:
+            return await run_blocking(self.acquire, name, owner, ttl)
+        return await run_blocking(self.acquire, name, owner, ttl, min_hold)
+
+    async def arelease(self, name: str, owner_token: str) -> bool:
+        return await run_blocking(self.release, name, owner_token)
+
+    async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return await run_blocking(self.renew, name, owner_token, ttl)
+
+    async def aget(self, name: str) -> LockRecord | None:
+        return await run_blocking(self.get, name)
+
+    async def alist(self, prefix: str = "") -> list[LockRecord]:
+        return await run_blocking(self.list, prefix)
+
+    async def aforce_release(self, name: str) -> LockRecord | None:
+        return await run_blocking(self.force_release, name)
+
+    aforce_release.__logged__ = True  # type: ignore[attr-defined]  # the sync one it runs logs
+
+    async def aclose(self) -> None:
+        """Close async clients too; the default closes the sync ones."""
+        await run_blocking(self.close)
+
     def watch(self, name: str) -> ReleaseWatch:
         """Subscribe to releases of ``name``; the default polls."""
         return SleepWatch()
 
     @contextmanager
     def watching(self, name: str) -> Iterator[ReleaseWatch]:
+        watch = self.watch(name)
+        try:
+            yield watch
+        finally:
+            watch.close()
+
+    @asynccontextmanager
+    async def awatching(self, name: str) -> AsyncIterator[ReleaseWatch]:
+        """``watching`` for coroutines; ``watch()`` must not block (hubs only register)."""
         watch = self.watch(name)
         try:
             yield watch
