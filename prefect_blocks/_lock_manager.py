@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 from prefect.locking.protocol import LockManager
 from pydantic import SecretStr
 
-from singleton_integrations import Owner
+from singleton_integrations import AcquireResult, LockRecord, Owner
 from singleton_integrations._record import validate_metadata, validate_name, validate_ttl
 from singleton_integrations.persisters import Persister
 
@@ -119,31 +120,42 @@ class SingletonLockManager(LockManager):
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return self._wait_free(key, timeout, None)
 
-    # -- the protocol: async (the same steps in a worker thread, cancellation-safe) ------
+    # -- the protocol: async (the persister's async twins: no thread per waiter) --------
 
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        cancelled = threading.Event()
-        attempt = asyncio.ensure_future(
-            asyncio.to_thread(self._acquire, key, holder, acquire_timeout, hold_timeout, cancelled)
-        )
-        try:
-            return await asyncio.shield(attempt)
-        except asyncio.CancelledError:
-            cancelled.set()
-            await asyncio.wait({attempt})
-            acquired = attempt.exception() is None and attempt.result()
-            if acquired:  # got it as the cancellation arrived: never leak it
-                await asyncio.to_thread(self.persister.release, self.lock_name(key), owner_token_for(holder))
-            raise
+        name, token, ttl, owner = self._request(key, holder, hold_timeout)
+        persister = self.persister
+        deadline = _deadline(acquire_timeout)
+        async with persister.awatching(name) as watch:
+            while True:
+                attempt = asyncio.ensure_future(persister.aacquire(name, owner, ttl))
+                try:
+                    result = await asyncio.shield(attempt)
+                except asyncio.CancelledError:
+                    await _release_if_acquired(persister, name, token, attempt)  # never leak it
+                    raise
+                if result.acquired or (result.record is not None and result.record.owner_token == token):
+                    return True  # re-entrant, as Prefect's own managers are
+                pause = self._pause(deadline, result.retry_after, None)
+                if pause is None:
+                    return False
+                await watch.wait_async(pause)
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        cancelled = threading.Event()
-        try:
-            return await asyncio.to_thread(self._wait_free, key, timeout, cancelled)
-        finally:
-            cancelled.set()
+        name = self.lock_name(key)
+        persister = self.persister
+        deadline = _deadline(timeout)
+        async with persister.awatching(name) as watch:
+            while True:
+                record = await persister.aget(name)
+                if record is None:
+                    return True
+                pause = self._pause(deadline, _retry_after(record), None)
+                if pause is None:
+                    return False
+                await watch.wait_async(pause)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -155,10 +167,7 @@ class SingletonLockManager(LockManager):
         hold_timeout: float | None,
         cancelled: threading.Event | None,
     ) -> bool:
-        name = self.lock_name(key)
-        token = owner_token_for(holder)
-        ttl = validate_ttl(self.default_hold_timeout if hold_timeout is None else hold_timeout, "hold_timeout")
-        owner = Owner(owner_token=token, metadata={**current_run().metadata(), **self.metadata})
+        name, token, ttl, owner = self._request(key, holder, hold_timeout)
         persister = self.persister
         deadline = _deadline(acquire_timeout)
         with persister.watching(name) as watch:
@@ -173,6 +182,13 @@ class SingletonLockManager(LockManager):
                     return False
                 watch.wait(pause)
 
+    def _request(self, key: str, holder: str, hold_timeout: float | None) -> tuple[str, str, float | None, Owner]:
+        """The stored name, owner token, lease and owner for one acquire."""
+        token = owner_token_for(holder)
+        ttl = validate_ttl(self.default_hold_timeout if hold_timeout is None else hold_timeout, "hold_timeout")
+        owner = Owner(owner_token=token, metadata={**current_run().metadata(), **self.metadata})
+        return self.lock_name(key), token, ttl, owner
+
     def _wait_free(self, key: str, timeout: float | None, cancelled: threading.Event | None) -> bool:
         name = self.lock_name(key)
         persister = self.persister
@@ -182,10 +198,7 @@ class SingletonLockManager(LockManager):
                 record = persister.get(name)
                 if record is None:
                     return True
-                retry_after = None
-                if record.expires_at is not None:
-                    retry_after = max(record.expires_at.timestamp() - time.time(), 0.0)
-                pause = self._pause(deadline, retry_after, cancelled)
+                pause = self._pause(deadline, _retry_after(record), cancelled)
                 if pause is None:
                     return False
                 watch.wait(pause)
@@ -202,6 +215,23 @@ class SingletonLockManager(LockManager):
         if cancelled is not None:
             pause = min(pause, 0.1)
         return pause
+
+
+def _retry_after(record: LockRecord) -> float | None:
+    """Seconds until ``record``'s lease ends, as far as this host's clock can tell."""
+    if record.expires_at is None:
+        return None
+    return max(record.expires_at.timestamp() - time.time(), 0.0)
+
+
+async def _release_if_acquired(persister: Persister, name: str, token: str, attempt: asyncio.Future[AcquireResult]) -> None:
+    """After a cancellation: let the acquire in flight finish, and give back what it got."""
+    try:
+        result = await asyncio.shield(attempt)
+        if result.acquired:
+            await asyncio.shield(persister.arelease(name, token))
+    except Exception:  # the lease frees it; the cancellation matters more
+        logging.getLogger("prefect_blocks").warning("could not release lock %r after a cancellation", name, exc_info=True)
 
 
 def _deadline(timeout: float | None) -> float:
