@@ -46,9 +46,22 @@ def tests_airflow(session: nox.Session) -> None:
 
 @nox.session
 def tests_prefect(session: nox.Session) -> None:
-    """The Prefect blocks against a real Prefect test harness and real stores."""
-    session.install("-e", f".[prefect,{STORES}]")
+    """The Prefect blocks against a real Prefect test harness, a real ``prefect server``, real stores and a real browser."""
+    _ensure_chromium(session)
+    # playwright drives Debian's chromium (executable_path): no browser download.
+    session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40")
     _pytest(session, "tests/prefect")
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """The Prefect UI tests run headless Chromium (Debian's ``chromium``)."""
+    if shutil.which("chromium"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        session.warn("chromium is missing and cannot be installed here: the browser tests will say so")
+        return
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
 @nox.session

@@ -50,8 +50,8 @@ def describe_holder(record: LockRecord) -> str:
     elif flow_name and (flow_run or task_run):
         words.append(f"of flow {flow_name!r}")
     others = ", ".join(f"{key}={value}" for key, value in sorted(metadata.items()) if key not in _PREFECT_KEYS)
-    where = f"on {record.host} (pid {record.pid}{', ' + others if others else ''})"
-    return " ".join([*words, where])
+    where = f"{record.host} (pid {record.pid}{', ' + others if others else ''})"
+    return " ".join([*words, f"on {where}"]) if words else where
 
 
 def conflict(name: str, record: LockRecord | None, waited: float | None = None) -> LockConflict:
@@ -60,11 +60,9 @@ def conflict(name: str, record: LockRecord | None, waited: float | None = None) 
     if record is None:
         return LockConflict(name, None, f"lock {name!r} is held by another process{after}")
     who = describe_holder(record)
-    released_at = getattr(record, "released_at", None)
-    hold_until = getattr(record, "hold_until", None)
-    if released_at is not None:
+    if record.released_at is not None:
         message = (f"lock {name!r} already ran: {who} ran it at {_when(record.created_at)} and finished at "
-                   f"{_when(released_at)}; held until {_when(hold_until)} for the minimum hold{after}")
+                   f"{_when(record.released_at)}; held until {_when(record.hold_until)} for the minimum hold{after}")
     else:
         message = f"lock {name!r} is held by {who} since {_when(record.created_at)}{after}"
     return LockConflict(name, record, message)

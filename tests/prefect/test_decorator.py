@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from prefect import flow, task
 
-from prefect_blocks import SingletonBlock, current_lock, singleton
+from prefect_blocks import BLOCK_CACHE_SECONDS_ENV, SingletonBlock, clear_block_cache, current_lock, singleton
 
 from .conftest import held_elsewhere
 
@@ -75,3 +77,57 @@ def test_lock_expire_seconds_override(block: SingletonBlock, lock_name: str) -> 
         return (record.expires_at - record.created_at).total_seconds()
 
     assert 6 < job() <= 7
+
+
+def test_decorated_flows_and_tasks_pickle_and_run_from_the_copy(block: SingletonBlock, lock_name: str) -> None:
+    """flow.serve() and ProcessPoolTaskRunner send the function by cloudpickle: the copy must work."""
+    import cloudpickle
+
+    @flow(name=f"pickled-{lock_name}")
+    @singleton(block=block, lock_name=lock_name + "-{n}")
+    def guarded(n: int) -> str:
+        return current_lock().name
+
+    @task
+    @singleton(block=f"never-loaded-{lock_name}", on_conflict="fail")
+    async def guarded_task() -> None: ...
+
+    copy = cloudpickle.loads(cloudpickle.dumps(guarded))
+    cloudpickle.loads(cloudpickle.dumps(guarded_task))
+    assert copy(3) == f"{lock_name}-3"
+    with held_elsewhere(block.url.get_secret_value(), f"{lock_name}-4"):
+        assert copy(4, return_state=True).name == "Skipped"
+
+
+def test_a_block_loaded_by_name_is_cached_until_cleared(store_url: str, lock_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    block_name = f"cached-{uuid.uuid4().hex[:8]}"
+    SingletonBlock(url=store_url, name_prefix="first/").save(block_name)
+
+    @flow
+    @singleton(block=block_name, lock_name=lock_name)
+    def job() -> str:
+        return current_lock().name
+
+    assert job() == f"first/{lock_name}"
+    SingletonBlock(url=store_url, name_prefix="second/").save(block_name, overwrite=True)
+    assert job() == f"first/{lock_name}", "reused within SINGLETON_BLOCK_CACHE_SECONDS"
+    clear_block_cache(block_name)
+    assert job() == f"second/{lock_name}", "read again after clear_block_cache()"
+    SingletonBlock(url=store_url, name_prefix="third/").save(block_name, overwrite=True)
+    monkeypatch.setenv(BLOCK_CACHE_SECONDS_ENV, "0")
+    assert job() == f"third/{lock_name}", "0 reads the block on every run"
+
+
+def test_skipped_state_name(block: SingletonBlock, store_url: str, lock_name: str) -> None:
+    @flow
+    @singleton(block=block, lock_name=lock_name, skipped_state_name="Completed")
+    def job() -> None: ...
+
+    with held_elsewhere(store_url, lock_name):
+        state = job(return_state=True)
+    assert (state.type.value, state.name) == ("COMPLETED", "Completed")
+    assert state.message.startswith(f"Skipped: lock '{lock_name}' is held by ")
+    with pytest.raises(ValueError, match="skipped_state_name"):
+        singleton(block=block, skipped_state_name="")
+    with pytest.raises(ValueError, match="min_hold_seconds"):
+        singleton(block=block, min_hold_seconds=0)
