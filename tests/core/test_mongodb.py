@@ -27,7 +27,7 @@ import pytest
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._errors import MissingDependency
 from singleton_integrations._record import Owner
-from singleton_integrations.persisters._base import SleepWatch
+from singleton_integrations.persisters._base import HubWatch
 from singleton_integrations.persisters.mongodb import MongoDb
 from tests.servers import mongodb_server
 
@@ -230,10 +230,12 @@ def test_unreachable_server_raises_persister_error_in_bounded_time() -> None:
     assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
     assert secret not in str(caught.value) and secret not in str(caught.value.__cause__)
     assert pickle.loads(pickle.dumps(caught.value)).backend == "mongodb"
-    # Waiting on it: the change-stream probe gives up quickly, stays unknown, and the
-    # watch falls back to polling instead of paying a second full timeout.
+    # Waiting on it: the change-stream probe gives up quickly and stays unknown, so the
+    # core polls; the watch still answers at once (in-process releases only).
     assert store.notifies is False and store._change_streams is None
-    assert isinstance(store.watch("job"), SleepWatch)
+    watch = store.watch("job")
+    assert isinstance(watch, HubWatch) and watch.wait(0.01) is False
+    watch.close()
 
 
 def test_construction_never_connects() -> None:
@@ -419,14 +421,12 @@ def test_change_stream_wakes_a_waiter_on_release(store: MongoDb, url: str) -> No
     assert other.notifies is replica_set  # found out on first read, before any watch
     watch = other.watch("woken")
     try:
-        assert isinstance(watch, SleepWatch) is not replica_set
+        assert isinstance(watch, HubWatch)
         if replica_set:
             store.renew("woken", owner.owner_token, 600)  # a renewal is not a release: no wake-up
             timer = threading.Timer(0.3, store.release, ("woken", owner.owner_token))
             timer.start()
-            started = time.monotonic()
-            watch.wait(60)
-            assert time.monotonic() - started < 30  # woken by the release, not the timeout
+            assert watch.wait(60) is True  # woken by the release, not the timeout
             timer.join()
             assert store.get("woken") is None
     finally:
@@ -438,9 +438,8 @@ def test_standalone_server_falls_back_to_polling() -> None:
     with mongodb_server.extra_server("--standalone") as server:
         store = MongoDb(server, database=RUN_DATABASE)
         try:
-            assert store.notifies is False and store._change_streams is False
-            assert isinstance(store.watch("job"), SleepWatch)
-            assert isinstance(store.watch("job"), SleepWatch)  # detected once, cached
+            assert store.notifies is False and store._change_streams is False  # detected once, cached
+            assert store.notifies is False
             job = Singleton("job", store, lock_expire_seconds=0.5)
             assert job.lock()
             rival = Singleton("job", store, lock_expire_seconds=30)
