@@ -394,3 +394,53 @@ def test_a_seed_process_and_a_python_process_race_for_one_expired_lock(
         if python.is_alive():
             python.kill()
     assert python.exitcode == 0
+
+
+# -- waiting: a seed's release wakes Python waiters (the change stream, across processes) --
+
+
+def test_a_seed_release_wakes_a_python_waiter(store: MongoDb, seeds: Any) -> None:
+    seed = seeds("woken")
+    assert seed.call("lock")["locked"]
+    with store.watching("woken") as watch:
+        hub = store._hub()
+        assert hub is not None
+        if store.notifies:
+            assert hub.subscribed.wait(TIMEOUT)
+            watch.wait(0)  # the wake-up every (re)subscription sends
+            assert not store.acquire("woken", Owner(), 60).acquired
+            seed.send("release", at=time.time() + 0.3)
+            assert watch.wait(TIMEOUT) is True  # the seed's delete, seen by the one change stream
+            seed._reply()
+        else:  # a standalone mongod (MONGODB_URL): waiters poll
+            seed.call("release")
+        assert store.acquire("woken", Owner(), 60).acquired
+
+
+def _release_in_another_process(url: str, database: str, name: str, token: str) -> None:
+    store = MongoDb(url, database=database)
+    time.sleep(0.3)
+    assert store.release(name, token)
+    store.close()
+
+
+def test_a_release_in_another_python_process_wakes_a_waiter(store: MongoDb, url: str, database: str) -> None:
+    owner = Owner()
+    assert store.acquire("elsewhere", owner, 600).acquired
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=_release_in_another_process, args=(url, database, "elsewhere", owner.owner_token))
+    if not store.notifies:  # a standalone mongod (MONGODB_URL): the waiter polls instead
+        child.start()
+        assert Singleton("elsewhere", store, lock_expire_seconds=60).lock(wait=TIMEOUT)
+        child.join(TIMEOUT)
+        assert child.exitcode == 0
+        return
+    with store.watching("elsewhere") as watch:
+        hub = store._hub()
+        assert hub is not None and hub.subscribed.wait(TIMEOUT)
+        watch.wait(0)
+        child.start()
+        assert watch.wait(TIMEOUT) is True
+        child.join(TIMEOUT)
+        assert child.exitcode == 0
+    assert store.acquire("elsewhere", Owner(), 60).acquired
