@@ -279,7 +279,8 @@ class Rules:
                 if seed is None:  # released meanwhile: the name is free again
                     continue
                 holder = seed_record(name, seed, seed_ms)
-                if seed_ms is not None and not last:
+                # A seed lock without a date never expires, by the seed's rule as by ours.
+                if seed_ms is not None and isinstance(seed.get("created"), datetime) and not last:
                     # Takeover: delete exactly that expired document (same _id and created,
                     # re-judged by $$NOW in the delete), then acquire like a free name. A
                     # fresh lock can never be deleted here, and the unique index admits

@@ -212,7 +212,7 @@ class _Entry:
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.users: set[int] = set()
+        self.users: weakref.WeakSet[MongoDb] = weakref.WeakSet()  # a collected persister stops counting
         self.indexed: set[tuple[str, str, bool]] = set()
 
 
@@ -437,7 +437,7 @@ class MongoDb(Persister):
             entry = _registry.sync.get(self._key)
             if entry is None:
                 entry = _registry.sync[self._key] = _Entry(self._new_client(self._pymongo.MongoClient))
-            entry.users.add(id(self))
+            entry.users.add(self)
             if self._client_ is not entry.client or self._pid != pid:
                 self._client_, self._pid, self._clock_offset = entry.client, pid, None
             return entry
@@ -464,30 +464,31 @@ class MongoDb(Persister):
             entry = clients.get(self._key)
             if entry is None:
                 entry = clients[self._key] = _Entry(self._new_client(self._pymongo.AsyncMongoClient))
-            entry.users.add(id(self))
+            entry.users.add(self)
         collection = entry.client[self.database_name][self.collection_name]
         marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
         if marker not in entry.indexed:
             await self._adrive(self._rules.ensure_indexes(), collection)
             entry.indexed.add(marker)
+        if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
+            self._probed_at = time.monotonic()  # so that ``notifies`` never blocks the loop later
+            await self._aprobe_change_streams(collection)
         return collection
 
     def close(self) -> None:
         """Drop this persister's share of the client; the last user closes it. Reconnects if used again."""
         with _registry.guard:
             entry = _registry.sync.get(self._key)
-            last = entry is not None and entry.users <= {id(self)} and entry.client is self._client_
+            hubs: list[ReleaseHub] = []
+            last = entry is not None and set(entry.users) <= {self} and entry.client is self._client_
             if entry is not None:
-                entry.users.discard(id(self))
+                entry.users.discard(self)
                 if last:
                     del _registry.sync[self._key]
-                    hub = _registry.hubs.pop(self._hub_key(), None)
-                else:
-                    hub = None
-            else:
-                hub = None
+                    for key in [key for key in _registry.hubs if key[0] == self._key]:
+                        hubs.append(_registry.hubs.pop(key))
             self._client_ = None
-        if hub is not None:
+        for hub in hubs:  # their listeners used this client
             hub.close()
         if last and entry is not None and self._pid == os.getpid():
             entry.client.close()
@@ -500,7 +501,7 @@ class MongoDb(Persister):
             entry = clients.get(self._key)
             if entry is None:
                 return
-            entry.users.discard(id(self))
+            entry.users.discard(self)
             if entry.users:
                 return
             del clients[self._key]
@@ -671,7 +672,24 @@ class MongoDb(Persister):
                 if change is not None:
                     _dispatch(hub, change, seed_names)
 
+    async def _aprobe_change_streams(self, collection: Any) -> None:
+        errors = self._pymongo.errors
+        try:
+            with self._pymongo.timeout(_PROBE_SECONDS):
+                stream = await collection.watch([{"$match": {"documentKey._id": ""}}], max_await_time_ms=50)
+                await stream.close()
+            self._change_streams = True
+        except errors.OperationFailure as error:
+            logger.debug("mongodb: change streams unavailable, polling: %s", self._describe(error))
+            self._change_streams = False
+        except errors.PyMongoError:  # unreachable now: still unknown
+            pass
+
     def _probe_change_streams(self) -> bool:
+        if self._change_streams is None and _in_event_loop():
+            # Never block a loop on a probe: unknown means poll (waiters are still woken
+            # by the hub); the first async store call finds out without blocking.
+            return False
         # An unreachable server leaves the answer unknown; asking again at most every
         # _CLOCK_REFRESH_SECONDS keeps each wait from paying a second connect timeout.
         if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
@@ -708,6 +726,14 @@ class MongoDb(Persister):
 
     def __repr__(self) -> str:
         return f"MongoDb({self.url!r}, database={self.database_name!r}, collection={self.collection_name!r})"
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _result(method: str, result: Any) -> Any:
