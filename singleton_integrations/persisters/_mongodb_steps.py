@@ -50,7 +50,7 @@ class Op:
     list, and ``server_now`` to the server's clock in epoch seconds.
     """
 
-    __slots__ = ("method", "args", "kwargs")
+    __slots__ = ("args", "kwargs", "method")
 
     def __init__(self, method: str, *args: Any, **kwargs: Any) -> None:
         self.method, self.args, self.kwargs = method, args, kwargs
@@ -249,7 +249,9 @@ class Rules:
 
     def ensure_indexes(self) -> Steps:
         """The seed's unique index on ``name`` (same key and options, so its ensureIndex is a no-op) and the TTL index."""
-        wanted = [(("name",), {"unique": True}, "the unique index on name (shared with singleton-process)")]
+        wanted: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
+            (("name",), {"unique": True}, "the unique index on name (shared with singleton-process)")
+        ]
         if self.purge_ms is not None:
             wanted.append((("purgeAt",), {"expireAfterSeconds": 0, "name": TTL_INDEX}, "the clean-up TTL index on purgeAt"))
         for args, kwargs, what in wanted:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import builtins
 import logging
 import math
 import os
@@ -87,7 +88,7 @@ from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWa
 from ._mongodb_steps import Op, Rules, Steps, aware
 
 if TYPE_CHECKING:
-    from pymongo import AsyncMongoClient, MongoClient
+    from pymongo import MongoClient
     from pymongo.collection import Collection
 
 __all__ = ["DEFAULT_COLLECTION", "DEFAULT_DATABASE", "DEFAULT_PURGE_AFTER_SECONDS", "SEED_RULE", "MongoDb"]
@@ -208,7 +209,7 @@ def _ms(seconds: float | None) -> int | None:
 class _Entry:
     """A shared client and who uses it; ``indexed`` remembers collections already set up."""
 
-    __slots__ = ("client", "users", "indexed")
+    __slots__ = ("client", "indexed", "users")
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -239,13 +240,23 @@ class _Registry:
         for entry in entries:
             try:
                 entry.client.close()
-            except Exception:  # noqa: BLE001 - at exit, nothing is left to tell
-                pass
+            except Exception as error:  # noqa: BLE001 - at exit, nothing is left to tell
+                logger.debug("mongodb: closing a client at exit failed: %s", type(error).__name__)
+
+
+def _close_at_exit() -> None:
+    # atexit runs handlers last-registered first, so this one would run before the
+    # core's exit release, which still needs the clients: let that release run first
+    # (it is idempotent; the core's own handler then finds nothing left to release).
+    from .. import _process
+
+    _process._release_all("process exit")
+    _registry.close_all()
 
 
 _registry = _Registry()
 os.register_at_fork(after_in_child=_registry.reset)
-atexit.register(_registry.close_all)
+atexit.register(_close_at_exit)
 
 
 class _NotifiesProbe:
@@ -613,7 +624,7 @@ class MongoDb(Persister):
     def list(self, prefix: str = "") -> list[LockRecord]:
         return self._run("list locks", self._rules.list(prefix, _prefix_pattern(prefix)))
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
         return await self._arun("list locks", self._rules.list(prefix, _prefix_pattern(prefix)))
 
     def force_release(self, name: str) -> LockRecord | None:

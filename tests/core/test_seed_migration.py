@@ -25,8 +25,8 @@ import pytest
 
 from singleton_integrations import Singleton
 from singleton_integrations._record import Owner
-from singleton_integrations.persisters.mongodb import DEFAULT_COLLECTION, MongoDb
 from singleton_integrations.persisters._mongodb_steps import SEED_HOST
+from singleton_integrations.persisters.mongodb import DEFAULT_COLLECTION, MongoDb
 from tests.servers import mongodb_server
 
 ROOT = Path(__file__).resolve().parents[2]
