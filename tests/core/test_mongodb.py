@@ -662,3 +662,34 @@ def test_the_public_url_holds_no_password() -> None:
     assert all(secret not in str(value) for key, value in vars(store).items() if not key.startswith("_"))
     assert store._client().options.replica_set_name == "rs"  # the client still has the real credentials
     store.close()
+
+
+async def test_async_unreachable_server_raises_persister_error(url: str) -> None:
+    secret = "hunter2-s3cret"
+    store = MongoDb(f"mongodb://admin:{secret}@127.0.0.1:{closed_port()}/db", timeout_ms=1500)
+    with pytest.raises(PersisterError) as caught:
+        await store.aacquire("job", Owner(), 60)
+    assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
+    assert secret not in str(caught.value)
+    assert store.notifies is False  # inside a loop the probe never blocks: unknown means poll
+    await store.aclose()
+
+
+async def test_a_cancelled_async_waiter_holds_nothing(store: MongoDb) -> None:
+    holder = Owner()
+    assert (await store.aacquire("cancel", holder, 600)).acquired
+
+    async def wait_for_it() -> None:
+        async with store.awatching("cancel") as watch:
+            while not (await store.aacquire("cancel", Owner(), 60)).acquired:
+                await watch.wait_async(60)
+
+    task = asyncio.create_task(wait_for_it())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    current = await store.aget("cancel")
+    assert current is not None and current.owner_token == holder.owner_token
+    assert store._hub() is not None and store._hub().names() == frozenset()  # its watch was closed
+    await store.aclose()
