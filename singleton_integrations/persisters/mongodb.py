@@ -474,7 +474,11 @@ class MongoDb(Persister):
             clients = _registry.loops.setdefault(loop, {})
             entry = clients.get(self._key)
             if entry is None:
-                entry = clients[self._key] = _Entry(self._new_client(self._pymongo.AsyncMongoClient))
+                factory = getattr(self._pymongo, "AsyncMongoClient", None)
+                if factory is None:  # before pymongo 4.9; stable from 4.13
+                    raise PersisterError(self.backend, f"async needs pymongo 4.13.2 or later, not {self._pymongo.version}; "
+                                         "run: pip install -U 'singleton-integrations[mongodb]'")  # fmt: skip
+                entry = clients[self._key] = _Entry(self._new_client(factory))
             entry.users.add(self)
         collection = entry.client[self.database_name][self.collection_name]
         marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
