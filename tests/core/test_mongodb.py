@@ -693,3 +693,25 @@ async def test_a_cancelled_async_waiter_holds_nothing(store: MongoDb) -> None:
     assert current is not None and current.owner_token == holder.owner_token
     assert store._hub() is not None and store._hub().names() == frozenset()  # its watch was closed
     await store.aclose()
+
+
+def test_callers_wait_for_a_pooled_connection_instead_of_failing(url: str, collection_name: str) -> None:
+    """maxPoolSize=1, eight threads at once: each waits its turn within its deadline."""
+    store = MongoDb(f"{url}?maxPoolSize=1", database=RUN_DATABASE, collection=collection_name)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            owner = Owner()
+            results.append(store.acquire(f"pool-{index}", owner, 60).acquired and store.release(f"pool-{index}", owner.owner_token))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    store.close()
+    assert not errors and results == [True] * 8
