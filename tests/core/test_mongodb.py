@@ -715,3 +715,11 @@ def test_callers_wait_for_a_pooled_connection_instead_of_failing(url: str, colle
         thread.join(120)
     store.close()
     assert not errors and results == [True] * 8
+
+
+def test_the_docstring_examples_run() -> None:
+    import doctest
+
+    from singleton_integrations.persisters import mongodb
+
+    assert doctest.testmod(mongodb).failed == 0
