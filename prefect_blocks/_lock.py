@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from singleton_integrations import AsyncSingleton, LockLost, Singleton
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["SingletonLock"]
 
 #: What ``with`` (a ``Singleton``) or ``async with`` (an ``AsyncSingleton``) holds.
-CoreLock = Union[Singleton, AsyncSingleton]
+CoreLock = Singleton | AsyncSingleton
 
 
 class SingletonLock:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from singleton_integrations import LockRecord
-
 from prefect_blocks._messages import conflict
+from singleton_integrations import LockRecord
 
 SINCE = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
 RUN = {

@@ -16,12 +16,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
 
-from prefect import get_client
 from prefect_blocks import SingletonBlock
 
 from .real_server import ROOT, PrefectServer
