@@ -58,8 +58,8 @@ def _release_one(state: LockState, reason: str) -> None:
         return
     try:
         confirmed = bool(state.persister.release(state.name, hold.owner_token))
-    except Exception:
-        logger.exception("releasing lock %r on %s failed", state.name, reason)
+    except Exception as error:  # the store is down: the lease ends on its own
+        logger.warning("releasing lock %r on %s failed: %s", state.name, reason, error)
         return
     state.exit_released(hold, confirmed, reason)
 
