@@ -455,11 +455,11 @@ class LockState(EventEmitter):
 
     def renew_failed(self, ticket: RenewTicket, error: BaseException) -> float | None:
         """A renewal call failed; seconds to wait before the next try, or None to stop."""
-        self.emit("error", error, self.name)
         with self._guard:
             if self._lost or self.hold is None or ticket.generation != self._generation or self._releasing is not None:
-                return None
+                return None  # an answer for a hold already given up: not worth an error event
             left = self._deadline - time.monotonic()
+        self.emit("error", error, self.name)
         if left <= 0:
             self.expire_if_due(ticket.generation)
             return None
