@@ -90,47 +90,65 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+_signals_guard = threading.Lock()  # one for every Signal: its sections are a few instructions
+
+
 class Signal:
-    """A flag that, once set, stays set; threads ``wait`` and coroutines ``await wait_async``."""
+    """A flag that, once set, stays set; threads ``wait`` and coroutines ``await wait_async``.
+
+    Cheap when nobody waits (the common case): the event and futures are made on demand.
+    """
+
+    __slots__ = ("_flag", "_event", "_futures")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._guard = threading.Lock()
-        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None = None
 
     def set(self) -> None:
-        with self._guard:
-            self._event.set()
-            futures, self._futures = self._futures, []
-        for loop, future in futures:
+        with _signals_guard:
+            self._flag = True
+            event, futures, self._futures = self._event, self._futures, None
+        if event is not None:
+            event.set()
+        for loop, future in futures or ():
             try:
                 loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:  # that loop has closed
                 pass
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._flag
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        with _signals_guard:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     async def wait_async(self, timeout: float | None = None) -> bool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        with self._guard:
-            if self._event.is_set():
+        entry = (loop, future)
+        with _signals_guard:
+            if self._flag:
                 return True
-            entry = (loop, future)
+            if self._futures is None:
+                self._futures = []
             self._futures.append(entry)
         try:
             await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             pass
         finally:
-            with self._guard:
-                if entry in self._futures:
+            with _signals_guard:
+                if self._futures is not None and entry in self._futures:
                     self._futures.remove(entry)
-        return self._event.is_set()
+        return self._flag
 
 
 class Flight:
@@ -176,23 +194,33 @@ class RenewTicket:
 
 
 class _Watchdog:
-    """Fires ``lost`` when a lease estimate runs out, whatever an in-flight renewal is doing."""
+    """Fires ``lost`` when a lease estimate runs out, whatever an in-flight renewal is doing.
+
+    At most one entry per lock object: an entry that fires early (the lease was
+    renewed, or a new hold began) re-arms itself at the object's current deadline.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, weakref.ref[LockState], int]] = []
+        self._heap: list[tuple[float, int, weakref.ref[LockState]]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, state: LockState, generation: int, deadline: float) -> None:
+    def arm(self, state: LockState, deadline: float) -> None:
         if math.isinf(deadline):
             return
         with self._cond:
-            heapq.heappush(self._heap, (deadline, next(self._seq), weakref.ref(state), generation))
+            armed = state._watchdog_entry
+            if armed is not None and armed <= deadline:
+                return  # the earlier entry re-arms itself when it fires
+            state._watchdog_entry = deadline
+            earliest = self._heap[0][0] if self._heap else math.inf
+            heapq.heappush(self._heap, (deadline, next(self._seq), weakref.ref(state)))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="singleton-lease-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif deadline < earliest:
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
@@ -201,18 +229,20 @@ class _Watchdog:
                     if not self._cond.wait(60.0) and not self._heap:
                         self._thread = None
                         return
-                deadline, _, ref, generation = self._heap[0]
+                deadline, _, ref = self._heap[0]
                 delay = deadline - time.monotonic()
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-            state = ref()
-            if state is None:
-                continue
-            later = state.expire_if_due(generation)
+                state = ref()
+                if state is not None and state._watchdog_entry == deadline:
+                    state._watchdog_entry = None
+                else:
+                    continue  # a superseded entry, or an object that is gone
+            later = state.expire_if_due()
             if later is not None:
-                self.arm(state, generation, later)
+                self.arm(state, later)
 
     def _reset_after_fork(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -286,6 +316,7 @@ class LockState(EventEmitter):
         self._acquiring: Flight | None = None
         self._releasing: Flight | None = None
         self._stop_renewal: Callable[[], None] | None = None
+        self._watchdog_entry: float | None = None  # the deadline of this object's watchdog entry
 
     # -- reading -----------------------------------------------------------------
 
@@ -385,7 +416,7 @@ class LockState(EventEmitter):
             self._stop_renewal = None
             deadline = self._deadline
         _process.register(self, self.release_on_sigterm)
-        _watchdog.arm(self, generation, deadline)
+        _watchdog.arm(self, deadline)
         if result.expired is not None:
             expired = result.expired
             self.emit("expired", lambda: f"lock {self.name!r} held by {expired.describe()} had expired and was taken over", self.name)
@@ -465,9 +496,11 @@ class LockState(EventEmitter):
             return None
         return min(self.renew_interval or 1.0, max(left / 3, 0.05))
 
-    def expire_if_due(self, generation: int) -> float | None:
+    def expire_if_due(self, generation: int | None = None) -> float | None:
         """Declare the hold lost once its lease estimate ran out; the later deadline if it was renewed meanwhile."""
         with self._guard:
+            if generation is None:
+                generation = self._generation
             if generation != self._generation or self.hold is None or self._lost:
                 return None
             if self._releasing is not None:
