@@ -52,14 +52,15 @@ def loss_lead(ttl: float, trials: int) -> dict[str, object]:
         server = redis_server.start_throwaway()
         try:
             store = persisters.from_url(server.url)
-            singleton = Singleton(f"bench-{uuid.uuid4().hex}", store, lock_expire_seconds=ttl, auto_renew=True,
-                                  release_on_sigterm=False)
+            singleton = Singleton(
+                f"bench-{uuid.uuid4().hex}", store, lock_expire_seconds=ttl, auto_renew=True, release_on_sigterm=False
+            )
             margin = singleton.loss_margin
             confirmed: list[datetime] = []
             fired = threading.Event()
             lost_at: list[datetime] = []
-            singleton.on("renewed", lambda _m: confirmed.append(singleton._state.hold.expires_at))
-            singleton.on("lost", lambda _m: (lost_at.append(datetime.now(timezone.utc)), fired.set()))
+            singleton.on("renewed", lambda _m, c=confirmed, s=singleton: c.append(s._state.hold.expires_at))
+            singleton.on("lost", lambda _m, at=lost_at, f=fired: (at.append(datetime.now(timezone.utc)), f.set()))
             assert singleton.lock()
             confirmed.append(singleton.record.expires_at)
             time.sleep(ttl / 3 + 0.3)  # one renewal gets through
@@ -76,8 +77,13 @@ def loss_lead(ttl: float, trials: int) -> dict[str, object]:
 
 
 def exit_time(url: str, freeze: callable, count: int = 5) -> float:
-    process = subprocess.Popen([sys.executable, "-c", _HOLDER, url, f"bench-{uuid.uuid4().hex}", str(count)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, url, f"bench-{uuid.uuid4().hex}", str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().strip() == "held", process.stderr.read()
     freeze()
     started = time.monotonic()
@@ -101,7 +107,9 @@ def main() -> None:
         server.stop()
     for label, url in (("postgres", postgres_server.url()), ("mongodb", mongodb_server.url())):
         parts = urlsplit(url)
-        proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or {"postgres": 5432, "mongodb": 27017}[label]).start()
+        proxy = TcpProxy(
+            parts.hostname or "127.0.0.1", parts.port or {"postgres": 5432, "mongodb": 27017}[label]
+        ).start()
         try:
             exits[f"{label} (partitioned), 5 locks"] = exit_time(through(url, proxy.port), proxy.partition)
         finally:

@@ -419,7 +419,11 @@ class LockState(EventEmitter):
         _watchdog.arm(self, deadline)
         if result.expired is not None:
             expired = result.expired
-            self.emit("expired", lambda: f"lock {self.name!r} held by {expired.describe()} had expired and was taken over", self.name)
+            self.emit(
+                "expired",
+                lambda: f"lock {self.name!r} held by {expired.describe()} had expired and was taken over",
+                self.name,
+            )
         self.emit("locked", lambda: f"locked {self.name!r} with fencing token {record.fencing_token}", self.name)
         return generation
 
@@ -432,7 +436,9 @@ class LockState(EventEmitter):
     def set_renewal(self, generation: int, stop: Callable[[], None]) -> None:
         """Remember how to stop the renewer of ``generation``; stops it at once if that hold is gone."""
         with self._guard:
-            current = generation == self._generation and self.hold is not None and not self._lost and self._releasing is None
+            current = (
+                generation == self._generation and self.hold is not None and not self._lost and self._releasing is None
+            )
             if current:
                 self._stop_renewal = stop
         if not current:
@@ -470,8 +476,12 @@ class LockState(EventEmitter):
         ignored: a release racing a renewal is never a loss.
         """
         with self._guard:
-            current = (self.hold is not None and not self._lost and self._releasing is None
-                       and ticket.generation == self._generation)
+            current = (
+                self.hold is not None
+                and not self._lost
+                and self._releasing is None
+                and ticket.generation == self._generation
+            )
             if not current:
                 return False
             if record is not None:
@@ -481,7 +491,11 @@ class LockState(EventEmitter):
         if record is None:
             self._declare_lost(ticket.generation, "renewal refused: the lock expired or was taken over", forget=True)
             return False
-        self.emit("renewed", lambda: f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}", self.name)
+        self.emit(
+            "renewed",
+            lambda: f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}",
+            self.name,
+        )
         return True
 
     def renew_failed(self, ticket: RenewTicket, error: BaseException) -> float | None:
@@ -574,12 +588,22 @@ class LockState(EventEmitter):
         if confirmed:
             if hold.hold_until is not None and self.min_hold_seconds is not None:
                 until = hold.hold_until.isoformat(timespec="seconds")
-                self.emit("released", lambda: f"released {self.name!r} ({reason}); the name stays held until {until} for the minimum hold", self.name)
+                self.emit(
+                    "released",
+                    lambda: (
+                        f"released {self.name!r} ({reason}); the name stays held until {until} for the minimum hold"
+                    ),
+                    self.name,
+                )
             else:
                 self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
         else:
             if not was_lost:
-                self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release", self.name)
+                self.emit(
+                    "lost",
+                    lambda: f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release",
+                    self.name,
+                )
             self.emit("released", lambda: f"{self.name!r} was no longer ours; left to its new holder", self.name)
         flight.finish(confirmed)
         return confirmed
@@ -596,7 +620,7 @@ class LockState(EventEmitter):
         self.emit("released", lambda: f"{self.name!r} was not held; nothing to release", self.name)
 
     def exit_snapshot(self) -> LockRecord | None:
-        """For process exit and SIGTERM: the hold to release, bypassing flights (their thread may be the one interrupted)."""
+        """For exit and SIGTERM: the hold to release, bypassing flights (their thread may be the one interrupted)."""
         with self._guard:
             hold = self.hold
             if hold is None or not self.owned_here():

@@ -74,7 +74,9 @@ def release_all(reason: str, deadline_seconds: float | None = None) -> list[str]
     end = time.monotonic() + limit
     workers = []
     for state in held:
-        worker = threading.Thread(target=_release_one, args=(state, reason), name=f"singleton-exit:{state.name}", daemon=True)
+        worker = threading.Thread(
+            target=_release_one, args=(state, reason), name=f"singleton-exit:{state.name}", daemon=True
+        )
         worker.start()
         workers.append((state, worker))
     unfinished = []
@@ -85,7 +87,11 @@ def release_all(reason: str, deadline_seconds: float | None = None) -> list[str]
     if unfinished:
         logger.warning(
             "gave up releasing %d lock(s) on %s after %g s (the store did not answer): %s; "
-            "they stay held until their lease ends", len(unfinished), reason, limit, ", ".join(map(repr, unfinished)),
+            "they stay held until their lease ends",
+            len(unfinished),
+            reason,
+            limit,
+            ", ".join(map(repr, unfinished)),
         )
     return unfinished
 

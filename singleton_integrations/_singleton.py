@@ -46,7 +46,9 @@ def _finish(callback: Callable[..., object] | None, value: Any) -> Any:
     return value
 
 
-def _pause(persister: Persister, watch: ReleaseWatch, result: AcquireResult, remaining: float, asynchronous: bool) -> float:
+def _pause(
+    persister: Persister, watch: ReleaseWatch, result: AcquireResult, remaining: float, asynchronous: bool
+) -> float:
     """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
     notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
     pause = min(remaining, _NOTIFY_SAFETY_POLL if notifies else persister.poll_interval)
@@ -62,13 +64,17 @@ class _Face:
 
     name = property(lambda self: self._state.name, doc="The lock's name.")
     persister = property(lambda self: self._state.persister, doc="The store this lock lives in.")
-    lock_expire_seconds = property(lambda self: self._state.lock_expire_seconds, doc="The lease length (None: never expires).")
+    lock_expire_seconds = property(
+        lambda self: self._state.lock_expire_seconds, doc="The lease length (None: never expires)."
+    )
     auto_renew = property(lambda self: self._state.auto_renew, doc="Whether a renewer extends the lease while held.")
     renew_interval = property(lambda self: self._state.renew_interval, doc="Seconds between renewals.")
     metadata = property(lambda self: self._state.metadata, doc="Shown to contenders in conflict messages.")
     release_on_sigterm = property(lambda self: self._state.release_on_sigterm)
-    min_hold_seconds = property(lambda self: self._state.min_hold_seconds,
-                                doc="The name stays held at least this long after acquiring, even once released.")
+    min_hold_seconds = property(
+        lambda self: self._state.min_hold_seconds,
+        doc="The name stays held at least this long after acquiring, even once released.",
+    )
 
     @property
     def held(self) -> bool:
@@ -153,8 +159,14 @@ class Singleton(_Face):
         min_hold_seconds: float | None = None,
     ) -> None:
         self._state = LockState(
-            name, persister, options, lock_expire_seconds=lock_expire_seconds, auto_renew=auto_renew,
-            renew_interval=renew_interval, metadata=metadata, release_on_sigterm=release_on_sigterm,
+            name,
+            persister,
+            options,
+            lock_expire_seconds=lock_expire_seconds,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            metadata=metadata,
+            release_on_sigterm=release_on_sigterm,
             min_hold_seconds=min_hold_seconds,
         )
 
@@ -167,8 +179,9 @@ class Singleton(_Face):
 
     # -- the seed's three methods ------------------------------------------------
 
-    def lock(self, callback: LockCallback | None = None, *, wait: float | None = None,
-             cancel: threading.Event | None = None) -> bool:
+    def lock(
+        self, callback: LockCallback | None = None, *, wait: float | None = None, cancel: threading.Event | None = None
+    ) -> bool:
         """Try to take the lock; with ``wait``, block up to that many seconds for it.
 
         Returns True when acquired (or already held by this object), False when
@@ -264,7 +277,9 @@ class Singleton(_Face):
         ticket = self._state.begin_renew()
         if ticket is None:
             return False
-        record = call_store(self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds)
+        record = call_store(
+            self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
+        )
         return self._state.renewed(ticket, record)
 
     def __enter__(self) -> Singleton:
@@ -273,7 +288,9 @@ class Singleton(_Face):
         self._state.enter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         state = self._state
         lost = state.lost
         if state.leave():
@@ -282,7 +299,9 @@ class Singleton(_Face):
             except Exception:
                 if not lost and exc_type is None:
                     raise
-                logger.warning("could not release lost lock %r; its lease will end on the store", state.name, exc_info=True)
+                logger.warning(
+                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
+                )
         if lost and exc_type is None:
             raise self._lost_error()
 
@@ -380,7 +399,9 @@ class Singleton(_Face):
 
     def _start_renewal(self, generation: int) -> None:
         stop = threading.Event()
-        thread = threading.Thread(target=self._renew_loop, args=(generation, stop), name=f"singleton-renew:{self.name}", daemon=True)
+        thread = threading.Thread(
+            target=self._renew_loop, args=(generation, stop), name=f"singleton-renew:{self.name}", daemon=True
+        )
         self._state.set_renewal(generation, stop.set)
         thread.start()
 
@@ -392,7 +413,9 @@ class Singleton(_Face):
             if ticket is None:
                 return
             try:
-                record = call_store(self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds)
+                record = call_store(
+                    self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
+                )
             except Exception as error:
                 retry = state.renew_failed(ticket, error)
                 if retry is None:
@@ -433,8 +456,14 @@ class AsyncSingleton(_Face):
         min_hold_seconds: float | None = None,
     ) -> None:
         self._state = LockState(
-            name, persister, options, lock_expire_seconds=lock_expire_seconds, auto_renew=auto_renew,
-            renew_interval=renew_interval, metadata=metadata, release_on_sigterm=release_on_sigterm,
+            name,
+            persister,
+            options,
+            lock_expire_seconds=lock_expire_seconds,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            metadata=metadata,
+            release_on_sigterm=release_on_sigterm,
             min_hold_seconds=min_hold_seconds,
         )
         self._sync: Singleton | None = None
@@ -542,7 +571,9 @@ class AsyncSingleton(_Face):
         self._state.enter()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         state = self._state
         lost = state.lost
         if state.leave():
@@ -551,7 +582,9 @@ class AsyncSingleton(_Face):
             except Exception:
                 if not lost and exc_type is None:
                     raise
-                logger.warning("could not release lost lock %r; its lease will end on the store", state.name, exc_info=True)
+                logger.warning(
+                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
+                )
         if lost and exc_type is None:
             raise self._lost_error()
 
@@ -572,7 +605,9 @@ class AsyncSingleton(_Face):
     async def _join(self, flight: Flight, deadline: float) -> bool | None:
         await flight.answered.wait_async()
         left = deadline - time.monotonic()
-        if not flight.done.is_set() and not (left > 0 and await flight.done.wait_async(None if math.isinf(left) else left)):
+        if not flight.done.is_set() and not (
+            left > 0 and await flight.done.wait_async(None if math.isinf(left) else left)
+        ):
             self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
             return False
         value = flight.outcome()
@@ -617,7 +652,9 @@ class AsyncSingleton(_Face):
             try:
                 await self.persister.arelease(self.name, result.record.owner_token)
             except Exception:
-                logger.warning("could not release %r acquired as its waiter was cancelled; its lease will end", self.name)
+                logger.warning(
+                    "could not release %r acquired as its waiter was cancelled; its lease will end", self.name
+                )
             else:
                 logger.debug("released %r: it was acquired as its waiter was cancelled", self.name)
 
@@ -674,7 +711,9 @@ class AsyncSingleton(_Face):
             if ticket is None:
                 return
             try:
-                record = await self._call(self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds))
+                record = await self._call(
+                    self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds)
+                )
             except Exception as error:
                 retry = state.renew_failed(ticket, error)
                 if retry is None:

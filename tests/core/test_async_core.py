@@ -34,7 +34,9 @@ def make(name: str, persister: Persister, **options: Any) -> AsyncSingleton:
     return AsyncSingleton(name, persister, **options)
 
 
-def gate_async(persister: Persister, method: str, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+def gate_async(
+    persister: Persister, method: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
     """Hold every call of the coroutine ``method`` until ``opened``; ``entered`` says one is in flight."""
     original = getattr(persister, method)
     entered, opened = threading.Event(), threading.Event()
@@ -117,8 +119,9 @@ def test_cancelled_waiter_returns_at_once_and_holds_nothing(persister: Persister
     asyncio.run(main())
 
 
-def test_acquire_completed_as_cancellation_arrived_is_released(persister: Persister, name: str,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_acquire_completed_as_cancellation_arrived_is_released(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     entered, opened = gate_async(persister, "aacquire", monkeypatch)
     original, took = persister.aacquire, threading.Event()
 
@@ -150,8 +153,9 @@ def test_acquire_completed_as_cancellation_arrived_is_released(persister: Persis
     asyncio.run(main())
 
 
-def test_concurrent_locks_on_one_object_share_one_attempt(persister: Persister, name: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_locks_on_one_object_share_one_attempt(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     original = persister.aacquire
     calls = [0]
 
@@ -200,8 +204,9 @@ def test_renewal_is_a_task_on_the_loop(persister: Persister, name: str) -> None:
     asyncio.run(main())
 
 
-def test_hung_async_renewal_is_lost_in_time_and_the_block_fails(persister: Persister, name: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hung_async_renewal_is_lost_in_time_and_the_block_fails(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def main() -> None:
         singleton = make(name, persister, lock_expire_seconds=1.0, auto_renew=True, renew_interval=0.2)
         lost: list[str] = []

@@ -50,7 +50,10 @@ _HOLDER = textwrap.dedent("""
 def start_holder(url: str, prefix: str, count: int, how: str, deadline: float) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, url, prefix, str(count), how, str(deadline)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -85,9 +88,14 @@ def test_exit_with_hung_releases_is_bounded_by_one_deadline(store_url: str, how:
 def test_exit_releases_every_lock_when_the_store_answers(kind: str, tmp_path: Path) -> None:
     store_url = store_url_for(kind, tmp_path)
     prefix = f"core-exit-{uuid.uuid4().hex}"
-    script = _HOLDER.replace('if how != "frozen":', 'if False:')
-    process = subprocess.Popen([sys.executable, "-c", script, store_url, prefix, "5", "exit", "10"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = _HOLDER.replace('if how != "frozen":', "if False:")
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, store_url, prefix, "5", "exit", "10"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None and process.stdout.readline().strip() == "held"
     process.communicate("exit\n", timeout=60)
     store = persisters.from_url(store_url)
@@ -132,8 +140,14 @@ def test_exit_with_five_locks_on_a_frozen_redis_is_bounded(frozen_redis: object)
 def test_lost_fires_before_the_lease_ends_on_a_frozen_redis(frozen_redis: object) -> None:
     store = persisters.from_url(f"{frozen_redis.url}?socket_timeout=1")  # type: ignore[attr-defined]
     ttl = 4.0
-    singleton = Singleton(f"core-frozen-{uuid.uuid4().hex}", store, lock_expire_seconds=ttl, auto_renew=True,
-                          renew_interval=0.5, release_on_sigterm=False)
+    singleton = Singleton(
+        f"core-frozen-{uuid.uuid4().hex}",
+        store,
+        lock_expire_seconds=ttl,
+        auto_renew=True,
+        renew_interval=0.5,
+        release_on_sigterm=False,
+    )
     confirmed: list[datetime] = []
     lost_at: list[datetime] = []
     fired = threading.Event()

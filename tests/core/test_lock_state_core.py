@@ -66,10 +66,12 @@ def count_calls(persister: Persister, method: str, monkeypatch: pytest.MonkeyPat
 # -- item 1: a clean release is never a loss ---------------------------------------
 
 
-def test_release_racing_an_in_flight_renewal_is_not_a_loss(persister: Persister, name: str,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    singleton = Singleton(name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.01,
-                          release_on_sigterm=False)
+def test_release_racing_an_in_flight_renewal_is_not_a_loss(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.01, release_on_sigterm=False
+    )
     seen = events(singleton, "lost")
     entered, opened = gate(persister, "renew", monkeypatch)
     assert singleton.lock()
@@ -81,10 +83,12 @@ def test_release_racing_an_in_flight_renewal_is_not_a_loss(persister: Persister,
 
 
 def test_renewal_refused_while_the_release_answer_is_on_its_way_is_not_a_loss(
-        persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The race of issue 14: a renewal reaches the store just after the release and answers first."""
-    singleton = Singleton(name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.01,
-                          release_on_sigterm=False)
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.01, release_on_sigterm=False
+    )
     seen = events(singleton, "lost")
     original = persister.release
     done_at_store, answer = threading.Event(), threading.Event()
@@ -110,8 +114,9 @@ def test_renewal_refused_while_the_release_answer_is_on_its_way_is_not_a_loss(
 
 
 def test_release_and_renewal_in_many_cycles_never_report_a_loss(persister: Persister, name: str) -> None:
-    singleton = Singleton(name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.001,
-                          release_on_sigterm=False)
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=30, auto_renew=True, renew_interval=0.001, release_on_sigterm=False
+    )
     seen = events(singleton, "lost")
     for _ in range(150):
         assert singleton.lock()
@@ -120,8 +125,9 @@ def test_release_and_renewal_in_many_cycles_never_report_a_loss(persister: Persi
     assert seen == [] and not singleton.lost
 
 
-def test_two_threads_releasing_share_one_release(persister: Persister, name: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_threads_releasing_share_one_release(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
     seen = events(singleton, "lost")
     releases = count_calls(persister, "release", monkeypatch)
@@ -130,11 +136,11 @@ def test_two_threads_releasing_share_one_release(persister: Persister, name: str
         barrier = threading.Barrier(2)
         answers: list[bool] = []
 
-        def release() -> None:
+        def release(barrier: threading.Barrier, answers: list[bool]) -> None:
             barrier.wait()
             answers.append(singleton.release())
 
-        threads = [threading.Thread(target=release) for _ in range(2)]
+        threads = [threading.Thread(target=release, args=(barrier, answers)) for _ in range(2)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -149,11 +155,13 @@ def test_two_threads_releasing_share_one_release(persister: Persister, name: str
 # -- item 2: a lock whose renewals cannot get through is lost before its lease can end ---
 
 
-def test_hung_renewal_is_lost_before_the_lease_ends(persister: Persister, name: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hung_renewal_is_lost_before_the_lease_ends(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ttl = 2.0
-    singleton = Singleton(name, persister, lock_expire_seconds=ttl, auto_renew=True, renew_interval=0.2,
-                          release_on_sigterm=False)
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=ttl, auto_renew=True, renew_interval=0.2, release_on_sigterm=False
+    )
     lost = threading.Event()
     singleton.on("lost", lambda message: lost.set())
     assert singleton.lock()
@@ -219,8 +227,9 @@ def test_nested_with_releases_at_the_outermost_exit(persister: Persister, name: 
     assert other.lock() and other.release()
 
 
-def test_lock_on_a_held_object_returns_true_without_a_store_call(persister: Persister, name: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_on_a_held_object_returns_true_without_a_store_call(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
     assert singleton.lock()
     attempts = count_calls(persister, "acquire", monkeypatch)
@@ -242,19 +251,20 @@ def test_explicit_release_inside_nested_with_releases_now(persister: Persister, 
 # -- item 5: one object shared by threads -----------------------------------------------
 
 
-def test_concurrent_lock_calls_share_one_attempt(persister: Persister, name: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_lock_calls_share_one_attempt(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
     attempts = count_calls(persister, "acquire", monkeypatch)
     for trial in range(40):
         barrier = threading.Barrier(4)
         answers: list[bool] = []
 
-        def lock() -> None:
+        def lock(barrier: threading.Barrier, answers: list[bool]) -> None:
             barrier.wait()
             answers.append(singleton.lock())
 
-        threads = [threading.Thread(target=lock) for _ in range(4)]
+        threads = [threading.Thread(target=lock, args=(barrier, answers)) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -264,8 +274,9 @@ def test_concurrent_lock_calls_share_one_attempt(persister: Persister, name: str
         assert singleton.release()
 
 
-def test_concurrent_lock_calls_all_see_the_conflict(persister: Persister, name: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_lock_calls_all_see_the_conflict(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
     assert holder.lock()
     singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)

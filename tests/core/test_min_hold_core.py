@@ -51,8 +51,17 @@ class _NoHold(persisters.Memory):
     supports_min_hold: ClassVar[bool] = False
 
 
-@pytest.mark.parametrize(("bad", "error"), [(0, ValueError), (-1, ValueError), (math.nan, ValueError),
-                                            (math.inf, ValueError), ("5", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_min_hold_is_refused_before_any_io(bad: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="min_hold_seconds"):
         Singleton("job", persisters.Memory(), min_hold_seconds=bad)  # type: ignore[arg-type]
