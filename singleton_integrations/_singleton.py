@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,7 +52,9 @@ def _pause(
 ) -> float:
     """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
     notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
-    pause = min(remaining, _NOTIFY_SAFETY_POLL if notifies else persister.poll_interval)
+    # Polls are jittered: waiters that started together would otherwise all wake together,
+    # and each round would hand the name to one of them only.
+    pause = min(remaining, _NOTIFY_SAFETY_POLL if notifies else persister.poll_interval * random.uniform(0.5, 1.0))
     if result.retry_after is not None:
         pause = min(pause, max(result.retry_after, 0.0) + 0.001)
     return pause
