@@ -412,7 +412,9 @@ class LockState(EventEmitter):
             self._owner_pid = os.getpid()
             self._lost = False
             self._acquired_at = self._last_confirmed = sent_at
-            self._deadline = self._deadline_after(sent_at)
+            # Only a renewing lock is the core's to keep: without auto_renew the loss is learned
+            # at release() or verify(), as the caller chose a fixed lease.
+            self._deadline = self._deadline_after(sent_at) if self.auto_renew else math.inf
             self._stop_renewal = None
             deadline = self._deadline
         _process.register(self, self.release_on_sigterm)

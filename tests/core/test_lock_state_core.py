@@ -182,28 +182,52 @@ def test_hung_renewal_is_lost_before_the_lease_ends(
     assert persister.get(name) is None
 
 
-def test_lease_without_renewal_stops_being_held_before_it_ends(persister: Persister, name: str) -> None:
-    singleton = Singleton(name, persister, lock_expire_seconds=1.0, release_on_sigterm=False)
+def test_renewal_that_stops_getting_through_fails_the_block(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=1.0, auto_renew=True, renew_interval=0.2, release_on_sigterm=False
+    )
     seen = events(singleton, "lost")
-    with pytest.raises(LockLost):
-        with singleton:
-            assert singleton.held
-            deadline = time.monotonic() + 10
-            while singleton.held and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert not singleton.held and singleton.lost
+    entered, opened = gate(persister, "renew", monkeypatch)
+    try:
+        with pytest.raises(LockLost):
+            with singleton:
+                assert entered.wait(10)
+                deadline = time.monotonic() + 10
+                while singleton.held and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert not singleton.held and singleton.lost
+    finally:
+        opened.set()
     assert [event for event, _ in seen] == ["lost"] and "lease may have ended" in seen[0][1]
 
 
-def test_lock_again_after_a_deadline_loss_cleans_up_the_old_hold(persister: Persister, name: str) -> None:
-    singleton = Singleton(name, persister, lock_expire_seconds=1.0, release_on_sigterm=False)
+def test_a_fixed_lease_is_judged_at_release(persister: Persister, name: str) -> None:
+    """Without auto_renew the caller chose a fixed lease: the loss is learned from the store, at release."""
+    singleton = Singleton(name, persister, lock_expire_seconds=0.3, release_on_sigterm=False)
+    seen = events(singleton, "lost")
+    assert singleton.lock()
+    time.sleep(0.6)
+    assert singleton.held and seen == []
+    assert singleton.release() is False and singleton.lost and [event for event, _ in seen] == ["lost"]
+
+
+def test_lock_again_after_a_deadline_loss_cleans_up_the_old_hold(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    singleton = Singleton(
+        name, persister, lock_expire_seconds=1.0, auto_renew=True, renew_interval=0.2, release_on_sigterm=False
+    )
     assert singleton.lock()
     first = singleton.record
     assert first is not None
+    entered, opened = gate(persister, "renew", monkeypatch)
     deadline = time.monotonic() + 10
     while singleton.held and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert singleton.lost
+    opened.set()
+    assert singleton.lost and persister.get(name) is not None  # the store still has the old hold
     assert singleton.lock(), "the stale hold of this same object must not block it"
     assert singleton.held and not singleton.lost and singleton.record.owner_token != first.owner_token
     assert singleton.release()
