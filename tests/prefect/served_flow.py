@@ -21,6 +21,8 @@ from prefect_blocks import singleton
 
 BLOCK = os.environ["SERVED_BLOCK"]
 LOCK = os.environ["SERVED_LOCK"]
+#: The slot recipe's block: a store that keeps a minimum hold.
+SLOT_BLOCK = os.environ.get("SERVED_SLOT_BLOCK", BLOCK)
 
 
 @flow(name="served-singleton")
@@ -33,7 +35,7 @@ def guarded(slot: str, release_when: str, timeout: float = 120.0) -> int:
 
 
 @flow(name="slot-once")
-@singleton(block=BLOCK, min_hold_seconds=600,
+@singleton(block=SLOT_BLOCK, min_hold_seconds=600,
            lock_name=lambda _: f"{LOCK}-slot-{flow_run.scheduled_start_time:%Y-%m-%dT%H:%M}")
 def slot_once() -> int:
     return os.getpid()

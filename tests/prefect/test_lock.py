@@ -13,7 +13,7 @@ import pytest
 from prefect import flow, task
 from prefect.context import FlowRunContext, TaskRunContext
 
-from prefect_blocks import LockConflict, LockLost, SingletonBlock
+from prefect_blocks import LockConflict, LockLost, SingletonBlock, current_lock, singleton
 
 from .conftest import ROOT, held_elsewhere
 
@@ -184,3 +184,24 @@ def test_sigterm_releases_through_termination_signal(block: SingletonBlock, stor
     # Released, not left to its 600 s lease.
     assert block.holder(lock_name) is None, process.stderr.read()[-2000:]
     assert process.returncode != 0
+
+
+def test_min_hold_keeps_the_slot_after_release(tmp_path, lock_name: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import store_url_for
+
+    # On a store that keeps a minimum hold (supports_min_hold).
+    block = SingletonBlock(url=store_url_for("mongodb", tmp_path), lock_expire_seconds=30)
+
+    @flow
+    @singleton(block=block, lock_name=lock_name, min_hold_seconds=120)
+    def job() -> int:
+        return current_lock().fencing_token
+
+    first = job(return_state=True)
+    assert first.name == "Completed"
+    again = job(return_state=True)
+    assert (again.type.value, again.name) == ("COMPLETED", "Skipped")
+    assert f"lock '{lock_name}' already ran: " in again.message and "for the minimum hold" in again.message
+    with pytest.raises(LockConflict, match="already ran") as raised, block.lock(lock_name):
+        pass
+    assert raised.value.holder.released_at is not None and block.holder(lock_name) is not None

@@ -39,10 +39,14 @@ def lock_store() -> str:
 
 @pytest.fixture(scope="module")
 def names(real_server: PrefectServer, lock_store: str) -> dict[str, str]:
+    from tests.servers import mongodb_server
+
     block = f"served-{uuid.uuid4().hex[:8]}"
     with temporary_settings(updates={PREFECT_API_URL: real_server.api_url}):
         SingletonBlock(url=lock_store, lock_expire_seconds=60).save(block)
-    return {"SERVED_BLOCK": block, "SERVED_LOCK": f"served-{uuid.uuid4().hex[:10]}"}
+        # The minimum hold needs a persister that keeps one (supports_min_hold).
+        SingletonBlock(url=mongodb_server.url(), lock_expire_seconds=60).save(f"{block}-slot")
+    return {"SERVED_BLOCK": block, "SERVED_SLOT_BLOCK": f"{block}-slot", "SERVED_LOCK": f"served-{uuid.uuid4().hex[:10]}"}
 
 
 @pytest.fixture(scope="module")
