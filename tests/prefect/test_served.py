@@ -114,8 +114,13 @@ def test_two_served_runs_at_once_one_completes_one_skips(server: PrefectServer, 
     assert message.startswith(f"lock '{names['SERVED_LOCK']}-a' is held by flow run '{ran.name}' "
                               "of deployment 'served-singleton/served' on "), message
     assert " since 20" in message and str(ran.id) not in message and str(ran.deployment_id) not in message
+    deadline = time.monotonic() + RUN_TIMEOUT  # logs arrive in batches, after the state
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[skipped.id])))
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[skipped.id])))
+            if any("Finished in state" in log.message for log in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
     assert sum("is held by" in log.message for log in logs) == 1, [log.message for log in logs]
 
 
