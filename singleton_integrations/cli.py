@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, NoReturn
-from urllib.parse import unquote, urlsplit
 
 from . import __version__, persisters
 from ._errors import PersisterError, SingletonError
 from ._record import LockRecord, validate_name
 from ._singleton import Singleton
-from ._urls import redact_url
+from ._urls import redact_url, scrub
 
 __all__ = [
     "EXIT_CONFLICT",
@@ -197,18 +196,7 @@ class _Store:
 
 def _scrub(text: str, url: str | None) -> str:
     """``text`` without the URL's password, in any spelling, even where a driver echoed it bare."""
-    text = redact_url(text)
-    password: str | None = None
-    if url and "@" in url:
-        userinfo = url.partition("://")[2].rpartition("@")[0] if "://" in url else url.rpartition("@")[0]
-        try:
-            password = urlsplit(url).password if "://" in url else None
-        except ValueError:
-            password = None
-        password = password or (userinfo.partition(":")[2] or None)  # a URL missing its scheme, too
-    for secret in {password, unquote(password or "")} - {None, ""}:
-        text = text.replace(secret, "***")  # type: ignore[arg-type]
-    return text
+    return scrub(text, url)
 
 
 def _scheme(url: str | None) -> str:
