@@ -56,8 +56,9 @@ _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at,
 _LIVE = "(owner_token IS NOT NULL OR released_at IS NOT NULL) AND (expires_at IS NULL OR expires_at > ?)"
 #: Rows removed per sweep, so a sweep stays a small part of the acquire that runs it.
 SWEEP_LIMIT = 100
-#: The most often one persister sweeps (and at least twice per retention period).
-SWEEP_INTERVAL = 60.0
+#: The most often one persister sweeps (an index seek when nothing is due), unless the
+#: last sweep found a backlog.
+SWEEP_INTERVAL = 10.0
 
 
 def default_path() -> Path:
@@ -332,11 +333,19 @@ class Sqlite(Persister):
     def _run_on(self, connection: sqlite3.Connection, write: bool, step: Callable[..., _T], *args: Any) -> _T:
         try:
             if write and self.purge_after_seconds is not None and time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + min(SWEEP_INTERVAL, self.purge_after_seconds / 2)
-                self._in_transaction(connection, True, _sweep, self.purge_after_seconds)
+                return self._in_transaction(connection, True, self._swept, step, *args)
             return self._in_transaction(connection, write, step, *args)
         except sqlite3.Error as error:
             raise self._error(error) from error
+
+    def _swept(self, db: sqlite3.Connection, now: float, step: Callable[..., _T], *args: Any) -> _T:
+        """``step`` after a retention sweep, in the same transaction (one commit for both)."""
+        assert self.purge_after_seconds is not None
+        removed = _sweep(db, now, self.purge_after_seconds)
+        # A full sweep means a backlog: sweep again on the next write instead of waiting.
+        wait = 0.0 if removed >= SWEEP_LIMIT else min(SWEEP_INTERVAL, self.purge_after_seconds / 2)
+        self._next_sweep = time.monotonic() + wait
+        return step(db, now, *args)
 
     async def _arun(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
         connection = await self._aconnect()
