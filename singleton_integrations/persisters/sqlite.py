@@ -332,7 +332,8 @@ class Sqlite(Persister):
 
     def _run_on(self, connection: sqlite3.Connection, write: bool, step: Callable[..., _T], *args: Any) -> _T:
         try:
-            if write and self.purge_after_seconds is not None and time.monotonic() >= self._next_sweep:
+            if write and step is not _sweep and self.purge_after_seconds is not None and \
+                    time.monotonic() >= self._next_sweep:
                 return self._in_transaction(connection, True, self._swept, step, *args)
             return self._in_transaction(connection, write, step, *args)
         except sqlite3.Error as error:
