@@ -149,6 +149,14 @@ def _acquire(db: sqlite3.Connection, now: float, name: str, owner: Owner, ttl: f
     return AcquireResult(True, _record(values), expired=expired)
 
 
+def _peek(db: sqlite3.Connection, now: float, name: str) -> AcquireResult | None:
+    """The conflict an acquire would meet, read without the write lock; None when the name looks free."""
+    row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?", (name,)).fetchone()
+    if row is not None and _live(row, now):
+        return AcquireResult(False, _record(row), retry_after=None if row[6] is None else row[6] - now)
+    return None
+
+
 def _release(db: sqlite3.Connection, now: float, name: str, owner_token: str) -> tuple[bool, bool]:
     """(was it a clean release, is the name free now): a release into a minimum hold frees nothing yet."""
     row = db.execute("SELECT expires_at, hold_until FROM singleton_locks WHERE name = ? AND owner_token = ?",
@@ -377,7 +385,10 @@ class Sqlite(Persister):
     # -- primitives ------------------------------------------------------------------------------
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
-        return self._run(_acquire, name, owner, ttl, min_hold)
+        # A held name is answered by a read, which in WAL mode never waits for (or blocks) a writer:
+        # pollers in other processes then never delay the holder's release.
+        conflict = self._run(_peek, name, write=False)
+        return conflict if conflict is not None else self._run(_acquire, name, owner, ttl, min_hold)
 
     def release(self, name: str, owner_token: str) -> bool:
         released, free = self._run(_release, name, owner_token)
@@ -401,7 +412,8 @@ class Sqlite(Persister):
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
                        min_hold: float | None = None) -> AcquireResult:
-        return await self._arun(_acquire, name, owner, ttl, min_hold)
+        conflict = await self._arun(_peek, name, write=False)
+        return conflict if conflict is not None else await self._arun(_acquire, name, owner, ttl, min_hold)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
         released, free = await self._arun(_release, name, owner_token)
