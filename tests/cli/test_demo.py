@@ -23,10 +23,13 @@ def test_demo_core_parts_pass_and_leave_nothing_running(tmp_path: Path) -> None:
     assert "'expired' event" in out and rose and int(rose[2]) > int(rose[1]), out
     fenced = re.search(r"ok: fencing tokens rose (\d+) -> (\d+); the stale write was refused", out)
     assert "refused" in out and fenced and int(fenced[2]) > int(fenced[1]), out
+    assert "already ran this slot" in out and "deployment=a" in out
+    assert "ok: deploy-b exited 75 without running: the slot already ran on deploy-a" in out
+    assert "ok: the next slot ran after the hold" in out
     assert re.search(r"cron job runs under `singleton run` \(fencing token \d+\)", out)
     assert "skipped: SINGLETON_DEMO_AIRFLOW_PYTHON is not set" in out
     assert "skipped: SINGLETON_DEMO_PREFECT_PYTHON is not set" in out
     assert "none left running" in out and "every check passed" in out
     assert "Traceback" not in result.stderr
     bars = [e for e in ET.parse(chart).getroot().iter() if e.tag.endswith("rect")]
-    assert len(bars) >= 6, "a background and one bar per hold (race, crash x2, fencing x2, cron)"
+    assert len(bars) >= 9, "a background and one bar per hold (race, crash x2, fencing x2, slot x2, cron)"
