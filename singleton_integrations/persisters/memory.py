@@ -22,7 +22,7 @@ from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWa
 
 __all__ = ["Memory"]
 
-_named_stores: dict[tuple[str, float | None], Memory] = {}
+_named_stores: dict[str, Memory] = {}
 _named_stores_lock = threading.Lock()
 #: Names looked at per sweep, so a sweep stays a small part of the acquire that runs it.
 SWEEP_LIMIT = 100
@@ -83,9 +83,10 @@ class Memory(Persister):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Memory:
-        """``memory://NAME`` gives the same store for the same NAME (and options) within a process.
+        """``memory://NAME`` gives the same store for the same NAME within a process.
 
-        Query option: ``purge_after_seconds`` (a number, or ``none``); a keyword overrides it.
+        Query option: ``purge_after_seconds`` (a number, or ``none``); a keyword overrides
+        it. Options apply when the store is made; asking for other options later is an error.
         """
         key, _, query = url.partition("://")[2].partition("?")
         settings: dict[str, Any] = {}
@@ -100,11 +101,12 @@ class Memory(Persister):
         unknown = set(settings) - {"purge_after_seconds"}
         if unknown:
             raise TypeError(f"unknown Memory option(s): {', '.join(sorted(unknown))}")
-        purge = settings.get("purge_after_seconds", DEFAULT_PURGE_AFTER_SECONDS)
         with _named_stores_lock:
-            store = _named_stores.get((key, purge))
+            store = _named_stores.get(key)
             if store is None:
-                store = _named_stores[(key, purge)] = cls(purge_after_seconds=purge)
+                store = _named_stores[key] = cls(**settings)
+            elif "purge_after_seconds" in settings and settings["purge_after_seconds"] != store.purge_after_seconds:
+                raise ValueError(f"memory://{key} exists with purge_after_seconds={store.purge_after_seconds!r}")
             return store
 
     # -- the rules (under ``_guard``) ----------------------------------------------------------

@@ -218,18 +218,50 @@ def _sweep(db: sqlite3.Connection, now: float, purge_after: float) -> int:
 
 # -- the store ----------------------------------------------------------------------------------------
 
-_hubs: dict[str, ReleaseHub] = {}
-_hubs_guard = threading.Lock()
+class _File:
+    """What every Sqlite object on one file (and busy timeout) shares in a process.
+
+    One connection for sync calls, one per event-loop thread for async calls, the
+    sweep schedule and the ``ReleaseHub``: many ``Singleton`` objects built from
+    the same URL cost one connection, and each wakes the others' waiters.
+    """
+
+    def __init__(self) -> None:
+        self.guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
+        self.connection: sqlite3.Connection | None = None
+        self.pid = 0
+        self.loop_connections = threading.local()  # async: one non-waiting connection per event-loop thread
+        self.next_sweep = 0.0
+        self.hub = ReleaseHub(None)
+
+    def reset_after_fork(self) -> None:
+        # The parent's connections are not ours to use or close; a lock held at the fork never frees.
+        self.guard = threading.RLock()
+        self.connection, self.pid = None, 0
+        self.loop_connections = threading.local()
 
 
-def _hub_for(path: Path) -> ReleaseHub:
-    """One hub per file and process: every Sqlite object on the file wakes the same waiters."""
-    key = os.path.abspath(path)
-    with _hubs_guard:
-        hub = _hubs.get(key)
-        if hub is None:
-            hub = _hubs[key] = ReleaseHub(None)
-        return hub
+_files: dict[tuple[str, float], _File] = {}
+_files_guard = threading.Lock()
+
+
+def _file_for(path: Path, timeout: float) -> _File:
+    key = (os.path.abspath(path), timeout)
+    with _files_guard:
+        shared = _files.get(key)
+        if shared is None:
+            shared = _files[key] = _File()
+        return shared
+
+
+def _after_fork_in_child() -> None:
+    global _files_guard
+    _files_guard = threading.Lock()
+    for shared in _files.values():
+        shared.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Sqlite(Persister):
@@ -257,12 +289,7 @@ class Sqlite(Persister):
         self.timeout = float(timeout)
         self.call_timeout = self.timeout  # the busy timeout bounds each call
         self.purge_after_seconds = _validate_purge(purge_after_seconds)
-        self._guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
-        self._loop_connections = threading.local()  # async: one non-waiting connection per event-loop thread
-        self._next_sweep = 0.0
-        self._hub = _hub_for(self.path)
+        self._shared = _file_for(self.path, self.timeout)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Sqlite:
@@ -306,10 +333,10 @@ class Sqlite(Persister):
         return connection
 
     def _connect(self) -> sqlite3.Connection:
-        if self._connection is not None and self._pid == os.getpid():
-            return self._connection
+        if self._shared.connection is not None and self._shared.pid == os.getpid():
+            return self._shared.connection
         connection = self._open(self.timeout)
-        self._connection, self._pid = connection, os.getpid()
+        self._shared.connection, self._shared.pid = connection, os.getpid()
         return connection
 
     @staticmethod
@@ -328,7 +355,7 @@ class Sqlite(Persister):
         return PersisterError(self.backend, f"{error} (file {str(self.path)!r})")
 
     def _run(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
-        with self._guard:
+        with self._shared.guard:
             connection = self._connect()
             if connection.in_transaction:  # re-entered by a signal handler mid-call: use a connection of its own
                 connection = self._open(self.timeout)
@@ -341,7 +368,7 @@ class Sqlite(Persister):
     def _run_on(self, connection: sqlite3.Connection, write: bool, step: Callable[..., _T], *args: Any) -> _T:
         try:
             if write and step is not _sweep and self.purge_after_seconds is not None and \
-                    time.monotonic() >= self._next_sweep:
+                    time.monotonic() >= self._shared.next_sweep:
                 return self._in_transaction(connection, True, self._swept, step, *args)
             return self._in_transaction(connection, write, step, *args)
         except sqlite3.Error as error:
@@ -353,7 +380,7 @@ class Sqlite(Persister):
         removed = _sweep(db, now, self.purge_after_seconds)
         # A full sweep means a backlog: sweep again on the next write instead of waiting.
         wait = 0.0 if removed >= SWEEP_LIMIT else min(SWEEP_INTERVAL, self.purge_after_seconds / 2)
-        self._next_sweep = time.monotonic() + wait
+        self._shared.next_sweep = time.monotonic() + wait
         return step(db, now, *args)
 
     async def _arun(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
@@ -374,7 +401,7 @@ class Sqlite(Persister):
             pause = min(pause * 2, self.poll_interval)
 
     async def _aconnect(self) -> sqlite3.Connection:
-        local = self._loop_connections
+        local = self._shared.loop_connections
         if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
             return local.connection  # type: ignore[no-any-return]
         # Opening may wait on a file being created by others: do it once per thread, off the loop.
@@ -393,7 +420,7 @@ class Sqlite(Persister):
     def release(self, name: str, owner_token: str) -> bool:
         released, free = self._run(_release, name, owner_token)
         if free:
-            self._hub.notify(name)
+            self._shared.hub.notify(name)
         return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
@@ -407,7 +434,7 @@ class Sqlite(Persister):
 
     def force_release(self, name: str) -> LockRecord | None:
         removed = self._run(_force_release, name)
-        self._hub.notify(name)
+        self._shared.hub.notify(name)
         return removed
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
@@ -418,7 +445,7 @@ class Sqlite(Persister):
     async def arelease(self, name: str, owner_token: str) -> bool:
         released, free = await self._arun(_release, name, owner_token)
         if free:
-            self._hub.notify(name)
+            self._shared.hub.notify(name)
         return released
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
@@ -432,12 +459,12 @@ class Sqlite(Persister):
 
     async def aforce_release(self, name: str) -> LockRecord | None:
         removed = await self._arun(_force_release, name)
-        self._hub.notify(name)
+        self._shared.hub.notify(name)
         return removed
 
     def watch(self, name: str) -> ReleaseWatch:
         """Woken at once by releases in this process; the core polls for the others' releases."""
-        return self._hub.watch(name)
+        return self._shared.hub.watch(name)
 
     def purge(self) -> int:
         """Run one retention sweep now (normally acquires do it in passing); returns rows removed."""
@@ -446,11 +473,11 @@ class Sqlite(Persister):
         return self._run(_sweep, self.purge_after_seconds)
 
     def close(self) -> None:
-        with self._guard:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
-            local = self._loop_connections
+        with self._shared.guard:
+            if self._shared.connection is not None and self._shared.pid == os.getpid():
+                self._shared.connection.close()
+            self._shared.connection = None
+            local = self._shared.loop_connections
             if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
                 local.connection.close()
             local.connection = None

@@ -199,10 +199,13 @@ def test_purge_none_keeps_every_name() -> None:
 
 
 def test_urls_and_options() -> None:
-    assert persisters.from_url("memory://a") is persisters.from_url("memory://a")
-    assert persisters.from_url("memory://a?purge_after_seconds=none").purge_after_seconds is None
-    assert persisters.from_url("memory://a?purge_after_seconds=60").purge_after_seconds == 60
-    assert persisters.from_url("memory://a", purge_after_seconds=5).purge_after_seconds == 5
+    assert persisters.from_url("memory://test-a") is persisters.from_url("memory://test-a")
+    assert persisters.from_url("memory://test-b?purge_after_seconds=none").purge_after_seconds is None
+    assert persisters.from_url("memory://test-c?purge_after_seconds=60").purge_after_seconds == 60
+    assert persisters.from_url("memory://test-c?purge_after_seconds=60") is persisters.from_url("memory://test-c")
+    with pytest.raises(ValueError, match="exists with purge_after_seconds=60"):
+        persisters.from_url("memory://test-c", purge_after_seconds=5)
+    assert persisters.from_url("memory://test-d?purge_after_seconds=1", purge_after_seconds=5).purge_after_seconds == 5
     assert persisters.Memory().purge_after_seconds == persisters.DEFAULT_PURGE_AFTER_SECONDS
     with pytest.raises(ValueError, match="unknown memory URL option"):
         persisters.from_url("memory://a?nope=1")

@@ -96,7 +96,7 @@ def test_sweeps_are_bounded_catch_up_and_spare_live_and_held_names(tmp_path: Pat
     with sqlite3.connect(path) as db:  # a backlog: free for an hour
         db.executemany("INSERT INTO singleton_locks VALUES (?, NULL, 1, 'h', 1, 0, ?, '{}', ?, NULL)",
                        [(f"idle-{i}", time.time() - 3600, time.time() - 3600) for i in range(SWEEP_LIMIT * 2 + 5)])
-    store._next_sweep = 0.0
+    store._shared.next_sweep = 0.0
     store.acquire("trigger-1", Owner(), 30)
     assert len(_rows(path)) == SWEEP_LIMIT + 5 + 3, "one sweep removes at most SWEEP_LIMIT rows"
     store.acquire("trigger-2", Owner(), 30)
@@ -188,10 +188,24 @@ def test_a_call_reentered_mid_transaction_uses_its_own_connection(tmp_path: Path
     owner = Owner()
     store.acquire("reentered", owner, 30)
     connection = store._connect()
-    with store._guard:
+    with store._shared.guard:
         connection.execute("BEGIN")
         try:
             assert store.release("reentered", owner.owner_token)
         finally:
             connection.execute("ROLLBACK")
     assert store.get("reentered") is None
+
+
+def test_objects_on_one_file_share_a_connection_and_wake_each_others_waiters(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'locks.sqlite3'}"
+    first, second = persisters.from_url(url), persisters.from_url(url)
+    owner = Owner()
+    assert first.acquire("shared", owner, 30).acquired
+    assert first._connect() is second._connect(), "one connection per file and process, not per object"
+    watch = second.watch("shared")
+    try:
+        assert first.release("shared", owner.owner_token)
+        assert watch.wait(0), "a release through one object wakes a waiter on the other"
+    finally:
+        watch.close()
