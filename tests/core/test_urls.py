@@ -133,3 +133,22 @@ def test_url_errors_never_echo_the_password(url: str) -> None:
         persisters.from_url(url)
         raise AssertionError(f"{scheme}: accepted")
     assert "S3cr3t-pw" not in str(raised.value)
+
+
+@settings(max_examples=300)
+@given(password=URL_PASSWORD.filter(lambda p: not p.startswith("//")),
+       shape=st.sampled_from(["user:{pw}@127.0.0.1:5432/db", "nosuch://u:{pw}@h/x", "redis:/u:{pw}@h",
+                              "host=127.0.0.1 password={pw} dbname=test", "sqlite://u:{pw}@host/x.db",
+                              "http://[::1:{pw}@h/", "memory:u:{pw}@h"]))
+def test_store_url_errors_never_echo_a_password(password: str, shape: str) -> None:
+    def error_for(url: str) -> str:
+        try:
+            persisters.from_url(url)
+        except (ValueError, TypeError) as error:
+            return str(error)
+        return ""
+
+    url = shape.format(pw=password)
+    reference = error_for(shape.format(pw="QQQQ"))  # the same message about a harmless password
+    assume(password not in reference + " ***")
+    assert password not in error_for(url)
