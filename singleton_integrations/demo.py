@@ -268,7 +268,7 @@ class Demo:
         said = _last_line(second.log)
         self.timeline.add(Event(time.time(), "deploy-b", f"exit {skipped}: {said.removeprefix('singleton: ')}",
                                 kind="skipped", name=SLOT_NAME))
-        status = subprocess.run([sys.executable, "-m", "singleton_integrations", "status", SLOT_NAME, "--json"],
+        status = subprocess.run([sys.executable, "-m", "singleton_integrations", "status", SLOT_NAME, "--json"], check=False,
                                 env=self.env, capture_output=True, text=True, timeout=60)
         holder = (json.loads(status.stdout or "{}").get("holder") or {}) if status.returncode == 0 else {}
         hold_until = datetime.fromisoformat(holder["hold_until"]).timestamp() if holder.get("hold_until") else None

@@ -8,6 +8,7 @@ coroutines that take the same short lock, and waiters are woken by a
 
 from __future__ import annotations
 
+import builtins
 import math
 import threading
 import time
@@ -252,7 +253,7 @@ class Memory(Persister):
     async def aget(self, name: str) -> LockRecord | None:
         return self.get(name)
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         return self.list(prefix)
 
     async def aforce_release(self, name: str) -> LockRecord | None:

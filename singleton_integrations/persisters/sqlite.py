@@ -12,14 +12,14 @@ executor slot, and a step itself takes well under a millisecond.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -98,7 +98,8 @@ def _when(seconds: float | None) -> datetime | None:
 
 def _record(row: tuple[Any, ...]) -> LockRecord:
     name, owner_token, fence, host, pid, created, expires, metadata, released, hold = row
-    return LockRecord(name, owner_token or "", fence, host, pid, _when(created), _when(expires), json.loads(metadata),
+    return LockRecord(name, owner_token or "", fence, host, pid, datetime.fromtimestamp(created, timezone.utc),
+                      _when(expires), json.loads(metadata),
                       _when(released), _when(hold))
 
 
@@ -403,7 +404,7 @@ class Sqlite(Persister):
     async def _aconnect(self) -> sqlite3.Connection:
         local = self._shared.loop_connections
         if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
-            return local.connection  # type: ignore[no-any-return]
+            return local.connection
         # Opening may wait on a file being created by others: do it once per thread, off the loop.
         connection = await run_blocking(self._open, 0.0)
         local.connection, local.pid = connection, os.getpid()
@@ -454,7 +455,7 @@ class Sqlite(Persister):
     async def aget(self, name: str) -> LockRecord | None:
         return await self._arun(_get, name, write=False)
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         return await self._arun(_list, prefix, write=False)
 
     async def aforce_release(self, name: str) -> LockRecord | None:

@@ -8,8 +8,8 @@ import socket
 import time
 
 from singleton_integrations import persisters
-from singleton_integrations.cli import EXIT_CONFLICT, EXIT_USAGE
 from singleton_integrations._record import Owner
+from singleton_integrations.cli import EXIT_CONFLICT, EXIT_USAGE
 
 from .conftest import Cli, finish
 
