@@ -209,3 +209,25 @@ def test_objects_on_one_file_share_a_connection_and_wake_each_others_waiters(tmp
         assert watch.wait(0), "a release through one object wakes a waiter on the other"
     finally:
         watch.close()
+
+
+def test_a_cancelled_async_call_holds_nothing_and_leaves_no_transaction_open(tmp_path: Path) -> None:
+    path = tmp_path / "locks.sqlite3"
+    store = persisters.Sqlite(path)
+    store.get("warm-up")
+
+    async def main() -> None:
+        await store.aget("warm-up")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        attempt = asyncio.ensure_future(store.aacquire("cancelled", Owner(), 30))
+        await asyncio.sleep(0.02)  # it is asleep between retries
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        blocker.execute("COMMIT")
+        blocker.close()
+        assert await store.aget("cancelled") is None, "the cancelled acquire took nothing"
+        assert (await store.aacquire("cancelled", Owner(), 30)).acquired, "and left the connection usable"
+
+    asyncio.run(main())
