@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch, run_blocking
+from ._sqlite_watch import inotify_listener
 
 __all__ = ["Sqlite", "default_path"]
 
@@ -224,16 +225,17 @@ class _File:
 
     One connection for sync calls, one per event-loop thread for async calls, the
     sweep schedule and the ``ReleaseHub``: many ``Singleton`` objects built from
-    the same URL cost one connection, and each wakes the others' waiters.
+    the same URL cost one connection, and each wakes the others' waiters. The hub
+    hears other processes' releases through inotify where the OS offers it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
         self.guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
         self.connection: sqlite3.Connection | None = None
         self.pid = 0
         self.loop_connections = threading.local()  # async: one non-waiting connection per event-loop thread
         self.next_sweep = 0.0
-        self.hub = ReleaseHub(None)
+        self.hub = ReleaseHub(inotify_listener(path), thread_name="singleton-sqlite-listener")
 
     def reset_after_fork(self) -> None:
         # The parent's connections are not ours to use or close; a lock held at the fork never frees.
@@ -251,7 +253,7 @@ def _file_for(path: Path, timeout: float) -> _File:
     with _files_guard:
         shared = _files.get(key)
         if shared is None:
-            shared = _files[key] = _File()
+            shared = _files[key] = _File(path)
         return shared
 
 
@@ -270,8 +272,8 @@ class Sqlite(Persister):
 
     The clock is the host's: every process sharing the file shares that host's
     clock, which is why this store is for one host only. Waiters in this process
-    are woken by its releases at once; other processes' releases are found by
-    polling every ``poll_interval`` seconds.
+    are woken by its releases at once, and by other processes' releases through
+    inotify on Linux; ``poll_interval`` stays as the safety net.
     """
 
     backend: ClassVar[str] = "sqlite"
@@ -464,7 +466,7 @@ class Sqlite(Persister):
         return removed
 
     def watch(self, name: str) -> ReleaseWatch:
-        """Woken at once by releases in this process; the core polls for the others' releases."""
+        """Woken at once by releases in this process, and by other processes' through inotify (Linux)."""
         return self._shared.hub.watch(name)
 
     def purge(self) -> int:

@@ -35,6 +35,12 @@ def _until(moment: float) -> None:
         time.sleep(max(moment - time.time(), 0.001))
 
 
+def _drain(watch: persisters.ReleaseWatch) -> None:
+    """Consume the wake-up every (re)subscription sends (a release may have been missed before it)."""
+    while watch.wait(0.1):
+        pass
+
+
 def _old_file(path: Path) -> None:
     """A file as version 0.2 wrote it: one free name (counter 7) and one held without expiry."""
     with sqlite3.connect(path) as db:
@@ -231,3 +237,44 @@ def test_a_cancelled_async_call_holds_nothing_and_leaves_no_transaction_open(tmp
         assert (await store.aacquire("cancelled", Owner(), 30)).acquired, "and left the connection usable"
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_release_in_another_process_wakes_a_waiter_here(tmp_path: Path) -> None:
+    path = tmp_path / "locks.sqlite3"
+    store = persisters.Sqlite(path)
+    code = ("import sys; from singleton_integrations import persisters; from singleton_integrations._record import Owner;"
+            "p = persisters.Sqlite(sys.argv[1]); o = Owner(); assert p.acquire('woken', o, 30).acquired;"
+            "print('held', flush=True); sys.stdin.readline(); p.release('woken', o.owner_token); print('released')")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None and holder.stdout.readline().strip() == "held"
+        watch = store.watch("woken")
+        try:
+            assert store._shared.hub.subscribed.wait(30), "the listener subscribed"
+            _drain(watch)
+            assert not store.acquire("woken", Owner(), 30).acquired
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert watch.wait(30), "woken by the other process's release, not by a timeout"
+            assert store.acquire("woken", Owner(), 30).acquired
+        finally:
+            watch.close()
+    finally:
+        holder.communicate(timeout=30)
+
+
+def test_a_renewal_elsewhere_wakes_nobody(tmp_path: Path) -> None:
+    path = tmp_path / "locks.sqlite3"
+    store, other = persisters.Sqlite(path), persisters.Sqlite(path, timeout=5)  # other: its own connection and hub
+    owner = Owner()
+    assert other.acquire("renewed", owner, 30).acquired
+    watch = store.watch("renewed")
+    try:
+        if store._shared.hub.subscribed.wait(30):
+            _drain(watch)
+            other.renew("renewed", owner.owner_token, 30)
+            assert not watch.wait(0.3), "a write that frees nothing wakes no waiter"
+    finally:
+        watch.close()
