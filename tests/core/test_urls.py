@@ -152,3 +152,13 @@ def test_store_url_errors_never_echo_a_password(password: str, shape: str) -> No
     reference = error_for(shape.format(pw="QQQQ"))  # the same message about a harmless password
     assume(password not in reference + " ***")
     assert password not in error_for(url)
+
+
+@pytest.mark.parametrize("url", ["host=127.0.0.1 password=S3cr3t-pw dbname=test", "user:S3cr3t-pw@127.0.0.1/db",
+                                 "redis:/user:S3cr3t-pw@127.0.0.1"])
+def test_singleton_refuses_a_bad_url_without_the_password(url: str) -> None:
+    from singleton_integrations import Singleton
+
+    with pytest.raises(ValueError) as raised:
+        Singleton("job", url)
+    assert "S3cr3t-pw" not in str(raised.value) and "S3cr3t-pw" not in repr(raised.value)
