@@ -235,7 +235,7 @@ class _File:
         self.pid = 0
         self.loop_connections = threading.local()  # async: one non-waiting connection per event-loop thread
         self.next_sweep = 0.0
-        self.hub = ReleaseHub(inotify_listener(path), thread_name="singleton-sqlite-listener")
+        self.hub = _hub_for(path)
 
     def reset_after_fork(self) -> None:
         # The parent's connections are not ours to use or close; a lock held at the fork never frees.
@@ -245,7 +245,16 @@ class _File:
 
 
 _files: dict[tuple[str, float], _File] = {}
+_hubs: dict[str, ReleaseHub] = {}  # by file alone: objects with different timeouts still wake each other
 _files_guard = threading.Lock()
+
+
+def _hub_for(path: Path) -> ReleaseHub:
+    key = os.path.abspath(path)
+    hub = _hubs.get(key)  # called under _files_guard
+    if hub is None:
+        hub = _hubs[key] = ReleaseHub(inotify_listener(path), thread_name="singleton-sqlite-listener")
+    return hub
 
 
 def _file_for(path: Path, timeout: float) -> _File:

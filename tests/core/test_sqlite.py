@@ -209,6 +209,7 @@ def test_objects_on_one_file_share_a_connection_and_wake_each_others_waiters(tmp
     owner = Owner()
     assert first.acquire("shared", owner, 30).acquired
     assert first._connect() is second._connect(), "one connection per file and process, not per object"
+    assert persisters.Sqlite(tmp_path / "locks.sqlite3", timeout=3)._shared.hub is first._shared.hub
     watch = second.watch("shared")
     try:
         assert first.release("shared", owner.owner_token)
@@ -267,7 +268,7 @@ def test_a_release_in_another_process_wakes_a_waiter_here(tmp_path: Path) -> Non
 
 def test_a_renewal_elsewhere_wakes_nobody(tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
-    store, other = persisters.Sqlite(path), persisters.Sqlite(path, timeout=5)  # other: its own connection and hub
+    store, other = persisters.Sqlite(path), persisters.Sqlite(path, timeout=5)  # other: its own connection
     owner = Owner()
     assert other.acquire("renewed", owner, 30).acquired
     watch = store.watch("renewed")
