@@ -114,20 +114,36 @@ def test_an_in_process_release_wakes_waiters_but_a_release_into_the_hold_does_no
         watch.close()
 
 
-def test_async_waiters_in_one_loop_are_woken_by_a_release(store: persisters.Persister) -> None:
-    async def main() -> list[bool]:
+def test_async_waiters_in_one_loop_take_the_name_in_turn_each_woken_by_a_release(
+        store: persisters.Persister) -> None:
+    """One release wakes one waiter (the longest waiting); its own release wakes the next: no timeouts."""
+    async def main() -> tuple[list[str], int]:
         holder = Owner()
         assert (await store.aacquire("crowd", holder, 30)).acquired
-        watches = [store.watch("crowd") for _ in range(50)]
-        waits = [asyncio.ensure_future(w.wait_async(30)) for w in watches]
-        await asyncio.sleep(0)
-        assert await store.arelease("crowd", holder.owner_token)
-        woken = await asyncio.gather(*waits)
-        for w in watches:
-            w.close()
-        return woken
+        order: list[str] = []
+        timeouts = 0
 
-    assert all(asyncio.run(main()))
+        async def waiter(label: str) -> None:
+            nonlocal timeouts
+            owner = Owner()
+            watch = store.watch("crowd")
+            try:
+                while not (await store.aacquire("crowd", owner, 30)).acquired:
+                    if not await watch.wait_async(30):
+                        timeouts += 1
+                order.append(label)
+                assert await store.arelease("crowd", owner.owner_token)
+            finally:
+                watch.close()
+
+        tasks = [asyncio.ensure_future(waiter(f"w{i}")) for i in range(50)]
+        await asyncio.sleep(0.05)  # every waiter has tried once and waits
+        assert await store.arelease("crowd", holder.owner_token)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        return order, timeouts
+
+    order, timeouts = asyncio.run(main())
+    assert sorted(order) == sorted(f"w{i}" for i in range(50)) and timeouts == 0
 
 
 class _RefusingExecutor(ThreadPoolExecutor):
