@@ -6,6 +6,7 @@ uuid names or prefixes, so it can share the server with other runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -25,6 +26,7 @@ import pytest
 
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
+from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS
 from singleton_integrations.persisters.redis import Redis
 from tests.servers import redis_server
 
@@ -92,7 +94,8 @@ def test_keys_follow_the_documented_layout(store: Redis, prefix: str, raw: redis
     lock, state = f"{prefix}{{{name}}}", f"{prefix}{{{name}}}:state"
     assert raw.get(lock) == owner.owner_token
     assert 0 < raw.pttl(lock) <= 30_000
-    assert raw.ttl(state) == -1  # the fencing counter never expires
+    # The state outlives the lease by the retention period (30 days by default).
+    assert DEFAULT_PURGE_AFTER_SECONDS * 1000 < raw.pttl(state) <= DEFAULT_PURGE_AFTER_SECONDS * 1000 + 30_000
     assert raw.hget(state, "fence") == str(result.record.fencing_token)
     holder = json.loads(str(raw.hget(state, "holder")))
     assert holder["owner_token"] == owner.owner_token
@@ -101,7 +104,9 @@ def test_keys_follow_the_documented_layout(store: Redis, prefix: str, raw: redis
 
     assert store.release(name, owner.owner_token)
     assert raw.exists(lock) == 0
-    assert raw.hgetall(state) == {"fence": str(result.record.fencing_token)}
+    released = hashlib.sha1(owner.owner_token.encode()).hexdigest()  # recognises a retried release
+    assert raw.hgetall(state) == {"fence": str(result.record.fencing_token), "released": released}
+    assert DEFAULT_PURGE_AFTER_SECONDS * 1000 - 60_000 < raw.pttl(state) <= DEFAULT_PURGE_AFTER_SECONDS * 1000
 
 
 def test_times_come_from_the_server_clock(store: Redis, raw: redis.Redis) -> None:
@@ -193,12 +198,12 @@ def test_url_query_options_and_keyword_overrides() -> None:
     from_query = Redis(url)
     assert from_query.key_prefix == "from-url:"
     assert (from_query.wait_replicas, from_query.wait_timeout_ms) == (1, 50)
-    assert from_query._options["db"] == 3 and from_query._options["socket_timeout"] == 3.0
-    assert from_query._options["socket_connect_timeout"] == 5.0
+    assert from_query._store.options["db"] == 3 and from_query._store.options["socket_timeout"] == 3.0
+    assert from_query._store.options["socket_connect_timeout"] == 5.0
 
     overridden = Redis.from_url(url, key_prefix="kw:", socket_timeout=2.0, wait_replicas=0)
     assert overridden.key_prefix == "kw:" and overridden.wait_replicas == 0
-    assert overridden._options["socket_timeout"] == 2.0
+    assert overridden._store.options["socket_timeout"] == 2.0
     via_registry = persisters.from_url(url, key_prefix="kw:")
     assert isinstance(via_registry, Redis) and via_registry.key_prefix == "kw:"
     assert Redis("redis://127.0.0.1").key_prefix == "singleton:"
@@ -206,12 +211,12 @@ def test_url_query_options_and_keyword_overrides() -> None:
 
 def test_tls_and_unix_urls_configure_redis_py() -> None:
     tls = Redis("rediss://user:pw@cache.example:6380/0?ssl_cert_reqs=none", ssl_ca_certs="/etc/ca.pem")
-    assert tls._options["connection_class"] is redis.SSLConnection
-    assert tls._options["ssl_cert_reqs"] == "none" and tls._options["ssl_ca_certs"] == "/etc/ca.pem"
-    assert (tls._options["host"], tls._options["port"], tls._options["username"]) == ("cache.example", 6380, "user")
+    assert tls._store.options["connection_class"] is redis.SSLConnection
+    assert tls._store.options["ssl_cert_reqs"] == "none" and tls._store.options["ssl_ca_certs"] == "/etc/ca.pem"
+    assert (tls._store.options["host"], tls._store.options["port"], tls._store.options["username"]) == ("cache.example", 6380, "user")
     unix = Redis("unix:///run/redis/redis.sock?db=2&key_prefix=u:")
-    assert unix._options["connection_class"] is redis.UnixDomainSocketConnection
-    assert (unix._options["path"], unix._options["db"], unix.key_prefix) == ("/run/redis/redis.sock", 2, "u:")
+    assert unix._store.options["connection_class"] is redis.UnixDomainSocketConnection
+    assert (unix._store.options["path"], unix._store.options["db"], unix.key_prefix) == ("/run/redis/redis.sock", 2, "u:")
 
 
 @pytest.mark.parametrize(
@@ -271,7 +276,7 @@ def test_connect_timeouts_are_not_multiplied_by_retries() -> None:
 
 def test_construction_touches_no_network_and_the_import_no_driver() -> None:
     store = Redis(f"redis://127.0.0.1:{closed_port()}/0")
-    assert store._redis is None
+    assert store._shared_entry is None
     code = "import sys, singleton_integrations.persisters; assert 'redis' not in sys.modules, 'driver imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
@@ -363,7 +368,7 @@ def test_a_forked_child_gets_its_own_connection(store: Redis) -> None:
 def test_pickled_store_rebuilds_its_own_pool(store: Redis) -> None:
     store.get("warm-up")
     copy = pickle.loads(pickle.dumps(store))
-    assert copy._redis is None and copy.key_prefix == store.key_prefix
+    assert copy._shared_entry is None and copy.key_prefix == store.key_prefix
     owner = Owner()
     assert copy.acquire("pickled", owner, 30).acquired
     assert store.get("pickled") is not None
@@ -420,37 +425,44 @@ def test_a_release_before_wait_is_not_lost(store: Redis) -> None:
         assert time.monotonic() - started < 15
 
 
+def subscribed(store: Redis, name: str) -> Any:
+    """A watch whose shared listener is subscribed, with the wake-up every subscription brings consumed."""
+    watch = store.watch(name)
+    hub = store._hub()
+    assert hub is not None and hub.subscribed.wait(15)
+    watch.wait(0)
+    return watch
+
+
 def test_other_names_do_not_wake_a_watch(store: Redis) -> None:
     owner = Owner()
     store.acquire("other", owner, 60)
-    with store.watching("mine") as watch:
+    watch = subscribed(store, "mine")
+    try:
         store.release("other", owner.owner_token)
-        started = time.monotonic()
-        watch.wait(0.5)
-        assert time.monotonic() - started >= 0.45
+        assert watch.wait(0.5) is False
+    finally:
+        watch.close()
 
 
-def test_watches_reuse_one_subscription_connection(url: str, prefix: str, raw: redis.Redis) -> None:
+def test_one_listener_connection_serves_every_watch(url: str, prefix: str, raw: redis.Redis) -> None:
     client_name = f"watch-{uuid.uuid4().hex[:12]}"
     store = Redis(url, key_prefix=prefix, client_name=client_name)
     try:
-        first, second = Owner(), Owner()
-        store.acquire("first", first, 60)
-        store.acquire("second", second, 60)
-        for _ in range(10):
-            with store.watching("first"):
-                pass
-        with store.watching("second") as watch:  # on the connection that watched "first"
-            store.release("first", first.owner_token)
-            started = time.monotonic()
-            watch.wait(0.5)
-            assert time.monotonic() - started >= 0.45  # the old channel no longer wakes it
-            store.release("second", second.owner_token)
-            started = time.monotonic()
-            watch.wait(30)
-            assert time.monotonic() - started < 15
+        owners = [Owner() for _ in range(20)]
+        for i, owner in enumerate(owners):
+            assert store.acquire(f"name-{i}", owner, 60).acquired
+        watches = [subscribed(store, f"name-{i}") for i in range(20)]
+        other = Redis(url, key_prefix=prefix)  # another client's releases: heard through PUBLISH
+        for i, owner in enumerate(owners[:10]):
+            assert other.release(f"name-{i}", owner.owner_token)
+        other.close()
+        for i, watch in enumerate(watches):
+            assert watch.wait(30 if i < 10 else 0.2) is (i < 10), i
         mine = [c for c in raw.client_list() if c.get("name") == client_name]
-        assert len(mine) == 2, mine  # commands and one parked subscription
+        assert len(mine) == 2, mine  # commands and one subscription, whatever the number of waiters
+        for watch in watches:
+            watch.close()
     finally:
         store.close()
     wait_for(lambda: not [c for c in raw.client_list() if c.get("name") == client_name])
