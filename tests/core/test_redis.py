@@ -28,7 +28,8 @@ from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS
 from singleton_integrations.persisters.redis import Redis
-from tests.servers import redis_server
+from singleton_integrations.testing.conformance import PersisterConformance
+from tests.servers import redis_cluster, redis_sentinel, redis_server, unavailable
 
 if os.environ.get("CI") == "true":  # the driver is part of the test environment there
     import redis
@@ -533,3 +534,45 @@ def _answers(store: Redis) -> bool:
     except PersisterError:
         return False
     return True
+
+
+# -- Sentinel and Cluster topologies, on throwaway servers ------------------------------
+
+
+def _start_topology(what: str, start: Any) -> Any:
+    if shutil.which("redis-server") is None:
+        unavailable(what, "redis-server is not installed (apt-get install redis-server)")
+    try:
+        return start()
+    except (FileNotFoundError, RuntimeError) as error:
+        unavailable(what, str(error))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[redis_cluster.Cluster]:
+    topology = _start_topology("Redis Cluster", redis_cluster.start)
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[redis_sentinel.Topology]:
+    topology = _start_topology("Redis Sentinel", redis_sentinel.start)
+    yield topology
+    topology.stop()
+
+
+class TestClusterConformance(PersisterConformance):
+    """The lock rules on a 3-master cluster through ``redis+cluster://``."""
+
+    @pytest.fixture
+    def store_url(self, cluster: redis_cluster.Cluster) -> str:
+        return cluster.url
+
+
+class TestSentinelConformance(PersisterConformance):
+    """The lock rules on a Sentinel-managed master through ``redis+sentinel://``."""
+
+    @pytest.fixture
+    def store_url(self, sentinel: redis_sentinel.Topology) -> str:
+        return sentinel.url
