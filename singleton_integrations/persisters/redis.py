@@ -231,6 +231,8 @@ class Redis(Persister):
         for hidden in (self._password, secret):
             if hidden:
                 detail = detail.replace(hidden, "***")
+        if self.topology != "cluster" and type(error).__name__ in ("MovedError", "AskError"):
+            detail += "; this server is a Redis Cluster node: use a redis+cluster:// URL"
         return PersisterError(self.backend, f"{action} failed on {self.url}: {detail}")
 
     @contextmanager

@@ -6,6 +6,7 @@ uuid names or prefixes, so it can share the server with other runs.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS
+from singleton_integrations.persisters._redis_scripts import RELEASED_MARKER
 from singleton_integrations.persisters.redis import Redis
 from singleton_integrations.testing.conformance import PersisterConformance
 from tests.servers import redis_cluster, redis_sentinel, redis_server, unavailable
@@ -536,6 +538,322 @@ def _answers(store: Redis) -> bool:
     return True
 
 
+# -- minimum hold ----------------------------------------------------------------------
+
+
+def test_release_into_the_minimum_hold_keeps_the_name_and_publishes_nothing(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    owner = Owner()
+    taken = store.acquire("slot", owner, 30, min_hold=5)
+    assert taken.acquired and taken.record is not None and taken.record.hold_until is not None
+    lock = f"{prefix}{{slot}}"
+    pubsub = raw.pubsub()
+    pubsub.subscribe(lock + ":released")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    try:
+        assert store.release("slot", owner.owner_token) is True
+        assert raw.get(lock) == RELEASED_MARKER and 0 < raw.pttl(lock) <= 5000
+        record = store.get("slot")
+        assert record is not None and record.released_at is not None
+        assert record.hold_until == taken.record.hold_until == record.expires_at
+        assert record.fencing_token == taken.record.fencing_token
+        assert store.renew("slot", owner.owner_token, 30) is None  # the old token renews nothing
+        conflict = store.acquire("slot", Owner(), 30)
+        assert not conflict.acquired and conflict.record is not None and conflict.record.released
+        assert conflict.retry_after is not None and 0 < conflict.retry_after <= 5
+        assert [r.name for r in store.list()] == ["slot"]
+        assert pubsub.get_message(timeout=0.3) is None  # the name is not free: nobody is woken
+    finally:
+        pubsub.close()
+
+
+def test_after_the_hold_the_next_acquire_is_normal_and_its_token_higher(store: Redis) -> None:
+    owner = Owner()
+    first = store.acquire("short-slot", owner, 30, min_hold=0.3).record
+    assert first is not None and store.release("short-slot", owner.owner_token)
+    wait_for(lambda: store.get("short-slot") is None)
+    again = store.acquire("short-slot", Owner(), 30)
+    assert again.acquired and again.expired is None  # a release, not a crash
+    assert again.record is not None and again.record.fencing_token > first.fencing_token
+
+
+def test_a_crashed_holder_keeps_the_name_until_the_hold_ends(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    taken = store.acquire("crash", Owner(metadata={"who": "crashed"}), 0.2, min_hold=1.5).record
+    assert taken is not None and taken.expires_at == taken.hold_until  # the lease is stretched to the hold
+    assert raw.pttl(f"{prefix}{{crash}}") > 1000
+    assert not store.acquire("crash", Owner(), 30).acquired
+    wait_for(lambda: store.get("crash") is None)
+    after = store.acquire("crash", Owner(), 30)
+    assert after.acquired and after.expired is not None and after.expired.metadata == {"who": "crashed"}
+
+
+def test_renewal_never_ends_the_lease_before_the_hold(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    owner = Owner()
+    taken = store.acquire("renewed", owner, 1, min_hold=8).record
+    assert taken is not None
+    renewed = store.renew("renewed", owner.owner_token, 1)
+    assert renewed is not None and renewed.expires_at == taken.hold_until
+    assert raw.pttl(f"{prefix}{{renewed}}") > 5000
+    longer = store.renew("renewed", owner.owner_token, 60)
+    assert longer is not None and longer.expires_at is not None and taken.hold_until is not None
+    assert longer.expires_at > taken.hold_until
+
+
+def test_a_lock_without_expiry_still_serves_its_hold_after_release(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    owner = Owner()
+    assert store.acquire("forever-slot", owner, None, min_hold=5).acquired
+    assert raw.pttl(f"{prefix}{{forever-slot}}") == -1
+    assert store.release("forever-slot", owner.owner_token)
+    assert 0 < raw.pttl(f"{prefix}{{forever-slot}}") <= 5000
+
+
+def test_a_retried_release_is_still_a_clean_release(store: Redis) -> None:
+    owner = Owner()
+    assert store.acquire("twice", owner, 30).acquired
+    assert store.release("twice", owner.owner_token) is True
+    assert store.release("twice", owner.owner_token) is True  # the reply of the first was lost
+    assert store.release("twice", Owner().owner_token) is False
+
+
+# -- fencing after lost state and retention -------------------------------------------
+
+
+def test_tokens_rise_after_the_state_is_lost(store: Redis, prefix: str, raw: redis.Redis) -> None:
+    owner = Owner()
+    first = store.acquire("lost-state", owner, 30).record
+    assert first is not None and store.release("lost-state", owner.owner_token)
+    raw.delete(f"{prefix}{{lost-state}}:state")  # a purge, an eviction, a failover that lost the write
+    second = store.acquire("lost-state", Owner(), 30).record
+    assert second is not None and second.fencing_token > first.fencing_token
+    store.force_release("lost-state")
+    raw.hset(f"{prefix}{{lost-state}}:state", "fence", second.fencing_token + 10**9)  # a counter ahead of the clock
+    third = store.acquire("lost-state", Owner(), 30).record
+    assert third is not None and third.fencing_token == second.fencing_token + 10**9 + 1
+
+
+def test_purge_after_seconds_expires_a_free_names_state(url: str, prefix: str, raw: redis.Redis) -> None:
+    store = Redis(f"{url}?purge_after_seconds=0.5", key_prefix=prefix)
+    assert store.purge_after_seconds == 0.5
+    state = f"{prefix}{{purged}}:state"
+    try:
+        owner = Owner()
+        first = store.acquire("purged", owner, 2).record
+        assert first is not None and 2000 < raw.pttl(state) <= 2500  # lease + retention while held
+        assert store.release("purged", owner.owner_token)
+        assert 0 < raw.pttl(state) <= 500
+        wait_for(lambda: raw.exists(state) == 0)
+        second = store.acquire("purged", Owner(), 2).record
+        assert second is not None and second.fencing_token > first.fencing_token
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("option", ["?purge_after_seconds=none", "?purge_after_seconds=0.5"])
+def test_purge_after_seconds_none_keeps_state(url: str, prefix: str, raw: redis.Redis, option: str) -> None:
+    keyword = {"purge_after_seconds": None} if option.endswith("0.5") else {}  # the keyword beats the URL
+    store = Redis(url + option, key_prefix=prefix, **keyword)
+    assert store.purge_after_seconds is None
+    try:
+        owner = Owner()
+        assert store.acquire("kept", owner, 2).acquired
+        assert raw.pttl(f"{prefix}{{kept}}:state") == -1
+        assert store.release("kept", owner.owner_token)
+        assert raw.pttl(f"{prefix}{{kept}}:state") == -1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bad", ["?purge_after_seconds=soon", "?purge_after_seconds=-1", "?purge_after_seconds=0"])
+def test_bad_purge_after_seconds_fails_at_construction(bad: str) -> None:
+    with pytest.raises(ValueError, match="purge_after_seconds"):
+        Redis("redis://127.0.0.1/0" + bad)
+
+
+# -- native async ---------------------------------------------------------------------
+
+
+def test_async_primitives_use_redis_asyncio(store: Redis) -> None:
+    import redis.asyncio as aioredis
+
+    assert Redis.native_async and Redis.supports_min_hold
+
+    async def scenario() -> None:
+        owner = Owner()
+        taken = await store.aacquire("async", owner, 30)
+        assert taken.acquired and taken.record is not None
+        assert isinstance(store._shared().async_entry().client, aioredis.Redis)
+        assert not (await store.aacquire("async", Owner(), 30)).acquired
+        assert (await store.aget("async")).owner_token == owner.owner_token  # type: ignore[union-attr]
+        assert await store.arenew("async", owner.owner_token, 60) is not None
+        assert [r.name for r in await store.alist()] == ["async"]
+        assert await store.arelease("async", owner.owner_token) is True
+        held = await store.aacquire("async", owner, 30, min_hold=5)
+        assert held.record is not None and held.record.hold_until is not None
+        assert await store.arelease("async", owner.owner_token) is True
+        assert (await store.aget("async")).released  # type: ignore[union-attr]
+        removed = await store.aforce_release("async")
+        assert removed is not None and removed.released
+        await store.aclose()
+
+    asyncio.run(scenario())
+    assert store.get("async") is None  # the sync side sees the same store
+
+
+def test_async_clients_follow_their_event_loops(store: Redis) -> None:
+    async def cycle(name: str) -> int:
+        owner = Owner()
+        taken = await store.aacquire(name, owner, 30)
+        assert taken.acquired and taken.record is not None
+        assert await store.arelease(name, owner.owner_token)
+        return taken.record.fencing_token
+
+    tokens = [asyncio.run(cycle("loops")) for _ in range(3)]  # each loop closes behind it, unclosed
+    assert tokens == sorted(set(tokens))
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(asyncio.run(cycle(f"thread-{i}")))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 4
+    asyncio.run(cycle("loops"))
+    assert len(store._shared()._async) == 1  # the next loop lets go of the clients of closed ones
+
+
+def test_a_hundred_async_waiters_share_one_subscription(url: str, prefix: str) -> None:
+    store = Redis(url, key_prefix=prefix)
+    releaser = Redis(url, key_prefix=prefix, client_name="releaser")  # another client: heard by PUBLISH
+    owner = Owner()
+    assert store.acquire("crowd", owner, 60).acquired
+
+    async def scenario() -> list[bool]:
+        watches = [subscribed(store, "crowd") for _ in range(100)]
+        try:
+            waits = [asyncio.ensure_future(watch.wait_async(30)) for watch in watches]
+            await asyncio.sleep(0.05)
+            await releaser.arelease("crowd", owner.owner_token)
+            return list(await asyncio.gather(*waits))
+        finally:
+            for watch in watches:
+                watch.close()
+
+    try:
+        assert asyncio.run(scenario()) == [True] * 100
+    finally:
+        store.close()
+        releaser.close()
+
+
+# -- one shared, bounded pool per store -----------------------------------------------
+
+
+def _connections(raw: redis.Redis, client_name: str) -> int:
+    return len([c for c in raw.client_list() if c.get("name") == client_name])
+
+
+def test_150_objects_from_one_url_keep_the_connection_count_bounded(url: str, raw: redis.Redis) -> None:
+    client_name = f"many-{uuid.uuid4().hex[:12]}"
+    shared_url = f"{url}?client_name={client_name}&max_connections=8"
+    singletons = [Singleton(f"many-{uuid.uuid4().hex}", shared_url, lock_expire_seconds=30, release_on_sigterm=False)
+                  for _ in range(150)]
+    start = threading.Barrier(150)
+    failures: list[BaseException] = []
+
+    def work(singleton: Singleton) -> None:
+        try:
+            start.wait(60)
+            assert singleton.lock()
+            assert singleton.release()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in singletons]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]  # callers waited for a connection instead of failing at the cap
+    assert 1 <= _connections(raw, client_name) <= 8
+    assert len({id(s.persister._shared()) for s in singletons}) == 1  # type: ignore[attr-defined]
+
+
+def test_a_busy_pool_makes_callers_wait_then_fails_within_the_deadline(url: str, prefix: str) -> None:
+    store = Redis(url, key_prefix=prefix, max_connections=1, socket_timeout=0.5)
+    try:
+        slots = store._shared().slots
+        with slots.take(1):  # every connection busy
+            with pytest.raises(PersisterError, match="no free connection") as caught:
+                store.get("busy")
+            assert "max_connections=1" in str(caught.value)
+        waiter = threading.Thread(target=store.get, args=("busy",))
+        with slots.take(1):
+            waiter.start()
+            time.sleep(0.1)
+        waiter.join(10)  # it got the connection once it came free
+        assert not waiter.is_alive()
+    finally:
+        store.close()
+
+
+def test_same_url_and_options_share_a_client_and_others_do_not(url: str) -> None:
+    first, second = Redis(url, key_prefix="a:"), Redis(url, key_prefix="b:")
+    other_db = Redis(url.rsplit("/", 1)[0] + "/1")
+    other_password = Redis(url.replace("://", "://:not-the-same@"))
+    assert first._shared() is second._shared()  # the key prefix is ours, not the pool's
+    assert first._shared() is not other_db._shared()
+    assert first._shared() is not other_password._shared()
+    assert persisters.from_url(url)._shared() is first._shared()  # type: ignore[attr-defined]
+    for store in (first, second, other_db, other_password):
+        store.close()
+
+
+def test_closing_one_persister_leaves_the_others_connected(url: str, raw: redis.Redis) -> None:
+    client_name = f"close-{uuid.uuid4().hex[:12]}"
+    first, second = Redis(url, client_name=client_name), Redis(url, client_name=client_name)
+    first.get("x")
+    second.get("x")
+    first.close()
+    assert _connections(raw, client_name) == 1
+    assert second.get("x") is None
+    second.close()
+    wait_for(lambda: _connections(raw, client_name) == 0)
+
+
+# -- secrets --------------------------------------------------------------------------
+
+
+def test_public_attributes_hold_no_password() -> None:
+    store = Redis("redis://admin:s3cr3t-pw@127.0.0.1:6390/0?key_prefix=x:")
+    public = {key: value for key, value in vars(store).items() if not key.startswith("_")}
+    assert "s3cr3t-pw" not in repr(public) and "***" in store.url
+    sentinel_store = Redis("redis+sentinel://:s3cr3t-pw@127.0.0.1:26390,127.0.0.1:26391/svc")
+    assert "s3cr3t-pw" not in repr({k: v for k, v in vars(sentinel_store).items() if not k.startswith("_")})
+
+
+def test_a_sentinel_port_error_shows_neither_token_nor_password(sentinel: redis_sentinel.Topology) -> None:
+    owner = Owner()
+    wrong = Redis(f"redis://127.0.0.1:{sentinel.sentinel_port}/0")  # the Sentinel, not the master
+    with pytest.raises(PersisterError) as caught:
+        wrong.acquire("wrong-port", owner, 30)
+    text = "".join(traceback.format_exception(caught.value))
+    assert "EVALSHA" in str(caught.value) and owner.owner_token not in str(caught.value)
+    assert owner.owner_token not in text.split("The above exception")[-1]
+    wrong.close()
+
+
+def test_a_cluster_node_behind_a_plain_url_says_to_use_the_cluster_url(cluster: redis_cluster.Cluster) -> None:
+    plain = Redis(f"redis://127.0.0.1:{cluster.ports[0]}/0", key_prefix=f"plain-{uuid.uuid4().hex[:8]}:")
+    try:
+        messages = []
+        for index in range(12):
+            try:
+                plain.get(f"name-{index}")
+            except PersisterError as error:
+                messages.append(str(error))
+        assert messages and all("redis+cluster://" in message for message in messages)
+    finally:
+        plain.close()
+
+
 # -- Sentinel and Cluster topologies, on throwaway servers ------------------------------
 
 
@@ -562,16 +880,39 @@ def sentinel() -> Iterator[redis_sentinel.Topology]:
     topology.stop()
 
 
-class TestClusterConformance(PersisterConformance):
+class _TopologyConformance(PersisterConformance):
+    """The lock rules on another topology, less those that only exercise the client side.
+
+    The scripts and the core are the same as on a single server; what differs is
+    routing, discovery and pub/sub. Left out here (they run on the single server):
+    rules about forks, signals and exit, the client clock, and a second
+    multi-process token check (the no-overlap rule checks tokens across processes).
+    """
+
+    __test__ = False
+    test_fencing_tokens_rise_across_processes = None  # type: ignore[assignment]
+    test_client_clock_skew_neither_steals_nor_shortens = None  # type: ignore[assignment]
+    test_forked_child_does_not_own_the_lock = None  # type: ignore[assignment]
+    test_exit_releases_and_stops_renewal = None  # type: ignore[assignment]
+    test_sigterm_releases_then_ends_the_process = None  # type: ignore[assignment]
+    test_sigterm_chains_the_previous_handler = None  # type: ignore[assignment]
+    test_killed_holder_lock_expires = None  # type: ignore[assignment]
+
+
+class TestClusterConformance(_TopologyConformance):
     """The lock rules on a 3-master cluster through ``redis+cluster://``."""
+
+    __test__ = True
 
     @pytest.fixture
     def store_url(self, cluster: redis_cluster.Cluster) -> str:
         return cluster.url
 
 
-class TestSentinelConformance(PersisterConformance):
+class TestSentinelConformance(_TopologyConformance):
     """The lock rules on a Sentinel-managed master through ``redis+sentinel://``."""
+
+    __test__ = True
 
     @pytest.fixture
     def store_url(self, sentinel: redis_sentinel.Topology) -> str:
