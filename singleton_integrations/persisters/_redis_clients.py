@@ -366,7 +366,6 @@ class Shared:
         self._guard = threading.Lock()
         self.slots = _Slots(self.store.max_connections)
         self._async = {}
-        self._users = weakref.WeakSet()
 
 
 def _retry(retry_class: Callable[..., Any], backoff_class: Callable[..., Any], error: type, retries: int = 1) -> Any:

@@ -917,3 +917,120 @@ class TestSentinelConformance(_TopologyConformance):
     @pytest.fixture
     def store_url(self, sentinel: redis_sentinel.Topology) -> str:
         return sentinel.url
+
+
+def test_cluster_wake_ups_cross_nodes_and_list_spans_them(cluster: redis_cluster.Cluster) -> None:
+    prefix = f"spread-{uuid.uuid4().hex[:8]}:"
+    store = Redis(cluster.url, key_prefix=prefix)
+    releaser = Redis(cluster.url, key_prefix=prefix, client_name="releaser")  # heard through PUBLISH only
+    try:
+        client = store._client()
+        names = [f"name-{index}" for index in range(12)]
+        nodes = {client.get_node_from_key(f"{prefix}{{{name}}}").name for name in names}
+        assert len(nodes) == 3  # the names live on every master
+        owners = {name: Owner() for name in names}
+        for name in names:
+            assert store.acquire(name, owners[name], 60).acquired
+        assert [record.name for record in store.list()] == sorted(names)
+        watches = {name: subscribed(store, name) for name in names}
+        for name in names:  # the listener talks to one node; releases on the other two reach it too
+            assert releaser.release(name, owners[name].owner_token)
+            assert watches[name].wait(30), name
+        for watch in watches.values():
+            watch.close()
+
+        async def scenario() -> None:
+            owner = Owner()
+            assert (await store.aacquire("async-on-cluster", owner, 30)).acquired
+            assert [r.name for r in await store.alist("async")] == ["async-on-cluster"]
+            assert await store.arelease("async-on-cluster", owner.owner_token)
+            await store.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        releaser.close()
+
+
+def test_wait_replicas_is_refused_on_a_cluster() -> None:
+    with pytest.raises(ValueError, match="wait_replicas"):
+        Redis("redis+cluster://127.0.0.1:7000?wait_replicas=1")
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "service", "db"),
+    [
+        ("redis+sentinel://s1:26379,s2:26380,[::1]/mymaster/2", (("s1", 26379), ("s2", 26380), ("::1", 26379)), "mymaster", 2),
+        ("rediss+sentinel://user:pw@s1/mymaster?socket_timeout=2", (("s1", 26379),), "mymaster", 0),
+        ("redis+cluster://n1:7000,n2", (("n1", 7000), ("n2", 6379)), None, None),
+        ("rediss+cluster://:pw@n1:7000/0?key_prefix=k:", (("n1", 7000),), None, None),
+    ],
+)
+def test_sentinel_and_cluster_urls_parse(url: str, nodes: tuple[tuple[str, int], ...], service: str | None, db: int | None) -> None:
+    store = Redis(url)
+    assert store._store.nodes == nodes and store._store.service == service
+    assert store._store.tls == url.startswith("rediss")
+    if db is not None:
+        assert store._store.options["db"] == db
+    assert "pw" not in store.url.replace("***", "")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+sentinel://s1:26379", "redis+sentinel://s1/a/b/c", "redis+sentinel://s1/svc/x", "redis+cluster:///",
+     "redis+cluster://n1/3", "redis+cluster://n1:notaport"],
+)
+def test_bad_sentinel_and_cluster_urls_fail_at_construction(url: str) -> None:
+    with pytest.raises(ValueError):
+        Redis(url)
+
+
+def test_sentinel_failover_keeps_locks_working_and_tokens_rising() -> None:
+    topology = _start_topology("Redis Sentinel", redis_sentinel.start)
+    prefix = f"failover-{uuid.uuid4().hex[:8]}:"
+    store = Redis(topology.url, key_prefix=prefix, wait_replicas=1, wait_timeout_ms=500)
+    try:
+        held = Owner()
+        assert store.acquire("held", held, 120).acquired  # confirmed by the replica before we return
+        mover = Owner()
+        before = store.acquire("moving", mover, 120).record
+        assert before is not None and store.release("moving", mover.owner_token)
+        watch = subscribed(store, "held")
+        old_master = topology.master_port()
+
+        new_master = topology.failover()
+        assert new_master != old_master
+
+        def acquire_after_failover() -> Any:
+            # Until the old master has resynced as a replica, WAIT sees no replica and the
+            # acquire is given back: wait_replicas=1 refuses rather than risk an unreplicated lock.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    return store.acquire("moving", Owner(), 120)
+                except PersisterError:
+                    assert time.monotonic() < deadline, "no acquire succeeded after the failover"
+                    time.sleep(0.2)
+
+        after = acquire_after_failover()
+        assert after.acquired and after.record is not None
+        assert after.record.fencing_token > before.fencing_token
+        conflict = store.acquire("held", Owner(), 120)  # the replicated lock survived the failover
+        assert not conflict.acquired and conflict.record is not None and conflict.record.owner_token == held.owner_token
+        watch.wait(0)  # the listener's reconnection may have woken it once; that is allowed
+        releaser = Redis(topology.url, key_prefix=prefix, client_name="releaser")
+        assert releaser.release("held", held.owner_token)  # through the new master, heard by PUBLISH
+        assert watch.wait(30), "the release listener did not follow the new master"
+        watch.close()
+        releaser.close()
+
+        async def scenario() -> None:
+            owner = Owner()
+            assert (await store.aacquire("async-after-failover", owner, 30)).acquired
+            assert await store.arelease("async-after-failover", owner.owner_token)
+            await store.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        topology.stop()
