@@ -22,7 +22,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -396,10 +396,8 @@ def _after_fork_in_child() -> None:
 
 def _close_all_at_exit() -> None:
     for shared in list(_registry.values()):
-        try:
+        with suppress(Exception):  # the process is ending; a dead server must not show
             shared.close_sync()
-        except Exception:  # noqa: BLE001 - the process is ending; a dead server must not show
-            pass
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

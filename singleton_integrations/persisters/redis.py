@@ -16,6 +16,7 @@ server's ``TIME``, never the client's clock.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import inspect
 import re
 import threading
@@ -223,14 +224,24 @@ class Redis(Persister):
         return self._shared().sync_client()
 
     def _failure(self, action: str, error: BaseException, secret: str | None = None) -> PersisterError:
-        """The one place a redis-py error becomes ``PersisterError``, without password or owner token."""
+        """The one place a redis-py error becomes ``PersisterError``, without password or owner token.
+
+        The driver's error stays the ``__cause__`` (tracebacks show it), so it is
+        scrubbed in place as well.
+        """
+        def scrub(text: str) -> str:
+            text = _ECHOED_ARGUMENTS.sub("", text)
+            for hidden in (self._password, secret):
+                if hidden:
+                    text = text.replace(hidden, "***")
+            return text
+
         if isinstance(error, PoolExhausted):
             detail = f"{error} (all max_connections={self.max_connections} busy)"
         else:
-            detail = _ECHOED_ARGUMENTS.sub("", f"{type(error).__name__}: {error}")
-        for hidden in (self._password, secret):
-            if hidden:
-                detail = detail.replace(hidden, "***")
+            if any(isinstance(arg, str) and scrub(arg) != arg for arg in error.args):
+                error.args = tuple(scrub(arg) if isinstance(arg, str) else arg for arg in error.args)
+            detail = scrub(f"{type(error).__name__}: {error}")
         if self.topology != "cluster" and type(error).__name__ in ("MovedError", "AskError"):
             detail += "; this server is a Redis Cluster node: use a redis+cluster:// URL"
         return PersisterError(self.backend, f"{action} failed on {self.url}: {detail}")
@@ -246,11 +257,10 @@ class Redis(Persister):
         """One script call on ``name``'s keys; with ``wait``, ``(reply, replicas that confirmed)``."""
         lock = scripts.lock_key(self.key_prefix, name)
         shared = self._shared()
-        with self._translate(f"{script.replace('_', ' ')} of {name!r}", secret):
-            with shared.slots.take(self.socket_timeout):
-                if self.topology == "cluster":
-                    return self._eval_cluster(shared.sync_client(), script, lock, args)
-                return self._eval_pooled(shared.sync_client().connection_pool, script, lock, args, wait)
+        with self._translate(f"{script.replace('_', ' ')} of {name!r}", secret), shared.slots.take(self.socket_timeout):
+            if self.topology == "cluster":
+                return self._eval_cluster(shared.sync_client(), script, lock, args)
+            return self._eval_pooled(shared.sync_client().connection_pool, script, lock, args, wait)
 
     def _eval_cluster(self, client: Any, script: str, lock: str, args: tuple[object, ...]) -> Any:
         # RedisCluster routes by the keys' slot and follows MOVED/ASK itself.
@@ -418,14 +428,14 @@ class Redis(Persister):
     def _list_pattern(self, prefix: str) -> str:
         return f"{scripts.glob_escape(self.key_prefix)}\\{{{scripts.glob_escape(prefix)}*\\}}"
 
-    def _read_batch(self, pipe: Any, keys: list[str], found: dict[str, LockRecord]) -> None:
+    def _read_batch(self, pipe: Any, keys: builtins.list[str], found: dict[str, LockRecord]) -> None:
         with pipe:
             for key in keys:
                 pipe.get(key)
                 pipe.hget(f"{key}:state", "holder")
             self._collect(keys, pipe.execute(), found)
 
-    def _collect(self, keys: list[str], replies: list[Any], found: dict[str, LockRecord]) -> None:
+    def _collect(self, keys: builtins.list[str], replies: builtins.list[Any], found: dict[str, LockRecord]) -> None:
         start = len(self.key_prefix) + 1
         for key, token, holder in zip(keys, replies[::2], replies[1::2]):
             if token is not None:  # None: expired between SCAN and the read
@@ -470,7 +480,7 @@ class Redis(Persister):
         self._notify_local(name)
         return scripts.record(name, reply[0], reply[1])
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         found: dict[str, LockRecord] = {}
         entry = self._shared().async_entry()
         try:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +93,9 @@ def _role(port: int) -> str:
 def _wait(check: object, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        try:
+        with suppress(Exception):  # the server is still starting
             if check():  # type: ignore[operator]
                 return
-        except Exception:  # noqa: BLE001 - the server is still starting
-            pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} within {timeout:g} s")
         time.sleep(0.1)
