@@ -21,7 +21,7 @@ import atexit
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,12 +152,40 @@ class _Slots:
 
 
 class _AsyncEntry:
-    """One event loop's client and its slots."""
+    """One event loop's client and its slots, closed when the loop shuts down.
+
+    ``asyncio.run`` (and every loop runner that calls ``shutdown_asyncgens``)
+    finalizes the async generators still suspended on the loop before closing
+    it; ``closer`` is one, so the client's sockets are closed on their own loop
+    instead of being left to the garbage collector after the loop is gone.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: Any, size: int) -> None:
         self.loop_ref = weakref.ref(loop)
         self.client = client
         self.semaphore = asyncio.Semaphore(size)
+        self.closer: AsyncGenerator[None, None] | None = None
+        self.on_close: Callable[[], None] = lambda: None
+
+    async def arm(self) -> None:
+        """Start ``closer`` on the running loop (held here: the loop keeps only a weak reference)."""
+        self.closer = self._close_at_shutdown()
+        await self.closer.asend(None)
+
+    async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self.on_close()
+            with suppress(Exception):  # a dead server must not spoil the loop's shutdown
+                await self.client.aclose()
+
+    async def close(self) -> None:
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            await closer.aclose()
+        else:
+            await self.client.aclose()
 
 
 # -- the shared client ------------------------------------------------------------------
@@ -297,21 +325,28 @@ class Shared:
 
     # -- async: one client per event loop --
 
-    def async_entry(self) -> _AsyncEntry:
+    async def async_entry(self) -> _AsyncEntry:
         loop = asyncio.get_running_loop()
         with self._guard:
             entry = self._async.get(id(loop))
             if entry is not None and entry.loop_ref() is loop:
                 return entry
-            # Forget clients of loops that are gone or closed: their sockets belong to
-            # a loop that can no longer close them, and ids of dead loops get reused.
+            # Forget clients of loops that are gone or closed without a shutdown (ids of
+            # dead loops get reused); their sockets cannot be closed on a closed loop.
             for key, old in list(self._async.items()):
                 old_loop = old.loop_ref()
                 if old_loop is None or old_loop.is_closed() or old_loop is loop:
                     del self._async[key]
             entry = _AsyncEntry(loop, self._build_async(), self.store.max_connections)
             self._async[id(loop)] = entry
-            return entry
+        entry.on_close = lambda: self._forget(loop, entry)
+        await entry.arm()
+        return entry
+
+    def _forget(self, loop: asyncio.AbstractEventLoop, entry: _AsyncEntry) -> None:
+        with self._guard:
+            if self._async.get(id(loop)) is entry:
+                del self._async[id(loop)]
 
     def _build_async(self) -> Any:
         import redis.asyncio as aioredis
@@ -356,7 +391,7 @@ class Shared:
         with self._guard:
             entry = self._async.pop(id(loop), None)
         if entry is not None and entry.loop_ref() is loop:
-            await entry.client.aclose()
+            await entry.close()
 
     # -- process lifecycle --
 

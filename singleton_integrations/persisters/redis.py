@@ -242,7 +242,8 @@ class Redis(Persister):
             if any(isinstance(arg, str) and scrub(arg) != arg for arg in error.args):
                 error.args = tuple(scrub(arg) if isinstance(arg, str) else arg for arg in error.args)
             detail = scrub(f"{type(error).__name__}: {error}")
-        if self.topology != "cluster" and type(error).__name__ in ("MovedError", "AskError"):
+        moved = type(error).__name__ in ("MovedError", "AskError") or str(error).startswith(("MOVED ", "ASK "))
+        if self.topology != "cluster" and moved:
             detail += "; this server is a Redis Cluster node: use a redis+cluster:// URL"
         return PersisterError(self.backend, f"{action} failed on {self.url}: {detail}")
 
@@ -319,7 +320,7 @@ class Redis(Persister):
         """``_eval`` for coroutines, on this event loop's client."""
         lock = scripts.lock_key(self.key_prefix, name)
         action = f"{script.replace('_', ' ')} of {name!r}"
-        entry = self._shared().async_entry()
+        entry = await self._shared().async_entry()
         try:
             await asyncio.wait_for(entry.semaphore.acquire(), self.socket_timeout)
         except asyncio.TimeoutError:
@@ -482,7 +483,7 @@ class Redis(Persister):
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         found: dict[str, LockRecord] = {}
-        entry = self._shared().async_entry()
+        entry = await self._shared().async_entry()
         try:
             await asyncio.wait_for(entry.semaphore.acquire(), self.socket_timeout)
         except asyncio.TimeoutError:

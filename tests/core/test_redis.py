@@ -680,7 +680,7 @@ def test_async_primitives_use_redis_asyncio(store: Redis) -> None:
         owner = Owner()
         taken = await store.aacquire("async", owner, 30)
         assert taken.acquired and taken.record is not None
-        assert isinstance(store._shared().async_entry().client, aioredis.Redis)
+        assert isinstance((await store._shared().async_entry()).client, aioredis.Redis)
         assert not (await store.aacquire("async", Owner(), 30)).acquired
         assert (await store.aget("async")).owner_token == owner.owner_token  # type: ignore[union-attr]
         assert await store.arenew("async", owner.owner_token, 60) is not None
@@ -715,8 +715,13 @@ def test_async_clients_follow_their_event_loops(store: Redis) -> None:
     for thread in threads:
         thread.join(60)
     assert len(results) == 4
+    assert store._shared()._async == {}  # each loop's client was closed as its loop shut down
+
+    loop = asyncio.new_event_loop()  # a loop closed without shutdown_asyncgens
+    loop.run_until_complete(cycle("unshut"))
+    loop.close()
     asyncio.run(cycle("loops"))
-    assert len(store._shared()._async) == 1  # the next loop lets go of the clients of closed ones
+    assert store._shared()._async == {}  # the next loop let go of the closed one's client
 
 
 def test_a_hundred_async_waiters_share_one_subscription(url: str, prefix: str) -> None:
