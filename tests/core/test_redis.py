@@ -748,6 +748,56 @@ def test_a_hundred_async_waiters_share_one_subscription(url: str, prefix: str) -
         releaser.close()
 
 
+def test_the_listener_resubscribes_after_its_connection_dies(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"resub-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    releaser = Redis(url, key_prefix=prefix)
+    try:
+        owner = Owner()
+        assert store.acquire("resub", owner, 60).acquired
+        watch = subscribed(store, "resub")
+        (listener,) = [c for c in raw.client_list() if c.get("name") == client_name and c.get("psub") == "1"]
+        assert raw.client_kill_filter(_id=listener["id"]) == 1
+        assert watch.wait(30)  # resubscribed: every waiter is woken once, a release may have slipped by
+        hub = store._hub()
+        assert hub is not None and hub.subscribed.wait(15)
+        watch.wait(0)
+        assert releaser.release("resub", owner.owner_token)
+        assert watch.wait(30)  # and releases are heard again
+        watch.close()
+    finally:
+        store.close()
+        releaser.close()
+
+
+def test_async_callers_wait_for_a_free_connection(url: str, raw: redis.Redis) -> None:
+    client_name = f"async-pool-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, client_name=client_name, max_connections=2)
+    peak = 0
+
+    async def scenario() -> list[Any]:
+        nonlocal peak
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, _connections(raw, client_name))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            return list(await asyncio.gather(*(store.aget(f"free-{i}") for i in range(100))))
+        finally:
+            sampler.cancel()
+            await store.aclose()
+
+    try:
+        assert asyncio.run(scenario()) == [None] * 100  # none failed at the cap
+        assert 1 <= peak <= 2
+    finally:
+        store.close()
+
+
 # -- one shared, bounded pool per store -----------------------------------------------
 
 
