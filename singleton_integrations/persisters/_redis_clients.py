@@ -28,7 +28,7 @@ from typing import Any
 
 from .._urls import redact_url
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "SCHEMES", "Shared", "Store", "parse_store", "shared_for"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "SCHEMES", "PoolExhausted", "Shared", "Store", "leave", "parse_store", "shared_for"]
 
 #: Connections one persister's shared client opens at most (per event loop for async).
 DEFAULT_MAX_CONNECTIONS = 50
@@ -69,15 +69,21 @@ class Store:
 
 
 def _freeze(options: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A hashable, order-free view; unhashable values (SSL contexts, providers) count by identity."""
-    items = []
-    for key, value in sorted(options.items()):
-        try:
-            hash(value)
-            items.append((key, type(value).__name__, value))
-        except TypeError:
-            items.append((key, "id", id(value)))
-    return tuple(items)
+    """A hashable, order-free view by value: equal option dicts built twice share one client."""
+    return tuple((str(key), _frozen(value)) for key, value in sorted(options.items()))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ("map", _freeze(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_frozen(item) for item in value]
+        return ("seq", tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items))
+    try:
+        hash(value)
+    except TypeError:  # an opaque mutable object: the same one shares, another does not
+        return ("id", id(value))
+    return (type(value).__name__, value)
 
 
 def _host_port(text: str, default_port: int, url: str) -> tuple[str, int]:
@@ -412,14 +418,26 @@ _registry: dict[tuple[Any, ...], Shared] = {}
 _registry_guard = threading.Lock()
 
 
-def shared_for(store: Store, redis: Any) -> Shared:
-    """This process's shared clients for ``store``, made on first use."""
+def shared_for(store: Store, redis: Any, user: object) -> Shared:
+    """This process's shared clients for ``store``, made on first use; ``user`` is counted in."""
     key = store.key()
     with _registry_guard:
         shared = _registry.get(key)
         if shared is None:
             shared = _registry[key] = Shared(store, redis)
+        shared.attach(user)
         return shared
+
+
+def leave(shared: Shared, user: object) -> bool:
+    """Count ``user`` out; True when it was the last, and the store left the registry (close it)."""
+    with _registry_guard:
+        if not shared.detach(user):
+            return False
+        key = shared.store.key()
+        if _registry.get(key) is shared:
+            del _registry[key]
+        return True
 
 
 def _after_fork_in_child() -> None:

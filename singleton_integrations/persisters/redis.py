@@ -31,7 +31,7 @@ from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url, scheme_of
 from . import _redis_scripts as scripts
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
-from ._redis_clients import DEFAULT_MAX_CONNECTIONS, SCHEMES, PoolExhausted, Shared, Store, parse_store, shared_for
+from ._redis_clients import DEFAULT_MAX_CONNECTIONS, SCHEMES, PoolExhausted, Shared, Store, leave, parse_store, shared_for
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "Redis"]
 
@@ -178,6 +178,8 @@ class Redis(Persister):
         extra = {key: connection_options.pop(key) for key in list(connection_options) if key in extra_names}
         options.update(connection_options)
         connection_class = options.get("connection_class", redis.Connection)
+        if issubclass(connection_class, redis.sentinel.SentinelManagedConnection):
+            raise TypeError("for Redis Sentinel use a redis+sentinel://host:port/SERVICE_NAME URL, not connection_class")
         unknown = set(options) - _connection_option_names(connection_class) - {"connection_class"}
         if unknown:
             raise TypeError(f"unknown Redis connection option(s): {', '.join(sorted(unknown))}")
@@ -214,8 +216,7 @@ class Redis(Persister):
         if shared is None:
             with self._guard:
                 if self._shared_entry is None:
-                    self._shared_entry = shared_for(self._store, self._driver)
-                    self._shared_entry.attach(self)
+                    self._shared_entry = shared_for(self._store, self._driver, self)
                 shared = self._shared_entry
         return shared
 
@@ -532,7 +533,7 @@ class Redis(Persister):
         """Let go of the shared client; the last persister using it closes its connections."""
         with self._guard:
             shared, self._shared_entry = self._shared_entry, None
-        if shared is not None and shared.detach(self):
+        if shared is not None and leave(shared, self):
             for hub in list(shared.hubs.values()):
                 hub.close()
             with self._translate("closing"):
