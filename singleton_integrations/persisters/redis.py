@@ -31,7 +31,16 @@ from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url, scheme_of
 from . import _redis_scripts as scripts
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
-from ._redis_clients import DEFAULT_MAX_CONNECTIONS, SCHEMES, PoolExhausted, Shared, Store, leave, parse_store, shared_for
+from ._redis_clients import (
+    DEFAULT_MAX_CONNECTIONS,
+    SCHEMES,
+    PoolExhausted,
+    Shared,
+    Store,
+    leave,
+    parse_store,
+    shared_for,
+)
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "Redis"]
 
