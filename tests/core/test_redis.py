@@ -724,25 +724,34 @@ def test_async_clients_follow_their_event_loops(store: Redis) -> None:
     assert store._shared()._async == {}  # the next loop let go of the closed one's client
 
 
-def test_a_hundred_async_waiters_share_one_subscription(url: str, prefix: str) -> None:
-    store = Redis(url, key_prefix=prefix)
-    releaser = Redis(url, key_prefix=prefix, client_name="releaser")  # another client: heard by PUBLISH
+def test_a_hundred_async_waiters_share_one_subscription(url: str, prefix: str, raw: redis.Redis) -> None:
+    client_name = f"crowd-{uuid.uuid4().hex[:12]}"
+    store = Redis(url, key_prefix=prefix, client_name=client_name)
+    releaser = Redis(url, key_prefix=prefix)  # another client: heard through PUBLISH
     owner = Owner()
     assert store.acquire("crowd", owner, 60).acquired
 
-    async def scenario() -> list[bool]:
+    async def scenario() -> None:
         watches = [subscribed(store, "crowd") for _ in range(100)]
         try:
             waits = [asyncio.ensure_future(watch.wait_async(30)) for watch in watches]
             await asyncio.sleep(0.05)
+            assert _connections(raw, client_name) == 2  # commands and one subscription for all 100
             await releaser.arelease("crowd", owner.owner_token)
-            return list(await asyncio.gather(*waits))
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            # One release frees the name for one: the hub wakes the longest-waiting waiter only.
+            assert done == {waits[0]} and waits[0].result() is True
+            await asyncio.sleep(0.2)
+            assert not any(wait.done() for wait in waits[1:])
+            for wait in waits[1:]:
+                wait.cancel()
+            await asyncio.gather(*waits[1:], return_exceptions=True)
         finally:
             for watch in watches:
                 watch.close()
 
     try:
-        assert asyncio.run(scenario()) == [True] * 100
+        asyncio.run(scenario())
     finally:
         store.close()
         releaser.close()
