@@ -735,3 +735,342 @@ def test_racing_for_a_name_never_seen_has_one_winner_and_named_losers(server_url
     finally:
         for store in stores:
             store.close()
+
+
+# -- minimum hold ------------------------------------------------------------------------------
+
+
+def test_a_release_inside_the_minimum_hold_keeps_the_name_held(persister: Postgres) -> None:
+    owner = Owner()
+    taken = persister.acquire("job", owner, 30, min_hold=3)
+    assert taken.acquired and taken.record is not None and taken.record.hold_until is not None
+    assert persister.release("job", owner.owner_token) is True  # a clean release, into the hold
+    held = persister.get("job")
+    assert held is not None and held.released and held.released_at is not None
+    assert held.hold_until == taken.record.hold_until and held.expires_at == held.hold_until
+    assert held.owner_token == ""  # no token can renew or release it now
+    assert held.fencing_token == taken.record.fencing_token
+    conflict = persister.acquire("job", Owner(), 30)
+    assert not conflict.acquired and conflict.record is not None and conflict.record.released
+    assert conflict.retry_after is not None and 0 < conflict.retry_after <= 3
+    assert persister.renew("job", owner.owner_token, 30) is None
+    assert persister.release("job", owner.owner_token) is False
+    assert [record.name for record in persister.list()] == ["job"]
+    assert wait_for(lambda: persister.get("job") is None)
+    after = persister.acquire("job", Owner(), 30)
+    assert after.acquired and after.expired is None  # a hold that ran out is a normal acquire
+    assert after.record is not None and after.record.fencing_token > taken.record.fencing_token
+    assert after.record.hold_until is None and after.record.released_at is None
+
+
+def test_a_lease_shorter_than_the_hold_still_holds_until_the_hold_ends(persister: Postgres) -> None:
+    """A crashed holder (no release) frees the name at the later of its lease and its hold."""
+    crashed = persister.acquire("job", Owner(), 0.2, min_hold=1.5)
+    assert crashed.record is not None and crashed.record.hold_until is not None
+    assert crashed.record.expires_at is not None and crashed.record.expires_at >= crashed.record.hold_until
+    time.sleep(0.4)  # the lease alone would have ended by now
+    conflict = persister.acquire("job", Owner(), 30)
+    assert not conflict.acquired and conflict.record is not None and not conflict.record.released
+    assert wait_for(lambda: persister.get("job") is None)
+    taker = persister.acquire("job", Owner(), 30)
+    assert taker.acquired and taker.expired is not None  # never released: a takeover
+    assert taker.record is not None and taker.record.fencing_token > crashed.record.fencing_token
+
+
+def test_renew_never_ends_the_lease_before_the_hold(persister: Postgres) -> None:
+    owner = Owner()
+    taken = persister.acquire("job", owner, 30, min_hold=120)
+    renewed = persister.renew("job", owner.owner_token, 1)
+    assert taken.record is not None and renewed is not None and renewed.expires_at is not None
+    assert renewed.expires_at >= taken.record.hold_until  # type: ignore[operator]
+
+
+def test_a_release_after_the_hold_frees_the_name_at_once(persister: Postgres) -> None:
+    owner = Owner()
+    assert persister.acquire("job", owner, 30, min_hold=0.2).acquired
+    time.sleep(0.3)
+    assert persister.release("job", owner.owner_token) is True
+    assert persister.get("job") is None
+    assert persister.acquire("job", Owner(), 30).acquired
+
+
+def test_a_release_into_the_hold_wakes_nobody(persister: Postgres, server_url: str, table: str) -> None:
+    owner = Owner()
+    assert persister.acquire("job", owner, 60, min_hold=30).acquired
+    with psycopg.connect(server_url, autocommit=True) as listener, persister.watching("job") as watch:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"singleton:public.{table}")))
+        assert subscribed(persister, watch)
+        assert not persister.acquire("job", Owner(), 60).acquired  # a listening waiter's hint
+        assert persister.release("job", owner.owner_token) is True
+        assert [n.payload for n in listener.notifies(timeout=0.5)] == []
+        assert watch.wait(0.3) is False
+
+
+def test_force_release_ends_a_minimum_hold(persister: Postgres) -> None:
+    owner = Owner()
+    assert persister.acquire("job", owner, 60, min_hold=60).acquired
+    assert persister.release("job", owner.owner_token)
+    removed = persister.force_release("job")
+    assert removed is not None and removed.released
+    assert persister.acquire("job", Owner(), 60).acquired
+
+
+# -- retention -----------------------------------------------------------------------------
+
+
+def table_names(admin: psycopg.Connection[Any], table: str) -> list[str]:
+    rows = admin.execute(sql.SQL("SELECT name FROM {} ORDER BY name").format(sql.Identifier(table))).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_purge_removes_long_idle_names_only_and_tokens_still_rise(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    store = Postgres(server_url, table=table, purge_after_seconds=0.3)
+    try:
+        old = Owner()
+        first = store.acquire("old", old, 60)
+        assert store.release("old", old.owner_token)
+        assert store.acquire("held", Owner(), 60).acquired
+        holding = Owner()
+        assert store.acquire("holding", holding, 60, min_hold=60).acquired
+        assert store.release("holding", holding.owner_token)
+        assert store.acquire("crashed", Owner(), 0.05).acquired
+        time.sleep(0.5)
+        assert store.purge() == 2  # the free one and the lease that ran out untaken
+        assert table_names(admin, table) == ["held", "holding"]
+        again = store.acquire("old", Owner(), 60)
+        assert again.acquired and again.record is not None and first.record is not None
+        assert again.record.fencing_token > first.record.fencing_token  # a new row starts at the server's clock
+    finally:
+        store.close()
+
+
+def test_releases_sweep_at_most_once_per_period(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    store = Postgres(elsewhere(server_url, "sweep"), table=table, purge_after_seconds=0.2)
+    try:
+        for name in ("a", "b"):
+            owner = Owner()
+            assert store.acquire(name, owner, 60).acquired
+            assert store.release(name, owner.owner_token)  # the first release sweeps (nothing is idle yet)
+            time.sleep(0.3)
+        assert table_names(admin, table) == ["a", "b"]  # the second release was inside the sweep period
+        store._shared().purge_due[store._quoted_table] = 0.0  # the period has passed
+        owner = Owner()
+        assert store.acquire("c", owner, 60).acquired
+        assert store.release("c", owner.owner_token)
+        assert table_names(admin, table) == ["c"]
+    finally:
+        store.close()
+
+
+def test_purge_after_none_keeps_every_name(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    store = persisters.from_url(f"{elsewhere(server_url, 'keep')}&purge_after_seconds=none", table=table)
+    try:
+        assert isinstance(store, Postgres) and store.purge_after_seconds is None
+        owner = Owner()
+        assert store.acquire("job", owner, 60).acquired
+        assert store.release("job", owner.owner_token)
+        assert table_names(admin, table) == ["job"]
+        with pytest.raises(ValueError, match="keeps every name"):
+            store.purge()
+    finally:
+        store.close()
+
+
+def test_an_existing_table_gains_the_new_columns_and_keeps_its_counters(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    admin.execute(sql.SQL(
+        "CREATE TABLE {} (name text PRIMARY KEY, owner_token text, fencing_token bigint NOT NULL, host text NOT NULL, "
+        "pid integer NOT NULL, created_at timestamptz NOT NULL, expires_at timestamptz, metadata jsonb NOT NULL)"
+    ).format(sql.Identifier(table)))
+    admin.execute(sql.SQL("INSERT INTO {} VALUES ('free', NULL, 41, 'h', 1, now(), NULL, '{{}}'), "
+                          "('held', 'someone', 7, 'h', 1, now(), now() + interval '1 hour', '{{}}')").format(sql.Identifier(table)))
+    store = Postgres(server_url, table=table)
+    try:
+        taken = store.acquire("free", Owner(), 30)
+        assert taken.acquired and taken.record is not None and taken.record.fencing_token > 41
+        holder = store.get("held")
+        assert holder is not None and holder.owner_token == "someone" and not holder.released
+        columns = admin.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = %s", (table,)).fetchone()
+        assert columns == (11,)
+    finally:
+        store.close()
+
+
+# -- options, pools, async -------------------------------------------------------------------------
+
+
+def test_pooler_listen_dsn_poll_interval_and_purge_from_the_url(server_url: str) -> None:
+    from urllib.parse import quote
+
+    listen = quote("postgresql://admin:hunter2@127.0.0.1:5432/test", safe="")
+    store = persisters.from_url(f"{server_url}?pooler=pgbouncer-transaction&listen_dsn={listen}"
+                                "&poll_interval=0.1&purge_after_seconds=3600")
+    assert isinstance(store, Postgres)
+    assert (store.pooler, store.poll_interval, store.purge_after_seconds) == ("transaction", 0.1, 3600.0)
+    assert store.listen_dsn is not None and "hunter2" not in store.listen_dsn and "hunter2" not in repr(store)
+    assert Postgres(server_url).pooler == "auto" and Postgres(server_url).purge_after_seconds == 30 * 86400
+    with pytest.raises(ValueError, match="pooler"):
+        Postgres(server_url, pooler="statement")
+    with pytest.raises(ValueError):
+        Postgres(server_url, purge_after_seconds=0)
+
+
+def test_a_hundred_singletons_from_one_url_share_one_bounded_pool(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    url = f"{elsewhere(server_url, 'hundred')}&table={table}"
+    application = url.split("application_name=", 1)[1].split("&", 1)[0]
+    singletons = [Singleton(f"job-{index}", url, lock_expire_seconds=60, release_on_sigterm=False) for index in range(100)]
+    try:
+        assert all(singleton.lock() for singleton in singletons)
+        assert 1 <= len(sessions_named(admin, application)) <= 4  # max_size, not one per object
+    finally:
+        for singleton in singletons:
+            singleton.release()
+        singletons[0].persister.close()  # type: ignore[union-attr]
+    assert len(sessions_named(admin, application)) <= 4
+
+
+def test_150_threads_on_150_objects_wait_for_a_connection_instead_of_failing(
+        server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    url = elsewhere(server_url, "hundred-fifty")
+    application = url.rsplit("=", 1)[1]
+    stores = [persisters.from_url(url, table=table) for _ in range(150)]
+    failures: list[BaseException] = []
+    most = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        with psycopg.connect(server_url, autocommit=True) as watcher:
+            while not done.is_set():
+                most = max(most, len(sessions_named(watcher, application)))
+                time.sleep(0.01)
+
+    barrier = threading.Barrier(150)
+
+    def work(store: Any, index: int) -> None:
+        try:
+            barrier.wait(30)
+            for _ in range(3):
+                owner = Owner()
+                assert store.acquire(f"job-{index}", owner, 30).acquired
+                assert store.release(f"job-{index}", owner.owner_token)
+        except BaseException as error:  # reported below: a thread's failure fails the test
+            failures.append(error)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=work, args=(store, index)) for index, store in enumerate(stores)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert failures == []
+        assert 1 <= most <= 4, most  # the shared pool's max_size
+    finally:
+        done.set()
+        sampler.join(10)
+        for store in stores:
+            store.close()
+    assert wait_for(lambda: sessions_named(admin, application) == [])  # the last close closed the pool
+
+
+def test_async_primitives_are_native_and_keep_the_rules(persister: Postgres) -> None:
+    import asyncio
+
+    assert Postgres.native_async and Postgres.supports_min_hold
+
+    async def scenario() -> None:
+        owner = Owner()
+        taken = await persister.aacquire("job", owner, 30)
+        assert taken.acquired and taken.record is not None
+        conflict = await persister.aacquire("job", Owner(), 30)
+        assert not conflict.acquired and conflict.retry_after is not None
+        assert (await persister.aget("job")) is not None
+        assert [record.name for record in await persister.alist("jo")] == ["job"]
+        renewed = await persister.arenew("job", owner.owner_token, 60)
+        assert renewed is not None and renewed.fencing_token == taken.record.fencing_token
+        assert await persister.arelease("job", owner.owner_token) is True
+        assert await persister.arelease("job", owner.owner_token) is False
+        holder = Owner()
+        assert (await persister.aacquire("job", holder, 30, min_hold=30)).acquired
+        assert await persister.arelease("job", holder.owner_token) is True
+        released = await persister.aget("job")
+        assert released is not None and released.released
+        assert (await persister.aforce_release("job")) is not None
+        assert (await persister.aacquire("job", Owner(), 30)).acquired
+        assert await persister.apurge(after=3600) == 0
+
+    asyncio.run(scenario())
+
+
+def test_async_calls_survive_event_loops_that_come_and_go(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    """Each asyncio.run() has its own loop; connections of a closed loop are dropped, not reused or piled up."""
+    import asyncio
+
+    url = elsewhere(server_url, "loops")
+    application = url.rsplit("=", 1)[1]
+    store = Postgres(url, table=table)
+
+    async def once(index: int) -> None:
+        owner = Owner()
+        assert (await store.aacquire(f"job-{index}", owner, 30)).acquired
+        assert await store.arelease(f"job-{index}", owner.owner_token)
+
+    try:
+        for index in range(6):
+            asyncio.run(once(index))
+        assert len(sessions_named(admin, application)) <= 2  # this loop's and at most one left from the last
+    finally:
+        store.close()
+    assert wait_for(lambda: sessions_named(admin, application) == [])
+
+
+def test_many_async_waiters_in_one_loop_hold_no_thread(persister: Postgres) -> None:
+    import asyncio
+
+    async def waiter(results: list[bool]) -> None:
+        async with persister.awatching("job") as watch:
+            owner = Owner()
+            while not (await persister.aacquire("job", owner, 30)).acquired:
+                await watch.wait_async(10)
+            results.append(await persister.arelease("job", owner.owner_token))
+
+    async def scenario() -> None:
+        holder = Owner()
+        assert (await persister.aacquire("job", holder, 30)).acquired
+        results: list[bool] = []
+        before = threading.active_count()
+        tasks = [asyncio.create_task(waiter(results)) for _ in range(50)]
+        await asyncio.sleep(0.5)
+        assert threading.active_count() <= before + 2  # the one listener thread (and a pool worker), not one per waiter
+        assert await persister.arelease("job", holder.owner_token)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        assert results == [True] * 50
+
+    asyncio.run(scenario())
+
+
+def test_an_async_call_is_bounded_against_a_peer_that_swallows_traffic(server_url: str, table: str) -> None:
+    import asyncio
+
+    from tests.reliability._proxy import TcpProxy, through
+
+    parts = urlsplit(server_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    store = Postgres(through(server_url, proxy.port), table=table, timeout=1.5, connect_timeout=2)
+
+    async def scenario() -> None:
+        assert (await store.aacquire("job", Owner(), 60)).acquired
+        proxy.partition()
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(PersisterError, match="no answer"):
+            await store.aget("job")
+        assert time.monotonic() - started < 10  # bound 1.5 s; generous for a loaded machine
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.heal()
+        store.close()
+        proxy.stop()
