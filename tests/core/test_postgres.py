@@ -1074,3 +1074,124 @@ def test_an_async_call_is_bounded_against_a_peer_that_swallows_traffic(server_ur
         proxy.heal()
         store.close()
         proxy.stop()
+
+
+# -- PgBouncer (a throwaway one per pool mode, default configuration) -------------------------------
+
+from singleton_integrations.testing.conformance import PersisterConformance  # noqa: E402
+from tests.servers import pgbouncer  # noqa: E402
+
+
+def with_listen_dsn(url: str, listen: str) -> str:
+    from urllib.parse import quote
+
+    return f"{url}{'&' if '?' in url else '?'}listen_dsn={quote(listen, safe='')}"
+
+
+@pytest.fixture(params=pgbouncer.MODES)
+def bouncer_url(request: pytest.FixtureRequest) -> str:
+    return pgbouncer.url(request.param)
+
+
+class TestConformanceBehindPgBouncer(PersisterConformance):
+    """Every lock rule through PgBouncer: transaction pooling (polling, and LISTEN via listen_dsn) and session pooling."""
+
+    @pytest.fixture(params=["transaction", "transaction+listen_dsn", "session"])
+    def store_url(self, request: pytest.FixtureRequest) -> str:
+        mode, _, listen = request.param.partition("+")
+        url = pgbouncer.url(mode)
+        return with_listen_dsn(url, postgres_server.url()) if listen else url
+
+
+def test_a_pooler_is_detected_and_a_direct_server_is_not(bouncer_url: str, server_url: str, table: str) -> None:
+    behind, direct = Postgres(bouncer_url, table=table), Postgres(elsewhere(server_url, "direct"), table=table)
+    try:
+        assert behind.acquire("job", Owner(), 30).acquired  # PgBouncer's default config: no startup options sent
+        assert direct.get("job") is not None
+        assert behind._shared().mode == "session"  # detected; the mode is unknown, so keep nothing between calls
+        assert direct._shared().mode == "direct"
+    finally:
+        behind.close()
+        direct.close()
+
+
+def test_declared_transaction_pooling_keeps_client_connections(server_url: str, table: str) -> None:
+    store = Postgres(pgbouncer.url("transaction"), table=table, pooler="transaction")
+    try:
+        owner = Owner()
+        assert store.acquire("job", owner, 30).acquired
+        assert store._shared().mode == "transaction" and store._shared().pool is not None
+        assert store.release("job", owner.owner_token)
+    finally:
+        store.close()
+
+
+def test_waiters_behind_a_pooler_poll_without_listen_dsn(bouncer_url: str, server_url: str, table: str) -> None:
+    holder_store = Postgres(elsewhere(server_url, "holder"), table=table)
+    waiting_store = Postgres(bouncer_url, table=table)
+    holder = Owner()
+    try:
+        assert holder_store.acquire("job", holder, 60).acquired
+        waiter = Singleton("job", waiting_store, lock_expire_seconds=60, release_on_sigterm=False)
+        threading.Timer(0.5, holder_store.release, args=("job", holder.owner_token)).start()
+        assert waiter.lock(wait=30)
+        assert not waiting_store._hub().subscribed.is_set()  # nothing LISTENs through the pooler: it polled
+        assert waiter.release()
+    finally:
+        holder_store.close()
+        waiting_store.close()
+
+
+def test_listen_dsn_wakes_waiters_behind_a_pooler(bouncer_url: str, server_url: str, table: str) -> None:
+    other = Postgres(elsewhere(server_url, "releaser"), table=table)
+    store = Postgres.from_url(with_listen_dsn(bouncer_url, server_url), table=table)
+    owner = Owner()
+    try:
+        assert other.acquire("job", owner, 60).acquired
+        with store.watching("job") as watch:
+            assert subscribed(store, watch)
+            assert not store.acquire("job", Owner(), 60).acquired
+            threading.Timer(0.2, other.release, args=("job", owner.owner_token)).start()
+            assert watch.wait(30) is True
+        assert store.acquire("job", Owner(), 60).acquired
+    finally:
+        other.close()
+        store.close()
+
+
+def test_more_waiting_stores_than_pooled_server_connections_all_get_their_turn(
+        bouncer_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    """Eight stores (as eight processes would be) wait on one name through a pool of 5 server connections.
+
+    Waiting pins no server connection, and nothing session-scoped (the old waiter-hint
+    advisory locks) stays behind in PgBouncer's server connections.
+    """
+    stores = [Postgres(bouncer_url, table=table) for _ in range(8)]
+    for index, store in enumerate(stores):  # distinct configurations: one store each, like processes
+        store._store_key = (*store._store_key, index)
+    holder, failures, results = Owner(), [], []
+    assert stores[0].acquire("job", holder, 60).acquired
+
+    def take_a_turn(store: Postgres) -> None:
+        try:
+            waiter = Singleton("job", store, lock_expire_seconds=60, release_on_sigterm=False)
+            results.append(waiter.lock(wait=60))
+            time.sleep(0.05)
+            waiter.release()
+        except BaseException as error:  # reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=take_a_turn, args=(store,)) for store in stores[1:]]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        assert stores[0].release("job", holder.owner_token)
+        for thread in threads:
+            thread.join(120)
+        assert failures == [] and results == [True] * 7
+        advisory = admin.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        assert advisory == (0,)
+    finally:
+        for store in stores:
+            store.close()

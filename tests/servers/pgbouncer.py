@@ -73,8 +73,9 @@ def _start(mode: str, backend: str, ready: float = 20.0) -> str:
         for path in (directory, *directory.iterdir()):
             os.chown(path, account.pw_uid, account.pw_gid)
         demote = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    # Its log goes to the file; a pipe nobody reads would fill up and stall PgBouncer.
     process = subprocess.Popen([binary, str(directory / "pgbouncer.ini")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **demote)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **demote)
 
     def stop() -> None:
         if process.poll() is None:
@@ -84,8 +85,6 @@ def _start(mode: str, backend: str, ready: float = 20.0) -> str:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-        if process.stderr is not None:
-            process.stderr.close()
         shutil.rmtree(directory, ignore_errors=True)
 
     atexit.register(stop)
