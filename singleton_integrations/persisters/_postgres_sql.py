@@ -87,7 +87,6 @@ LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
-_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
 
 def _held(row: str = "") -> str:
@@ -100,9 +99,13 @@ def _live(row: str = "") -> str:
 
 
 # A new holder's lease: no expiry, or ttl from now but never ending before the hold.
-_EXPIRES = ("CASE WHEN %(ttl)s::float8 IS NULL THEN NULL ELSE clock_timestamp() + "
+# Both are computed from one reading of the clock (``clock.now``), so the lease's
+# end is never a microsecond before the hold's.
+_CLOCK = "(SELECT clock_timestamp() AS now) AS clock"
+_EXPIRES = ("CASE WHEN %(ttl)s::float8 IS NULL THEN NULL ELSE clock.now + "
             "greatest(%(ttl)s::float8, coalesce(%(min_hold)s::float8, 0)) * interval '1 second' END")
-_HOLD_UNTIL = "clock_timestamp() + %(min_hold)s::float8 * interval '1 second'"
+_HOLD_UNTIL = "clock.now + %(min_hold)s::float8 * interval '1 second'"
+_CLOCK_MS = "(extract(epoch FROM clock.now) * 1000)::bigint"
 
 # The common case in one plain UPDATE: a name whose row is free (released before,
 # hold over). Of racing callers the first to update the row wins; the others
@@ -110,10 +113,11 @@ _HOLD_UNTIL = "clock_timestamp() + %(min_hold)s::float8 * interval '1 second'"
 # Fencing tokens are max(previous + 1, the server's clock in ms): they rise even
 # after the retention sweep deleted a row, since a new row starts at the clock.
 ACQUIRE_FREE = f"""
-UPDATE {{table}} SET owner_token = %(owner_token)s, fencing_token = greatest(fencing_token + 1, {_NOW_MS}),
-    host = %(host)s, pid = %(pid)s::integer, created_at = clock_timestamp(), expires_at = {_EXPIRES},
+UPDATE {{table}} SET owner_token = %(owner_token)s, fencing_token = greatest(fencing_token + 1, {_CLOCK_MS}),
+    host = %(host)s, pid = %(pid)s::integer, created_at = clock.now, expires_at = {_EXPIRES},
     hold_until = {_HOLD_UNTIL}, released_at = NULL, metadata = %(metadata)s::jsonb
-WHERE name = %(name)s AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= clock_timestamp())
+FROM {_CLOCK}
+WHERE name = %(name)s AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= clock.now)
 RETURNING fencing_token, created_at, expires_at, hold_until
 """
 # One statement that takes a free or expired name, or reports the live holder.
@@ -128,9 +132,9 @@ WITH previous AS MATERIALIZED (
 ), taken AS (
     INSERT INTO {{table}} AS held (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata,
                                    hold_until, released_at)
-    SELECT %(name)s, %(owner_token)s, {_NOW_MS}, %(host)s, %(pid)s::integer, clock_timestamp(), {_EXPIRES},
+    SELECT %(name)s, %(owner_token)s, {_CLOCK_MS}, %(host)s, %(pid)s::integer, clock.now, {_EXPIRES},
            %(metadata)s::jsonb, {_HOLD_UNTIL}, NULL
-    FROM (VALUES (1)) AS one LEFT JOIN previous ON true
+    FROM (VALUES (1)) AS one LEFT JOIN previous ON true CROSS JOIN {_CLOCK}
     ON CONFLICT (name) DO UPDATE SET
         owner_token = excluded.owner_token,
         fencing_token = greatest(held.fencing_token + 1, excluded.fencing_token),
