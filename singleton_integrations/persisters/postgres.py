@@ -201,7 +201,8 @@ class _Store:
         self.mode: str | None = {"none": "direct", "auto": None}.get(pooler, pooler)
         self.min_size, self.max_size = min_size, max_size
         self.pool_timeout, self.connect_timeout = pool_timeout, connect_timeout
-        self.guard = threading.RLock()
+        self.guard = threading.Lock()  # quick state changes only, never held across I/O
+        self.setup = threading.Lock()  # creating tables and the pool: I/O, so watch() never waits on it
         self.pool: Any = None
         self.per_call = threading.BoundedSemaphore(max_size)  # session mode: connections in use at once
         self.tables: dict[str, str] = {}  # quoted table -> NOTIFY channel, once created/migrated here
@@ -547,7 +548,7 @@ class Postgres(Persister):
         store = self._shared()
         if self._quoted_table in store.tables:
             return store
-        with store.guard:
+        with store.setup:
             if self._quoted_table in store.tables:
                 return store
             with self._translated("connecting"):
@@ -613,7 +614,7 @@ class Postgres(Persister):
         pool = store.pool
         if pool is not None:
             return pool
-        with store.guard:
+        with store.setup:
             if store.pool is None:
                 with self._translated("connecting"):
                     pool = self._psycopg_pool.ConnectionPool(
