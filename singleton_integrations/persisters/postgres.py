@@ -25,6 +25,7 @@ connection (``listen_dsn``); without one, waiters poll every ``poll_interval``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import inspect
 import logging
@@ -707,6 +708,7 @@ class Postgres(Persister):
                         connection = await asyncio.wait_for(
                             self._psycopg.AsyncConnection.connect(store.conninfo, **self._connect_kwargs(True)),
                             max(deadline - time.monotonic(), 0.001))
+                    assert connection is not None
                     cursor = await self._aexecute(connection, self._sql[key], params, deadline - time.monotonic())
                     if key == "purge":
                         return cursor.rowcount
@@ -944,7 +946,7 @@ class Postgres(Persister):
         rows = self._run("list", "list", self._list_params(prefix), self._deadline(), lambda cursor: cursor.fetchall())
         return [record for record in map(q.record, rows) if record is not None]
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         rows = await self._arun("list", "list", self._list_params(prefix), self._deadline(), many=True)
         return [record for record in map(q.record, rows) if record is not None]
 

@@ -26,7 +26,8 @@ from psycopg import sql
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters.postgres import Postgres
-from tests.servers import postgres_server
+from singleton_integrations.testing.conformance import PersisterConformance
+from tests.servers import pgbouncer, postgres_server
 
 
 @pytest.fixture
@@ -953,7 +954,7 @@ def test_150_threads_on_150_objects_wait_for_a_connection_instead_of_failing(
                 owner = Owner()
                 assert store.acquire(f"job-{index}", owner, 30).acquired
                 assert store.release(f"job-{index}", owner.owner_token)
-        except BaseException as error:  # reported below: a thread's failure fails the test
+        except (AssertionError, PersisterError) as error:  # reported below: a thread's failure fails the test
             failures.append(error)
 
     sampler = threading.Thread(target=sample)
@@ -1078,8 +1079,6 @@ def test_an_async_call_is_bounded_against_a_peer_that_swallows_traffic(server_ur
 
 # -- PgBouncer (a throwaway one per pool mode, default configuration) -------------------------------
 
-from singleton_integrations.testing.conformance import PersisterConformance  # noqa: E402
-from tests.servers import pgbouncer  # noqa: E402
 
 
 def with_listen_dsn(url: str, listen: str) -> str:
@@ -1178,7 +1177,7 @@ def test_more_waiting_stores_than_pooled_server_connections_all_get_their_turn(
             results.append(waiter.lock(wait=60))
             time.sleep(0.05)
             waiter.release()
-        except BaseException as error:  # reported below
+        except (AssertionError, PersisterError) as error:  # reported below
             failures.append(error)
 
     threads = [threading.Thread(target=take_a_turn, args=(store,)) for store in stores[1:]]
