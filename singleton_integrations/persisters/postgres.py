@@ -43,7 +43,7 @@ from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
 from . import _postgres_sql as q
-from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch
+from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, run_blocking
 
 if TYPE_CHECKING:
     import psycopg
@@ -996,8 +996,6 @@ class Postgres(Persister):
             while connections is not None and connections.idle:
                 with suppress(self._psycopg.Error):
                     await connections.idle.pop().close()
-        from ._base import run_blocking
-
         with self._translated("closing"):
             await run_blocking(store.shut, self.pool_timeout)
 

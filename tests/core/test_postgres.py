@@ -925,8 +925,8 @@ def test_a_hundred_singletons_from_one_url_share_one_bounded_pool(server_url: st
     finally:
         for singleton in singletons:
             singleton.release()
-        singletons[0].persister.close()  # type: ignore[union-attr]
-    assert len(sessions_named(admin, application)) <= 4
+            singleton.persister.close()
+    assert wait_for(lambda: sessions_named(admin, application) == [])  # the last close closed the shared pool
 
 
 def test_150_threads_on_150_objects_wait_for_a_connection_instead_of_failing(
@@ -966,7 +966,7 @@ def test_150_threads_on_150_objects_wait_for_a_connection_instead_of_failing(
         for thread in threads:
             thread.join(120)
         assert failures == []
-        assert 1 <= most <= 4, most  # the shared pool's max_size
+        assert 1 <= most <= 5, most  # the shared pool's max_size (4), and the table check's connection as it closes
     finally:
         done.set()
         sampler.join(10)
