@@ -546,7 +546,7 @@ def subscribed(store: Postgres, watch: Any = None) -> bool:
     """
     done = store._hub().subscribed.wait(20)
     if watch is not None:
-        watch.wait(0)
+        watch.wait(1.0)  # ready() sets ``subscribed`` just before it wakes every watch: let that wake-up land
     return done
 
 
@@ -1194,3 +1194,27 @@ def test_more_waiting_stores_than_pooled_server_connections_all_get_their_turn(
     finally:
         for store in stores:
             store.close()
+
+
+def test_the_listener_resubscribes_after_its_connection_is_killed(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    """A server restart or a proxy drop kills the LISTEN session: the hub reconnects, wakes everyone, and hears releases again."""
+    url = elsewhere(server_url, "relisten")
+    application = url.rsplit("=", 1)[1]
+    store, other = Postgres(url, table=table), Postgres(elsewhere(server_url, "releaser"), table=table)
+    owner = Owner()
+    try:
+        assert other.acquire("job", owner, 60).acquired
+        with store.watching("job") as watch:
+            assert subscribed(store, watch)
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE application_name = %s AND query LIKE 'LISTEN%%'", (application,)).fetchall()
+            assert killed == [(True,)]
+            assert watch.wait(30) is True  # the resubscription's wake-up: a release may have fallen in the gap
+            assert subscribed(store, watch)
+            assert not store.acquire("job", Owner(), 60).acquired
+            threading.Timer(0.2, other.release, args=("job", owner.owner_token)).start()
+            assert watch.wait(30) is True
+        assert store.acquire("job", Owner(), 60).acquired
+    finally:
+        store.close()
+        other.close()
