@@ -12,16 +12,23 @@ scheme through the ``singleton_integrations.persisters`` entry-point group)::
         def store_url(self):
             return "mystore://127.0.0.1:1234/test"
 
-Rules that need several processes run only when the persister's
-``multiprocess`` is true; the clock-skew rule needs ``distributed`` stores and
-Debian's ``faketime``.
+Every case that drives a lock runs twice, on ``Singleton`` (``[sync-...]``) and
+on ``AsyncSingleton`` (``[async-...]``, through the persister's async twins on
+an event loop of its own); cases that drive the store or child processes
+directly run once. Rules that need several processes run only when the
+persister's ``multiprocess`` is true; the clock-skew rules need ``distributed``
+stores and Debian's ``faketime``; the minimum-hold rules need
+``supports_min_hold``; the retention rules need a ``purge_after_seconds``
+URL option and a ``stored_state`` fixture (see ``test_purge_*``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -30,15 +37,27 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from .. import AsyncSingleton, LockConflict, LockLost, Singleton, persisters
+from .. import AsyncSingleton, LockConflict, LockLost, Singleton, SingletonError, persisters
+from .._record import AcquireResult, LockRecord, Owner
 from ..persisters import Persister
 
-__all__ = ["PLAIN_NAMES", "PersisterConformance", "spawn_role"]
+__all__ = ["APIS", "PLAIN_NAMES", "WOKEN_WITHIN", "AsyncDriven", "CountingPersister", "EventLoopThread",
+           "PersisterConformance", "not_per_api", "read_fact", "spawn_role", "with_query"]
+
+_T = TypeVar("_T")
+
+#: The two faces of the lock every per-API case runs on.
+APIS = ("sync", "async")
+#: Without a notification, a waiter on a notifying store looks again every 2 s
+#: (the core's safety poll); a hand-over faster than half that was a wake-up,
+#: whatever the machine's load. A bound on "woken, not polled", not a speed claim.
+WOKEN_WITHIN = 1.0
 
 #: Names that look like operators, paths, patterns or SQL: each must be a plain name.
 PLAIN_NAMES = (
@@ -53,6 +72,19 @@ PLAIN_NAMES = (
     "{braces}",
     "x" * 255,
 )
+
+
+def not_per_api(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``test`` once: it drives the API itself, or only the store and child processes."""
+    test._conformance_apis = ("sync",)  # type: ignore[attr-defined]
+    return test
+
+
+def with_query(url: str, **options: object) -> str:
+    """``url`` with ``options`` added to (or replacing those in) its query string."""
+    parts = urlsplit(url)
+    query = {**dict(parse_qsl(parts.query)), **{key: str(value) for key, value in options.items()}}
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def spawn_role(role: str, args: dict[str, Any], prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -81,6 +113,13 @@ def read_fact(process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str
     return json.loads(line)
 
 
+def tell(process: subprocess.Popen[str], command: str) -> None:
+    """Send one line to a child's stdin."""
+    assert process.stdin is not None
+    process.stdin.write(command + "\n")
+    process.stdin.flush()
+
+
 def eventually(check: Any, timeout: float = 20.0, interval: float = 0.05) -> bool:
     """Poll ``check`` until true or ``timeout``; a bound for correctness, not a speed claim."""
     deadline = time.monotonic() + timeout
@@ -91,15 +130,176 @@ def eventually(check: Any, timeout: float = 20.0, interval: float = 0.05) -> boo
     return bool(check())
 
 
+class EventLoopThread:
+    """An event loop running in a daemon thread, for driving coroutines from sync test code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="conformance-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = 300.0) -> _T:
+        """Run ``coroutine`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def drain() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_asyncgens()
+
+        try:
+            self.run(drain(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+            self.loop.close()
+
+
+class AsyncDriven:
+    """A sync face over an ``AsyncSingleton``: every coroutine method runs on an ``EventLoopThread``.
+
+    It lets one case body check both APIs: ``lock()`` here awaits
+    ``AsyncSingleton.lock()`` on the loop, ``with`` enters ``async with``.
+    """
+
+    def __init__(self, inner: AsyncSingleton, runner: EventLoopThread) -> None:
+        self.inner = inner
+        self.runner = runner
+
+    def __getattr__(self, attribute: str) -> Any:
+        value = getattr(self.inner, attribute)
+        if inspect.iscoroutinefunction(value):
+            return lambda *args, **kwargs: self.runner.run(value(*args, **kwargs))
+        return value
+
+    def __enter__(self) -> AsyncDriven:
+        self.runner.run(self.inner.__aenter__())
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.runner.run(self.inner.__aexit__(*exc_info))
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+class CountingPersister(Persister):
+    """Wraps a persister and counts the acquire attempts the core makes (sync and async).
+
+    Everything else passes through, so the lock behaves as on the wrapped store.
+    ``supports_min_hold`` can be overridden to play a persister without the minimum hold.
+    """
+
+    backend = "counting"
+
+    def __init__(self, inner: Persister, supports_min_hold: bool | None = None) -> None:
+        self.inner = inner
+        self.acquires = 0
+        self._count_guard = threading.Lock()
+        for attribute in ("backend", "distributed", "multiprocess", "notifies", "clock", "poll_interval",
+                          "native_async", "call_timeout"):
+            if hasattr(inner, attribute):
+                setattr(self, attribute, getattr(inner, attribute))
+        self.supports_min_hold = inner.supports_min_hold if supports_min_hold is None else supports_min_hold  # type: ignore[misc]
+
+    def _count(self) -> None:
+        with self._count_guard:
+            self.acquires += 1
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == "inner":
+            raise AttributeError(attribute)
+        return getattr(self.inner, attribute)
+
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        self._count()
+        if min_hold is None:
+            return self.inner.acquire(name, owner, ttl)
+        return self.inner.acquire(name, owner, ttl, min_hold)
+
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        self._count()
+        if min_hold is None:
+            return await self.inner.aacquire(name, owner, ttl)
+        return await self.inner.aacquire(name, owner, ttl, min_hold)
+
+    def release(self, name: str, owner_token: str) -> bool:
+        return self.inner.release(name, owner_token)
+
+    async def arelease(self, name: str, owner_token: str) -> bool:
+        return await self.inner.arelease(name, owner_token)
+
+    def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return self.inner.renew(name, owner_token, ttl)
+
+    async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return await self.inner.arenew(name, owner_token, ttl)
+
+    def get(self, name: str) -> LockRecord | None:
+        return self.inner.get(name)
+
+    async def aget(self, name: str) -> LockRecord | None:
+        return await self.inner.aget(name)
+
+    def list(self, prefix: str = "") -> list[LockRecord]:
+        return self.inner.list(prefix)
+
+    async def alist(self, prefix: str = "") -> list[LockRecord]:
+        return await self.inner.alist(prefix)
+
+    def force_release(self, name: str) -> LockRecord | None:
+        return self.inner.force_release(name)
+
+    async def aforce_release(self, name: str) -> LockRecord | None:
+        return await self.inner.aforce_release(name)
+
+    def watch(self, name: str) -> Any:
+        return self.inner.watch(name)
+
+    def close(self) -> None:
+        """The wrapped persister belongs to the test's fixture, which closes it."""
+
+    async def aclose(self) -> None:
+        """As ``close``."""
+
+
 class PersisterConformance:
-    """Every lock rule of the core, on one store."""
+    """Every lock rule of the core, on one store, through both APIs."""
+
+    api = "sync"
+    runner: EventLoopThread | None = None
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Each case that drives a lock runs on both APIs; ``not_per_api`` cases run once."""
+        if "api" in metafunc.fixturenames:
+            apis = getattr(metafunc.function, "_conformance_apis", APIS)
+            metafunc.parametrize("api", apis, indirect=True, scope="function")
 
     # -- fixtures ---------------------------------------------------------------
 
     @pytest.fixture
-    def persister(self, store_url: str) -> Iterator[Persister]:
+    def api(self, request: pytest.FixtureRequest) -> str:
+        return str(getattr(request, "param", "sync"))
+
+    @pytest.fixture(autouse=True)
+    def _drive(self, api: str) -> Iterator[None]:
+        """``singleton()`` builds the API this run is for; async ones run on a loop of their own."""
+        self.api = api
+        self.runner = EventLoopThread() if api == "async" else None
+        yield
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    @pytest.fixture
+    def persister(self, store_url: str, _drive: None) -> Iterator[Persister]:
         persister = persisters.from_url(store_url)
         yield persister
+        if self.runner is not None:
+            self.runner.run(persister.aclose(), timeout=30)
         persister.close()
 
     @pytest.fixture
@@ -118,10 +318,13 @@ class PersisterConformance:
                 if pipe is not None and not pipe.closed:
                     pipe.close()
 
-    def singleton(self, name: str, persister: Persister, **options: Any) -> Singleton:
+    def singleton(self, name: str, persister: Persister, **options: Any) -> Any:
+        """A ``Singleton``, or an ``AsyncSingleton`` behind ``AsyncDriven`` in the async run."""
         options.setdefault("lock_expire_seconds", 30)
         options.setdefault("release_on_sigterm", False)
-        return Singleton(name, persister, **options)
+        if self.runner is None:
+            return Singleton(name, persister, **options)
+        return AsyncDriven(AsyncSingleton(name, persister, **options), self.runner)
 
     @staticmethod
     def record_events(singleton: Singleton) -> list[tuple[str, Any]]:
@@ -195,6 +398,7 @@ class PersisterConformance:
         assert "expired" not in [event for event, _ in events]
         second.release()
 
+    @not_per_api
     def test_expired_takeover_race_has_one_winner(self, persister: Persister, name: str, store_url: str,
                                                    processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -269,6 +473,7 @@ class PersisterConformance:
         assert all(isinstance(t, int) for t in tokens)
         assert tokens == sorted(set(tokens)), tokens
 
+    @not_per_api
     def test_fencing_tokens_rise_across_processes(self, persister: Persister, name: str, store_url: str,
                                                    processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -284,6 +489,7 @@ class PersisterConformance:
             local.release()
         assert tokens == sorted(set(tokens)), tokens
 
+    @not_per_api
     def test_no_overlap_across_processes(self, persister: Persister, name: str, store_url: str, tmp_path: Any,
                                          processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -306,6 +512,7 @@ class PersisterConformance:
 
     # -- rule 3: the store's clock ---------------------------------------------------------
 
+    @not_per_api
     def test_client_clock_skew_neither_steals_nor_shortens(self, persister: Persister, name: str, store_url: str,
                                                              processes: list[subprocess.Popen[str]]) -> None:
         if not persister.distributed:
@@ -379,6 +586,7 @@ class PersisterConformance:
                 assert held.verify() is False
         persister.force_release(name)
 
+    @not_per_api
     def test_exit_releases_and_stops_renewal(self, persister: Persister, name: str, store_url: str,
                                              processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -388,6 +596,7 @@ class PersisterConformance:
         assert child.wait(timeout=30) == 0
         assert persister.get(name) is None
 
+    @not_per_api
     def test_forked_child_does_not_own_the_lock(self, persister: Persister, name: str, store_url: str,
                                                 processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -430,6 +639,7 @@ class PersisterConformance:
         assert "expired" in [event for event, _ in events]
         waiter.release()
 
+    @not_per_api
     def test_watch_is_notified_by_release(self, persister: Persister, name: str) -> None:
         if not persister.notifies:
             pytest.skip(f"{persister.backend} cannot notify; waiting polls every {persister.poll_interval} s")
@@ -465,6 +675,7 @@ class PersisterConformance:
 
     # -- rule 7: SIGTERM ------------------------------------------------------------------------
 
+    @not_per_api
     def test_sigterm_releases_then_ends_the_process(self, persister: Persister, name: str, store_url: str,
                                                     processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -475,6 +686,7 @@ class PersisterConformance:
         assert child.wait(timeout=30) == -signal.SIGTERM
         assert persister.get(name) is None
 
+    @not_per_api
     def test_sigterm_chains_the_previous_handler(self, persister: Persister, name: str, store_url: str,
                                                  processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -486,6 +698,7 @@ class PersisterConformance:
         assert child.wait(timeout=30) == 3
         assert persister.get(name) is None
 
+    @not_per_api
     def test_killed_holder_lock_expires(self, persister: Persister, name: str, store_url: str,
                                         processes: list[subprocess.Popen[str]]) -> None:
         self.need_processes(persister)
@@ -562,6 +775,7 @@ class PersisterConformance:
 
     # -- the async API ---------------------------------------------------------------------------------
 
+    @not_per_api
     def test_async_singleton(self, persister: Persister, name: str) -> None:
         async def scenario() -> None:
             first = AsyncSingleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
