@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -58,6 +59,11 @@ APIS = ("sync", "async")
 #: (the core's safety poll); a hand-over faster than half that was a wake-up,
 #: whatever the machine's load. A bound on "woken, not polled", not a speed claim.
 WOKEN_WITHIN = 1.0
+#: The holder's release behind 100 waiters: 159 s when waits held threads; the target is 10 ms.
+_NOT_STARVED = 3.0
+#: How long an idle name's state may outlive a 1 s retention (a TTL monitor's or sweep's cadence).
+_PURGE_WAIT = 30.0
+_ONE_MS = timedelta(milliseconds=1)
 
 #: Names that look like operators, paths, patterns or SQL: each must be a plain name.
 PLAIN_NAMES = (
@@ -341,6 +347,18 @@ class PersisterConformance:
         if not persister.multiprocess:
             pytest.skip(f"{persister.backend} lives inside one process")
 
+    @staticmethod
+    def need_skewable(persister: Persister) -> str:
+        """The ``faketime`` binary, for a store whose clock a skewed client does not share."""
+        if not persister.distributed:
+            pytest.skip(f"{persister.backend} judges expiry by {persister.clock}, which every client shares")
+        faketime = shutil.which("faketime")
+        if faketime is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("faketime is not installed (apt-get install faketime)")
+            pytest.skip("faketime is not installed (apt-get install faketime)")
+        return faketime
+
     # -- rule 1: atomic acquire, expiry, takeover ----------------------------------
 
     def test_lock_conflict_release(self, persister: Persister, name: str) -> None:
@@ -515,13 +533,7 @@ class PersisterConformance:
     @not_per_api
     def test_client_clock_skew_neither_steals_nor_shortens(self, persister: Persister, name: str, store_url: str,
                                                              processes: list[subprocess.Popen[str]]) -> None:
-        if not persister.distributed:
-            pytest.skip(f"{persister.backend} judges expiry by {persister.clock}, which every client shares")
-        faketime = shutil.which("faketime")
-        if faketime is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("faketime is not installed (apt-get install faketime)")
-            pytest.skip("faketime is not installed (apt-get install faketime)")
+        faketime = self.need_skewable(persister)
         skew_env = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         holder = self.singleton(name, persister, lock_expire_seconds=30)
         assert holder.lock()
@@ -797,3 +809,551 @@ class PersisterConformance:
             assert not await first.exists()
 
         asyncio.run(scenario())
+
+    # -- rule 11: one object, many callers ----------------------------------------------------------
+
+    def test_release_racing_a_renewal_is_not_a_loss(self, persister: Persister, name: str) -> None:
+        """A release the store confirms is never a loss, even with a renewal in flight (1 ms renew interval)."""
+        holder = self.singleton(name, persister, auto_renew=True, renew_interval=0.001)
+        events = self.record_events(holder)
+        for cycle in range(150):
+            assert holder.lock(), f"cycle {cycle}: could not take a free name"
+            time.sleep(random.uniform(0.0, 0.002))
+            assert holder.release() is True, f"cycle {cycle}: the store did not confirm the release"
+        assert "lost" not in [event for event, _ in events] and not holder.lost
+
+    def test_two_threads_releasing_one_object_is_not_a_loss(self, persister: Persister, name: str) -> None:
+        holder = self.singleton(name, persister)
+        events = self.record_events(holder)
+        for trial in range(30):
+            assert holder.lock(), f"trial {trial}"
+            start = threading.Barrier(2)
+            results: list[bool] = []
+
+            def release() -> None:
+                start.wait(10)
+                results.append(holder.release())
+
+            threads = [threading.Thread(target=release) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert True in results, f"trial {trial}: neither release was confirmed ({results})"
+            assert not holder.held and persister.get(name) is None
+        assert "lost" not in [event for event, _ in events] and not holder.lost
+
+    def test_two_threads_locking_one_object_make_one_attempt(self, persister: Persister, name: str) -> None:
+        """Concurrent ``lock()`` calls on one object share one store attempt and both see that it succeeded."""
+        counting = CountingPersister(persister)
+        for trial in range(20):
+            holder = self.singleton(name, counting)
+            start = threading.Barrier(2)
+            results: list[bool] = []
+
+            def lock() -> None:
+                start.wait(10)
+                results.append(holder.lock())
+
+            threads = [threading.Thread(target=lock) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert results == [True, True], f"trial {trial}: {results}"
+            assert counting.acquires == trial + 1, f"trial {trial}: {counting.acquires - trial} store attempts for one object"
+            assert holder.release() is True
+            assert persister.get(name) is None
+
+    def test_nested_with_releases_at_the_outermost_exit(self, persister: Persister, name: str, store_url: str,
+                                                        processes: list[subprocess.Popen[str]]) -> None:
+        holder = self.singleton(name, persister)
+        other = self.singleton(name, persister)
+        with holder:
+            token = holder.fencing_token
+            with holder:
+                assert holder.fencing_token == token
+            assert holder.held, "the inner exit released the lock"
+            current = persister.get(name)
+            assert current is not None and current.owner_token == holder.record.owner_token
+            assert other.lock() is False
+            if persister.multiprocess:
+                rival = spawn_role("try_lock", {"name": name, "url": store_url})
+                processes.append(rival)
+                assert read_fact(rival, timeout=60)["acquired"] is False, "another process took it inside the outer block"
+        assert not holder.held and persister.get(name) is None
+        assert other.lock() is True
+        assert other.release() is True
+
+    # -- rule 12: the minimum hold ----------------------------------------------------------------
+
+    def need_min_hold(self, persister: Persister) -> None:
+        if not persister.supports_min_hold:
+            pytest.skip(f"{persister.backend} does not declare supports_min_hold")
+
+    @not_per_api
+    def test_min_hold_primitives(self, persister: Persister, name: str) -> None:
+        """acquire(min_hold=) records hold_until; release keeps the record, marked released, until then."""
+        self.need_min_hold(persister)
+        owner = Owner()
+        first = persister.acquire(name, owner, 30, min_hold=2.0)
+        assert first.acquired and first.record is not None
+        taken = first.record
+        assert taken.hold_until is not None and taken.released_at is None
+        assert 1.0 <= (taken.hold_until - taken.created_at).total_seconds() <= 3.0
+        assert persister.release(name, owner.owner_token) is True
+        held = persister.get(name)
+        assert held is not None and held.released_at is not None, "the released record must hold the name"
+        assert held.fencing_token == taken.fencing_token and held.hold_until is not None
+        assert abs((held.hold_until - taken.hold_until).total_seconds()) < 0.5
+        assert held.expires_at is not None and abs((held.expires_at - held.hold_until).total_seconds()) < 0.5
+        assert persister.release(name, owner.owner_token) is False, "the token released twice"
+        assert persister.renew(name, owner.owner_token, 30) is None, "the token renewed a released lock"
+        refused = persister.acquire(name, Owner(), 30)
+        assert not refused.acquired and refused.record is not None and refused.record.released_at is not None
+        assert refused.retry_after is not None and 0 < refused.retry_after <= 2.5
+        deadline = time.monotonic() + 20
+        while not (after := persister.acquire(name, Owner(), 30)).acquired:
+            assert time.monotonic() < deadline, "the name never came free after the minimum hold"
+            time.sleep(0.1)
+        assert after.record is not None and after.record.fencing_token > taken.fencing_token
+        assert after.expired is None, "the end of a minimum hold is not an expiry"
+        persister.force_release(name)
+        # renew never ends the lease before hold_until
+        renewing = Owner()
+        assert persister.acquire(f"{name}-renew", renewing, 1, min_hold=30).acquired
+        renewed = persister.renew(f"{name}-renew", renewing.owner_token, 1)
+        assert renewed is not None and renewed.expires_at is not None and renewed.hold_until is not None
+        assert renewed.expires_at >= renewed.hold_until - _ONE_MS
+        persister.force_release(f"{name}-renew")
+
+    def test_min_hold_keeps_a_released_name_until_it_ends(self, persister: Persister, name: str) -> None:
+        self.need_min_hold(persister)
+        holder = self.singleton(name, persister, min_hold_seconds=2, metadata={"deployment": "A"})
+        events = self.record_events(holder)
+        assert holder.lock()
+        token = holder.fencing_token
+        assert holder.release() is True
+        assert not holder.held and not holder.lost and "lost" not in [event for event, _ in events]
+        assert holder.exists() is True
+        record = holder.holder()
+        assert record is not None and record.released_at is not None and record.hold_until is not None
+        assert (record.fencing_token, record.metadata) == (token, {"deployment": "A"})
+        contender = self.singleton(name, persister)
+        contender_events = self.record_events(contender)
+        assert contender.lock() is False
+        conflict = dict(contender_events)["conflict"]
+        assert "ran at" in conflict and "deployment=A" in conflict, conflict
+        assert contender.last_holder is not None and contender.last_holder.released_at is not None
+        assert holder.lock() is False, "the last holder took its own slot again"
+        assert contender.lock(wait=30) is True
+        assert "expired" not in [event for event, _ in contender_events]
+        assert contender.fencing_token > token
+        assert contender.release() is True
+
+    def test_release_after_the_min_hold_frees_at_once(self, persister: Persister, name: str) -> None:
+        self.need_min_hold(persister)
+        holder = self.singleton(name, persister, min_hold_seconds=0.3)
+        assert holder.lock()
+        time.sleep(1.0)
+        assert holder.release() is True
+        assert persister.get(name) is None
+        assert holder.exists() is False
+
+    def test_min_hold_outlasts_a_shorter_lease(self, persister: Persister, name: str) -> None:
+        """lock_expire_seconds < min_hold: released or crashed, the name stays held until the hold ends."""
+        self.need_min_hold(persister)
+        released = self.singleton(name, persister, lock_expire_seconds=0.5, min_hold_seconds=2.5)
+        crashed = self.singleton(f"{name}-crashed", persister, lock_expire_seconds=0.5, min_hold_seconds=2.5)
+        assert released.lock() and crashed.lock()  # ``crashed`` is never released: a holder that died
+        tokens = {name: released.fencing_token, f"{name}-crashed": crashed.fencing_token}
+        assert released.release() is True
+        time.sleep(1.2)  # past both leases, well inside the hold
+        for held_name, token in tokens.items():
+            assert persister.get(held_name) is not None, f"{held_name} was freed by the lease, inside the hold"
+            contender = self.singleton(held_name, persister)
+            assert contender.lock() is False
+            assert contender.lock(wait=30) is True
+            assert contender.fencing_token > token
+            assert contender.release() is True
+
+    def test_min_hold_refused_without_store_support(self, persister: Persister, name: str) -> None:
+        """A persister that does not declare supports_min_hold is refused a minimum hold, before any I/O."""
+        bare = CountingPersister(persister, supports_min_hold=False)
+        with pytest.raises((TypeError, ValueError, SingletonError)) as caught:
+            self.singleton(name, bare, min_hold_seconds=5).lock()
+        assert "min_hold" in str(caught.value), str(caught.value)
+        assert bare.acquires == 0 and persister.get(name) is None
+
+    @not_per_api
+    def test_min_hold_across_processes(self, persister: Persister, name: str, store_url: str,
+                                       processes: list[subprocess.Popen[str]]) -> None:
+        """A process holds and releases at once: another process is refused until S has passed, then succeeds."""
+        self.need_processes(persister)
+        self.need_min_hold(persister)
+        hold_seconds = 2.5
+        child = spawn_role("hold", {"name": name, "url": store_url, "min_hold": hold_seconds, "hold_for": 0})
+        processes.append(child)
+        taken = read_fact(child)
+        assert taken["acquired"]
+        done = read_fact(child)
+        assert done["released"] is True and done["lost"] is False
+        assert child.wait(timeout=30) == 0
+        local = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+        assert local.lock() is False
+        assert local.last_holder is not None and local.last_holder.released_at is not None
+        assert local.last_holder.pid == taken["pid"]
+        assert local.lock(wait=30) is True
+        assert time.monotonic() >= taken["at"] + hold_seconds - 0.5, "the name was free before the minimum hold ended"
+        assert local.fencing_token > taken["token"]
+        assert local.release() is True
+
+    @not_per_api
+    def test_min_hold_is_judged_by_the_store_clock(self, persister: Persister, name: str, store_url: str,
+                                                    processes: list[subprocess.Popen[str]]) -> None:
+        """A contender whose clock is 2 h ahead cannot end the hold early."""
+        self.need_min_hold(persister)
+        faketime = self.need_skewable(persister)
+        holder = Singleton(name, persister, lock_expire_seconds=30, min_hold_seconds=120, release_on_sigterm=False)
+        assert holder.lock() and holder.release()
+        ahead = spawn_role("try_lock", {"name": name, "url": store_url}, prefix=(faketime, "-f", "+2h"),
+                           env={"FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+        processes.append(ahead)
+        fact = read_fact(ahead, timeout=60)
+        assert fact["exists_before"] is True and fact["acquired"] is False
+        assert fact["holder_released"] is True
+        record = persister.get(name)
+        assert record is not None and record.released_at is not None
+        persister.force_release(name)
+
+    @not_per_api
+    def test_sigterm_releases_into_the_min_hold(self, persister: Persister, name: str, store_url: str,
+                                                processes: list[subprocess.Popen[str]]) -> None:
+        self.need_processes(persister)
+        self.need_min_hold(persister)
+        child = spawn_role("hold", {"name": name, "url": store_url, "min_hold": 60})
+        processes.append(child)
+        assert read_fact(child)["acquired"]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == -signal.SIGTERM
+        record = persister.get(name)
+        assert record is not None, "SIGTERM freed the name inside its minimum hold"
+        assert record.released_at is not None, "SIGTERM did not release (the record is still the live lease)"
+        contender = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+        assert contender.lock() is False
+        persister.force_release(name)
+
+    # -- rule 13: async waiting -------------------------------------------------------------------
+
+    @not_per_api
+    def test_async_primitives(self, persister: Persister, name: str) -> None:
+        """The async twins keep the sync primitives' rules (native, or through the bounded executor)."""
+
+        async def scenario() -> None:
+            owner = Owner()
+            first = await persister.aacquire(name, owner, 30)
+            assert first.acquired and first.record is not None
+            second = await persister.aacquire(name, Owner(), 30)
+            assert not second.acquired and second.record is not None
+            assert second.record.fencing_token == first.record.fencing_token
+            current = await persister.aget(name)
+            assert current is not None and current.owner_token == owner.owner_token
+            assert [record.name for record in await persister.alist(name)] == [name]
+            renewed = await persister.arenew(name, owner.owner_token, 60)
+            assert renewed is not None and renewed.expires_at is not None and first.record.expires_at is not None
+            assert renewed.expires_at > first.record.expires_at
+            assert await persister.arenew(name, "not-the-owner-token", 60) is None
+            assert await persister.arelease(name, owner.owner_token) is True
+            assert await persister.arelease(name, owner.owner_token) is False
+            third = await persister.aacquire(name, Owner(), 30)
+            assert third.acquired and third.record is not None
+            assert third.record.fencing_token > first.record.fencing_token
+            removed = await persister.aforce_release(name)
+            assert removed is not None and removed.fencing_token == third.record.fencing_token
+            assert await persister.aget(name) is None
+            await persister.aclose()
+
+        asyncio.run(scenario())
+        assert persister.get(name) is None, "the persister did not reconnect after aclose()"
+
+    @not_per_api
+    def test_async_api_serves_successive_event_loops(self, persister: Persister, name: str, store_url: str) -> None:
+        """``asyncio.run`` twice in a process, on one persister and on another from the same URL."""
+
+        async def cycle(store: Persister) -> None:
+            singleton = AsyncSingleton(name, store, lock_expire_seconds=30, release_on_sigterm=False)
+            assert await singleton.lock()
+            assert await singleton.exists()
+            assert await singleton.release()
+
+        for _ in range(3):
+            asyncio.run(cycle(persister))
+        other = persisters.from_url(store_url)
+        try:
+            for _ in range(2):
+                asyncio.run(cycle(other))
+        finally:
+            other.close()
+
+    @not_per_api
+    def test_many_async_waiters_take_turns(self, persister: Persister, name: str) -> None:
+        """100 waiters in one event loop: the holder's release is not held up, and each waiter holds in turn."""
+        waiters = 100
+
+        async def scenario() -> tuple[float, list[bool], int, list[int], list[str]]:
+            holder = AsyncSingleton(name, persister, lock_expire_seconds=120, release_on_sigterm=False)
+            assert await holder.lock()
+            inside = overlaps = 0
+            tokens: list[int] = []
+
+            async def waiter() -> bool:
+                nonlocal inside, overlaps
+                singleton = AsyncSingleton(name, persister, lock_expire_seconds=120, release_on_sigterm=False)
+                if not await singleton.lock(wait=60):
+                    return False
+                inside += 1
+                overlaps += inside > 1
+                tokens.append(singleton.fencing_token)
+                await asyncio.sleep(0)
+                inside -= 1
+                return await singleton.release()
+
+            tasks = [asyncio.create_task(waiter()) for _ in range(waiters)]
+            await asyncio.sleep(0.5)  # every waiter has tried once and waits
+            borrowed = [t.name for t in threading.enumerate() if t.name.startswith("asyncio_")]
+            started = time.monotonic()
+            assert await holder.release()
+            release_took = time.monotonic() - started
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+            return release_took, results, overlaps, tokens, borrowed
+
+        release_took, results, overlaps, tokens, borrowed = asyncio.run(scenario())
+        assert results.count(True) == waiters, f"{results.count(True)} of {waiters} waiters held the lock"
+        assert overlaps == 0
+        assert tokens == sorted(set(tokens)), "fencing tokens did not rise with the holds"
+        assert borrowed == [], f"waits ran in asyncio's default pool: {borrowed}"
+        assert release_took < _NOT_STARVED, f"the holder's release took {release_took:.1f} s behind {waiters} waiters"
+        assert persister.get(name) is None
+
+    @not_per_api
+    def test_cancelled_async_waiter_returns_at_once_and_holds_nothing(self, persister: Persister, name: str) -> None:
+        async def scenario() -> tuple[float, float, float]:
+            holder = AsyncSingleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+            waiter = AsyncSingleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+            assert await holder.lock()
+            task = asyncio.create_task(waiter.lock(wait=60))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            cancel_took = time.monotonic() - started
+            assert not waiter.held
+            assert await holder.release()
+            await asyncio.sleep(0.3)  # a waiter left behind would have taken the name by now
+            assert await waiter.exists() is False, "the cancelled waiter took the lock after all"
+            free = AsyncSingleton(f"{name}-free", persister, lock_expire_seconds=30, release_on_sigterm=False)
+            started = time.monotonic()
+            assert await asyncio.wait_for(free.lock(wait=10), 5.0)
+            free_took = time.monotonic() - started
+            assert await free.release()
+            assert await holder.lock()
+            started = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter.lock(wait=30), 0.5)
+            timeout_took = time.monotonic() - started
+            assert not waiter.held
+            assert await holder.release()
+            return cancel_took, free_took, timeout_took
+
+        cancel_took, free_took, timeout_took = asyncio.run(scenario())
+        assert cancel_took < WOKEN_WITHIN, f"a cancelled wait took {cancel_took:.2f} s to end"
+        assert free_took < WOKEN_WITHIN, f"lock() on a free name took {free_took:.2f} s"
+        assert timeout_took < 0.5 + WOKEN_WITHIN, f"wait_for(0.5) ended after {timeout_took:.2f} s"
+        assert persister.get(name) is None
+
+    @not_per_api
+    def test_hand_over_wakes_cancellable_waiters(self, persister: Persister, name: str) -> None:
+        """A ``lock(wait, cancel=)`` waiter and an async waiter are woken by a release wherever it lands in their wait."""
+        holder = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+        runner = EventLoopThread()
+        handovers: list[tuple[str, float, int]] = []
+        try:
+            for trial in range(8):
+                for kind in ("sync, cancellable", "async"):
+                    assert holder.lock()
+                    counting = CountingPersister(persister)
+                    finish = self.start_waiter(kind, name, counting, runner)
+                    assert eventually(lambda: counting.acquires >= 1, 20), "the waiter never tried"
+                    time.sleep(0.15 + trial * 0.0125)  # the release lands at a different point of a wait slice each time
+                    released_at = time.monotonic()
+                    assert holder.release()
+                    acquired_at = finish()
+                    handovers.append((kind, acquired_at - released_at, counting.acquires))
+        finally:
+            runner.close()
+        self.assert_woken(persister, handovers)
+
+    @not_per_api
+    def test_hand_over_across_processes_is_woken(self, persister: Persister, name: str, store_url: str,
+                                                 processes: list[subprocess.Popen[str]]) -> None:
+        """A release in another process wakes a cancellable sync waiter and an async waiter here (one subscription)."""
+        self.need_processes(persister)
+        if not persister.notifies:
+            pytest.skip(f"{persister.backend} cannot notify across processes; waiting polls every {persister.poll_interval} s")
+        child = spawn_role("handover", {"name": name, "url": store_url})
+        processes.append(child)
+        runner = EventLoopThread()
+        handovers: list[tuple[str, float, int]] = []
+        try:
+            for trial in range(4):
+                for kind in ("sync, cancellable", "async"):
+                    tell(child, "lock")
+                    assert read_fact(child)["acquired"]
+                    counting = CountingPersister(persister)
+                    finish = self.start_waiter(kind, name, counting, runner)
+                    assert eventually(lambda: counting.acquires >= 1, 20), "the waiter never tried"
+                    time.sleep(0.15 + trial * 0.025)
+                    tell(child, "release")
+                    released = read_fact(child)
+                    assert released["released"] is True
+                    acquired_at = finish()
+                    handovers.append((kind, acquired_at - released["released_at"], counting.acquires))
+        finally:
+            runner.close()
+        self.assert_woken(persister, handovers)
+
+    @staticmethod
+    def start_waiter(kind: str, name: str, persister: Persister, runner: EventLoopThread) -> Callable[[], float]:
+        """Start one waiter (a thread with ``cancel=`` or a task on ``runner``); the callable joins it, releases and
+        returns the monotonic time it acquired."""
+        if kind == "async":
+            waiter = AsyncSingleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+
+            async def wait() -> float:
+                assert await waiter.lock(wait=60)
+                return time.monotonic()
+
+            future = asyncio.run_coroutine_threadsafe(wait(), runner.loop)
+
+            def finish_async() -> float:
+                acquired_at = future.result(90)
+                assert runner.run(waiter.release())
+                return acquired_at
+
+            return finish_async
+        sync_waiter = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+        cancel = threading.Event()  # never set: the point is the cancellable wait path
+        outcome: dict[str, Any] = {}
+
+        def wait_sync() -> None:
+            outcome["acquired"] = sync_waiter.lock(wait=60, cancel=cancel)
+            outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=wait_sync, daemon=True)
+        thread.start()
+
+        def finish_sync() -> float:
+            thread.join(90)
+            assert outcome.get("acquired") is True, "the cancellable waiter did not get the lock"
+            assert sync_waiter.release()
+            return float(outcome["at"])
+
+        return finish_sync
+
+    @staticmethod
+    def assert_woken(persister: Persister, handovers: list[tuple[str, float, int]]) -> None:
+        slow = [(kind, round(latency, 3)) for kind, latency, _ in handovers if latency >= WOKEN_WITHIN]
+        assert slow == [], f"hand-overs that waited for a poll instead of a wake-up: {slow}"
+        if persister.notifies:
+            busy = [(kind, attempts) for kind, _, attempts in handovers if attempts > 4]
+            assert busy == [], f"waiters that polled the store instead of waiting for the release: {busy}"
+
+    @not_per_api
+    def test_watch_remembers_a_release_before_its_wait(self, persister: Persister, name: str) -> None:
+        """A release between opening a watch and waiting on it wakes the wait at once (sync and async)."""
+        if not persister.notifies:
+            pytest.skip(f"{persister.backend} cannot notify; waiting polls every {persister.poll_interval} s")
+        for mode in ("sync", "async"):
+            holder = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+            assert holder.lock()
+            with persister.watching(name) as watch:
+                assert holder.release()
+                started = time.monotonic()
+                woken = watch.wait(10) if mode == "sync" else asyncio.run(watch.wait_async(10))
+                took = time.monotonic() - started
+            assert woken is True, f"{mode}: the wait did not report the release"
+            assert took < WOKEN_WITHIN, f"{mode}: the remembered release took {took:.2f} s to wake the wait"
+
+    @not_per_api
+    def test_async_holder_is_released_at_exit_and_on_sigterm(self, persister: Persister, name: str, store_url: str,
+                                                             processes: list[subprocess.Popen[str]]) -> None:
+        self.need_processes(persister)
+        child = spawn_role("async_hold", {"name": name, "url": store_url, "ttl": 300, "auto_renew": True})
+        processes.append(child)
+        assert read_fact(child)["acquired"]
+        assert child.wait(timeout=30) == 0
+        assert persister.get(name) is None, "exit did not release an AsyncSingleton's lock"
+        child = spawn_role("async_hold", {"name": name, "url": store_url, "ttl": 300, "then": "sleep"})
+        processes.append(child)
+        assert read_fact(child)["acquired"]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == -signal.SIGTERM
+        assert persister.get(name) is None, "SIGTERM did not release an AsyncSingleton's lock"
+
+    # -- rule 14: retention ---------------------------------------------------------------------------
+
+    @pytest.fixture
+    def stored_state(self) -> Callable[[Persister, str], bool]:
+        """Override: ``stored_state(persister, name)`` is True while the store keeps anything for ``name``."""
+        pytest.skip("no stored_state fixture: override it to say whether the store keeps state for a name")
+
+    @not_per_api
+    def test_purge_after_seconds_option(self, store_url: str) -> None:
+        """The retention option: 30 days by default, set by URL query or keyword, ``none`` keeps all state."""
+        from ..persisters import DEFAULT_PURGE_AFTER_SECONDS
+
+        for url, options, expected in (
+            (store_url, {}, DEFAULT_PURGE_AFTER_SECONDS),
+            (with_query(store_url, purge_after_seconds=5), {}, 5.0),
+            (store_url, {"purge_after_seconds": 7}, 7.0),
+            (with_query(store_url, purge_after_seconds="none"), {}, None),
+            (store_url, {"purge_after_seconds": None}, None),
+        ):
+            store = persisters.from_url(url, **options)
+            try:
+                assert store.purge_after_seconds == expected, (url, options)
+            finally:
+                store.close()
+        for bad in ("0", "-1", "soon"):
+            with pytest.raises((TypeError, ValueError)):
+                persisters.from_url(with_query(store_url, purge_after_seconds=bad))
+
+    @not_per_api
+    def test_purge_removes_idle_state_and_tokens_still_rise(self, store_url: str, name: str,
+                                                            stored_state: Callable[[Persister, str], bool]) -> None:
+        purging = persisters.from_url(with_query(store_url, purge_after_seconds=1))
+        try:
+            idle = Singleton(name, purging, lock_expire_seconds=30, release_on_sigterm=False)
+            assert idle.lock()
+            token = idle.fencing_token
+            assert idle.release()
+            kept = Singleton(f"{name}-held", purging, lock_expire_seconds=None, release_on_sigterm=False)
+            assert kept.lock()
+            assert stored_state(purging, name), "stored_state found nothing for a name just used"
+            time.sleep(1.5)
+            churn = Singleton(f"{name}-churn", purging, lock_expire_seconds=30, release_on_sigterm=False)
+
+            def purged() -> bool:
+                # Other names come and go, giving an opportunistic sweep its chance.
+                assert churn.lock() and churn.release()
+                return not stored_state(purging, name)
+
+            assert eventually(purged, timeout=_PURGE_WAIT, interval=0.5), "an idle, free name's state was kept"
+            assert kept.verify(), "a held name's state was purged"
+            again = Singleton(name, purging, lock_expire_seconds=30, release_on_sigterm=False)
+            assert again.lock()
+            assert again.fencing_token > token, "the fencing token went back after the purge"
+            assert again.release() and kept.release()
+        finally:
+            purging.close()
