@@ -136,10 +136,14 @@ def fenced(config: dict[str, Any]) -> None:
     say(event="resumed", second_write=admitted, lost=lost.is_set(), lost_property=lock.lost, released=released)
 
 
+_kept: list[Singleton] = []  # held locks the way a program keeps them: still referenced at exit
+
+
 def hold_many(config: dict[str, Any]) -> None:
     """Hold ``count`` locks, say so, then on ``exit`` return (exit releases them) or wait for a signal."""
     store = persisters.from_url(config["url"])
-    locks = [Singleton(f"{config['name']}-{index}", store, lock_expire_seconds=config.get("ttl", 300))
+    locks = _kept
+    locks += [Singleton(f"{config['name']}-{index}", store, lock_expire_seconds=config.get("ttl", 300))
              for index in range(config["count"])]
     assert all(lock.lock() for lock in locks)
     say(event="locked", count=len(locks))
