@@ -145,11 +145,15 @@ def handover(args: dict[str, Any]) -> None:
             _say(released=singleton.release(), released_at=released_at)
 
 
+_kept: list[AsyncSingleton] = []
+
+
 def async_hold(args: dict[str, Any]) -> None:
     """Hold with ``AsyncSingleton`` in ``asyncio.run``; then return without releasing, or sleep until killed."""
 
     async def main() -> None:
         singleton = AsyncSingleton(args["name"], persisters.from_url(args["url"]), **_options(args))
+        _kept.append(singleton)  # still referenced at exit, as a program's lock usually is
         acquired = await singleton.lock()
         _say(acquired=acquired, token=singleton.fencing_token)
         if args.get("then") == "sleep":
