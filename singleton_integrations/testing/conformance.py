@@ -971,10 +971,12 @@ class PersisterConformance:
         tokens = {name: released.fencing_token, f"{name}-crashed": crashed.fencing_token}
         assert released.release() is True
         time.sleep(1.2)  # past both leases, well inside the hold
-        for held_name, token in tokens.items():
+        contenders = {held_name: self.singleton(held_name, persister) for held_name in tokens}
+        for held_name, contender in contenders.items():  # both inside their hold: check before waiting on either
             assert persister.get(held_name) is not None, f"{held_name} was freed by the lease, inside the hold"
-            contender = self.singleton(held_name, persister)
-            assert contender.lock() is False
+            assert contender.lock() is False, f"{held_name} was taken inside the hold"
+        for held_name, token in tokens.items():
+            contender = contenders[held_name]
             assert contender.lock(wait=30) is True
             assert contender.fencing_token > token
             assert contender.release() is True
