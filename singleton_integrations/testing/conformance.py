@@ -1319,6 +1319,10 @@ class PersisterConformance:
         """The retention option: 30 days by default, set by URL query or keyword, ``none`` keeps all state."""
         from ..persisters import DEFAULT_PURGE_AFTER_SECONDS
 
+        def fresh(url: str) -> str:  # a memory:// name is one store per process, made with its first options
+            return f"memory://{uuid.uuid4().hex}" + url.partition("?")[1] + url.partition("?")[2] \
+                if url.startswith("memory://") else url
+
         for url, options, expected in (
             (store_url, {}, DEFAULT_PURGE_AFTER_SECONDS),
             (with_query(store_url, purge_after_seconds=5), {}, 5.0),
@@ -1326,14 +1330,14 @@ class PersisterConformance:
             (with_query(store_url, purge_after_seconds="none"), {}, None),
             (store_url, {"purge_after_seconds": None}, None),
         ):
-            store = persisters.from_url(url, **options)
+            store = persisters.from_url(fresh(url), **options)
             try:
                 assert store.purge_after_seconds == expected, (url, options)
             finally:
                 store.close()
         for bad in ("-1", "soon"):
             with pytest.raises((TypeError, ValueError)):
-                persisters.from_url(with_query(store_url, purge_after_seconds=bad))
+                persisters.from_url(fresh(with_query(store_url, purge_after_seconds=bad)))
 
     @not_per_api
     def test_purge_removes_idle_state_and_tokens_still_rise(self, store_url: str, name: str,
