@@ -1318,7 +1318,10 @@ class PersisterConformance:
 
     @pytest.fixture
     def stored_state(self) -> Callable[[Persister, str], bool]:
-        """Override: ``stored_state(persister, name)`` is True while the store keeps anything for ``name``."""
+        """Override: ``stored_state(persister, name)`` is True while the store keeps anything for ``name``.
+
+        It may match ``name`` as a substring: the retention case gives its other names no such overlap.
+        """
         pytest.skip("no stored_state fixture: override it to say whether the store keeps state for a name")
 
     @not_per_api
@@ -1355,11 +1358,12 @@ class PersisterConformance:
             assert idle.lock()
             token = idle.fencing_token
             assert idle.release()
-            kept = Singleton(f"{name}-held", purging, lock_expire_seconds=None, release_on_sigterm=False)
+            # Other names must not contain ``name``: stored_state may look for it as a substring.
+            kept = Singleton(f"held-{uuid.uuid4().hex}", purging, lock_expire_seconds=None, release_on_sigterm=False)
             assert kept.lock()
             assert stored_state(purging, name), "stored_state found nothing for a name just used"
             time.sleep(1.5)
-            churn = Singleton(f"{name}-churn", purging, lock_expire_seconds=30, release_on_sigterm=False)
+            churn = Singleton(f"churn-{uuid.uuid4().hex}", purging, lock_expire_seconds=30, release_on_sigterm=False)
 
             def purged() -> bool:
                 # Other names come and go, giving an opportunistic sweep its chance.
