@@ -1079,8 +1079,9 @@ class PersisterConformance:
             third = await persister.aacquire(name, Owner(), 30)
             assert third.acquired and third.record is not None
             assert third.record.fencing_token > first.record.fencing_token
-            assert await persister.arelease(name, owner.owner_token) is False, "an old token released a new holder"
-            assert await persister.aget(name) is not None
+            await persister.arelease(name, owner.owner_token)  # the old token again: the new holder must stay
+            current = await persister.aget(name)
+            assert current is not None and current.fencing_token == third.record.fencing_token, "an old token freed a new holder"
             removed = await persister.aforce_release(name)
             assert removed is not None and removed.fencing_token == third.record.fencing_token
             assert await persister.aget(name) is None
