@@ -19,7 +19,8 @@ directly run once. Rules that need several processes run only when the
 persister's ``multiprocess`` is true; the clock-skew rules need ``distributed``
 stores and Debian's ``faketime``; the minimum-hold rules need
 ``supports_min_hold``; the retention rules need a ``purge_after_seconds``
-URL option and a ``stored_state`` fixture (see ``test_purge_*``).
+URL option and a ``stored_state`` fixture (see ``test_purge_*``); a store whose
+own sweep runs seldom may offer ``purge()``, which the retention case calls.
 """
 
 from __future__ import annotations
@@ -1114,7 +1115,7 @@ class PersisterConformance:
         """100 waiters in one event loop: the holder's release is not held up, and each waiter holds in turn."""
         waiters = 100
 
-        async def scenario() -> tuple[float, list[bool], int, list[int], list[str]]:
+        async def scenario() -> tuple[float, list[bool], int, list[int], int]:
             holder = AsyncSingleton(name, persister, lock_expire_seconds=120, release_on_sigterm=False)
             assert await holder.lock()
             inside = overlaps = 0
@@ -1134,18 +1135,20 @@ class PersisterConformance:
 
             tasks = [asyncio.create_task(waiter()) for _ in range(waiters)]
             await asyncio.sleep(0.5)  # every waiter has tried once and waits
-            borrowed = [t.name for t in threading.enumerate() if t.name.startswith("asyncio_")]
+            threads = threading.active_count()
             started = time.monotonic()
             assert await holder.release()
             release_took = time.monotonic() - started
             results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
-            return release_took, results, overlaps, tokens, borrowed
+            return release_took, results, overlaps, tokens, threads
 
-        release_took, results, overlaps, tokens, borrowed = asyncio.run(scenario())
+        threads_before = threading.active_count()
+        release_took, results, overlaps, tokens, threads = asyncio.run(scenario())
         assert results.count(True) == waiters, f"{results.count(True)} of {waiters} waiters held the lock"
         assert overlaps == 0
         assert tokens == sorted(set(tokens)), "fencing tokens did not rise with the holds"
-        assert borrowed == [], f"waits ran in asyncio's default pool: {borrowed}"
+        # A wait holds no thread: 100 waiters may add a listener and an executor's few workers, not one each.
+        assert threads - threads_before < waiters // 4, f"{threads - threads_before} more threads while {waiters} waited"
         assert release_took < _NOT_STARVED, f"the holder's release took {release_took:.1f} s behind {waiters} waiters"
         assert persister.get(name) is None
 
@@ -1355,7 +1358,8 @@ class PersisterConformance:
                                                             stored_state: Callable[[Persister, str], bool]) -> None:
         purging = persisters.from_url(with_query(store_url, purge_after_seconds=1))
         try:
-            idle = Singleton(name, purging, lock_expire_seconds=30, release_on_sigterm=False)
+            # A short lease: a store may count the idle period from the lease's end, not the release.
+            idle = Singleton(name, purging, lock_expire_seconds=2, release_on_sigterm=False)
             assert idle.lock()
             token = idle.fencing_token
             assert idle.release()
@@ -1363,12 +1367,16 @@ class PersisterConformance:
             kept = Singleton(f"held-{uuid.uuid4().hex}", purging, lock_expire_seconds=None, release_on_sigterm=False)
             assert kept.lock()
             assert stored_state(purging, name), "stored_state found nothing for a name just used"
-            time.sleep(1.5)
+            time.sleep(2.5)
             churn = Singleton(f"churn-{uuid.uuid4().hex}", purging, lock_expire_seconds=30, release_on_sigterm=False)
+
+            sweep = getattr(purging, "purge", None)  # a store whose own sweep runs seldom may offer it on demand
 
             def purged() -> bool:
                 # Other names come and go, giving an opportunistic sweep its chance.
                 assert churn.lock() and churn.release()
+                if callable(sweep):
+                    sweep()
                 return not stored_state(purging, name)
 
             assert eventually(purged, timeout=_PURGE_WAIT, interval=0.5), "an idle, free name's state was kept"
