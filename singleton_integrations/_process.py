@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._events import logger
@@ -22,7 +23,7 @@ from ._events import logger
 if TYPE_CHECKING:
     from ._lockstate import LockState
 
-__all__ = ["EXIT_RELEASE_SECONDS", "register", "release_all", "unregister"]
+__all__ = ["EXIT_RELEASE_SECONDS", "after_exit_release", "register", "release_all", "unregister"]
 
 #: The most that releasing every held lock may take at exit or on SIGTERM, all locks
 #: together. Orchestrators usually wait longer before SIGKILL (Kubernetes: 30 s).
@@ -129,5 +130,26 @@ def _after_fork_in_child() -> None:
     _guard = threading.RLock()  # the parent's may have been held by another thread at fork
 
 
-atexit.register(release_all, "process exit")
+_after_exit: list[Callable[[], None]] = []
+
+
+def after_exit_release(callback: Callable[[], None]) -> None:
+    """Run ``callback`` at exit after every held lock was released (persisters close shared pools here).
+
+    A persister's own ``atexit`` handler would run before this module's (last
+    registered runs first) and close the connections the exit release still needs.
+    """
+    _after_exit.append(callback)
+
+
+def _at_exit() -> None:
+    release_all("process exit")
+    for callback in reversed(_after_exit):
+        try:
+            callback()
+        except Exception as error:  # at exit, nobody is left to tell
+            logger.debug("an exit hook failed: %s", type(error).__name__)
+
+
+atexit.register(_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)
