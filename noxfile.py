@@ -19,8 +19,8 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 
 
 def _ensure_debian_tools(session: nox.Session) -> None:
-    """Tools the core tests start or run: libfaketime (clock skew) and PgBouncer (a pooler in front of PostgreSQL)."""
-    wanted = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer"}
+    """Tools the core tests start or run: libfaketime (clock skew), PgBouncer (a pooler) and redis-server (Cluster and Sentinel fixtures)."""
+    wanted = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer", "redis-server": "redis-server"}
     missing = [package for package, binary in wanted.items() if not (shutil.which(binary) or os.path.exists(binary))]
     if not missing:
         return

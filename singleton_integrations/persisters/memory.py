@@ -8,6 +8,8 @@ coroutines that take the same short lock, and waiters are woken by a
 
 from __future__ import annotations
 
+import asyncio
+
 import builtins
 import math
 import threading
@@ -242,12 +244,15 @@ class Memory(Persister):
     # Native async: no I/O, so the same critical section runs on the loop (it never waits long).
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
                        min_hold: float | None = None) -> AcquireResult:
+        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
         return self.acquire(name, owner, ttl, min_hold)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
+        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
         return self.release(name, owner_token)
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
         return self.renew(name, owner_token, ttl)
 
     async def aget(self, name: str) -> LockRecord | None:
