@@ -18,9 +18,15 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     session.run("python", "-m", "pytest", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
 
 
-def _ensure_debian_tools(session: nox.Session) -> None:
-    """Tools the core tests start or run: libfaketime (clock skew), PgBouncer (a pooler) and redis-server (Cluster and Sentinel fixtures)."""
-    wanted = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer", "redis-server": "redis-server"}
+#: Debian packages the core tests start or run, with the binary that shows each is there:
+#: libfaketime (clock skew), PgBouncer (a pooler in front of PostgreSQL), redis-server (Cluster, Sentinel).
+CORE_TOOLS = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer", "redis-server": "redis-server"}
+#: The Prefect UI tests drive Debian's headless Chromium (no browser download).
+PREFECT_TOOLS = {"chromium": "chromium"}
+
+
+def _ensure_debian_tools(session: nox.Session, wanted: dict[str, str]) -> None:
+    """Install the missing ones of ``wanted`` (package: binary) with apt-get when running as root."""
     missing = [package for package, binary in wanted.items() if not (shutil.which(binary) or os.path.exists(binary))]
     if not missing:
         return
@@ -34,7 +40,7 @@ def _ensure_debian_tools(session: nox.Session) -> None:
 @nox.session
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
-    _ensure_debian_tools(session)
+    _ensure_debian_tools(session, CORE_TOOLS)
     session.install("-e", f".[{STORES}]")
     _pytest(session, "tests/core", "tests/cli", "tests/reliability")
 
@@ -49,21 +55,10 @@ def tests_airflow(session: nox.Session) -> None:
 @nox.session
 def tests_prefect(session: nox.Session) -> None:
     """The Prefect blocks against a real Prefect test harness, a real ``prefect server``, real stores and a real browser."""
-    _ensure_chromium(session)
+    _ensure_debian_tools(session, PREFECT_TOOLS)
     # playwright drives Debian's chromium (executable_path): no browser download.
     session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40")
     _pytest(session, "tests/prefect")
-
-
-def _ensure_chromium(session: nox.Session) -> None:
-    """The Prefect UI tests run headless Chromium (Debian's ``chromium``)."""
-    if shutil.which("chromium"):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        session.warn("chromium is missing and cannot be installed here: the browser tests will say so")
-        return
-    session.run("apt-get", "update", "-qq", external=True)
-    session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
 @nox.session
