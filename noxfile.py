@@ -15,7 +15,7 @@ STORES = "redis,mongodb,postgres,test"
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
-    session.run("python", "-m", "pytest", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
+    session.run("python", "-m", "pytest", "--durations=15", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
 
 
 #: Debian packages the core tests start or run, with the binary that shows each is there:
