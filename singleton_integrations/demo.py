@@ -37,7 +37,7 @@ RESULT_PREFIX = "SINGLETON_DEMO_RESULT "
 EVENT_PREFIX = "@@demo "
 SHARED_NAME = "nightly-export"  # the one name the cron job, the DAG and the flow share
 SLOT_NAME = "nightly-report"  # the minimum-hold scene's name
-SLOT_HOLD = 4.0  # seconds: how long the slot stays taken after the run starts
+SLOT_HOLD = 5.0  # seconds: how long the slot stays taken after the run starts
 SLOT_LAG = 1.5  # seconds: how late the second deployment's scheduler starts the same job
 ORCHESTRATOR_TIMEOUT = 300.0
 
@@ -262,16 +262,13 @@ class Demo:
         self.timeline.add(Event(time.time(), "deploy-a", f"job done, `singleton run` exited {code}: released into "
                                 f"the {SLOT_HOLD:g} s minimum hold, so the name stays taken", kind="ran",
                                 name=SLOT_NAME))
+        hold_until = self._hold_until()  # read now, well inside the hold, however slow the machine
         time.sleep(max(0.0, ran.t + SLOT_LAG - time.time()))
         second = self._deployment("deploy-b")
         skipped = second.finish()
         said = _last_line(second.log)
         self.timeline.add(Event(time.time(), "deploy-b", f"exit {skipped}: {said.removeprefix('singleton: ')}",
                                 kind="skipped", name=SLOT_NAME))
-        status = subprocess.run([sys.executable, "-m", "singleton_integrations", "status", SLOT_NAME, "--json"], check=False,
-                                env=self.env, capture_output=True, text=True, timeout=60)
-        holder = (json.loads(status.stdout or "{}").get("holder") or {}) if status.returncode == 0 else {}
-        hold_until = datetime.fromisoformat(holder["hold_until"]).timestamp() if holder.get("hold_until") else None
         self.timeline.check(skipped == 75 and "already ran this slot" in said and "deployment=a" in said
                             and not (self.workdir / "deploy-b.ran").exists() and hold_until is not None,
                             "deploy-b exited 75 without running: the slot already ran on deploy-a")
@@ -287,6 +284,13 @@ class Demo:
         self.timeline.check((following.token or 0) > (ran.token or 0),
                             f"the next slot ran after the hold, fencing token {ran.token} -> {following.token}")
         self.timeline.flush()
+
+    def _hold_until(self) -> float | None:
+        """When the minimum hold on SLOT_NAME ends, from ``singleton status --json``."""
+        status = subprocess.run([sys.executable, "-m", "singleton_integrations", "status", SLOT_NAME, "--json"],
+                                check=False, env=self.env, capture_output=True, text=True, timeout=60)
+        holder = (json.loads(status.stdout or "{}").get("holder") or {}) if status.returncode == 0 else {}
+        return datetime.fromisoformat(holder["hold_until"]).timestamp() if holder.get("hold_until") else None
 
     def _deployment(self, label: str, next_slot: bool = False) -> Actor:
         """``singleton run --min-hold`` as each deployment's scheduler would start it."""

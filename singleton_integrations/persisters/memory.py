@@ -9,7 +9,6 @@ coroutines that take the same short lock, and waiters are woken by a
 from __future__ import annotations
 
 import asyncio
-
 import builtins
 import math
 import threading
@@ -241,27 +240,32 @@ class Memory(Persister):
         with self._guard:
             return self._sweep(time.time(), force=True)
 
-    # Native async: no I/O, so the same critical section runs on the loop (it never waits long).
+    # Native async: no I/O, so the same critical section runs on the loop (it never waits long). Each
+    # call first yields to the loop once, as a store round trip would: other tasks get their turn, and
+    # concurrent calls on one lock object overlap as they do on every other store.
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
                        min_hold: float | None = None) -> AcquireResult:
-        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
+        await asyncio.sleep(0)
         return self.acquire(name, owner, ttl, min_hold)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
+        await asyncio.sleep(0)
         return self.release(name, owner_token)
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        await asyncio.sleep(0)  # yield like real I/O: concurrent callers on one object then join one attempt
+        await asyncio.sleep(0)
         return self.renew(name, owner_token, ttl)
 
     async def aget(self, name: str) -> LockRecord | None:
+        await asyncio.sleep(0)
         return self.get(name)
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
+        await asyncio.sleep(0)
         return self.list(prefix)
 
     async def aforce_release(self, name: str) -> LockRecord | None:
+        await asyncio.sleep(0)
         with self._guard:  # not force_release(): the base class logs this call once already
             removed = self._force_release(name)
         self._hub.notify(name)

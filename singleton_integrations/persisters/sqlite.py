@@ -396,6 +396,7 @@ class Sqlite(Persister):
         return step(db, now, *args)
 
     async def _arun(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
+        await asyncio.sleep(0)  # yield once, as a round trip would: other tasks get their turn first
         connection = await self._aconnect()
         deadline = time.monotonic() + self.timeout
         pause = 0.001
