@@ -310,7 +310,12 @@ class Postgres(Persister):
 
     backend: ClassVar[str] = "postgres"
     distributed: ClassVar[bool] = True
-    notifies: ClassVar[bool] = True
+
+    @property  # type: ignore[override]
+    def notifies(self) -> bool:
+        """True unless a pooler is in front and no ``listen_dsn`` was given: then waiters poll."""
+        store = self._store
+        return store is None or store.listen_conninfo is not None or store.mode in (None, "direct")
     clock: ClassVar[str] = "the PostgreSQL server's clock (clock_timestamp())"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True

@@ -206,11 +206,16 @@ class CountingPersister(Persister):
         self.inner = inner
         self.acquires = 0
         self._count_guard = threading.Lock()
-        for attribute in ("backend", "distributed", "multiprocess", "notifies", "clock", "poll_interval",
+        for attribute in ("backend", "distributed", "multiprocess", "clock", "poll_interval",
                           "native_async", "call_timeout"):
             if hasattr(inner, attribute):
                 setattr(self, attribute, getattr(inner, attribute))
         self.supports_min_hold = inner.supports_min_hold if supports_min_hold is None else supports_min_hold  # type: ignore[misc]
+
+    @property  # type: ignore[override]
+    def notifies(self) -> bool:
+        """Asked each time: a store may learn only on first use that it cannot notify (a pooler in front)."""
+        return bool(self.inner.notifies)
 
     def _count(self) -> None:
         with self._count_guard:
