@@ -163,7 +163,9 @@ def test_store_partitioned_then_healed(networked_kind: str, proxy: Any, figures:
                    recovery_s=round(time.monotonic() - healed_at, 3))
     assert failed_after < 10, "a call hung past its timeout during the partition"
     assert lost_in_time and holder.lost and not holder.held
-    assert errors and all(isinstance(e, PersisterError) for e in errors)
+    # The core declares the loss from its own lease estimate, often while the first renewal is still
+    # waiting on the partition: a renewal error may come after ``lost`` or not at all.
+    assert all(isinstance(e, PersisterError) for e in errors)
     assert recovered is True and other.release() is True
     assert successor_acquired and successor.fencing_token is not None and successor.fencing_token > first_token
     assert successor.release() is True
