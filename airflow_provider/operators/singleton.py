@@ -285,6 +285,9 @@ class SingletonOperator(PythonOperator):
                                        f"after waiting {self.wait_timeout:g} s")
         if status != "free":
             raise AirflowException(f"watching lock {self.lock_name!r} failed: {event.get('message', event)}")
+        if event.get("observed_at"):
+            self.log.info("The trigger saw lock %r free at %.3f; the task resumed %.3f s later", self.lock_name,
+                          event["observed_at"], time.time() - float(event["observed_at"]))
         if self._try_acquire(context):
             return self._work(context)
         self.log.info("Lock %r was taken before this task could acquire it; waiting again", self.lock_name)

@@ -30,7 +30,7 @@ _NOTIFIED_RECHECK = 30.0
 
 
 class SingletonTrigger(BaseTrigger):
-    """Fire ``{"status": "free"}`` when ``lock_name`` has no live holder, ``"timeout"`` at ``deadline``.
+    """Fire ``{"status": "free", "observed_at": epoch}`` when ``lock_name`` has no live holder, ``"timeout"`` at ``deadline``.
 
     :param lock_name: the rendered lock name.
     :param singleton_conn_id: the connection naming the store.
@@ -89,8 +89,8 @@ class SingletonTrigger(BaseTrigger):
                 except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
                     yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
                     return
-                if holder is None:
-                    yield self._event("free")
+                if holder is None:  # observed_at: the resumed task logs how long Airflow took to resume it
+                    yield self._event("free", observed_at=time.time())
                     return
                 now = time.time()
                 if self.deadline is not None and now >= self.deadline:

@@ -50,6 +50,11 @@ STORES = ("sqlite", "redis", "postgres", "mongodb")
 OTHER = {"dag_id": "nightly_load", "run_id": "scheduled__other-region", "task_id": "load", "deployment": "eu-west"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "airflow_deployment: starts two real Airflow deployments (about 5 minutes); "
+                                       "deselect with -m 'not airflow_deployment'")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def airflow_db() -> Path:
     """``airflow db migrate`` once per session, in a child so this process's Airflow import stays cheap."""
