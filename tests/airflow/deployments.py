@@ -201,7 +201,8 @@ class Deployment:
         content = self.get(path)["content"]
         if isinstance(content, str):
             return content
-        return "\n".join(str(line.get("event", line)) if isinstance(line, dict) else str(line) for line in content)
+        # Structured lines: a skip's message is in "reason", not in "event".
+        return "\n".join(json.dumps(line) if isinstance(line, dict) else str(line) for line in content)
 
     # -- stop --------------------------------------------------------------------------
 
