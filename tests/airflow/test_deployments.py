@@ -106,6 +106,9 @@ overhead()
 slot()
 '''
 DAG_IDS = ["race", "mapped", "deferred", "overhead", "slot"]
+PRELOAD = """# Loaded by every Airflow process: forked task processes inherit the driver instead of importing it.
+import singleton_integrations.persisters.redis  # noqa: F401
+"""
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,10 @@ def deployments(tmp_path_factory: pytest.TempPathFactory, facts: Path) -> Iterat
     pair = tuple(Deployment(name, root, env_extra={"AIRFLOW_CONN_SINGLETON_DEFAULT": connection,
                                                     "AIRFLOW__CORE__TEST_CONNECTION": "Enabled"})
                  for name in ("east", "west"))
+    # west preloads the Redis driver before its executor forks task processes (the docs' recipe);
+    # east does not, so the overhead test measures both.
+    (pair[1].home / "config").mkdir(parents=True, exist_ok=True)
+    (pair[1].home / "config" / "airflow_local_settings.py").write_text(PRELOAD)
     started: list[Deployment] = []
     try:
         migrations = [deployment.prepare() for deployment in pair]
@@ -229,23 +236,47 @@ def test_deferred_task_wakes_on_the_release_notification(deployments: tuple[Depl
     assert fired < 10, f"the trigger noticed the release after {fired:.1f} s: it polled (poll_interval=120)"
 
 
-def test_guarded_task_overhead(deployments: tuple[Deployment, Deployment]) -> None:
-    east, _ = deployments
-    plain: list[float] = []
-    guarded: list[float] = []
+def _execute_span(log: str) -> float:
+    """Seconds from the end of "Pre Execute" to the start of "Post Execute" in a task's structured log."""
+    marks: dict[str, datetime] = {}
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        event, stamp = entry.get("event"), entry.get("timestamp")
+        if not (isinstance(entry, dict) and stamp):
+            continue
+        moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        if event == "::endgroup::" and "start" not in marks:
+            marks["start"] = moment
+        elif event == "::group::Post Execute":
+            marks["end"] = moment
+    return (marks["end"] - marks["start"]).total_seconds()
+
+
+@pytest.mark.parametrize("which", ["east", "west"])
+def test_guarded_task_overhead(deployments: tuple[Deployment, Deployment], which: str) -> None:
+    """The cost a guard adds per task, measured: east imports redis in each task; west preloads it."""
+    deployment = deployments[0] if which == "east" else deployments[1]
+    label = "preloaded redis (airflow_local_settings)" if which == "west" else "no preload"
+    durations: dict[str, list[float]] = {"plain": [], "guarded": []}
+    spans: dict[str, list[float]] = {"plain": [], "guarded": []}
     for round_ in range(6):
-        run_id = f"overhead-{TAG}-{round_}"
-        east.trigger("overhead", run_id)
-        assert east.wait_run("overhead", run_id)["state"] == "success"
-        durations = {ti["task_id"]: ti["duration"] for ti in east.task_instances("overhead", run_id)}
+        run_id = f"overhead-{TAG}-{which}-{round_}"
+        deployment.trigger("overhead", run_id)
+        assert deployment.wait_run("overhead", run_id)["state"] == "success"
         if round_ == 0:
             continue  # the first run also warms the DAG bundle and the executor's workers
-        plain.append(float(durations["plain"]))
-        guarded.append(float(durations["guarded"]))
-    added_ms = (statistics.median(guarded) - statistics.median(plain)) * 1000
-    _figure("plain task duration, median (ms)", round(statistics.median(plain) * 1000))
-    _figure("guarded task duration, median (ms)", round(statistics.median(guarded) * 1000))
-    _figure("guard overhead per task, median (ms)", round(added_ms))
+        for ti in deployment.task_instances("overhead", run_id):
+            durations[ti["task_id"]].append(float(ti["duration"]))
+            spans[ti["task_id"]].append(_execute_span(deployment.task_log("overhead", run_id, ti["task_id"])))
+    median = {key: statistics.median(values) * 1000 for key, values in durations.items()}
+    span = {key: statistics.median(values) * 1000 for key, values in spans.items()}
+    _figure(f"{label}: task duration plain / guarded, median (ms)", [round(median["plain"]), round(median["guarded"])])
+    _figure(f"{label}: guard overhead on the task duration, median (ms)", round(median["guarded"] - median["plain"]))
+    _figure(f"{label}: execute span plain / guarded, median (ms)", [round(span["plain"]), round(span["guarded"])])
+    _figure(f"{label}: guard overhead in execute (acquire + release), median (ms)", round(span["guarded"] - span["plain"]))
 
 
 def test_a_late_second_run_of_the_slot_is_skipped_by_the_minimum_hold(deployments: tuple[Deployment, Deployment]) -> None:
@@ -314,3 +345,52 @@ def test_the_ui_lists_our_connection_types_without_underscores(deployments: tupl
     assert types["singletonsqlite"]["standard_fields"]["host"]["title"] == "Database file (required)"
     assert not any("_" in conn_type for conn_type in types if conn_type.startswith("singleton"))
     assert "shall not contain '_'" not in east.log("api-server", tail=10**7)
+
+
+def _playwright_dir() -> Path | None:
+    """A directory with ``node_modules/playwright-core`` (installed there with npm when missing), or None."""
+    import shutil
+    import subprocess
+
+    where = Path(os.environ.get("SINGLETON_PLAYWRIGHT_DIR", Path(__file__).parents[2] / ".nox" / "playwright"))
+    if (where / "node_modules" / "playwright-core").is_dir():
+        return where
+    if not shutil.which("npm"):
+        return None
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["npm", "install", "--prefix", str(where), "--no-audit", "--no-fund", "playwright-core@1.65"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    return where if done.returncode == 0 else None
+
+
+def test_connection_forms_in_a_real_browser(deployments: tuple[Deployment, Deployment], tmp_path: Path) -> None:
+    """Fields visible and marked required, the stored secret not displayed back; screenshots for the docs."""
+    import shutil
+    import subprocess
+
+    from tests.servers import unavailable
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    modules = _playwright_dir()
+    if not (Path(chromium).exists() and shutil.which("node") and modules):
+        unavailable("headless Chromium", "needs apt-get install chromium, node and npm's playwright-core")
+    east, _ = deployments
+    secret = f"BrowserSecret{TAG}"
+    conn_id = f"browser_{TAG}"
+    east.request("POST", "/api/v2/connections", {"connection_id": conn_id, "conn_type": "singleton",
+                                                 "password": f"redis://:{secret}@127.0.0.1:6379/0"})
+    script = modules / "forms.mjs"
+    shutil.copyfile(Path(__file__).parent / "browser" / "forms.mjs", script)
+    shots = Path(os.environ.get("SINGLETON_SCREENSHOTS", tmp_path))
+    done = subprocess.run(["node", str(script), east.base_url, str(shots), conn_id, secret], capture_output=True,
+                          text=True, timeout=600, check=False, env={**os.environ, "CHROMIUM": chromium})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    url, sqlite, redis = facts["forms"]["url"], facts["forms"]["sqlite"], facts["forms"]["redis"]
+    assert "Store URL (required)" in url["labels"], url
+    assert {"name": "password", "type": "password"}.items() <= next(i for i in url["inputs"] if i["name"] == "password").items()
+    assert not any(i["name"] in ("host", "login", "port", "schema") for i in url["inputs"]), url
+    assert "Database file (required)" in sqlite["labels"] and any(i["name"] == "host" for i in sqlite["inputs"]), sqlite
+    assert {"Host", "Password", "Port", "Database number"} <= set(redis["labels"]), redis
+    stored = facts["stored"]
+    assert not stored["secretInValues"] and not stored["secretInText"] and not stored["html"], stored
