@@ -68,6 +68,13 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def benchmarks(session: nox.Session) -> None:
-    """Throughput against the floor and peer libraries, on the local Redis, PostgreSQL and MongoDB-wire server."""
+    """Throughput and contention against the floor and peer libraries, on the local servers.
+
+    ``nox -s benchmarks`` runs both; ``-- throughput ARGS`` or ``-- contention ARGS`` runs one.
+    """
     session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
-    session.run("python", "benchmarks/run.py", *session.posargs)
+    which, *args = session.posargs or ["all"]
+    if which in ("all", "throughput"):
+        session.run("python", "benchmarks/run.py", *args)
+    if which in ("all", "contention"):
+        session.run("python", "benchmarks/contention.py", *args)

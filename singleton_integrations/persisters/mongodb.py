@@ -1,9 +1,7 @@
 """Locks in a MongoDB collection (pymongo), judged by the server's clock (``$$NOW``).
 
-One document per name::
-
-    {_id: name, owner: token | null, fence: int, host, pid, createdAt, expiresAt,
-     metadata, purgeAt, expired: {...previous holder, only after a takeover}}
+One document per name; the shape and the rules are in ``_mongodb_steps`` (written
+once, driven here by ``MongoClient`` and by ``AsyncMongoClient``).
 
 Why it is shaped this way:
 
@@ -15,48 +13,61 @@ Why it is shaped this way:
   treats as a no-op. Two first-time upserts racing on a new name meet the
   unique ``_id`` index; the loser's ``DuplicateKeyError`` is retried and then
   sees the winner's live lock.
-* **Fencing tokens never go back.** ``release`` clears ``owner`` instead of
-  deleting, so the counter survives; each acquire writes
-  ``fence = max(fence + 1, $$NOW in ms)``. The clock term is what keeps tokens
-  rising after the TTL clean-up below has deleted a document: a new document
-  starts at the server's current millisecond, which is past every token minted
-  before the purge unless the server's clock went back by more than the
-  retention (30 days by default). Tokens are therefore large integers.
+* **Shared with singleton-process.** The seed (Node.js) inserts ``{name,
+  created}`` into the same default collection, under a unique index on
+  ``name``. A Python document that holds a name carries ``name`` too, so
+  whichever side inserts second meets that index: a seed process gets its
+  duplicate-key conflict, and a Python acquire gets one and reports the seed's
+  lock as the holder. A free Python document carries ``name: {free: NAME}``
+  (unique, and never the seed's string), so the seed can take a name Python
+  released at once while the fencing counter stays. ``created``, which the
+  seed's expiry reads, is Python's lease end. A seed lock counts as expired
+  for Python ``seed_lock_expire_seconds`` after its ``created`` by ``$$NOW``
+  (default: the acquiring lock's own ``lock_expire_seconds``, the seed's rule);
+  the takeover deletes only that document, re-judged in the delete, then
+  acquires as for a free name.
+* **Fencing tokens never go back.** ``release`` frees the document instead of
+  deleting it, so the counter survives; each acquire writes ``fence =
+  max(fence + 1, $$NOW in ms)``. The clock term keeps tokens rising after the
+  TTL clean-up (or a seed process) deleted a document: a new document starts
+  at the server's current millisecond.
+* **Minimum hold.** ``holdUntil`` is recorded with the lock and folded into
+  ``expiresAt``; a release before it keeps the record (``releasedAt`` set) as
+  the holder until then.
 * **Clean-up without losing counters.** A TTL index on ``purgeAt`` (not on
   ``expiresAt``) deletes a document between ``purge_after_seconds`` and twice
-  that after its lock was last live (released or expired); ``purgeAt`` moves
-  only when it would fall short, so most writes leave the index alone.
-  ``purge_after_seconds=None`` keeps every document and skips the index.
-* **Waiting.** ``watch`` opens a change stream on this ``_id`` before the
-  acquire attempt, so no release is missed; change streams need a replica set,
-  so on a standalone server it falls back to polling every ``poll_interval``
-  (``notifies`` finds out once per persister, on first read, by opening a stream).
+  that after its lock was last live. ``purge_after_seconds=None`` keeps every
+  document and skips the index.
+* **Waiting.** One change stream per collection and process, in the
+  ``ReleaseHub``'s listener thread, wakes every waiter (sync or async) of a
+  released name; in-process releases wake them directly. Change streams need
+  a replica set: on a standalone server waiters poll every ``poll_interval``.
+* **Clients.** Persisters built from the same URL and options share one
+  ``MongoClient`` per process (and one ``AsyncMongoClient`` per event loop:
+  pymongo binds an async client to the loop it first ran on). The last
+  ``close()`` closes it; so does the interpreter's exit.
 * **Bounded calls.** ``timeout_ms`` (8 s, pymongo's client-side operation
-  timeout) bounds every operation, server selection and retries included, so
-  an unreachable server raises ``PersisterError`` after it; connect and socket
-  timeouts (5 s, 10 s) bound the pieces. Options in the URL are kept unless a
-  keyword overrides them.
+  timeout) bounds every operation, server selection, a wait for a pooled
+  connection and retries included, so an unreachable server raises
+  ``PersisterError`` after it; it is ``call_timeout``.
 * **Durability.** ``write_concern="majority"`` makes an acquire or release
-  survive a primary failover (with the default ``w:1`` a failover can roll back
-  an acknowledged acquire, and a second holder can then take the name), at the
-  cost of a replication round trip on every write.
+  survive a primary failover, at the cost of a replication round trip per write.
 
 SecantusDB (the MongoDB-wire server the tests use) deviates from mongod in ways
-this module avoids with formulations that are also correct on mongod:
-
-* comparing a date with ``$$NOW`` can give the wrong answer, so every
-  comparison is between ``{$toLong: ...}`` values;
-* a ``findAndModify`` with ``upsert`` can return no document: reported after a
-  write, and seen here from the loser of concurrent first-time upserts (where
-  mongod raises ``DuplicateKeyError``), so the result is then read back by
-  ``_id`` (safe: the random owner token says whether the write was ours);
-* ``$$NOW`` is undefined in a ``findAndModify`` projection (and the command
-  fails after having written), so the time left on a holder's lease is computed
-  from the server's clock as reported by ``hello``, never from the client's.
+avoided here with formulations that are also correct on mongod: comparing a
+date with ``$$NOW`` can give the wrong answer (every comparison is between
+``{$toLong: ...}`` values); a ``findAndModify`` with ``upsert`` can return no
+document (it is then read back by ``_id``; the random owner token says whose
+write it was); ``$$NOW`` is undefined in a projection (the time left on a
+lease is computed from the server clock reported by ``hello``); and pipeline
+updates reach change streams as ``replace`` events.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import builtins
 import logging
 import math
 import os
@@ -64,39 +75,43 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import unquote, urlsplit
 
 from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
-from ._base import Persister, ReleaseWatch, SleepWatch
+from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
+from ._mongodb_steps import Op, Rules, Steps, aware
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
-    from pymongo.change_stream import ChangeStream
     from pymongo.collection import Collection
 
-__all__ = ["DEFAULT_COLLECTION", "DEFAULT_DATABASE", "DEFAULT_PURGE_AFTER_SECONDS", "MongoDb"]
+__all__ = ["DEFAULT_COLLECTION", "DEFAULT_DATABASE", "DEFAULT_PURGE_AFTER_SECONDS", "SEED_RULE", "MongoDb"]
 
 logger = logging.getLogger("singleton_integrations")
 
 DEFAULT_COLLECTION = "singletons"  # the seed's collection name
 DEFAULT_DATABASE = "singleton"
-#: How long a released or expired lock's document (and so its fencing counter) is kept.
-DEFAULT_PURGE_AFTER_SECONDS = 30 * 86400
 
 _UNSET: Any = object()
-_TTL_INDEX = "singleton_purgeAt_ttl"
-_DUPLICATE_KEY_RETRIES = 5
-_CHANGE_STREAM_AWAIT_MS = 100
+#: ``seed_lock_expire_seconds`` default: a seed lock expires after the acquiring lock's own
+#: ``lock_expire_seconds``, counted from its ``created`` (the seed's rule, on the server's clock).
+SEED_RULE = "lock_expire_seconds"
+_CHANGE_STREAM_AWAIT_MS = 200
 _CLOCK_REFRESH_SECONDS = 60.0
 _PROBE_SECONDS = 2.0
+_SEED_IDS_KEPT = 10_000
 # Options of ours that may appear in the URL's query; pymongo would reject them.
-_OWN_QUERY_OPTIONS = {"collection": "collection", "purgeafterseconds": "purge_after_seconds"}
+_OWN_QUERY_OPTIONS = {
+    "collection": "collection",
+    "purgeafterseconds": "purge_after_seconds",
+    "seedlockexpireseconds": "seed_lock_expire_seconds",
+}
 # keyword -> (MongoClient option, default applied when neither keyword nor URL sets it)
 _DRIVER_OPTIONS = {
     "server_selection_timeout_ms": ("serverSelectionTimeoutMS", 5000),
@@ -106,19 +121,13 @@ _DRIVER_OPTIONS = {
     # unreachable server fails after this long, not serverSelectionTimeoutMS).
     "timeout_ms": ("timeoutMS", 8000),
 }
-
-# --- expressions: every time comparison is on {$toLong} values (see the SecantusDB note) ---
-_NOW_MS = {"$toLong": "$$NOW"}
-_HAS_OWNER = {"$ne": [{"$ifNull": ["$owner", None]}, None]}
-_HAS_EXPIRY = {"$ne": [{"$ifNull": ["$expiresAt", None]}, None]}
-_EXPIRED = {"$and": [_HAS_EXPIRY, {"$lte": [{"$toLong": "$expiresAt"}, _NOW_MS]}]}
-_FREE = {"$or": [{"$not": [_HAS_OWNER]}, _EXPIRED]}
-#: A filter for documents holding a live lock.
-_LIVE: dict[str, Any] = {
-    "owner": {"$ne": None},
-    "$or": [{"expiresAt": None}, {"$expr": {"$gt": [{"$toLong": "$expiresAt"}, _NOW_MS]}}],
-}
-_HOLDER_FIELDS = ("owner", "fence", "host", "pid", "createdAt", "expiresAt", "metadata")
+#: Change-stream events that can mean a name became free.
+_RELEASES = [{"$match": {"$or": [
+    {"operationType": {"$in": ["delete", "drop", "dropDatabase", "rename", "invalidate"]}},
+    {"operationType": "insert", "fullDocument.owner": {"$exists": False}},  # a seed lock: remember its name
+    {"operationType": "replace", "fullDocument.owner": {"$type": "null"}},
+    {"updateDescription.updatedFields.owner": {"$type": "null"}},
+]}}]  # fmt: skip
 
 
 def _import_pymongo() -> Any:
@@ -127,80 +136,6 @@ def _import_pymongo() -> Any:
     except ImportError as error:
         raise MissingDependency(backend="mongodb", extra="mongodb", module="pymongo") from error
     return pymongo
-
-
-def _expires(ttl_ms: int | None) -> Any:
-    return None if ttl_ms is None else {"$add": ["$$NOW", ttl_ms]}
-
-
-def _purge(at: Any, purge_ms: int | None) -> Any:
-    """``purgeAt`` for a lock last live at ``at``: kept unless it falls short of ``at`` + retention.
-
-    Moving it only then (to ``at`` + twice the retention) leaves the TTL index
-    untouched by almost every acquire and release: the clean-up costs no index
-    write on the hot path, and a document goes between one and two retentions
-    after its lock was last live.
-    """
-    if purge_ms is None or at is None:
-        return "$$REMOVE"
-    far_enough = {"$gte": [{"$toLong": "$purgeAt"}, {"$add": [{"$toLong": at}, purge_ms]}]}
-    return {"$cond": [far_enough, "$purgeAt", {"$add": [at, 2 * purge_ms]}]}
-
-
-def _acquire_update(owner: Owner, ttl_ms: int | None, purge_ms: int | None) -> list[dict[str, Any]]:
-    """The pipeline that takes a free or expired name and leaves a live one untouched."""
-
-    def take(value: Any, field: str) -> dict[str, Any]:
-        return {"$cond": ["$_free", value, f"${field}"]}
-
-    expires = _expires(ttl_ms)
-    previous = {"$cond": [_HAS_OWNER, {field: f"${field}" for field in _HOLDER_FIELDS}, "$$REMOVE"]}
-    return [
-        {"$set": {"_free": _FREE}},
-        {
-            "$set": {
-                # $literal: a host or metadata value such as "$where" is data, never a field path.
-                "owner": take({"$literal": owner.owner_token}, "owner"),
-                "fence": take({"$max": [{"$add": [{"$ifNull": ["$fence", 0]}, 1]}, _NOW_MS]}, "fence"),
-                "host": take({"$literal": owner.host}, "host"),
-                "pid": take({"$literal": owner.pid}, "pid"),
-                "metadata": take({"$literal": dict(owner.metadata)}, "metadata"),
-                "createdAt": take("$$NOW", "createdAt"),
-                "expiresAt": take(expires, "expiresAt"),
-                "purgeAt": take(_purge(expires, purge_ms), "purgeAt"),
-                "expired": take(previous, "expired"),
-            }
-        },
-        {"$unset": "_free"},
-    ]
-
-
-def _release_update(purge_ms: int | None) -> list[dict[str, Any]]:
-    """Free the name but keep the document, and with it the fencing counter."""
-    return [
-        {"$set": {"owner": None, "expiresAt": None, "purgeAt": _purge("$$NOW", purge_ms)}},
-        {"$unset": "expired"},
-    ]
-
-
-def _aware(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-
-
-def _record(name: str, doc: Mapping[str, Any]) -> LockRecord:
-    created = _aware(doc.get("createdAt")) or datetime.fromtimestamp(0, timezone.utc)
-    return LockRecord(
-        name=name,
-        owner_token=str(doc.get("owner") or ""),
-        fencing_token=int(doc.get("fence") or 0),
-        host=str(doc.get("host") or ""),
-        pid=int(doc.get("pid") or 0),
-        created_at=created,
-        expires_at=_aware(doc.get("expiresAt")),
-        metadata={str(k): str(v) for k, v in (doc.get("metadata") or {}).items()},
-    )
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str], str, set[str]]:
@@ -219,6 +154,8 @@ def _split_url(url: str) -> tuple[str, dict[str, str], str, set[str]]:
     own: dict[str, str] = {}
     kept: list[str] = []
     driver_names: set[str] = set()
+    from urllib.parse import unquote
+
     for item in filter(None, re.split("[&;]", query)):
         key, _, value = item.partition("=")
         canonical = _OWN_QUERY_OPTIONS.get(unquote(key).lower().replace("_", ""))
@@ -247,34 +184,79 @@ def _positive(name: str, value: object) -> float:
     return float(value)
 
 
-class _ChangeStreamWatch(ReleaseWatch):
-    """Woken by a change stream on one ``_id``: a delete, or a write that cleared ``owner``."""
+def _seconds_option(name: str, keyword: Any, own: Mapping[str, str], default: Any, words: tuple[str, ...]) -> Any:
+    """A seconds option from its keyword, else the URL's query, else ``default``; ``words`` mean None."""
+    if keyword is not _UNSET:
+        return None if keyword is None else _positive(name, keyword)
+    text = own.get(name)
+    if text is None:
+        return default
+    if text.strip().lower() in words:
+        return None
+    try:
+        return _positive(name, float(text))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds or {words[-1]!r}, not {text!r}") from None
 
-    def __init__(self, persister: MongoDb, stream: ChangeStream[Any]) -> None:
-        self._persister = persister
-        self._stream: ChangeStream[Any] | None = stream
 
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while self._stream is not None:
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, round(seconds * 1000))
+
+
+# -- shared clients: one per URL + options per process (one per event loop for async) --
+
+
+class _Entry:
+    """A shared client and who uses it; ``indexed`` remembers collections already set up."""
+
+    __slots__ = ("client", "indexed", "users")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.users: weakref.WeakSet[MongoDb] = weakref.WeakSet()  # a collected persister stops counting
+        self.indexed: set[tuple[str, str, bool]] = set()
+
+
+class _Registry:
+    """The process's MongoDB clients, keyed by the full configuration (a forked child starts empty)."""
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.sync: dict[Any, _Entry] = {}
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
+        self.hubs: dict[Any, ReleaseHub] = {}
+
+    def reset(self) -> None:
+        """After a fork: the parent's clients are not ours to use (pymongo is not fork-safe) or close."""
+        self.guard = threading.Lock()
+        self.sync, self.loops, self.hubs = {}, weakref.WeakKeyDictionary(), {}
+
+    def close_all(self) -> None:
+        with self.guard:
+            entries, self.sync = list(self.sync.values()), {}
+            hubs, self.hubs = list(self.hubs.values()), {}
+        for hub in hubs:
+            hub.close()
+        for entry in entries:
             try:
-                if self._stream.try_next() is not None:  # blocks up to _CHANGE_STREAM_AWAIT_MS
-                    return
-            except self._persister._pymongo.errors.PyMongoError as error:  # broke (e.g. a restart): poll instead
-                logger.debug("mongodb: change stream failed, polling instead: %s", type(error).__name__)
-                self.close()
-                break
-            if time.monotonic() >= deadline:
-                return
-        time.sleep(max(0.0, min(deadline - time.monotonic(), self._persister.poll_interval)))
+                entry.client.close()
+            except Exception as error:  # noqa: BLE001 - at exit, nothing is left to tell
+                logger.debug("mongodb: closing a client at exit failed: %s", type(error).__name__)
 
-    def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                stream.close()
-            except self._persister._pymongo.errors.PyMongoError as error:  # the server times the cursor out
-                logger.debug("mongodb: closing a change stream failed: %s", type(error).__name__)
+
+def _close_at_exit() -> None:
+    # atexit runs handlers last-registered first, so this one would run before the
+    # core's exit release, which still needs the clients: let that release run first
+    # (it is idempotent; the core's own handler then finds nothing left to release).
+    from .. import _process
+
+    _process._release_all("process exit")
+    _registry.close_all()
+
+
+_registry = _Registry()
+os.register_at_fork(after_in_child=_registry.reset)
+atexit.register(_close_at_exit)
 
 
 class _NotifiesProbe:
@@ -294,16 +276,24 @@ class MongoDb(Persister):
     >>> store = MongoDb("mongodb://user:secret@db.example/jobs?tls=true")
     >>> store
     MongoDb('mongodb://user:***@db.example/jobs?tls=true', database='jobs', collection='singletons')
+    >>> store.url
+    'mongodb://user:***@db.example/jobs?tls=true'
 
-    Constructing never connects; the first operation creates one pooled
-    ``MongoClient`` (a fresh one in a forked child). Keyword options override
-    the URL's query options; other keywords (``tls``, ``tlsCAFile``, ...) go to
-    ``MongoClient`` as they are.
+    Constructing never connects. Keyword options override the URL's query
+    options (``collection``, ``purgeAfterSeconds``, ``seedLockExpireSeconds``
+    and the driver's); other keywords (``tls``, ``tlsCAFile``, ...) go to
+    ``MongoClient`` as they are. ``seed_lock_expire_seconds``: when a lock
+    held by a singleton-process (Node.js) process counts as expired here,
+    counted from its ``created`` by the server's clock; by default after the
+    acquiring lock's ``lock_expire_seconds`` (the seed's own rule), ``None``
+    never (wait for its release).
     """
 
     backend: ClassVar[str] = "mongodb"
     distributed: ClassVar[bool] = True
     clock: ClassVar[str] = "the MongoDB server's clock ($$NOW)"
+    supports_min_hold: ClassVar[bool] = True
+    native_async: ClassVar[bool] = True
     notifies = _NotifiesProbe()
     poll_interval: float = 0.1
 
@@ -314,6 +304,7 @@ class MongoDb(Persister):
         collection: str | None = None,
         database: str | None = None,
         purge_after_seconds: float | None = _UNSET,
+        seed_lock_expire_seconds: float | str | None = _UNSET,
         write_concern: str | int | None = None,
         server_selection_timeout_ms: float | None = None,
         connect_timeout_ms: float | None = None,
@@ -323,23 +314,28 @@ class MongoDb(Persister):
     ) -> None:
         self._pymongo = _import_pymongo()
         driver_url, own, path_database, url_driver_options = _split_url(url)
-        self.url = url
+        #: The URL without its password (the client is built from the full one, kept private).
+        self.url = redact_url(url)
         if collection is None:
             collection = own.get("collection", DEFAULT_COLLECTION)
         if database is None:
             database = path_database or DEFAULT_DATABASE
         self.collection_name = _check_name("collection", collection, "$\x00")
         self.database_name = _check_name("database", database, '/\\. "$\x00')
-        if purge_after_seconds is _UNSET:
-            text = own.get("purge_after_seconds", str(DEFAULT_PURGE_AFTER_SECONDS))
-            try:
-                purge_after_seconds = None if text.lower() in ("", "none", "never") else float(text)
-            except ValueError:
-                raise ValueError(f"purgeAfterSeconds must be a number of seconds or 'none', not {text!r}") from None
-        if purge_after_seconds is not None:
-            _positive("purge_after_seconds", purge_after_seconds)
-        self.purge_after_seconds = purge_after_seconds
-        self._purge_ms = None if purge_after_seconds is None else int(purge_after_seconds * 1000)
+        self.purge_after_seconds: float | None = _seconds_option(
+            "purge_after_seconds", purge_after_seconds, own, DEFAULT_PURGE_AFTER_SECONDS, ("", "never", "none")
+        )
+        #: A number of seconds, None (never), or SEED_RULE: the acquiring lock's lock_expire_seconds.
+        seed_rule: Any = seed_lock_expire_seconds
+        if seed_rule is _UNSET and own.get("seed_lock_expire_seconds", SEED_RULE).strip().lower() != SEED_RULE:
+            seed_rule = _seconds_option("seed_lock_expire_seconds", _UNSET, own, None, ("never", "none"))
+        elif seed_rule is _UNSET or (isinstance(seed_rule, str) and seed_rule == SEED_RULE):
+            seed_rule = SEED_RULE
+        elif seed_rule is not None:
+            seed_rule = _positive("seed_lock_expire_seconds", seed_rule)
+        #: Seconds, None (seed locks never expire here) or SEED_RULE (the acquiring lock's lock_expire_seconds).
+        self.seed_lock_expire_seconds: float | str | None = seed_rule
+        seed_ms: int | None | bool = True if seed_rule == SEED_RULE else _ms(seed_rule)
         if isinstance(write_concern, bool) or not isinstance(write_concern, (str, int, type(None))):
             raise TypeError(f"write_concern must be 'majority', a number of nodes or None, not {write_concern!r}")
         self.write_concern = write_concern
@@ -362,13 +358,15 @@ class MongoDb(Persister):
         kwargs.setdefault("appname", "singleton-integrations")
         self._driver_url = driver_url
         self._client_options = kwargs
-        self._password = urlsplit(driver_url).password
+        self._password = self._password_of(driver_url)
         self._validate_options()
+        self._rules = Rules(self._pymongo.errors, _ms(self.purge_after_seconds), seed_ms)
+        self._key = (driver_url, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        self._init_runtime()
 
-        self._guard, self._guard_pid = threading.Lock(), os.getpid()
+    def _init_runtime(self) -> None:
         self._client_: MongoClient[Any] | None = None
         self._pid = 0
-        self._indexed = False
         self._change_streams: bool | None = None
         self._probed_at = -math.inf
         self._clock_offset: tuple[float, float] | None = None  # (server - client seconds, measured at)
@@ -378,64 +376,42 @@ class MongoDb(Persister):
         """``mongodb://`` or ``mongodb+srv://``; keyword options override the URL's query options."""
         return cls(url, **options)
 
-    # -- connection --------------------------------------------------------------------
+    # -- configuration -----------------------------------------------------------------
+
+    @staticmethod
+    def _password_of(driver_url: str) -> str | None:
+        from urllib.parse import unquote
+
+        userinfo = driver_url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
+        if ":" not in userinfo:
+            return None
+        return unquote(userinfo.partition(":")[2]) or None
 
     def _validate_options(self) -> None:
         """Refuse a bad URL or option now, not at the first lock; touches no network."""
         errors = self._pymongo.errors
+        timeout: Any = None
         try:
             if not self._driver_url.lower().startswith("mongodb+srv://"):  # +srv would resolve DNS here
-                self._pymongo.uri_parser.parse_uri(self._driver_url, warn=False)
+                parsed = self._pymongo.uri_parser.parse_uri(self._driver_url, warn=False)
+                timeout = parsed["options"].get("timeoutms")
             for option, value in self._client_options.items():
-                self._pymongo.common.validate(option, value)
+                _, valid = self._pymongo.common.validate(option, value)
+                if option == "timeoutMS":
+                    timeout = valid
         except TypeError as error:
-            raise TypeError(f"invalid MongoDB option for {redact_url(self.url)!r}: {self._scrub(str(error))}") from None
+            raise TypeError(f"invalid MongoDB option for {self.url!r}: {self._scrub(str(error))}") from None
         except (errors.PyMongoError, ValueError, OSError) as error:
-            raise ValueError(
-                f"invalid MongoDB URL or option {redact_url(self.url)!r}: {self._scrub(str(error))}"
-            ) from None
-
-    def _client(self) -> MongoClient[Any]:
-        pid = os.getpid()
-        client = self._client_
-        if client is not None and self._pid == pid:
-            return client
-        if self._guard_pid != pid:  # a forked child must not wait on a lock a parent's thread held
-            self._guard, self._guard_pid = threading.Lock(), pid
-        with self._guard:
-            if self._client_ is None or self._pid != pid:
-                # In a forked child the parent's client must not be used (pymongo is not
-                # fork-safe); it is dropped, not closed, so the parent keeps its sockets.
-                try:
-                    self._client_ = self._pymongo.MongoClient(
-                        self._driver_url, connect=False, tz_aware=True, **self._client_options
-                    )
-                except (self._pymongo.errors.PyMongoError, ssl.SSLError, OSError, ValueError, TypeError) as error:
-                    message = f"cannot create a client for {redact_url(self.url)}: {type(error).__name__}: "
-                    raise PersisterError(self.backend, message + self._describe(error)) from error
-                self._pid, self._indexed, self._clock_offset = pid, False, None
-            return self._client_
-
-    def _collection(self) -> Collection[Any]:
-        collection = self._client()[self.database_name][self.collection_name]
-        if not self._indexed and self._purge_ms is not None:
-            self._ensure_ttl_index(collection)
-        return collection
-
-    def _ensure_ttl_index(self, collection: Collection[Any]) -> None:
-        """Once per client, inside the caller's ``_translate``: an unreachable server fails the caller."""
-        errors = self._pymongo.errors
-        try:
-            collection.create_index("purgeAt", expireAfterSeconds=0, name=_TTL_INDEX)
-        except errors.OperationFailure as error:  # e.g. no createIndex privilege: locks still work
-            if isinstance(error, errors.ExecutionTimeout) or error.code in (None, 50):
-                raise
-            logger.warning("mongodb: cannot create the clean-up TTL index on purgeAt: %s", self._describe(error))
-        self._indexed = True
+            raise ValueError(f"invalid MongoDB URL or option {self.url!r}: {self._scrub(str(error))}") from None
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            self.call_timeout = float(timeout)  # pymongo gives timeoutMS in seconds
 
     def _scrub(self, text: str) -> str:
         if self._password:
-            text = text.replace(self._password, "***").replace(unquote(self._password), "***")
+            from urllib.parse import quote
+
+            for form in {self._password, quote(self._password, safe=""), quote(self._password)}:
+                text = text.replace(form, "***")
         return text
 
     def _describe(self, error: BaseException) -> str:
@@ -453,159 +429,356 @@ class MongoDb(Persister):
             raise
         except self._pymongo.errors.PyMongoError as error:
             raise PersisterError(
-                self.backend,
-                f"cannot {action} on {redact_url(self.url)}: {type(error).__name__}: {self._describe(error)}",
+                self.backend, f"cannot {action} on {self.url}: {type(error).__name__}: {self._describe(error)}"
             ) from error
 
-    def _server_now(self) -> float:
-        """The server's clock in epoch seconds, from ``hello`` (measured once a minute)."""
+    def _new_client(self, factory: Callable[..., Any]) -> Any:
+        try:
+            return factory(self._driver_url, connect=False, tz_aware=True, **self._client_options)
+        except (self._pymongo.errors.PyMongoError, ssl.SSLError, OSError, ValueError, TypeError) as error:
+            message = f"cannot create a client for {self.url}: {type(error).__name__}: "
+            raise PersisterError(self.backend, message + self._describe(error)) from error
+
+    # -- connections -------------------------------------------------------------------
+
+    def _entry(self) -> _Entry:
+        """This persister's share of the process's client for its configuration."""
+        pid = os.getpid()
+        with _registry.guard:
+            entry = _registry.sync.get(self._key)
+            if entry is None:
+                entry = _registry.sync[self._key] = _Entry(self._new_client(self._pymongo.MongoClient))
+            entry.users.add(self)
+            if self._client_ is not entry.client or self._pid != pid:
+                self._client_, self._pid, self._clock_offset = entry.client, pid, None
+            return entry
+
+    def _client(self) -> MongoClient[Any]:
+        client = self._client_
+        if client is not None and self._pid == os.getpid():
+            return client
+        return self._entry().client
+
+    def _collection(self) -> Collection[Any]:
+        entry = self._entry()
+        collection = entry.client[self.database_name][self.collection_name]
+        marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
+        if marker not in entry.indexed:
+            self._drive(self._rules.ensure_indexes(), collection)  # inside the caller's _translate
+            entry.indexed.add(marker)
+        return collection
+
+    async def _acollection(self) -> Any:
+        loop = asyncio.get_running_loop()
+        with _registry.guard:
+            clients = _registry.loops.setdefault(loop, {})
+            entry = clients.get(self._key)
+            if entry is None:
+                factory = getattr(self._pymongo, "AsyncMongoClient", None)
+                if factory is None:  # before pymongo 4.9; stable from 4.13
+                    raise PersisterError(self.backend, f"async needs pymongo 4.13.2 or later, not {self._pymongo.version}; "
+                                         "run: pip install -U 'singleton-integrations[mongodb]'")  # fmt: skip
+                entry = clients[self._key] = _Entry(self._new_client(factory))
+            entry.users.add(self)
+        collection = entry.client[self.database_name][self.collection_name]
+        marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
+        if marker not in entry.indexed:
+            await self._adrive(self._rules.ensure_indexes(), collection)
+            entry.indexed.add(marker)
+        if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
+            self._probed_at = time.monotonic()  # so that ``notifies`` never blocks the loop later
+            await self._aprobe_change_streams(collection)
+        return collection
+
+    def close(self) -> None:
+        """Drop this persister's share of the client; the last user closes it. Reconnects if used again."""
+        with _registry.guard:
+            entry = _registry.sync.get(self._key)
+            hubs: list[ReleaseHub] = []
+            last = entry is not None and set(entry.users) <= {self} and entry.client is self._client_
+            if entry is not None:
+                entry.users.discard(self)
+                if last:
+                    del _registry.sync[self._key]
+                    for key in [key for key in _registry.hubs if key[0] == self._key]:
+                        hubs.append(_registry.hubs.pop(key))
+            self._client_ = None
+        for hub in hubs:  # their listeners used this client
+            hub.close()
+        if last and entry is not None and self._pid == os.getpid():
+            entry.client.close()
+
+    async def aclose(self) -> None:
+        """Drop this persister's share of the running loop's async client; the last user closes it."""
+        loop = asyncio.get_running_loop()
+        with _registry.guard:
+            clients = _registry.loops.get(loop, {})
+            entry = clients.get(self._key)
+            if entry is None:
+                return
+            entry.users.discard(self)
+            if entry.users:
+                return
+            del clients[self._key]
+        await entry.client.close()
+
+    # -- running the rules: the only I/O, written once per driver ------------------------
+
+    def _server_now(self, reply: Mapping[str, Any] | None = None, sent: float = 0.0) -> float | None:
+        """The server's clock (epoch seconds) from the cached offset; None when a ``hello`` is due."""
         now = time.time()
+        if reply is not None:
+            local = aware(reply.get("localTime"))
+            offset = local.timestamp() - (sent + now) / 2 if local else 0.0
+            self._clock_offset = (offset, now)
         if self._clock_offset is None or now - self._clock_offset[1] > _CLOCK_REFRESH_SECONDS:
-            with self._translate("read the server clock"):
-                before = time.time()
-                reply = self._client().admin.command("hello")
-                after = time.time()
-            local = _aware(reply.get("localTime"))
-            offset = local.timestamp() - (before + after) / 2 if local else 0.0
-            self._clock_offset = (offset, after)
+            return None
         return now + self._clock_offset[0]
+
+    def _call(self, collection: Any, op: Op) -> Any:
+        if op.method == "server_now":
+            now = self._server_now()
+            if now is None:
+                sent = time.time()
+                now = self._server_now(collection.database.client.admin.command("hello"), sent)
+            return now
+        if op.method == "find":
+            return list(collection.find(*op.args, **op.kwargs))
+        result = getattr(collection, op.method)(*op.args, **op.kwargs)
+        return _result(op.method, result)
+
+    async def _acall(self, collection: Any, op: Op) -> Any:
+        if op.method == "server_now":
+            now = self._server_now()
+            if now is None:
+                sent = time.time()
+                now = self._server_now(await collection.database.client.admin.command("hello"), sent)
+            return now
+        if op.method == "find":
+            return await collection.find(*op.args, **op.kwargs).to_list(None)
+        result = await getattr(collection, op.method)(*op.args, **op.kwargs)
+        return _result(op.method, result)
+
+    def _drive(self, steps: Steps, collection: Any) -> Any:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                reply, error = self._call(collection, op), None
+            except self._pymongo.errors.PyMongoError as failure:
+                reply, error = None, failure
+
+    async def _adrive(self, steps: Steps, collection: Any) -> Any:
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                reply, error = await self._acall(collection, op), None
+            except self._pymongo.errors.PyMongoError as failure:
+                reply, error = None, failure
+
+    def _run(self, action: str, steps: Steps) -> Any:
+        with self._translate(action):
+            return self._drive(steps, self._collection())
+
+    async def _arun(self, action: str, steps: Steps) -> Any:
+        with self._translate(action):
+            return await self._adrive(steps, await self._acollection())
 
     # -- the primitives ----------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
-        ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
-        update = _acquire_update(owner, ttl_ms, self._purge_ms)
-        after = self._pymongo.ReturnDocument.AFTER
-        with self._translate(f"acquire {name!r}"):
-            collection = self._collection()
-            for attempt in range(_DUPLICATE_KEY_RETRIES):
-                try:
-                    doc = collection.find_one_and_update({"_id": name}, update, upsert=True, return_document=after)
-                    break
-                except self._pymongo.errors.DuplicateKeyError:
-                    # Two first-time upserts raced on the unique _id: the other inserted.
-                    # Trying again runs the pipeline on its document, like any contender.
-                    if attempt == _DUPLICATE_KEY_RETRIES - 1:
-                        raise
-            if doc is None:  # SecantusDB: an upsert can answer nothing although it wrote
-                doc = collection.find_one({"_id": name})
-        if doc is not None and doc.get("owner") == owner.owner_token:
-            expired = doc.get("expired")
-            return AcquireResult(True, _record(name, doc), expired=_record(name, expired) if expired else None)
-        if doc is None or doc.get("owner") is None:
-            return AcquireResult(False, None)
-        holder = _record(name, doc)
-        retry = None
-        if holder.expires_at is not None:
-            retry = max(0.0, holder.expires_at.timestamp() - self._server_now())
-        return AcquireResult(False, holder, retry_after=retry)
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        return self._run(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
+
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        return await self._arun(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
 
     def release(self, name: str, owner_token: str) -> bool:
-        update = _release_update(self._purge_ms)
-        with self._translate(f"release {name!r}"):
-            collection = self._collection()
-            if collection.update_one({"_id": name, **_LIVE, "owner": owner_token}, update).matched_count == 1:
-                return True
-            # A lease that ran out untaken is cleared too (a second trip only on this path),
-            # but it was not held until now.
-            collection.update_one({"_id": name, "owner": owner_token}, update)
-        return False
+        released, freed = self._run(f"release {name!r}", self._rules.release(name, owner_token))
+        if freed:
+            self._notify(name)
+        return bool(released)
+
+    async def arelease(self, name: str, owner_token: str) -> bool:
+        released, freed = await self._arun(f"release {name!r}", self._rules.release(name, owner_token))
+        if freed:
+            self._notify(name)
+        return bool(released)
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
-        expires = _expires(ttl_ms)
-        update = [{"$set": {"expiresAt": expires, "purgeAt": _purge(expires, self._purge_ms)}}]
-        with self._translate(f"renew {name!r}"):
-            doc = self._collection().find_one_and_update(
-                {"_id": name, **_LIVE, "owner": owner_token}, update, return_document=self._pymongo.ReturnDocument.AFTER
-            )
-        return _record(name, doc) if doc is not None else None
+        return self._run(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl)))
+
+    async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return await self._arun(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl)))
 
     def get(self, name: str) -> LockRecord | None:
-        with self._translate(f"read {name!r}"):
-            doc = self._collection().find_one({"_id": name, **_LIVE})
-        return _record(name, doc) if doc is not None else None
+        return self._run(f"read {name!r}", self._rules.get(name))
+
+    async def aget(self, name: str) -> LockRecord | None:
+        return await self._arun(f"read {name!r}", self._rules.get(name))
 
     def list(self, prefix: str = "") -> list[LockRecord]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"a name prefix must be a str, not {type(prefix).__name__}")
-        query: dict[str, Any] = dict(_LIVE)
-        if prefix:
-            query["_id"] = {"$regex": "^" + re.escape(prefix)}  # a prefix is text, never a pattern
-        with self._translate("list locks"):
-            docs = list(self._collection().find(query).sort("_id", 1))
-        records = [_record(doc["_id"], doc) for doc in docs if isinstance(doc.get("_id"), str)]
-        return sorted(records, key=lambda record: record.name)
+        return self._run("list locks", self._rules.list(prefix, _prefix_pattern(prefix)))
+
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
+        return await self._arun("list locks", self._rules.list(prefix, _prefix_pattern(prefix)))
 
     def force_release(self, name: str) -> LockRecord | None:
-        with self._translate(f"force-release {name!r}"):
-            doc = self._collection().find_one_and_update(
-                {"_id": name, **_LIVE}, _release_update(self._purge_ms),
-                return_document=self._pymongo.ReturnDocument.BEFORE,
-            )  # fmt: skip
-        return _record(name, doc) if doc is not None else None
+        removed = self._run(f"force-release {name!r}", self._rules.force_release(name))
+        if removed is not None:
+            self._notify(name)
+        return removed
 
-    def _open_stream(self, name: str) -> ChangeStream[Any] | None:
-        """A change stream woken by releases of ``name``; None where the server has none."""
-        woken_by = {
-            "documentKey._id": name,
-            "$or": [
-                {"operationType": {"$in": ["delete", "drop", "dropDatabase", "rename", "invalidate"]}},
-                {"operationType": "replace", "fullDocument.owner": {"$type": "null"}},
-                {"updateDescription.updatedFields.owner": {"$type": "null"}},
-            ],
-        }
+    async def aforce_release(self, name: str) -> LockRecord | None:
+        removed = await self._arun(f"force-release {name!r}", self._rules.force_release(name))
+        if removed is not None:
+            self._notify(name)
+        return removed
+
+    # -- waiting: one change stream per collection and process -------------------------
+
+    def _hub_key(self) -> Any:
+        return (self._key, self.database_name, self.collection_name)
+
+    def _hub(self, create: bool = True) -> ReleaseHub | None:
+        with _registry.guard:
+            hub = _registry.hubs.get(self._hub_key())
+            if hub is None and create:
+                hub = _registry.hubs[self._hub_key()] = ReleaseHub(
+                    self._listen, thread_name=f"singleton-mongodb-{self.collection_name}"
+                )
+            return hub
+
+    def _notify(self, name: str) -> None:
+        hub = self._hub(create=False)
+        if hub is not None:
+            hub.notify(name)
+
+    def watch(self, name: str) -> ReleaseWatch:
+        """A wake-up from the process's one change stream (or an in-process release); see ``ReleaseHub``."""
+        hub = self._hub()
+        assert hub is not None
+        return hub.watch(name)
+
+    def _listen(self, hub: ReleaseHub, stop: threading.Event) -> None:
+        """The hub's listener: one collection-wide change stream, fanned out by name."""
         errors = self._pymongo.errors
         try:
-            collection = self._collection()
-            stream = collection.watch([{"$match": woken_by}], max_await_time_ms=_CHANGE_STREAM_AWAIT_MS)
+            stream = self._collection().watch(_RELEASES, max_await_time_ms=_CHANGE_STREAM_AWAIT_MS)
         except errors.OperationFailure as error:  # a standalone server: no change streams, ever
+            logger.debug("mongodb: change streams unavailable, waiters poll: %s", self._describe(error))
+            self._change_streams = False
+            stop.wait()
+            return
+        self._change_streams = True
+        seed_names: OrderedDict[Any, str] = OrderedDict()  # a seed's delete names only its ObjectId
+        with stream:
+            hub.ready()
+            while not stop.is_set():
+                change = stream.try_next()  # blocks up to _CHANGE_STREAM_AWAIT_MS
+                if change is not None:
+                    _dispatch(hub, change, seed_names)
+
+    async def _aprobe_change_streams(self, collection: Any) -> None:
+        errors = self._pymongo.errors
+        try:
+            with self._pymongo.timeout(_PROBE_SECONDS):
+                stream = await collection.watch([{"$match": {"documentKey._id": ""}}], max_await_time_ms=50)
+                await stream.close()
+            self._change_streams = True
+        except errors.OperationFailure as error:
             logger.debug("mongodb: change streams unavailable, polling: %s", self._describe(error))
             self._change_streams = False
-            return None
-        except (errors.PyMongoError, PersisterError, ValueError):  # unreachable now, or timeoutMS < the await
-            return None
-        self._change_streams = True
-        return stream
+        except errors.PyMongoError:  # unreachable now: still unknown
+            pass
 
     def _probe_change_streams(self) -> bool:
+        if self._change_streams is None and _in_event_loop():
+            # Never block a loop on a probe: unknown means poll (waiters are still woken
+            # by the hub); the first async store call finds out without blocking.
+            return False
         # An unreachable server leaves the answer unknown; asking again at most every
         # _CLOCK_REFRESH_SECONDS keeps each wait from paying a second connect timeout.
         if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
             self._probed_at = time.monotonic()
-            with self._pymongo.timeout(_PROBE_SECONDS):  # a dead server costs the probe little
-                stream = self._open_stream("")  # the empty name is never a lock: the stream stays quiet
-            if stream is not None:
-                _ChangeStreamWatch(self, stream).close()
+            errors = self._pymongo.errors
+            try:
+                with self._pymongo.timeout(_PROBE_SECONDS):  # a dead server costs the probe little
+                    stream = self._collection().watch([{"$match": {"documentKey._id": ""}}], max_await_time_ms=50)
+                    stream.close()
+                self._change_streams = True
+            except errors.OperationFailure as error:
+                logger.debug("mongodb: change streams unavailable, polling: %s", self._describe(error))
+                self._change_streams = False
+            except (errors.PyMongoError, PersisterError, ValueError):  # unreachable now: unknown
+                pass
         return bool(self._change_streams)
-
-    def watch(self, name: str) -> ReleaseWatch:
-        """A change stream on this name where the server has them, else polling."""
-        stream = self._open_stream(name) if self._probe_change_streams() else None
-        return SleepWatch() if stream is None else _ChangeStreamWatch(self, stream)
-
-    def close(self) -> None:
-        with self._guard:
-            client, self._client_ = self._client_, None
-            if client is not None and self._pid == os.getpid():
-                client.close()
 
     # -- plumbing ----------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the configuration only; the client is rebuilt on first use."""
         state = self.__dict__.copy()
-        for key in ("_pymongo", "_guard", "_client_", "_clock_offset"):
+        for key in ("_pymongo", "_client_", "_clock_offset", "_rules"):
             state.pop(key, None)
+        state["_purge_seed"] = (self._rules.purge_ms, self._rules.seed_expire_ms)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        purge_ms, seed_ms = state.pop("_purge_seed")
         self.__dict__.update(state)
         self._pymongo = _import_pymongo()
-        self._guard, self._guard_pid = threading.Lock(), os.getpid()
-        self._client_, self._pid, self._clock_offset, self._probed_at = None, 0, None, -math.inf
+        self._rules = Rules(self._pymongo.errors, purge_ms, seed_ms)
+        self._init_runtime()
 
     def __repr__(self) -> str:
-        return (
-            f"MongoDb({redact_url(self.url)!r}, database={self.database_name!r}, collection={self.collection_name!r})"
-        )
+        return f"MongoDb({self.url!r}, database={self.database_name!r}, collection={self.collection_name!r})"
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _result(method: str, result: Any) -> Any:
+    if method == "update_one":
+        return result.matched_count
+    if method == "delete_one":
+        return result.deleted_count
+    return result
+
+
+def _prefix_pattern(prefix: str) -> str | None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"a name prefix must be a str, not {type(prefix).__name__}")
+    return "^" + re.escape(prefix) if prefix else None  # a prefix is text, never a pattern
+
+
+def _dispatch(hub: ReleaseHub, change: Mapping[str, Any], seed_names: OrderedDict[Any, str]) -> None:
+    """Turn one change event into wake-ups: the name when it is known, everyone when it is not."""
+    kind = change.get("operationType")
+    key = (change.get("documentKey") or {}).get("_id")
+    if kind == "insert":
+        name = (change.get("fullDocument") or {}).get("name")
+        if isinstance(name, str) and not isinstance(key, str):
+            seed_names[key] = name
+            while len(seed_names) > _SEED_IDS_KEPT:
+                seed_names.popitem(last=False)
+        return
+    if kind in ("update", "replace", "delete") and isinstance(key, str):
+        hub.notify(key)
+    elif kind == "delete" and key in seed_names:
+        hub.notify(seed_names.pop(key))
+    else:  # a seed lock from before the stream opened, or the collection went away
+        hub.notify_all()

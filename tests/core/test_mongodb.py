@@ -6,6 +6,7 @@ fixture starts (tests/servers/mongodb_server.py).
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import pickle
@@ -27,7 +28,7 @@ import pytest
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._errors import MissingDependency
 from singleton_integrations._record import Owner
-from singleton_integrations.persisters._base import SleepWatch
+from singleton_integrations.persisters._base import HubWatch
 from singleton_integrations.persisters.mongodb import MongoDb
 from tests.servers import mongodb_server
 
@@ -230,10 +231,12 @@ def test_unreachable_server_raises_persister_error_in_bounded_time() -> None:
     assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
     assert secret not in str(caught.value) and secret not in str(caught.value.__cause__)
     assert pickle.loads(pickle.dumps(caught.value)).backend == "mongodb"
-    # Waiting on it: the change-stream probe gives up quickly, stays unknown, and the
-    # watch falls back to polling instead of paying a second full timeout.
+    # Waiting on it: the change-stream probe gives up quickly and stays unknown, so the
+    # core polls; the watch still answers at once (in-process releases only).
     assert store.notifies is False and store._change_streams is None
-    assert isinstance(store.watch("job"), SleepWatch)
+    watch = store.watch("job")
+    assert isinstance(watch, HubWatch) and watch.wait(0.01) is False
+    watch.close()
 
 
 def test_construction_never_connects() -> None:
@@ -419,14 +422,12 @@ def test_change_stream_wakes_a_waiter_on_release(store: MongoDb, url: str) -> No
     assert other.notifies is replica_set  # found out on first read, before any watch
     watch = other.watch("woken")
     try:
-        assert isinstance(watch, SleepWatch) is not replica_set
+        assert isinstance(watch, HubWatch)
         if replica_set:
             store.renew("woken", owner.owner_token, 600)  # a renewal is not a release: no wake-up
             timer = threading.Timer(0.3, store.release, ("woken", owner.owner_token))
             timer.start()
-            started = time.monotonic()
-            watch.wait(60)
-            assert time.monotonic() - started < 30  # woken by the release, not the timeout
+            assert watch.wait(60) is True  # woken by the release, not the timeout
             timer.join()
             assert store.get("woken") is None
     finally:
@@ -438,9 +439,8 @@ def test_standalone_server_falls_back_to_polling() -> None:
     with mongodb_server.extra_server("--standalone") as server:
         store = MongoDb(server, database=RUN_DATABASE)
         try:
-            assert store.notifies is False and store._change_streams is False
-            assert isinstance(store.watch("job"), SleepWatch)
-            assert isinstance(store.watch("job"), SleepWatch)  # detected once, cached
+            assert store.notifies is False and store._change_streams is False  # detected once, cached
+            assert store.notifies is False
             job = Singleton("job", store, lock_expire_seconds=0.5)
             assert job.lock()
             rival = Singleton("job", store, lock_expire_seconds=30)
@@ -471,3 +471,255 @@ def test_singleton_over_mongodb(store: MongoDb) -> None:
     assert "released" in events
     third.release()
     assert not store.list("smoke")
+
+
+# -- minimum hold (contract 1) ----------------------------------------------------------
+
+
+def test_release_inside_the_minimum_hold_keeps_the_name_held(store: MongoDb) -> None:
+    owner = Owner()
+    taken = store.acquire("slot", owner, 0.2, min_hold=3.0)  # a lease shorter than the hold
+    assert taken.acquired and taken.record is not None and taken.record.hold_until is not None
+    assert taken.record.expires_at == taken.record.hold_until  # folded into the lease
+    assert store.release("slot", owner.owner_token)  # a clean release, into the hold
+    held = store.get("slot")
+    assert held is not None and held.released_at is not None and held.hold_until == taken.record.hold_until
+    assert held.expires_at == held.hold_until and held.fencing_token == taken.record.fencing_token
+    assert not store.release("slot", owner.owner_token)  # the token no longer releases ...
+    assert store.renew("slot", owner.owner_token, 60) is None  # ... or renews it
+    refused = store.acquire("slot", Owner(), 60)
+    assert not refused.acquired and refused.record is not None and refused.record.released
+    assert refused.retry_after is not None and 0 < refused.retry_after <= 3.0
+    assert [record.name for record in store.list()] == ["slot"]
+    time.sleep(refused.retry_after + 0.05)
+    after = store.acquire("slot", Owner(), 60)
+    assert after.acquired and after.expired is None  # the slot ran and ended: not an expiry
+    assert after.record is not None and after.record.fencing_token > taken.record.fencing_token
+    assert after.record.released_at is None and after.record.hold_until is None
+
+
+def test_a_crashed_holder_frees_at_the_later_of_lease_and_hold(store: MongoDb) -> None:
+    crashed = Owner()
+    taken = store.acquire("crash", crashed, 0.1, min_hold=2.5)
+    assert taken.acquired and taken.record is not None
+    time.sleep(0.3)  # the lease alone would be over
+    refused = store.acquire("crash", Owner(), 60)
+    assert not refused.acquired and refused.retry_after is not None
+    time.sleep(refused.retry_after + 0.05)
+    after = store.acquire("crash", Owner(), 60)
+    assert after.acquired and after.expired is not None and after.expired.owner_token == crashed.owner_token
+
+
+def test_renew_never_shortens_the_hold_and_release_after_it_frees(store: MongoDb) -> None:
+    owner = Owner()
+    taken = store.acquire("renewed", owner, 0.5, min_hold=30)
+    assert taken.acquired and taken.record is not None
+    renewed = store.renew("renewed", owner.owner_token, 0.5)
+    assert renewed is not None and renewed.expires_at == taken.record.hold_until
+    longer = store.renew("renewed", owner.owner_token, 120)
+    assert longer is not None and longer.expires_at is not None and taken.record.hold_until is not None
+    assert longer.expires_at > taken.record.hold_until
+    short = Owner()
+    assert store.acquire("short", short, 60, min_hold=0.05).acquired
+    time.sleep(0.1)
+    assert store.release("short", short.owner_token)
+    assert store.get("short") is None  # after the hold: free at once
+    assert raw(store).find_one({"_id": "short"})["name"] == {"free": "short"}
+
+
+# -- purge (contract 2) -------------------------------------------------------------------
+
+
+def test_purge_after_seconds_from_the_url(url: str) -> None:
+    assert MongoDb(f"{url}?purge_after_seconds=120").purge_after_seconds == 120.0
+    assert MongoDb(f"{url}?purgeAfterSeconds=none").purge_after_seconds is None
+    assert MongoDb(url).purge_after_seconds == persisters.DEFAULT_PURGE_AFTER_SECONDS
+    assert MongoDb(f"{url}?purgeAfterSeconds=120", purge_after_seconds=None).purge_after_seconds is None
+
+
+# -- native async (contract 3) ------------------------------------------------------------
+
+
+async def test_async_primitives_round_trip(store: MongoDb) -> None:
+    assert MongoDb.native_async and MongoDb.supports_min_hold
+    owner = Owner(metadata={"run": "async"})
+    taken = await store.aacquire("async", owner, 60)
+    assert taken.acquired and taken.record is not None
+    assert store.get("async") == taken.record  # the sync and async drivers see one store
+    assert await store.aget("async") == taken.record
+    assert [record.name for record in await store.alist("asy")] == ["async"]
+    refused = await store.aacquire("async", Owner(), 60)
+    assert not refused.acquired and refused.record == taken.record and refused.retry_after is not None
+    renewed = await store.arenew("async", owner.owner_token, 120)
+    assert renewed is not None and renewed.expires_at is not None and taken.record.expires_at is not None
+    assert renewed.expires_at > taken.record.expires_at
+    assert await store.arelease("async", owner.owner_token)
+    assert not await store.arelease("async", owner.owner_token)
+    assert await store.aget("async") is None
+    held = await store.aacquire("async", Owner(), 60, min_hold=60)
+    assert held.acquired and held.record is not None and held.record.hold_until is not None
+    removed = await store.aforce_release("async")
+    assert removed is not None and removed.fencing_token == held.record.fencing_token
+    assert await store.aget("async") is None
+    await store.aclose()
+
+
+def _use_in_a_new_loop(store: MongoDb, name: str) -> bool:
+    async def attempt() -> bool:
+        owner = Owner()
+        result = await store.aacquire(name, owner, 60)
+        released = await store.arelease(name, owner.owner_token)
+        await store.aclose()
+        return result.acquired and released
+
+    return asyncio.run(attempt())
+
+
+def test_one_persister_serves_several_event_loops(store: MongoDb) -> None:
+    """pymongo binds an async client to its first loop: each loop gets its own."""
+    assert _use_in_a_new_loop(store, "loop-1")
+    assert _use_in_a_new_loop(store, "loop-2")
+    results: list[bool] = []
+    thread = threading.Thread(target=lambda: results.append(_use_in_a_new_loop(store, "loop-3")))
+    thread.start()
+    thread.join(60)
+    assert results == [True]
+
+
+# -- waiting (contract 4) ----------------------------------------------------------------
+
+
+def _is_replica_set(store: MongoDb) -> bool:
+    hello = store._client().admin.command("hello")
+    return bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+
+
+async def test_many_async_waiters_share_one_change_stream(store: MongoDb, url: str) -> None:
+    holder, waiters = Owner(), 32
+    assert (await store.aacquire("crowd", holder, 600)).acquired
+    other = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name)  # same config: same hub
+    order: list[int] = []
+
+    async def waiter(index: int) -> None:
+        owner = Owner()
+        async with other.awatching("crowd") as watch:
+            while not (await other.aacquire("crowd", owner, 60)).acquired:
+                await watch.wait_async(10)
+        order.append(index)
+        assert await other.arelease("crowd", owner.owner_token)
+
+    tasks = [asyncio.create_task(waiter(index)) for index in range(waiters)]
+    await asyncio.sleep(0.5)
+    listeners = [t for t in threading.enumerate() if t.name == f"singleton-mongodb-{store.collection_name}"]
+    assert len(listeners) == 1  # one listener thread (one change stream) for every waiter
+    assert other._hub() is store._hub()
+    release = asyncio.get_running_loop().run_in_executor(None, store.release, "crowd", holder.owner_token)
+    assert await release
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    assert sorted(order) == list(range(waiters))
+    await other.aclose()
+    other.close()
+
+
+def test_in_process_release_wakes_a_waiter_without_change_streams() -> None:
+    with mongodb_server.extra_server("--standalone") as server:
+        store = MongoDb(server, database=RUN_DATABASE)
+        try:
+            owner = Owner()
+            assert store.acquire("local", owner, 600).acquired
+            with store.watching("local") as watch:
+                threading.Timer(0.2, store.release, ("local", owner.owner_token)).start()
+                assert watch.wait(60) is True  # woken by the release in this process, not the timeout
+        finally:
+            store.close()
+
+
+# -- pools and secrets (contract 6, issue 14 item 6) -------------------------------------
+
+
+def test_persisters_with_one_config_share_one_client(url: str, collection_name: str) -> None:
+    first = MongoDb(url, database=RUN_DATABASE, collection=collection_name)
+    second = persisters.from_url(url, database=RUN_DATABASE, collection=f"{collection_name}_b")
+    different = MongoDb(url, database=RUN_DATABASE, timeout_ms=7000)
+    try:
+        assert isinstance(second, MongoDb)
+        assert first._client() is second._client()  # the collection is not part of the connection
+        assert different._client() is not first._client()
+        assert first.acquire("pooled", Owner(), 60).acquired
+        first.close()  # the other user keeps the client open
+        assert second.acquire("pooled", Owner(), 60).acquired
+        assert first.get("pooled") is not None  # and the closed one reconnects on use
+    finally:
+        first.close()
+        second.close()
+        different.close()
+
+
+def test_the_public_url_holds_no_password() -> None:
+    secret = "hunter2-s3cret"
+    store = MongoDb(f"mongodb://admin:{secret}@h1,h2/db?replicaSet=rs&authSource=admin")
+    assert secret not in store.url and "admin:***@" in store.url
+    assert all(secret not in str(value) for key, value in vars(store).items() if not key.startswith("_"))
+    assert store._client().options.replica_set_name == "rs"  # the client still has the real credentials
+    store.close()
+
+
+async def test_async_unreachable_server_raises_persister_error(url: str) -> None:
+    secret = "hunter2-s3cret"
+    store = MongoDb(f"mongodb://admin:{secret}@127.0.0.1:{closed_port()}/db", timeout_ms=1500)
+    with pytest.raises(PersisterError) as caught:
+        await store.aacquire("job", Owner(), 60)
+    assert isinstance(caught.value.__cause__, pymongo.errors.PyMongoError)
+    assert secret not in str(caught.value)
+    assert store.notifies is False  # inside a loop the probe never blocks: unknown means poll
+    await store.aclose()
+
+
+async def test_a_cancelled_async_waiter_holds_nothing(store: MongoDb) -> None:
+    holder = Owner()
+    assert (await store.aacquire("cancel", holder, 600)).acquired
+
+    async def wait_for_it() -> None:
+        async with store.awatching("cancel") as watch:
+            while not (await store.aacquire("cancel", Owner(), 60)).acquired:
+                await watch.wait_async(60)
+
+    task = asyncio.create_task(wait_for_it())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    current = await store.aget("cancel")
+    assert current is not None and current.owner_token == holder.owner_token
+    assert store._hub() is not None and store._hub().names() == frozenset()  # its watch was closed
+    await store.aclose()
+
+
+def test_callers_wait_for_a_pooled_connection_instead_of_failing(url: str, collection_name: str) -> None:
+    """maxPoolSize=1, eight threads at once: each waits its turn within its deadline."""
+    store = MongoDb(f"{url}?maxPoolSize=1", database=RUN_DATABASE, collection=collection_name)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            owner = Owner()
+            results.append(store.acquire(f"pool-{index}", owner, 60).acquired and store.release(f"pool-{index}", owner.owner_token))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    store.close()
+    assert not errors and results == [True] * 8
+
+
+def test_the_docstring_examples_run() -> None:
+    import doctest
+
+    from singleton_integrations.persisters import mongodb
+
+    assert doctest.testmod(mongodb).failed == 0
