@@ -35,10 +35,10 @@ import signal
 import socket
 import threading
 import time
-from functools import lru_cache
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.standard.operators.python import PythonOperator
@@ -252,7 +252,7 @@ class SingletonOperator(PythonOperator):
         super().__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> Any:
+    def __exit__(self, *exc: object) -> Any:
         """Every task defined inside the block renews the group's lease while it runs."""
         result = super().__exit__(*exc)
         if self.dag is not None and self._guarded_before is not None:

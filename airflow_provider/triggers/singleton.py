@@ -12,7 +12,6 @@ task acquires, and defers again if it lost the race.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any

@@ -23,7 +23,7 @@ from typing import Any
 
 from tests.servers import free_port
 
-__all__ = ["Deployment", "METADATA_SERVER"]
+__all__ = ["METADATA_SERVER", "Deployment"]
 
 #: The PostgreSQL server that hosts each deployment's metadata database (trust auth).
 METADATA_SERVER = os.environ.get("SINGLETON_TEST_METADATA_PG", "postgresql://postgres@127.0.0.1:5432")
