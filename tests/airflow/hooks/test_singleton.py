@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -76,7 +77,8 @@ def test_test_connection_reports_live_locks(store, hold, lock_name) -> None:
     assert ok, message
     assert message.startswith("Lock store at "), message
     if store.kind != "redis":  # Redis is only read for one name: counting would SCAN the whole keyspace
-        assert "1 live lock" in message or (store.kind == "mongodb" and " name" in message), message
+        # Shared servers: other tests may hold locks too, so at least ours is counted.
+        assert re.search(r"\b[1-9]\d* (live lock|name)", message), message
     assert store.conn_id not in message, "Airflow tests a copy under a random id: the message must not name an id"
 
 
