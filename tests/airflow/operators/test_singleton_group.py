@@ -130,3 +130,30 @@ def test_with_a_callable_is_refused() -> None:
         operator = SingletonOperator(task_id="guard", lock_name="x", python_callable=lambda: None)
         with pytest.raises(ValueError, match="guards the tasks inside it"), operator:
             pass
+
+
+@pytest.mark.parametrize("store", ["mongodb"], indirect=True)  # a store with the minimum hold today
+def test_a_guarded_group_runs_its_slot_once_under_a_minimum_hold(store, lock_name, task_log) -> None:
+    def slot(dag_id: str) -> DAG:
+        with (
+            DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag,
+            SingletonOperator(task_id="guard", lock_name=lock_name, singleton_conn_id=store.conn_id,
+                              min_hold_seconds=120, auto_renew=False),
+        ):
+
+            @task
+            def work() -> None:
+                SEEN[dag_id] = True
+
+            work()
+        return dag
+
+    SEEN.clear()
+    first = run_dag(slot("slot_group_first"))
+    assert first["guard_release"].state == "success" and SEEN == {"slot_group_first": True}
+    held = store.holder(lock_name)
+    assert held is not None and held.released_at is not None, "released into the minimum hold, still held"
+    second = run_dag(slot("slot_group_second"))
+    assert second["guard"].state == "skipped" and "slot_group_second" not in SEEN
+    out = task_log()
+    assert "was run by" in out and "(dag slot_group_first, run" in out and "which ran this slot at" in out, out[-3000:]
