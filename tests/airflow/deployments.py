@@ -66,7 +66,10 @@ class Deployment:
         return self.home / "dags"
 
     def env(self) -> dict[str, str]:
-        keep = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        # PYTHONDONTWRITEBYTECODE (set on some CI machines, and uv installs no .pyc) would make every task
+        # process compile Airflow's and our modules from source, which no real install does.
+        keep = {k: v for k, v in os.environ.items()
+                if not k.startswith("AIRFLOW") and k != "PYTHONDONTWRITEBYTECODE"}
         return {
             **keep,
             "AIRFLOW_HOME": str(self.home),
