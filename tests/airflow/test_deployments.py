@@ -92,7 +92,8 @@ def overhead():
 @dag(dag_id="slot", schedule=None, start_date=datetime(2024, 1, 1), catchup=False)
 def slot():
     # Once per logical date across deployments: the slot's name, held for a minute after it ran.
-    @task.singleton(lock_name="slot-" + TAG + "-{{{{ ds }}}}", min_hold_seconds=60, on_conflict="skip")
+    @task.singleton(lock_name="slot-" + TAG + "-{{{{ ds }}}}", min_hold_seconds=60, on_conflict="skip",
+                    singleton_conn_id="slot_store")
     def nightly():
         pass
 
@@ -121,7 +122,11 @@ def deployments(tmp_path_factory: pytest.TempPathFactory, facts: Path) -> Iterat
     kept = os.environ.get("SINGLETON_AIRFLOW_DEPLOYMENTS_DIR")  # keep homes and logs for a look afterwards
     root = Path(kept) / TAG if kept else tmp_path_factory.mktemp("deployments")
     connection = json.dumps({"conn_type": "singleton", "password": _redis()})
+    # The minimum-hold slot uses a second shared store, the MongoDB-wire test server (one of the
+    # stores with the minimum hold when this was written).
+    slot_store = json.dumps({"conn_type": "singleton", "password": _mongodb()})
     pair = tuple(Deployment(name, root, env_extra={"AIRFLOW_CONN_SINGLETON_DEFAULT": connection,
+                                                    "AIRFLOW_CONN_SLOT_STORE": slot_store,
                                                     "AIRFLOW__CORE__TEST_CONNECTION": "Enabled"})
                  for name in ("east", "west"))
     # west preloads the Redis driver before its executor forks task processes (the docs' recipe);
@@ -152,6 +157,12 @@ def _redis() -> str:
     from tests.servers import redis_server
 
     return redis_server.url()
+
+
+def _mongodb() -> str:
+    from tests.servers import mongodb_server
+
+    return mongodb_server.url()
 
 
 def _figure(name: str, value: Any) -> None:

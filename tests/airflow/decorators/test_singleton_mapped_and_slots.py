@@ -6,6 +6,7 @@ import datetime
 import time
 from typing import Any
 
+import pytest
 from airflow.sdk import DAG, task
 
 from tests.airflow._dagrun import run_dag, run_dag_instances
@@ -42,14 +43,15 @@ def test_a_named_lock_is_shared_by_every_map_index(sqlite_store, hold, lock_name
     assert states == ["skipped", "skipped", "skipped"], "one named lock: the holder excludes every instance"
 
 
-def test_a_second_run_of_the_slot_within_the_minimum_hold_is_skipped(sqlite_store, lock_name, task_log) -> None:
+@pytest.mark.parametrize("store", ["mongodb"], indirect=True)  # a store with the minimum hold when written
+def test_a_second_run_of_the_slot_within_the_minimum_hold_is_skipped(store, lock_name, task_log) -> None:
     """Two runs of the same task a few seconds apart: the first runs and releases, the second skips."""
 
     def slot_dag(dag_id: str) -> DAG:
         with DAG(dag_id, schedule=None, start_date=START) as dag:
 
             @task.singleton(lock_name=lock_name + "-{{ ds }}", min_hold_seconds=60,
-                            singleton_conn_id=sqlite_store.conn_id, lock_metadata={"region": dag_id})
+                            singleton_conn_id=store.conn_id, lock_metadata={"region": dag_id})
             def nightly() -> None:
                 pass
 
