@@ -33,13 +33,22 @@ class SingletonError(Exception):
 
 
 class LockConflict(SingletonError):
-    """Another live holder has the lock; ``holder`` says who, when known."""
+    """Another live holder has the lock; ``holder`` says who, when known.
+
+    During a minimum hold the holder's record is marked released, and the
+    message says the slot already ran (when, where, and until when it is held).
+    """
 
     def __init__(self, name: str, holder: LockRecord | None = None, message: str | None = None) -> None:
         self.name = name
         self.holder = holder
         if message is None:
-            message = f"lock {name!r} is held by {holder.describe()}" if holder else f"lock {name!r} is held by another process"
+            if holder is None:
+                message = f"lock {name!r} is held by another process"
+            elif holder.released:  # released into its minimum hold: the slot already ran
+                message = f"lock {name!r} already ran its slot: {holder.describe()}"
+            else:
+                message = f"lock {name!r} is held by {holder.describe()}"
         super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:

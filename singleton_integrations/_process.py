@@ -1,4 +1,11 @@
-"""Process-wide duties of held locks: release on SIGTERM and at exit, forget in a forked child."""
+"""Process-wide duties of held locks: release on SIGTERM and at exit, forget in a forked child.
+
+Releasing at exit has one deadline for every held lock together
+(``EXIT_RELEASE_SECONDS``), and the releases run in parallel: a hung store costs
+the process at most that long to exit, however many locks it holds. A lock not
+released by then (or after SIGKILL, which no handler sees) stays held on the
+store until its lease (``lock_expire_seconds``) or its minimum hold ends.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +13,92 @@ import atexit
 import os
 import signal
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._events import logger
 
 if TYPE_CHECKING:
-    from ._singleton import Singleton
+    from ._lockstate import LockState
 
-__all__ = ["register", "unregister"]
+__all__ = ["EXIT_RELEASE_SECONDS", "after_exit_release", "register", "release_all", "unregister"]
+
+#: The most that releasing every held lock may take at exit or on SIGTERM, all locks
+#: together. Orchestrators usually wait longer before SIGKILL (Kubernetes: 30 s).
+EXIT_RELEASE_SECONDS = 10.0
 
 try:
     from _signal import getsignal as _raw_getsignal
 except ImportError:  # pragma: no cover - other interpreters
     _raw_getsignal = signal.getsignal
 
-_held: weakref.WeakSet[Singleton] = weakref.WeakSet()
+_held: weakref.WeakSet[LockState] = weakref.WeakSet()
 _guard = threading.RLock()  # re-entrant: the SIGTERM handler runs on the main thread mid-call
 _previous_handler: Any = None
 _installed = False
 
 
-def register(singleton: Singleton, on_sigterm: bool) -> None:
+def register(state: LockState, on_sigterm: bool) -> None:
     """Track a held lock; install the SIGTERM handler once, from the main thread only."""
     with _guard:
-        _held.add(singleton)
+        _held.add(state)
     if on_sigterm:
         _install_sigterm_handler()
 
 
-def unregister(singleton: Singleton) -> None:
+def unregister(state: LockState) -> None:
     with _guard:
-        _held.discard(singleton)
+        _held.discard(state)
 
 
-def _release_all(reason: str) -> None:
+def _release_one(state: LockState, reason: str) -> None:
+    hold = state.exit_snapshot()
+    if hold is None:
+        return
+    try:
+        confirmed = bool(state.persister.release(state.name, hold.owner_token))
+    except Exception as error:  # the store is down: the lease ends on its own
+        logger.warning("releasing lock %r on %s failed: %s", state.name, reason, error)
+        return
+    state.exit_released(hold, confirmed, reason)
+
+
+def release_all(reason: str, deadline_seconds: float | None = None) -> list[str]:
+    """Release every lock this process holds, in parallel, within one deadline; the names not released."""
+    limit = EXIT_RELEASE_SECONDS if deadline_seconds is None else deadline_seconds
     with _guard:
-        held = [s for s in _held if s._owned_here()]
-    for singleton in held:
-        try:
-            singleton._release_for(reason)
-        except Exception:
-            logger.exception("releasing lock %r on %s failed", singleton.name, reason)
+        held = [state for state in _held if state.owned_here() and state.hold is not None]
+    if not held:
+        return []
+    end = time.monotonic() + limit
+    workers = []
+    for state in held:
+        worker = threading.Thread(
+            target=_release_one, args=(state, reason), name=f"singleton-exit:{state.name}", daemon=True
+        )
+        worker.start()
+        workers.append((state, worker))
+    unfinished = []
+    for state, worker in workers:
+        worker.join(max(end - time.monotonic(), 0.0))
+        if worker.is_alive():
+            unfinished.append(state.name)
+    if unfinished:
+        logger.warning(
+            "gave up releasing %d lock(s) on %s after %g s (the store did not answer): %s; "
+            "they stay held until their lease ends",
+            len(unfinished),
+            reason,
+            limit,
+            ", ".join(map(repr, unfinished)),
+        )
+    return unfinished
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    _release_all("SIGTERM")
+    release_all("SIGTERM")
     previous = _previous_handler
     if callable(previous):
         previous(signum, frame)
@@ -83,5 +130,26 @@ def _after_fork_in_child() -> None:
     _guard = threading.RLock()  # the parent's may have been held by another thread at fork
 
 
-atexit.register(_release_all, "process exit")
+_after_exit: list[Callable[[], None]] = []
+
+
+def after_exit_release(callback: Callable[[], None]) -> None:
+    """Run ``callback`` at exit after every held lock was released (persisters close shared pools here).
+
+    A persister's own ``atexit`` handler would run before this module's (last
+    registered runs first) and close the connections the exit release still needs.
+    """
+    _after_exit.append(callback)
+
+
+def _at_exit() -> None:
+    release_all("process exit")
+    for callback in reversed(_after_exit):
+        try:
+            callback()
+        except Exception as error:  # at exit, nobody is left to tell
+            logger.debug("an exit hook failed: %s", type(error).__name__)
+
+
+atexit.register(_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,59 +1,138 @@
-"""``Singleton``: one holder of a name across processes and hosts, over any persister."""
+"""``Singleton`` and ``AsyncSingleton``: one holder of a name across processes and hosts, over any persister.
+
+The lock's rules live once in ``_lockstate.LockState``; the two classes here
+only make the store calls, blocking or awaited (httpx's ``Client`` /
+``AsyncClient`` split). Both are safe to share: concurrent ``lock()`` calls on
+one object make one store attempt and all see its outcome, and so do
+concurrent ``release()`` calls.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from . import _process
-from ._errors import LockConflict, LockLost, PersisterError, SingletonError
-from ._events import EventEmitter, logger
-from ._record import AcquireResult, LockRecord, Owner, validate_metadata, validate_name, validate_ttl
+from ._errors import LockConflict, LockLost
+from ._events import logger
+from ._lockstate import DEFAULT_LOCK_EXPIRE_SECONDS, UNSET, Flight, LockState, call_store, store_error, validate_wait
+from ._record import AcquireResult, LockRecord
 from .persisters._base import Persister, ReleaseWatch
 
 __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton"]
 
-#: Five minutes, the seed's example: a crashed holder never wedges a name for
-#: good, and longer jobs opt into ``auto_renew=True`` or a longer lease.
-DEFAULT_LOCK_EXPIRE_SECONDS = 300.0
 #: While waiting on a store that notifies, still look again this often (a lost
 #: notification costs at most this much).
 _NOTIFY_SAFETY_POLL = 2.0
-#: How soon a cancelled wait (async cancellation, a CLI signal) notices.
+#: How soon a cancelled wait (a ``cancel`` event set by a CLI signal) notices.
 _CANCEL_CHECK_INTERVAL = 0.1
 
-_UNSET: Any = object()
+LockCallback = Callable[[BaseException | None, bool | None], object]
+ReleaseCallback = Callable[[BaseException | None], object]
 
 
-def _resolve_persister(persister: Persister | str | None) -> Persister:
-    from . import persisters
-
-    if persister is None:
-        return persisters.Sqlite()
-    if isinstance(persister, str):
-        return persisters.from_url(persister)
-    if not isinstance(persister, Persister):
-        raise TypeError(f"persister must be a Persister, a store URL or None, not {type(persister).__name__}")
-    return persister
+def _check_callback(callback: object) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
 
 
-def _validate_wait(wait: object) -> float:
-    if wait is None:
-        return 0.0
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
-        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
-    if math.isnan(wait) or wait < 0:
-        raise ValueError(f"wait must be zero or more seconds, not {wait!r}")
-    return float(wait)
+def _finish(callback: Callable[..., object] | None, value: Any) -> Any:
+    if callback is not None:
+        callback(None, value)
+    return value
 
 
-class Singleton(EventEmitter):
+def _pause(
+    persister: Persister, watch: ReleaseWatch, result: AcquireResult, remaining: float, asynchronous: bool
+) -> float:
+    """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
+    notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
+    # Polls are jittered: waiters that started together would otherwise all wake together,
+    # and each round would hand the name to one of them only.
+    pause = min(remaining, _NOTIFY_SAFETY_POLL if notifies else persister.poll_interval * random.uniform(0.5, 1.0))
+    if result.retry_after is not None:
+        pause = min(pause, max(result.retry_after, 0.0) + 0.001)
+    return pause
+
+
+class _Face:
+    """What both faces read without I/O: every property delegates to the shared ``LockState``."""
+
+    _state: LockState
+
+    name = property(lambda self: self._state.name, doc="The lock's name.")
+    persister = property(lambda self: self._state.persister, doc="The store this lock lives in.")
+    lock_expire_seconds = property(
+        lambda self: self._state.lock_expire_seconds, doc="The lease length (None: never expires)."
+    )
+    auto_renew = property(lambda self: self._state.auto_renew, doc="Whether a renewer extends the lease while held.")
+    renew_interval = property(lambda self: self._state.renew_interval, doc="Seconds between renewals.")
+    metadata = property(lambda self: self._state.metadata, doc="Shown to contenders in conflict messages.")
+    release_on_sigterm = property(lambda self: self._state.release_on_sigterm)
+    min_hold_seconds = property(
+        lambda self: self._state.min_hold_seconds,
+        doc="The name stays held at least this long after acquiring, even once released.",
+    )
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock: False once the lease may have ended (see ``loss_margin``)."""
+        return self._state.held
+
+    @property
+    def lost(self) -> bool:
+        """True once a held lock expired, was taken over, or could not be renewed in time before ``release``."""
+        return self._state.lost
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The current hold's fencing token: pass it to the resource you protect."""
+        record = self._state.record()
+        return record.fencing_token if record is not None else None
+
+    @property
+    def record(self) -> LockRecord | None:
+        """Our lock record while held."""
+        return self._state.record()
+
+    @property
+    def last_holder(self) -> LockRecord | None:
+        """The holder seen by the latest failed attempt, for conflict messages."""
+        return self._state.last_holder
+
+    @property
+    def loss_margin(self) -> float:
+        """Seconds before the locally estimated lease end at which a lock whose renewals fail is declared lost."""
+        return self._state.margin
+
+    def on(self, event: str, handler: Callable[[Any], object]) -> Callable[[Any], object]:
+        """Call ``handler`` on each ``event`` (see ``EVENTS``)."""
+        return self._state.on(event, handler)
+
+    def once(self, event: str, handler: Callable[[Any], object]) -> Callable[[Any], object]:
+        """Call ``handler`` on the next ``event`` only."""
+        return self._state.once(event, handler)
+
+    def off(self, event: str, handler: Callable[[Any], object]) -> None:
+        """Stop calling ``handler``."""
+        self._state.off(event, handler)
+
+    def emit(self, event: str, payload: Any, name: str | None = None) -> None:
+        self._state.emit(event, payload, self._state.name if name is None else name)
+
+    def _conflict_error(self) -> LockConflict:
+        return LockConflict(self._state.name, self._state.last_holder)
+
+    def _lost_error(self) -> LockLost:
+        return LockLost(self._state.name, f"exclusivity on lock {self._state.name!r} was lost before the block ended")
+
+
+class Singleton(_Face):
     """A named lock held by at most one live owner, judged by the store's clock.
 
     >>> from singleton_integrations import Singleton, persisters
@@ -64,6 +143,9 @@ class Singleton(EventEmitter):
     1
     >>> job.release()
     True
+
+    ``with job:`` is reentrant on one object: nested blocks share the hold and the
+    outermost exit releases it.
     """
 
     def __init__(
@@ -72,128 +154,90 @@ class Singleton(EventEmitter):
         persister: Persister | str | None = None,
         options: Mapping[str, Any] | None = None,
         *,
-        lock_expire_seconds: float | None = _UNSET,
+        lock_expire_seconds: float | None = UNSET,
         auto_renew: bool = False,
         renew_interval: float | None = None,
         metadata: Mapping[str, str] | None = None,
         release_on_sigterm: bool = True,
+        min_hold_seconds: float | None = None,
     ) -> None:
-        super().__init__()
-        self.name = validate_name(name)
-        if options is not None:  # the seed's options object: {"lockExpireSeconds": 300}
-            if not isinstance(options, Mapping):
-                raise TypeError(f"options must be a mapping, not {type(options).__name__}")
-            unknown = set(options) - {"lockExpireSeconds", "lock_expire_seconds"}
-            if unknown:
-                raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
-            if lock_expire_seconds is _UNSET:
-                lock_expire_seconds = options.get("lockExpireSeconds", options.get("lock_expire_seconds", _UNSET))
-        if lock_expire_seconds is _UNSET:
-            lock_expire_seconds = DEFAULT_LOCK_EXPIRE_SECONDS
-        self.lock_expire_seconds = validate_ttl(lock_expire_seconds)
-        if not isinstance(auto_renew, bool):
-            raise TypeError("auto_renew must be a bool")
-        if auto_renew and self.lock_expire_seconds is None:
-            raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
-        self.auto_renew = auto_renew
-        self.renew_interval = validate_ttl(renew_interval, "renew_interval")
-        if self.renew_interval is None and self.lock_expire_seconds is not None:
-            self.renew_interval = self.lock_expire_seconds / 3
-        self.release_on_sigterm = bool(release_on_sigterm)
-        self.metadata = validate_metadata(metadata)
-        self.persister = _resolve_persister(persister)
-        self._state = threading.RLock()
-        self._hold: LockRecord | None = None
-        self._owner_pid = 0
-        self._lost = False
-        self._last_holder: LockRecord | None = None
-        self._renewer: threading.Thread | None = None
-        self._stop_renewing = threading.Event()
-        self._lease_deadline = 0.0  # monotonic time our lease surely ends if never renewed
+        self._state = LockState(
+            name,
+            persister,
+            options,
+            lock_expire_seconds=lock_expire_seconds,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            metadata=metadata,
+            release_on_sigterm=release_on_sigterm,
+            min_hold_seconds=min_hold_seconds,
+        )
 
-    # -- state -----------------------------------------------------------------
-
-    @property
-    def held(self) -> bool:
-        """Whether this instance believes it holds the lock (see ``verify`` to ask the store)."""
-        return self._hold is not None and self._owned_here()
-
-    @property
-    def lost(self) -> bool:
-        """True once a held lock expired or was taken over before ``release``."""
-        return self._lost
-
-    @property
-    def fencing_token(self) -> int | None:
-        """The current hold's fencing token: pass it to the resource you protect."""
-        hold = self._hold
-        return hold.fencing_token if hold is not None and self._owned_here() else None
-
-    @property
-    def record(self) -> LockRecord | None:
-        """Our lock record while held."""
-        return self._hold if self._owned_here() else None
-
-    @property
-    def last_holder(self) -> LockRecord | None:
-        """The holder seen by the latest failed attempt, for conflict messages."""
-        return self._last_holder
-
-    def _owned_here(self) -> bool:
-        return self._owner_pid == os.getpid()
+    @classmethod
+    def _over(cls, state: LockState) -> Singleton:
+        """A blocking face on an existing lock state (``AsyncSingleton.sync``)."""
+        face = cls.__new__(cls)
+        face._state = state
+        return face
 
     # -- the seed's three methods ------------------------------------------------
 
     def lock(
-        self,
-        callback: Callable[[BaseException | None, bool | None], object] | None = None,
-        *,
-        wait: float | None = None,
-        cancel: threading.Event | None = None,
+        self, callback: LockCallback | None = None, *, wait: float | None = None, cancel: threading.Event | None = None
     ) -> bool:
         """Try to take the lock; with ``wait``, block up to that many seconds for it.
 
-        Returns True when acquired, False when another live holder kept it.
-        ``callback(err, success)`` is the seed's style and is called as well.
-        Setting ``cancel`` (a ``threading.Event``) from another thread or a
-        signal handler ends the wait early.
+        Returns True when acquired (or already held by this object), False when
+        another live holder kept it. ``callback(err, success)`` is the seed's style
+        and is called as well. Setting ``cancel`` (a ``threading.Event``) from
+        another thread or a signal handler ends the wait early. Concurrent calls
+        on this object share one store attempt.
         """
-        seconds = _validate_wait(wait)
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable")
-        if self.held and not self._lost:
-            return self._finish(callback, None, True)
-        self.emit("locking", lambda: f"locking {self.name!r}", self.name)
+        seconds = validate_wait(wait)
+        _check_callback(callback)
+        state = self._state
+        deadline = time.monotonic() + seconds
+        while True:
+            self._settle_release()
+            started = state.start_acquire()
+            if started is None:
+                return _finish(callback, True)
+            flight, mine = started
+            if mine:
+                break
+            joined = self._join(flight, deadline, cancel)
+            if joined is not None:
+                return _finish(callback, joined)
+        self._release_stale()
+        state.emit("locking", lambda: f"locking {state.name!r}", state.name)
         try:
-            result = self._acquire(seconds, cancel)
-        except Exception as error:
-            return self._fail(callback, error)
-        if not result.acquired:
-            self._last_holder = result.record
-            who = result.record.describe() if result.record else "another process"
-            waited = f" after waiting {seconds:g} s" if seconds else ""
-            self.emit("conflict", lambda: f"lock {self.name!r} is held by {who}{waited}", self.name)
-            return self._finish(callback, None, False)
-        record = result.record
-        assert record is not None
-        if result.expired is not None:
-            self.emit("expired", lambda: f"lock {self.name!r} held by {result.expired.describe()} had expired and was taken over", self.name)
-        self._take(record)
-        self.emit("locked", lambda: f"locked {self.name!r} with fencing token {record.fencing_token}", self.name)
-        return self._finish(callback, None, True)
+            sent_at, result = self._acquire(seconds, cancel, flight)
+            generation = state.settle(result, sent_at, seconds)
+            if generation is not None and state.auto_renew:
+                self._start_renewal(generation)
+        except BaseException as error:
+            state.end_acquire(flight, error=error)
+            if isinstance(error, Exception):
+                state.emit("error", error, state.name)
+                if callback is not None:
+                    callback(error, None)
+            raise
+        state.end_acquire(flight, generation is not None)
+        return _finish(callback, generation is not None)
 
-    def release(self, callback: Callable[[BaseException | None], object] | None = None) -> bool:
-        """Give the lock up if this instance still holds it; True when it did.
+    def release(self, callback: ReleaseCallback | None = None) -> bool:
+        """Give the lock up if this object still holds it; True when the store confirms it did.
 
-        Owner-checked: a lock that expired and was taken over is left to its new holder.
+        Owner-checked: a lock that expired and was taken over is left to its new
+        holder. Releases regardless of ``with`` nesting. Concurrent calls share one
+        store call and return its answer.
         """
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable")
-        self.emit("releasing", lambda: f"releasing {self.name!r}", self.name)
+        _check_callback(callback)
+        state = self._state
+        state.emit("releasing", lambda: f"releasing {state.name!r}", state.name)
         try:
-            released = self._release_for("release")
+            released = self._release("release")
         except Exception as error:
-            self.emit("error", error, self.name)
             if callback is not None:
                 callback(error)
             raise
@@ -201,32 +245,30 @@ class Singleton(EventEmitter):
             callback(None)
         return released
 
-    def exists(self, callback: Callable[[BaseException | None, bool | None], object] | None = None) -> bool:
-        """Whether a live lock exists for this name, whoever holds it."""
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable")
+    def exists(self, callback: LockCallback | None = None) -> bool:
+        """Whether a live lock exists for this name, whoever holds it (a minimum hold counts)."""
+        _check_callback(callback)
         try:
-            found = self._call(self.persister.get, self.name) is not None
+            found = call_store(self.persister, self.persister.get, self.name) is not None
         except Exception as error:
-            return self._fail(callback, error)
-        return self._finish(callback, None, found)
+            self._state.emit("error", error, self.name)
+            if callback is not None:
+                callback(error, None)
+            raise
+        return _finish(callback, found)
 
     # -- beyond the seed -----------------------------------------------------------
 
     def holder(self) -> LockRecord | None:
-        """Who holds the lock now (host, pid, since when, fencing token), if anyone."""
-        return self._call(self.persister.get, self.name)
+        """Who holds the lock now (host, pid, since when, fencing token); during a minimum hold, the released record."""
+        return call_store(self.persister, self.persister.get, self.name)
 
     def verify(self) -> bool:
         """Ask the store whether we still hold the lock; a loss found here emits ``lost``."""
-        hold = self._hold
-        if hold is None or not self._owned_here():
+        hold = self._state.record()
+        if hold is None:
             return False
-        current = self._call(self.persister.get, self.name)
-        if current is not None and current.owner_token == hold.owner_token:
-            return True
-        self._mark_lost("the store no longer shows this owner's lock")
-        return False
+        return self._state.verified(hold, call_store(self.persister, self.persister.get, self.name))
 
     def ensure_held(self) -> None:
         """Raise ``LockLost`` unless the store confirms we hold the lock (call before side effects)."""
@@ -235,242 +277,452 @@ class Singleton(EventEmitter):
 
     def renew(self) -> bool:
         """Extend the lease now; False (and ``lost``) when the lock is no longer ours."""
-        hold = self._hold
-        if hold is None or not self._owned_here():
+        ticket = self._state.begin_renew()
+        if ticket is None:
             return False
-        record = self._call(self.persister.renew, self.name, hold.owner_token, self.lock_expire_seconds)
-        if record is None:
-            self._mark_lost("renewal refused: the lock expired or was taken over")
-            return False
-        with self._state:
-            if self._hold is not None and self._hold.owner_token == record.owner_token:
-                self._hold = record
-                self._lease_deadline = time.monotonic() + (self.lock_expire_seconds or math.inf)
-        self.emit("renewed", lambda: f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}", self.name)
-        return True
+        record = call_store(
+            self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
+        )
+        return self._state.renewed(ticket, record)
 
     def __enter__(self) -> Singleton:
         if not self.lock():
-            raise LockConflict(self.name, self._last_holder)
+            raise self._conflict_error()
+        self._state.enter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        lost = self._lost
-        self.release()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        state = self._state
+        lost = state.lost
+        if state.leave():
+            try:
+                self.release()
+            except Exception:
+                if not lost and exc_type is None:
+                    raise
+                logger.warning(
+                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
+                )
         if lost and exc_type is None:
-            raise LockLost(self.name, f"exclusivity on lock {self.name!r} was lost before the block ended")
+            raise self._lost_error()
 
     def __repr__(self) -> str:
-        state = "held" if self.held else ("lost" if self._lost else "free")
-        return f"Singleton({self.name!r}, {self.persister!r}, {state})"
+        return f"Singleton({self.name!r}, {self.persister!r}, {self._state.state_word()})"
 
     # -- internals -------------------------------------------------------------------
 
-    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return method(*args)
-        except SingletonError:
-            raise
-        except Exception as error:  # a persister that leaked a driver error
-            raise PersisterError(self.persister.backend, f"{type(error).__name__}: {error}") from error
+    def _join(self, flight: Flight, deadline: float, cancel: threading.Event | None) -> bool | None:
+        """Share another thread's attempt: its outcome, False at our own deadline, None to try ourselves."""
+        flight.answered.wait()
+        while not flight.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or (cancel is not None and cancel.is_set()):
+                self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
+                return False
+            flight.done.wait(min(left, _CANCEL_CHECK_INTERVAL) if cancel is not None else min(left, 3600.0))
+        value = flight.outcome()
+        if value is None:
+            return None
+        return bool(value) or self._state.held
 
-    def _attempt(self) -> AcquireResult:
-        owner = Owner(metadata=self.metadata)
-        return self._call(self.persister.acquire, self.name, owner, self.lock_expire_seconds)
+    def _settle_release(self) -> None:
+        releasing = self._state.pending_release()
+        if releasing is not None:
+            releasing.done.wait()
 
-    def _acquire(self, wait: float, cancel: threading.Event | None) -> AcquireResult:
+    def _release_stale(self) -> None:
+        stale = self._state.take_stale_hold()
+        if stale is not None:
+            try:
+                self.persister.release(self.name, stale.owner_token)
+            except Exception as error:  # best effort: its lease ends on its own
+                logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
+
+    def _attempt(self) -> tuple[float, AcquireResult]:
+        args = self._state.acquire_args(self._state.owner())
+        sent_at = time.monotonic()
+        return sent_at, call_store(self.persister, self.persister.acquire, *args)
+
+    def _acquire(self, wait: float, cancel: threading.Event | None, flight: Flight) -> tuple[float, AcquireResult]:
         if wait <= 0:
-            return self._attempt()
+            sent_at, result = self._attempt()
+            flight.answer(result)
+            return sent_at, result
         deadline = time.monotonic() + wait
-        poll = _NOTIFY_SAFETY_POLL if self.persister.notifies else self.persister.poll_interval
         with self.persister.watching(self.name) as watch:
             while True:
-                result = self._attempt()
+                sent_at, result = self._attempt()
+                flight.answer(result)
                 remaining = deadline - time.monotonic()
                 if result.acquired or remaining <= 0 or (cancel is not None and cancel.is_set()):
-                    return result
-                pause = min(remaining, poll)
-                if result.retry_after is not None:
-                    pause = min(pause, max(result.retry_after, 0.0) + 0.001)
+                    return sent_at, result
+                pause = _pause(self.persister, watch, result, remaining, asynchronous=False)
                 if cancel is None:
                     watch.wait(pause)
                 elif not self._wait_cancellable(watch, pause, cancel):
-                    return result
+                    return sent_at, result
 
     @staticmethod
     def _wait_cancellable(watch: ReleaseWatch, pause: float, cancel: threading.Event) -> bool:
-        """Wait in short slices so ``cancel`` is seen soon, without more store round trips.
+        """Wait in short slices so ``cancel`` is seen soon; a slice woken by a release ends the wait.
 
-        A slice that ends early was woken by a release: stop waiting and try again.
-        Returns False when cancelled.
+        ``ReleaseWatch.wait`` says whether it was woken, so a wake-up landing at a
+        slice's end is never mistaken for a timeout. Returns False when cancelled.
         """
         end = time.monotonic() + pause
         while (left := end - time.monotonic()) > 0:
             step = min(_CANCEL_CHECK_INTERVAL, left)
             started = time.monotonic()
-            watch.wait(step)
+            woken = watch.wait(step)
             if cancel.is_set():
                 return False
-            if time.monotonic() - started < step * 0.9:
+            if woken or (woken is None and time.monotonic() - started < step * 0.9):  # None: an older watch
                 break
         return not cancel.is_set()
 
-    def _take(self, record: LockRecord) -> None:
-        with self._state:
-            self._hold = record
-            self._owner_pid = os.getpid()
-            self._lost = False
-            self._lease_deadline = time.monotonic() + (self.lock_expire_seconds or math.inf)
-            if self.auto_renew:
-                self._stop_renewing = threading.Event()
-        _process.register(self, self.release_on_sigterm)
-        if self.auto_renew:
-            self._renewer = threading.Thread(
-                target=self._renew_loop, args=(self._stop_renewing, record.owner_token),
-                name=f"singleton-renew:{self.name}", daemon=True,
-            )
-            self._renewer.start()
-
-    def _drop(self) -> LockRecord | None:
-        with self._state:
-            hold, self._hold = self._hold, None
-            self._stop_renewing.set()
-        _process.unregister(self)
-        return hold
-
-    def _release_for(self, reason: str) -> bool:
-        if not self._owned_here():
-            return False  # a forked child never releases its parent's lock
-        hold = self._hold
-        if hold is None:
-            self.emit("released", lambda: f"{self.name!r} was not held; nothing to release", self.name)
+    def _release(self, reason: str) -> bool:
+        state = self._state
+        started = state.begin_release()
+        if started is None:
+            state.nothing_to_release()
             return False
-        self._stop_renewing.set()
-        # Ask the store first: if it fails, we still know our token and release() can be retried.
-        released = self._call(self.persister.release, self.name, hold.owner_token)
-        self._drop()
-        if released:
-            self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
-        else:
-            if not self._lost:
-                self._lost = True
-                self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release", self.name)
-            self.emit("released", lambda: f"{self.name!r} was no longer ours; left to its new holder", self.name)
-        return released
+        flight, mine, hold = started
+        if not mine:
+            flight.done.wait()
+            return bool(flight.outcome())
+        try:
+            # Ask the store first: if it fails, we still know our token and release() can be retried.
+            confirmed = bool(call_store(self.persister, self.persister.release, self.name, hold.owner_token))
+        except BaseException as error:
+            state.release_failed(flight, error)
+            raise
+        return state.released(flight, hold, confirmed, reason)
 
-    def _mark_lost(self, why: str) -> None:
-        with self._state:
-            if self._hold is None:
-                return
-            self._lost = True
-        self._drop()
-        self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: {why}", self.name)
+    def _start_renewal(self, generation: int) -> None:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._renew_loop, args=(generation, stop), name=f"singleton-renew:{self.name}", daemon=True
+        )
+        self._state.set_renewal(generation, stop.set)
+        thread.start()
 
-    def _renew_loop(self, stop: threading.Event, owner_token: str) -> None:
-        interval = self.renew_interval or 1.0
+    def _renew_loop(self, generation: int, stop: threading.Event) -> None:
+        state = self._state
+        interval = state.renew_interval or 1.0
         while not stop.wait(interval):
-            hold = self._hold
-            if hold is None or hold.owner_token != owner_token or not self._owned_here():
+            ticket = state.begin_renew(generation)
+            if ticket is None:
                 return
             try:
-                if not self.renew():
-                    return
-                interval = self.renew_interval or 1.0
+                record = call_store(
+                    self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
+                )
             except Exception as error:
-                self.emit("error", error, self.name)
-                left = self._lease_deadline - time.monotonic()
-                if left <= 0:
-                    self._mark_lost(f"renewal failed until the lease ran out ({error})")
+                retry = state.renew_failed(ticket, error)
+                if retry is None:
                     return
-                interval = min(self.renew_interval or 1.0, max(left / 3, 0.05))
-
-    def _fail(self, callback: Callable[[BaseException | None, Any], object] | None, error: Exception) -> Any:
-        self.emit("error", error, self.name)
-        if callback is not None:
-            callback(error, None)
-        raise error
-
-    @staticmethod
-    def _finish(callback: Callable[[BaseException | None, Any], object] | None, error: None, value: Any) -> Any:
-        if callback is not None:
-            callback(error, value)
-        return value
+                interval = retry
+                continue
+            if not state.renewed(ticket, record):
+                return
+            interval = state.renew_interval or 1.0
 
 
-class AsyncSingleton:
-    """``Singleton`` as coroutines: persister calls run in a worker thread, never on the loop.
+# Tasks that release an acquire which completed as its waiter was cancelled: kept
+# referenced until done, so the event loop cannot drop them half-way.
+_cleanups: set[asyncio.Task[Any]] = set()
 
-    Cancelling ``lock(wait=...)`` stops the wait; a lock acquired as the
-    cancellation arrived is released, so cancellation never leaks a lock.
+
+class AsyncSingleton(_Face):
+    """``Singleton`` for coroutines, over the persister's async primitives.
+
+    Waits hold no thread (``ReleaseWatch.wait_async``), renewal is a task on the
+    loop, and cancellation is native: a cancelled ``lock(wait=...)`` returns at
+    once holding nothing, and an acquire that completed as the cancellation
+    arrived is released in the background. ``release()`` is shielded, so a
+    cancelled task still releases. ``async with`` is reentrant on one object.
     """
 
-    def __init__(self, name: str, persister: Persister | str | None = None, options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        self.sync = Singleton(name, persister, options, **kwargs)
+    def __init__(
+        self,
+        name: str,
+        persister: Persister | str | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        lock_expire_seconds: float | None = UNSET,
+        auto_renew: bool = False,
+        renew_interval: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        release_on_sigterm: bool = True,
+        min_hold_seconds: float | None = None,
+    ) -> None:
+        self._state = LockState(
+            name,
+            persister,
+            options,
+            lock_expire_seconds=lock_expire_seconds,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            metadata=metadata,
+            release_on_sigterm=release_on_sigterm,
+            min_hold_seconds=min_hold_seconds,
+        )
+        self._sync: Singleton | None = None
 
-    name = property(lambda self: self.sync.name)
-    persister = property(lambda self: self.sync.persister)
-    held = property(lambda self: self.sync.held)
-    lost = property(lambda self: self.sync.lost)
-    fencing_token = property(lambda self: self.sync.fencing_token)
-    record = property(lambda self: self.sync.record)
-    last_holder = property(lambda self: self.sync.last_holder)
+    @property
+    def sync(self) -> Singleton:
+        """A blocking face on this same lock (same hold, events and token), for code that cannot await."""
+        if self._sync is None:
+            self._sync = Singleton._over(self._state)
+        return self._sync
 
-    def on(self, event: str, handler: Callable[[Any], object]) -> Callable[[Any], object]:
-        return self.sync.on(event, handler)
-
-    def once(self, event: str, handler: Callable[[Any], object]) -> Callable[[Any], object]:
-        return self.sync.once(event, handler)
-
-    def off(self, event: str, handler: Callable[[Any], object]) -> None:
-        self.sync.off(event, handler)
-
-    async def lock(self, callback: Callable[[BaseException | None, bool | None], object] | None = None, *, wait: float | None = None) -> bool:
-        cancelled = threading.Event()
-        task = asyncio.ensure_future(asyncio.to_thread(self.sync.lock, callback, wait=wait, cancel=cancelled))
+    async def lock(self, callback: LockCallback | None = None, *, wait: float | None = None) -> bool:
+        """Try to take the lock; with ``wait``, await up to that many seconds for it (``math.inf``: for good)."""
+        seconds = validate_wait(wait)
+        _check_callback(callback)
+        state = self._state
+        deadline = time.monotonic() + seconds
+        while True:
+            releasing = state.pending_release()
+            if releasing is not None:
+                await releasing.done.wait_async()
+            started = state.start_acquire()
+            if started is None:
+                return _finish(callback, True)
+            flight, mine = started
+            if mine:
+                break
+            joined = await self._join(flight, deadline)
+            if joined is not None:
+                return _finish(callback, joined)
+        await self._release_stale()
+        state.emit("locking", lambda: f"locking {state.name!r}", state.name)
         try:
-            return await asyncio.shield(task)
+            sent_at, result = await self._acquire(seconds, flight)
+            generation = state.settle(result, sent_at, seconds)
+            if generation is not None and state.auto_renew:
+                self._start_renewal(generation)
         except asyncio.CancelledError:
-            cancelled.set()
-            try:
-                acquired = await task
-            except Exception:
-                acquired = False
-            if acquired:
-                await asyncio.to_thread(self.sync.release)
+            state.end_acquire(flight)  # joiners try for themselves
             raise
+        except BaseException as error:
+            state.end_acquire(flight, error=error)
+            if isinstance(error, Exception):
+                state.emit("error", error, state.name)
+                if callback is not None:
+                    callback(error, None)
+            raise
+        state.end_acquire(flight, generation is not None)
+        return _finish(callback, generation is not None)
 
-    async def release(self, callback: Callable[[BaseException | None], object] | None = None) -> bool:
-        return await asyncio.shield(asyncio.to_thread(self.sync.release, callback))
+    async def release(self, callback: ReleaseCallback | None = None) -> bool:
+        """``Singleton.release``, shielded from cancellation: a cancelled task still releases."""
+        _check_callback(callback)
+        state = self._state
+        state.emit("releasing", lambda: f"releasing {state.name!r}", state.name)
+        try:
+            released = await asyncio.shield(self._release("release"))
+        except Exception as error:
+            if callback is not None:
+                callback(error)
+            raise
+        if callback is not None:
+            callback(None)
+        return released
 
-    async def exists(self, callback: Callable[[BaseException | None, bool | None], object] | None = None) -> bool:
-        return await asyncio.to_thread(self.sync.exists, callback)
+    async def exists(self, callback: LockCallback | None = None) -> bool:
+        """Whether a live lock exists for this name, whoever holds it (a minimum hold counts)."""
+        _check_callback(callback)
+        try:
+            found = await self._call(self.persister.aget(self.name)) is not None
+        except Exception as error:
+            self._state.emit("error", error, self.name)
+            if callback is not None:
+                callback(error, None)
+            raise
+        return _finish(callback, found)
 
     async def holder(self) -> LockRecord | None:
-        return await asyncio.to_thread(self.sync.holder)
+        """``Singleton.holder`` for coroutines."""
+        return await self._call(self.persister.aget(self.name))
 
     async def verify(self) -> bool:
-        return await asyncio.to_thread(self.sync.verify)
+        """``Singleton.verify`` for coroutines."""
+        hold = self._state.record()
+        if hold is None:
+            return False
+        return self._state.verified(hold, await self._call(self.persister.aget(self.name)))
 
     async def ensure_held(self) -> None:
-        await asyncio.to_thread(self.sync.ensure_held)
+        """Raise ``LockLost`` unless the store confirms we hold the lock."""
+        if not await self.verify():
+            raise LockLost(self.name)
 
     async def renew(self) -> bool:
-        return await asyncio.to_thread(self.sync.renew)
+        """Extend the lease now; False (and ``lost``) when the lock is no longer ours."""
+        ticket = self._state.begin_renew()
+        if ticket is None:
+            return False
+        record = await self._call(self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds))
+        return self._state.renewed(ticket, record)
 
     async def __aenter__(self) -> AsyncSingleton:
         if not await self.lock():
-            raise LockConflict(self.name, self.sync.last_holder)
+            raise self._conflict_error()
+        self._state.enter()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        lost = self.sync.lost
-        await self.release()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        state = self._state
+        lost = state.lost
+        if state.leave():
+            try:
+                await self.release()
+            except Exception:
+                if not lost and exc_type is None:
+                    raise
+                logger.warning(
+                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
+                )
         if lost and exc_type is None:
-            raise LockLost(self.name, f"exclusivity on lock {self.name!r} was lost before the block ended")
+            raise self._lost_error()
 
     def __repr__(self) -> str:
-        return f"Async{self.sync!r}"
+        return f"AsyncSingleton({self.name!r}, {self.persister!r}, {self._state.state_word()})"
 
+    # -- internals -------------------------------------------------------------------
 
-# Keep the logger name importable for users configuring it.
-_ = logger
+    async def _call(self, call: Any) -> Any:
+        try:
+            return await call
+        except Exception as error:
+            translated = store_error(self.persister, error)
+            if translated is error:
+                raise
+            raise translated from error
+
+    async def _join(self, flight: Flight, deadline: float) -> bool | None:
+        await flight.answered.wait_async()
+        left = deadline - time.monotonic()
+        if not flight.done.is_set() and not (
+            left > 0 and await flight.done.wait_async(None if math.isinf(left) else left)
+        ):
+            self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
+            return False
+        value = flight.outcome()
+        if value is None:
+            return None
+        return bool(value) or self._state.held
+
+    async def _release_stale(self) -> None:
+        stale = self._state.take_stale_hold()
+        if stale is not None:
+            try:
+                await self.persister.arelease(self.name, stale.owner_token)
+            except Exception as error:  # best effort: its lease ends on its own
+                logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
+
+    async def _attempt(self) -> tuple[float, AcquireResult]:
+        """One acquire; if we are cancelled while it is in flight, whatever it took is released."""
+        args = self._state.acquire_args(self._state.owner())
+        sent_at = time.monotonic()
+        task = asyncio.ensure_future(self.persister.aacquire(*args))
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done() or (not task.cancelled() and task.exception() is None):
+                cleanup = asyncio.ensure_future(self._undo(task))
+                _cleanups.add(cleanup)
+                cleanup.add_done_callback(_cleanups.discard)
+            raise
+        except Exception as error:
+            translated = store_error(self.persister, error)
+            if translated is error:
+                raise
+            raise translated from error
+        return sent_at, result
+
+    async def _undo(self, task: asyncio.Future[AcquireResult]) -> None:
+        try:
+            result = await task
+        except BaseException:
+            return
+        if result.acquired and result.record is not None:
+            try:
+                await self.persister.arelease(self.name, result.record.owner_token)
+            except Exception:
+                logger.warning(
+                    "could not release %r acquired as its waiter was cancelled; its lease will end", self.name
+                )
+            else:
+                logger.debug("released %r: it was acquired as its waiter was cancelled", self.name)
+
+    async def _acquire(self, wait: float, flight: Flight) -> tuple[float, AcquireResult]:
+        if wait <= 0:
+            sent_at, result = await self._attempt()
+            flight.answer(result)
+            return sent_at, result
+        deadline = time.monotonic() + wait
+        async with self.persister.awatching(self.name) as watch:
+            while True:
+                sent_at, result = await self._attempt()
+                flight.answer(result)
+                remaining = deadline - time.monotonic()
+                if result.acquired or remaining <= 0:
+                    return sent_at, result
+                await watch.wait_async(_pause(self.persister, watch, result, remaining, asynchronous=True))
+
+    async def _release(self, reason: str) -> bool:
+        state = self._state
+        started = state.begin_release()
+        if started is None:
+            state.nothing_to_release()
+            return False
+        flight, mine, hold = started
+        if not mine:
+            await flight.done.wait_async()
+            return bool(flight.outcome())
+        try:
+            confirmed = bool(await self._call(self.persister.arelease(self.name, hold.owner_token)))
+        except BaseException as error:
+            state.release_failed(flight, error)
+            raise
+        return state.released(flight, hold, confirmed, reason)
+
+    def _start_renewal(self, generation: int) -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._renew_loop(generation), name=f"singleton-renew:{self.name}")
+
+        def stop() -> None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop has closed, and its tasks with it
+                pass
+
+        self._state.set_renewal(generation, stop)
+
+    async def _renew_loop(self, generation: int) -> None:
+        state = self._state
+        interval = state.renew_interval or 1.0
+        while True:
+            await asyncio.sleep(interval)
+            ticket = state.begin_renew(generation)
+            if ticket is None:
+                return
+            try:
+                record = await self._call(
+                    self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds)
+                )
+            except Exception as error:
+                retry = state.renew_failed(ticket, error)
+                if retry is None:
+                    return
+                interval = retry
+                continue
+            if not state.renewed(ticket, record):
+                return
+            interval = state.renew_interval or 1.0

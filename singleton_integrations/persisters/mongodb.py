@@ -66,7 +66,6 @@ updates reach change streams as ``replace`` events.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import builtins
 import logging
 import math
@@ -81,6 +80,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .. import _process
 from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
@@ -244,19 +244,9 @@ class _Registry:
                 logger.debug("mongodb: closing a client at exit failed: %s", type(error).__name__)
 
 
-def _close_at_exit() -> None:
-    # atexit runs handlers last-registered first, so this one would run before the
-    # core's exit release, which still needs the clients: let that release run first
-    # (it is idempotent; the core's own handler then finds nothing left to release).
-    from .. import _process
-
-    _process._release_all("process exit")
-    _registry.close_all()
-
-
 _registry = _Registry()
 os.register_at_fork(after_in_child=_registry.reset)
-atexit.register(_close_at_exit)
+_process.after_exit_release(_registry.close_all)  # the exit release still needs the clients
 
 
 class _NotifiesProbe:

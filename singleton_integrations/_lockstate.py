@@ -1,0 +1,658 @@
+"""The lock's rules with no I/O: shared by ``Singleton`` and ``AsyncSingleton``.
+
+Only the store calls are written twice (blocking in ``Singleton``, awaited in
+``AsyncSingleton``); everything else lives here once: validation, the state
+transitions of one lock object, its events and their messages, the lease
+estimate that declares a loss in time, reentrancy, and the single-flight
+bookkeeping that lets concurrent callers on one object share one store call.
+
+Every transition runs under a short ``threading.Lock`` that is never held
+across I/O or while handlers run, so it is safe from threads, from an event
+loop and from a signal handler's helper threads alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import _process
+from ._errors import PersisterError, SingletonError
+from ._events import EventEmitter
+from ._record import AcquireResult, LockRecord, Owner, validate_metadata, validate_min_hold, validate_name, validate_ttl
+from .persisters._base import Persister
+
+__all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "Flight", "LockState", "RenewTicket", "Signal", "validate_wait"]
+
+#: Five minutes, the seed's example: a crashed holder never wedges a name for
+#: good, and longer jobs opt into ``auto_renew=True`` or a longer lease.
+DEFAULT_LOCK_EXPIRE_SECONDS = 300.0
+
+UNSET: Any = object()
+
+
+def validate_wait(wait: object) -> float:
+    """``lock(wait=...)``: None or zero for one attempt, else seconds (``math.inf`` waits for good)."""
+    if wait is None:
+        return 0.0
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
+    if math.isnan(wait) or wait < 0:
+        raise ValueError(f"wait must be zero or more seconds, not {wait!r}")
+    return float(wait)
+
+
+def resolve_persister(persister: Persister | str | None) -> Persister:
+    from . import persisters
+
+    if persister is None:
+        return persisters.Sqlite()
+    if isinstance(persister, str):
+        return persisters.from_url(persister)
+    if not isinstance(persister, Persister):
+        raise TypeError(f"persister must be a Persister, a store URL or None, not {type(persister).__name__}")
+    return persister
+
+
+def call_store(persister: Persister, method: Callable[..., Any], *args: Any) -> Any:
+    """One blocking store call; a driver error that leaked out of a persister becomes ``PersisterError``."""
+    try:
+        return method(*args)
+    except SingletonError:
+        raise
+    except Exception as error:
+        raise PersisterError(persister.backend, f"{type(error).__name__}: {error}") from error
+
+
+def store_error(persister: Persister, error: Exception) -> Exception:
+    """The async twin of ``call_store``'s translation."""
+    if isinstance(error, SingletonError):
+        return error
+    wrapped = PersisterError(persister.backend, f"{type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+# -- waiting primitives usable from threads and coroutines --------------------------
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_signals_guard = threading.Lock()  # one for every Signal: its sections are a few instructions
+
+
+class Signal:
+    """A flag that, once set, stays set; threads ``wait`` and coroutines ``await wait_async``.
+
+    Cheap when nobody waits (the common case): the event and futures are made on demand.
+    """
+
+    __slots__ = ("_flag", "_event", "_futures")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None = None
+
+    def set(self) -> None:
+        with _signals_guard:
+            self._flag = True
+            event, futures, self._futures = self._event, self._futures, None
+        if event is not None:
+            event.set()
+        for loop, future in futures or ():
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that loop has closed
+                pass
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with _signals_guard:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with _signals_guard:
+            if self._flag:
+                return True
+            if self._futures is None:
+                self._futures = []
+            self._futures.append(entry)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        finally:
+            with _signals_guard:
+                if self._futures is not None and entry in self._futures:
+                    self._futures.remove(entry)
+        return self._flag
+
+
+class Flight:
+    """One store operation in progress on one object; concurrent callers join it instead of repeating it.
+
+    ``answered`` is set after the first store answer of an acquire (joiners that
+    will not wait long still report a real answer); ``done`` when it ends.
+    ``value`` None with no ``error`` means the owner was cancelled: join again.
+    """
+
+    def __init__(self) -> None:
+        self.answered = Signal()
+        self.done = Signal()
+        self.latest: AcquireResult | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def answer(self, result: AcquireResult) -> None:
+        self.latest = result
+        self.answered.set()
+
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.answered.set()
+        self.done.set()
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass(frozen=True)
+class RenewTicket:
+    """What a renewal needs to report back: which hold it renewed, and when it was sent."""
+
+    owner_token: str
+    generation: int
+    sent_at: float
+
+
+# -- the loss watchdog: one thread for every held lock in the process ---------------------
+
+
+class _Watchdog:
+    """Fires ``lost`` when a lease estimate runs out, whatever an in-flight renewal is doing.
+
+    At most one entry per lock object: an entry that fires early (the lease was
+    renewed, or a new hold began) re-arms itself at the object's current deadline.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, weakref.ref[LockState]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, state: LockState, deadline: float) -> None:
+        if math.isinf(deadline):
+            return
+        with self._cond:
+            armed = state._watchdog_entry
+            if armed is not None and armed <= deadline:
+                return  # the earlier entry re-arms itself when it fires
+            state._watchdog_entry = deadline
+            earliest = self._heap[0][0] if self._heap else math.inf
+            heapq.heappush(self._heap, (deadline, next(self._seq), weakref.ref(state)))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="singleton-lease-watchdog", daemon=True)
+                self._thread.start()
+            elif deadline < earliest:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    if not self._cond.wait(60.0) and not self._heap:
+                        self._thread = None
+                        return
+                deadline, _, ref = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                state = ref()
+                if state is not None and state._watchdog_entry == deadline:
+                    state._watchdog_entry = None
+                else:
+                    continue  # a superseded entry, or an object that is gone
+            later = state.expire_if_due()
+            if later is not None:
+                self.arm(state, later)
+
+    def _reset_after_fork(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap = []
+        self._thread = None
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog._reset_after_fork)
+
+
+# -- one lock object's state ------------------------------------------------------------
+
+
+class LockState(EventEmitter):
+    """Everything one lock object knows, and every rule for changing it; no store calls."""
+
+    def __init__(
+        self,
+        name: str,
+        persister: Persister | str | None,
+        options: Mapping[str, Any] | None,
+        *,
+        lock_expire_seconds: float | None = UNSET,
+        auto_renew: bool = False,
+        renew_interval: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        release_on_sigterm: bool = True,
+        min_hold_seconds: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = validate_name(name)
+        if options is not None:  # the seed's options object: {"lockExpireSeconds": 300}
+            if not isinstance(options, Mapping):
+                raise TypeError(f"options must be a mapping, not {type(options).__name__}")
+            unknown = set(options) - {"lockExpireSeconds", "lock_expire_seconds"}
+            if unknown:
+                raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+            if lock_expire_seconds is UNSET:
+                lock_expire_seconds = options.get("lockExpireSeconds", options.get("lock_expire_seconds", UNSET))
+        if lock_expire_seconds is UNSET:
+            lock_expire_seconds = DEFAULT_LOCK_EXPIRE_SECONDS
+        self.lock_expire_seconds = validate_ttl(lock_expire_seconds)
+        if not isinstance(auto_renew, bool):
+            raise TypeError("auto_renew must be a bool")
+        if auto_renew and self.lock_expire_seconds is None:
+            raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
+        self.auto_renew = auto_renew
+        self.renew_interval = validate_ttl(renew_interval, "renew_interval")
+        if self.renew_interval is None and self.lock_expire_seconds is not None:
+            self.renew_interval = self.lock_expire_seconds / 3
+        self.release_on_sigterm = bool(release_on_sigterm)
+        self.metadata = validate_metadata(metadata)
+        self.min_hold_seconds = validate_min_hold(min_hold_seconds)
+        self.persister = resolve_persister(persister)
+        if self.min_hold_seconds is not None and not getattr(self.persister, "supports_min_hold", False):
+            raise ValueError(
+                f"min_hold_seconds needs a persister that keeps a minimum hold; "
+                f"{type(self.persister).__name__} ({self.persister.backend}) does not (supports_min_hold is False)"
+            )
+        self._guard = threading.Lock()
+        self.hold: LockRecord | None = None  # kept after a deadline loss so release() can still clean up
+        self._owner_pid = 0
+        self._lost = False
+        self.last_holder: LockRecord | None = None
+        self._generation = 0
+        self._acquired_at = 0.0  # monotonic time the acquire that took the hold was sent
+        self._deadline = math.inf  # monotonic time after which the lease may have ended on the store
+        self._last_confirmed = 0.0
+        self._depth = 0
+        self._acquiring: Flight | None = None
+        self._releasing: Flight | None = None
+        self._stop_renewal: Callable[[], None] | None = None
+        self._watchdog_entry: float | None = None  # the deadline of this object's watchdog entry
+
+    # -- reading -----------------------------------------------------------------
+
+    @property
+    def margin(self) -> float:
+        """How long before the estimated lease end a silent lock is declared lost."""
+        ttl = self.lock_expire_seconds
+        if ttl is None:
+            return 0.0
+        return min(max(float(getattr(self.persister, "call_timeout", 10.0)), 0.0), ttl / 4)
+
+    def owned_here(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    @property
+    def held(self) -> bool:
+        hold = self.hold
+        if hold is None or self._lost or not self.owned_here():
+            return False
+        if time.monotonic() >= self._deadline and self._releasing is None:
+            self.expire_if_due(self._generation)
+            return not self._lost
+        return True
+
+    @property
+    def lost(self) -> bool:
+        if not self._lost and self.hold is not None and self._releasing is None and time.monotonic() >= self._deadline:
+            self.expire_if_due(self._generation)
+        return self._lost
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def record(self) -> LockRecord | None:
+        return self.hold if self.held else None
+
+    def owner(self) -> Owner:
+        return Owner(metadata=self.metadata)
+
+    def acquire_args(self, owner: Owner) -> tuple[Any, ...]:
+        """The arguments of ``Persister.acquire``: ``min_hold`` only when set (third parties may lack it)."""
+        if self.min_hold_seconds is None:
+            return (self.name, owner, self.lock_expire_seconds)
+        return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds)
+
+    def state_word(self) -> str:
+        return "held" if self.held else ("lost" if self._lost else "free")
+
+    # -- acquiring ---------------------------------------------------------------
+
+    def start_acquire(self) -> tuple[Flight, bool] | None:
+        """None when already held; else the flight to run (True) or to join (False)."""
+        with self._guard:
+            if self.hold is not None and not self._lost and self.owned_here() and time.monotonic() < self._deadline:
+                return None
+            if self._acquiring is not None:
+                return self._acquiring, False
+            self._acquiring = Flight()
+            return self._acquiring, True
+
+    def pending_release(self) -> Flight | None:
+        return self._releasing
+
+    def take_stale_hold(self) -> LockRecord | None:
+        """A hold declared lost by its lease estimate still has a token: hand it over once, to release."""
+        with self._guard:
+            hold = self.hold
+            if hold is None or not self._lost or self._releasing is not None or not self.owned_here():
+                return None
+            self.hold = None
+        _process.unregister(self)
+        return hold
+
+    def settle(self, result: AcquireResult, sent_at: float, waited: float) -> int | None:
+        """Record an acquire's outcome; the new hold's generation, or None on conflict."""
+        if not result.acquired:
+            self.last_holder = result.record
+            record = result.record
+            if record is not None and record.released:
+                message = lambda: f"lock {self.name!r} already ran its slot: {record.describe()}{_after(waited)}"  # noqa: E731
+            else:
+                who = record.describe() if record is not None else "another process"
+                message = lambda: f"lock {self.name!r} is held by {who}{_after(waited)}"  # noqa: E731
+            self.emit("conflict", message, self.name)
+            return None
+        record = result.record
+        assert record is not None
+        with self._guard:
+            self._generation += 1
+            generation = self._generation
+            self.hold = record
+            self._owner_pid = os.getpid()
+            self._lost = False
+            self._acquired_at = self._last_confirmed = sent_at
+            # Only a renewing lock is the core's to keep: without auto_renew the loss is learned
+            # at release() or verify(), as the caller chose a fixed lease.
+            self._deadline = self._deadline_after(sent_at) if self.auto_renew else math.inf
+            self._stop_renewal = None
+            deadline = self._deadline
+        _process.register(self, self.release_on_sigterm)
+        _watchdog.arm(self, deadline)
+        if result.expired is not None:
+            expired = result.expired
+            self.emit(
+                "expired",
+                lambda: f"lock {self.name!r} held by {expired.describe()} had expired and was taken over",
+                self.name,
+            )
+        self.emit("locked", lambda: f"locked {self.name!r} with fencing token {record.fencing_token}", self.name)
+        return generation
+
+    def end_acquire(self, flight: Flight, value: Any = None, error: BaseException | None = None) -> None:
+        with self._guard:
+            if self._acquiring is flight:
+                self._acquiring = None
+        flight.finish(value, error)
+
+    def set_renewal(self, generation: int, stop: Callable[[], None]) -> None:
+        """Remember how to stop the renewer of ``generation``; stops it at once if that hold is gone."""
+        with self._guard:
+            current = (
+                generation == self._generation and self.hold is not None and not self._lost and self._releasing is None
+            )
+            if current:
+                self._stop_renewal = stop
+        if not current:
+            stop()
+
+    def _deadline_after(self, sent_at: float) -> float:
+        ttl = self.lock_expire_seconds
+        if ttl is None:
+            return math.inf
+        end = sent_at + ttl
+        if self.min_hold_seconds is not None:  # the store keeps the name until hold_until whatever the lease
+            end = max(end, self._acquired_at + self.min_hold_seconds)
+        return end - self.margin
+
+    def seconds_left(self) -> float:
+        """Seconds until this hold is declared lost if nothing gets through (inf when it never expires)."""
+        return self._deadline - time.monotonic()
+
+    # -- renewing ----------------------------------------------------------------
+
+    def begin_renew(self, generation: int | None = None) -> RenewTicket | None:
+        """A ticket for one renewal call, or None when there is nothing (left) to renew."""
+        with self._guard:
+            hold = self.hold
+            if hold is None or self._lost or self._releasing is not None or not self.owned_here():
+                return None
+            if generation is not None and generation != self._generation:
+                return None
+            return RenewTicket(hold.owner_token, self._generation, time.monotonic())
+
+    def renewed(self, ticket: RenewTicket, record: LockRecord | None) -> bool:
+        """Apply a renewal's answer; False when renewing should stop.
+
+        An answer that arrives after a release began, or for an earlier hold, is
+        ignored: a release racing a renewal is never a loss.
+        """
+        with self._guard:
+            current = (
+                self.hold is not None
+                and not self._lost
+                and self._releasing is None
+                and ticket.generation == self._generation
+            )
+            if not current:
+                return False
+            if record is not None:
+                self.hold = record
+                self._last_confirmed = max(self._last_confirmed, ticket.sent_at)
+                self._deadline = max(self._deadline, self._deadline_after(ticket.sent_at))
+        if record is None:
+            self._declare_lost(ticket.generation, "renewal refused: the lock expired or was taken over", forget=True)
+            return False
+        self.emit(
+            "renewed",
+            lambda: f"renewed {self.name!r} until {record.expires_at.isoformat() if record.expires_at else 'never'}",
+            self.name,
+        )
+        return True
+
+    def renew_failed(self, ticket: RenewTicket, error: BaseException) -> float | None:
+        """A renewal call failed; seconds to wait before the next try, or None to stop."""
+        with self._guard:
+            if self._lost or self.hold is None or ticket.generation != self._generation or self._releasing is not None:
+                return None  # an answer for a hold already given up: not worth an error event
+            left = self._deadline - time.monotonic()
+        self.emit("error", error, self.name)
+        if left <= 0:
+            self.expire_if_due(ticket.generation)
+            return None
+        return min(self.renew_interval or 1.0, max(left / 3, 0.05))
+
+    def expire_if_due(self, generation: int | None = None) -> float | None:
+        """Declare the hold lost once its lease estimate ran out; the later deadline if it was renewed meanwhile."""
+        with self._guard:
+            if generation is None:
+                generation = self._generation
+            if generation != self._generation or self.hold is None or self._lost:
+                return None
+            if self._releasing is not None:
+                return time.monotonic() + 0.05  # the release decides; look again soon in case it fails
+            if time.monotonic() < self._deadline:
+                return self._deadline
+            silent = time.monotonic() - self._last_confirmed
+        self._declare_lost(
+            generation,
+            f"no renewal got through for {silent:.1f} s, so the lease may have ended on the store "
+            f"(declared {self.margin:g} s before the estimated end of the {self.lock_expire_seconds:g} s lease)",
+            forget=False,
+        )
+        return None
+
+    def _declare_lost(self, generation: int, why: str, *, forget: bool) -> None:
+        with self._guard:
+            if generation != self._generation or self.hold is None or self._lost:
+                return
+            self._lost = True
+            self._depth = 0
+            stop, self._stop_renewal = self._stop_renewal, None
+            if forget:  # the store said it is not ours: nothing left to release
+                self.hold = None
+        if stop is not None:
+            stop()
+        if forget:
+            _process.unregister(self)
+        self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: {why}", self.name)
+
+    def verified(self, hold: LockRecord, current: LockRecord | None) -> bool:
+        """Apply what ``verify`` read from the store."""
+        if current is not None and current.owner_token == hold.owner_token and not current.released:
+            return True
+        with self._guard:
+            generation = self._generation if self.hold is hold else -1
+        self._declare_lost(generation, "the store no longer shows this owner's lock", forget=True)
+        return False
+
+    # -- releasing ---------------------------------------------------------------
+
+    def begin_release(self) -> tuple[Flight, bool, LockRecord] | None:
+        """None when nothing is held here; else the release flight to run (True) or to join (False)."""
+        with self._guard:
+            if self._releasing is not None:
+                releasing = self._releasing
+                return releasing, False, releasing.latest  # type: ignore[return-value]
+            hold = self.hold
+            if hold is None or not self.owned_here():
+                return None
+            flight = Flight()
+            flight.latest = hold  # type: ignore[assignment]
+            self._releasing = flight
+            self._depth = 0
+            stop, self._stop_renewal = self._stop_renewal, None
+        if stop is not None:
+            stop()
+        return flight, True, hold
+
+    def released(self, flight: Flight, hold: LockRecord, confirmed: bool, reason: str) -> bool:
+        """Apply the store's answer to our release; returns it."""
+        with self._guard:
+            was_lost = self._lost
+            if self.hold is hold:
+                self.hold = None
+                if not confirmed:
+                    self._lost = True
+            if self._releasing is flight:
+                self._releasing = None
+        _process.unregister(self)
+        if confirmed:
+            if hold.hold_until is not None and self.min_hold_seconds is not None:
+                until = hold.hold_until.isoformat(timespec="seconds")
+                self.emit(
+                    "released",
+                    lambda: (
+                        f"released {self.name!r} ({reason}); the name stays held until {until} for the minimum hold"
+                    ),
+                    self.name,
+                )
+            else:
+                self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
+        else:
+            if not was_lost:
+                self.emit(
+                    "lost",
+                    lambda: f"exclusivity on lock {self.name!r} was lost: it expired or was taken over before release",
+                    self.name,
+                )
+            self.emit("released", lambda: f"{self.name!r} was no longer ours; left to its new holder", self.name)
+        flight.finish(confirmed)
+        return confirmed
+
+    def release_failed(self, flight: Flight, error: BaseException) -> None:
+        """The release call failed: keep the token so ``release()`` can be retried."""
+        with self._guard:
+            if self._releasing is flight:
+                self._releasing = None
+        self.emit("error", error, self.name)
+        flight.finish(error=error)
+
+    def nothing_to_release(self) -> None:
+        self.emit("released", lambda: f"{self.name!r} was not held; nothing to release", self.name)
+
+    def exit_snapshot(self) -> LockRecord | None:
+        """For exit and SIGTERM: the hold to release, bypassing flights (their thread may be the one interrupted)."""
+        with self._guard:
+            hold = self.hold
+            if hold is None or not self.owned_here():
+                return None
+            stop, self._stop_renewal = self._stop_renewal, None
+        if stop is not None:
+            stop()
+        return hold
+
+    def exit_released(self, hold: LockRecord, confirmed: bool, reason: str) -> None:
+        with self._guard:
+            if self.hold is hold:
+                self.hold = None
+                self._depth = 0
+        _process.unregister(self)
+        if confirmed:
+            self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
+
+    # -- reentrancy (filelock's model: the outermost exit releases) ---------------
+
+    def enter(self) -> None:
+        with self._guard:
+            self._depth += 1
+
+    def leave(self) -> bool:
+        """One ``with`` block ends; True when it was the outermost and the lock should be released."""
+        with self._guard:
+            self._depth = max(self._depth - 1, 0)
+            return self._depth == 0
+
+
+def _after(waited: float) -> str:
+    return f" after waiting {waited:g} s" if waited else ""
