@@ -85,11 +85,12 @@ def test_group_skips_when_another_deployment_holds_the_lock(sqlite_store, hold, 
 
 def test_guarded_tasks_renew_the_group_lease(sqlite_store, lock_name) -> None:
     """A task longer than the lease keeps the group's lock: the guarded task renews it while it runs."""
-    tis = run_dag(_group_dag("group_renewed", sqlite_store, lock_name, lock_expire_seconds=1, hold_for=2.5))
+    # A 5 s lease (longer than a loaded machine's gap between two tasks) and a task of 12 s.
+    tis = run_dag(_group_dag("group_renewed", sqlite_store, lock_name, lock_expire_seconds=5, hold_for=12))
     assert tis["load"].state == "success" and tis["guard_release"].state == "success"
     during, after = SEEN["holder_during_group"], SEEN["holder_after_sleep"]
     assert after is not None and after.fencing_token == during.fencing_token, "the lease ran out mid-task"
-    assert after.expires_at > during.created_at + datetime.timedelta(seconds=2), "the lease was not renewed"
+    assert after.expires_at > during.created_at + datetime.timedelta(seconds=10), "the lease was not renewed"
     assert sqlite_store.holder(lock_name) is None
 
 
