@@ -18,15 +18,17 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     session.run("python", "-m", "pytest", *(session.posargs or paths), env={"PYTHONUNBUFFERED": "1"})
 
 
-def _ensure_faketime(session: nox.Session) -> None:
-    """The clock-skew rule runs clients under libfaketime (Debian's ``faketime``)."""
-    if shutil.which("faketime"):
+def _ensure_debian_tools(session: nox.Session) -> None:
+    """Tools the core tests start or run: libfaketime (clock skew), PgBouncer (a pooler) and redis-server (Cluster and Sentinel fixtures)."""
+    wanted = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer", "redis-server": "redis-server"}
+    missing = [package for package, binary in wanted.items() if not (shutil.which(binary) or os.path.exists(binary))]
+    if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        session.warn("faketime is missing and cannot be installed here: the clock-skew tests will say so")
+        session.warn(f"{', '.join(missing)} missing and cannot be installed here: the tests that need them will say so")
         return
     session.run("apt-get", "update", "-qq", external=True)
-    session.run("apt-get", "install", "-y", "-qq", "faketime", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+    session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
 def _ensure_chromium(session: nox.Session) -> None:
@@ -43,7 +45,7 @@ def _ensure_chromium(session: nox.Session) -> None:
 @nox.session
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
-    _ensure_faketime(session)
+    _ensure_debian_tools(session)
     session.install("-e", f".[{STORES}]")
     _pytest(session, "tests/core", "tests/cli", "tests/reliability")
 

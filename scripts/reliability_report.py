@@ -42,6 +42,16 @@ nothing here is typed in by hand.
 FINDINGS = """\
 ## Open findings (kept up to date by hand; the tables above are generated)
 
+- **Loss learned late, exit unbounded on a hung store** (issue 14 items 2 and 3,
+  fixed; `test_hung_store.py`): before, with the store frozen (SIGSTOP) or
+  killed, `lost` fired 1.0 s (Redis frozen) to 4.4 s (PostgreSQL) *after* the
+  lease had ended, and exit or SIGTERM with 4 held locks took 20 s on Redis and
+  25-32 s on PostgreSQL and MongoDB (one call timeout per lock). Now `lost` fires
+  at the last acquire or renewal sent + lease - min(call timeout, lease / 4):
+  1.5 s before the end of a 6 s lease on every store; exit and SIGTERM release
+  all locks in parallel within one 10 s deadline (4 locks: 5.1 s on Redis,
+  8.0-8.6 s on MongoDB, whose call timeout is 8 s).
+
 - **PostgreSQL, partition with default timeouts** (fixed): when the TCP peer
   stays up but never answers (a stuck proxy or pooler), a statement could wait
   in psycopg's `execute` forever. Every call now has a client-side deadline

@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, NoReturn
-from urllib.parse import unquote, urlsplit
 
 from . import __version__, persisters
 from ._errors import PersisterError, SingletonError
 from ._record import LockRecord, validate_name
 from ._singleton import Singleton
-from ._urls import redact_url
+from ._urls import redact_url, scrub
 
 __all__ = [
     "EXIT_CONFLICT",
@@ -117,6 +116,9 @@ def _build_parser(with_command: bool = True) -> _Parser:
                      help=f"lease length in seconds (default {DEFAULT_RUN_TTL:g}); renewed every third of it")
     run.add_argument("--wait", type=_wait_seconds, metavar="S", default=0.0,
                      help="wait up to S seconds for the lock (default 0)")
+    run.add_argument("--min-hold", type=_seconds, metavar="S", default=None,
+                     help="keep the name taken until S seconds after the start, even if CMD ends sooner, so "
+                          "runs started within S seconds of each other (other hosts' schedulers) skip the slot")
     run.add_argument("--renew", action=argparse.BooleanOptionalAction, default=True,
                      help="keep renewing the lease while CMD runs (default on)")
     run.add_argument("--conflict-exit-code", type=_exit_code, metavar="N", default=EXIT_CONFLICT,
@@ -197,18 +199,7 @@ class _Store:
 
 def _scrub(text: str, url: str | None) -> str:
     """``text`` without the URL's password, in any spelling, even where a driver echoed it bare."""
-    text = redact_url(text)
-    password: str | None = None
-    if url and "@" in url:
-        userinfo = url.partition("://")[2].rpartition("@")[0] if "://" in url else url.rpartition("@")[0]
-        try:
-            password = urlsplit(url).password if "://" in url else None
-        except ValueError:
-            password = None
-        password = password or (userinfo.partition(":")[2] or None)  # a URL missing its scheme, too
-    for secret in {password, unquote(password or "")} - {None, ""}:
-        text = text.replace(secret, "***")  # type: ignore[arg-type]
-    return text
+    return scrub(text, url)
 
 
 def _scheme(url: str | None) -> str:
@@ -243,11 +234,23 @@ def _metadata_text(record: LockRecord) -> str:
 
 def _holder_line(record: LockRecord) -> str:
     """Who holds a lock, for humans: host, pid, since when, until when, fencing token, metadata."""
+    if record.released_at is not None:
+        return _ran_line(record)
     line = (f"lock {record.name!r} is held by {record.host} pid {record.pid} since {_iso(record.created_at)} "
             f"({_relative(record.created_at)}), expires {_relative(record.expires_at)}, "
             f"fencing token {record.fencing_token}")
     meta = _metadata_text(record)
     return f"{line}, {meta}" if meta else line
+
+
+def _ran_line(record: LockRecord) -> str:
+    """A lock released into its minimum hold: the slot already ran, when and where, and when it frees."""
+    meta = _metadata_text(record)
+    where = f"{record.host} pid {record.pid}" + (f" ({meta})" if meta else "")
+    until = record.hold_until or record.expires_at
+    return (f"lock {record.name!r} already ran this slot: started {_iso(record.created_at)} "
+            f"({_relative(record.created_at)}) on {where}, finished {_iso(record.released_at)}; "
+            f"held until {_iso(until)} ({_relative(until)}) for the minimum hold, fencing token {record.fencing_token}")
 
 
 class _EventFilter(logging.Filter):
@@ -341,8 +344,9 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
     metadata = {"command": os.path.basename(command[0])[:200]}
     metadata.update(dict(args.metadata))
     try:
+        hold: dict[str, Any] = {} if args.min_hold is None else {"min_hold_seconds": args.min_hold}
         lock = Singleton(args.name, store.persister, lock_expire_seconds=args.ttl, auto_renew=args.renew,
-                         metadata=metadata, release_on_sigterm=False)  # the relay owns SIGTERM
+                         metadata=metadata, release_on_sigterm=False, **hold)  # the relay owns SIGTERM
     except (ValueError, TypeError) as error:
         raise UsageError(f"singleton run: {error}") from None
     with _SignalRelay() as relay:
@@ -432,8 +436,8 @@ def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
         print("no live locks" + (f" starting with {args.prefix!r}" if args.prefix else ""), file=sys.stderr)
         return 0
     rows = [("NAME", "HOLDER", "SINCE", "EXPIRES", "FENCE", "METADATA")]
-    rows += [(r.name, f"{r.host}:{r.pid}", _iso(r.created_at), _relative(r.expires_at), str(r.fencing_token),
-              _metadata_text(r)) for r in records]
+    rows += [(r.name, f"{r.host}:{r.pid}" + (" (ran)" if r.released else ""), _iso(r.created_at),
+              _relative(r.expires_at), str(r.fencing_token), _metadata_text(r)) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -2,8 +2,10 @@
 
 On a throwaway SQLite store it shows, as a timeline: processes racing for one
 lock, a SIGKILLed holder's lock expiring and being taken over, a fencing token
-refusing a paused holder's late write, and an Airflow task and a Prefect flow
-yielding to a cron-style ``singleton run`` that holds the same name. Every child
+refusing a paused holder's late write, two deployments started seconds apart of
+which the second skips the slot the first already ran (a minimum hold), and an
+Airflow task and a Prefect flow yielding to a cron-style ``singleton run`` that
+holds the same name. Every child
 runs in its own process group and is killed on exit, so nothing is left running.
 The Airflow and Prefect parts run in the interpreters named by
 ``SINGLETON_DEMO_AIRFLOW_PYTHON`` and ``SINGLETON_DEMO_PREFECT_PYTHON`` (they pin
@@ -24,6 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
 RESULT_PREFIX = "SINGLETON_DEMO_RESULT "
 EVENT_PREFIX = "@@demo "
 SHARED_NAME = "nightly-export"  # the one name the cron job, the DAG and the flow share
+SLOT_NAME = "nightly-report"  # the minimum-hold scene's name
+SLOT_HOLD = 4.0  # seconds: how long the slot stays taken after the run starts
+SLOT_LAG = 1.5  # seconds: how late the second deployment's scheduler starts the same job
 ORCHESTRATOR_TIMEOUT = 300.0
 
 
@@ -247,8 +253,51 @@ class Demo:
                             f"fencing tokens rose {' -> '.join(map(str, tokens))}; the stale write was refused")
         self.timeline.flush()
 
+    def slot(self) -> None:
+        print(f"\n4. Two deployments start '{SLOT_NAME}' {SLOT_LAG:g} s apart; with `--min-hold {SLOT_HOLD:g}` the "
+              "second skips the slot the first already ran", flush=True)
+        first = self._deployment("deploy-a")
+        ran = first.wait_for("locked")
+        code = first.finish()
+        self.timeline.add(Event(time.time(), "deploy-a", f"job done, `singleton run` exited {code}: released into "
+                                f"the {SLOT_HOLD:g} s minimum hold, so the name stays taken", kind="ran",
+                                name=SLOT_NAME))
+        time.sleep(max(0.0, ran.t + SLOT_LAG - time.time()))
+        second = self._deployment("deploy-b")
+        skipped = second.finish()
+        said = _last_line(second.log)
+        self.timeline.add(Event(time.time(), "deploy-b", f"exit {skipped}: {said.removeprefix('singleton: ')}",
+                                kind="skipped", name=SLOT_NAME))
+        status = subprocess.run([sys.executable, "-m", "singleton_integrations", "status", SLOT_NAME, "--json"], check=False,
+                                env=self.env, capture_output=True, text=True, timeout=60)
+        holder = (json.loads(status.stdout or "{}").get("holder") or {}) if status.returncode == 0 else {}
+        hold_until = datetime.fromisoformat(holder["hold_until"]).timestamp() if holder.get("hold_until") else None
+        self.timeline.check(skipped == 75 and "already ran this slot" in said and "deployment=a" in said
+                            and not (self.workdir / "deploy-b.ran").exists() and hold_until is not None,
+                            "deploy-b exited 75 without running: the slot already ran on deploy-a")
+        if hold_until is not None:
+            time.sleep(max(0.0, hold_until - time.time()) + 0.05)
+            self.timeline.add(Event(hold_until, "deploy-a", "minimum hold over: the next slot may run",
+                                    kind="released", name=SLOT_NAME))
+        later = self._deployment("deploy-b", next_slot=True)
+        following = later.wait_for("locked")
+        later.finish()
+        self.timeline.add(Event(time.time(), "deploy-b", "next slot done: released into its own minimum hold",
+                                kind="ran", name=SLOT_NAME))
+        self.timeline.check((following.token or 0) > (ran.token or 0),
+                            f"the next slot ran after the hold, fencing token {ran.token} -> {following.token}")
+        self.timeline.flush()
+
+    def _deployment(self, label: str, next_slot: bool = False) -> Actor:
+        """``singleton run --min-hold`` as each deployment's scheduler would start it."""
+        argv = [sys.executable, "-m", "singleton_integrations", "run", SLOT_NAME, "--min-hold", f"{SLOT_HOLD:g}",
+                "--metadata", f"deployment={label[-1]}", "--", sys.executable, "-m", "singleton_integrations.demo",
+                "--child", "slot-job", "--name", SLOT_NAME, "--actor", label, "--go", str(self.workdir / f"{label}.ran")]
+        log = None if next_slot or label == "deploy-a" else self.workdir / f"{label}.log"
+        return Actor(self.timeline, label, argv, self.env, log=log)
+
     def orchestrators(self) -> None:
-        print(f"\n4. A cron-style `singleton run {SHARED_NAME}` holds the name; Airflow and Prefect yield to it",
+        print(f"\n5. A cron-style `singleton run {SHARED_NAME}` holds the name; Airflow and Prefect yield to it",
               flush=True)
         go = self.workdir / "cron-may-finish"
         cron_argv = [sys.executable, "-m", "singleton_integrations", "run", SHARED_NAME, "--ttl", "30",
@@ -345,6 +394,13 @@ class Demo:
                             f"the Prefect flow ended 'Skipped' (state {name!r}; log {log.name})")
 
 
+def _last_line(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return ""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def _result(log: Path | None) -> dict[str, Any] | None:
     if log is None or not log.exists():
         return None
@@ -375,6 +431,13 @@ def _child(args: argparse.Namespace) -> int:
     logging.getLogger("singleton_integrations").addHandler(logging.NullHandler())  # events arrive as timeline lines
     url = os.environ["SINGLETON_URL"]
     name = args.name
+    if args.child == "slot-job":  # a short job under `singleton run --min-hold`
+        given = int(os.environ["SINGLETON_FENCING_TOKEN"])
+        Path(args.go).touch()  # proof that it ran
+        _emit("locked", f"runs the slot under `singleton run --min-hold {SLOT_HOLD:g}` (fencing token {given})",
+              name, given)
+        time.sleep(0.5)
+        return 0
     if args.child == "cron-job":  # runs under `singleton run`, which hands it the fencing token
         given = int(os.environ["SINGLETON_FENCING_TOKEN"])
         _emit("locked", f"cron job runs under `singleton run` (fencing token {given})", name, given)
@@ -437,7 +500,8 @@ def _fenced_write(ledger: Path, token: int | None, actor: str) -> bool:
 
 _COLOURS = ("#6a4c93", "#1982c4", "#8ac926", "#ff924c", "#c5283d")
 _MARKS = {"conflict": ("#888888", "conflict"), "refused": ("#c5283d", "write refused"),
-          "wrote": ("#2a9d55", "write ok"), "SIGKILL": ("#c5283d", "SIGKILL"), "SIGSTOP": ("#c5283d", "SIGSTOP"),
+          "wrote": ("#2a9d55", "write ok"), "skipped": ("#888888", "slot already ran: skipped"),
+          "ran": ("#555555", "done; held for the minimum hold"), "SIGKILL": ("#c5283d", "SIGKILL"), "SIGSTOP": ("#c5283d", "SIGSTOP"),
           "SIGCONT": ("#2a9d55", "SIGCONT"), "expired": ("#ff924c", "expired: taken over"),
           "airflow-state": ("#ff924c", "task skipped"), "prefect-state": ("#ff924c", "flow Skipped")}
 
@@ -511,12 +575,15 @@ def _holds(events: list[Event], actor: str) -> list[tuple[float, float, float]]:
             start, alive_until = event.t, None
         elif start is None:
             continue
-        elif event.target == actor and event.kind in ("SIGKILL", "SIGSTOP"):
-            alive_until = event.t
+        elif (event.target == actor and event.kind in ("SIGKILL", "SIGSTOP")) or (
+                event.actor == actor and event.kind == "ran"):
+            alive_until = event.t  # dead, frozen, or done but holding the name for its minimum hold
         elif (event.actor == actor and event.kind in ("released", "refused", "lost")) or (
                 event.actor != actor and event.kind == "expired"):
             holds.append((start, event.t, alive_until if alive_until is not None else event.t))
             start = None
+    if start is not None and alive_until is not None:  # done, still holding for its minimum hold at the end
+        holds.append((start, max(events[-1].t, alive_until), alive_until))
     return holds
 
 
@@ -541,7 +608,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--svg", type=Path, help="also draw the holders' timeline as an SVG chart here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (store, logs)")
     child = parser.add_argument_group("internal: the demo's child processes")
-    child.add_argument("--child", choices=("racer", "crasher", "taker", "writer", "cron-job"), help=argparse.SUPPRESS)
+    child.add_argument("--child", choices=("racer", "crasher", "taker", "writer", "slot-job", "cron-job"),
+                       help=argparse.SUPPRESS)
     child.add_argument("--name", help=argparse.SUPPRESS)
     child.add_argument("--actor", help=argparse.SUPPRESS)
     child.add_argument("--ttl", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -569,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.race()
         demo.crash()
         demo.fencing()
+        demo.slot()
         demo.orchestrators()
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)

@@ -1,7 +1,7 @@
 """Stores for locks, chosen by class or by URL scheme.
 
 Built in: ``memory://``, ``sqlite:///path`` (the embedded default), ``redis://``
-and ``rediss://``, ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``.
+and ``rediss://`` (with ``redis+sentinel://`` and ``redis+cluster://``), ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``.
 Third parties add schemes through the ``singleton_integrations.persisters``
 entry-point group (name: the scheme; value: a ``Persister`` subclass with a
 ``from_url(url, **options)`` classmethod).
@@ -51,6 +51,10 @@ _BUILTIN_SCHEMES = {
     "redis": "Redis",
     "rediss": "Redis",
     "unix": "Redis",
+    "redis+sentinel": "Redis",
+    "rediss+sentinel": "Redis",
+    "redis+cluster": "Redis",
+    "rediss+cluster": "Redis",
     "mongodb": "MongoDb",
     "mongodb+srv": "MongoDb",
     "postgresql": "Postgres",

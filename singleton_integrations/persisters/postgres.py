@@ -1,28 +1,33 @@
-"""PostgreSQL: one row per name, every primitive one statement on a pooled connection.
+"""PostgreSQL: one row per name, every primitive one message on a shared, bounded set of connections.
 
-A free name keeps its row with ``owner_token`` NULL, so its fencing counter
-survives release (the same layout as the SQLite store). Expiry is judged by
-``clock_timestamp()``, the server's wall clock at the moment the row is
-checked: a statement that waited on a row lock still judges by the time it
-actually looks, which ``now()`` (the transaction's start) would not.
+The lock's statements and the reading of their answers live in
+``_postgres_sql`` (no I/O); this module runs them on sync connections
+(``psycopg_pool.ConnectionPool``) and on async ones (``psycopg.AsyncConnection``).
 
-Releases ``pg_notify`` one channel per table with the lock name as payload, so a
-waiter LISTENs before its attempt and wakes at the release. A committing NOTIFY
-holds a cluster-wide lock through its commit (so notifying transactions commit
-one at a time) and wakes every listener in the database, so a release sends one
-only when someone waits: each waiter holds a shared advisory lock on the name's
-key while it listens, and the release notifies when it cannot take that key
-exclusively.
-The releaser's exclusive try-lock lasts until its commit, so a waiter arriving
-meanwhile blocks on its shared lock until the release is visible and no wake-up
-is lost.
+Each call is one simple-protocol message that begins with ``SET LOCAL
+statement_timeout``: it leaves no session state and prepares nothing on the
+server, so the same code works directly, behind PgBouncer in transaction
+pooling and in session pooling, with PgBouncer's default configuration. Every
+call also has a client-side deadline (``timeout``), because a pooler or proxy
+that accepts bytes and never answers is invisible to TCP.
+
+All persisters built from the same DSN and options in one process share one
+store: one connection pool (at most ``max_size`` connections), one LISTEN
+connection per table for waiters, one retention sweep schedule.
+
+Waiting: releases ``pg_notify`` one channel per table with the lock name as
+payload; one listener thread per store and table LISTENs and wakes the waiters
+of this process (``ReleaseHub``). A release notifies only when a waiter's hint
+is on the row (see ``_postgres_sql``). Behind a pooler, LISTEN needs a direct
+connection (``listen_dsn``); without one, waiters poll every ``poll_interval``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import hashlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -31,126 +36,34 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
-from ._base import Persister, ReleaseWatch, SleepWatch
+from . import _postgres_sql as q
+from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, run_blocking
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["Postgres"]
+__all__ = ["POOLER_MODES", "Postgres"]
 
 logger = logging.getLogger("singleton_integrations.persisters.postgres")
 
 _T = TypeVar("_T")
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are silently truncated
 
-# Each statement is a template: {table} is the quoted, possibly schema-qualified table.
-_CREATE_TABLE = """
-CREATE TABLE IF NOT EXISTS {table} (
-    name text PRIMARY KEY,
-    owner_token text,
-    fencing_token bigint NOT NULL,
-    host text NOT NULL,
-    pid integer NOT NULL,
-    created_at timestamptz NOT NULL,
-    expires_at timestamptz,
-    metadata jsonb NOT NULL
-)
-"""
-_COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata"
-_LIVE = "owner_token IS NOT NULL AND (expires_at IS NULL OR expires_at > clock_timestamp())"
-
-# One round trip that takes a free or expired name, or reports the live holder.
-# ``previous`` locks the current row version first (FOR UPDATE re-reads the newest
-# committed version under READ COMMITTED), so the row the upsert judges is the
-# row we report: the expired holder we replaced, or the live one that kept it.
-# The ON CONFLICT ... WHERE is the atomic guard itself: of several racers, the
-# first to lock the row rewrites it and the others re-check the new, live
-# version and back off. The fencing token is minted in the same write. Only what
-# the client does not know comes back (a free row's leftovers are not sent).
-_ACQUIRE = f"""
-WITH previous AS MATERIALIZED (
-    SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s FOR UPDATE
-), taken AS (
-    INSERT INTO {{table}} AS held ({_COLUMNS})
-    SELECT %(name)s, %(owner_token)s, 1, %(host)s, %(pid)s::integer, clock_timestamp(),
-           clock_timestamp() + %(ttl)s::float8 * interval '1 second', %(metadata)s::jsonb
-    FROM (VALUES (1)) AS one LEFT JOIN previous ON true
-    ON CONFLICT (name) DO UPDATE SET
-        owner_token = excluded.owner_token,
-        fencing_token = held.fencing_token + 1,
-        host = excluded.host,
-        pid = excluded.pid,
-        created_at = excluded.created_at,
-        expires_at = excluded.expires_at,
-        metadata = excluded.metadata
-    WHERE held.owner_token IS NULL OR held.expires_at <= clock_timestamp()
-    RETURNING fencing_token, created_at, expires_at
-)
-SELECT taken.*, previous.*, extract(epoch FROM previous.expires_at - clock_timestamp())::float8
-FROM (VALUES (1)) AS one LEFT JOIN taken ON true LEFT JOIN previous ON previous.owner_token IS NOT NULL
-"""
-# The common case in one plain UPDATE: a name whose row is free (released before).
-# It skips the upsert and the row lock above, a sixth of the server's time per cycle;
-# a free row's leftovers are not reported, so the result is the same. Of racing
-# callers the first to update the row wins: the others re-check the WHERE on the new,
-# held version and update nothing, then take the full path above.
-_ACQUIRE_FREE = """
-UPDATE {table} SET owner_token = %(owner_token)s, fencing_token = fencing_token + 1, host = %(host)s,
-    pid = %(pid)s::integer, created_at = clock_timestamp(),
-    expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second', metadata = %(metadata)s::jsonb
-WHERE name = %(name)s AND owner_token IS NULL
-RETURNING fencing_token, created_at, expires_at
-"""
-# Frees the name if the token still owns it, and says whether the lease was still
-# live: a lock that expired untaken is cleared too, but the caller lost it.
-_RELEASE = """
-WITH old AS (
-    SELECT name, (expires_at IS NULL OR expires_at > clock_timestamp()) AS live FROM {table}
-    WHERE name = %(name)s AND owner_token = %(owner_token)s FOR UPDATE
-), released AS (
-    UPDATE {table} AS freed SET owner_token = NULL, expires_at = NULL
-    FROM old WHERE freed.name = old.name
-    RETURNING old.live, freed.name
-)
-SELECT live, CASE WHEN pg_try_advisory_xact_lock(%(waiters)s) THEN false
-                  ELSE (SELECT true FROM pg_notify(%(channel)s, name)) END
-FROM released
-"""
-_RENEW = f"""
-UPDATE {{table}} SET expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second'
-WHERE name = %(name)s AND owner_token = %(owner_token)s AND {_LIVE}
-RETURNING {_COLUMNS}
-"""
-_GET = f"SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s AND {_LIVE}"
-# left() compares characters literally, so '%', '_' and '\\' in a prefix are plain text;
-# COLLATE "C" sorts by code point, as Python sorts the other stores' names.
-_LIST = f"""
-SELECT {_COLUMNS} FROM {{table}}
-WHERE left(name, char_length(%(prefix)s)) = %(prefix)s AND {_LIVE}
-ORDER BY name COLLATE "C"
-"""
-# The subquery locks and reads the row before the update, so RETURNING shows the removed holder.
-_FORCE_RELEASE = f"""
-UPDATE {{table}} AS freed SET owner_token = NULL, expires_at = NULL
-FROM (SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s AND {_LIVE} FOR UPDATE) AS holder
-WHERE freed.name = holder.name
-RETURNING holder.name, holder.owner_token, holder.fencing_token, holder.host, holder.pid,
-          holder.created_at, holder.expires_at, holder.metadata, pg_notify(%(channel)s, holder.name)
-"""
-_CANONICAL_NAME = """
-SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.oid = to_regclass(%(table)s)
-"""
+#: ``pooler=``: ``auto`` detects a pooler (its cancel key is not the server's) and then
+#: behaves as ``session``; ``none`` is a direct server; ``transaction`` and ``session``
+#: name PgBouncer's pool modes (``pgbouncer-transaction`` and ``pgbouncer-session`` too).
+POOLER_MODES = ("auto", "none", "transaction", "session")
+_POOLER_ALIASES = {"pgbouncer-transaction": "transaction", "pgbouncer-session": "session", "direct": "none"}
 
 # Options that belong to this class rather than to libpq, readable from a URL's query.
+_NONE_WORDS = ("", "none", "null")
 _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "table": str,
     "connect_timeout": float,
@@ -159,10 +72,15 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "timeout": float,
     "min_size": int,
     "max_size": int,
-    "prepare_threshold": lambda text: None if text.lower() in ("", "none", "null") else int(text),
+    "prepare_threshold": lambda text: None if text.lower() in _NONE_WORDS else int(text),
+    "purge_after_seconds": lambda text: None if text.lower() in _NONE_WORDS else float(text),
+    "pooler": str,
+    "listen_dsn": str,
+    "poll_interval": float,
 }
 # libpq settings that bound a dead peer unless the DSN chooses its own: keepalives
 # notice a vanished server in about 11 s, tcp_user_timeout a send nobody acknowledges.
+# None of them is a startup parameter a pooler could refuse.
 _NETWORK_DEFAULTS = {
     "keepalives": "1",
     "keepalives_idle": "5",
@@ -172,11 +90,11 @@ _NETWORK_DEFAULTS = {
     "application_name": "singleton-integrations",
 }
 _KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-# How long a connection may stay out of the pool between calls before it goes back,
-# so the pool's own lifetime and health policies still reach it.
-_LEND_SECONDS = 60.0
-# Pools a forked child must neither use nor finalize: their sockets belong to the parent.
-_inherited_pools: list[object] = []
+#: A process sweeps a table for long-idle names at most this often.
+PURGE_EVERY_SECONDS = 600.0
+_PURGE_BATCH = 500
+#: The listener checks its quiet LISTEN connection this often (keepalives may be off).
+_LISTEN_HEARTBEAT = 10.0
 
 
 def _drivers() -> tuple[Any, Any]:
@@ -215,19 +133,6 @@ def _positive(value: object, what: str) -> float:
     return float(value)
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(timezone.utc)
-
-
-def _record(row: tuple[Any, ...] | None, start: int = 0) -> LockRecord | None:
-    if row is None:
-        return None
-    name, owner_token, fence, host, pid, created, expires, metadata = row[start:start + 8]
-    if name is None or owner_token is None:
-        return None
-    return LockRecord(name, owner_token, fence, host, pid, _utc(created), _utc(expires), dict(metadata or {}))  # type: ignore[arg-type]
-
-
 def _retriable(error: BaseException, pool_module: Any) -> bool:
     """A dropped connection (e.g. a server restart) rather than a verdict of the server."""
     if isinstance(error, (pool_module.PoolTimeout, pool_module.PoolClosed)):
@@ -247,59 +152,168 @@ def _bounded_waits(psycopg: Any) -> bool:
     (a stuck proxy or pooler), so the deadline has to live in the client.
     """
     try:
-        accepts_timeout = "timeout" in inspect.signature(psycopg.Connection.wait).parameters
+        accepts_timeout = all("timeout" in inspect.signature(cls.wait).parameters
+                              for cls in (psycopg.Connection, psycopg.AsyncConnection))
     except (TypeError, ValueError):
         return False
     return accepts_timeout and hasattr(psycopg.Cursor, "_execute_gen") and hasattr(psycopg.errors, "_WaitTimeout")
 
 
-class _NotifyWatch(ReleaseWatch):
-    """A dedicated LISTEN connection; ``wait`` returns at a release of its name."""
+def _channel(schema: str, relation: str) -> str:
+    channel = f"singleton:{schema}.{relation}"
+    if len(channel.encode()) > _MAX_IDENTIFIER_BYTES:
+        channel = f"singleton:{hashlib.sha256(channel.encode()).hexdigest()[:40]}"
+    return channel
 
-    def __init__(self, connection: psycopg.Connection[Any], name: str, errors: tuple[type[BaseException], ...]) -> None:
-        self._connection = connection
-        self._name = name
-        self._errors = errors
-        self._broken = False
 
-    def wait(self, timeout: float) -> None:
-        if timeout <= 0:
-            return
-        deadline = time.monotonic() + timeout
-        if not self._broken:
-            try:
-                for notify in self._connection.notifies(timeout=timeout):
-                    if notify.payload == self._name:
-                        return
-                return
-            except self._errors as error:  # a lost listener degrades to polling; attempts still report outages
-                self._broken = True
-                logger.warning("LISTEN connection failed (%s); waiting by polling", type(error).__name__)
-        time.sleep(max(0.0, deadline - time.monotonic()))
+def _setup_key(quoted_table: str) -> int:
+    """The advisory-lock key that serializes creating or migrating one table."""
+    return int.from_bytes(hashlib.sha256(f"singleton_integrations:{quoted_table}".encode()).digest()[:8], "big", signed=True)
+
+
+# -- the store shared by every persister of one configuration in one process ------------
+
+
+class _AsyncConnections:
+    """Connections for one event loop: at most ``max_size`` in use, idle ones kept when the mode allows."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_size: int, keep: bool) -> None:
+        self.loop = loop
+        self.slots = asyncio.Semaphore(max_size)
+        self.idle: list[Any] = []
+        self.keep = keep
+
+    def discard_idle(self) -> None:
+        """Close idle connections without a loop (theirs has closed): the socket is all there is left."""
+        while self.idle:
+            with suppress(Exception):
+                self.idle.pop().pgconn.finish()
+
+
+class _Store:
+    """One configuration's connections in this process, shared by every ``Postgres`` built with it."""
+
+    def __init__(self, conninfo: str, listen_conninfo: str | None, pooler: str, min_size: int, max_size: int,
+                 pool_timeout: float, connect_timeout: float) -> None:
+        self.conninfo = conninfo
+        self.listen_conninfo = listen_conninfo
+        self.declared = pooler
+        #: 'direct', 'transaction' or 'session'; None until detected (pooler='auto').
+        self.mode: str | None = {"none": "direct", "auto": None}.get(pooler, pooler)
+        self.min_size, self.max_size = min_size, max_size
+        self.pool_timeout, self.connect_timeout = pool_timeout, connect_timeout
+        self.guard = threading.Lock()  # quick state changes only, never held across I/O
+        self.setup = threading.Lock()  # creating tables and the pool: I/O, so watch() never waits on it
+        self.pool: Any = None
+        self.per_call = threading.BoundedSemaphore(max_size)  # session mode: connections in use at once
+        self.tables: dict[str, str] = {}  # quoted table -> NOTIFY channel, once created/migrated here
+        self.hubs: dict[str, ReleaseHub] = {}
+        self.purge_due: dict[str, float] = {}
+        self.loops: dict[int, _AsyncConnections] = {}
+        self.users = 0
+
+    @property
+    def keeps_connections(self) -> bool:
+        """Session pooling pins a server connection to each open client connection: keep none between calls."""
+        return self.mode != "session"
+
+    def listen_target(self) -> str | None:
+        """Where LISTEN goes: ``listen_dsn``, else the server itself when nothing pools in between."""
+        if self.listen_conninfo is not None:
+            return self.listen_conninfo
+        return self.conninfo if self.mode == "direct" else None
+
+    def async_connections(self) -> _AsyncConnections:
+        loop = asyncio.get_running_loop()
+        with self.guard:
+            found = self.loops.get(id(loop))
+            if found is not None and found.loop is loop:
+                return found
+            for key, stale in list(self.loops.items()):  # loops that closed (asyncio.run returned)
+                if stale.loop.is_closed():
+                    stale.discard_idle()
+                    del self.loops[key]
+            found = self.loops[id(loop)] = _AsyncConnections(loop, self.max_size, self.keeps_connections)
+            return found
+
+    def shut(self, pool_timeout: float) -> None:
+        """Close everything this process holds for the store; the next call opens it again."""
+        with self.guard:
+            pool, self.pool = self.pool, None
+            hubs, self.hubs = list(self.hubs.values()), {}
+            for connections in self.loops.values():
+                connections.discard_idle()
+            self.loops = {}
+            self.tables = {}
+        for hub in hubs:
+            hub.close()
+        if pool is not None:
+            pool.close(timeout=pool_timeout)
+
+
+_stores: dict[tuple[Any, ...], _Store] = {}
+_stores_guard = threading.Lock()
+# Stores a forked child must neither use nor finalize: their sockets belong to the parent.
+_inherited: list[object] = []
+
+
+def _forget_parent_stores() -> None:
+    global _stores_guard
+    _stores_guard = threading.Lock()
+    _inherited.extend(_stores.values())
+    _stores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_stores)
+
+
+class _Watch(ReleaseWatch):
+    """A waiter on the store's hub; polls every ``poll`` seconds while nothing LISTENs for it."""
+
+    def __init__(self, inner: HubWatch, hub: ReleaseHub, poll: float) -> None:
+        self._inner, self._hub, self._poll = inner, hub, poll
+
+    def _bound(self, timeout: float) -> float:
+        return timeout if self._hub.subscribed.is_set() else min(timeout, self._poll)
+
+    def wait(self, timeout: float) -> bool:
+        return self._inner.wait(self._bound(timeout))
+
+    async def wait_async(self, timeout: float) -> bool:
+        return await self._inner.wait_async(self._bound(timeout))
 
     def close(self) -> None:
-        with suppress(*self._errors):  # closing a broken connection has nothing left to do
-            self._connection.close()
+        self._inner.close()
 
 
 class Postgres(Persister):
     """Locks in a PostgreSQL table (created if missing), judged by the server's clock.
 
     ``dsn`` is a ``postgresql://`` URL or a libpq ``key=value`` string. Nothing
-    connects until the first operation; each process then keeps one small pool
-    of autocommit connections. ``table`` may be ``"schema.table"``.
-    ``connect_timeout`` (default: the DSN's, else 5 s), ``statement_timeout_ms``
-    and ``pool_timeout`` (waiting for a free pooled connection) bound every call,
-    and ``timeout`` (default: the statement timeout + 0.5 s) bounds a whole call
-    on the client, so a peer that swallows traffic fails it rather than hangs it.
-    ``prepare_threshold=None`` turns prepared statements off, for PgBouncer in
-    transaction mode before 1.21.
+    connects until the first operation. Every ``Postgres`` built from the same
+    DSN and pool options in one process shares one pool of at most
+    ``max_size`` connections (per event loop for the async calls), and callers
+    wait up to ``pool_timeout`` (within the call's deadline) for a free one.
+    ``table`` may be ``"schema.table"``.
+
+    ``statement_timeout_ms`` is set for each call's transaction (``SET LOCAL``,
+    never at connection start, which PgBouncer refuses); ``timeout`` (default:
+    the statement timeout + 0.5 s) bounds a whole call on the client.
+    ``pooler`` says what is in front of the server (``POOLER_MODES``);
+    ``listen_dsn`` is a direct connection for LISTEN when a pooler is;
+    ``poll_interval`` is how often waiters look again when nothing LISTENs.
+    ``purge_after_seconds`` (default 30 days, ``None`` keeps all) is how long a
+    free name's row is kept. ``prepare_threshold`` is accepted for old
+    configurations and has no effect: nothing is prepared on the server.
     """
 
     backend: ClassVar[str] = "postgres"
     distributed: ClassVar[bool] = True
     notifies: ClassVar[bool] = True
     clock: ClassVar[str] = "the PostgreSQL server's clock (clock_timestamp())"
+    supports_min_hold: ClassVar[bool] = True
+    native_async: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -312,7 +326,11 @@ class Postgres(Persister):
         timeout: float | None = None,
         min_size: int = 1,
         max_size: int = 4,
-        prepare_threshold: int | None = 5,
+        prepare_threshold: int | None = None,
+        purge_after_seconds: float | None = DEFAULT_PURGE_AFTER_SECONDS,
+        pooler: str = "auto",
+        listen_dsn: str | None = None,
+        poll_interval: float = 0.25,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"a PostgreSQL DSN must be a str, not {type(dsn).__name__}")
@@ -327,6 +345,7 @@ class Postgres(Persister):
         # Longer than the statement timeout, so a slow statement is cancelled by the
         # server (leaving its connection usable) before the client gives up on it.
         self.timeout = statement_timeout_ms / 1000 + 0.5 if timeout is None else _positive(timeout, "timeout")
+        self.call_timeout = self.timeout
         self._bounded = _bounded_waits(self._psycopg)
         if not self._bounded:
             logger.warning("psycopg %s cannot bound a statement on the client; upgrade to 3.3.9+ "
@@ -337,43 +356,44 @@ class Postgres(Persister):
             raise ValueError(f"max_size must be an int >= max(1, min_size), not {max_size!r}")
         self.min_size, self.max_size = min_size, max_size
         if prepare_threshold is not None and (isinstance(prepare_threshold, bool) or not isinstance(prepare_threshold, int)):
-            raise TypeError("prepare_threshold must be an int or None (None disables prepared statements, e.g. for PgBouncer)")
+            raise TypeError("prepare_threshold must be an int or None")
         self.prepare_threshold = prepare_threshold
+        self.purge_after_seconds = None if purge_after_seconds is None else _positive(purge_after_seconds, "purge_after_seconds")
+        mode = _POOLER_ALIASES.get(str(pooler).lower(), str(pooler).lower()) if isinstance(pooler, str) else None
+        if mode not in POOLER_MODES:
+            raise ValueError(f"pooler must be one of {', '.join(POOLER_MODES)}, not {pooler!r}")
+        self.pooler = mode
+        self.poll_interval = _positive(poll_interval, "poll_interval")
+        if listen_dsn is not None and not isinstance(listen_dsn, str):
+            raise TypeError(f"listen_dsn must be a str, not {type(listen_dsn).__name__}")
+        self.listen_dsn = None if listen_dsn is None else _redact(listen_dsn)
 
-        try:
-            params = self._psycopg.conninfo.conninfo_to_dict(dsn)
-        except self._psycopg.Error as error:
-            raise ValueError(f"invalid PostgreSQL DSN {self.dsn!r}: {self._scrub(str(error), dsn)}") from None
-        self._password = str(params.get("password") or "")
+        self._secrets: list[str] = []
         if connect_timeout is None:
-            connect_timeout = float(params.get("connect_timeout") or 5)
+            connect_timeout = float(self._parse_dsn(dsn).get("connect_timeout") or 5)
         self.connect_timeout = _positive(connect_timeout, "connect_timeout")
-        # libpq counts whole seconds and treats 1 as 2; round up so the bound is never shorter.
-        params["connect_timeout"] = str(max(2, math.ceil(self.connect_timeout)))
-        options = str(params.get("options") or "")
-        params["options"] = f"{options} -c statement_timeout={statement_timeout_ms}".strip()
-        for key, value in _NETWORK_DEFAULTS.items():
-            params.setdefault(key, value)
-        self._conninfo: str = self._psycopg.conninfo.make_conninfo("", **params)
+        self._conninfo = self._conninfo_for(dsn)
+        self._listen_conninfo = None if listen_dsn is None else self._conninfo_for(listen_dsn)
 
         sql = self._psycopg.sql
         quoted = sql.Identifier(*self._table_parts)
         self._quoted_table: str = quoted.as_string(None)
-        self._sql = {
-            key: sql.SQL(template).format(table=quoted).as_string(None)
-            for key, template in (("create", _CREATE_TABLE), ("acquire", _ACQUIRE), ("acquire_free", _ACQUIRE_FREE), ("release", _RELEASE),
-                                  ("renew", _RENEW), ("get", _GET), ("list", _LIST), ("force_release", _FORCE_RELEASE))
-        }
-        self._channel = ""
-        self._guard = threading.Lock()
-        self._guard_pid = os.getpid()
-        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
-        # Connections this object keeps out of the pool between calls, with a reused
-        # cursor each and the moment to hand them back (so the pool still recycles
-        # them): list.pop/append are atomic, so the hot path takes no pool lock.
-        self._idle: list[tuple[psycopg.Connection[Any], psycopg.Cursor[Any], float]] = []
-        self._waiter_keys: dict[str, tuple[str, int]] = {}  # name -> (channel, key): a hash per release costs
-        self._pool_pid = 0
+        table_sql = {name: template.format(table=self._quoted_table) for name, template in (
+            ("acquire_free", q.ACQUIRE_FREE), ("acquire", q.ACQUIRE), ("hint", q.HINT), ("release", q.RELEASE),
+            ("renew", q.RENEW), ("get", q.GET), ("list", q.LIST), ("force_release", q.FORCE_RELEASE),
+            ("purge", q.PURGE), ("create", q.CREATE_TABLE), ("migrate", q.MIGRATE))}
+        timeout_ms = statement_timeout_ms
+        self._sql = {key: q.message(timeout_ms, table_sql[key]) for key in
+                     ("acquire_free", "acquire", "release", "renew", "get", "list", "force_release", "purge")}
+        self._sql["acquire_hint"] = q.message(timeout_ms, table_sql["acquire"], table_sql["hint"])
+        self._sql["inspect"] = q.message(timeout_ms, q.INSPECT)
+        self._sql["setup"] = q.message(
+            timeout_ms, f"SET LOCAL lock_timeout = {timeout_ms}",
+            f"SELECT pg_advisory_xact_lock({_setup_key(self._quoted_table)})", table_sql["create"], table_sql["migrate"])
+        self._store_key = (self._conninfo, self._listen_conninfo, self.pooler, min_size, max_size,
+                           self.pool_timeout, self.connect_timeout)
+        self._store: _Store | None = None
+        self._store_pid = 0
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Postgres:
@@ -394,17 +414,38 @@ class Postgres(Persister):
                 try:
                     from_query[key] = _URL_OPTIONS[key](value)
                 except ValueError:
-                    raise ValueError(f"invalid {key}={value!r} in {_redact(url)!r}") from None
+                    shown = "***" if key == "listen_dsn" else value
+                    raise ValueError(f"invalid {key}={shown!r} in {_redact(url)!r}") from None
             else:
                 libpq.append(pair)
         dsn = urlunsplit(parts._replace(query="&".join(libpq)))
         return cls(dsn, **{**from_query, **options})
 
-    # -- connections ---------------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------
+
+    def _parse_dsn(self, dsn: str) -> dict[str, Any]:
+        try:
+            params: dict[str, Any] = self._psycopg.conninfo.conninfo_to_dict(dsn)
+        except self._psycopg.Error as error:
+            raise ValueError(f"invalid PostgreSQL DSN {_redact(dsn)!r}: {self._scrub(str(error), dsn)}") from None
+        password = str(params.get("password") or "")
+        if password and password not in self._secrets:
+            self._secrets.append(password)
+        return params
+
+    def _conninfo_for(self, dsn: str) -> str:
+        params = self._parse_dsn(dsn)
+        # libpq counts whole seconds and treats 1 as 2; round up so the bound is never shorter.
+        params["connect_timeout"] = str(max(2, math.ceil(self.connect_timeout)))
+        for key, value in _NETWORK_DEFAULTS.items():
+            params.setdefault(key, value)
+        return str(self._psycopg.conninfo.make_conninfo("", **params))
+
+    # -- errors ------------------------------------------------------------------------
 
     def _scrub(self, message: str, dsn: str | None = None) -> str:
-        """``message`` without the password, however the driver happened to quote it."""
-        secrets = [getattr(self, "_password", "")]
+        """``message`` without a password, however the driver happened to quote it."""
+        secrets = list(getattr(self, "_secrets", ()))
         if dsn:
             secrets.append((urlsplit(dsn).password or "") if "://" in dsn else "")
             secrets += [match.group(2).strip("'") for match in _KV_PASSWORD.finditer(dsn)]
@@ -424,292 +465,549 @@ class Postgres(Persister):
             yield
         except PersisterError:
             raise
+        except _NoAnswer as error:
+            raise self._error(action, error) from error
         except self._psycopg.Error as error:
             raise self._error(action, error) from error
 
-    def _execute(self, connection: psycopg.Connection[Any], query: str, params: Mapping[str, Any] | tuple[Any, ...] | None,
-                 timeout: float, *, prepare: bool | None = None, binary: bool = False,
-                 cursor: psycopg.Cursor[Any] | None = None) -> psycopg.Cursor[Any]:
-        """``connection.execute`` that gives up after ``timeout`` seconds, closing the connection.
+    # -- the shared store ------------------------------------------------------------------
+
+    def _shared(self) -> _Store:
+        """This configuration's store in this process (a forked child gets its own)."""
+        pid = os.getpid()
+        store = self._store
+        if store is not None and self._store_pid == pid:
+            return store
+        with _stores_guard:
+            store = _stores.get(self._store_key)
+            if store is None:
+                store = _stores[self._store_key] = _Store(
+                    self._conninfo, self._listen_conninfo, self.pooler, self.min_size, self.max_size,
+                    self.pool_timeout, self.connect_timeout)
+            with store.guard:
+                store.users += 1
+        self._store, self._store_pid = store, pid
+        return store
+
+    def _detected(self, store: _Store, server_pid: int, key_pid: int) -> None:
+        """pooler='auto': a pooler hands out its own cancel keys, so the pid it reports is not the server's."""
+        if store.mode is not None:
+            return
+        store.mode = "direct" if server_pid == key_pid else "session"
+        if store.mode == "session":
+            logger.info("a connection pooler is in front of %s: connections are not kept between calls and "
+                        "waiters %s; declare pooler='transaction' (or 'session') to choose", self.dsn,
+                        "LISTEN through listen_dsn" if store.listen_conninfo else f"poll every {self.poll_interval:g} s")
+
+    def _setup_plan(self, row: tuple[Any, ...] | None) -> str | None:
+        """The channel when the table is ready, None when it must be created or migrated first."""
+        if row is None or row[1] is None or int(row[2]) < len(q.NEW_COLUMNS):
+            return None
+        return _channel(row[0], row[1])
+
+    def _execute(self, connection: psycopg.Connection[Any], query: str, params: Mapping[str, Any] | None,
+                 timeout: float) -> psycopg.Cursor[Any]:
+        """Send one message and wait at most ``timeout`` seconds, closing the connection if it never answers.
 
         psycopg waits on the socket itself with the deadline: no thread, no signal.
-        A statement abandoned halfway leaves the protocol in an unknown state, so the
+        A message abandoned halfway leaves the protocol in an unknown state, so the
         connection is closed (a pool then replaces it) and ``_NoAnswer`` raised.
-        ``cursor`` (of ``connection``) is reused if given: creating one costs more than its use.
+        The cursor is left on the message's second result (the first is ``SET LOCAL``).
         """
-        if cursor is None:
-            cursor = connection.cursor(binary=binary)
+        cursor = connection.cursor()
         if not self._bounded:
-            return cursor.execute(query, params, prepare=prepare)
-        try:
-            with connection.lock:
-                connection.wait(cursor._execute_gen(query, params, prepare=prepare, binary=binary), timeout=max(timeout, 0.001))
-        except self._psycopg.errors._WaitTimeout:
-            connection.close()
-            raise _NoAnswer(f"no answer within {timeout:.1f} s") from None
+            cursor.execute(query, params, prepare=False)
+        else:
+            try:
+                with connection.lock:
+                    connection.wait(cursor._execute_gen(query, params, prepare=False), timeout=max(timeout, 0.001))
+            except self._psycopg.errors._WaitTimeout:
+                connection.close()
+                raise _NoAnswer(f"no answer within {max(timeout, 0.0):.1f} s") from None
+        cursor.nextset()
         return cursor
 
-    def _check_connection(self, connection: psycopg.Connection[Any]) -> None:
-        """The pool's health check (an empty statement), bounded like every other call."""
-        self._execute(connection, "", None, min(self.timeout, self.connect_timeout))
+    async def _aexecute(self, connection: psycopg.AsyncConnection[Any], query: str, params: Mapping[str, Any] | None,
+                        timeout: float) -> psycopg.AsyncCursor[Any]:
+        """``_execute`` on an async connection: the wait holds no thread."""
+        cursor = connection.cursor()
+        try:
+            async with connection.lock:
+                await connection.wait(cursor._execute_gen(query, params, prepare=False), timeout=max(timeout, 0.001))
+        except self._psycopg.errors._WaitTimeout:
+            await connection.close()
+            raise _NoAnswer(f"no answer within {max(timeout, 0.0):.1f} s") from None
+        cursor.nextset()
+        return cursor
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        return self._psycopg.Connection.connect(
-            self._conninfo, autocommit=True, prepare_threshold=self.prepare_threshold
-        )
+    def _connect_kwargs(self, asynchronous: bool = False) -> dict[str, Any]:
+        factory = self._psycopg.AsyncClientCursor if asynchronous else self._psycopg.ClientCursor
+        return {"autocommit": True, "cursor_factory": factory, "prepare_threshold": None}
 
-    def _ensure_table(self, connection: psycopg.Connection[Any]) -> None:
-        """Create the table once, serialized by an advisory lock so racing processes don't collide.
-
-        The caller closes ``connection`` afterwards, which also ends a failed transaction.
-        """
-        deadline = time.monotonic() + self.timeout
-        exists = self._execute(connection, "SELECT to_regclass(%s) IS NOT NULL", (self._quoted_table,),
-                               deadline - time.monotonic()).fetchone()
-        if not (exists and exists[0]):
-            key = int.from_bytes(hashlib.sha256(f"singleton_integrations:{self._quoted_table}".encode()).digest()[:8], "big", signed=True)
-            try:
-                self._execute(connection, "BEGIN", None, deadline - time.monotonic())
-                self._execute(connection, "SELECT pg_advisory_xact_lock(%s)", (key,), deadline - time.monotonic())
-                self._execute(connection, self._sql["create"], None, deadline - time.monotonic())
-                self._execute(connection, "COMMIT", None, deadline - time.monotonic())
-            except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                # created meanwhile by a process that does not take our advisory lock
-                self._execute(connection, "ROLLBACK", None, deadline - time.monotonic())
-        # One channel per table, named from its canonical name so 'public.t' and 't' agree.
-        row = self._execute(connection, _CANONICAL_NAME, {"table": self._quoted_table}, deadline - time.monotonic()).fetchone()
-        schema, relation = row if row else ("", self.table)
-        channel = f"singleton:{schema}.{relation}"
-        if len(channel.encode()) > _MAX_IDENTIFIER_BYTES:
-            channel = f"singleton:{hashlib.sha256(channel.encode()).hexdigest()[:40]}"
-        self._channel = channel
-
-    def _lock(self) -> threading.Lock:
-        pid = os.getpid()
-        if self._guard_pid != pid:  # a lock copied by fork may be held by a parent thread
-            self._guard, self._guard_pid = threading.Lock(), pid
-        return self._guard
-
-    def _get_pool(self) -> psycopg_pool.ConnectionPool[Any]:
-        pid = os.getpid()
-        pool = self._pool
-        if pool is not None and self._pool_pid == pid:
-            return pool
-        with self._lock():
-            if self._pool is not None and self._pool_pid == pid:
-                return self._pool
-            if self._pool is not None:
-                _inherited_pools.append(self._pool)  # the parent's: never close or reuse it here
-                self._pool = None
-            # A direct first connection reports why a server is unreachable within
-            # connect_timeout (a pool would only say it timed out) and creates the table.
+    def _ready(self, deadline: float) -> _Store:
+        """The store with this table created, migrated and its channel known (once per process)."""
+        store = self._shared()
+        if self._quoted_table in store.tables:
+            return store
+        with store.setup:
+            if self._quoted_table in store.tables:
+                return store
             with self._translated("connecting"):
-                connection = self._connect()
+                connection = self._psycopg.Connection.connect(self._conninfo, **self._connect_kwargs())
             try:
                 with self._translated(f"opening table {self.table!r}"):
-                    self._ensure_table(connection)
-            except _NoAnswer as error:
-                raise self._error(f"opening table {self.table!r}", error) from error
+                    if store.mode is None:
+                        pid = self._execute(connection, q.message(self.statement_timeout_ms, "SELECT pg_backend_pid()"),
+                                            None, deadline - time.monotonic()).fetchone()
+                        self._detected(store, int(pid[0]), connection.info.backend_pid)  # type: ignore[index]
+                    store.tables[self._quoted_table] = self._prepare_table(connection, deadline)
             finally:
                 connection.close()
-            with self._translated("connecting"):
-                pool = self._psycopg_pool.ConnectionPool(
-                    self._conninfo,
-                    kwargs={"autocommit": True, "prepare_threshold": self.prepare_threshold},
-                    min_size=self.min_size,
-                    max_size=self.max_size,
-                    timeout=self.pool_timeout,
-                    name=f"singleton-{self.table}",
-                    num_workers=1,
-                    open=False,
-                )
-                pool.check_connection = self._check_connection  # pool.check() must not hang either
-                # Waiting for min_size connections keeps the first getconn from growing the pool.
-                try:
-                    pool.open(wait=self.min_size > 0, timeout=self.pool_timeout)
-                except BaseException:
-                    pool.close(timeout=0)
-                    raise
-            self._idle = []  # a forked child must not touch the parent's connections
-            self._pool, self._pool_pid = pool, pid
-            return pool
+        return store
 
-    def _run(self, action: str, query_key: str, params: Mapping[str, Any], fetch: Callable[[Any], _T]) -> _T:
-        """One statement on a pooled connection, tried again once on a fresh one if the connection dropped.
+    def _prepare_table(self, connection: psycopg.Connection[Any], deadline: float) -> str:
+        params = {"table": self._quoted_table, "columns": list(q.NEW_COLUMNS)}
+        for _ in range(3):
+            channel = self._setup_plan(self._execute(connection, self._sql["inspect"], params, deadline - time.monotonic()).fetchone())
+            if channel is not None:
+                return channel
+            try:
+                self._execute(connection, self._sql["setup"], None, deadline - time.monotonic())
+            except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
+                pass  # created meanwhile by a process that does not take the advisory lock: look again
+        raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
+
+    async def _aready(self, deadline: float) -> _Store:
+        store = self._shared()
+        if self._quoted_table in store.tables:
+            return store
+        with self._translated("connecting"):
+            connection = await asyncio.wait_for(
+                self._psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs(True)),
+                max(deadline - time.monotonic(), 0.001))
+        try:
+            with self._translated(f"opening table {self.table!r}"):
+                if store.mode is None:
+                    pid = await (await self._aexecute(connection, q.message(self.statement_timeout_ms, "SELECT pg_backend_pid()"),
+                                                      None, deadline - time.monotonic())).fetchone()
+                    self._detected(store, int(pid[0]), connection.info.backend_pid)  # type: ignore[index]
+                params = {"table": self._quoted_table, "columns": list(q.NEW_COLUMNS)}
+                channel = None
+                for _ in range(3):
+                    cursor = await self._aexecute(connection, self._sql["inspect"], params, deadline - time.monotonic())
+                    channel = self._setup_plan(await cursor.fetchone())
+                    if channel is not None:
+                        break
+                    try:
+                        await self._aexecute(connection, self._sql["setup"], None, deadline - time.monotonic())
+                    except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
+                        pass
+                if channel is None:
+                    raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
+                store.tables[self._quoted_table] = channel
+        finally:
+            await connection.close()
+        return store
+
+    # -- borrowing connections -------------------------------------------------------------
+
+    def _pool(self, store: _Store) -> psycopg_pool.ConnectionPool[Any]:
+        pool = store.pool
+        if pool is not None:
+            return pool
+        with store.setup:
+            if store.pool is None:
+                with self._translated("connecting"):
+                    pool = self._psycopg_pool.ConnectionPool(
+                        store.conninfo, kwargs=self._connect_kwargs(), min_size=store.min_size, max_size=store.max_size,
+                        timeout=store.pool_timeout, name="singleton-postgres", num_workers=1, open=False)
+                    pool.check_connection = self._check_connection  # pool.check() must not hang either
+                    try:
+                        pool.open(wait=store.min_size > 0, timeout=store.pool_timeout)
+                    except BaseException:
+                        pool.close(timeout=0)
+                        raise
+                store.pool = pool
+            return store.pool
+
+    def _check_connection(self, connection: psycopg.Connection[Any]) -> None:
+        """The pool's health check, bounded like every other call."""
+        self._execute(connection, q.message(self.statement_timeout_ms, "SELECT 1"), None, min(self.timeout, self.connect_timeout))
+
+    def _borrow(self, store: _Store, deadline: float) -> psycopg.Connection[Any]:
+        wait = max(min(store.pool_timeout, deadline - time.monotonic()), 0.001)
+        if store.keeps_connections:
+            return self._pool(store).getconn(timeout=wait)
+        if not store.per_call.acquire(timeout=wait):
+            raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {wait:.2f} sec")
+        try:
+            return self._psycopg.Connection.connect(store.conninfo, **self._connect_kwargs())
+        except BaseException:
+            store.per_call.release()
+            raise
+
+    def _give_back(self, store: _Store, connection: psycopg.Connection[Any]) -> None:
+        if store.keeps_connections and store.pool is not None:
+            store.pool.putconn(connection)  # the pool checks it and replaces it if broken
+            return
+        try:
+            connection.close()
+        finally:
+            if not store.keeps_connections:
+                store.per_call.release()
+
+    def _run(self, action: str, key: str, params: Mapping[str, Any], deadline: float,
+             fetch: Callable[[Any], _T]) -> _T:
+        """One message on a borrowed connection, tried again once on a fresh one if the connection dropped.
 
         A pooled connection dies unseen when the server restarts or a proxy drops it,
         and then fails before the server runs anything, so one more try is what a
         caller wants. (A connection lost after the server committed would make a
         retried release report False; that needs a crash in a microsecond window.)
         """
-        deadline = time.monotonic() + self.timeout  # for the whole call, retry included
-        pool = self._get_pool()
-        idle = self._idle
-        prepare = True if self.prepare_threshold is not None else None
-        query = self._sql[query_key]
+        with self._translated(action):
+            store = self._ready(deadline)
         for attempt in (1, 2):
             try:
-                connection, cursor, hand_back = self._borrow(pool, idle, deadline)
+                connection = self._borrow(store, deadline)
                 try:
-                    result = fetch(self._execute(connection, query, params, deadline - time.monotonic(),
-                                                 prepare=prepare, binary=True, cursor=cursor))
-                except BaseException:
-                    pool.putconn(connection)  # the pool checks it and replaces it if broken
-                    raise
-                if time.monotonic() < hand_back:
-                    idle.append((connection, cursor, hand_back))
-                else:
-                    pool.putconn(connection)
-                return result
+                    return fetch(self._execute(connection, self._sql[key], params, deadline - time.monotonic()))
+                finally:
+                    self._give_back(store, connection)
             except _NoAnswer as error:
                 raise self._error(action, error) from error
             except self._psycopg.OperationalError as error:
-                if attempt == 1 and _retriable(error, self._psycopg_pool):
+                if attempt == 1 and _retriable(error, self._psycopg_pool) and time.monotonic() < deadline:
                     logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
-                    self._hand_back(pool, idle)  # they likely died the same way: let the pool check them
-                    try:
-                        pool.check()  # replace every idle connection that died the same way
-                    except self._psycopg.Error:
-                        pass  # the retry reports it
+                    if store.pool is not None:
+                        with suppress(self._psycopg.Error):
+                            store.pool.check()  # replace every idle connection that died the same way
                     continue
                 raise self._error(action, error) from error
             except self._psycopg.Error as error:
                 raise self._error(action, error) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _borrow(self, pool: psycopg_pool.ConnectionPool[Any], idle: list[Any], deadline: float) -> tuple[Any, Any, float]:
-        """A connection kept from an earlier call, else one from the pool, within ``pool_timeout``.
+    async def _arun(self, action: str, key: str, params: Mapping[str, Any], deadline: float, many: bool = False) -> Any:
+        """``_run`` for coroutines; returns the row (or rows with ``many``), or the row count for ``purge``."""
+        with self._translated(action):
+            store = await self._aready(deadline)
+        connections = store.async_connections()
+        for attempt in (1, 2):
+            try:
+                try:
+                    await asyncio.wait_for(connections.slots.acquire(), max(min(store.pool_timeout, deadline - time.monotonic()), 0.001))
+                except (asyncio.TimeoutError, TimeoutError):
+                    raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {store.pool_timeout:.2f} sec") from None
+                connection = None
+                try:
+                    while connections.idle and connection is None:
+                        candidate = connections.idle.pop()
+                        connection = None if candidate.closed else candidate
+                    if connection is None:
+                        connection = await asyncio.wait_for(
+                            self._psycopg.AsyncConnection.connect(store.conninfo, **self._connect_kwargs(True)),
+                            max(deadline - time.monotonic(), 0.001))
+                    assert connection is not None
+                    cursor = await self._aexecute(connection, self._sql[key], params, deadline - time.monotonic())
+                    if key == "purge":
+                        return cursor.rowcount
+                    return await (cursor.fetchall() if many else cursor.fetchone())
+                finally:
+                    if connection is not None:
+                        idle = self._psycopg.pq.TransactionStatus.IDLE
+                        if connections.keep and not connection.closed and connection.info.transaction_status == idle:
+                            connections.idle.append(connection)
+                        else:
+                            with suppress(self._psycopg.Error):
+                                await connection.close()
+                    connections.slots.release()
+            except (asyncio.TimeoutError, TimeoutError, _NoAnswer) as error:
+                raise self._error(action, _NoAnswer(str(error) or "no answer within the call's deadline")) from error
+            except self._psycopg.OperationalError as error:
+                if attempt == 1 and _retriable(error, self._psycopg_pool) and time.monotonic() < deadline:
+                    logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
+                    connections.discard_idle()
+                    continue
+                raise self._error(action, error) from error
+            except self._psycopg.Error as error:
+                raise self._error(action, error) from error
+        raise AssertionError("unreachable")  # pragma: no cover
 
-        While every connection is busy, the pool is asked in short slices, so a
-        connection returned to ``idle`` meanwhile is noticed rather than starved.
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def _hub(self) -> ReleaseHub:
+        store = self._shared()
+        hub = store.hubs.get(self._quoted_table)
+        if hub is not None:
+            return hub
+        with store.guard:
+            hub = store.hubs.get(self._quoted_table)
+            if hub is None:
+                may_listen = store.listen_conninfo is not None or store.mode in (None, "direct")
+                hub = store.hubs[self._quoted_table] = ReleaseHub(
+                    self._listen if may_listen else None, thread_name=f"singleton-postgres-listen-{self.table}")
+            return hub
+
+    def _listen(self, hub: ReleaseHub, stop: threading.Event) -> None:
+        """The hub's thread: LISTEN on one connection and wake this process's waiters at each release."""
+        store = self._ready(self._deadline())  # the channel, and whether a pooler is in front
+        channel = store.tables[self._quoted_table]
+        target = store.listen_target()
+        if target is None:  # a pooler and no listen_dsn: waiters poll
+            stop.wait()
+            return
+        with self._translated("LISTEN"):
+            connection = self._psycopg.Connection.connect(target, autocommit=True)
+        try:
+            with self._translated("LISTEN"):
+                statement = self._psycopg.sql.SQL("LISTEN {}").format(self._psycopg.sql.Identifier(channel))
+                self._execute_plain(connection, statement.as_string(connection))
+                hub.ready()
+                quiet_since = time.monotonic()
+                while not stop.is_set():
+                    for notify in connection.notifies(timeout=0.5):
+                        hub.notify(notify.payload)
+                        quiet_since = time.monotonic()
+                    if time.monotonic() - quiet_since > _LISTEN_HEARTBEAT:
+                        self._execute_plain(connection, "SELECT 1")
+                        quiet_since = time.monotonic()
+        finally:
+            connection.close()
+
+    def _execute_plain(self, connection: psycopg.Connection[Any], statement: str) -> None:
+        cursor = connection.cursor()
+        try:
+            with connection.lock:
+                connection.wait(cursor._execute_gen(statement, None, prepare=False), timeout=self.timeout)
+        except self._psycopg.errors._WaitTimeout:
+            connection.close()
+            raise _NoAnswer(f"no answer within {self.timeout:.1f} s") from None
+
+    def watch(self, name: str) -> ReleaseWatch:
+        """A waiter on this process's one listener for the table; registers only, no I/O here."""
+        hub = self._hub()
+        return _Watch(hub.watch(name), hub, self.poll_interval)
+
+    def _hinting(self, name: str) -> bool:
+        """Whether a failed attempt should leave a waiter's hint: this process LISTENs for ``name``."""
+        store = self._store
+        hub = None if store is None else store.hubs.get(self._quoted_table)
+        return hub is not None and hub.subscribed.is_set() and name in hub.names()
+
+    def _released(self, name: str) -> None:
+        """Wake this process's waiters for ``name`` at once; other processes hear the NOTIFY."""
+        store = self._store
+        hub = None if store is None else store.hubs.get(self._quoted_table)
+        if hub is not None:
+            hub.notify(name)
+
+    # -- retention -----------------------------------------------------------------------
+
+    def _purge_due(self) -> bool:
+        store = self._store
+        if self.purge_after_seconds is None or store is None:
+            return False
+        now = time.monotonic()
+        with store.guard:
+            if store.purge_due.get(self._quoted_table, 0.0) > now:
+                return False
+            store.purge_due[self._quoted_table] = now + PURGE_EVERY_SECONDS
+        return True
+
+    def _purge_params(self, limit: int, after: float | None) -> dict[str, Any]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        period = self.purge_after_seconds if after is None else _positive(after, "after")
+        if period is None:
+            raise ValueError("purge_after_seconds is None: this store keeps every name's state")
+        return {"after": period, "limit": limit}
+
+    def purge(self, limit: int = 1000, *, after: float | None = None) -> int:
+        """Delete up to ``limit`` rows of names free (or expired untaken) for ``purge_after_seconds``; returns how many.
+
+        Releases run this on their own at most every ``PURGE_EVERY_SECONDS`` per
+        process and table; call it to sweep now. Fencing tokens still rise for a
+        purged name: a new row starts from the server's clock in milliseconds.
         """
-        with suppress(IndexError):
-            return idle.pop()
-        started = time.monotonic()
-        give_up = min(started + self.pool_timeout, deadline)
-        while True:
+        return self._run("purge", "purge", self._purge_params(limit, after), self._deadline(), lambda cursor: cursor.rowcount)
+
+    async def apurge(self, limit: int = 1000, *, after: float | None = None) -> int:
+        """``purge`` for coroutines."""
+        return int(await self._arun("purge", "purge", self._purge_params(limit, after), self._deadline()))
+
+    def _sweep(self) -> None:
+        if self._purge_due():
             try:
-                connection = pool.getconn(max(min(give_up - time.monotonic(), 0.05), 0.001))
-            except self._psycopg_pool.PoolTimeout:
-                with suppress(IndexError):
-                    return idle.pop()
-                if time.monotonic() >= give_up:
-                    raise self._psycopg_pool.PoolTimeout(
-                        f"couldn't get a connection after {time.monotonic() - started:.2f} sec") from None
-                continue
-            return connection, connection.cursor(binary=True), time.monotonic() + _LEND_SECONDS
+                removed = self.purge(_PURGE_BATCH)
+            except PersisterError as error:  # housekeeping must never fail a release
+                logger.debug("retention sweep of %s skipped: %s", self.table, error)
+            else:
+                if removed:
+                    logger.info("purged %d idle lock names from %s", removed, self.table)
 
-    @staticmethod
-    def _hand_back(pool: psycopg_pool.ConnectionPool[Any], idle: list[Any]) -> None:
-        """Return every kept connection to the pool."""
-        while True:
+    async def _asweep(self) -> None:
+        if self._purge_due():
             try:
-                connection = idle.pop()[0]
-            except IndexError:
-                return
-            pool.putconn(connection)
+                removed = await self.apurge(_PURGE_BATCH)
+            except PersisterError as error:
+                logger.debug("retention sweep of %s skipped: %s", self.table, error)
+            else:
+                if removed:
+                    logger.info("purged %d idle lock names from %s", removed, self.table)
 
-    # -- the primitives ------------------------------------------------------------
+    # -- the primitives ------------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
-        params = {
-            "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-            "ttl": ttl, "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
-        }
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        deadline = self._deadline()
+        params = q.acquire_params(name, owner, ttl, min_hold)
         # Retrying after a dropped connection is safe: if the first try did write,
         # the full statement finds our own token as the holder and reports the acquisition.
-        row = self._run("acquire", "acquire_free", params, lambda cursor: cursor.fetchone())
-        if row is not None:
-            taken = LockRecord(name, owner.owner_token, row[0], owner.host, owner.pid,
-                               _utc(row[1]), _utc(row[2]), dict(owner.metadata))  # type: ignore[arg-type]
-            return AcquireResult(True, taken)
-        for _ in range(2):  # held, expired, or never seen
-            row = self._run("acquire", "acquire", params, lambda cursor: cursor.fetchone())
-            fence, created, expires = row[0:3]
-            previous, remaining = _record(row, 3), row[11]
-            if fence is not None:
-                taken = LockRecord(name, owner.owner_token, fence, owner.host, owner.pid,
-                                   _utc(created), _utc(expires), dict(owner.metadata))  # type: ignore[arg-type]
-                return AcquireResult(True, taken, expired=previous)
-            if previous is not None:
-                if previous.owner_token == owner.owner_token:
-                    return AcquireResult(True, previous)
-                return AcquireResult(False, previous, retry_after=None if remaining is None else max(remaining, 0.0))
-            # The name's row was created after our statement's snapshot: look again with a fresh one.
+        result = q.parse_acquire_free(self._run("acquire", "acquire_free", params, deadline, _one), name, owner)
+        if result is not None:
+            return result
+        key = "acquire_hint" if self._hinting(name) else "acquire"
+        for _ in range(2):  # held, expired, in its minimum hold, or never seen
+            result = q.parse_acquire(self._run("acquire", key, params, deadline, _one), name, owner)
+            if result is not None:
+                return result
         return AcquireResult(False, None)
 
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        deadline = self._deadline()
+        params = q.acquire_params(name, owner, ttl, min_hold)
+        result = q.parse_acquire_free(await self._arun("acquire", "acquire_free", params, deadline), name, owner)
+        if result is not None:
+            return result
+        key = "acquire_hint" if self._hinting(name) else "acquire"
+        for _ in range(2):
+            result = q.parse_acquire(await self._arun("acquire", key, params, deadline), name, owner)
+            if result is not None:
+                return result
+        return AcquireResult(False, None)
+
+    def _release_params(self, name: str, owner_token: str) -> dict[str, Any]:
+        return {"name": name, "owner_token": owner_token, "channel": self._channel()}
+
+    def _channel(self) -> str:
+        store = self._store
+        return "" if store is None else store.tables.get(self._quoted_table, "")
+
+    def _after_release(self, name: str, row: tuple[Any, ...] | None) -> bool:
+        if row is None:
+            return False
+        live, holding = bool(row[0]), bool(row[1])
+        if not holding:
+            self._released(name)
+        return live
+
     def release(self, name: str, owner_token: str) -> bool:
-        params = {"name": name, "owner_token": owner_token, "channel": self._channel_name(),
-                  "waiters": self._waiters_key(name)}
-        return self._run("release", "release", params, lambda cursor: bool((cursor.fetchone() or (False,))[0]))
+        deadline = self._deadline()
+        with self._translated("release"):
+            self._ready(deadline)
+        row = self._run("release", "release", self._release_params(name, owner_token), deadline, _one)
+        released = self._after_release(name, row)
+        self._sweep()
+        return released
+
+    async def arelease(self, name: str, owner_token: str) -> bool:
+        deadline = self._deadline()
+        with self._translated("release"):
+            await self._aready(deadline)
+        row = await self._arun("release", "release", self._release_params(name, owner_token), deadline)
+        released = self._after_release(name, row)
+        await self._asweep()
+        return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         params = {"name": name, "owner_token": owner_token, "ttl": ttl}
-        return self._run("renew", "renew", params, lambda cursor: _record(cursor.fetchone()))
+        return q.record(self._run("renew", "renew", params, self._deadline(), _one))
+
+    async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        params = {"name": name, "owner_token": owner_token, "ttl": ttl}
+        return q.record(await self._arun("renew", "renew", params, self._deadline()))
 
     def get(self, name: str) -> LockRecord | None:
-        return self._run("get", "get", {"name": name}, lambda cursor: _record(cursor.fetchone()))
+        return q.record(self._run("get", "get", {"name": name}, self._deadline(), _one))
 
-    def list(self, prefix: str = "") -> list[LockRecord]:
+    async def aget(self, name: str) -> LockRecord | None:
+        return q.record(await self._arun("get", "get", {"name": name}, self._deadline()))
+
+    @staticmethod
+    def _list_params(prefix: str) -> dict[str, Any]:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        rows = self._run("list", "list", {"prefix": prefix}, lambda cursor: cursor.fetchall())
-        return [record for record in map(_record, rows) if record is not None]
+        return {"prefix": prefix}
+
+    def list(self, prefix: str = "") -> list[LockRecord]:
+        rows = self._run("list", "list", self._list_params(prefix), self._deadline(), lambda cursor: cursor.fetchall())
+        return [record for record in map(q.record, rows) if record is not None]
+
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
+        rows = await self._arun("list", "list", self._list_params(prefix), self._deadline(), many=True)
+        return [record for record in map(q.record, rows) if record is not None]
 
     def force_release(self, name: str) -> LockRecord | None:
-        params = {"name": name, "channel": self._channel_name()}
-        return self._run("force_release", "force_release", params, lambda cursor: _record(cursor.fetchone()))
+        deadline = self._deadline()
+        with self._translated("force_release"):
+            self._ready(deadline)
+        removed = q.record(self._run("force_release", "force_release", {"name": name, "channel": self._channel()}, deadline, _one))
+        if removed is not None:
+            self._released(name)
+        return removed
 
-    def watch(self, name: str) -> ReleaseWatch:
-        """LISTEN on a connection of its own, opened before the caller's first attempt.
+    async def aforce_release(self, name: str) -> LockRecord | None:
+        deadline = self._deadline()
+        with self._translated("force_release"):
+            await self._aready(deadline)
+        removed = q.record(await self._arun("force_release", "force_release", {"name": name, "channel": self._channel()}, deadline))
+        if removed is not None:
+            self._released(name)
+        return removed
 
-        The shared advisory lock it holds tells releases of ``name`` that someone waits.
-        """
-        self._get_pool()  # resolves the channel (and creates the table) first
-        try:
-            connection = self._connect()
-        except self._psycopg.Error as error:
-            logger.warning("cannot open a LISTEN connection (%s); waiting by polling", self._scrub(str(error)))
-            return SleepWatch()
-        try:
-            sql = self._psycopg.sql
-            # Both in one round trip (simple protocol); LISTEN first, so no release is missed.
-            statement = sql.SQL("LISTEN {}; SELECT pg_advisory_lock_shared({})").format(
-                sql.Identifier(self._channel), sql.Literal(self._waiters_key(name)))
-            self._execute(connection, statement.as_string(connection), None, self.timeout)
-        except (self._psycopg.Error, _NoAnswer) as error:
-            connection.close()
-            raise self._error("LISTEN", error) from error
-        return _NotifyWatch(connection, name, (self._psycopg.Error, OSError))
+    # -- closing -------------------------------------------------------------------------
 
-    def _waiters_key(self, name: str) -> int:
-        """The advisory-lock key that waiters on ``name`` hold shared (collisions only add a NOTIFY)."""
-        channel = self._channel_name()
-        key = self._waiter_keys.get(name)
-        if key is None or key[0] != channel:
-            digest = hashlib.sha256(f"{channel}\x00{name}".encode()).digest()
-            if len(self._waiter_keys) >= 1024:  # a process locking endless distinct names
-                self._waiter_keys.clear()
-            key = self._waiter_keys[name] = (channel, int.from_bytes(digest[:8], "big", signed=True))
-        return key[1]
-
-    def _channel_name(self) -> str:
-        if not self._channel or self._pool_pid != os.getpid():
-            self._get_pool()
-        return self._channel
+    def _detach(self) -> _Store | None:
+        """Stop using the shared store; the last user closes it. Returns the store when it is to be closed."""
+        store, self._store = self._store, None
+        if store is None or self._store_pid != os.getpid():
+            return None  # never opened here, or the parent's (a forked child must not close its sockets)
+        with store.guard:
+            store.users -= 1
+            return store if store.users <= 0 else None
 
     def close(self) -> None:
-        """Close this process's pool; the next operation opens a new one."""
-        with self._lock():
-            pool, self._pool = self._pool, None
-            if pool is None:
-                return
-            if self._pool_pid != os.getpid():
-                _inherited_pools.append(pool)  # the parent's: its sockets are not ours to close
-                return
-            self._hand_back(pool, self._idle)
+        """Stop using the shared pool; the last persister of the configuration closes it. Used again, it reopens."""
+        store = self._detach()
+        if store is not None:
             with self._translated("closing"):
-                pool.close(timeout=self.pool_timeout)
+                store.shut(self.pool_timeout)
+
+    async def aclose(self) -> None:
+        """``close`` for coroutines: this loop's idle connections are closed on the loop."""
+        store = self._detach()
+        if store is None:
+            return
+        with suppress(RuntimeError):
+            connections = store.loops.pop(id(asyncio.get_running_loop()), None)
+            while connections is not None and connections.idle:
+                with suppress(self._psycopg.Error):
+                    await connections.idle.pop().close()
+        with self._translated("closing"):
+            await run_blocking(store.shut, self.pool_timeout)
 
     def __repr__(self) -> str:
-        return f"Postgres({self.dsn!r}, table={self.table!r})"
+        shown = f"Postgres({self.dsn!r}, table={self.table!r}"
+        if self.pooler != "auto":
+            shown += f", pooler={self.pooler!r}"
+        if self.listen_dsn is not None:
+            shown += f", listen_dsn={self.listen_dsn!r}"
+        return shown + ")"
+
+
+def _one(cursor: Any) -> Any:
+    return cursor.fetchone()
+

@@ -1,23 +1,38 @@
-"""The embedded default: one SQLite file shared by every process on one host."""
+"""The embedded default: one SQLite file shared by every process on one host.
+
+Each primitive is one transaction (``BEGIN IMMEDIATE`` for writes) whose rules
+are written once, as a step on a connection (``_acquire`` and so on); only the
+running of a step is written twice. Sync calls use a connection with SQLite's
+busy timeout. Async calls run the same step on the event loop's thread with a
+connection that never waits inside SQLite: a busy file makes the call
+``await asyncio.sleep`` and try again, so a coroutine holds no thread and no
+executor slot, and a step itself takes well under a millisecond.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import json
+import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl
 
 from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
-from ._base import Persister
+from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch, run_blocking
+from ._sqlite_watch import inotify_listener
 
 __all__ = ["Sqlite", "default_path"]
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS singleton_locks (
@@ -28,18 +43,34 @@ CREATE TABLE IF NOT EXISTS singleton_locks (
     pid INTEGER NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    released_at REAL,
+    hold_until REAL
 )
 """
-_COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata"
-# A free name keeps its row (owner_token NULL) so its fencing counter survives release.
-_LIVE = "owner_token IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
+_INDEX = "CREATE INDEX IF NOT EXISTS singleton_locks_expires_at ON singleton_locks (expires_at)"
+_ADDED_COLUMNS = {"released_at": "REAL", "hold_until": "REAL"}  # since 0.3: the minimum hold
+_COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
+# A row's states: held (owner_token set), released into its minimum hold (owner_token NULL,
+# released_at set, expires_at = hold_until), free (expires_at in the past or NULL with no owner).
+# A free name keeps its row so its fencing counter survives, until the purge sweep removes it.
+_LIVE = "(owner_token IS NOT NULL OR released_at IS NOT NULL) AND (expires_at IS NULL OR expires_at > ?)"
+#: Rows removed per sweep, so a sweep stays a small part of the acquire that runs it.
+SWEEP_LIMIT = 100
+#: The most often one persister sweeps (an index seek when nothing is due), unless the
+#: last sweep found a backlog.
+SWEEP_INTERVAL = 10.0
 
 
 def default_path() -> Path:
     """The user's state directory, so every process of a user finds the same store."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "singleton-integrations" / "locks.sqlite3"
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error)
+    return "locked" in text or "busy" in text
 
 
 def _retry_busy(step: Callable[[], object], timeout: float) -> None:
@@ -56,7 +87,7 @@ def _retry_busy(step: Callable[[], object], timeout: float) -> None:
             step()
             return
         except sqlite3.OperationalError as error:
-            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() + pause > deadline:
+            if not _busy(error) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.1)
@@ -66,134 +97,412 @@ def _when(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
 
 
-def _record(row: tuple) -> LockRecord:
-    name, owner_token, fence, host, pid, created, expires, metadata = row
-    return LockRecord(name, owner_token, fence, host, pid, _when(created), _when(expires), json.loads(metadata))
+def _record(row: tuple[Any, ...]) -> LockRecord:
+    name, owner_token, fence, host, pid, created, expires, metadata, released, hold = row
+    return LockRecord(name, owner_token or "", fence, host, pid, datetime.fromtimestamp(created, timezone.utc),
+                      _when(expires), json.loads(metadata),
+                      _when(released), _when(hold))
+
+
+def _live(row: tuple[Any, ...] | None, now: float) -> bool:
+    return row is not None and (row[1] is not None or row[8] is not None) and (row[6] is None or row[6] > now)
+
+
+def _validate_purge(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"purge_after_seconds must be a positive number of seconds or None, not {value!r}")
+    return float(value)
+
+
+# -- the rules: one step per primitive, each inside one transaction, ``now`` from the host clock --
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file made by an older version up to this schema (inside BEGIN IMMEDIATE)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(singleton_locks)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE singleton_locks ADD COLUMN {column} {kind}")
+    if not have.issuperset(_ADDED_COLUMNS):
+        # Old free rows have no time they became free: count their idleness from now.
+        db.execute("UPDATE singleton_locks SET expires_at = ? WHERE owner_token IS NULL AND expires_at IS NULL",
+                   (time.time(),))
+    db.execute(_INDEX)
+
+
+def _acquire(db: sqlite3.Connection, now: float, name: str, owner: Owner, ttl: float | None,
+             min_hold: float | None) -> AcquireResult:
+    row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?", (name,)).fetchone()
+    if row is not None and _live(row, now):
+        holder = _record(row)
+        return AcquireResult(False, holder, retry_after=None if row[6] is None else row[6] - now)
+    # An unreleased lease that ran out is a takeover; a name released (or whose hold ended) is simply free.
+    expired = _record(row) if row is not None and row[1] is not None else None
+    # Tokens rise across purges: a name with no row starts at the clock in ms, above any token it had.
+    fence = max((row[2] if row is not None else 0) + 1, int(now * 1000))
+    hold_until = now + min_hold if min_hold else None
+    lease_end = now + ttl if ttl else None
+    expires = None if lease_end is None else max(lease_end, hold_until or lease_end)
+    values = (name, owner.owner_token, fence, owner.host, owner.pid, now, expires, json.dumps(dict(owner.metadata)),
+              None, hold_until)
+    db.execute(f"INSERT OR REPLACE INTO singleton_locks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+    return AcquireResult(True, _record(values), expired=expired)
+
+
+def _peek(db: sqlite3.Connection, now: float, name: str) -> AcquireResult | None:
+    """The conflict an acquire would meet, read without the write lock; None when the name looks free."""
+    row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?", (name,)).fetchone()
+    if row is not None and _live(row, now):
+        return AcquireResult(False, _record(row), retry_after=None if row[6] is None else row[6] - now)
+    return None
+
+
+def _release(db: sqlite3.Connection, now: float, name: str, owner_token: str) -> tuple[bool, bool]:
+    """(was it a clean release, is the name free now): a release into a minimum hold frees nothing yet."""
+    row = db.execute("SELECT expires_at, hold_until FROM singleton_locks WHERE name = ? AND owner_token = ?",
+                     (name, owner_token)).fetchone()
+    if row is None:
+        return False, False
+    expires, hold_until = row
+    if expires is not None and expires <= now:  # a lease that ran out untaken: cleared, but it was not held
+        db.execute("UPDATE singleton_locks SET owner_token = NULL WHERE name = ?", (name,))
+        return False, False
+    free_at = hold_until if hold_until is not None and hold_until > now else now
+    db.execute("UPDATE singleton_locks SET owner_token = NULL, released_at = ?, expires_at = ? WHERE name = ?",
+               (now, free_at, name))
+    return True, free_at <= now
+
+
+def _renew(db: sqlite3.Connection, now: float, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+    row = db.execute(
+        "UPDATE singleton_locks SET expires_at = CASE WHEN ? IS NULL THEN NULL ELSE max(?, coalesce(hold_until, 0)) END "
+        f"WHERE name = ? AND owner_token = ? AND {_LIVE} RETURNING {_COLUMNS}",
+        (ttl or None, now + ttl if ttl else 0, name, owner_token, now),
+    ).fetchone()
+    return _record(row) if row else None
+
+
+def _get(db: sqlite3.Connection, now: float, name: str) -> LockRecord | None:
+    row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ? AND {_LIVE}", (name, now)).fetchone()
+    return _record(row) if row else None
+
+
+def _list(db: sqlite3.Connection, now: float, prefix: str) -> list[LockRecord]:
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM singleton_locks WHERE substr(name, 1, ?) = ? AND {_LIVE} ORDER BY name",
+        (len(prefix), prefix, now),
+    ).fetchall()
+    return [_record(row) for row in rows]
+
+
+def _force_release(db: sqlite3.Connection, now: float, name: str) -> LockRecord | None:
+    row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ? AND {_LIVE}", (name, now)).fetchone()
+    if row is None:
+        return None
+    db.execute("UPDATE singleton_locks SET owner_token = NULL, released_at = ?, expires_at = ? WHERE name = ?",
+               (now, now, name))
+    return _record(row)
+
+
+def _sweep(db: sqlite3.Connection, now: float, purge_after: float) -> int:
+    """Delete up to SWEEP_LIMIT rows free for ``purge_after`` seconds (the index on expires_at finds them).
+
+    A row's ``expires_at`` is when its name became free: its release, the end of its
+    minimum hold, or the end of a lease its crashed holder never renewed.
+    """
+    return db.execute(
+        "DELETE FROM singleton_locks WHERE rowid IN (SELECT rowid FROM singleton_locks WHERE expires_at < ? LIMIT ?)",
+        (now - purge_after, SWEEP_LIMIT),
+    ).rowcount
+
+
+# -- the store ----------------------------------------------------------------------------------------
+
+class _File:
+    """What every Sqlite object on one file (and busy timeout) shares in a process.
+
+    One connection for sync calls, one per event-loop thread for async calls, the
+    sweep schedule and the ``ReleaseHub``: many ``Singleton`` objects built from
+    the same URL cost one connection, and each wakes the others' waiters. The hub
+    hears other processes' releases through inotify where the OS offers it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
+        self.connection: sqlite3.Connection | None = None
+        self.pid = 0
+        self.loop_connections = threading.local()  # async: one non-waiting connection per event-loop thread
+        self.next_sweep = 0.0
+        self.hub = _hub_for(path)
+
+    def reset_after_fork(self) -> None:
+        # The parent's connections are not ours to use or close; a lock held at the fork never frees.
+        self.guard = threading.RLock()
+        self.connection, self.pid = None, 0
+        self.loop_connections = threading.local()
+
+
+_files: dict[tuple[str, float], _File] = {}
+_hubs: dict[str, ReleaseHub] = {}  # by file alone: objects with different timeouts still wake each other
+_files_guard = threading.Lock()
+
+
+def _hub_for(path: Path) -> ReleaseHub:
+    key = os.path.abspath(path)
+    hub = _hubs.get(key)  # called under _files_guard
+    if hub is None:
+        hub = _hubs[key] = ReleaseHub(inotify_listener(path), thread_name="singleton-sqlite-listener")
+    return hub
+
+
+def _file_for(path: Path, timeout: float) -> _File:
+    key = (os.path.abspath(path), timeout)
+    with _files_guard:
+        shared = _files.get(key)
+        if shared is None:
+            shared = _files[key] = _File(path)
+        return shared
+
+
+def _after_fork_in_child() -> None:
+    global _files_guard
+    _files_guard = threading.Lock()
+    for shared in _files.values():
+        shared.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Sqlite(Persister):
-    """Locks in a SQLite file; ``BEGIN IMMEDIATE`` makes each acquire one atomic step.
+    """Locks in a SQLite file; ``BEGIN IMMEDIATE`` makes each primitive one atomic step.
 
     The clock is the host's: every process sharing the file shares that host's
-    clock, which is why this store is for one host only.
+    clock, which is why this store is for one host only. Waiters in this process
+    are woken by its releases at once, and by other processes' releases through
+    inotify on Linux; ``poll_interval`` stays as the safety net.
     """
 
     backend: ClassVar[str] = "sqlite"
     clock: ClassVar[str] = "the host's clock"
+    supports_min_hold: ClassVar[bool] = True
+    native_async: ClassVar[bool] = True
     poll_interval: float = 0.05
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0,
+                 purge_after_seconds: float | None = DEFAULT_PURGE_AFTER_SECONDS) -> None:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"a SQLite path must be a str or path, not {type(path).__name__}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.path = Path(path) if path is not None else default_path()
         self.timeout = float(timeout)
-        self._guard = threading.RLock()  # re-entrant: a SIGTERM handler may release mid-call
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self.call_timeout = self.timeout  # the busy timeout bounds each call
+        self.purge_after_seconds = _validate_purge(purge_after_seconds)
+        self._shared = _file_for(self.path, self.timeout)
 
     @classmethod
-    def from_url(cls, url: str, **options: object) -> Sqlite:
-        """``sqlite:///relative.db``, ``sqlite:////absolute.db``; ``sqlite://`` is the default file."""
-        rest = url.partition("://")[2].partition("?")[0]
+    def from_url(cls, url: str, **options: Any) -> Sqlite:
+        """``sqlite:///relative.db``, ``sqlite:////absolute.db``; ``sqlite://`` is the default file.
+
+        Query options: ``timeout`` and ``purge_after_seconds`` (a number, or ``none``
+        to keep every name's state); keyword options override them.
+        """
+        rest, _, query = url.partition("://")[2].partition("?")
+        from_query: dict[str, Any] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key == "timeout":
+                from_query[key] = _number(key, value)
+            elif key == "purge_after_seconds":
+                from_query[key] = None if value.lower() in ("none", "") else _number(key, value)
+            else:
+                raise ValueError(f"unknown SQLite URL option {key!r}; known: purge_after_seconds, timeout")
+        options = {**from_query, **options}
         if rest in ("", "/"):
-            return cls(None, **options)  # type: ignore[arg-type]
+            return cls(None, **options)
         if not rest.startswith("/"):
             raise ValueError("a SQLite URL has no host: write sqlite:///relative.db or sqlite:////absolute.db")
-        return cls(rest[1:], **options)  # type: ignore[arg-type]
+        return cls(rest[1:], **options)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is not None and self._pid == os.getpid():
-            return self._connection
+    # -- connections ---------------------------------------------------------------------------
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            connection = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                         check_same_thread=False)
             _retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), self.timeout)
             connection.execute("PRAGMA synchronous=NORMAL")
             _retry_busy(lambda: connection.execute(_SCHEMA), self.timeout)
+            have = {row[1] for row in connection.execute("PRAGMA table_info(singleton_locks)")}
+            indexed = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'singleton_locks_expires_at'")
+            if not have.issuperset(_ADDED_COLUMNS) or indexed.fetchone() is None:
+                _retry_busy(lambda: self._in_transaction(connection, True, lambda db, now: _migrate(db)), self.timeout)
         except (sqlite3.Error, OSError) as error:
             raise PersisterError(self.backend, f"cannot open {str(self.path)!r}: {error}") from error
-        self._connection, self._pid = connection, os.getpid()
         return connection
 
-    @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._guard:
-            connection = self._connect()
-            try:
-                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield connection
-                except BaseException:
-                    connection.execute("ROLLBACK")
-                    raise
-                connection.execute("COMMIT")
-            except sqlite3.Error as error:
-                raise PersisterError(self.backend, f"{error} (file {str(self.path)!r})") from error
+    def _connect(self) -> sqlite3.Connection:
+        if self._shared.connection is not None and self._shared.pid == os.getpid():
+            return self._shared.connection
+        connection = self._open(self.timeout)
+        self._shared.connection, self._shared.pid = connection, os.getpid()
+        return connection
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None) -> AcquireResult:
-        with self._transaction() as db:
-            now = time.time()
-            row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?", (name,)).fetchone()
-            previous = _record(row) if row and row[1] is not None else None
-            if previous and (previous.expires_at is None or previous.expires_at.timestamp() > now):
-                retry = previous.expires_at.timestamp() - now if previous.expires_at else None
-                return AcquireResult(False, previous, retry_after=retry)
-            fence = (row[2] if row else 0) + 1
-            values = (name, owner.owner_token, fence, owner.host, owner.pid, now,
-                      now + ttl if ttl else None, json.dumps(dict(owner.metadata)))
-            db.execute(f"INSERT OR REPLACE INTO singleton_locks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
-            return AcquireResult(True, _record(values), expired=previous)
+    @staticmethod
+    def _in_transaction(db: sqlite3.Connection, write: bool, step: Callable[..., _T], *args: Any) -> _T:
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = step(db, time.time(), *args)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return result
+
+    def _error(self, error: sqlite3.Error) -> PersisterError:
+        return PersisterError(self.backend, f"{error} (file {str(self.path)!r})")
+
+    def _run(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
+        with self._shared.guard:
+            connection = self._connect()
+            if connection.in_transaction:  # re-entered by a signal handler mid-call: use a connection of its own
+                connection = self._open(self.timeout)
+                try:
+                    return self._run_on(connection, write, step, *args)
+                finally:
+                    connection.close()
+            return self._run_on(connection, write, step, *args)
+
+    def _run_on(self, connection: sqlite3.Connection, write: bool, step: Callable[..., _T], *args: Any) -> _T:
+        try:
+            if write and step is not _sweep and self.purge_after_seconds is not None and \
+                    time.monotonic() >= self._shared.next_sweep:
+                return self._in_transaction(connection, True, self._swept, step, *args)
+            return self._in_transaction(connection, write, step, *args)
+        except sqlite3.Error as error:
+            raise self._error(error) from error
+
+    def _swept(self, db: sqlite3.Connection, now: float, step: Callable[..., _T], *args: Any) -> _T:
+        """``step`` after a retention sweep, in the same transaction (one commit for both)."""
+        assert self.purge_after_seconds is not None
+        removed = _sweep(db, now, self.purge_after_seconds)
+        # A full sweep means a backlog: sweep again on the next write instead of waiting.
+        wait = 0.0 if removed >= SWEEP_LIMIT else min(SWEEP_INTERVAL, self.purge_after_seconds / 2)
+        self._shared.next_sweep = time.monotonic() + wait
+        return step(db, now, *args)
+
+    async def _arun(self, step: Callable[..., _T], *args: Any, write: bool = True) -> _T:
+        connection = await self._aconnect()
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                # No await between BEGIN and COMMIT: the transaction is one uninterrupted step on the loop.
+                return self._run_on(connection, write, step, *args)
+            except PersisterError as error:
+                cause = error.__cause__
+                if not (isinstance(cause, sqlite3.OperationalError) and _busy(cause)):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.poll_interval)
+
+    async def _aconnect(self) -> sqlite3.Connection:
+        local = self._shared.loop_connections
+        if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
+            return local.connection
+        # Opening may wait on a file being created by others: do it once per thread, off the loop.
+        connection = await run_blocking(self._open, 0.0)
+        local.connection, local.pid = connection, os.getpid()
+        return connection
+
+    # -- primitives ------------------------------------------------------------------------------
+
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+        # A held name is answered by a read, which in WAL mode never waits for (or blocks) a writer:
+        # pollers in other processes then never delay the holder's release.
+        conflict = self._run(_peek, name, write=False)
+        return conflict if conflict is not None else self._run(_acquire, name, owner, ttl, min_hold)
 
     def release(self, name: str, owner_token: str) -> bool:
-        with self._transaction() as db:
-            mine = "WHERE name = ? AND owner_token = ?"
-            row = db.execute(f"SELECT expires_at FROM singleton_locks {mine}", (name, owner_token)).fetchone()
-            if row is None:
-                return False
-            db.execute(f"UPDATE singleton_locks SET owner_token = NULL, expires_at = NULL {mine}", (name, owner_token))
-            # A lease that ran out untaken is cleared too, but it was not held until now.
-            return row[0] is None or row[0] > time.time()
+        released, free = self._run(_release, name, owner_token)
+        if free:
+            self._shared.hub.notify(name)
+        return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        with self._transaction() as db:
-            now = time.time()
-            row = db.execute(
-                f"UPDATE singleton_locks SET expires_at = ? WHERE name = ? AND owner_token = ? AND {_LIVE} "
-                f"RETURNING {_COLUMNS}",
-                (now + ttl if ttl else None, name, owner_token, now),
-            ).fetchone()
-            return _record(row) if row else None
+        return self._run(_renew, name, owner_token, ttl)
 
     def get(self, name: str) -> LockRecord | None:
-        with self._transaction(write=False) as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ? AND {_LIVE}", (name, time.time())
-            ).fetchone()
-            return _record(row) if row else None
+        return self._run(_get, name, write=False)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
-        with self._transaction(write=False) as db:
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM singleton_locks WHERE substr(name, 1, ?) = ? AND {_LIVE} ORDER BY name",
-                (len(prefix), prefix, time.time()),
-            ).fetchall()
-            return [_record(row) for row in rows]
+        return self._run(_list, prefix, write=False)
 
     def force_release(self, name: str) -> LockRecord | None:
-        with self._transaction() as db:
-            row = db.execute(
-                f"UPDATE singleton_locks SET owner_token = NULL, expires_at = NULL WHERE name = ? AND {_LIVE} "
-                f"RETURNING {_COLUMNS}",
-                (name, time.time()),
-            ).fetchone()
-            # RETURNING shows the row after the update: rebuild the holder from the old values we need.
-            return _record((row[0], "", *row[2:6], None, row[7])) if row else None
+        removed = self._run(_force_release, name)
+        self._shared.hub.notify(name)
+        return removed
+
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None,
+                       min_hold: float | None = None) -> AcquireResult:
+        conflict = await self._arun(_peek, name, write=False)
+        return conflict if conflict is not None else await self._arun(_acquire, name, owner, ttl, min_hold)
+
+    async def arelease(self, name: str, owner_token: str) -> bool:
+        released, free = await self._arun(_release, name, owner_token)
+        if free:
+            self._shared.hub.notify(name)
+        return released
+
+    async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return await self._arun(_renew, name, owner_token, ttl)
+
+    async def aget(self, name: str) -> LockRecord | None:
+        return await self._arun(_get, name, write=False)
+
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
+        return await self._arun(_list, prefix, write=False)
+
+    async def aforce_release(self, name: str) -> LockRecord | None:
+        removed = await self._arun(_force_release, name)
+        self._shared.hub.notify(name)
+        return removed
+
+    def watch(self, name: str) -> ReleaseWatch:
+        """Woken at once by releases in this process, and by other processes' through inotify (Linux)."""
+        return self._shared.hub.watch(name)
+
+    def purge(self) -> int:
+        """Run one retention sweep now (normally acquires do it in passing); returns rows removed."""
+        if self.purge_after_seconds is None:
+            return 0
+        return self._run(_sweep, self.purge_after_seconds)
 
     def close(self) -> None:
-        with self._guard:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
+        with self._shared.guard:
+            if self._shared.connection is not None and self._shared.pid == os.getpid():
+                self._shared.connection.close()
+            self._shared.connection = None
+            local = self._shared.loop_connections
+            if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
+                local.connection.close()
+            local.connection = None
+
+    async def aclose(self) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Sqlite({str(self.path)!r})"
+
+
+def _number(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"SQLite URL option {key} must be a number of seconds, not {value!r}") from None

@@ -6,6 +6,7 @@ prints one JSON line per fact so the parent can assert on it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,21 +14,26 @@ import sys
 import time
 from typing import Any
 
-from .. import Singleton, persisters
+from .. import AsyncSingleton, Singleton, persisters
 
 
 def _say(**fact: Any) -> None:
     print(json.dumps(fact), flush=True)
 
 
+def _options(args: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "lock_expire_seconds": args.get("ttl", 30),
+        "auto_renew": args.get("auto_renew", False),
+        "metadata": args.get("metadata"),
+    }
+    if args.get("min_hold") is not None:  # only when asked: the option is new in this round
+        options["min_hold_seconds"] = args["min_hold"]
+    return options
+
+
 def _singleton(args: dict[str, Any], events: list[str] | None = None) -> Singleton:
-    singleton = Singleton(
-        args["name"],
-        persisters.from_url(args["url"]),
-        lock_expire_seconds=args.get("ttl", 30),
-        auto_renew=args.get("auto_renew", False),
-        metadata=args.get("metadata"),
-    )
+    singleton = Singleton(args["name"], persisters.from_url(args["url"]), **_options(args))
     if events is not None:
         for event in ("expired", "locked", "conflict", "lost", "released"):
             singleton.on(event, lambda message, event=event: events.append(event))
@@ -54,22 +60,26 @@ def hold(args: dict[str, Any]) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: (_say(previous_handler=True), sys.exit(3)))
     singleton = _singleton(args)
     acquired = singleton.lock(wait=args.get("wait"))
-    _say(acquired=acquired, token=singleton.fencing_token, pid=os.getpid())
+    _say(acquired=acquired, token=singleton.fencing_token, pid=os.getpid(), at=time.monotonic())
+    released = None
     if acquired:
         time.sleep(args.get("hold_for", 60))
         if args.get("release", True):
-            singleton.release()
-    _say(done=True)
+            released = singleton.release()
+    _say(done=True, released=released, lost=singleton.lost, at=time.monotonic())
 
 
 def try_lock(args: dict[str, Any]) -> None:
     """One attempt (used under a skewed clock): report acquired, exists and the holder's times."""
     singleton = _singleton(args)
+    conflicts: list[str] = []
+    singleton.on("conflict", lambda message: conflicts.append(str(message)))
     exists = singleton.exists()
     acquired = singleton.lock()
     holder = singleton.holder()
     _say(acquired=acquired, exists_before=exists, token=singleton.fencing_token,
-         holder_expires_at=holder.expires_at.timestamp() if holder and holder.expires_at else None)
+         holder_expires_at=holder.expires_at.timestamp() if holder and holder.expires_at else None,
+         holder_released=getattr(holder, "released_at", None) is not None, conflict=conflicts[-1] if conflicts else None)
     if acquired and args.get("release", False):
         singleton.release()
 
@@ -118,7 +128,41 @@ def fork_child(args: dict[str, Any]) -> None:
     singleton.release()
 
 
-ROLES = {f.__name__: f for f in (race, hold, try_lock, loop, exit_holding, fork_child)}
+def handover(args: dict[str, Any]) -> None:
+    """Take and give back the lock on command (``lock`` / ``release`` lines), saying when each happened.
+
+    ``released_at`` is the monotonic time just before the release call: a waiter
+    in another process measures its hand-over from there.
+    """
+    singleton = _singleton(args)
+    for command in sys.stdin:
+        command = command.strip()
+        if command == "lock":
+            acquired = singleton.lock(wait=args.get("wait", 30))
+            _say(acquired=acquired, token=singleton.fencing_token)
+        elif command == "release":
+            released_at = time.monotonic()
+            _say(released=singleton.release(), released_at=released_at)
+
+
+_kept: list[AsyncSingleton] = []
+
+
+def async_hold(args: dict[str, Any]) -> None:
+    """Hold with ``AsyncSingleton`` in ``asyncio.run``; then return without releasing, or sleep until killed."""
+
+    async def main() -> None:
+        singleton = AsyncSingleton(args["name"], persisters.from_url(args["url"]), **_options(args))
+        _kept.append(singleton)  # still referenced at exit, as a program's lock usually is
+        acquired = await singleton.lock()
+        _say(acquired=acquired, token=singleton.fencing_token)
+        if args.get("then") == "sleep":
+            await asyncio.sleep(args.get("hold_for", 60))
+
+    asyncio.run(main())
+
+
+ROLES = {f.__name__: f for f in (race, hold, try_lock, loop, exit_holding, fork_child, handover, async_hold)}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](json.loads(sys.argv[2]))

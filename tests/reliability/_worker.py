@@ -136,5 +136,22 @@ def fenced(config: dict[str, Any]) -> None:
     say(event="resumed", second_write=admitted, lost=lost.is_set(), lost_property=lock.lost, released=released)
 
 
+_kept: list[Singleton] = []  # held locks the way a program keeps them: still referenced at exit
+
+
+def hold_many(config: dict[str, Any]) -> None:
+    """Hold ``count`` locks, say so, then on ``exit`` return (exit releases them) or wait for a signal."""
+    store = persisters.from_url(config["url"])
+    locks = _kept
+    locks += [Singleton(f"{config['name']}-{index}", store, lock_expire_seconds=config.get("ttl", 300))
+             for index in range(config["count"])]
+    assert all(lock.lock() for lock in locks)
+    say(event="locked", count=len(locks))
+    command = sys.stdin.readline().strip()
+    if command == "exit":
+        return  # the interpreter's exit releases every held lock
+    time.sleep(3600)
+
+
 if __name__ == "__main__":
-    {"overlap": overlap, "hold": hold, "fenced": fenced}[sys.argv[1]](json.loads(sys.argv[2]))
+    {"overlap": overlap, "hold": hold, "fenced": fenced, "hold_many": hold_many}[sys.argv[1]](json.loads(sys.argv[2]))

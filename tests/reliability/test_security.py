@@ -146,3 +146,117 @@ def test_force_release_is_logged(kind: str, url: str, caplog: pytest.LogCaptureF
     assert store.get(holder.name) is None
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and holder.name in r.getMessage()]
     assert warnings, "force_release left no warning in the log"
+
+
+#: Malformed store URLs and DSNs that carry a password: one slash, no scheme, bad ports, bad options, libpq key=value.
+BAD_URLS = (
+    "redis:/user:{pw}@127.0.0.1:1/0",
+    "redis:user:{pw}@127.0.0.1:1/0",
+    "user:{pw}@127.0.0.1:1",
+    "//user:{pw}@127.0.0.1:1/0",
+    "redis://user:{pw}@127.0.0.1:notaport/0",
+    "redis://user:{pw}@127.0.0.1:1/notadb",
+    "redis://user:{pw}@127.0.0.1:1/0?socket_timeout=soon",
+    "rediss://user:{pw}@127.0.0.1:1/0?ssl_cert_reqs=bogus",
+    "redis://:{pw}%2Fenc@127.0.0.1:1/0",
+    "postgres:/user:{pw}@127.0.0.1:1/test",
+    "postgresql://user:{pw}@127.0.0.1:1/test?sslmode=bogus",
+    "postgresql://user:{pw}@[::1/test",
+    "postgresql://127.0.0.1:1/test?password={pw}&connect_timeout=1",
+    "host=127.0.0.1 port=1 user=postgres password={pw} dbname=test connect_timeout=1",
+    "password={pw} host=127.0.0.1 port=1",
+    "mongodb:/user:{pw}@127.0.0.1:1/",
+    "mongodb://user:{pw}@127.0.0.1:1/?bogusOption=1",
+    "mongodb://user:{pw}@127.0.0.1:notaport/",
+    "mongodb://user:{pw}@127.0.0.1:1/?serverSelectionTimeoutMS=soon",
+)
+
+
+def public_view(store: Any) -> str:
+    """Every public attribute of a persister, as text (``url`` included when it is a property)."""
+    attributes = {key: value for key, value in vars(store).items() if not key.startswith("_")}
+    for key in ("url", "dsn", "conninfo"):
+        if hasattr(type(store), key):
+            attributes[key] = getattr(store, key, None)
+    return "\n".join(f"{key}={value!s} {value!r}" for key, value in attributes.items())
+
+
+def _error_text(error: BaseException) -> str:
+    return "\n".join([str(error), repr(error), "".join(traceback.format_exception(error))])
+
+
+@pytest.mark.parametrize("template", BAD_URLS)
+def test_bad_url_never_shows_the_password(template: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed URL or DSN with a password: from_url, Singleton() and a lock attempt never show it."""
+    caplog.set_level(logging.DEBUG)
+    url = template.format(pw=PASSWORD)
+    shown: list[str] = []
+    for build in (persisters.from_url, lambda u: Singleton("reliability-bad-url", u, lock_expire_seconds=30)):
+        try:
+            made = build(url)
+        except Exception as error:
+            shown.append(_error_text(error))
+            continue
+        store = made if isinstance(made, persisters.Persister) else made.persister
+        shown += [repr(made), str(made), repr(store), public_view(store)]
+        job = made if isinstance(made, Singleton) else Singleton("reliability-bad-url", store, lock_expire_seconds=30)
+        try:
+            if job.lock():
+                job.release()
+        except Exception as error:
+            shown.append(_error_text(error))
+        finally:
+            store.close()
+    shown.append(caplog.text)
+    shown += [record.getMessage() for record in caplog.records]
+    text = "\n".join(shown)
+    assert PASSWORD not in text and "Pa55" not in text
+
+
+def test_url_attributes_hide_the_password(networked_kind: str, tmp_path: Any) -> None:
+    """The public ``url`` (and every other public attribute) of a persister built from a URL with a password."""
+    url = with_password(store_url_for(networked_kind, tmp_path))
+    for store in (persisters.from_url(url), persisters.from_url(url, **{})):
+        try:
+            shown = "\n".join([public_view(store), repr(store), str(store)])
+        finally:
+            store.close()
+        assert PASSWORD not in shown and "Pa55" not in shown
+
+
+def test_owner_token_never_in_messages_or_logs(kind: str, url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Lock, conflict, renew, release, force-release and loss: no event payload, error or DEBUG log line has the token."""
+    caplog.set_level(logging.DEBUG)
+    store = persisters.from_url(url)
+    name = f"reliability-token-log-{uuid.uuid4().hex[:8]}"
+    holder = Singleton(name, store, lock_expire_seconds=30)
+    rival = Singleton(name, persisters.from_url(url), lock_expire_seconds=30)
+    payloads: list[str] = []
+    for job in (holder, rival):
+        for event in ("locking", "locked", "conflict", "expired", "releasing", "released", "error", "renewed", "lost"):
+            job.on(event, lambda payload: payloads.append(f"{payload!s} {payload!r}"))
+    tokens = []
+    try:
+        assert holder.lock()
+        tokens.append(holder.record.owner_token)
+        assert not rival.lock()
+        assert holder.renew()
+        assert holder.release()
+        assert holder.lock()
+        tokens.append(holder.record.owner_token)
+        removed = persisters.from_url(url).force_release(name)
+        assert removed is not None
+        assert holder.renew() is False and holder.lost
+        try:
+            holder.ensure_held()
+        except Exception as error:
+            payloads.append(_error_text(error))
+    finally:
+        holder.release()
+        store.close()
+    # pymongo's command monitor (logger pymongo.command, DEBUG) prints every document it sends, as a
+    # database's own query log would; it is the driver's switch, not a message of ours.
+    ours = [record for record in caplog.records if not record.name.startswith("pymongo")]
+    shown = "\n".join([*payloads, *(logging.Formatter().format(record) for record in ours)])
+    for token in tokens:
+        assert token not in shown

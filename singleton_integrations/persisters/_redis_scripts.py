@@ -1,0 +1,309 @@
+"""The Redis lock rules, written once: Lua scripts, key names and reply parsing (no I/O).
+
+The sync and the async persister send these same scripts; only the sending is
+written twice. Layout for a lock ``NAME`` under the key prefix (default
+``singleton:``); the braces are a hash tag, so both keys of a name share one
+cluster slot::
+
+    singleton:{NAME}            string: the holder's owner token with a PX lease (none for ttl=None);
+                                RELEASED_MARKER while a released lock serves its minimum hold
+    singleton:{NAME}:state      hash: ``fence`` (the fencing counter), ``holder`` (the latest holder
+                                as JSON, removed once the name is free) and ``released`` (SHA-1 of
+                                the last cleanly released owner token, so a retried release is
+                                recognised); it expires ``purge_after`` after the name became free
+    singleton:{NAME}:released   pub/sub channel told of every release that frees the name
+
+The holder JSON always starts ``{"expires_at":E,`` (then ``"released_at":R,`` once
+released into a minimum hold), then ``"created_at":C`` and, with a minimum hold,
+``"hold_until":H``: the scripts read and rewrite those members with anchored
+patterns, never by parsing JSON. Times are the server's ``TIME`` in milliseconds.
+
+Fencing tokens are ``max(previous + 1, server now in ms)``: they keep rising when
+the state hash is gone (purged, evicted, a restart without persistence, a
+failover to a replica that had not received the last writes), as long as the
+server clocks do not go back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from .._record import AcquireResult, LockRecord, Owner
+
+__all__ = [
+    "RELEASED_MARKER",
+    "SCRIPTS",
+    "SHAS",
+    "acquire_result",
+    "channel_pattern",
+    "glob_escape",
+    "lock_key",
+    "name_from_channel",
+    "our_record",
+    "record",
+    "ttl_ms",
+]
+
+#: The lock key's value while a released lock serves its minimum hold: no owner token
+#: can equal it (it starts with a NUL), so the old token can neither renew nor release.
+RELEASED_MARKER = "\x00released"
+
+# A Lua pattern prefix shared by the scripts: the lease's end and, when set, the hold's.
+_LUA_HEAD = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function hold_of(holder)
+  if not holder then return nil end
+  return tonumber(string.match(holder, '^{"expires_at":[^,]*,"created_at":%d+,"hold_until":(%d+)'))
+end
+local function keep_state(ms)
+  if ms > 0 then
+    redis.call('PEXPIRE', KEYS[2], ms)
+  else
+    redis.call('PERSIST', KEYS[2])
+  end
+end
+"""
+
+#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry), the holder's other JSON
+#: members ('"owner_token":...,"host":...,"pid":...,"metadata":{...}'), min_hold_ms
+#: (0 = none), purge_ms (0 = keep the state for good).
+#: Returns the status "FENCE CREATED_MS" when it took a free name; {1, fence, created_ms,
+#: expired holder JSON} when it replaced an expired lock; {0, holder token, holder JSON,
+#: pttl} on conflict; {2, holder JSON} when this token already holds it (an attempt
+#: retried after its reply was lost). The key lives max(ttl, min_hold): a crashed holder
+#: frees the name at the later of its lease's end and the hold's.
+ACQUIRE_SCRIPT = _LUA_HEAD + r"""
+local ttl = tonumber(ARGV[2])
+local hold = tonumber(ARGV[4])
+local purge = tonumber(ARGV[5])
+local life = ttl
+if ttl > 0 and hold > ttl then life = hold end
+local taken
+if life > 0 then
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', life)
+else
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+end
+if not taken then
+  local token = redis.call('GET', KEYS[1])
+  local holder = redis.call('HGET', KEYS[2], 'holder')
+  if token == ARGV[1] then
+    return {2, holder}
+  end
+  return {0, token, holder, redis.call('PTTL', KEYS[1])}
+end
+local state = redis.call('HMGET', KEYS[2], 'fence', 'holder')
+local now = now_ms()
+local fence = tonumber(state[1])
+if fence and fence >= now then
+  fence = fence + 1
+else
+  fence = now
+end
+local expires = 'null'
+if life > 0 then expires = now + life end
+local held = ''
+if hold > 0 then held = ',"hold_until":' .. (now + hold) end
+redis.call('HSET', KEYS[2], 'fence', fence, 'holder',
+  '{"expires_at":' .. expires .. ',"created_at":' .. now .. held .. ',"fencing_token":' .. fence .. ',' .. ARGV[3] .. '}')
+if life > 0 and purge > 0 then keep_state(life + purge) else keep_state(0) end
+if state[2] and not string.find(state[2], '^{"expires_at":[^,]*,"released_at":') then
+  return {1, fence, now, state[2]}
+end
+return {ok = fence .. ' ' .. now}
+"""
+
+#: KEYS: lock, state. ARGV: owner_token, purge_ms. Returns 1 when the token held the
+#: lock and the name is free now, 2 when it was released into its minimum hold (the
+#: name stays held until hold_until, and nobody is told yet), 0 when it was not ours.
+#: A repeat of a release that succeeded (its reply was lost) answers 1 again. A lease
+#: of this token that ran out untaken is cleared from the state hash (so the next
+#: holder is not told it expired), but the answer is 0: it was not held until now.
+RELEASE_SCRIPT = _LUA_HEAD + r"""
+local token = redis.call('GET', KEYS[1])
+local purge = tonumber(ARGV[2])
+if token ~= ARGV[1] then
+  if redis.call('HGET', KEYS[2], 'released') == redis.sha1hex(ARGV[1]) then
+    return 1
+  end
+  if not token then
+    local holder = redis.call('HGET', KEYS[2], 'holder')
+    if holder and string.find(holder, '"owner_token":"' .. ARGV[1] .. '"', 1, true) then
+      redis.call('HDEL', KEYS[2], 'holder')
+    end
+  end
+  return 0
+end
+local holder = redis.call('HGET', KEYS[2], 'holder')
+local hold = hold_of(holder)
+local now = now_ms()
+if hold and hold > now then
+  holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. hold .. ',"released_at":' .. now, 1)
+  redis.call('SET', KEYS[1], '\0released', 'PX', hold - now)
+  redis.call('HSET', KEYS[2], 'holder', holder, 'released', redis.sha1hex(ARGV[1]))
+  if purge > 0 then keep_state(hold - now + purge) else keep_state(0) end
+  return 2
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], 'holder')
+redis.call('HSET', KEYS[2], 'released', redis.sha1hex(ARGV[1]))
+if purge > 0 then keep_state(purge) end
+redis.call('PUBLISH', KEYS[1] .. ':released', '')
+return 1
+"""
+
+#: KEYS: lock, state. ARGV: owner_token, ttl_ms (0 = no expiry), purge_ms. Returns the
+#: holder JSON or nil. The lease is never shortened below the minimum hold.
+RENEW_SCRIPT = _LUA_HEAD + r"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return false
+end
+local holder = redis.call('HGET', KEYS[2], 'holder')
+if not holder then
+  return false
+end
+local ttl = tonumber(ARGV[2])
+local purge = tonumber(ARGV[3])
+local expires = 'null'
+if ttl > 0 then
+  local now = now_ms()
+  local ends = now + ttl
+  local hold = hold_of(holder)
+  if hold and hold > ends then ends = hold end
+  expires = ends
+  redis.call('PEXPIRE', KEYS[1], ends - now)
+  if purge > 0 then keep_state(ends - now + purge) else keep_state(0) end
+else
+  redis.call('PERSIST', KEYS[1])
+  keep_state(0)
+end
+holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. expires, 1)
+redis.call('HSET', KEYS[2], 'holder', holder)
+return holder
+"""
+
+#: KEYS: lock, state. Returns {token, holder JSON} of the live holder, or nil.
+GET_SCRIPT = r"""
+local token = redis.call('GET', KEYS[1])
+if not token then
+  return false
+end
+return {token, redis.call('HGET', KEYS[2], 'holder')}
+"""
+
+#: KEYS: lock, state. ARGV: purge_ms. Returns {token, holder JSON} of the holder it
+#: removed (a released one in its minimum hold included), or nil.
+FORCE_RELEASE_SCRIPT = _LUA_HEAD + r"""
+local token = redis.call('GET', KEYS[1])
+if not token then
+  return false
+end
+local holder = redis.call('HGET', KEYS[2], 'holder')
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], 'holder')
+local purge = tonumber(ARGV[1])
+if purge > 0 then keep_state(purge) end
+redis.call('PUBLISH', KEYS[1] .. ':released', '')
+return {token, holder}
+"""
+
+SCRIPTS: dict[str, str] = {
+    "acquire": ACQUIRE_SCRIPT,
+    "release": RELEASE_SCRIPT,
+    "renew": RENEW_SCRIPT,
+    "get": GET_SCRIPT,
+    "force_release": FORCE_RELEASE_SCRIPT,
+}
+SHAS: dict[str, str] = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()}
+
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]^\-{}])")
+_CHANNEL_SUFFIX = "}:released"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH or PSUBSCRIBE pattern."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def lock_key(prefix: str, name: str) -> str:
+    return f"{prefix}{{{name}}}"
+
+
+def channel_pattern(prefix: str) -> str:
+    """The PSUBSCRIBE pattern for every release channel under ``prefix``."""
+    return f"{glob_escape(prefix)}\\{{*\\}}:released"
+
+
+def name_from_channel(prefix: str, channel: str) -> str | None:
+    """The lock name a release channel belongs to, or None for another store's channel."""
+    head = prefix + "{"
+    if channel.startswith(head) and channel.endswith(_CHANNEL_SUFFIX) and len(channel) >= len(head) + len(_CHANNEL_SUFFIX):
+        return channel[len(head):-len(_CHANNEL_SUFFIX)]
+    return None
+
+
+def _when(milliseconds: object) -> datetime | None:
+    if milliseconds is None or milliseconds == "":
+        return None
+    return datetime.fromtimestamp(int(milliseconds) / 1000, timezone.utc)  # type: ignore[call-overload]
+
+
+def record(name: str, token: str | None, holder: str | None) -> LockRecord:
+    """A record from the state hash's holder JSON; tolerant of one someone else removed."""
+    data: dict[str, Any] = json.loads(holder) if holder else {}
+    if token is None or token == RELEASED_MARKER:
+        token = str(data.get("owner_token", ""))
+    return LockRecord(
+        name=name,
+        owner_token=token,
+        fencing_token=int(data.get("fencing_token", 0)),
+        host=str(data.get("host", "unknown")),
+        pid=int(data.get("pid", 0)),
+        created_at=_when(data.get("created_at")) or _EPOCH,
+        expires_at=_when(data.get("expires_at")),
+        metadata=data.get("metadata") or {},
+        released_at=_when(data.get("released_at")),
+        hold_until=_when(data.get("hold_until")),
+    )
+
+
+def our_record(name: str, owner: Owner, fence: int, created_ms: int, ttl_ms: int, hold_ms: int) -> LockRecord:
+    """The record a fresh acquire made, built without reading the holder JSON back."""
+    life = max(ttl_ms, hold_ms) if ttl_ms else 0
+    return LockRecord(
+        name=name,
+        owner_token=owner.owner_token,
+        fencing_token=int(fence),
+        host=owner.host,
+        pid=owner.pid,
+        created_at=datetime.fromtimestamp(created_ms / 1000, timezone.utc),
+        expires_at=datetime.fromtimestamp((created_ms + life) / 1000, timezone.utc) if life else None,
+        metadata=dict(owner.metadata),
+        hold_until=datetime.fromtimestamp((created_ms + hold_ms) / 1000, timezone.utc) if hold_ms else None,
+    )
+
+
+def acquire_result(name: str, owner: Owner, reply: Any, ttl_ms: int, hold_ms: int) -> AcquireResult:
+    """What ACQUIRE_SCRIPT's reply means."""
+    if type(reply) is str:  # the uncontended path: "FENCE CREATED_MS"
+        fence, _, created = reply.partition(" ")
+        return AcquireResult(True, our_record(name, owner, int(fence), int(created), ttl_ms, hold_ms))
+    if reply[0] == 1:
+        return AcquireResult(True, our_record(name, owner, reply[1], reply[2], ttl_ms, hold_ms), expired=record(name, None, reply[3]))
+    if reply[0] == 2:
+        return AcquireResult(True, record(name, owner.owner_token, reply[1]))
+    pttl = reply[3]
+    return AcquireResult(False, record(name, reply[1], reply[2]), retry_after=pttl / 1000 if pttl >= 0 else None)
+
+
+def ttl_ms(ttl: float | None) -> int:
+    """A lease in whole milliseconds for the scripts; 0 means no expiry."""
+    return max(1, round(ttl * 1000)) if ttl else 0
