@@ -37,6 +37,17 @@ def _ensure_debian_tools(session: nox.Session, wanted: dict[str, str]) -> None:
     session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
+def _ensure_chromium(session: nox.Session) -> None:
+    """The Airflow connection-form check drives headless Chromium (Debian's ``chromium``) with npm's playwright-core."""
+    if shutil.which("chromium") or os.environ.get("CHROMIUM"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        session.warn("chromium is missing and cannot be installed here: the browser test will say so")
+        return
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 @nox.session
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
@@ -47,7 +58,8 @@ def tests_core(session: nox.Session) -> None:
 
 @nox.session
 def tests_airflow(session: nox.Session) -> None:
-    """The Airflow provider against real Airflow (dag.test) and real stores."""
+    """The Airflow provider against real Airflow (dag.test), two real deployments, and real stores."""
+    _ensure_chromium(session)
     session.install("-e", f".[airflow,{STORES}]")
     _pytest(session, "tests/airflow")
 

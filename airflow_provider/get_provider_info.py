@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CONNECTION_TYPES", "get_provider_info"]
+__all__ = ["CONFIG", "CONNECTION_TYPES", "get_provider_info"]
 
 _HOOKS = "airflow_provider.hooks.singleton"
 _OPTIONS = {
@@ -18,23 +18,23 @@ _OPTIONS = {
 }
 _NETWORK_HIDDEN = ["extra"]
 
-#: One connection type per lock store; ``singleton`` takes a whole store URL.
+#: One connection type per lock store; ``singleton`` takes a whole store URL. No type has a '_':
+#: Airflow turns a type into a URI scheme, where RFC 3986 forbids it (and logs a warning each time).
 CONNECTION_TYPES: list[dict[str, Any]] = [
     {
         "connection-type": "singleton",
         "hook-class-name": f"{_HOOKS}.SingletonHook",
         "hook-name": "Singleton lock store (URL)",
-        "conn-fields": {
-            "url": {
-                "label": "Store URL",
-                "schema": {"type": ["string", "null"], "format": "password"},
-                "description": "redis://, rediss://, mongodb://, mongodb+srv://, postgresql:// or sqlite:////abs/path.db",
-            },
+        # The URL holds the store's password, so it lives in the password field: the one
+        # field Airflow always redacts (API, UI) and masks in logs.
+        "ui-field-behaviour": {
+            "hidden-fields": ["host", "schema", "port", "login", "extra"],
+            "relabeling": {"password": "Store URL (required)"},
+            "placeholders": {"password": "redis://:password@redis:6379/0, postgresql://, mongodb://, sqlite:////abs/path.db"},
         },
-        "ui-field-behaviour": {"hidden-fields": ["host", "schema", "port", "login", "password", "extra"]},
     },
     {
-        "connection-type": "singleton_redis",
+        "connection-type": "singletonredis",
         "hook-class-name": f"{_HOOKS}.SingletonRedisHook",
         "hook-name": "Singleton lock store: Redis",
         "conn-fields": {
@@ -48,7 +48,7 @@ CONNECTION_TYPES: list[dict[str, Any]] = [
         },
     },
     {
-        "connection-type": "singleton_mongodb",
+        "connection-type": "singletonmongodb",
         "hook-class-name": f"{_HOOKS}.SingletonMongoDbHook",
         "hook-name": "Singleton lock store: MongoDB",
         "conn-fields": {
@@ -62,7 +62,7 @@ CONNECTION_TYPES: list[dict[str, Any]] = [
         },
     },
     {
-        "connection-type": "singleton_postgres",
+        "connection-type": "singletonpostgres",
         "hook-class-name": f"{_HOOKS}.SingletonPostgresHook",
         "hook-name": "Singleton lock store: PostgreSQL",
         "conn-fields": {
@@ -82,19 +82,33 @@ CONNECTION_TYPES: list[dict[str, Any]] = [
         },
     },
     {
-        "connection-type": "singleton_sqlite",
+        "connection-type": "singletonsqlite",
         "hook-class-name": f"{_HOOKS}.SingletonSqliteHook",
         "hook-name": "Singleton lock store: SQLite (one host only)",
-        "conn-fields": {
-            "path": {
-                "label": "Database file",
-                "schema": {"type": ["string", "null"]},
-                "description": "Absolute path of the SQLite file shared by every worker on this host",
-            },
+        "ui-field-behaviour": {
+            "hidden-fields": ["schema", "port", "login", "password", "extra"],
+            "relabeling": {"host": "Database file (required)"},
+            "placeholders": {"host": "/var/lib/airflow/singleton-locks.sqlite3 (absolute path, shared by this host's workers)"},
         },
-        "ui-field-behaviour": {"hidden-fields": ["host", "schema", "port", "login", "password", "extra"]},
     },
 ]
+
+#: ``[singleton]`` options in airflow.cfg (``AIRFLOW__SINGLETON__DEPLOYMENT`` ...).
+CONFIG: dict[str, Any] = {
+    "singleton": {
+        "description": "The singleton-integrations provider.",
+        "options": {
+            "deployment": {
+                "description": "How lock holders from this deployment are named in other deployments' conflict "
+                "messages. Empty: the [api] base_url, else the host name.",
+                "version_added": "0.1.0",
+                "type": "string",
+                "example": "eu-west-prod",
+                "default": "",
+            },
+        },
+    },
+}
 
 
 def _version() -> str:
@@ -124,5 +138,6 @@ def get_provider_info() -> dict[str, Any]:
         "sensors": [{"integration-name": integration, "python-modules": modules["sensors"]}],
         "triggers": [{"integration-name": integration, "python-modules": modules["triggers"]}],
         "connection-types": [dict(entry) for entry in CONNECTION_TYPES],
+        "config": CONFIG,
         "task-decorators": [{"name": "singleton", "class-name": "airflow_provider.decorators.singleton.singleton_task"}],
     }

@@ -1,13 +1,22 @@
 """``SingletonHook``: a lock store (persister) built from an Airflow connection.
 
-Our connection types (``singleton``, ``singleton_redis``, ``singleton_mongodb``,
-``singleton_postgres``, ``singleton_sqlite``) and the standard ``redis``, ``mongo``
-and ``postgres`` ones all work, so ``singleton_conn_id="redis_default"`` reuses an
-existing connection. A connection's ``url`` extra, when set, wins over its fields.
+Our connection types (``singleton``, ``singletonredis``, ``singletonmongodb``,
+``singletonpostgres``, ``singletonsqlite``; no ``_``, which RFC 3986 forbids in the
+URI scheme Airflow makes of a type) and the standard ``redis``, ``mongo`` and
+``postgres`` ones all work, so ``singleton_conn_id="redis_default"`` reuses an
+existing connection. Connections of the earlier types (``singleton_redis`` ...) keep
+working. The ``singleton`` type keeps its whole store URL in the password field, the
+one field Airflow always redacts; a legacy ``url`` extra still works, but Airflow
+shows it back in clear, so move it.
+
+Persisters are cached per process and store URL, so a guarded task looks its
+connection up once and reuses one client pool.
 """
 
 from __future__ import annotations
 
+import atexit
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode
@@ -30,20 +39,25 @@ __all__ = [
     "SingletonPostgresHook",
     "SingletonRedisHook",
     "SingletonSqliteHook",
+    "cached_persister",
     "store_url",
 ]
 
 #: Connection type -> the store it points at (None: the connection carries a whole URL).
 _STORE_OF_CONN_TYPE: dict[str, str | None] = {
     "singleton": None,
-    "singleton_redis": "redis",
+    "singletonredis": "redis",
+    "singleton_redis": "redis",  # the earlier name, still read
     "redis": "redis",
+    "singletonmongodb": "mongodb",
     "singleton_mongodb": "mongodb",
     "mongo": "mongodb",
     "mongodb": "mongodb",
+    "singletonpostgres": "postgresql",
     "singleton_postgres": "postgresql",
     "postgres": "postgresql",
     "postgresql": "postgresql",
+    "singletonsqlite": "sqlite",
     "singleton_sqlite": "sqlite",
     "sqlite": "sqlite",
 }
@@ -56,8 +70,32 @@ _FOREIGN_OPTIONS = {
 }
 #: Extras our own form fields use; everything else on our types is passed on as a URL option.
 _FORM_EXTRAS = frozenset({"url", "ssl", "srv", "options", "path", "db"})
-#: The name read by ``test_connection``; it is only looked up, never written.
-_PROBE_NAME = "singleton-integrations/connection-test"
+
+_cache_guard = threading.Lock()
+_persisters: dict[str, Persister] = {}
+
+
+def cached_persister(url: str) -> Persister:
+    """One persister per store URL and process, so every task and trigger in it shares one client pool."""
+    persister = _persisters.get(url)
+    if persister is None:
+        with _cache_guard:
+            persister = _persisters.get(url)
+            if persister is None:
+                persister = _persisters[url] = persisters.from_url(url)
+    return persister
+
+
+@atexit.register
+def _close_cached() -> None:
+    with _cache_guard:
+        cached = list(_persisters.values())
+        _persisters.clear()
+    for persister in cached:
+        try:
+            persister.close()
+        except Exception:  # noqa: BLE001,S110  (exiting: a store that cannot close has nothing more to lose)
+            pass
 
 
 def _truthy(value: object) -> bool:
@@ -91,25 +129,31 @@ def _query(conn: Connection, store: str, own_type: bool) -> str:
     return "?" + "&".join(parts) if parts else ""
 
 
-def store_url(conn: Connection) -> str:
-    """The lock-store URL a connection describes (it may hold a password: redact before showing)."""
+def store_url(conn: Connection, label: str | None = None) -> str:
+    """The lock-store URL a connection describes (it may hold a password: redact before showing).
+
+    :param label: how errors name the connection (default: ``connection '<conn_id>'``).
+    """
+    label = label or f"connection {conn.conn_id!r}"
     conn_type = (conn.conn_type or "").replace("-", "_").lower()
     extra = conn.extra_dejson
+    if conn_type == "singleton" and conn.password and "://" in conn.password:
+        return str(conn.password)
     if extra.get("url"):
         return str(extra["url"])
     if conn_type not in _STORE_OF_CONN_TYPE:
         known = ", ".join(sorted(_STORE_OF_CONN_TYPE))
-        raise ValueError(f"connection {conn.conn_id!r} has type {conn.conn_type!r}; a lock store needs one of: {known}")
+        raise ValueError(f"{label} has type {conn.conn_type!r}; a lock store needs one of: {known}")
     store = _STORE_OF_CONN_TYPE[conn_type]
     own_type = conn_type.startswith("singleton")
     if store is None:
         if conn.host and "://" in conn.host:
             return conn.host
-        raise ValueError(f"connection {conn.conn_id!r} of type 'singleton' needs its Store URL (extra 'url')")
+        raise ValueError(f"{label} of type 'singleton' needs its Store URL, e.g. redis://:password@host:6379/0")
     if store == "sqlite":
-        path = extra.get("path") or conn.schema or conn.host
+        path = conn.host or extra.get("path") or conn.schema
         if not path:
-            raise ValueError(f"connection {conn.conn_id!r} needs the SQLite file path (extra 'path')")
+            raise ValueError(f"{label} needs the SQLite database file, an absolute path")
         return f"sqlite:///{path}"
     query = _query(conn, store, own_type)
     if store == "redis":
@@ -138,29 +182,33 @@ class SingletonHook(BaseHook):
         super().__init__(**kwargs)
         self.singleton_conn_id = singleton_conn_id
         self._persister: Persister | None = None
+        self._url: str | None = None
 
     # -- the store ---------------------------------------------------------------------
 
     @staticmethod
     def persister_from_connection(conn: Connection) -> Persister:
-        """Build (without connecting) the persister for ``conn``; triggers use it with an async-fetched connection."""
-        return persisters.from_url(store_url(conn))
+        """The process's persister for ``conn`` (shared, not connected yet); triggers pass an async-fetched connection."""
+        return cached_persister(store_url(conn))
+
+    def _store_url(self) -> str:
+        if self._url is None:  # one connection lookup per hook
+            self._url = store_url(self.get_connection(self.singleton_conn_id))
+        return self._url
 
     def get_conn(self) -> Persister:
-        """The persister for this connection, built once per hook and reused."""
+        """The persister for this connection, shared by every hook on the same store in this process."""
         if self._persister is None:
-            self._persister = self.persister_from_connection(self.get_connection(self.singleton_conn_id))
+            self._persister = cached_persister(self._store_url())
         return self._persister
 
     def close(self) -> None:
-        """Release the store's pooled connections."""
-        if self._persister is not None:
-            self._persister.close()
-            self._persister = None
+        """Forget this hook's persister; the shared one keeps its pool for the process's next task (closed at exit)."""
+        self._persister = None
 
     def describe_store(self) -> str:
         """The store URL with any password redacted, for logs."""
-        return redact_url(store_url(self.get_connection(self.singleton_conn_id)))
+        return redact_url(self._store_url())
 
     # -- locks -----------------------------------------------------------------------------
 
@@ -169,13 +217,27 @@ class SingletonHook(BaseHook):
         return Singleton(lock_name, self.get_conn(), **options)
 
     def acquire(
-        self, lock_name: str, *, lock_expire_seconds: float | None = 300.0, metadata: Mapping[str, str] | None = None
+        self,
+        lock_name: str,
+        *,
+        lock_expire_seconds: float | None = 300.0,
+        metadata: Mapping[str, str] | None = None,
+        min_hold_seconds: float | None = None,
     ) -> AcquireResult:
-        """One atomic attempt; the lock outlives this process, so keep ``result.record.owner_token`` to release it."""
+        """One atomic attempt; the lock outlives this process, so keep ``result.record.owner_token`` to release it.
+
+        :param min_hold_seconds: keep the name held at least this long after the acquisition, even once released.
+        """
         from singleton_integrations._record import validate_metadata, validate_name, validate_ttl
 
         owner = Owner(metadata=validate_metadata(metadata))
-        return self.get_conn().acquire(validate_name(lock_name), owner, validate_ttl(lock_expire_seconds))
+        persister = self.get_conn()
+        name, ttl = validate_name(lock_name), validate_ttl(lock_expire_seconds)
+        if min_hold_seconds is None:
+            return persister.acquire(name, owner, ttl)
+        if not getattr(persister, "supports_min_hold", False):
+            raise ValueError(f"the {persister.backend} store does not support min_hold_seconds")
+        return persister.acquire(name, owner, ttl, min_hold=validate_ttl(min_hold_seconds, "min_hold_seconds"))
 
     def release(self, lock_name: str, owner_token: str) -> bool:
         """Release ``lock_name`` only if ``owner_token`` still holds it; True when it did."""
@@ -194,15 +256,28 @@ class SingletonHook(BaseHook):
         return self.get_conn().force_release(lock_name)
 
     def test_connection(self) -> tuple[bool, str]:
-        """The UI's "Test" button: one read on the store, never a write."""
+        """The UI's "Test" button: reach the store and read, never write (no table, file or index is created).
+
+        Airflow tests a copy of the form under a random connection id, so messages say
+        "this connection" rather than name that id.
+        """
+        from airflow_provider.hooks._probe import probe
+
         try:
-            description = self.describe_store()
-            self.get_conn().get(_PROBE_NAME)
+            url = store_url(self.get_connection(self.singleton_conn_id), label="this connection")
+            description = redact_url(url)
+            persister = persisters.from_url(url)  # not the cached one: the form may change between tests
+            try:
+                ok, detail = probe(persister, url)
+            finally:
+                persister.close()
         except Exception as error:  # noqa: BLE001  (any failure is the Test button's answer; never with a password)
-            return False, redact_url(f"{type(error).__name__}: {error}")
-        finally:
-            self.close()
-        return True, f"Connected to the lock store at {description}"
+            text = redact_url(f"{type(error).__name__}: {error}").replace(repr(self.singleton_conn_id), "this connection")
+            return False, text
+        detail = redact_url(detail)
+        if not ok:
+            return False, f"Lock store at {description}: {detail}"
+        return True, f"Lock store at {description}: {detail}"
 
     # -- connection form for Airflow 3.0/3.1 (3.2+ reads conn-fields from get_provider_info) --
 
@@ -223,30 +298,30 @@ class SingletonHook(BaseHook):
 
 
 class SingletonRedisHook(SingletonHook):
-    """``SingletonHook`` for the ``singleton_redis`` connection type."""
+    """``SingletonHook`` for the ``singletonredis`` connection type (``singleton_redis`` before)."""
 
-    conn_type: ClassVar[str] = "singleton_redis"
+    conn_type: ClassVar[str] = "singletonredis"
     hook_name: ClassVar[str] = "Singleton lock store: Redis"
 
 
 class SingletonMongoDbHook(SingletonHook):
-    """``SingletonHook`` for the ``singleton_mongodb`` connection type."""
+    """``SingletonHook`` for the ``singletonmongodb`` connection type (``singleton_mongodb`` before)."""
 
-    conn_type: ClassVar[str] = "singleton_mongodb"
+    conn_type: ClassVar[str] = "singletonmongodb"
     hook_name: ClassVar[str] = "Singleton lock store: MongoDB"
 
 
 class SingletonPostgresHook(SingletonHook):
-    """``SingletonHook`` for the ``singleton_postgres`` connection type."""
+    """``SingletonHook`` for the ``singletonpostgres`` connection type (``singleton_postgres`` before)."""
 
-    conn_type: ClassVar[str] = "singleton_postgres"
+    conn_type: ClassVar[str] = "singletonpostgres"
     hook_name: ClassVar[str] = "Singleton lock store: PostgreSQL"
 
 
 class SingletonSqliteHook(SingletonHook):
-    """``SingletonHook`` for the ``singleton_sqlite`` connection type (one host only)."""
+    """``SingletonHook`` for the ``singletonsqlite`` connection type (``singleton_sqlite`` before) (one host only)."""
 
-    conn_type: ClassVar[str] = "singleton_sqlite"
+    conn_type: ClassVar[str] = "singletonsqlite"
     hook_name: ClassVar[str] = "Singleton lock store: SQLite (one host only)"
 
 

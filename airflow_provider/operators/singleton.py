@@ -3,7 +3,7 @@
 Lock outcomes become native task states (``on_conflict``):
 
 ============================  =====================================================
-``skip`` (default)            skipped; the log names the holder (DAG, run, task, host)
+``skip`` (default)            skipped; the log names the holder (deployment, DAG, run, task)
 ``fail``                      failed, no retries (``AirflowFailException``)
 ``retry``                     up_for_retry (``SingletonLockConflict``; retries apply)
 ``wait``                      deferred, up_for_reschedule or blocking, until free or
@@ -17,9 +17,15 @@ callable ran fails the task (``SingletonLockLost``); SIGTERM, ``on_kill`` and
 As a context manager, ``with SingletonOperator(task_id="guard", lock_name=...):`` makes
 itself an Airflow setup task that acquires the lock and adds a teardown task
 (``<task_id>_release``) that releases it, so the release runs even when a guarded
-task fails. The acquire and release tasks run in different processes, so the
-acquire task hands the owner token to the release task through XCom (masked in
-logs); the release is owner-checked and never frees a lock someone else holds.
+task fails. Every task inside the block renews the group's lease while it runs, so a
+long group keeps the lock and a dead one loses it after one lease. The acquire task
+passes only the lock name and fencing token through XCom (readable in the UI and
+API); the owner token, which can release the lock, never leaves the store. The
+release task reads the store's record and releases only if its fencing token is
+still the group's, so it never frees a lock someone else took.
+
+A mapped task's default lock name ends in ``[map_index]``: each map index is its own
+lock. Pass ``lock_name`` to share one lock between all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.standard.operators.python import PythonOperator
@@ -53,14 +60,19 @@ if TYPE_CHECKING:
 
     from singleton_integrations import LockRecord, Singleton
 
-__all__ = ["ON_CONFLICT", "XCOM_KEY", "SingletonOperator", "SingletonReleaseOperator"]
+__all__ = ["DEFAULT_LOCK_NAME", "ON_CONFLICT", "XCOM_KEY", "SingletonOperator", "SingletonReleaseOperator",
+           "deployment_name", "describe_holder"]
 
 #: What a task does when another holder has the lock.
 ON_CONFLICT = ("skip", "fail", "retry", "wait")
 #: The XCom key under which an acquire task hands its hold to the release task.
 XCOM_KEY = "singleton_lock"
-#: Unique within a DAG and the same in every deployment: the default lock name.
-DEFAULT_LOCK_NAME = "{{ dag.dag_id }}.{{ task.task_id }}"
+#: Unique within a DAG and the same in every deployment: the default lock name. A mapped
+#: task instance adds its map index, so instances of one mapped task never skip each other.
+DEFAULT_LOCK_NAME = (
+    "{{ dag.dag_id }}.{{ task.task_id }}"
+    "{% if ti.map_index is not none and ti.map_index >= 0 %}[{{ ti.map_index }}]{% endif %}"
+)
 
 
 def _hold_for_group() -> None:
@@ -77,10 +89,55 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     return float(value)
 
 
+@lru_cache(maxsize=1)
+def deployment_name() -> str:
+    """This deployment's name in holder metadata: ``[singleton] deployment``, else ``[api] base_url``, else the host."""
+    for section, key in (("singleton", "deployment"), ("api", "base_url")):
+        value = (conf.get(section, key, fallback="") or "").strip()
+        if value:
+            return value
+    return socket.gethostname()
+
+
+def describe_holder(record: LockRecord | None, *, ours: str | None = None) -> str:
+    """A conflict's holder, deployment first: "deployment X (dag d, run r, task t) on host h since T ..."."""
+    if record is None:
+        return "another process (it released as we looked)"
+    meta = dict(record.metadata)
+    if "dag_id" not in meta:  # not an Airflow holder: the core's wording
+        return record.describe()
+    deployment = meta.pop("deployment", "")
+    where = f"deployment {deployment}" if deployment else "a deployment"
+    if ours is not None and deployment == ours:
+        where = f"this deployment ({deployment})"
+    task = f"dag {meta.pop('dag_id')}, run {meta.pop('run_id', '?')}, task {meta.pop('task_id', '?')}"
+    map_index = meta.pop("map_index", "-1")
+    if map_index not in ("-1", ""):
+        task += f", map index {map_index}"
+    if "try_number" in meta:
+        task += f", try {meta.pop('try_number')}"
+    host = meta.pop("host", record.host)
+    extra = "".join(f", {key}={value}" for key, value in sorted(meta.items()))
+
+    def iso(moment: datetime | None) -> str:
+        return moment.astimezone(timezone.utc).isoformat(timespec="seconds") if moment else "?"
+
+    released_at = getattr(record, "released_at", None)
+    if released_at is not None:
+        until = getattr(record, "hold_until", None) or record.expires_at
+        return (f"{where} ({task}{extra}), which ran this slot at {iso(record.created_at)} on host {host} and "
+                f"released at {iso(released_at)}; held until {iso(until)} for the minimum hold "
+                f"(fencing token {record.fencing_token})")
+    until = f" until {iso(record.expires_at)}" if record.expires_at else ""
+    return (f"{where} ({task}{extra}) on host {host} pid {record.pid}, since {iso(record.created_at)}{until} "
+            f"(fencing token {record.fencing_token})")
+
+
 def holder_metadata(context: Context, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Who holds the lock, in Airflow terms, so a conflict names the DAG, run, task and host."""
+    """Who holds the lock, in Airflow terms, so a conflict names the deployment, DAG, run and task."""
     ti = context["ti"]
     metadata = {
+        "deployment": deployment_name(),
         "dag_id": str(ti.dag_id),
         "run_id": str(ti.run_id),
         "task_id": str(ti.task_id),
@@ -95,7 +152,8 @@ def holder_metadata(context: Context, extra: Mapping[str, str] | None = None) ->
 class SingletonOperator(PythonOperator):
     """Run ``python_callable`` only while holding ``lock_name``, across every deployment sharing the store.
 
-    :param lock_name: the lock (templated); defaults to ``"<dag_id>.<task_id>"``.
+    :param lock_name: the lock (templated); defaults to ``"<dag_id>.<task_id>"``, plus ``"[<map_index>]"``
+        for a mapped task instance (one lock per map index). A name you pass is shared by all map indexes.
     :param singleton_conn_id: the connection naming the store.
     :param python_callable: the work; it may accept a ``singleton`` argument (the held ``Singleton``,
         e.g. for its ``fencing_token``). Omit it when using the operator as a context manager; without a
@@ -109,7 +167,12 @@ class SingletonOperator(PythonOperator):
     :param deferrable: with ``wait``, free the worker slot by deferring to an observe-only trigger.
     :param mode: with ``wait`` and not deferrable: ``poke`` blocks in the worker, ``reschedule``
         frees the slot between looks (up_for_reschedule).
-    :param lock_metadata: extra holder details shown in conflicts, e.g. ``{"deployment": "eu-1"}``.
+    :param lock_metadata: extra holder details shown in conflicts, e.g. ``{"team": "billing"}``
+        (``deployment`` defaults to ``[singleton] deployment``, else ``[api] base_url``).
+    :param min_hold_seconds: keep the lock at least this long after acquiring it, even once the task
+        released it, so a late run of the same slot in another deployment skips (ShedLock's lockAtLeastFor).
+        Judged by the store's clock. Template the lock name with the slot, e.g.
+        ``"{{ dag.dag_id }}.load.{{ ds }}"``, to run each logical date once across deployments.
     """
 
     template_fields: ClassVar[tuple[str, ...]] = ("lock_name", *PythonOperator.template_fields)
@@ -129,6 +192,7 @@ class SingletonOperator(PythonOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         mode: str = "poke",
         lock_metadata: Mapping[str, str] | None = None,
+        min_hold_seconds: float | timedelta | None = None,
         **kwargs: Any,
     ) -> None:
         self._requested_task_id = kwargs.get("task_id")
@@ -149,7 +213,9 @@ class SingletonOperator(PythonOperator):
         self.deferrable = deferrable
         self.mode = mode
         self.lock_metadata = dict(lock_metadata or {})
+        self.min_hold_seconds = _seconds(min_hold_seconds, "min_hold_seconds") or None
         self.release_task: SingletonReleaseOperator | None = None
+        self._guarded_before: set[str] | None = None
         self._singleton: Singleton | None = None
         self._conflict_holder: str | None = None
 
@@ -182,8 +248,20 @@ class SingletonOperator(PythonOperator):
                 task_group=self.task_group,
             )
             self.release_task.as_teardown(setups=self)
+        self._guarded_before = set(self.dag.task_dict) if self.dag is not None else set()
         super().__enter__()
         return self
+
+    def __exit__(self, *exc: object) -> Any:
+        """Every task defined inside the block renews the group's lease while it runs."""
+        result = super().__exit__(*exc)
+        if self.dag is not None and self._guarded_before is not None:
+            skip = {self.task_id, self.release_task.task_id if self.release_task else ""}
+            for task_id, guarded in self.dag.task_dict.items():
+                if task_id not in self._guarded_before and task_id not in skip:
+                    _GroupLease.attach(guarded, self)
+        self._guarded_before = None
+        return result
 
     # -- execution -------------------------------------------------------------------------
 
@@ -207,6 +285,9 @@ class SingletonOperator(PythonOperator):
                                        f"after waiting {self.wait_timeout:g} s")
         if status != "free":
             raise AirflowException(f"watching lock {self.lock_name!r} failed: {event.get('message', event)}")
+        if event.get("observed_at"):
+            self.log.info("The trigger saw lock %r free at %.3f; the task resumed %.3f s later", self.lock_name,
+                          event["observed_at"], time.time() - float(event["observed_at"]))
         if self._try_acquire(context):
             return self._work(context)
         self.log.info("Lock %r was taken before this task could acquire it; waiting again", self.lock_name)
@@ -231,12 +312,16 @@ class SingletonOperator(PythonOperator):
         metadata = holder_metadata(context, self.lock_metadata)
         if self.holds_for_group:
             return self._acquire_for_group(context, metadata, wait)
+        options: dict[str, Any] = {}
+        if self.min_hold_seconds is not None:
+            options["min_hold_seconds"] = self.min_hold_seconds
         singleton = self.hook.singleton(
             self.lock_name,
             lock_expire_seconds=self.lock_expire_seconds,
             auto_renew=self.auto_renew,
             metadata=metadata,
             release_on_sigterm=False,  # this operator's own handler releases, then stops the task
+            **options,
         )
         singleton.on("expired", lambda message: self.log.warning("Expired lock taken over: %s", message))
         singleton.on("lost", lambda message: self.log.error("%s", message))
@@ -244,15 +329,16 @@ class SingletonOperator(PythonOperator):
         if singleton.lock(wait=wait or None):
             self._singleton = singleton
             self.log.info("Acquired lock %r (fencing token %s) on %s", self.lock_name, singleton.fencing_token,
-                          self.hook.describe_store())
+                          self.hook.describe_store())  # no second lookup: the hook keeps its store URL
             return True
-        self._conflict_holder = self._describe(singleton.last_holder)
+        self._conflict_holder = describe_holder(singleton.last_holder, ours=deployment_name())
         return False
 
     def _acquire_for_group(self, context: Context, metadata: dict[str, str], wait: float) -> bool:
         deadline = time.monotonic() + wait
         while True:
-            result = self.hook.acquire(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata)
+            result = self.hook.acquire(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata,
+                                       min_hold_seconds=self.min_hold_seconds)
             if result.acquired:
                 assert result.record is not None
                 if result.expired is not None:
@@ -262,7 +348,7 @@ class SingletonOperator(PythonOperator):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
-                self._conflict_holder = self._describe(result.record)
+                self._conflict_holder = describe_holder(result.record, ours=deployment_name())
                 return False
             pause = min(left, self.poll_interval)
             if result.retry_after is not None:
@@ -273,22 +359,18 @@ class SingletonOperator(PythonOperator):
         from airflow.sdk.log import mask_secret
 
         mask_secret(record.owner_token)  # the token releases the lock: keep it out of every log
-        context["ti"].xcom_push(
-            key=XCOM_KEY,
-            value={"lock_name": record.name, "owner_token": record.owner_token, "fencing_token": record.fencing_token},
-        )
+        # Only what identifies the hold: XCom is readable in the UI and the API, and the owner
+        # token would let any reader release the lock. The fencing token names this hold alone.
+        context["ti"].xcom_push(key=XCOM_KEY, value={"lock_name": record.name, "fencing_token": record.fencing_token})
         until = record.expires_at.isoformat(timespec="seconds") if record.expires_at else "released"
         self.log.info("Acquired lock %r (fencing token %s) for the guarded tasks; held until %s or released by %s",
                       record.name, record.fencing_token, until,
                       self.release_task.task_id if self.release_task else "a SingletonReleaseOperator")
 
-    @staticmethod
-    def _describe(holder: LockRecord | None) -> str:
-        return holder.describe() if holder is not None else "another process (it released as we looked)"
-
     def _on_conflict(self, context: Context, deadline: float | None) -> Any:
         holder = self._conflict_holder or "another process"
-        message = f"lock {self.lock_name!r} is held by {holder}"
+        verb = "was run by" if "ran this slot" in holder else "is held by"
+        message = f"lock {self.lock_name!r} {verb} {holder}"
         if self.on_conflict == "skip":
             raise AirflowSkipException(f"Skipping: {message}")
         if self.on_conflict == "fail":
@@ -386,20 +468,109 @@ class SingletonReleaseOperator(BaseOperator):
         if not hold:
             self.log.info("Task %r holds no lock for this run; nothing to release", self.acquire_task_id)
             return
-        mask_secret(hold["owner_token"])
         hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
-        try:
-            # Look first: some stores let an owner release its own expired lock, which would hide the expiry.
+        # The store's record says whether the hold is still the group's: fencing tokens only
+        # rise, so a matching token is this very hold, and its owner token releases it. A lock
+        # that expired and was taken since has a newer token and is left alone.
+        holder = hook.holder(hold["lock_name"])
+        ours = holder is not None and holder.fencing_token == hold["fencing_token"] and not getattr(holder, "released", False)
+        if ours:
+            assert holder is not None
+            mask_secret(holder.owner_token)
+            if hook.release(hold["lock_name"], holder.owner_token):  # owner-checked in the store
+                self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
+                return
             holder = hook.holder(hold["lock_name"])
-            released = hook.release(hold["lock_name"], hold["owner_token"])  # owner-checked in the store
-        finally:
-            hook.close()
-        if released and holder is not None and holder.owner_token == hold["owner_token"]:
-            self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
-            return
-        now = f"it is now held by {holder.describe()}" if holder else "it had expired"
+        now = f"it is now held by {describe_holder(holder)}" if holder else "it had expired"
         raise SingletonLockLost(
             hold["lock_name"],
             f"exclusivity on lock {hold['lock_name']!r} (fencing token {hold['fencing_token']}) was lost while the "
-            f"guarded tasks ran: {now}; raise lock_expire_seconds above the group's run time",
+            f"guarded tasks ran: {now}; the guarded tasks renew the lease while they run, so the gap between "
+            f"two of them outlasted lock_expire_seconds",
         )
+
+
+class _GroupLease:
+    """Renews a guarded group's lease from inside each guarded task, for as long as the task runs.
+
+    Attached as execute and end-of-task callbacks, so it works for any operator; it
+    finds the hold from the acquire task's XCom (lock name and fencing token) and the
+    owner token from the store's record, never from XCom.
+    """
+
+    _running: ClassVar[dict[tuple[str, str, str, int], threading.Event]] = {}
+
+    def __init__(self, guard: SingletonOperator) -> None:
+        self.acquire_task_id = guard.task_id
+        self.singleton_conn_id = guard.singleton_conn_id
+        self.lock_expire_seconds = guard.lock_expire_seconds
+
+    @classmethod
+    def attach(cls, task: Any, guard: SingletonOperator) -> None:
+        if guard.lock_expire_seconds is None:
+            return  # a lease that never ends needs no renewal
+        lease = cls(guard)
+        task.on_execute_callback = [*_callbacks(task.on_execute_callback), lease.start]
+        for kind in ("on_success_callback", "on_failure_callback", "on_retry_callback", "on_skipped_callback"):
+            setattr(task, kind, [*_callbacks(getattr(task, kind)), lease.stop])
+
+    @staticmethod
+    def _key(context: Any) -> tuple[str, str, str, int]:
+        ti = context["ti"]
+        return (str(ti.dag_id), str(ti.run_id), str(ti.task_id), int(ti.map_index if ti.map_index is not None else -1))
+
+    def start(self, context: Any) -> None:
+        ti = context["ti"]
+        hold = ti.xcom_pull(task_ids=self.acquire_task_id, key=XCOM_KEY)
+        if not hold:
+            return  # the acquire task holds nothing for this run (skipped, or not a group run)
+        hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
+        record = hook.holder(hold["lock_name"])
+        if record is None or record.fencing_token != hold["fencing_token"]:
+            context["task"].log.error("Lock %r (fencing token %s) is no longer the group's: %s", hold["lock_name"],
+                         hold["fencing_token"], f"now {describe_holder(record)}" if record else "it expired")
+            return
+        stop = threading.Event()
+        previous = self._running.pop(self._key(context), None)
+        if previous is not None:
+            previous.set()
+        self._running[self._key(context)] = stop
+        ttl = float(self.lock_expire_seconds or 0)
+        log = context["task"].log
+        thread = threading.Thread(target=self._renew, args=(hook, hold, record.owner_token, ttl, stop, log),
+                                  name=f"singleton-group-lease-{hold['lock_name']}", daemon=True)
+        thread.start()
+        # The first renewal is at once: it covers the gap between the previous task and this one.
+        log.info("Renewing the group's lock %r (fencing token %s) every %.0f s while this task runs",
+                    hold["lock_name"], hold["fencing_token"], ttl / 3)
+
+    def stop(self, context: Any) -> None:
+        stop = self._running.pop(self._key(context), None)
+        if stop is not None:
+            stop.set()
+
+    @staticmethod
+    def _renew(hook: SingletonHook, hold: Mapping[str, Any], owner_token: str, ttl: float, stop: threading.Event,
+               log: Any) -> None:
+        interval = max(ttl / 3, 0.05)
+        while True:
+            try:
+                renewed = hook.get_conn().renew(hold["lock_name"], owner_token, ttl)
+            except Exception as error:  # noqa: BLE001  (a store hiccup: the next renewal may get through)
+                log.warning("Renewing the group's lock %r failed: %s", hold["lock_name"], error)
+            else:
+                if renewed is None:
+                    log.error("The group's lock %r (fencing token %s) could not be renewed: it expired or was "
+                              "released; exclusivity is not guaranteed for the rest of this task",
+                              hold["lock_name"], hold["fencing_token"])
+                    return
+            if stop.wait(interval):
+                return
+
+
+def _callbacks(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]

@@ -1,5 +1,10 @@
 """``SingletonTrigger``: tells a deferred task when a lock looks free; it only observes.
 
+It waits on the store's release notification (Redis pub/sub, PostgreSQL LISTEN,
+MongoDB change stream) through the persister's shared watch, holding no thread, and
+looks again when the holder's lease or minimum hold ends; stores that cannot notify
+are polled every ``poll_interval``.
+
 A triggerer may run the same trigger twice at once (HA, reassignment), so a trigger
 that acquired could hold a lock nobody releases. This one never writes: the resumed
 task acquires, and defers again if it lost the race.
@@ -7,7 +12,6 @@ task acquires, and defers again if it lost the race.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,16 +19,22 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from singleton_integrations._urls import redact_url
+from singleton_integrations.persisters import ReleaseWatch, SleepWatch
+from singleton_integrations.persisters._base import run_blocking
 
 __all__ = ["SingletonTrigger"]
 
+#: With a notifying store, how long to wait on the release notification before looking anyway.
+_NOTIFIED_RECHECK = 30.0
+
 
 class SingletonTrigger(BaseTrigger):
-    """Fire ``{"status": "free"}`` when ``lock_name`` has no live holder, ``"timeout"`` at ``deadline``.
+    """Fire ``{"status": "free", "observed_at": epoch}`` when ``lock_name`` has no live holder, ``"timeout"`` at ``deadline``.
 
     :param lock_name: the rendered lock name.
     :param singleton_conn_id: the connection naming the store.
-    :param poll_interval: seconds between looks; shortened when the holder's lease ends sooner.
+    :param poll_interval: seconds between looks on a store that cannot notify; shortened when the
+        holder's lease ends sooner. A notifying store wakes the trigger at the release.
     :param deadline: epoch seconds after which to report ``timeout`` instead of waiting on; None waits on.
     """
 
@@ -62,29 +72,43 @@ class SingletonTrigger(BaseTrigger):
         try:
             # The async lookup: a sync one from the event loop can deadlock the triggerer.
             conn = await SingletonHook.aget_connection(self.singleton_conn_id)
-            persister = SingletonHook.persister_from_connection(conn)
+            persister = SingletonHook.persister_from_connection(conn)  # shared by every trigger on this store
+            # Subscribed before the first look, so a release in between is not missed.
+            watch = await run_blocking(persister.watch, self.lock_name)
         except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
             yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
             return
+        # Where the store notifies, a release wakes the wait; polling is a safety net (a missed
+        # notification after a reconnect) and the fallback for stores that cannot notify.
+        longest = _NOTIFIED_RECHECK if persister.notifies else self.poll_interval
         try:
             while True:
                 try:
-                    holder = await asyncio.to_thread(persister.get, self.lock_name)
+                    holder = await persister.aget(self.lock_name)
                 except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
                     yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
                     return
-                if holder is None:
-                    yield self._event("free")
+                if holder is None:  # observed_at: the resumed task logs how long Airflow took to resume it
+                    yield self._event("free", observed_at=time.time())
                     return
                 now = time.time()
                 if self.deadline is not None and now >= self.deadline:
-                    yield self._event("timeout", holder=holder.describe())
+                    from airflow_provider.operators.singleton import describe_holder
+
+                    yield self._event("timeout", holder=describe_holder(holder))
                     return
-                pause = self.poll_interval
-                if holder.expires_at is not None:  # look again right after the lease would end
+                pause = longest
+                if holder.expires_at is not None:  # look again right after the lease (or minimum hold) ends
                     pause = min(pause, max(holder.expires_at.timestamp() - now, 0.0) + 0.05)
                 if self.deadline is not None:
                     pause = min(pause, max(self.deadline - now, 0.0))
-                await asyncio.sleep(max(pause, 0.01))
+                await _wait(watch, max(pause, 0.01))
         finally:
-            await asyncio.to_thread(persister.close)
+            watch.close()
+
+
+async def _wait(watch: ReleaseWatch, timeout: float) -> bool:
+    """``watch.wait_async`` where the watch has its own; a notifying sync-only watch waits in the bounded executor."""
+    if type(watch).wait_async is not ReleaseWatch.wait_async or isinstance(watch, SleepWatch):
+        return await watch.wait_async(timeout)
+    return await run_blocking(watch.wait, timeout)

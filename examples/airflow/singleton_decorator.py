@@ -1,8 +1,9 @@
 """One nightly load at a time across every Airflow deployment that shares the lock store.
 
 Another deployment (or a cron job) holding ``nightly_load.load`` makes this task
-*skipped*, and its log names the holder: DAG, run, task, host and since when.
-Set up the store once: ``AIRFLOW_CONN_SINGLETON_DEFAULT='redis://127.0.0.1:6379/0'``.
+*skipped*, and its log names the holder: its deployment, DAG, run, task, host and
+since when. Set up the store once:
+``AIRFLOW_CONN_SINGLETON_DEFAULT='{"conn_type": "singleton", "password": "redis://127.0.0.1:6379/0"}'``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from airflow_provider import SingletonOperator
 
 @dag(schedule="@hourly", start_date=datetime.datetime(2024, 1, 1), catchup=False, tags=["singleton"])
 def warehouse_sync() -> None:
-    # The lease must outlast the whole group: nobody renews it between tasks.
-    with SingletonOperator(task_id="warehouse_lock", lock_name="warehouse-sync", lock_expire_seconds=3600,
+    # extract and load renew the group's lease while they run; the lease only has to
+    # outlast the gap between two of them (queueing, retry delays).
+    with SingletonOperator(task_id="warehouse_lock", lock_name="warehouse-sync", lock_expire_seconds=600,
                            auto_renew=False, on_conflict="skip"):
 
         @task
@@ -24,7 +25,8 @@ def warehouse_sync() -> None:
             print(f"loaded {len(rows)} rows")
 
         load(extract())
-    # warehouse_lock_release runs even if extract or load fails, and frees the lock by owner token.
+    # warehouse_lock_release runs even if extract or load fails; it frees the lock only if its
+    # fencing token is still the group's (XCom carries no owner token).
 
 
 warehouse_sync()

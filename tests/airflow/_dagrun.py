@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["history", "run_dag"]
+__all__ = ["history", "run_dag", "run_dag_instances"]
 
 
 def run_dag(dag: Any) -> dict[str, Any]:
-    """Run ``dag`` with ``dag.test()`` and return its task instances by task id.
+    """Run ``dag`` with ``dag.test()`` and return its task instances by task id (one per task: unmapped)."""
+    return {ti.task_id: ti for ti in run_dag_instances(dag)}
+
+
+def run_dag_instances(dag: Any) -> list[Any]:
+    """Run ``dag`` with ``dag.test()`` and return all its task instances, mapped ones included.
 
     ``dag.test()`` needs the DAG serialized in the metadata DB; test DAGs live in
     test modules, not the DAGs folder, so they are written there first.
@@ -22,7 +27,7 @@ def run_dag(dag: Any) -> dict[str, Any]:
     bag.bag_dag(dag)
     sync_bag_to_db(bag, "dags-folder", None)
     run = dag.test()
-    return {ti.task_id: ti for ti in run.get_task_instances()}
+    return list(run.get_task_instances())
 
 
 def history(ti: Any) -> list[str]:

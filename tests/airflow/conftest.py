@@ -50,6 +50,11 @@ STORES = ("sqlite", "redis", "postgres", "mongodb")
 OTHER = {"dag_id": "nightly_load", "run_id": "scheduled__other-region", "task_id": "load", "deployment": "eu-west"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "airflow_deployment: starts two real Airflow deployments (about 5 minutes); "
+                                       "deselect with -m 'not airflow_deployment'")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def airflow_db() -> Path:
     """``airflow db migrate`` once per session, in a child so this process's Airflow import stays cheap."""
@@ -73,15 +78,15 @@ def connection_for(kind: str, url: str) -> dict[str, Any]:
 
     parts = urlsplit(url)
     if kind == "sqlite":
-        return {"conn_type": "singleton_sqlite", "extra": {"path": url.split("sqlite:///", 1)[1]}}
+        return {"conn_type": "singletonsqlite", "host": url.split("sqlite:///", 1)[1]}
     if kind == "redis":
-        return {"conn_type": "singleton_redis", "host": parts.hostname, "port": parts.port,
+        return {"conn_type": "singletonredis", "host": parts.hostname, "port": parts.port,
                 "schema": parts.path.lstrip("/") or "0", "password": unquote(parts.password or "") or None}
     if kind == "postgres":  # the standard type, as a user with an existing postgres_default would
         return {"conn_type": "postgres", "host": parts.hostname, "port": parts.port, "login": parts.username,
                 "password": unquote(parts.password or "") or None, "schema": parts.path.lstrip("/"),
                 "extra": dict(pair.split("=", 1) for pair in parts.query.split("&") if pair)}
-    return {"conn_type": "singleton", "extra": {"url": url}}  # mongodb: a whole store URL
+    return {"conn_type": "singleton", "password": url}  # mongodb: a whole store URL, in the redacted field
 
 
 class Store:

@@ -62,14 +62,20 @@ def test_ui_lists_our_connection_types_with_their_fields(api_server: str) -> Non
 
     generic = types["singleton"]
     assert generic["hook_name"] == "Singleton lock store (URL)"
-    assert generic["extra_fields"]["url"]["schema"]["format"] == "password"
+    # The URL (and its password) lives in the password field: visible, masked, redacted by the API.
+    assert generic["standard_fields"]["password"] == {
+        "hidden": False, "title": "Store URL (required)",
+        "placeholder": "redis://:password@redis:6379/0, postgresql://, mongodb://, sqlite:////abs/path.db"}
     assert generic["standard_fields"]["host"]["hidden"] is True
+    assert not generic["extra_fields"]
 
-    redis = types["singleton_redis"]
+    redis = types["singletonredis"]
     assert redis["standard_fields"]["url_schema"]["title"] == "Database number"
     assert redis["standard_fields"]["port"]["placeholder"] == "6379"
     assert set(redis["extra_fields"]) == {"ssl", "options"}
 
-    assert types["singleton_postgres"]["extra_fields"]["sslmode"]["schema"]["enum"][-1] == "verify-full"
-    assert types["singleton_mongodb"]["standard_fields"]["url_schema"]["title"] == "Database"
-    assert set(types["singleton_sqlite"]["extra_fields"]) == {"path"}
+    assert types["singletonpostgres"]["extra_fields"]["sslmode"]["schema"]["enum"][-1] == "verify-full"
+    assert types["singletonmongodb"]["standard_fields"]["url_schema"]["title"] == "Database"
+    sqlite = types["singletonsqlite"]
+    assert sqlite["standard_fields"]["host"]["title"] == "Database file (required)" and not sqlite["extra_fields"]
+    assert not any("_" in conn_type for conn_type in types if conn_type.startswith("singleton"))

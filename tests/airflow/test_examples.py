@@ -10,11 +10,15 @@ EXAMPLES = Path(__file__).parents[2] / "examples" / "airflow"
 def test_example_dags_load() -> None:
     from airflow.dag_processing.dagbag import DagBag
 
+    from airflow_provider.operators.singleton import DEFAULT_LOCK_NAME
+
     bag = DagBag(dag_folder=str(EXAMPLES))
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"nightly_load", "warehouse_sync", "after_the_migration"}
+    assert set(bag.dag_ids) == {"nightly_load", "warehouse_sync", "after_the_migration", "daily_export"}
     sync = bag.get_dag("warehouse_sync")
     assert sync.get_task("warehouse_lock").is_setup and sync.get_task("warehouse_lock_release").is_teardown
     assert sync.get_task("extract").upstream_task_ids == {"warehouse_lock"}
     load = bag.get_dag("nightly_load").get_task("load")
-    assert load.lock_name == "{{ dag.dag_id }}.{{ task.task_id }}" and load.auto_renew
+    assert load.lock_name == DEFAULT_LOCK_NAME and load.auto_renew
+    export = bag.get_dag("daily_export").get_task("export")
+    assert export.min_hold_seconds == 3600 and "{{ ds }}" in export.lock_name

@@ -8,7 +8,12 @@ import sys
 
 from airflow_provider.get_provider_info import CONNECTION_TYPES, get_provider_info
 
-OUR_TYPES = {"singleton", "singleton_redis", "singleton_mongodb", "singleton_postgres", "singleton_sqlite"}
+OUR_TYPES = {"singleton", "singletonredis", "singletonmongodb", "singletonpostgres", "singletonsqlite"}
+
+
+def test_no_connection_type_has_an_underscore() -> None:
+    """Airflow makes a URI scheme of the type and warns on every use of one with '_' (RFC 3986)."""
+    assert not any("_" in conn_type for conn_type in OUR_TYPES)
 
 
 def test_provider_info_names_the_distribution() -> None:
@@ -43,15 +48,18 @@ def test_providers_manager_sees_form_fields() -> None:
     manager = ProvidersManager()
     assert "singleton-integrations" in manager.providers
     widgets = manager.connection_form_widgets
-    assert widgets["extra__singleton__url"].is_sensitive, "the store URL may carry a password"
-    assert "extra__singleton_redis__ssl" in widgets and "extra__singleton_sqlite__path" in widgets
+    assert "extra__singletonredis__ssl" in widgets and "extra__singletonpostgres__sslmode" in widgets
+    assert not any(name.startswith(("extra__singleton__", "extra__singletonsqlite__")) for name in widgets), (
+        "the URL and SQLite forms keep their one field among the standard (always visible) fields")
     behaviours = manager.field_behaviours
-    assert behaviours["singleton_redis"]["relabeling"] == {"schema": "Database number"}
+    assert behaviours["singletonredis"]["relabeling"] == {"schema": "Database number"}
+    assert behaviours["singleton"]["relabeling"] == {"password": "Store URL (required)"}
+    assert behaviours["singletonsqlite"]["relabeling"] == {"host": "Database file (required)"}
 
 
 def test_hook_methods_match_the_declarations_for_older_airflow() -> None:
     from airflow_provider.hooks.singleton import SingletonRedisHook, SingletonSqliteHook
 
-    declared = next(e for e in CONNECTION_TYPES if e["connection-type"] == "singleton_sqlite")
+    declared = next(e for e in CONNECTION_TYPES if e["connection-type"] == "singletonsqlite")
     assert "get_ui_field_behaviour" in SingletonRedisHook.__dict__, "Airflow < 3.2 reads it from the class itself"
     assert SingletonSqliteHook.get_ui_field_behaviour()["hidden_fields"] == declared["ui-field-behaviour"]["hidden-fields"]

@@ -10,6 +10,8 @@ import pytest
 from airflow.sdk import DAG, task
 
 from airflow_provider import SingletonLockLost, SingletonOperator, SingletonReleaseOperator
+from airflow_provider.operators.singleton import XCOM_KEY
+from singleton_integrations import Owner
 from tests.airflow._dagrun import run_dag
 
 START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
@@ -21,7 +23,7 @@ def _on_failure(context: Any) -> None:
 
 
 def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = False,
-               lock_expire_seconds: float = 300.0, hold_for: float = 0.0) -> DAG:
+               lock_expire_seconds: float = 300.0, hold_for: float = 0.0, taken_over: bool = False) -> DAG:
     SEEN.clear()
     with (
         DAG(dag_id, schedule=None, start_date=START, catchup=False,
@@ -31,10 +33,16 @@ def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = F
     ):
 
         @task
-        def extract() -> None:
+        def extract(ti: Any = None) -> None:
             record = store.holder(lock_name)
             SEEN["holder_during_group"] = record
+            SEEN["xcom"] = ti.xcom_pull(task_ids="guard", key=XCOM_KEY)
             time.sleep(hold_for)
+            SEEN["holder_after_sleep"] = store.holder(lock_name)
+            if taken_over:  # another deployment takes the lock from under the group
+                with store.persister() as other:
+                    other.force_release(lock_name)
+                    SEEN["taker"] = other.acquire(lock_name, Owner(metadata={"deployment": "elsewhere"}), 60).record
             if first_fails:
                 raise RuntimeError("extract failed")
 
@@ -75,11 +83,30 @@ def test_group_skips_when_another_deployment_holds_the_lock(sqlite_store, hold, 
     assert sqlite_store.holder(lock_name).fencing_token == holder.fencing_token
 
 
-def test_release_fails_when_the_lease_ran_out_during_the_group(sqlite_store, lock_name) -> None:
-    tis = run_dag(_group_dag("group_expired", sqlite_store, lock_name, lock_expire_seconds=1, hold_for=1.5))
-    assert tis["load"].state == "success"
+def test_guarded_tasks_renew_the_group_lease(sqlite_store, lock_name) -> None:
+    """A task longer than the lease keeps the group's lock: the guarded task renews it while it runs."""
+    # A 5 s lease (longer than a loaded machine's gap between two tasks) and a task of 12 s.
+    tis = run_dag(_group_dag("group_renewed", sqlite_store, lock_name, lock_expire_seconds=5, hold_for=12))
+    assert tis["load"].state == "success" and tis["guard_release"].state == "success"
+    during, after = SEEN["holder_during_group"], SEEN["holder_after_sleep"]
+    assert after is not None and after.fencing_token == during.fencing_token, "the lease ran out mid-task"
+    assert after.expires_at > during.created_at + datetime.timedelta(seconds=10), "the lease was not renewed"
+    assert sqlite_store.holder(lock_name) is None
+
+
+def test_release_fails_when_another_holder_took_the_lock(sqlite_store, lock_name) -> None:
+    tis = run_dag(_group_dag("group_taken", sqlite_store, lock_name, taken_over=True))
     assert tis["guard_release"].state == "failed"
-    assert isinstance(SEEN["guard_release"], SingletonLockLost) and "had expired" in str(SEEN["guard_release"])
+    assert isinstance(SEEN["guard_release"], SingletonLockLost) and "deployment=elsewhere" in str(SEEN["guard_release"])
+    assert "now held by" in str(SEEN["guard_release"])
+    assert sqlite_store.holder(lock_name).fencing_token == SEEN["taker"].fencing_token, "the taker's lock must stay"
+
+
+def test_xcom_carries_no_owner_token(sqlite_store, lock_name) -> None:
+    run_dag(_group_dag("group_xcom", sqlite_store, lock_name))
+    hold, record = SEEN["xcom"], SEEN["holder_during_group"]
+    assert set(hold) == {"lock_name", "fencing_token"} and hold["fencing_token"] == record.fencing_token
+    assert record.owner_token not in repr(hold)
 
 
 def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, task_log) -> None:
@@ -87,9 +114,9 @@ def test_owner_token_never_reaches_the_log(sqlite_store, lock_name, task_log) ->
     persister = sqlite_store.persister()
     original = type(persister).acquire
 
-    def spy(self: Any, name: str, owner: Any, ttl: Any) -> Any:
+    def spy(self: Any, name: str, owner: Any, ttl: Any, *args: Any) -> Any:
         tokens.append(owner.owner_token)
-        return original(self, name, owner, ttl)
+        return original(self, name, owner, ttl, *args)
 
     type(persister).acquire = spy
     try:
@@ -104,3 +131,30 @@ def test_with_a_callable_is_refused() -> None:
         operator = SingletonOperator(task_id="guard", lock_name="x", python_callable=lambda: None)
         with pytest.raises(ValueError, match="guards the tasks inside it"), operator:
             pass
+
+
+@pytest.mark.parametrize("store", ["mongodb"], indirect=True)  # a store with the minimum hold today
+def test_a_guarded_group_runs_its_slot_once_under_a_minimum_hold(store, lock_name, task_log) -> None:
+    def slot(dag_id: str) -> DAG:
+        with (
+            DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag,
+            SingletonOperator(task_id="guard", lock_name=lock_name, singleton_conn_id=store.conn_id,
+                              min_hold_seconds=120, auto_renew=False),
+        ):
+
+            @task
+            def work() -> None:
+                SEEN[dag_id] = True
+
+            work()
+        return dag
+
+    SEEN.clear()
+    first = run_dag(slot("slot_group_first"))
+    assert first["guard_release"].state == "success" and SEEN == {"slot_group_first": True}
+    held = store.holder(lock_name)
+    assert held is not None and held.released_at is not None, "released into the minimum hold, still held"
+    second = run_dag(slot("slot_group_second"))
+    assert second["guard"].state == "skipped" and "slot_group_second" not in SEEN
+    out = task_log()
+    assert "was run by" in out and "(dag slot_group_first, run" in out and "which ran this slot at" in out, out[-3000:]

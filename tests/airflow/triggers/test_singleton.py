@@ -36,27 +36,18 @@ def test_reports_timeout_naming_the_holder(store, hold, lock_name) -> None:
     trigger = SingletonTrigger(lock_name=lock_name, singleton_conn_id=store.conn_id, poll_interval=0.2,
                                deadline=time.time() + 0.5)
     payload = asyncio.run(asyncio.wait_for(_first_event(trigger), 60))
-    assert payload["status"] == "timeout" and "deployment=eu-west" in payload["holder"]
+    assert payload["status"] == "timeout" and "deployment eu-west" in payload["holder"]
 
 
 def test_two_copies_at_once_both_observe_and_neither_acquires(sqlite_store, lock_name) -> None:
-    with sqlite_store.persister() as store:
-        from singleton_integrations import Owner
-
-        before = store.acquire(lock_name, Owner(), 60).record.fencing_token
-        store.force_release(lock_name)
-
     async def both() -> list[dict[str, Any]]:
         triggers = [SingletonTrigger(lock_name=lock_name, singleton_conn_id=sqlite_store.conn_id, poll_interval=0.1)
                     for _ in range(2)]
         return await asyncio.gather(*(_first_event(t) for t in triggers))
 
     assert [p["status"] for p in asyncio.run(asyncio.wait_for(both(), 60))] == ["free", "free"]
-    with sqlite_store.persister() as store:
-        from singleton_integrations import Owner
-
-        after = store.acquire(lock_name, Owner(), 60).record.fencing_token
-    assert after == before + 1, "no acquire may have happened in between"
+    # A trigger never releases, so one that had acquired would have left the lock held.
+    assert sqlite_store.holder(lock_name) is None, "a trigger acquired the lock"
 
 
 def test_an_unknown_connection_is_reported_not_raised() -> None:
