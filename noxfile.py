@@ -21,8 +21,8 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 #: Debian packages the core tests start or run, with the binary that shows each is there:
 #: libfaketime (clock skew), PgBouncer (a pooler in front of PostgreSQL), redis-server (Cluster, Sentinel).
 CORE_TOOLS = {"faketime": "faketime", "pgbouncer": "/usr/sbin/pgbouncer", "redis-server": "redis-server"}
-#: The Prefect UI tests drive Debian's headless Chromium (no browser download).
-PREFECT_TOOLS = {"chromium": "chromium"}
+#: The Airflow and Prefect UI tests drive Debian's headless Chromium (no browser download).
+BROWSER_TOOLS = {"chromium": "chromium"}
 
 
 def _ensure_debian_tools(session: nox.Session, wanted: dict[str, str]) -> None:
@@ -37,17 +37,6 @@ def _ensure_debian_tools(session: nox.Session, wanted: dict[str, str]) -> None:
     session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
-def _ensure_chromium(session: nox.Session) -> None:
-    """The Airflow connection-form check drives headless Chromium (Debian's ``chromium``) with npm's playwright-core."""
-    if shutil.which("chromium") or os.environ.get("CHROMIUM"):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        session.warn("chromium is missing and cannot be installed here: the browser test will say so")
-        return
-    session.run("apt-get", "update", "-qq", external=True)
-    session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
-
-
 @nox.session
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
@@ -59,7 +48,7 @@ def tests_core(session: nox.Session) -> None:
 @nox.session
 def tests_airflow(session: nox.Session) -> None:
     """The Airflow provider against real Airflow (dag.test), two real deployments, and real stores."""
-    _ensure_chromium(session)
+    _ensure_debian_tools(session, BROWSER_TOOLS)
     session.install("-e", f".[airflow,{STORES}]")
     _pytest(session, "tests/airflow")
 
@@ -67,7 +56,7 @@ def tests_airflow(session: nox.Session) -> None:
 @nox.session
 def tests_prefect(session: nox.Session) -> None:
     """The Prefect blocks against a real Prefect test harness, a real ``prefect server``, real stores and a real browser."""
-    _ensure_debian_tools(session, PREFECT_TOOLS)
+    _ensure_debian_tools(session, BROWSER_TOOLS)
     # playwright drives Debian's chromium (executable_path): no browser download.
     session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40")
     _pytest(session, "tests/prefect")
