@@ -90,7 +90,7 @@ def test_bad_options_refused(options: dict[str, Any]) -> None:
         Singleton("reliability-bad-options", persisters.Memory(), **options)
 
 
-@pytest.mark.parametrize("persister", [42, b"redis://x", object(), ["memory://"], {"url": "memory://"}], ids=repr)
+@pytest.mark.parametrize("persister", [42, b"redis://x", object(), ["memory://"], {"url": "memory://"}], ids=lambda value: type(value).__name__ if type(value) is object else repr(value))
 def test_bad_persister_objects_refused(persister: object) -> None:
     """Anything but a Persister, a URL string or None is refused as a persister."""
     with pytest.raises((TypeError, ValueError)):
