@@ -11,6 +11,7 @@ from airflow.sdk import Connection
 
 from airflow_provider import SingletonHook
 from airflow_provider.hooks.singleton import store_url
+from singleton_integrations import persisters
 
 
 @pytest.mark.parametrize(
@@ -140,3 +141,20 @@ def test_failed_test_connection_never_shows_the_password(monkeypatch: pytest.Mon
          "schema": "db", "extra": {"connect_timeout": 2}}))
     ok, message = SingletonHook(singleton_conn_id="broken").test_connection()
     assert not ok and "hunter2-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "topology"),
+    [
+        ("redis+sentinel://:TopSecretPw@127.0.0.1:26379,127.0.0.1:26380/mymaster/0", "sentinel"),
+        ("rediss+cluster://:TopSecretPw@127.0.0.1:7000,127.0.0.1:7001", "cluster"),
+    ],
+)
+def test_a_store_url_connection_takes_sentinel_and_cluster_stores(url: str, topology: str) -> None:
+    """Production Redis topologies go through the Store URL type; the persister never shows the password."""
+    connection = Connection(conn_id=f"topology_{uuid.uuid4().hex[:8]}", conn_type="singleton", password=url)
+    assert store_url(connection) == url
+    persister = persisters.from_url(store_url(connection))
+    assert persister.backend == "redis"
+    assert topology in str(persister.topology).lower()
+    assert "TopSecretPw" not in repr(persister) and "TopSecretPw" not in persister.url
