@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ MODES = ("transaction", "session")
 POOL_SIZE = 5
 
 _started: dict[str, str] = {}
+_processes: dict[str, subprocess.Popen[bytes]] = {}
 
 
 def _env(mode: str) -> str:
@@ -88,6 +90,7 @@ def _start(mode: str, backend: str, ready: float = 20.0) -> str:
         shutil.rmtree(directory, ignore_errors=True)
 
     atexit.register(stop)
+    _processes[mode] = process
     found = f"postgresql://{user}@127.0.0.1:{port}/{database}"
     deadline = time.monotonic() + ready
     while not postgres_server.answers(found, timeout=2):
@@ -104,7 +107,14 @@ def url(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if mode in _started:
-        return _started[mode]
+        process = _processes.get(mode)
+        if process is None or process.poll() is None:
+            return _started[mode]
+        # The pooler died under us (seen once while a second, slow reliability run shared the machine): start another
+        # and say so, rather than fail every later test with "connection refused".
+        warnings.warn(f"PgBouncer ({mode}) had exited with code {process.returncode}; starting another", stacklevel=2)
+        del _started[mode]
+        os.environ.pop(_env(mode), None)
     candidate = os.environ.get(_env(mode))
     if candidate:
         if not postgres_server.answers(candidate):
