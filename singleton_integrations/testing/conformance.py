@@ -578,7 +578,9 @@ class PersisterConformance:
         assert renewals >= 2
         assert holder.release()
         time.sleep(0.8)
-        assert [event for event, _ in events].count("renewed") == renewals, "renewal went on after release"
+        # A renewal may land between the count above and release(); none may follow the release.
+        names = [event for event, _ in events]
+        assert "released" in names and "renewed" not in names[names.index("released"):], "renewal went on after release"
         assert not holder.exists()
 
     def test_refused_renewal_emits_lost(self, persister: Persister, name: str) -> None:
