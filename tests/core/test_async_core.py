@@ -204,7 +204,7 @@ def test_renewal_is_a_task_on_the_loop(persister: Persister, name: str) -> None:
         renewed: list[str] = []
         singleton.on("renewed", renewed.append)
         async with singleton:
-            assert not any(t.name.startswith("singleton-renew") for t in threading.enumerate())
+            assert not any(t.name == f"singleton-renew:{name}" for t in threading.enumerate())  # no thread for this lock
             assert any(t.get_name() == f"singleton-renew:{name}" for t in asyncio.all_tasks())
             await asyncio.sleep(1.6)  # past the 1 s lease: renewals kept it
             assert singleton.held and await singleton.verify() and len(renewed) >= 3
