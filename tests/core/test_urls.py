@@ -81,7 +81,7 @@ def test_query_secrets_are_masked(key: str, value: str, first: bool) -> None:
 def test_libpq_dsn_bare_password_is_masked(password: str, spaces: str, order: bool) -> None:
     setting = f"password{spaces}={spaces}{password}"
     dsn = f"{setting} host=127.0.0.1 dbname=test" if order else f"host=127.0.0.1 dbname=test {setting}"
-    skeleton = dsn.replace(password, "")
+    skeleton = dsn.replace(setting, setting[: -len(password)])  # only the value goes: "nam" is also in "dbname"
     assume(password not in skeleton)
     for text in (dsn, f"connection to {dsn!r} failed"):
         redacted = redact_url(text)
