@@ -36,6 +36,10 @@ __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "Flight", "LockState", "RenewTicket", 
 #: Five minutes, the seed's example: a crashed holder never wedges a name for
 #: good, and longer jobs opt into ``auto_renew=True`` or a longer lease.
 DEFAULT_LOCK_EXPIRE_SECONDS = 300.0
+#: How long a waiter's place in a fair store's queue lasts unless its next attempt
+#: renews it. Waiters try again at least every 2 s (the safety poll), so three of
+#: those: a waiter that died holds up the name for a few seconds at most.
+QUEUE_PLACE_SECONDS = 6.0
 
 UNSET: Any = object()
 
@@ -308,6 +312,7 @@ class LockState(EventEmitter):
         self._owner_pid = 0
         self._lost = False
         self.last_holder: LockRecord | None = None
+        self.queued_behind = False  # the latest conflict: a free name that went to an earlier waiter
         self._generation = 0
         self._acquired_at = 0.0  # monotonic time the acquire that took the hold was sent
         self._deadline = math.inf  # monotonic time after which the lease may have ended on the store
@@ -357,11 +362,18 @@ class LockState(EventEmitter):
     def owner(self) -> Owner:
         return Owner(metadata=self.metadata)
 
-    def acquire_args(self, owner: Owner) -> tuple[Any, ...]:
-        """The arguments of ``Persister.acquire``: ``min_hold`` only when set (third parties may lack it)."""
+    def acquire_call(self, owner: Owner, waiting_for: float | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of ``Persister.acquire``: ``min_hold`` only when set and ``queue_for`` only
+        for a waiter on a fair store (third parties may lack either)."""
+        extra = {"queue_for": max(min(waiting_for, QUEUE_PLACE_SECONDS), 0.001)} \
+            if waiting_for is not None and self.persister.fair else {}
         if self.min_hold_seconds is None:
-            return (self.name, owner, self.lock_expire_seconds)
-        return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds)
+            return (self.name, owner, self.lock_expire_seconds), extra
+        return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
+
+    def queues(self) -> bool:
+        """True when waiters for this lock keep a place in the store's queue."""
+        return self.persister.fair
 
     def state_word(self) -> str:
         return "held" if self.held else ("lost" if self._lost else "free")
@@ -395,8 +407,11 @@ class LockState(EventEmitter):
         """Record an acquire's outcome; the new hold's generation, or None on conflict."""
         if not result.acquired:
             self.last_holder = result.record
+            self.queued_behind = result.queued_behind
             record = result.record
-            if record is not None and record.released:
+            if result.queued_behind:
+                message = lambda: f"lock {self.name!r} is free and passes to a waiter that asked first{_after(waited)}"  # noqa: E731
+            elif record is not None and record.released:
                 message = lambda: f"lock {self.name!r} already ran its slot: {record.describe()}{_after(waited)}"  # noqa: E731
             else:
                 who = record.describe() if record is not None else "another process"

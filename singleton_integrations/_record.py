@@ -114,12 +114,14 @@ class AcquireResult:
     ``record`` is our new lock when ``acquired``; otherwise the live holder's, or
     None when it vanished between the attempt and the read. ``expired`` is the
     expired lock this acquire replaced, if any, so the caller can say whose it was.
+    ``queued_behind``: refused only because the free name goes to an earlier waiter.
     """
 
     acquired: bool
     record: LockRecord | None
     expired: LockRecord | None = None
     retry_after: float | None = None  # seconds until the holder's lease ends, by the store's clock
+    queued_behind: bool = False
 
 
 def validate_name(name: object) -> str:

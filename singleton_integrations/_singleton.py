@@ -10,6 +10,7 @@ concurrent ``release()`` calls.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 from ._errors import LockConflict, LockLost
 from ._events import logger
 from ._lockstate import DEFAULT_LOCK_EXPIRE_SECONDS, UNSET, Flight, LockState, call_store, store_error, validate_wait
-from ._record import AcquireResult, LockRecord
+from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch
 
 __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton"]
@@ -126,7 +127,10 @@ class _Face:
         self._state.emit(event, payload, self._state.name if name is None else name)
 
     def _conflict_error(self) -> LockConflict:
-        return LockConflict(self._state.name, self._state.last_holder)
+        state = self._state
+        if state.queued_behind and state.last_holder is None:
+            return LockConflict(state.name, None, f"lock {state.name!r} is free and passes to a waiter that asked first")
+        return LockConflict(state.name, state.last_holder)
 
     def _lost_error(self) -> LockLost:
         return LockLost(self._state.name, f"exclusivity on lock {self._state.name!r} was lost before the block ended")
@@ -340,29 +344,45 @@ class Singleton(_Face):
             except Exception as error:  # best effort: its lease ends on its own
                 logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
 
-    def _attempt(self) -> tuple[float, AcquireResult]:
-        args = self._state.acquire_args(self._state.owner())
+    def _attempt(self, owner: Owner, waiting_for: float | None = None) -> tuple[float, AcquireResult]:
+        args, extra = self._state.acquire_call(owner, waiting_for)
         sent_at = time.monotonic()
-        return sent_at, call_store(self.persister, self.persister.acquire, *args)
+        acquire = functools.partial(self.persister.acquire, **extra) if extra else self.persister.acquire
+        return sent_at, call_store(self.persister, acquire, *args)
 
     def _acquire(self, wait: float, cancel: threading.Event | None, flight: Flight) -> tuple[float, AcquireResult]:
+        # One owner token for every attempt of this wait: it is the waiter's place in a fair store's queue.
+        owner = self._state.owner()
         if wait <= 0:
-            sent_at, result = self._attempt()
+            sent_at, result = self._attempt(owner)
             flight.answer(result)
             return sent_at, result
         deadline = time.monotonic() + wait
-        with self.persister.watching(self.name) as watch:
-            while True:
-                sent_at, result = self._attempt()
-                flight.answer(result)
-                remaining = deadline - time.monotonic()
-                if result.acquired or remaining <= 0 or (cancel is not None and cancel.is_set()):
-                    return sent_at, result
-                pause = _pause(self.persister, watch, result, remaining, asynchronous=False)
-                if cancel is None:
-                    watch.wait(pause)
-                elif not self._wait_cancellable(watch, pause, cancel):
-                    return sent_at, result
+        queued = self._state.queues()
+        acquired = False
+        try:
+            with self.persister.watching(self.name, owner.owner_token if queued else None) as watch:
+                while True:
+                    sent_at, result = self._attempt(owner, max(deadline - time.monotonic(), 0.0))
+                    flight.answer(result)
+                    acquired = result.acquired
+                    remaining = deadline - time.monotonic()
+                    if result.acquired or remaining <= 0 or (cancel is not None and cancel.is_set()):
+                        return sent_at, result
+                    pause = _pause(self.persister, watch, result, remaining, asynchronous=False)
+                    if cancel is None:
+                        watch.wait(pause)
+                    elif not self._wait_cancellable(watch, pause, cancel):
+                        return sent_at, result
+        finally:
+            if queued and not acquired:
+                self._leave_queue(owner.owner_token)
+
+    def _leave_queue(self, owner_token: str) -> None:
+        try:
+            self.persister.leave_queue(self.name, owner_token)
+        except Exception as error:  # best effort: the place ends on its own within QUEUE_PLACE_SECONDS
+            logger.debug("leaving the queue of %r failed: %s", self.name, type(error).__name__)
 
     @staticmethod
     def _wait_cancellable(watch: ReleaseWatch, pause: float, cancel: threading.Event) -> bool:
@@ -626,11 +646,11 @@ class AsyncSingleton(_Face):
             except Exception as error:  # best effort: its lease ends on its own
                 logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
 
-    async def _attempt(self) -> tuple[float, AcquireResult]:
+    async def _attempt(self, owner: Owner, waiting_for: float | None = None) -> tuple[float, AcquireResult]:
         """One acquire; if we are cancelled while it is in flight, whatever it took is released."""
-        args = self._state.acquire_args(self._state.owner())
+        args, extra = self._state.acquire_call(owner, waiting_for)
         sent_at = time.monotonic()
-        task = asyncio.ensure_future(self.persister.aacquire(*args))
+        task = asyncio.ensure_future(self.persister.aacquire(*args, **extra))
         try:
             result = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -662,19 +682,36 @@ class AsyncSingleton(_Face):
                 logger.debug("released %r: it was acquired as its waiter was cancelled", self.name)
 
     async def _acquire(self, wait: float, flight: Flight) -> tuple[float, AcquireResult]:
+        owner = self._state.owner()  # one token for every attempt: the waiter's place in a fair queue
         if wait <= 0:
-            sent_at, result = await self._attempt()
+            sent_at, result = await self._attempt(owner)
             flight.answer(result)
             return sent_at, result
         deadline = time.monotonic() + wait
-        async with self.persister.awatching(self.name) as watch:
-            while True:
-                sent_at, result = await self._attempt()
-                flight.answer(result)
-                remaining = deadline - time.monotonic()
-                if result.acquired or remaining <= 0:
-                    return sent_at, result
-                await watch.wait_async(_pause(self.persister, watch, result, remaining, asynchronous=True))
+        queued = self._state.queues()
+        acquired = False
+        try:
+            async with self.persister.awatching(self.name, owner.owner_token if queued else None) as watch:
+                while True:
+                    sent_at, result = await self._attempt(owner, max(deadline - time.monotonic(), 0.0))
+                    flight.answer(result)
+                    acquired = result.acquired
+                    remaining = deadline - time.monotonic()
+                    if result.acquired or remaining <= 0:
+                        return sent_at, result
+                    await watch.wait_async(_pause(self.persister, watch, result, remaining, asynchronous=True))
+        finally:
+            if queued and not acquired:
+                # A task, so a cancelled waiter returns at once; the place ends on its own if this fails.
+                cleanup = asyncio.ensure_future(self._leave_queue(owner.owner_token))
+                _cleanups.add(cleanup)
+                cleanup.add_done_callback(_cleanups.discard)
+
+    async def _leave_queue(self, owner_token: str) -> None:
+        try:
+            await self.persister.aleave_queue(self.name, owner_token)
+        except Exception as error:
+            logger.debug("leaving the queue of %r failed: %s", self.name, type(error).__name__)
 
     async def _release(self, reason: str) -> bool:
         state = self._state

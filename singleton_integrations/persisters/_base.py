@@ -14,6 +14,11 @@ drivers and say so with ``native_async = True``.
 Waiting: a persister that can hear releases (pub/sub, LISTEN, change streams)
 keeps ONE subscription per process in a ``ReleaseHub``, shared by every waiter,
 sync or async; ``watch(name)`` hands out a ``ReleaseWatch`` on it.
+
+Fair waiting (``fair = True``): waiters queue in the store, so a free name goes to
+whoever has waited longest, across processes and hosts, and a releaser that asks
+again at once does not take it back from them. The queue only orders waiters; the
+lock's exclusivity never depends on it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import asyncio
 import functools
 import logging
 import os
+import secrets
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -144,9 +151,10 @@ class SleepWatch(ReleaseWatch):
 class HubWatch(ReleaseWatch):
     """One waiter's view of a ``ReleaseHub``: a remembered wake-up, for threads and coroutines alike."""
 
-    def __init__(self, hub: ReleaseHub, name: str) -> None:
+    def __init__(self, hub: ReleaseHub, name: str, owner_token: str | None = None) -> None:
         self.hub = hub
         self.name = name
+        self.owner_token = owner_token  # a queued waiter's: a release names the queue's head
         self._event = threading.Event()
         self._guard = threading.Lock()
         self._futures: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
@@ -244,18 +252,20 @@ class ReleaseHub:
         self._watches: dict[str, dict[HubWatch, None]] = {}  # insertion order: longest waiting first
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._idle_timer: threading.Timer | None = None
+        self._idle_since: float | None = None  # when the last waiter left, while the listener runs on
+        self._unqueued = 0  # watches without an owner token: they need every release of their name
         self.subscribed = threading.Event()
+        #: This hub's address in its store: a release names it when its head waits here.
+        self.id = secrets.token_hex(16)
         _hubs.add(self)
 
-    def watch(self, name: str) -> HubWatch:
-        """Register a waiter for ``name``; starts the listener thread if it is not running."""
-        watch = HubWatch(self, name)
+    def watch(self, name: str, owner_token: str | None = None) -> HubWatch:
+        """Register a waiter for ``name`` (queued as ``owner_token``, if given); starts the listener."""
+        watch = HubWatch(self, name, owner_token)
         with self._guard:
             self._watches.setdefault(name, {})[watch] = None
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            self._unqueued += owner_token is None
+            self._idle_since = None
             if self._listen is not None and (self._thread is None or not self._thread.is_alive()):
                 self._stop = threading.Event()
                 self.subscribed.clear()
@@ -266,26 +276,47 @@ class ReleaseHub:
     def discard(self, watch: HubWatch) -> None:
         with self._guard:
             waiting = self._watches.get(watch.name)
-            if waiting is not None:
-                waiting.pop(watch, None)
+            if waiting is not None and watch in waiting:
+                del waiting[watch]
+                self._unqueued -= watch.owner_token is None
                 if not waiting:
                     del self._watches[watch.name]
-            if not self._watches and self._thread is not None and self._idle_timer is None:
-                self._idle_timer = threading.Timer(self._idle_seconds, self._stop_if_idle)
-                self._idle_timer.daemon = True
-                self._idle_timer.start()
+            if not self._watches and self._thread is not None and self._idle_since is None:
+                # Not a timer thread per wait: one reaper serves every hub (a wait cycle stays cheap).
+                self._idle_since = time.monotonic()
+                _reaper.remind(self._idle_seconds)
 
     def names(self) -> frozenset[str]:
         """The names someone in this process waits for now."""
         with self._guard:
             return frozenset(self._watches)
 
-    def notify(self, name: str) -> None:
-        """Wake the longest-waiting waiter for ``name`` not woken yet (thread-safe; cheap when nobody waits)."""
+    @property
+    def wants_every_release(self) -> bool:
+        """True while a waiter here is not queued (it watches for a free name, or its store call
+        cannot queue), so the listener must hear every release, not only those naming this hub."""
+        return self._unqueued > 0
+
+    def notify(self, name: str, head: str | None = None, *, unqueued: bool = True) -> None:
+        """A release of ``name``: wake whoever should try next (thread-safe; cheap when nobody waits).
+
+        Without ``head``, that is the longest-waiting waiter not woken yet. With
+        ``head`` (the owner token first in the store's queue), it is that waiter if
+        it waits here and, with ``unqueued``, the longest-waiting unqueued one: the
+        other queued waiters would only be refused.
+        """
         with self._guard:
-            target = next((watch for watch in self._watches.get(name, ()) if not watch.pending), None)
-        if target is not None:
-            target.wake()
+            group = self._watches.get(name, ())
+            if head:
+                targets = [watch for watch in group if watch.owner_token == head]
+                if unqueued:
+                    other = next((watch for watch in group if watch.owner_token is None and not watch.pending), None)
+                    if other is not None:
+                        targets.append(other)
+            else:
+                targets = [watch for watch in group if not watch.pending][:1]
+        for watch in targets:
+            watch.wake()
 
     def notify_all(self) -> None:
         """Wake every waiter: the subscription had a gap and may have missed releases."""
@@ -303,20 +334,23 @@ class ReleaseHub:
         """Stop the listener thread; waiters fall back to their safety polls."""
         with self._guard:
             self._stop.set()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            self._idle_since = None
             thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
 
-    def _stop_if_idle(self) -> None:
+    def stop_if_idle(self, now: float) -> float | None:
+        """Stop the listener if nobody has waited for ``idle_seconds``; else when to look again."""
         with self._guard:
-            if self._watches:
-                return
-            self._idle_timer = None
+            if self._watches or self._idle_since is None:
+                return None
+            due = self._idle_since + self._idle_seconds
+            if now < due:
+                return due
+            self._idle_since = None
             self._stop.set()
             self._thread = None
+            return None
 
     def _run(self, stop: threading.Event) -> None:
         assert self._listen is not None
@@ -333,15 +367,56 @@ class ReleaseHub:
         self._guard = threading.Lock()
         self._watches = {}
         self._thread = None
-        self._idle_timer = None
+        self._idle_since = None
+        self._unqueued = 0
         self._stop = threading.Event()
         self.subscribed = threading.Event()
+        self.id = secrets.token_hex(16)  # releases naming the parent's hub are not ours
+
+
+class _Reaper:
+    """One daemon thread that stops the listeners of hubs nobody has waited on for a while."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._due: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def remind(self, after: float) -> None:
+        with self._wake:
+            due = time.monotonic() + after
+            if self._due is None or due < self._due:
+                self._due = due
+                self._wake.notify()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="singleton-hub-reaper", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._due is None or (left := self._due - time.monotonic()) > 0:
+                    self._wake.wait(None if self._due is None else left)
+                self._due = None
+            now = time.monotonic()
+            later = [due for hub in list(_hubs) if (due := hub.stop_if_idle(now)) is not None]
+            if later:
+                self.remind(max(min(later) - time.monotonic(), 0.0))
+
+    def _reset_after_fork(self) -> None:
+        self._wake = threading.Condition()
+        self._due = None
+        self._thread = None
+
+
+_reaper = _Reaper()
 
 
 def _after_fork_in_child() -> None:
     global _executor, _executor_guard
     _executor = None
     _executor_guard = threading.Lock()
+    _reaper._reset_after_fork()
     for hub in list(_hubs):
         hub._reset_after_fork()
 
@@ -366,6 +441,9 @@ class Persister(ABC):
     #: True when ``acquire`` honours ``min_hold`` (see ``acquire``); the core refuses
     #: ``min_hold_seconds`` on a persister without it.
     supports_min_hold: ClassVar[bool] = False
+    #: True when ``acquire`` takes ``queue_for`` and the store keeps waiters in order (see
+    #: ``acquire``), and ``leave_queue`` drops a place; the core passes neither otherwise.
+    fair: ClassVar[bool] = False
     #: True when the ``a*`` primitives use a native async driver rather than ``run_blocking``.
     native_async: ClassVar[bool] = False
     #: The longest one store call can take (its client-side deadline), in seconds. The
@@ -383,7 +461,8 @@ class Persister(ABC):
             cls.aforce_release = _logged_aforce_release(amethod)  # type: ignore[method-assign]
 
     @abstractmethod
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
         """Take ``name`` if it is free or expired (replacing the expired lock in the same step).
 
         A successful acquire mints a fencing token strictly greater than every earlier
@@ -394,6 +473,16 @@ class Persister(ABC):
         ``hold_until = store now + min_hold``. The name is then free for others only
         once the lease is over or released AND the store's clock has passed
         ``hold_until``, so a crashed holder frees it at the later of the two.
+
+        ``queue_for`` (a keyword, only passed when ``fair``): the caller is waiting for
+        the name. If the name is held, keep the caller's place in the name's queue
+        (by ``owner.owner_token``, in arrival order) for ``queue_for`` seconds; a later
+        attempt with the same token refreshes it. If the name is free, the caller takes
+        it only when no earlier live place is queued; otherwise the result is a conflict
+        with ``queued_behind=True`` and ``retry_after`` up to the head's place's end.
+        Taking the name drops the caller's place. Without ``queue_for`` (a caller that
+        does not wait) a free name is taken whatever the queue holds. A release that
+        frees the name wakes the queue's head first.
         """
 
     @abstractmethod
@@ -421,9 +510,15 @@ class Persister(ABC):
     def force_release(self, name: str) -> LockRecord | None:
         """Administrative release regardless of owner; returns the record it removed."""
 
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        """A fair waiter gave up: drop its place, waking the next one if the name is free."""
+
     # -- async twins: native in built-in persisters, the bounded executor otherwise --
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None) -> AcquireResult:
+        if queue_for is not None:
+            return await run_blocking(functools.partial(self.acquire, queue_for=queue_for), name, owner, ttl, min_hold)
         if min_hold is None:
             return await run_blocking(self.acquire, name, owner, ttl)
         return await run_blocking(self.acquire, name, owner, ttl, min_hold)
@@ -443,28 +538,36 @@ class Persister(ABC):
     async def aforce_release(self, name: str) -> LockRecord | None:
         return await run_blocking(self.force_release, name)
 
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        if type(self).leave_queue is not Persister.leave_queue:
+            await run_blocking(self.leave_queue, name, owner_token)
+
     aforce_release.__logged__ = True  # type: ignore[attr-defined]  # the sync one it runs logs
 
     async def aclose(self) -> None:
         """Close async clients too; the default closes the sync ones."""
         await run_blocking(self.close)
 
-    def watch(self, name: str) -> ReleaseWatch:
-        """Subscribe to releases of ``name``; the default polls."""
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
+        """Subscribe to releases of ``name``; the default polls.
+
+        ``owner_token`` (only passed when ``fair``): the waiter's place in the queue,
+        so a release that names the queue's head wakes that waiter.
+        """
         return SleepWatch()
 
     @contextmanager
-    def watching(self, name: str) -> Iterator[ReleaseWatch]:
-        watch = self.watch(name)
+    def watching(self, name: str, owner_token: str | None = None) -> Iterator[ReleaseWatch]:
+        watch = self.watch(name, owner_token) if owner_token is not None else self.watch(name)
         try:
             yield watch
         finally:
             watch.close()
 
     @asynccontextmanager
-    async def awatching(self, name: str) -> AsyncIterator[ReleaseWatch]:
+    async def awatching(self, name: str, owner_token: str | None = None) -> AsyncIterator[ReleaseWatch]:
         """``watching`` for coroutines; ``watch()`` must not block (hubs only register)."""
-        watch = self.watch(name)
+        watch = self.watch(name, owner_token) if owner_token is not None else self.watch(name)
         try:
             yield watch
         finally:

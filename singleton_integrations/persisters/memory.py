@@ -66,6 +66,7 @@ class Memory(Persister):
     clock: ClassVar[str] = "this process's clock"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    fair: ClassVar[bool] = True
     call_timeout: float = 0.1
 
     def __init__(self, *, purge_after_seconds: float | None = DEFAULT_PURGE_AFTER_SECONDS) -> None:
@@ -81,6 +82,7 @@ class Memory(Persister):
         # Names that will be free at some time, least recently changed first: what a sweep looks at.
         self._by_change: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
+        self._queues: dict[str, OrderedDict[str, float]] = {}  # waiters' owner tokens, first come first
         self._hub = ReleaseHub(None)
 
     @classmethod
@@ -113,12 +115,21 @@ class Memory(Persister):
 
     # -- the rules (under ``_guard``) ----------------------------------------------------------
 
-    def _acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None) -> AcquireResult:
+    def _acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
+                 queue_for: float | None = None) -> AcquireResult:
         now = time.time()
         state = self._names.get(name)
         if state is not None and state.live(now):
+            if queue_for is not None:
+                self._enqueue(name, owner.owner_token, now + queue_for)
             retry = None if state.free_at is None else state.free_at - now
             return AcquireResult(False, state.record, retry_after=retry)
+        if queue_for is not None:
+            head = self._head(name, now)
+            if head is not None and head[0] != owner.owner_token:
+                self._enqueue(name, owner.owner_token, now + queue_for)
+                return AcquireResult(False, None, retry_after=head[1] - now, queued_behind=True)
+            self._dequeue(name, owner.owner_token)
         self._sweep(now, skip=name)
         expired = state.record if state is not None and state.record is not None and not state.record.released \
             else None
@@ -180,6 +191,32 @@ class Memory(Persister):
         self._changed(name, now)
         return removed
 
+    def _head(self, name: str, now: float) -> tuple[str, float] | None:
+        """The first live place in ``name``'s queue (token, end), dropping the ones that ran out."""
+        queue = self._queues.get(name)
+        while queue:
+            token, ends = next(iter(queue.items()))
+            if ends > now:
+                return token, ends
+            del queue[token]
+        self._queues.pop(name, None)
+        return None
+
+    def _enqueue(self, name: str, owner_token: str, ends: float) -> None:
+        self._queues.setdefault(name, OrderedDict())[owner_token] = ends  # a known token keeps its place
+
+    def _dequeue(self, name: str, owner_token: str) -> None:
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.pop(owner_token, None)
+            if not queue:
+                del self._queues[name]
+
+    def _next_in_line(self, name: str) -> str | None:
+        """Whom a release that freed ``name`` wakes: the queue's head, if any."""
+        head = self._head(name, time.time())
+        return head[0] if head is not None else None
+
     def _changed(self, name: str, free_at: float | None) -> None:
         self._by_change.pop(name, None)
         if free_at is not None:  # a name held without expiry is never swept
@@ -206,15 +243,17 @@ class Memory(Persister):
 
     # -- primitives: one short critical section each ---------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
         with self._guard:
-            return self._acquire(name, owner, ttl, min_hold)
+            return self._acquire(name, owner, ttl, min_hold, queue_for)
 
     def release(self, name: str, owner_token: str) -> bool:
         with self._guard:
             released, free = self._release(name, owner_token)
+            head = self._next_in_line(name) if free else None
         if free:
-            self._hub.notify(name)
+            self._hub.notify(name, head)
         return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
@@ -232,8 +271,19 @@ class Memory(Persister):
     def force_release(self, name: str) -> LockRecord | None:
         with self._guard:
             removed = self._force_release(name)
-        self._hub.notify(name)
+            head = self._next_in_line(name)
+        self._hub.notify(name, head)
         return removed
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        with self._guard:
+            head = self._head(name, time.time())
+            self._dequeue(name, owner_token)
+            state = self._names.get(name)
+            free = state is None or not state.live(time.time())
+            after = self._next_in_line(name) if free and head is not None and head[0] == owner_token else None
+        if after is not None:
+            self._hub.notify(name, after)
 
     def purge(self) -> int:
         """Run one retention sweep now (acquires do it in passing); returns names forgotten."""
@@ -244,9 +294,9 @@ class Memory(Persister):
     # call first yields to the loop once, as a store round trip would: other tasks get their turn, and
     # concurrent calls on one lock object overlap as they do on every other store.
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
-                       min_hold: float | None = None) -> AcquireResult:
+                       min_hold: float | None = None, *, queue_for: float | None = None) -> AcquireResult:
         await asyncio.sleep(0)
-        return self.acquire(name, owner, ttl, min_hold)
+        return self.acquire(name, owner, ttl, min_hold, queue_for=queue_for)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
         await asyncio.sleep(0)
@@ -268,14 +318,18 @@ class Memory(Persister):
         await asyncio.sleep(0)
         with self._guard:  # not force_release(): the base class logs this call once already
             removed = self._force_release(name)
-        self._hub.notify(name)
+            head = self._next_in_line(name)
+        self._hub.notify(name, head)
         return removed
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        self.leave_queue(name, owner_token)
 
     async def aclose(self) -> None:
         self.close()
 
-    def watch(self, name: str) -> ReleaseWatch:
-        return self._hub.watch(name)
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
+        return self._hub.watch(name, owner_token)
 
     def __repr__(self) -> str:
         with self._guard:

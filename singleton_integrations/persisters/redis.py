@@ -56,6 +56,8 @@ _CLUSTER_KEYWORDS = frozenset({
 })
 # The listener pings this often while idle, so a silent dead server is noticed.
 _LISTENER_PING_SECONDS = 5.0
+#: The longest the listener blocks before it looks whether it must hear every release again.
+_LISTENER_WAIT_SECONDS = 0.1
 # Redis echoes a command's arguments (the owner token among them) in some errors.
 _ECHOED_ARGUMENTS = re.compile(r",? with args beginning with:.*", re.DOTALL)
 _UNSET: Any = object()
@@ -123,6 +125,7 @@ class Redis(Persister):
     notifies: ClassVar[bool] = True
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    fair: ClassVar[bool] = True
     clock: ClassVar[str] = "the Redis server's clock (TIME, key TTLs)"
 
     def __init__(
@@ -276,9 +279,9 @@ class Redis(Persister):
     def _eval_cluster(self, client: Any, script: str, lock: str, args: tuple[object, ...]) -> Any:
         # RedisCluster routes by the keys' slot and follows MOVED/ASK itself.
         try:
-            return client.evalsha(scripts.SHAS[script], 2, lock, lock + ":state", *args)
+            return client.evalsha(scripts.SHAS[script], *scripts.script_keys(lock), *args)
         except self._no_script:
-            return client.eval(scripts.SCRIPTS[script], 2, lock, lock + ":state", *args)
+            return client.eval(scripts.SCRIPTS[script], *scripts.script_keys(lock), *args)
 
     def _eval_pooled(self, pool: Any, script: str, lock: str, args: tuple[object, ...], wait: bool) -> Any:
         """EVALSHA (and WAIT) on one pooled connection, loading the script if the server lacks it.
@@ -305,7 +308,7 @@ class Redis(Persister):
         raise AssertionError("unreachable")
 
     def _exchange(self, connection: Any, script: str, lock: str, args: tuple[object, ...], wait: bool) -> Any:
-        keys = (2, lock, lock + ":state")
+        keys = scripts.script_keys(lock)
         connection.send_command("EVALSHA", scripts.SHAS[script], *keys, *args)
         if wait:
             connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -336,7 +339,7 @@ class Redis(Persister):
         except asyncio.TimeoutError:
             raise self._failure(action, PoolExhausted(f"no free connection within {self.socket_timeout:g} s")) from None
         try:
-            keys = (2, lock, lock + ":state")
+            keys = scripts.script_keys(lock)
             client = entry.client
             if wait:
                 return await self._apipelined(client, script, keys, args)
@@ -377,9 +380,11 @@ class Redis(Persister):
 
     # -- primitives: the sync I/O --------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
         lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
-        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms)
+        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
+                scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
         token = owner.owner_token
         if not self.wait_replicas:
             return scripts.acquire_result(name, owner, self._eval("acquire", name, *args, secret=token), lease, hold)
@@ -389,6 +394,11 @@ class Redis(Persister):
             self._eval("release", name, token, self._purge_ms, secret=token)
             raise self._too_few_replicas(name, acknowledged)
         return result
+
+    def _wake_channel(self, queue_for: float | None) -> str:
+        """Where a release should wake this waiter: its process's listener, when one runs."""
+        hub = self._hub() if queue_for is not None else None
+        return scripts.wake_channel(self.key_prefix, hub.id) if hub is not None else ""
 
     def _too_few_replicas(self, name: str, acknowledged: int) -> PersisterError:
         return PersisterError(
@@ -401,9 +411,10 @@ class Redis(Persister):
         reply = self._eval("release", name, owner_token, self._purge_ms, wait=bool(self.wait_replicas), secret=owner_token)
         if self.wait_replicas:
             reply = reply[0]  # too few confirmations is not an error: see the class docstring
-        if reply == 1:
-            self._notify_local(name)
-        return reply in (1, 2)
+        freed, head = scripts.freed_for(reply)
+        if freed:
+            self._notify_local(name, head)
+        return freed or reply == 2
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         holder = self._eval("renew", name, owner_token, scripts.ttl_ms(ttl), self._purge_ms, secret=owner_token)
@@ -417,8 +428,13 @@ class Redis(Persister):
         reply = self._eval("force_release", name, self._purge_ms)
         if not reply:
             return None
-        self._notify_local(name)
+        self._notify_local(name, reply[2] or None)
         return scripts.record(name, reply[0], reply[1])
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        head = self._eval("leave_queue", name, owner_token, secret=owner_token)
+        if head:
+            self._notify_local(name, head)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
         """SCAN for lock keys (never KEYS), then read each batch in one pipelined round trip."""
@@ -455,9 +471,11 @@ class Redis(Persister):
 
     # -- primitives: the async I/O, same scripts ---------------------------------------
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None) -> AcquireResult:
         lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
-        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms)
+        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
+                scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
         token = owner.owner_token
         if not self.wait_replicas:
             return scripts.acquire_result(name, owner, await self._aeval("acquire", name, *args, secret=token), lease, hold)
@@ -472,9 +490,10 @@ class Redis(Persister):
         reply = await self._aeval("release", name, owner_token, self._purge_ms, wait=bool(self.wait_replicas), secret=owner_token)
         if self.wait_replicas:
             reply = reply[0]
-        if reply == 1:
-            self._notify_local(name)
-        return reply in (1, 2)
+        freed, head = scripts.freed_for(reply)
+        if freed:
+            self._notify_local(name, head)
+        return freed or reply == 2
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         holder = await self._aeval("renew", name, owner_token, scripts.ttl_ms(ttl), self._purge_ms, secret=owner_token)
@@ -488,8 +507,13 @@ class Redis(Persister):
         reply = await self._aeval("force_release", name, self._purge_ms)
         if not reply:
             return None
-        self._notify_local(name)
+        self._notify_local(name, reply[2] or None)
         return scripts.record(name, reply[0], reply[1])
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        head = await self._aeval("leave_queue", name, owner_token, secret=owner_token)
+        if head:
+            self._notify_local(name, head)
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         found: dict[str, LockRecord] = {}
@@ -516,8 +540,8 @@ class Redis(Persister):
 
     # -- waiting: one pub/sub listener per store, key prefix and process ------------------
 
-    def watch(self, name: str) -> ReleaseWatch:
-        return self._hub(create=True).watch(name)  # type: ignore[union-attr]
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
+        return self._hub(create=True).watch(name, owner_token)  # type: ignore[union-attr]
 
     def _hub(self, create: bool = False) -> ReleaseHub | None:
         shared = self._shared()
@@ -529,12 +553,12 @@ class Redis(Persister):
             ))
         return hub
 
-    def _notify_local(self, name: str) -> None:
-        """Our own release wakes this process's waiters at once, before the PUBLISH comes back."""
+    def _notify_local(self, name: str, head: str | None) -> None:
+        """Our own release wakes this process's next waiter at once, before the PUBLISH comes back."""
         shared = self._shared_entry
         hub = shared.hubs.get(self.key_prefix) if shared is not None else None
         if hub is not None:
-            hub.notify(name)
+            hub.notify(name, head)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -575,7 +599,13 @@ _RUNTIME = frozenset({
 
 
 class _Listener:
-    """PSUBSCRIBE to every release channel under one key prefix; run by the ``ReleaseHub`` thread."""
+    """Hear releases for one key prefix; run by the ``ReleaseHub`` thread.
+
+    It always subscribes to its hub's own wake channel, where a release that frees a
+    name whose queue's head waits in this process names that waiter, so a release
+    wakes one process however many wait. It adds the pattern of every name's release
+    channel only while a waiter here is not queued (one that watches for a free name).
+    """
 
     def __init__(self, shared: Shared, prefix: str, socket_timeout: float, errors: tuple[type[BaseException], ...]) -> None:
         self._shared = shared
@@ -589,26 +619,27 @@ class _Listener:
         client, node = self._shared.listener_client(avoid=self._last_node)
         self._last_node = node
         pubsub = client.pubsub()
+        wake = scripts.wake_channel(self._prefix, hub.id)
         try:
-            pubsub.psubscribe(self._pattern)
-            deadline = time.monotonic() + self._socket_timeout
-            while True:  # confirmed before anyone is told to retry, so no release is missed
-                message = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
-                if message is not None and message["type"] == "psubscribe":
-                    break
-                if time.monotonic() >= deadline:
-                    raise TimeoutError("no subscription confirmation")
+            pubsub.subscribe(wake)
+            every_release = hub.wants_every_release
+            if every_release:
+                pubsub.psubscribe(self._pattern)
+            self._confirm(pubsub, 1 + every_release)
             hub.ready()
             pinged_at = last_heard = time.monotonic()
             while not stop.is_set():
-                message = pubsub.get_message(timeout=0.5)
+                if hub.wants_every_release != every_release:
+                    every_release = not every_release
+                    if every_release:
+                        pubsub.psubscribe(self._pattern)
+                    else:
+                        pubsub.punsubscribe(self._pattern)
+                message = pubsub.get_message(timeout=_LISTENER_WAIT_SECONDS)
                 now = time.monotonic()
                 if message is not None:
                     last_heard = now
-                    if message["type"] == "pmessage":
-                        name = scripts.name_from_channel(self._prefix, str(message["channel"]))
-                        if name is not None:
-                            hub.notify(name)
+                    self._dispatch(hub, message)
                 if now - pinged_at >= _LISTENER_PING_SECONDS:
                     if now - last_heard > _LISTENER_PING_SECONDS + self._socket_timeout:
                         raise TimeoutError("the server stopped answering")
@@ -623,6 +654,29 @@ class _Listener:
                 client.close()
             except self._errors:
                 pass
+
+    def _confirm(self, pubsub: Any, count: int) -> None:
+        """Wait for the subscriptions' confirmations, so no release is missed after ``ready``."""
+        deadline = time.monotonic() + self._socket_timeout
+        while count:
+            message = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.0))
+            if message is not None and message["type"] in ("subscribe", "psubscribe"):
+                count -= 1
+            elif time.monotonic() >= deadline:
+                raise TimeoutError("no subscription confirmation")
+
+    def _dispatch(self, hub: ReleaseHub, message: Mapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":  # our wake channel: the head of a freed name's queue waits here
+            parsed = scripts.wake_message(self._prefix, str(message["data"]))
+            if parsed is not None:
+                hub.notify(parsed[0], parsed[1], unqueued=False)
+        elif kind == "pmessage":
+            name = scripts.name_from_channel(self._prefix, str(message["channel"]))
+            if name is not None:
+                hub.notify(name, str(message["data"]) or None)
+        elif kind == "psubscribe":  # watching every release again: a release in the gap may be missed
+            hub.notify_all()
 
 
 def _split_own_options(url: str) -> tuple[str, dict[str, str]]:

@@ -132,12 +132,28 @@ def handover(args: dict[str, Any]) -> None:
     """Take and give back the lock on command (``lock`` / ``release`` lines), saying when each happened.
 
     ``released_at`` is the monotonic time just before the release call: a waiter
-    in another process measures its hand-over from there.
+    in another process measures its hand-over from there. With ``announce``, the
+    first refused attempt of each ``lock`` says ``{"waiting": true}``: the store
+    has seen this waiter.
     """
     singleton = _singleton(args)
+    if args.get("announce"):
+        persister, attempt = singleton.persister, singleton.persister.acquire
+        announced = [False]
+
+        def acquire(*call: Any, **options: Any) -> Any:
+            result = attempt(*call, **options)
+            if not result.acquired and not announced[0]:
+                announced[0] = True
+                _say(waiting=True)
+            return result
+
+        persister.acquire = acquire  # type: ignore[method-assign]
     for command in sys.stdin:
         command = command.strip()
         if command == "lock":
+            if args.get("announce"):
+                announced[0] = False
             acquired = singleton.lock(wait=args.get("wait", 30))
             _say(acquired=acquired, token=singleton.fencing_token)
         elif command == "release":

@@ -207,7 +207,7 @@ class CountingPersister(Persister):
         self.acquires = 0
         self._count_guard = threading.Lock()
         for attribute in ("backend", "distributed", "multiprocess", "clock", "poll_interval",
-                          "native_async", "call_timeout"):
+                          "native_async", "call_timeout", "fair"):
             if hasattr(inner, attribute):
                 setattr(self, attribute, getattr(inner, attribute))
         self.supports_min_hold = inner.supports_min_hold if supports_min_hold is None else supports_min_hold  # type: ignore[misc]
@@ -226,17 +226,29 @@ class CountingPersister(Persister):
             raise AttributeError(attribute)
         return getattr(self.inner, attribute)
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
-        self._count()
-        if min_hold is None:
-            return self.inner.acquire(name, owner, ttl)
-        return self.inner.acquire(name, owner, ttl, min_hold)
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None,
+                **queue: Any) -> AcquireResult:
+        try:  # counted once the store has answered: a counted waiter is known to the store
+            if min_hold is None and not queue:
+                return self.inner.acquire(name, owner, ttl)
+            return self.inner.acquire(name, owner, ttl, min_hold, **queue)
+        finally:
+            self._count()
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
-        self._count()
-        if min_hold is None:
-            return await self.inner.aacquire(name, owner, ttl)
-        return await self.inner.aacquire(name, owner, ttl, min_hold)
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None,
+                       **queue: Any) -> AcquireResult:
+        try:
+            if min_hold is None and not queue:
+                return await self.inner.aacquire(name, owner, ttl)
+            return await self.inner.aacquire(name, owner, ttl, min_hold, **queue)
+        finally:
+            self._count()
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        self.inner.leave_queue(name, owner_token)
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        await self.inner.aleave_queue(name, owner_token)
 
     def release(self, name: str, owner_token: str) -> bool:
         return self.inner.release(name, owner_token)
@@ -268,8 +280,8 @@ class CountingPersister(Persister):
     async def aforce_release(self, name: str) -> LockRecord | None:
         return await self.inner.aforce_release(name)
 
-    def watch(self, name: str) -> Any:
-        return self.inner.watch(name)
+    def watch(self, name: str, owner_token: str | None = None) -> Any:
+        return self.inner.watch(name, owner_token) if owner_token is not None else self.inner.watch(name)
 
     def close(self) -> None:
         """The wrapped persister belongs to the test's fixture, which closes it."""
@@ -1292,6 +1304,120 @@ class PersisterConformance:
         if persister.notifies:
             busy = [(kind, attempts) for kind, _, attempts in handovers if attempts > 4]
             assert busy == [], f"waiters that polled the store instead of waiting for the release: {busy}"
+
+    # -- fair waiting: a free name goes to the longest waiter ----------------------------
+
+    @staticmethod
+    def need_fair(persister: Persister) -> None:
+        if not persister.fair:
+            pytest.skip(f"{persister.backend} does not queue waiters: a free name goes to whoever asks first")
+
+    @not_per_api
+    def test_fair_queue_primitives(self, persister: Persister, name: str) -> None:
+        """Places are kept in arrival order, a waiter behind the head is refused, a non-waiting caller
+        is not, and a place ends when its waiter leaves or stops renewing it."""
+        self.need_fair(persister)
+        holder, first, second, third = Owner(), Owner(), Owner(), Owner()
+        assert persister.acquire(name, holder, 30).acquired
+        assert not persister.acquire(name, first, 30, queue_for=30).acquired  # queued 1st
+        assert not persister.acquire(name, second, 30, queue_for=30).acquired  # queued 2nd
+        assert persister.release(name, holder.owner_token)
+        refused = persister.acquire(name, second, 30, queue_for=30)
+        assert not refused.acquired and refused.queued_behind, "the second waiter took the name from the first"
+        assert refused.retry_after is not None and 0 < refused.retry_after <= 30
+        barging = persister.acquire(name, third, 30)  # no queue_for: it does not wait, so it is not made to
+        assert barging.acquired
+        assert persister.release(name, third.owner_token)
+        taken = persister.acquire(name, first, 30, queue_for=30)
+        assert taken.acquired, "the head of the queue was refused a free name"
+        assert persister.release(name, first.owner_token)
+        assert persister.acquire(name, second, 30, queue_for=30).acquired, "the next waiter was not next"
+        assert persister.release(name, second.owner_token)
+        # A waiter that leaves, or whose place runs out, holds nobody up.
+        assert persister.acquire(name, holder, 30).acquired
+        assert not persister.acquire(name, first, 30, queue_for=30).acquired
+        assert not persister.acquire(name, second, 30, queue_for=0.5).acquired
+        assert not persister.acquire(name, third, 30, queue_for=30).acquired
+        persister.leave_queue(name, first.owner_token)
+        assert persister.release(name, holder.owner_token)
+        assert eventually(lambda: persister.acquire(name, third, 30, queue_for=30).acquired, 10), \
+            "a place that ran out kept holding the name"
+        assert persister.release(name, third.owner_token)
+        assert persister.get(name) is None
+
+    def test_waiters_take_the_name_in_arrival_order(self, persister: Persister, name: str) -> None:
+        self.need_fair(persister)
+        holder = self.singleton(name, persister)
+        assert holder.lock()
+        order: list[int] = []
+        threads = []
+        for index in range(4):
+            counting = CountingPersister(persister)
+            waiter = self.singleton(name, counting)
+
+            def wait(index: int = index, waiter: Any = waiter) -> None:
+                assert waiter.lock(wait=60)
+                order.append(index)
+                time.sleep(0.05)
+                assert waiter.release()
+
+            threads.append(threading.Thread(target=wait, daemon=True))
+            threads[-1].start()
+            assert eventually(lambda counting=counting: counting.acquires >= 1, 20), "a waiter never tried"
+        assert holder.release()
+        for thread in threads:
+            thread.join(90)
+        assert order == [0, 1, 2, 3], f"waiters held the name in the order {order}"
+
+    def test_releaser_asking_again_queues_behind_a_waiter(self, persister: Persister, name: str) -> None:
+        """The classic unfair hand-over: the releaser asks again at once and takes the name back."""
+        self.need_fair(persister)
+        releaser = self.singleton(name, persister)
+        waiter = self.singleton(name, CountingPersister(persister))
+        assert releaser.lock()
+        got: list[str] = []
+        taken = threading.Event()
+
+        def wait() -> None:
+            assert waiter.lock(wait=60)
+            got.append("waiter")
+            taken.set()
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        assert eventually(lambda: waiter.persister.acquires >= 1, 20)
+        assert releaser.release()
+        assert releaser.lock(wait=0.3) is False, "the releaser took the name back from its waiter"
+        assert taken.wait(30) and got == ["waiter"]
+        thread.join(30)
+        assert waiter.release()
+        assert releaser.lock(wait=10)
+        assert releaser.release()
+
+    @not_per_api
+    def test_waiter_in_another_process_is_not_overtaken(self, persister: Persister, name: str, store_url: str,
+                                                       processes: list[subprocess.Popen[str]]) -> None:
+        """Across processes: a release goes to the waiter of another process, not back to the releaser."""
+        self.need_fair(persister)
+        self.need_processes(persister)
+        child = spawn_role("handover", {"name": name, "url": store_url, "wait": 60, "announce": True})
+        processes.append(child)
+        releaser = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+        for _ in range(3):
+            assert releaser.lock(wait=30)
+            tell(child, "lock")
+            assert read_fact(child)["waiting"], "the child did not wait"  # its place is in the queue
+            asked_again = threading.Thread(target=lambda: releaser.lock(wait=60), daemon=True)
+            assert releaser.release()
+            asked_again.start()
+            fact = read_fact(child, timeout=20)
+            assert fact["acquired"], "the other process's waiter did not get the name"
+            assert not releaser.held, "the releaser took the name back before the waiter held it"
+            tell(child, "release")
+            assert read_fact(child)["released"] is True
+            asked_again.join(30)
+            assert releaser.held, "the releaser, queued behind, never got the name"
+            assert releaser.release()
 
     @not_per_api
     def test_watch_remembers_a_release_before_its_wait(self, persister: Persister, name: str) -> None:
