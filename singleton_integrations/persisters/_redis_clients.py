@@ -30,8 +30,11 @@ from .._urls import redact_url
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "SCHEMES", "PoolExhausted", "Shared", "Store", "leave", "parse_store", "shared_for"]
 
-#: Connections one persister's shared client opens at most (per event loop for async).
-DEFAULT_MAX_CONNECTIONS = 50
+#: Connections one persister's shared client opens at most (per event loop for async). Each call
+#: holds one for a single round trip (waits are on the shared subscription), so ten carry
+#: thousands of calls a second; 50 made a burst of 100 async waiters open 50 connections at
+#: once, which stalled their event loop for 65-74 ms where ten cost about 20 ms.
+DEFAULT_MAX_CONNECTIONS = 10
 _SENTINEL_PORT = 26379
 _REDIS_PORT = 6379
 

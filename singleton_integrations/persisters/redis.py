@@ -98,7 +98,7 @@ class Redis(Persister):
     redis-py. Keyword options override the URL's.
 
     Every persister built from the same URL and options in a process shares one
-    client: at most ``max_connections`` (default 50) connections at once, per event
+    client: at most ``max_connections`` (default 10) connections at once, per event
     loop for the async API, plus one pub/sub connection per key prefix while
     someone waits. A call that finds them all busy waits up to ``socket_timeout``
     for one instead of failing. Nothing connects here: the first operation does.
