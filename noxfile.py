@@ -56,6 +56,9 @@ def tests_core(session: nox.Session) -> None:
 def tests_airflow(session: nox.Session) -> None:
     """The Airflow provider against real Airflow (dag.test), two real deployments, and real stores."""
     _ensure_debian_tools(session, BROWSER_TOOLS)
+    # Bytecode compiled at install, as pip does: the deployments' task processes must not pay for
+    # compiling their imports (this machine sets PYTHONDONTWRITEBYTECODE, so nothing is cached later).
+    session.env["UV_COMPILE_BYTECODE"] = "1"
     session.install("-e", f".[airflow,{STORES}]")
     _pytest(session, "tests/airflow")
 

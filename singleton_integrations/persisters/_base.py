@@ -451,6 +451,14 @@ class Persister(ABC):
     #: lease would end when renewals cannot get through.
     call_timeout: float = 10.0
 
+    @classmethod
+    def preload(cls) -> None:
+        """Import this store's driver now rather than at first use (the default has none).
+
+        For processes that fork short-lived children, such as an Airflow worker:
+        each child then inherits the driver instead of paying its import again.
+        """
+
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         method = cls.__dict__.get("force_release")

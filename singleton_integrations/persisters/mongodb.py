@@ -287,6 +287,10 @@ class MongoDb(Persister):
     notifies = _NotifiesProbe()
     poll_interval: float = 0.1
 
+    @classmethod
+    def preload(cls) -> None:
+        _import_pymongo()
+
     def __init__(
         self,
         url: str = "mongodb://127.0.0.1:27017/",

@@ -320,6 +320,10 @@ class Postgres(Persister):
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
 
+    @classmethod
+    def preload(cls) -> None:
+        _drivers()
+
     def __init__(
         self,
         dsn: str,

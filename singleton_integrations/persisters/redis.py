@@ -128,6 +128,10 @@ class Redis(Persister):
     fair: ClassVar[bool] = True
     clock: ClassVar[str] = "the Redis server's clock (TIME, key TTLs)"
 
+    @classmethod
+    def preload(cls) -> None:
+        _import_redis()
+
     def __init__(
         self,
         url: str = _DEFAULT_URL,

@@ -108,7 +108,9 @@ slot()
 '''
 DAG_IDS = ["race", "mapped", "deferred", "overhead", "slot"]
 PRELOAD = """# Loaded by every Airflow process: forked task processes inherit the driver instead of importing it.
-import singleton_integrations.persisters.redis  # noqa: F401
+from singleton_integrations import persisters
+
+persisters.preload("redis")
 """
 
 
