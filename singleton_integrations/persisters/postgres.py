@@ -390,10 +390,10 @@ class Postgres(Persister):
         table_sql = {name: template.format(table=self._quoted_table) for name, template in (
             ("acquire_free", q.ACQUIRE_FREE), ("acquire", q.ACQUIRE), ("hint", q.HINT), ("release", q.RELEASE),
             ("renew", q.RENEW), ("get", q.GET), ("list", q.LIST), ("force_release", q.FORCE_RELEASE),
-            ("purge", q.PURGE), ("create", q.CREATE_TABLE), ("migrate", q.MIGRATE))}
+            ("peek", q.PEEK), ("purge", q.PURGE), ("create", q.CREATE_TABLE), ("migrate", q.MIGRATE))}
         timeout_ms = statement_timeout_ms
         self._sql = {key: q.message(timeout_ms, table_sql[key]) for key in
-                     ("acquire_free", "acquire", "release", "renew", "get", "list", "force_release", "purge")}
+                     ("acquire_free", "acquire", "peek", "release", "renew", "get", "list", "force_release", "purge")}
         self._sql["acquire_hint"] = q.message(timeout_ms, table_sql["acquire"], table_sql["hint"])
         self._sql["inspect"] = q.message(timeout_ms, q.INSPECT)
         self._sql["setup"] = q.message(
@@ -878,7 +878,11 @@ class Postgres(Persister):
         result = q.parse_acquire_free(self._run("acquire", "acquire_free", params, deadline, _one), name, owner)
         if result is not None:
             return result
-        key = "acquire_hint" if self._hinting(name) else "acquire"
+        hinting = self._hinting(name)
+        result = q.parse_peek(self._run("acquire", "peek", params, deadline, _one), owner, hinting)
+        if result is not None:
+            return result
+        key = "acquire_hint" if hinting else "acquire"
         for _ in range(2):  # held, expired, in its minimum hold, or never seen
             result = q.parse_acquire(self._run("acquire", key, params, deadline, _one), name, owner)
             if result is not None:
@@ -891,7 +895,11 @@ class Postgres(Persister):
         result = q.parse_acquire_free(await self._arun("acquire", "acquire_free", params, deadline), name, owner)
         if result is not None:
             return result
-        key = "acquire_hint" if self._hinting(name) else "acquire"
+        hinting = self._hinting(name)
+        result = q.parse_peek(await self._arun("acquire", "peek", params, deadline), owner, hinting)
+        if result is not None:
+            return result
+        key = "acquire_hint" if hinting else "acquire"
         for _ in range(2):
             result = q.parse_acquire(await self._arun("acquire", key, params, deadline), name, owner)
             if result is not None:

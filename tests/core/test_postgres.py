@@ -692,11 +692,15 @@ def test_a_dropped_connection_is_replaced_without_failing_the_call(server_url: s
 def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
     store = Postgres(server_url, table=table, statement_timeout_ms=300)
     try:
-        assert store.acquire("job", Owner(), 60).acquired
+        holder = Owner()
+        assert store.acquire("job", holder, 60).acquired
         with psycopg.connect(server_url) as blocker:  # a transaction that keeps the row locked
             blocker.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'job' FOR UPDATE").format(sql.Identifier(table)))
             with pytest.raises(PersisterError, match="QueryCanceled|statement timeout"):
-                store.acquire("job", Owner(), 60)
+                store.release("job", holder.owner_token)
+            # A contender of a held name reads without row locks: its conflict does not queue behind them.
+            refused = store.acquire("job", Owner(), 60)
+            assert not refused.acquired and refused.record is not None and refused.record.owner_token == holder.owner_token
             blocker.rollback()
     finally:
         store.close()
