@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -215,9 +216,11 @@ def test_times_are_utc_whatever_the_session_time_zone(server_url: str, table: st
         assert result.record.expires_at is not None and result.record.expires_at.tzinfo == timezone.utc
         server_now = admin.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         assert abs((result.record.created_at - server_now).total_seconds()) < 60
-        with pool_of(store).connection() as connection:  # the user's options apply; ours lives per transaction
+        # The user's options apply; a direct connection also carries our statement timeout
+        # (behind a pooler it lives per transaction: see the PgBouncer tests).
+        with pool_of(store).connection() as connection:
             assert connection.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
-            assert connection.execute("SHOW statement_timeout").fetchone() == ("0",)
+            assert connection.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
     finally:
         store.close()
 
@@ -702,6 +705,42 @@ def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: st
             refused = store.acquire("job", Owner(), 60)
             assert not refused.acquired and refused.record is not None and refused.record.owner_token == holder.owner_token
             blocker.rollback()
+    finally:
+        store.close()
+
+
+def test_statement_timeout_bounds_a_blocked_statement_on_async_connections(
+        server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    """A direct async connection carries the statement timeout too: its statements are prepared, without SET LOCAL."""
+    store = Postgres(server_url, table=table, statement_timeout_ms=300)
+
+    async def scenario() -> None:
+        holder = Owner()
+        assert (await store.aacquire("job", holder, 60)).acquired
+        with psycopg.connect(server_url) as blocker:
+            blocker.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'job' FOR UPDATE").format(sql.Identifier(table)))
+            with pytest.raises(PersisterError, match="QueryCanceled|statement timeout"):
+                await store.arelease("job", holder.owner_token)
+            blocker.rollback()
+        assert await store.arelease("job", holder.owner_token)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_direct_connections_prepare_the_hot_statements(server_url: str, table: str) -> None:
+    store = Postgres(server_url, table=table, max_size=1)
+    try:
+        owner = Owner()
+        for _ in range(3):
+            assert store.acquire("job", owner, 60).acquired
+            assert store.release("job", owner.owner_token)
+        with pool_of(store).connection() as connection:
+            prepared = [row[0] for row in connection.execute("SELECT statement FROM pg_prepared_statements")]
+        assert any("UPDATE" in text and "fencing_token" in text for text in prepared)
+        assert not any("SET LOCAL" in text for text in prepared)
     finally:
         store.close()
 
