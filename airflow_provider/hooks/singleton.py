@@ -207,8 +207,12 @@ class SingletonHook(BaseHook):
         self._persister = None
 
     def describe_store(self) -> str:
-        """The store URL with any password redacted, for logs."""
-        return redact_url(self._store_url())
+        """The connection id and its store URL with any password redacted, for logs.
+
+        The id comes first because Airflow masks a "Store URL" connection's whole
+        password field, so where the URL has no password of its own, the log shows it as ``***``.
+        """
+        return f"connection {self.singleton_conn_id!r} ({redact_url(self._store_url())})"
 
     # -- locks -----------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ def test_uri_connections_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("AIRFLOW_CONN_LOCKS_URI", "sqlite:////tmp/locks-from-uri.db")
     monkeypatch.setenv("AIRFLOW_CONN_REDIS_DEFAULT", "redis://:secret@127.0.0.1:6379/1")
     assert store_url(SingletonHook.get_connection("locks_uri")) == "sqlite:////tmp/locks-from-uri.db"
-    assert SingletonHook(singleton_conn_id="redis_default").describe_store() == "redis://:***@127.0.0.1:6379/1"
+    assert SingletonHook(singleton_conn_id="redis_default").describe_store() == "connection 'redis_default' (redis://:***@127.0.0.1:6379/1)"
 
 
 def test_unsupported_connection_type_is_a_clear_error() -> None:
