@@ -553,8 +553,12 @@ def _svg(timeline: Timeline, path: Path) -> None:
             fill, label = mark
             shift = 11 if label_end.get(row_actor, 0) > cx else 0
             parts.append(f'<circle cx="{cx:.1f}" cy="{top + row_h / 2}" r="4" fill="{fill}"/>')
-            parts.append(f'<text x="{cx + 6:.1f}" y="{top + 10 + shift}" font-size="10" fill="{fill}">'
-                         f'{_xml(label)}</text>')
+            if cx + 6 + 5.5 * len(label) > width - 5:  # it would run off the chart: end it at the mark instead
+                parts.append(f'<text x="{cx - 6:.1f}" y="{top + 10 + shift}" font-size="10" fill="{fill}" '
+                             f'text-anchor="end">{_xml(label)}</text>')
+            else:
+                parts.append(f'<text x="{cx + 6:.1f}" y="{top + 10 + shift}" font-size="10" fill="{fill}">'
+                             f'{_xml(label)}</text>')
             label_end[row_actor] = cx + 6 + 5.5 * len(label)
         y += len(rows) * row_h
         for tick in _ticks(begin - timeline.start, end - timeline.start):
