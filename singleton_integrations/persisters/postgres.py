@@ -301,7 +301,7 @@ class Postgres(Persister):
 
     ``dsn`` is a ``postgresql://`` URL or a libpq ``key=value`` string. Nothing
     connects until the first operation. Every ``Postgres`` built from the same
-    DSN and pool options in one process shares one pool of at most
+    DSN, pool options and statement timeout in one process shares one pool of at most
     ``max_size`` connections (per event loop for the async calls), and callers
     wait up to ``pool_timeout`` (within the call's deadline) for a free one.
     ``table`` may be ``"schema.table"``.
@@ -412,8 +412,9 @@ class Postgres(Persister):
         self._sql["setup"] = q.message(
             timeout_ms, f"SET LOCAL lock_timeout = {timeout_ms}",
             f"SELECT pg_advisory_xact_lock({_setup_key(self._quoted_table)})", table_sql["create"], table_sql["migrate"])
+        # The statement timeout is in the key: a direct connection carries it as session state.
         self._store_key = (self._conninfo, self._listen_conninfo, self.pooler, min_size, max_size,
-                           self.pool_timeout, self.connect_timeout)
+                           self.pool_timeout, self.connect_timeout, statement_timeout_ms)
         self._store: _Store | None = None
         self._store_pid = 0
 

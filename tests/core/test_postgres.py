@@ -693,6 +693,10 @@ def test_a_dropped_connection_is_replaced_without_failing_the_call(server_url: s
 
 
 def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
+    # A store on the same DSN with the default timeout connects first: on a direct connection the
+    # timeout is session state, so the two must not share connections.
+    other = Postgres(server_url, table=table)
+    other.get("warm-up")
     store = Postgres(server_url, table=table, statement_timeout_ms=300)
     try:
         holder = Owner()
@@ -707,6 +711,7 @@ def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: st
             blocker.rollback()
     finally:
         store.close()
+        other.close()
 
 
 def test_statement_timeout_bounds_a_blocked_statement_on_async_connections(
