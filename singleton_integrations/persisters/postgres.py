@@ -577,7 +577,7 @@ class Postgres(Persister):
 
     def _configure_direct(self, connection: psycopg.Connection[Any]) -> None:
         """A new direct connection's one piece of session state: the statement timeout its prepared statements run under."""
-        self._execute_plain(connection, self._session_timeout())
+        self._execute(connection, self._session_timeout(), None, self.connect_timeout)
 
     def _connect_kwargs(self, asynchronous: bool = False, direct: bool = False) -> dict[str, Any]:
         """Behind a pooler psycopg may prepare nothing; on a direct connection only what asks to (``prepare=True``)."""
@@ -753,7 +753,7 @@ class Postgres(Persister):
                                 store.conninfo, **self._connect_kwargs(True, direct=store.mode == "direct")),
                             max(deadline - time.monotonic(), 0.001))
                         if store.mode == "direct":
-                            await self._aexecute_plain(connection, self._session_timeout(), deadline - time.monotonic())
+                            await self._aexecute(connection, self._session_timeout(), None, deadline - time.monotonic())
                     assert connection is not None
                     query, prepared = self._statement(store, key)
                     cursor = await self._aexecute(connection, query, params, deadline - time.monotonic(), prepared)
@@ -833,15 +833,6 @@ class Postgres(Persister):
         except self._psycopg.errors._WaitTimeout:
             connection.close()
             raise _NoAnswer(f"no answer within {self.timeout:.1f} s") from None
-
-    async def _aexecute_plain(self, connection: psycopg.AsyncConnection[Any], statement: str, timeout: float) -> None:
-        cursor = connection.cursor()
-        try:
-            async with connection.lock:
-                await connection.wait(cursor._execute_gen(statement, None, prepare=False), timeout=max(timeout, 0.001))
-        except self._psycopg.errors._WaitTimeout:
-            await connection.close()
-            raise _NoAnswer(f"no answer within {max(timeout, 0.0):.1f} s") from None
 
     def watch(self, name: str) -> ReleaseWatch:
         """A waiter on this process's one listener for the table; registers only, no I/O here."""
