@@ -3,7 +3,7 @@
 Every commit in WAL mode writes to ``FILE-wal``; a listener thread (one per file
 and process, run by the file's ``ReleaseHub``) waits for those writes, reads
 which of the names waited for in this process are free now, and wakes their
-waiters. Where inotify is missing (not Linux, or a file system without it) the
+waiters (the queue's head, where one waits: ``head_of`` reads it). Where inotify is missing (not Linux, or a file system without it) the
 hub has no listener and waiters keep their 50 ms poll, which also stays as the
 safety net here: a missed event costs one poll, never a lost wake-up.
 """
@@ -18,8 +18,9 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeAlias
 
 from ._base import Listener, ReleaseHub
 
@@ -32,6 +33,8 @@ _IN_CREATE = 0x00000100
 _IN_Q_OVERFLOW = 0x00004000
 _EVENT = struct.Struct("iIII")
 _CHUNK = 500  # names per query, well under SQLite's parameter limit
+#: Reads the owner token first in a name's waiter queue (None for none): (connection, name, now).
+HeadOf: TypeAlias = Callable[[sqlite3.Connection, str, float], "str | None"]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -44,8 +47,9 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _free(connection: sqlite3.Connection, names: Iterable[str], now: float) -> list[str]:
-    """The names among ``names`` nobody holds now (no row, released, or expired)."""
+def _free(connection: sqlite3.Connection, names: Iterable[str], now: float,
+          head_of: HeadOf) -> list[tuple[str, str | None]]:
+    """The names among ``names`` nobody holds now (no row, released, or expired), each with its queue's head."""
     wanted = sorted(names)
     held: set[str] = set()
     for start in range(0, len(wanted), _CHUNK):
@@ -57,10 +61,10 @@ def _free(connection: sqlite3.Connection, names: Iterable[str], now: float) -> l
             (*chunk, now),
         )
         held.update(row[0] for row in rows)
-    return [name for name in wanted if name not in held]
+    return [(name, head_of(connection, name, now)) for name in wanted if name not in held]
 
 
-def inotify_listener(path: Path) -> Listener | None:
+def inotify_listener(path: Path, head_of: HeadOf) -> Listener | None:
     """A ``ReleaseHub`` listener for the SQLite file at ``path``, or None where inotify is unavailable."""
     libc = _libc()
     if libc is None:
@@ -90,12 +94,12 @@ def inotify_listener(path: Path) -> Listener | None:
                 names = hub.names()
                 if names:
                     try:
-                        free = _free(connection, names, time.time())
+                        free = _free(connection, names, time.time(), head_of)
                     except sqlite3.OperationalError:  # busy or a schema change mid-migration: wake everyone
                         hub.notify_all()
                         continue
-                    for name in free:
-                        hub.notify(name)
+                    for name, head in free:
+                        hub.notify(name, head)
         finally:
             if connection is not None:
                 connection.close()

@@ -49,6 +49,18 @@ CREATE TABLE IF NOT EXISTS singleton_locks (
 )
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS singleton_locks_expires_at ON singleton_locks (expires_at)"
+# The waiter queue: it orders waiters (first ``place`` first); exclusivity never depends on it.
+# A place ends at ``ends`` unless its waiter's next attempt renews it. Older versions ignore
+# the table: their waiters take a free name whoever is queued.
+_WAITERS = """
+CREATE TABLE IF NOT EXISTS singleton_waiters (
+    name TEXT NOT NULL,
+    owner_token TEXT NOT NULL,
+    place INTEGER NOT NULL,
+    ends REAL NOT NULL,
+    PRIMARY KEY (name, owner_token)
+)
+"""
 _ADDED_COLUMNS = {"released_at": "REAL", "hold_until": "REAL"}  # since 0.3: the minimum hold
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
 # A row's states: held (owner_token set), released into its minimum hold (owner_token NULL,
@@ -60,6 +72,8 @@ SWEEP_LIMIT = 100
 #: The most often one persister sweeps (an index seek when nothing is due), unless the
 #: last sweep found a backlog.
 SWEEP_INTERVAL = 10.0
+#: How long after its end the sweep removes a waiter's place that was never renewed or left.
+_STALE_PLACE_SECONDS = 60.0
 
 
 def default_path() -> Path:
@@ -132,12 +146,64 @@ def _migrate(db: sqlite3.Connection) -> None:
     db.execute(_INDEX)
 
 
+def _head(db: sqlite3.Connection, now: float, name: str) -> tuple[str, float] | None:
+    """The first place in ``name``'s queue that has not ended: (owner token, end)."""
+    row = db.execute("SELECT owner_token, ends FROM singleton_waiters WHERE name = ? AND ends > ? "
+                     "ORDER BY place LIMIT 1", (name, now)).fetchone()
+    return (row[0], row[1]) if row is not None else None
+
+
+def _head_token(db: sqlite3.Connection, name: str, now: float) -> str | None:
+    head = _head(db, now, name)
+    return head[0] if head is not None else None
+
+
+def _place_ends(db: sqlite3.Connection, name: str, owner_token: str) -> float | None:
+    row = db.execute("SELECT ends FROM singleton_waiters WHERE name = ? AND owner_token = ?",
+                     (name, owner_token)).fetchone()
+    return row[0] if row is not None else None
+
+
+def _enqueue(db: sqlite3.Connection, now: float, name: str, owner_token: str, span: float) -> None:
+    """Queue ``owner_token`` last, or renew its place; places that ended are dropped first."""
+    db.execute("DELETE FROM singleton_waiters WHERE name = ? AND ends <= ?", (name, now))
+    db.execute("INSERT INTO singleton_waiters (name, owner_token, place, ends) "
+               "VALUES (?, ?, (SELECT coalesce(max(place), 0) + 1 FROM singleton_waiters WHERE name = ?), ?) "
+               "ON CONFLICT (name, owner_token) DO UPDATE SET ends = excluded.ends", (name, owner_token, name, now + span))
+
+
+def _dequeue(db: sqlite3.Connection, name: str, owner_token: str) -> None:
+    db.execute("DELETE FROM singleton_waiters WHERE name = ? AND owner_token = ?", (name, owner_token))
+
+
+def _leave_queue(db: sqlite3.Connection, now: float, name: str, owner_token: str) -> str | None:
+    """Give up a place; the new head when the leaver was the head of a free name (it should try now)."""
+    head = _head(db, now, name)
+    _dequeue(db, name, owner_token)
+    if head is None or head[0] != owner_token or _peek(db, now, name) is not None:
+        return None
+    after = _head(db, now, name)
+    return after[0] if after is not None else None
+
+
+def _queued_behind(head: tuple[str, float], now: float) -> AcquireResult:
+    return AcquireResult(False, None, retry_after=head[1] - now, queued_behind=True)
+
+
 def _acquire(db: sqlite3.Connection, now: float, name: str, owner: Owner, ttl: float | None,
-             min_hold: float | None) -> AcquireResult:
+             min_hold: float | None, queue_for: float | None = None) -> AcquireResult:
     row = db.execute(f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?", (name,)).fetchone()
     if row is not None and _live(row, now):
+        if queue_for is not None:
+            _enqueue(db, now, name, owner.owner_token, queue_for)
         holder = _record(row)
         return AcquireResult(False, holder, retry_after=None if row[6] is None else row[6] - now)
+    if queue_for is not None:
+        head = _head(db, now, name)
+        if head is not None and head[0] != owner.owner_token:
+            _enqueue(db, now, name, owner.owner_token, queue_for)
+            return _queued_behind(head, now)
+        _dequeue(db, name, owner.owner_token)
     # An unreleased lease that ran out is a takeover; a name released (or whose hold ended) is simply free.
     expired = _record(row) if row is not None and row[1] is not None else None
     # Tokens rise across purges: a name with no row starts at the clock in ms, above any token it had.
@@ -159,6 +225,19 @@ def _peek(db: sqlite3.Connection, now: float, name: str) -> AcquireResult | None
     return None
 
 
+def _peek_queued(db: sqlite3.Connection, now: float, name: str, owner_token: str,
+                 queue_for: float) -> AcquireResult | None:
+    """``_peek`` for a queued waiter: its refusal, when its place needs no renewal yet; else None (write)."""
+    ends = _place_ends(db, name, owner_token)
+    if ends is None or ends - now < queue_for / 2:
+        return None  # not queued yet, or the place is due for renewal: the write path does it
+    conflict = _peek(db, now, name)
+    if conflict is not None:
+        return conflict
+    head = _head(db, now, name)
+    return _queued_behind(head, now) if head is not None and head[0] != owner_token else None
+
+
 def _release(db: sqlite3.Connection, now: float, name: str, owner_token: str) -> tuple[bool, bool]:
     """(was it a clean release, is the name free now): a release into a minimum hold frees nothing yet."""
     row = db.execute("SELECT expires_at, hold_until FROM singleton_locks WHERE name = ? AND owner_token = ?",
@@ -173,6 +252,15 @@ def _release(db: sqlite3.Connection, now: float, name: str, owner_token: str) ->
     db.execute("UPDATE singleton_locks SET owner_token = NULL, released_at = ?, expires_at = ? WHERE name = ?",
                (now, free_at, name))
     return True, free_at <= now
+
+
+def _release_to_head(db: sqlite3.Connection, now: float, name: str, owner_token: str) -> tuple[bool, str | None]:
+    """``_release``, and whom it wakes: (clean release, None if the name is not free, else the queue's head or '')."""
+    released, free = _release(db, now, name, owner_token)
+    if not free:
+        return released, None
+    head = _head(db, now, name)
+    return released, head[0] if head is not None else ""
 
 
 def _renew(db: sqlite3.Connection, now: float, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
@@ -212,6 +300,8 @@ def _sweep(db: sqlite3.Connection, now: float, purge_after: float) -> int:
     A row's ``expires_at`` is when its name became free: its release, the end of its
     minimum hold, or the end of a lease its crashed holder never renewed.
     """
+    # Places of waiters that stopped asking without leaving (killed): nobody reads them again.
+    db.execute("DELETE FROM singleton_waiters WHERE ends < ?", (now - _STALE_PLACE_SECONDS,))
     return db.execute(
         "DELETE FROM singleton_locks WHERE rowid IN (SELECT rowid FROM singleton_locks WHERE expires_at < ? LIMIT ?)",
         (now - purge_after, SWEEP_LIMIT),
@@ -253,7 +343,7 @@ def _hub_for(path: Path) -> ReleaseHub:
     key = os.path.abspath(path)
     hub = _hubs.get(key)  # called under _files_guard
     if hub is None:
-        hub = _hubs[key] = ReleaseHub(inotify_listener(path), thread_name="singleton-sqlite-listener")
+        hub = _hubs[key] = ReleaseHub(inotify_listener(path, _head_token), thread_name="singleton-sqlite-listener")
     return hub
 
 
@@ -289,6 +379,7 @@ class Sqlite(Persister):
     clock: ClassVar[str] = "the host's clock"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    fair: ClassVar[bool] = True
     poll_interval: float = 0.05
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0,
@@ -336,6 +427,7 @@ class Sqlite(Persister):
             _retry_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), self.timeout)
             connection.execute("PRAGMA synchronous=NORMAL")
             _retry_busy(lambda: connection.execute(_SCHEMA), self.timeout)
+            _retry_busy(lambda: connection.execute(_WAITERS), self.timeout)
             have = {row[1] for row in connection.execute("PRAGMA table_info(singleton_locks)")}
             indexed = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'singleton_locks_expires_at'")
             if not have.issuperset(_ADDED_COLUMNS) or indexed.fetchone() is None:
@@ -424,17 +516,29 @@ class Sqlite(Persister):
 
     # -- primitives ------------------------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
         # A held name is answered by a read, which in WAL mode never waits for (or blocks) a writer:
         # pollers in other processes then never delay the holder's release.
-        conflict = self._run(_peek, name, write=False)
-        return conflict if conflict is not None else self._run(_acquire, name, owner, ttl, min_hold)
+        conflict = self._run(*self._peek_step(name, owner, queue_for), write=False)
+        return conflict if conflict is not None else self._run(_acquire, name, owner, ttl, min_hold, queue_for)
+
+    @staticmethod
+    def _peek_step(name: str, owner: Owner, queue_for: float | None) -> tuple[Any, ...]:
+        return (_peek, name) if queue_for is None else (_peek_queued, name, owner.owner_token, queue_for)
+
+    def _woken(self, name: str, head: str | None) -> None:
+        """Wake who should try after a release: the queue's head if it waits here, else the longest waiter."""
+        if head is not None:
+            self._shared.hub.notify(name, head or None)
 
     def release(self, name: str, owner_token: str) -> bool:
-        released, free = self._run(_release, name, owner_token)
-        if free:
-            self._shared.hub.notify(name)
+        released, head = self._run(_release_to_head, name, owner_token)
+        self._woken(name, head)
         return released
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        self._woken(name, self._run(_leave_queue, name, owner_token))
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         return self._run(_renew, name, owner_token, ttl)
@@ -451,15 +555,17 @@ class Sqlite(Persister):
         return removed
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None,
-                       min_hold: float | None = None) -> AcquireResult:
-        conflict = await self._arun(_peek, name, write=False)
-        return conflict if conflict is not None else await self._arun(_acquire, name, owner, ttl, min_hold)
+                       min_hold: float | None = None, *, queue_for: float | None = None) -> AcquireResult:
+        conflict = await self._arun(*self._peek_step(name, owner, queue_for), write=False)
+        return conflict if conflict is not None else await self._arun(_acquire, name, owner, ttl, min_hold, queue_for)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        released, free = await self._arun(_release, name, owner_token)
-        if free:
-            self._shared.hub.notify(name)
+        released, head = await self._arun(_release_to_head, name, owner_token)
+        self._woken(name, head)
         return released
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        self._woken(name, await self._arun(_leave_queue, name, owner_token))
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         return await self._arun(_renew, name, owner_token, ttl)
@@ -475,9 +581,9 @@ class Sqlite(Persister):
         self._shared.hub.notify(name)
         return removed
 
-    def watch(self, name: str) -> ReleaseWatch:
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
         """Woken at once by releases in this process, and by other processes' through inotify (Linux)."""
-        return self._shared.hub.watch(name)
+        return self._shared.hub.watch(name, owner_token)
 
     def purge(self) -> int:
         """Run one retention sweep now (normally acquires do it in passing); returns rows removed."""

@@ -65,6 +65,38 @@ def test_an_old_file_is_migrated_in_place(tmp_path: Path) -> None:
     assert persisters.Sqlite(path).get("was-free") is not None, "a second open finds nothing to do"
 
 
+def test_an_old_file_gains_the_waiter_queue_and_waiters_queue_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    _old_file(path)
+    store = persisters.Sqlite(path)
+    first, second = Owner(), Owner()
+    assert not store.acquire("still-held", first, 30, queue_for=6).acquired
+    assert not store.acquire("still-held", second, 30, queue_for=6).acquired
+    with sqlite3.connect(path) as db:
+        places = db.execute("SELECT owner_token FROM singleton_waiters WHERE name = 'still-held' ORDER BY place")
+        assert [row[0] for row in places] == [first.owner_token, second.owner_token]
+    store.force_release("still-held")
+    refused = store.acquire("still-held", second, 30, queue_for=6)
+    assert not refused.acquired and refused.queued_behind and refused.retry_after is not None
+    assert store.acquire("still-held", first, 30, queue_for=6).acquired
+    store.close()
+
+
+def test_the_sweep_drops_places_their_waiters_never_left(tmp_path: Path) -> None:
+    store = persisters.Sqlite(tmp_path / "q.sqlite3", purge_after_seconds=3600)
+    assert store.acquire("job", Owner(), 30).acquired
+    killed, alive = Owner(), Owner()
+    assert not store.acquire("job", killed, 30, queue_for=6).acquired
+    assert not store.acquire("job", alive, 30, queue_for=6).acquired
+    with sqlite3.connect(tmp_path / "q.sqlite3") as db:  # the killed waiter's place ended two minutes ago
+        db.execute("UPDATE singleton_waiters SET ends = ? WHERE owner_token = ?", (time.time() - 120, killed.owner_token))
+    store.purge()
+    with sqlite3.connect(tmp_path / "q.sqlite3") as db:
+        left = [row[0] for row in db.execute("SELECT owner_token FROM singleton_waiters")]
+    assert left == [alive.owner_token]
+    store.close()
+
+
 def test_processes_opening_an_old_file_at_once_migrate_it_once(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     _old_file(path)
