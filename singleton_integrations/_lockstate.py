@@ -44,6 +44,11 @@ QUEUE_PLACE_SECONDS = 6.0
 UNSET: Any = object()
 
 
+def queued_behind_message(name: str) -> str:
+    """Why a waiter on a fair store was refused a free name."""
+    return f"lock {name!r} is free and passes to a waiter that asked first"
+
+
 def validate_wait(wait: object) -> float:
     """``lock(wait=...)``: None or zero for one attempt, else seconds (``math.inf`` waits for good)."""
     if wait is None:
@@ -371,10 +376,6 @@ class LockState(EventEmitter):
             return (self.name, owner, self.lock_expire_seconds), extra
         return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
 
-    def queues(self) -> bool:
-        """True when waiters for this lock keep a place in the store's queue."""
-        return self.persister.fair
-
     def state_word(self) -> str:
         return "held" if self.held else ("lost" if self._lost else "free")
 
@@ -410,7 +411,7 @@ class LockState(EventEmitter):
             self.queued_behind = result.queued_behind
             record = result.record
             if result.queued_behind:
-                message = lambda: f"lock {self.name!r} is free and passes to a waiter that asked first{_after(waited)}"  # noqa: E731
+                message = lambda: f"{queued_behind_message(self.name)}{_after(waited)}"  # noqa: E731
             elif record is not None and record.released:
                 message = lambda: f"lock {self.name!r} already ran its slot: {record.describe()}{_after(waited)}"  # noqa: E731
             else:

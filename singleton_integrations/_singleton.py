@@ -21,7 +21,16 @@ from typing import Any
 
 from ._errors import LockConflict, LockLost
 from ._events import logger
-from ._lockstate import DEFAULT_LOCK_EXPIRE_SECONDS, UNSET, Flight, LockState, call_store, store_error, validate_wait
+from ._lockstate import (
+    DEFAULT_LOCK_EXPIRE_SECONDS,
+    UNSET,
+    Flight,
+    LockState,
+    call_store,
+    queued_behind_message,
+    store_error,
+    validate_wait,
+)
 from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch
 
@@ -129,7 +138,7 @@ class _Face:
     def _conflict_error(self) -> LockConflict:
         state = self._state
         if state.queued_behind and state.last_holder is None:
-            return LockConflict(state.name, None, f"lock {state.name!r} is free and passes to a waiter that asked first")
+            return LockConflict(state.name, None, queued_behind_message(state.name))
         return LockConflict(state.name, state.last_holder)
 
     def _lost_error(self) -> LockLost:
@@ -358,7 +367,7 @@ class Singleton(_Face):
             flight.answer(result)
             return sent_at, result
         deadline = time.monotonic() + wait
-        queued = self._state.queues()
+        queued = self.persister.fair
         acquired = False
         try:
             with self.persister.watching(self.name, owner.owner_token if queued else None) as watch:
@@ -688,7 +697,7 @@ class AsyncSingleton(_Face):
             flight.answer(result)
             return sent_at, result
         deadline = time.monotonic() + wait
-        queued = self._state.queues()
+        queued = self.persister.fair
         acquired = False
         try:
             async with self.persister.awatching(self.name, owner.owner_token if queued else None) as watch:

@@ -405,8 +405,8 @@ def freed_for(reply: Any) -> tuple[bool, str | None]:
     """RELEASE_SCRIPT's reply: (the name is free now, the queue head it should wake)."""
     if reply == 1:
         return True, None
-    if isinstance(reply, (str, bytes)):
-        return True, reply.decode() if isinstance(reply, bytes) else reply
+    if isinstance(reply, str):  # the clients decode replies
+        return True, reply
     return False, None
 
 

@@ -33,8 +33,8 @@ _IN_CREATE = 0x00000100
 _IN_Q_OVERFLOW = 0x00004000
 _EVENT = struct.Struct("iIII")
 _CHUNK = 500  # names per query, well under SQLite's parameter limit
-#: Reads the owner token first in a name's waiter queue (None for none): (connection, name, now).
-HeadOf: TypeAlias = Callable[[sqlite3.Connection, str, float], "str | None"]
+#: Reads the owner token first in a name's waiter queue (None for none): (connection, now, name).
+HeadOf: TypeAlias = Callable[[sqlite3.Connection, float, str], "str | None"]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -61,7 +61,7 @@ def _free(connection: sqlite3.Connection, names: Iterable[str], now: float,
             (*chunk, now),
         )
         held.update(row[0] for row in rows)
-    return [(name, head_of(connection, name, now)) for name in wanted if name not in held]
+    return [(name, head_of(connection, now, name)) for name in wanted if name not in held]
 
 
 def inotify_listener(path: Path, head_of: HeadOf) -> Listener | None:

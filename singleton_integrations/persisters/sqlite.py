@@ -153,7 +153,7 @@ def _head(db: sqlite3.Connection, now: float, name: str) -> tuple[str, float] | 
     return (row[0], row[1]) if row is not None else None
 
 
-def _head_token(db: sqlite3.Connection, name: str, now: float) -> str | None:
+def _head_token(db: sqlite3.Connection, now: float, name: str) -> str | None:
     head = _head(db, now, name)
     return head[0] if head is not None else None
 
@@ -182,8 +182,7 @@ def _leave_queue(db: sqlite3.Connection, now: float, name: str, owner_token: str
     _dequeue(db, name, owner_token)
     if head is None or head[0] != owner_token or _peek(db, now, name) is not None:
         return None
-    after = _head(db, now, name)
-    return after[0] if after is not None else None
+    return _head_token(db, now, name)
 
 
 def _queued_behind(head: tuple[str, float], now: float) -> AcquireResult:
@@ -259,8 +258,7 @@ def _release_to_head(db: sqlite3.Connection, now: float, name: str, owner_token:
     released, free = _release(db, now, name, owner_token)
     if not free:
         return released, None
-    head = _head(db, now, name)
-    return released, head[0] if head is not None else ""
+    return released, _head_token(db, now, name) or ""
 
 
 def _renew(db: sqlite3.Connection, now: float, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
