@@ -68,7 +68,9 @@ def tests_prefect(session: nox.Session) -> None:
     """The Prefect blocks against a real Prefect test harness, a real ``prefect server``, real stores and a real browser."""
     _ensure_debian_tools(session, BROWSER_TOOLS)
     # playwright drives Debian's chromium (executable_path): no browser download.
-    session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40")
+    # prefect-redis and pip: Prefect's own lock-manager tests run against ours; pip fetches them
+    # from the prefect and prefect-redis sdists at test time (tests/prefect/upstream.py).
+    session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40", "prefect-redis", "pip")
     _pytest(session, "tests/prefect")
 
 

@@ -107,8 +107,22 @@ class SingletonLockManager(LockManager):
         return self._acquire(key, holder, acquire_timeout, hold_timeout, None)
 
     def release_lock(self, key: str, holder: str) -> None:
-        if not self.persister.release(self.lock_name(key), owner_token_for(holder)):
-            raise ValueError(f"No lock held by this holder for transaction with key {key!r}")
+        """Release ``holder``'s lock; ``ValueError`` when another holder has it, nothing when nobody does.
+
+        As prefect-redis does (PrefectHQ/prefect#17676): a transaction retried after a
+        rollback releases again, and a lock already released or run out is no conflict.
+        The holder is read first because a store's release answers a repeated release
+        of this token as done, even after another holder took the name.
+        """
+        name, token = self.lock_name(key), owner_token_for(holder)
+        persister = self.persister
+        record = persister.get(name)
+        if record is not None and record.owner_token == token:
+            if persister.release(name, token):
+                return
+            record = persister.get(name)  # our hold ran out just now: free, or someone else's
+        if record is not None:
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
 
     def is_locked(self, key: str) -> bool:
         return self.persister.get(self.lock_name(key)) is not None
