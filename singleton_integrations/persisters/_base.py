@@ -121,7 +121,12 @@ class ReleaseWatch:
     """
 
     def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True when woken because the name may be free."""
+        """Block up to ``timeout`` seconds; True when woken because the name may be free.
+
+        True is a hint, never a promise: the caller tries the store again. A watch is
+        woken by a release of its name, and once after each (re)subscription that may
+        have missed one (see ``ReleaseHub.ready``); a release of another name never wakes it.
+        """
         raise NotImplementedError
 
     async def wait_async(self, timeout: float) -> bool:
@@ -326,7 +331,13 @@ class ReleaseHub:
             watch.wake()
 
     def ready(self) -> None:
-        """The listener calls this once subscribed (again after each reconnect)."""
+        """The listener calls this once subscribed (again after each reconnect).
+
+        ``subscribed`` is set before the waiters are woken, so a woken waiter's next
+        attempt already sees the subscription (PostgreSQL leaves its waiter's hint only
+        then). So ``subscribed`` being set does not mean that wake-up has reached every
+        waiter yet: whoever must see it waits for the wake-up itself.
+        """
         self.subscribed.set()
         self.notify_all()
 

@@ -546,11 +546,13 @@ def elsewhere(server_url: str, tag: str = "other") -> str:
 def subscribed(store: Postgres, watch: Any = None) -> bool:
     """Wait until the store's listener has run LISTEN (after that, no release is missed).
 
-    With ``watch``, its wake-up for the subscription itself is consumed too.
+    With ``watch`` (the first of its hub, so registered before the LISTEN), its wake-up for
+    the subscription itself is consumed too. ``ready()`` sets ``subscribed`` before that
+    wake-up, so it is the wake-up that is waited for.
     """
     done = store._hub().subscribed.wait(20)
     if watch is not None:
-        watch.wait(1.0)  # ready() sets ``subscribed`` just before it wakes every watch: let that wake-up land
+        assert watch.wait(20), "the listener woke the watch registered before its LISTEN"
     return done
 
 
@@ -1264,7 +1266,7 @@ def test_the_listener_resubscribes_after_its_connection_is_killed(server_url: st
             while not watch.wait(1) and time.monotonic() < deadline:
                 pass
             assert time.monotonic() < deadline, "the listener never resubscribed"
-            assert subscribed(store, watch)
+            assert subscribed(store)  # the wake-up above came after ``subscribed`` was set
             assert not store.acquire("job", Owner(), 60).acquired
             threading.Timer(0.2, other.release, args=("job", owner.owner_token)).start()
             assert watch.wait(30) is True

@@ -35,10 +35,17 @@ def _until(moment: float) -> None:
         time.sleep(max(moment - time.time(), 0.001))
 
 
-def _drain(watch: persisters.ReleaseWatch) -> None:
-    """Consume the wake-up every (re)subscription sends (a release may have been missed before it)."""
-    while watch.wait(0.1):
-        pass
+def _subscribed(store: persisters.Sqlite, watch: persisters.ReleaseWatch) -> bool:
+    """Wait until the file's listener watches it, and consume the wake-up it sends ``watch`` then.
+
+    ``watch`` is the first of the file's hub, so registered before the listener started: it is
+    woken once (a release may have been missed before). ``ready()`` sets ``subscribed`` before
+    that wake-up, so it is the wake-up that is waited for. False where inotify is missing.
+    """
+    if not store._shared.hub.subscribed.wait(30):
+        return False
+    assert watch.wait(30), "the listener woke the watch registered before it started"
+    return True
 
 
 def _old_file(path: Path) -> None:
@@ -285,8 +292,7 @@ def test_a_release_in_another_process_wakes_a_waiter_here(tmp_path: Path) -> Non
         assert holder.stdout is not None and holder.stdin is not None and holder.stdout.readline().strip() == "held"
         watch = store.watch("woken")
         try:
-            assert store._shared.hub.subscribed.wait(30), "the listener subscribed"
-            _drain(watch)
+            assert _subscribed(store, watch), "the listener subscribed"
             assert not store.acquire("woken", Owner(), 30).acquired
             holder.stdin.write("go\n")
             holder.stdin.flush()
@@ -305,8 +311,7 @@ def test_a_renewal_elsewhere_wakes_nobody(tmp_path: Path) -> None:
     assert other.acquire("renewed", owner, 30).acquired
     watch = store.watch("renewed")
     try:
-        if store._shared.hub.subscribed.wait(30):
-            _drain(watch)
+        if _subscribed(store, watch):
             other.renew("renewed", owner.owner_token, 30)
             assert not watch.wait(0.3), "a write that frees nothing wakes no waiter"
     finally:
