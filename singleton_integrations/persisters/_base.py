@@ -323,10 +323,15 @@ class ReleaseHub:
         for watch in targets:
             watch.wake()
 
-    def notify_all(self) -> None:
-        """Wake every waiter: the subscription had a gap and may have missed releases."""
+    def notify_all(self, *, queued: bool = True) -> None:
+        """Wake every waiter: the subscription had a gap and may have missed releases.
+
+        ``queued=False`` wakes only the unqueued ones, for a gap that only they could fall
+        into (a queued waiter's release names it on a channel that stayed subscribed).
+        """
         with self._guard:
-            targets = [watch for group in self._watches.values() for watch in group]
+            targets = [watch for group in self._watches.values() for watch in group
+                       if queued or watch.owner_token is None]
         for watch in targets:
             watch.wake()
 

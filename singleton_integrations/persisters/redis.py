@@ -679,8 +679,8 @@ class _Listener:
             name = scripts.name_from_channel(self._prefix, str(message["channel"]))
             if name is not None:
                 hub.notify(name, str(message["data"]) or None)
-        elif kind == "psubscribe":  # watching every release again: a release in the gap may be missed
-            hub.notify_all()
+        elif kind == "psubscribe":  # hearing every release again: an unqueued waiter may have missed one
+            hub.notify_all(queued=False)  # the queued heard theirs on the wake channel throughout
 
 
 def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
