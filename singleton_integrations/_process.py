@@ -65,11 +65,17 @@ def _release_one(state: LockState, reason: str) -> None:
     state.exit_released(hold, confirmed, reason)
 
 
-def release_all(reason: str, deadline_seconds: float | None = None) -> list[str]:
-    """Release every lock this process holds, in parallel, within one deadline; the names not released."""
+def release_all(reason: str, deadline_seconds: float | None = None, *, sigterm: bool = False) -> list[str]:
+    """Release every lock this process holds, in parallel, within one deadline; the names not released.
+
+    On SIGTERM, a lock made with ``release_on_sigterm=False`` is left to its owner: it is
+    released by whoever stops the work first (the Airflow provider's guarded tasks), and
+    at exit like every other.
+    """
     limit = EXIT_RELEASE_SECONDS if deadline_seconds is None else deadline_seconds
     with _guard:
-        held = [state for state in _held if state.owned_here() and state.hold is not None]
+        held = [state for state in _held if state.owned_here() and state.hold is not None
+                and (state.release_on_sigterm or not sigterm)]
     if not held:
         return []
     end = time.monotonic() + limit
@@ -98,7 +104,7 @@ def release_all(reason: str, deadline_seconds: float | None = None) -> list[str]
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    release_all("SIGTERM")
+    release_all("SIGTERM", sigterm=True)
     previous = _previous_handler
     if callable(previous):
         previous(signum, frame)

@@ -166,3 +166,44 @@ def test_lost_fires_before_the_lease_ends_on_a_frozen_redis(frozen_redis: object
         os.kill(frozen_redis.process.pid, signal.SIGCONT)  # type: ignore[attr-defined]
     assert singleton.release() is True  # thawed: the kept token still cleans up
     store.close()
+
+
+# A child holding two locks on a SQLite file, one of them left to its owner on SIGTERM
+# (release_on_sigterm=False), with a SIGTERM handler of its own that keeps it running.
+_TWO_HOLDS = textwrap.dedent("""
+    import signal, sys, time
+    from singleton_integrations import Singleton, persisters
+    store = persisters.from_url(sys.argv[1])
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("handled", flush=True))
+    released_on_sigterm = Singleton("on-sigterm", store, lock_expire_seconds=60)
+    left_to_owner = Singleton("left-to-owner", store, lock_expire_seconds=60, release_on_sigterm=False)
+    assert released_on_sigterm.lock() and left_to_owner.lock()
+    print("held", flush=True)
+    sys.stdin.readline()
+    print("still held" if left_to_owner.verify() else "gone", flush=True)
+""")
+
+
+def test_sigterm_leaves_a_lock_made_with_release_on_sigterm_false_to_its_owner(tmp_path: Path) -> None:
+    """A holder that stops its work on SIGTERM itself (Airflow's guarded tasks) releases only after it stopped."""
+    url = f"sqlite:///{tmp_path / 'locks.sqlite3'}"
+    process = subprocess.Popen([sys.executable, "-c", _TWO_HOLDS, url], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdin is not None
+    try:
+        assert process.stdout.readline().strip() == "held", process.stderr.read() if process.stderr else ""
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline().strip() == "handled"  # the program's own handler ran after ours
+        store = persisters.from_url(url)
+        assert store.get("on-sigterm") is None
+        assert store.get("left-to-owner") is not None
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "still held"
+        assert process.wait(30) == 0
+        assert store.get("left-to-owner") is None  # released at exit, once the work had ended
+        store.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
