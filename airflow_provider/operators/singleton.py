@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import math
 import signal
-import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import BaseOperator, conf
+from airflow.sdk import conf
 from airflow.sdk.exceptions import (
     AirflowException,
     AirflowFailException,
@@ -51,8 +50,15 @@ from airflow.sdk.exceptions import (
     AirflowTaskTerminated,
 )
 
+from airflow_provider._holders import deployment_name, describe_holder, holder_metadata, same_task_earlier_try
 from airflow_provider.exceptions import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
 from airflow_provider.hooks.singleton import SingletonHook
+from airflow_provider.operators._guarded_group import (
+    XCOM_KEY,
+    GuardedTaskLease,
+    SingletonReleaseOperator,
+    take_back_from_earlier_try,
+)
 from airflow_provider.triggers.singleton import SingletonTrigger
 
 if TYPE_CHECKING:
@@ -65,14 +71,17 @@ __all__ = ["DEFAULT_LOCK_NAME", "ON_CONFLICT", "XCOM_KEY", "SingletonOperator", 
 
 #: What a task does when another holder has the lock.
 ON_CONFLICT = ("skip", "fail", "retry", "wait")
-#: The XCom key under which an acquire task hands its hold to the release task.
-XCOM_KEY = "singleton_lock"
 #: Unique within a DAG and the same in every deployment: the default lock name. A mapped
 #: task instance adds its map index, so instances of one mapped task never skip each other.
 DEFAULT_LOCK_NAME = (
     "{{ dag.dag_id }}.{{ task.task_id }}"
     "{% if ti.map_index is not none and ti.map_index >= 0 %}[{{ ti.map_index }}]{% endif %}"
 )
+
+
+#: on_conflict="fail" fails for good (AirflowFailException): said at parse time and in the task log.
+_FAIL_IGNORES_RETRIES = ("{task_id}: on_conflict='fail' fails the task without retrying, so retries={retries} is "
+                         "never used on a conflict; use on_conflict='retry' to retry while the lock is held")
 
 
 def _hold_for_group() -> None:
@@ -87,66 +96,6 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
         raise ValueError(f"{what} must be a non-negative number of seconds or a timedelta, not {value!r}")
     return float(value)
-
-
-@lru_cache(maxsize=1)
-def deployment_name() -> str:
-    """This deployment's name in holder metadata: ``[singleton] deployment``, else ``[api] base_url``, else the host."""
-    for section, key in (("singleton", "deployment"), ("api", "base_url")):
-        value = (conf.get(section, key, fallback="") or "").strip()
-        if value:
-            return value
-    return socket.gethostname()
-
-
-def describe_holder(record: LockRecord | None, *, ours: str | None = None) -> str:
-    """A conflict's holder, deployment first: "deployment X (dag d, run r, task t) on host h since T ..."."""
-    if record is None:
-        return "another process (it released as we looked)"
-    meta = dict(record.metadata)
-    if "dag_id" not in meta:  # not an Airflow holder: the core's wording
-        return record.describe()
-    deployment = meta.pop("deployment", "")
-    where = f"deployment {deployment}" if deployment else "a deployment"
-    if ours is not None and deployment == ours:
-        where = f"this deployment ({deployment})"
-    task = f"dag {meta.pop('dag_id')}, run {meta.pop('run_id', '?')}, task {meta.pop('task_id', '?')}"
-    map_index = meta.pop("map_index", "-1")
-    if map_index not in ("-1", ""):
-        task += f", map index {map_index}"
-    if "try_number" in meta:
-        task += f", try {meta.pop('try_number')}"
-    host = meta.pop("host", record.host)
-    extra = "".join(f", {key}={value}" for key, value in sorted(meta.items()))
-
-    def iso(moment: datetime | None) -> str:
-        return moment.astimezone(timezone.utc).isoformat(timespec="seconds") if moment else "?"
-
-    released_at = getattr(record, "released_at", None)
-    if released_at is not None:
-        until = getattr(record, "hold_until", None) or record.expires_at
-        return (f"{where} ({task}{extra}), which ran this slot at {iso(record.created_at)} on host {host} and "
-                f"released at {iso(released_at)}; held until {iso(until)} for the minimum hold "
-                f"(fencing token {record.fencing_token})")
-    until = f" until {iso(record.expires_at)}" if record.expires_at else ""
-    return (f"{where} ({task}{extra}) on host {host} pid {record.pid}, since {iso(record.created_at)}{until} "
-            f"(fencing token {record.fencing_token})")
-
-
-def holder_metadata(context: Context, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Who holds the lock, in Airflow terms, so a conflict names the deployment, DAG, run and task."""
-    ti = context["ti"]
-    metadata = {
-        "deployment": deployment_name(),
-        "dag_id": str(ti.dag_id),
-        "run_id": str(ti.run_id),
-        "task_id": str(ti.task_id),
-        "map_index": str(ti.map_index if ti.map_index is not None else -1),
-        "try_number": str(ti.try_number),
-        "host": str(getattr(ti, "hostname", None) or socket.gethostname()),
-    }
-    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
-    return metadata
 
 
 class SingletonOperator(PythonOperator):
@@ -203,6 +152,9 @@ class SingletonOperator(PythonOperator):
             raise ValueError(f"mode must be 'poke' or 'reschedule', not {mode!r}")
         if auto_renew and lock_expire_seconds is None:
             raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
+        if on_conflict == "fail" and self.retries:
+            warnings.warn(_FAIL_IGNORES_RETRIES.format(task_id=self.task_id, retries=self.retries),
+                          UserWarning, stacklevel=3)
         self.lock_name = lock_name
         self.singleton_conn_id = singleton_conn_id
         self.on_conflict = on_conflict
@@ -244,6 +196,7 @@ class SingletonOperator(PythonOperator):
                 task_id=f"{label}_release",
                 acquire_task_id=self.task_id,
                 singleton_conn_id=self.singleton_conn_id,
+                lock_expire_seconds=self.lock_expire_seconds,
                 dag=self.dag,
                 task_group=self.task_group,
             )
@@ -257,9 +210,13 @@ class SingletonOperator(PythonOperator):
         result = super().__exit__(*exc)
         if self.dag is not None and self._guarded_before is not None:
             skip = {self.task_id, self.release_task.task_id if self.release_task else ""}
-            for task_id, guarded in self.dag.task_dict.items():
-                if task_id not in self._guarded_before and task_id not in skip:
-                    _GroupLease.attach(guarded, self)
+            guarded_ids = [task_id for task_id in self.dag.task_dict
+                           if task_id not in self._guarded_before and task_id not in skip]
+            for task_id in guarded_ids:
+                GuardedTaskLease.attach(self.dag.task_dict[task_id], self.task_id, self.singleton_conn_id,
+                                        self.lock_expire_seconds)
+            if self.release_task is not None:
+                self.release_task.guarded_task_ids = guarded_ids
         self._guarded_before = None
         return result
 
@@ -336,6 +293,7 @@ class SingletonOperator(PythonOperator):
 
     def _acquire_for_group(self, context: Context, metadata: dict[str, str], wait: float) -> bool:
         deadline = time.monotonic() + wait
+        taken_back = False
         while True:
             result = self.hook.acquire(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata,
                                        min_hold_seconds=self.min_hold_seconds)
@@ -346,6 +304,15 @@ class SingletonOperator(PythonOperator):
                                      self.lock_name, result.expired.describe())
                 self._hand_over(context, result.record)
                 return True
+            if not taken_back and same_task_earlier_try(result.record, context):
+                assert result.record is not None
+                taken_back = True
+                adopted = take_back_from_earlier_try(self.hook.get_conn(), result.record, context, self.log,
+                                                     self.lock_expire_seconds)
+                if adopted is not None:
+                    self._hand_over(context, adopted)
+                    return True
+                continue  # it ended meanwhile: race for it as anyone would
             left = deadline - time.monotonic()
             if left <= 0:
                 self._conflict_holder = describe_holder(result.record, ours=deployment_name())
@@ -374,6 +341,8 @@ class SingletonOperator(PythonOperator):
         if self.on_conflict == "skip":
             raise AirflowSkipException(f"Skipping: {message}")
         if self.on_conflict == "fail":
+            if self.retries:
+                self.log.warning(_FAIL_IGNORES_RETRIES.format(task_id=self.task_id, retries=self.retries))
             raise AirflowFailException(f"Failing without retry: {message}")
         if self.on_conflict == "retry":
             raise SingletonLockConflict(self.lock_name, holder)
@@ -443,134 +412,3 @@ class SingletonOperator(PythonOperator):
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
-
-
-class SingletonReleaseOperator(BaseOperator):
-    """The teardown that releases a lock a ``SingletonOperator`` acquired for a group of tasks.
-
-    It reads the hold from the acquire task's XCom and releases by owner token, so it
-    never frees a lock that expired and now belongs to someone else; in that case it
-    fails, saying exclusivity was lost while the group ran.
-    """
-
-    ui_color: ClassVar[str] = "#f5e0d7"
-
-    def __init__(self, *, acquire_task_id: str, singleton_conn_id: str = SingletonHook.default_conn_name,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.acquire_task_id = acquire_task_id
-        self.singleton_conn_id = singleton_conn_id
-
-    def execute(self, context: Context) -> None:
-        from airflow.sdk.log import mask_secret
-
-        hold = context["ti"].xcom_pull(task_ids=self.acquire_task_id, key=XCOM_KEY)
-        if not hold:
-            self.log.info("Task %r holds no lock for this run; nothing to release", self.acquire_task_id)
-            return
-        hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
-        # The store's record says whether the hold is still the group's: fencing tokens only
-        # rise, so a matching token is this very hold, and its owner token releases it. A lock
-        # that expired and was taken since has a newer token and is left alone.
-        holder = hook.holder(hold["lock_name"])
-        ours = holder is not None and holder.fencing_token == hold["fencing_token"] and not getattr(holder, "released", False)
-        if ours:
-            assert holder is not None
-            mask_secret(holder.owner_token)
-            if hook.release(hold["lock_name"], holder.owner_token):  # owner-checked in the store
-                self.log.info("Released lock %r (fencing token %s)", hold["lock_name"], hold["fencing_token"])
-                return
-            holder = hook.holder(hold["lock_name"])
-        now = f"it is now held by {describe_holder(holder)}" if holder else "it had expired"
-        raise SingletonLockLost(
-            hold["lock_name"],
-            f"exclusivity on lock {hold['lock_name']!r} (fencing token {hold['fencing_token']}) was lost while the "
-            f"guarded tasks ran: {now}; the guarded tasks renew the lease while they run, so the gap between "
-            f"two of them outlasted lock_expire_seconds",
-        )
-
-
-class _GroupLease:
-    """Renews a guarded group's lease from inside each guarded task, for as long as the task runs.
-
-    Attached as execute and end-of-task callbacks, so it works for any operator; it
-    finds the hold from the acquire task's XCom (lock name and fencing token) and the
-    owner token from the store's record, never from XCom.
-    """
-
-    _running: ClassVar[dict[tuple[str, str, str, int], threading.Event]] = {}
-
-    def __init__(self, guard: SingletonOperator) -> None:
-        self.acquire_task_id = guard.task_id
-        self.singleton_conn_id = guard.singleton_conn_id
-        self.lock_expire_seconds = guard.lock_expire_seconds
-
-    @classmethod
-    def attach(cls, task: Any, guard: SingletonOperator) -> None:
-        if guard.lock_expire_seconds is None:
-            return  # a lease that never ends needs no renewal
-        lease = cls(guard)
-        task.on_execute_callback = [*_callbacks(task.on_execute_callback), lease.start]
-        for kind in ("on_success_callback", "on_failure_callback", "on_retry_callback", "on_skipped_callback"):
-            setattr(task, kind, [*_callbacks(getattr(task, kind)), lease.stop])
-
-    @staticmethod
-    def _key(context: Any) -> tuple[str, str, str, int]:
-        ti = context["ti"]
-        return (str(ti.dag_id), str(ti.run_id), str(ti.task_id), int(ti.map_index if ti.map_index is not None else -1))
-
-    def start(self, context: Any) -> None:
-        ti = context["ti"]
-        hold = ti.xcom_pull(task_ids=self.acquire_task_id, key=XCOM_KEY)
-        if not hold:
-            return  # the acquire task holds nothing for this run (skipped, or not a group run)
-        hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
-        record = hook.holder(hold["lock_name"])
-        if record is None or record.fencing_token != hold["fencing_token"]:
-            context["task"].log.error("Lock %r (fencing token %s) is no longer the group's: %s", hold["lock_name"],
-                         hold["fencing_token"], f"now {describe_holder(record)}" if record else "it expired")
-            return
-        stop = threading.Event()
-        previous = self._running.pop(self._key(context), None)
-        if previous is not None:
-            previous.set()
-        self._running[self._key(context)] = stop
-        ttl = float(self.lock_expire_seconds or 0)
-        log = context["task"].log
-        thread = threading.Thread(target=self._renew, args=(hook, hold, record.owner_token, ttl, stop, log),
-                                  name=f"singleton-group-lease-{hold['lock_name']}", daemon=True)
-        thread.start()
-        # The first renewal is at once: it covers the gap between the previous task and this one.
-        log.info("Renewing the group's lock %r (fencing token %s) every %.0f s while this task runs",
-                    hold["lock_name"], hold["fencing_token"], ttl / 3)
-
-    def stop(self, context: Any) -> None:
-        stop = self._running.pop(self._key(context), None)
-        if stop is not None:
-            stop.set()
-
-    @staticmethod
-    def _renew(hook: SingletonHook, hold: Mapping[str, Any], owner_token: str, ttl: float, stop: threading.Event,
-               log: Any) -> None:
-        interval = max(ttl / 3, 0.05)
-        while True:
-            try:
-                renewed = hook.get_conn().renew(hold["lock_name"], owner_token, ttl)
-            except Exception as error:  # noqa: BLE001  (a store hiccup: the next renewal may get through)
-                log.warning("Renewing the group's lock %r failed: %s", hold["lock_name"], error)
-            else:
-                if renewed is None:
-                    log.error("The group's lock %r (fencing token %s) could not be renewed: it expired or was "
-                              "released; exclusivity is not guaranteed for the rest of this task",
-                              hold["lock_name"], hold["fencing_token"])
-                    return
-            if stop.wait(interval):
-                return
-
-
-def _callbacks(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]

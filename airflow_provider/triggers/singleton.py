@@ -93,7 +93,7 @@ class SingletonTrigger(BaseTrigger):
                     return
                 now = time.time()
                 if self.deadline is not None and now >= self.deadline:
-                    from airflow_provider.operators.singleton import describe_holder
+                    from airflow_provider._holders import describe_holder
 
                     yield self._event("timeout", holder=describe_holder(holder))
                     return

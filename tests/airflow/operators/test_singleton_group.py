@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from airflow.sdk import DAG, task
 
 from airflow_provider import SingletonLockLost, SingletonOperator, SingletonReleaseOperator
 from airflow_provider.operators.singleton import XCOM_KEY
-from singleton_integrations import Owner
+from singleton_integrations import Owner, Singleton
 from tests.airflow._dagrun import run_dag
 
 START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
@@ -23,7 +24,8 @@ def _on_failure(context: Any) -> None:
 
 
 def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = False,
-               lock_expire_seconds: float = 300.0, hold_for: float = 0.0, taken_over: bool = False) -> DAG:
+               lock_expire_seconds: float = 300.0, hold_for: float = 0.0, taken_over: bool = False,
+               force_released: bool = False, ghost_for: float = 0.0, late_teardown: float = 0.0) -> DAG:
     SEEN.clear()
     with (
         DAG(dag_id, schedule=None, start_date=START, catchup=False,
@@ -43,6 +45,11 @@ def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = F
                 with store.persister() as other:
                     other.force_release(lock_name)
                     SEEN["taker"] = other.acquire(lock_name, Owner(metadata={"deployment": "elsewhere"}), 60).record
+            if force_released:  # an operator frees it by hand
+                with store.persister() as other:
+                    other.force_release(lock_name)
+            if ghost_for:  # a guarded task of this run whose process still runs (Airflow marked it failed)
+                _hold_a_ghost_marker(store, lock_name, ti, ghost_for)
             if first_fails:
                 raise RuntimeError("extract failed")
 
@@ -51,7 +58,44 @@ def _group_dag(dag_id: str, store: Any, lock_name: str, *, first_fails: bool = F
             SEEN["load_ran"] = True
 
         extract() >> load()
+    if late_teardown:  # outside the group: delays the teardown past the lease's end
+
+        @task
+        def unguarded_slow() -> None:
+            time.sleep(late_teardown)
+
+        dag.get_task("load") >> unguarded_slow() >> dag.get_task("guard_release")
     return dag
+
+
+def _hold_a_ghost_marker(store: Any, lock_name: str, ti: Any, seconds: float) -> None:
+    """Hold a guarded task's marker for ``seconds`` from another thread, as a still-running process would."""
+    from airflow_provider.operators._guarded_group import _marker_name, guarded_prefix
+
+    marker = Singleton(_marker_name(guarded_prefix(lock_name, ti.dag_id, ti.run_id), "ghost", -1), store.persister(),
+                       lock_expire_seconds=60, release_on_sigterm=False)
+    assert marker.lock()
+
+    def stop() -> None:
+        SEEN["ghost_stopped_at"] = time.monotonic()
+        marker.release()
+
+    threading.Timer(seconds, stop).start()
+
+
+def _watch_until_free(store: Any, lock_name: str) -> threading.Thread:
+    """Record in SEEN when the group's lock is first seen free (polling: only ever late, never early)."""
+    def watch() -> None:
+        with store.persister() as persister:
+            while persister.get(lock_name) is None:
+                time.sleep(0.02)
+            while persister.get(lock_name) is not None:
+                time.sleep(0.02)
+            SEEN["group_freed_at"] = time.monotonic()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_group_is_guarded_between_setup_and_teardown(store, lock_name) -> None:
@@ -100,6 +144,39 @@ def test_release_fails_when_another_holder_took_the_lock(sqlite_store, lock_name
     assert isinstance(SEEN["guard_release"], SingletonLockLost) and "deployment=elsewhere" in str(SEEN["guard_release"])
     assert "now held by" in str(SEEN["guard_release"])
     assert sqlite_store.holder(lock_name).fencing_token == SEEN["taker"].fencing_token, "the taker's lock must stay"
+
+
+def test_teardown_waits_for_every_guarded_task_to_stop(sqlite_store, lock_name, task_log) -> None:
+    """A guarded task whose process still runs (marked failed, cleared) keeps the group's lock held."""
+    watcher = _watch_until_free(sqlite_store, lock_name)
+    tis = run_dag(_group_dag("group_ghost", sqlite_store, lock_name, ghost_for=3.0))
+    watcher.join(30)
+    assert tis["guard_release"].state == "success"
+    assert SEEN["group_freed_at"] >= SEEN["ghost_stopped_at"], "the group's lock was freed while a guarded task ran"
+    assert "Waiting for 1 guarded task(s) to stop before releasing lock" in task_log()
+
+
+def test_teardown_names_a_force_release_as_the_cause(sqlite_store, lock_name) -> None:
+    tis = run_dag(_group_dag("group_forced", sqlite_store, lock_name, force_released=True))
+    assert tis["guard_release"].state == "failed"
+    message = str(SEEN["guard_release"])
+    assert "removed before its lease could end" in message and "force-released" in message, message
+    assert "expired" not in message
+
+
+def test_teardown_only_warns_when_the_lease_ended_after_the_guarded_work(sqlite_store, lock_name, task_log) -> None:
+    """A teardown that runs after the lease's end (a worker's warm shutdown) broke nobody's exclusivity."""
+    tis = run_dag(_group_dag("group_late", sqlite_store, lock_name, lock_expire_seconds=2, late_teardown=6))
+    assert tis["load"].state == "success" and tis["guard_release"].state == "success"
+    out = task_log()
+    assert "had already expired at" in out and "after the guarded tasks stopped" in out, out[-3000:]
+
+
+def test_fail_on_conflict_with_retries_warns_that_retries_are_unused() -> None:
+    with DAG("fail_with_retries", schedule=None, start_date=START), \
+            pytest.warns(UserWarning, match="on_conflict='fail' fails the task without retrying"):
+        SingletonOperator(task_id="strict", lock_name="x", python_callable=lambda: None, on_conflict="fail",
+                          retries=2)
 
 
 def test_xcom_carries_no_owner_token(sqlite_store, lock_name) -> None:
