@@ -1,12 +1,15 @@
 """Lock outcomes that are errors, as Airflow exceptions so retry rules and policies can name them.
 
-    AirflowException
-    ├── SingletonLockConflict   on_conflict="retry": the task goes up_for_retry (retries apply)
-    │   └── SingletonWaitTimeout  on_conflict="wait": wait_timeout ran out, retries apply too
-    └── AirflowFailException
-        └── SingletonLockLost   exclusivity was lost while the task ran: failed, no retry
+    AirflowException                    singleton_integrations.LockConflict / LockLost
+    ├── SingletonLockConflict ──────────┤ (also a LockConflict)
+    │   └── SingletonWaitTimeout        │  on_conflict="wait": wait_timeout ran out, retries apply too
+    └── AirflowFailException            │
+        └── SingletonLockLost ──────────┘ (also a LockLost): exclusivity was lost, failed, no retry
 
-Use them in a retry policy by dotted path, e.g.
+``SingletonLockConflict`` (on_conflict="retry") sends the task up_for_retry. Each keeps its
+Airflow base class, which decides retrying, and subclasses the core's error, so
+``except LockConflict`` catches a conflict whichever layer raised it. Use them in a retry
+policy by dotted path, e.g.
 ``RetryRule(exception="airflow_provider.SingletonLockConflict", action=RetryAction.RETRY)``.
 """
 
@@ -16,31 +19,47 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from singleton_integrations import LockConflict, LockLost, LockRecord
+
 __all__ = ["SingletonLockConflict", "SingletonLockLost", "SingletonWaitTimeout"]
 
 
-class SingletonLockConflict(AirflowException):
-    """Another task or process holds the lock; ``holder`` is its one-line description."""
+class SingletonLockConflict(AirflowException, LockConflict):
+    """Another task or process holds the lock.
 
-    def __init__(self, lock_name: str, holder: str | None = None, message: str | None = None) -> None:
+    ``holder`` is its record when known (as for the core's ``LockConflict``);
+    ``holder_description`` names it in Airflow's terms (deployment, DAG, run, task).
+    """
+
+    def __init__(self, lock_name: str, holder: LockRecord | str | None = None, message: str | None = None) -> None:
+        record = holder if isinstance(holder, LockRecord) else None
+        description = holder.describe() if isinstance(holder, LockRecord) else holder
+        LockConflict.__init__(self, lock_name, record,
+                              message or f"lock {lock_name!r} is held by {description or 'another process'}")
         self.lock_name = lock_name
-        self.holder = holder
-        super().__init__(message or f"lock {lock_name!r} is held by {holder or 'another process'}")
+        self.holder_description = description
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.lock_name, self.holder, str(self)))
+        return (_rebuild_conflict, (type(self), self.lock_name, self.holder, self.holder_description, str(self)))
 
 
 class SingletonWaitTimeout(SingletonLockConflict):
     """``on_conflict="wait"`` waited ``wait_timeout`` seconds and the lock was still held."""
 
 
-class SingletonLockLost(AirflowFailException):
+class SingletonLockLost(AirflowFailException, LockLost):
     """The lock was ours but expired or was taken over before the work ended: exclusivity is not guaranteed."""
 
     def __init__(self, lock_name: str, message: str | None = None) -> None:
+        LockLost.__init__(self, lock_name, message or f"exclusivity on lock {lock_name!r} was lost while the task ran")
         self.lock_name = lock_name
-        super().__init__(message or f"exclusivity on lock {lock_name!r} was lost while the task ran")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.lock_name, str(self)))
+
+
+def _rebuild_conflict(cls: type[SingletonLockConflict], lock_name: str, record: LockRecord | None,
+                      description: str | None, message: str) -> SingletonLockConflict:
+    error = cls(lock_name, record if record is not None else description, message)
+    error.holder_description = description
+    return error

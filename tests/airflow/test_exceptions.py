@@ -21,4 +21,22 @@ def test_exceptions_pickle_with_their_details() -> None:
                   SingletonLockLost("n")):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and copy.lock_name == "n"
-    assert pickle.loads(pickle.dumps(SingletonLockConflict("n", "host pid 1"))).holder == "host pid 1"
+    assert pickle.loads(pickle.dumps(SingletonLockConflict("n", "host pid 1"))).holder_description == "host pid 1"
+
+
+def test_the_core_errors_catch_the_airflow_ones() -> None:
+    """``except LockConflict`` and ``except LockLost`` work whichever layer raised."""
+    from singleton_integrations import LockConflict, LockLost, LockRecord
+
+    assert issubclass(SingletonLockConflict, LockConflict) and issubclass(SingletonWaitTimeout, LockConflict)
+    assert issubclass(SingletonLockLost, LockLost)
+    try:
+        raise SingletonLockConflict("n", "deployment east (dag d, run r, task t)")
+    except LockConflict as error:
+        assert error.name == "n" and error.holder is None and "deployment east" in str(error)
+    from datetime import datetime, timezone
+
+    record = LockRecord("n", "secret-owner-token", 7, "host", 1, datetime.now(timezone.utc), None)
+    conflict = pickle.loads(pickle.dumps(SingletonLockConflict("n", record)))
+    assert conflict.holder == record and "fencing token 7" in str(conflict)
+    assert "secret-owner-token" not in str(conflict)
