@@ -100,13 +100,34 @@ def slot():
     nightly()
 
 
+@dag(dag_id="guarded", schedule=None, start_date=datetime(2024, 1, 1), catchup=False)
+def guarded():
+    from airflow_provider import SingletonOperator
+
+    # A group whose guarded task beats every 50 ms into a file: the test reads when it really stopped.
+    with SingletonOperator(task_id="guard", lock_name="guarded-" + TAG + "-{{{{ dag_run.conf['round'] }}}}",
+                           lock_expire_seconds=60):
+        @task
+        def beating(ti=None, dag_run=None):
+            seconds = dag_run.conf["seconds"] if ti.try_number == 1 else 2
+            beats = FACTS / f"beats-{{ti.run_id}}-{{ti.try_number}}.txt"
+            started = time.time()
+            while time.time() - started < seconds:
+                with open(beats, "a") as sink:
+                    sink.write(f"{{time.time()}}\\n")
+                time.sleep(0.05)
+
+        beating()
+
+
 race()
 mapped()
 deferred()
 overhead()
 slot()
+guarded()
 '''
-DAG_IDS = ["race", "mapped", "deferred", "overhead", "slot"]
+DAG_IDS = ["race", "mapped", "deferred", "overhead", "slot", "guarded"]
 PRELOAD = """# Loaded by every Airflow process: forked task processes inherit the driver instead of importing it.
 from singleton_integrations import persisters
 
@@ -412,3 +433,105 @@ def test_connection_forms_in_a_real_browser(deployments: tuple[Deployment, Deplo
     stored = facts["stored"]
     assert not stored["secretInValues"] and not stored["secretInText"] and not stored["html"], stored
     assert stored["redactedShown"], "the edit form shows the stored URL as ***"
+
+
+def _beats(facts: Path, run_id: str, try_number: int) -> list[float]:
+    path = facts / f"beats-{run_id}-{try_number}.txt"
+    return [float(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def _wait_beating(deployment: Deployment, facts: Path, run_id: str, try_number: int = 1) -> None:
+    deadline = time.monotonic() + 180
+    while len(_beats(facts, run_id, try_number)) < 10:
+        assert time.monotonic() < deadline, deployment.task_states("guarded", run_id)
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["failed", "success"])
+def test_a_guarded_task_marked_by_hand_stops_before_the_group_releases(
+    deployments: tuple[Deployment, Deployment], facts: Path, how: str
+) -> None:
+    """Marking a running guarded task failed or success never lets the next holder overlap its work."""
+    import threading
+
+    from singleton_integrations import Singleton, persisters
+
+    east, _ = deployments
+    run_id = f"guarded-mark-{how}-{TAG}"
+    name = f"guarded-{TAG}-mark-{how}"
+    east.trigger("guarded", run_id, conf={"round": f"mark-{how}", "seconds": 120})
+    _wait_beating(east, facts, run_id)
+    store = persisters.from_url(_redis())
+    acquired_at: list[float] = []
+    competitor = Singleton(name, store, lock_expire_seconds=30, release_on_sigterm=False)
+
+    def compete() -> None:
+        if competitor.lock(wait=180):
+            acquired_at.append(time.time())
+            competitor.release()
+
+    thread = threading.Thread(target=compete)
+    thread.start()
+    try:
+        east.request("PATCH", f"/api/v2/dags/guarded/dagRuns/{run_id}/taskInstances/beating", {"new_state": how})
+        thread.join(200)
+        assert acquired_at, f"the competitor never got the lock: {east.task_states('guarded', run_id)}"
+        beats = _beats(facts, run_id, 1)
+        overlap = beats[-1] - acquired_at[0]
+        _figure(f"guarded group, task marked {how}: last beat of the guarded task after the next holder "
+                "acquired (s; negative: no overlap)", round(overlap, 3))
+        assert overlap < 0, f"the guarded task still beat {overlap:.3f} s after the next holder acquired"
+        assert east.wait_run("guarded", run_id)["state"] in ("success", "failed")
+        assert east.task_states("guarded", run_id)["guard_release"] == "success"
+    finally:
+        thread.join(5)
+        store.close()
+
+
+def test_clearing_a_running_guarded_task_reruns_it_under_the_lock(
+    deployments: tuple[Deployment, Deployment], facts: Path
+) -> None:
+    """The re-run's setup takes over the hold its cleared try left, once that try's work stopped; then all runs."""
+    from singleton_integrations import persisters
+
+    east, _ = deployments
+    run_id = f"guarded-clear-{TAG}"
+    name = f"guarded-{TAG}-clear"
+    east.trigger("guarded", run_id, conf={"round": "clear", "seconds": 120})
+    _wait_beating(east, facts, run_id)
+    east.request("POST", "/api/v2/dags/guarded/clearTaskInstances",
+                 {"dry_run": False, "dag_run_id": run_id, "task_ids": ["beating"], "only_failed": False,
+                  "reset_dag_runs": True})
+    run = east.wait_run("guarded", run_id, timeout=300)
+    states = east.task_states("guarded", run_id)
+    assert run["state"] == "success" and states == {"guard": "success", "beating": "success",
+                                                    "guard_release": "success"}, states
+    first, second = _beats(facts, run_id, 1), _beats(facts, run_id, 2)
+    assert second, f"the cleared task never ran again: {states}"
+    assert first[-1] < second[0], "the re-run started while the cleared try still ran"
+    store = persisters.from_url(_redis())
+    try:
+        assert store.get(name) is None, "the lock is still held after the re-run ended"
+    finally:
+        store.close()
+    guard_log = east.task_log("guarded", run_id, "guard", try_number=2)
+    assert "held by an earlier try of this task" in guard_log, guard_log[-3000:]
+
+
+def test_the_teardown_names_a_force_release_as_the_cause(deployments: tuple[Deployment, Deployment], facts: Path) -> None:
+    from singleton_integrations import persisters
+
+    east, _ = deployments
+    run_id = f"guarded-forced-{TAG}"
+    name = f"guarded-{TAG}-forced"
+    east.trigger("guarded", run_id, conf={"round": "forced", "seconds": 8})
+    _wait_beating(east, facts, run_id)
+    store = persisters.from_url(_redis())
+    try:
+        assert store.force_release(name) is not None
+    finally:
+        store.close()
+    east.wait_run("guarded", run_id)
+    assert east.task_states("guarded", run_id)["guard_release"] == "failed"
+    log = east.task_log("guarded", run_id, "guard_release")
+    assert "removed before its lease could end" in log and "force-released" in log, log[-3000:]
