@@ -32,7 +32,9 @@ from typing import Any
 
 __all__ = ["main"]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+#: The Airflow DAG and the Prefect flow the demo runs: shipped inside the package, so an
+#: installed package runs the whole demo, not only its core scenes.
+SCENES = Path(__file__).resolve().parent / "demo_scenes"
 RESULT_PREFIX = "SINGLETON_DEMO_RESULT "
 EVENT_PREFIX = "@@demo "
 SHARED_NAME = "nightly-export"  # the one name the cron job, the DAG and the flow share
@@ -333,9 +335,9 @@ class Demo:
         if not python:
             self.timeline.note(which, f"skipped: {variable} is not set (`nox -s demo` sets it up)", kind="skipped")
             return None
-        script = EXAMPLES / which / "nightly_export.py"
+        script = SCENES / which / "nightly_export.py"
         if not script.exists():
-            self.timeline.note(which, f"skipped: {script} is missing (run the demo from a clone)", kind="skipped")
+            self.timeline.note(which, f"skipped: {script} is missing from this installation", kind="skipped")
             return None
         # find_spec, not import: a quick look that costs no Airflow or Prefect start-up.
         code = f"import importlib.util as u; print(' '.join(m for m in {probe!r} if u.find_spec(m) is None))"
@@ -356,7 +358,7 @@ class Demo:
             return
         home = self.workdir / "airflow"
         env = {**self.env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-               "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLES / "airflow"),
+               "AIRFLOW__CORE__DAGS_FOLDER": str(SCENES / "airflow"),
                "AIRFLOW_CONN_SINGLETON_DEFAULT": json.dumps({"conn_type": "singleton", "extra": {"url": self.url}}),
                "SINGLETON_LOCK_NAME": SHARED_NAME}
         self.timeline.note("airflow", "airflow db migrate (Airflow's own SQLite metadata DB)")
@@ -367,7 +369,7 @@ class Demo:
             return
         self.timeline.note("airflow", "dag.test() of nightly_export: @task.singleton(on_conflict='skip')")
         log = self.workdir / "airflow-dag.log"
-        run = Actor(self.timeline, "airflow", [python, str(EXAMPLES / "airflow" / "nightly_export.py")], env, log=log)
+        run = Actor(self.timeline, "airflow", [python, str(SCENES / "airflow" / "nightly_export.py")], env, log=log)
         run.finish(ORCHESTRATOR_TIMEOUT)
         result = _result(log)
         state = (result or {}).get("tasks", {}).get("export")
@@ -387,7 +389,7 @@ class Demo:
         env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral server, never the user's
         self.timeline.note("prefect", "flow nightly-export: @singleton(on_conflict='skip'), ephemeral server")
         log = self.workdir / "prefect-flow.log"
-        run = Actor(self.timeline, "prefect", [python, str(EXAMPLES / "prefect" / "nightly_export.py")], env, log=log)
+        run = Actor(self.timeline, "prefect", [python, str(SCENES / "prefect" / "nightly_export.py")], env, log=log)
         run.finish(ORCHESTRATOR_TIMEOUT)
         result = _result(log)
         name = (result or {}).get("name")

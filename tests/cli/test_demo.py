@@ -33,3 +33,19 @@ def test_demo_core_parts_pass_and_leave_nothing_running(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     bars = [e for e in ET.parse(chart).getroot().iter() if e.tag.endswith("rect")]
     assert len(bars) >= 9, "a background and one bar per hold (race, crash x2, fencing x2, slot x2, cron)"
+
+
+def test_the_wheel_ships_the_orchestrator_scenes(tmp_path: Path) -> None:
+    """An installed package runs the whole demo: its Airflow DAG and Prefect flow are package files."""
+    import shutil
+    import zipfile
+
+    uv = shutil.which("uv")
+    assert uv, "uv comes with the README's `pip install 'nox[uv]'`"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path), str(root)], check=True, capture_output=True,
+                   timeout=240)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for scene in ("airflow", "prefect"):
+        assert f"singleton_integrations/demo_scenes/{scene}/nightly_export.py" in names, sorted(names)

@@ -5,7 +5,7 @@ flow next to this file use the same lock name, so at most one of them exports at
 Point the ``singleton_default`` connection at the shared store, then run the DAG once:
 
     export AIRFLOW_CONN_SINGLETON_DEFAULT='{"conn_type": "singleton", "extra": {"url": "sqlite:////tmp/locks.sqlite3"}}'
-    python examples/demo/airflow/nightly_export.py      # dag.test(): prints the task's final state
+    python -m singleton_integrations.demo_scenes.airflow.nightly_export      # dag.test(): prints the task's final state
 """
 
 from __future__ import annotations

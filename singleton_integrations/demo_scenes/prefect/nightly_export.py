@@ -4,7 +4,7 @@ The same lock name guards the cron job, the Python worker and the Airflow DAG in
 ``examples/``; the store comes from ``SINGLETON_URL`` (default: the SQLite file in
 your state directory). Run it against Prefect's ephemeral server:
 
-    SINGLETON_URL=sqlite:////tmp/locks.sqlite3 python examples/demo/prefect/nightly_export.py
+    SINGLETON_URL=sqlite:////tmp/locks.sqlite3 python -m singleton_integrations.demo_scenes.prefect.nightly_export
 """
 
 from __future__ import annotations
