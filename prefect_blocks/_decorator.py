@@ -24,7 +24,9 @@ from typing import Any, Literal, TypeVar
 from singleton_integrations import AsyncSingleton, LockConflict, Singleton
 
 from ._block import SingletonBlock
+from ._context import current_run, run_logger
 from ._lock import SingletonLock
+from ._messages import fan_out
 
 __all__ = ["BLOCK_CACHE_SECONDS_ENV", "OnConflict", "clear_block_cache", "current_lock", "singleton"]
 
@@ -157,6 +159,7 @@ def _run_guarded(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], k
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
+        _warn_if_fanned_out(conflict, guard, fn)
         return _skipped(conflict, guard.skipped_state_name)
 
 
@@ -171,7 +174,29 @@ async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
+        _warn_if_fanned_out(conflict, guard, fn)
         return _skipped(conflict, guard.skipped_state_name)
+
+
+def _warn_if_fanned_out(conflict: LockConflict, guard: _Guard, fn: Callable[..., Any]) -> None:
+    """A task run skipped by a task run of its own flow run is a fan-out on one lock name: say so.
+
+    ``.map()`` or ``.submit()`` over a ``@singleton`` task whose lock name names no
+    parameter gives every item the same lock: all but one end "Skipped" while the
+    flow run is Completed. The skip is right; only the lock name is wrong.
+    """
+    holder = conflict.holder
+    if holder is None:
+        return
+    run = current_run()
+    theirs = holder.metadata.get("prefect_task_run_id")
+    if not run.task_run_id or not theirs or theirs == run.task_run_id:
+        return
+    if holder.metadata.get("prefect_flow_run_id") != run.flow_run_id:
+        return
+    parameters = list(inspect.signature(fn).parameters)
+    recipe = f"{fn.__name__}-{{{parameters[0]}}}" if parameters else "item-{i}"
+    run_logger().warning("%s", fan_out(conflict.name, holder, run.task_run_name, recipe))
 
 
 def _skipped(conflict: LockConflict, state_name: str) -> Any:

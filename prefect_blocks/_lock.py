@@ -2,13 +2,17 @@
 
 It acquires or raises ``LockConflict``, renews while held (when the block says so),
 releases on exit, on exceptions, on cancellation and on Prefect's ``TerminationSignal``,
-and turns every step into a Prefect event and a run log line.
+and turns every step into a Prefect event and a run log line. The run's logger is
+taken when the lock is entered: a loss is learned on the renewal thread, where
+Prefect has no run context, and its line must still reach the run's log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +21,7 @@ from singleton_integrations import AsyncSingleton, LockLost, Singleton
 from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
 from ._events import emit_lock_event
 from ._messages import conflict
+from ._waiting import WaitReport, areporting_wait, reporting_wait
 
 if TYPE_CHECKING:
     from ._block import SingletonBlock
@@ -55,6 +60,7 @@ class SingletonLock:
         self.log_conflict = log_conflict
         self._held: CoreLock | None = None
         self._run = RunInfo()
+        self._log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logging.getLogger("prefect_blocks")
         self._lost_reason: str | None = None
         self._entered = threading.Lock()
 
@@ -69,7 +75,8 @@ class SingletonLock:
         singleton = self._prepare(asynchronous=False)
         assert isinstance(singleton, Singleton)
         try:
-            acquired = singleton.lock(wait=self.wait)
+            with self._reporting_wait(singleton):
+                acquired = singleton.lock(wait=self.wait)
         except BaseException:
             self._finish()
             raise
@@ -97,7 +104,8 @@ class SingletonLock:
         singleton = self._prepare(asynchronous=True)
         assert isinstance(singleton, AsyncSingleton)
         try:
-            acquired = await singleton.lock(wait=self.wait)
+            async with self._areporting_wait(singleton):
+                acquired = await singleton.lock(wait=self.wait)
         except BaseException:  # cancellation included: AsyncSingleton never leaks a lock it got
             self._finish()
             raise
@@ -125,6 +133,7 @@ class SingletonLock:
         if not self._entered.acquire(blocking=False):
             raise RuntimeError(f"this lock on {self.name!r} is already entered; create another with block.lock()")
         self._run = current_run()
+        self._log = run_logger()  # here, in the run's thread: the renewal thread has no run context
         self._lost_reason = None
         metadata = {**self._run.metadata(), **self.extra_metadata}
         options: dict[str, Any] = {
@@ -143,7 +152,7 @@ class SingletonLock:
         except BaseException:
             self._entered.release()
             raise
-        singleton.on("expired", lambda message: self._emit("expired", singleton, str(message)))
+        singleton.on("expired", lambda message: self._on_expired(singleton, str(message)))
         singleton.on("lost", lambda message: self._on_lost(singleton, str(message)))
         self._held = singleton
         return singleton
@@ -157,30 +166,45 @@ class SingletonLock:
         error = conflict(singleton.name, singleton.last_holder, self.wait)
         self._emit("conflict", singleton, str(error), singleton.last_holder)
         if self.log_conflict:
-            run_logger().info("%s", error)
+            self._log.info("%s", error)
         raise error
 
     def _acquired(self, singleton: CoreLock) -> None:
         message = f"acquired lock {singleton.name!r} with fencing token {singleton.fencing_token}"
         self._emit("acquired", singleton, message, singleton.record)
-        run_logger().info("%s", message)
+        self._log.info("%s", message)
 
     def _after_release(self, singleton: CoreLock, released: bool, body_succeeded: bool) -> None:
         if released:
-            self._emit("released", singleton, f"released lock {singleton.name!r}")
+            message = f"released lock {singleton.name!r}"
+            self._emit("released", singleton, message)
+            self._log.info("%s", message)
         if self._lost_reason is not None and body_succeeded:
             raise LockLost(singleton.name, self._lost_reason)
 
-    @staticmethod
-    def _release_failed(singleton: CoreLock, error: Exception) -> bool:
-        run_logger().warning("could not release lock %r (its lease will expire): %s", singleton.name, error)
+    def _release_failed(self, singleton: CoreLock, error: Exception) -> bool:
+        self._log.warning("could not release lock %r (its lease will expire): %s", singleton.name, error)
         return False
 
+    def _on_expired(self, singleton: CoreLock, message: str) -> None:
+        self._emit("expired", singleton, message)
+        self._log.warning("%s", message)
+
     def _on_lost(self, singleton: CoreLock, message: str) -> None:
-        # May run on the renewal thread: the run context is the one captured at enter.
+        # May run on the renewal thread: the run and its logger are the ones captured at enter.
         self._lost_reason = message
         self._emit("lost", singleton, message)
-        run_logger().warning("%s", message)
+        self._log.warning("%s", message)
+
+    def _wait_report(self, singleton: CoreLock) -> WaitReport:
+        return WaitReport(singleton.name, singleton.persister, self._log, singleton.metadata)
+
+    def _reporting_wait(self, singleton: CoreLock) -> AbstractContextManager[None]:
+        """Say in the run's log that the run waits, and for whom, while ``lock(wait=...)`` blocks."""
+        return reporting_wait(self._wait_report(singleton)) if self.wait else nullcontext()
+
+    def _areporting_wait(self, singleton: CoreLock) -> AbstractAsyncContextManager[None]:
+        return areporting_wait(self._wait_report(singleton)) if self.wait else nullcontext()
 
     def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None) -> None:
         emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend, message=message, record=record)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from singleton_integrations import LockConflict, LockRecord
 
-__all__ = ["conflict", "describe_holder"]
+__all__ = ["conflict", "describe_holder", "fan_out", "waiting"]
 
 #: Metadata written by this package; the friendly ones are said in words, the ids left out.
 _PREFECT_KEYS = (
@@ -66,3 +66,23 @@ def conflict(name: str, record: LockRecord | None, waited: float | None = None) 
     else:
         message = f"lock {name!r} is held by {who} since {_when(record.created_at)}{after}"
     return LockConflict(name, record, message)
+
+
+def waiting(name: str, record: LockRecord | None, waited: float | None = None) -> str:
+    """The run log's line while a run waits for ``name``: who holds it, since when; ``waited`` after the first."""
+    head = f"waiting for lock {name!r}" if waited is None else f"still waiting for lock {name!r} after {waited:.0f} s,"
+    if record is None:
+        return f"{head} held by nobody right now (the next attempt may take it)"
+    if record.released_at is not None:
+        return f"{head} held for the minimum hold until {_when(record.hold_until)}: {describe_holder(record)} ran its slot"
+    return f"{head} held by {describe_holder(record)} since {_when(record.created_at)}"
+
+
+def fan_out(name: str, record: LockRecord, task_run_name: str | None, recipe: str) -> str:
+    """The warning for a task run skipped by a sibling task run of its own flow run (``.map()``, ``.submit()``)."""
+    holder = record.metadata.get("prefect_task_run_name") or "another task run"
+    skipped = f"task run {task_run_name!r}" if task_run_name else "this task run"
+    return (f"{skipped} was skipped: lock {name!r} is held by task run {holder!r} of this same flow run. "
+            f"Every call of a @singleton task in .map() or .submit() gets the same lock name unless lock_name "
+            f"names a parameter; to run the items in parallel, give each its own lock, e.g. @singleton(..., "
+            f'lock_name="{recipe}"), or on_conflict="wait" to run them one at a time')

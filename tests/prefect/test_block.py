@@ -100,7 +100,7 @@ def test_the_code_example_runs_when_pasted(store_url: str, lock_name: str) -> No
     SingletonBlock(url=store_url).save(name)
     code = textwrap.dedent(SingletonBlock._code_example).strip().removeprefix("```python").removesuffix("```")
     namespace: dict = {}
-    exec(compile(code.replace("BLOCK_NAME", name, 1), "<block page>", "exec"), namespace)  # noqa: S102 - the pasted example
+    exec(compile(code.replace("BLOCK_NAME", name, 1), "<block page>", "exec"), namespace)  # the pasted example
     assert namespace["nightly"](return_state=True).name == "Completed"
     assert namespace["export"]("eu", return_state=True).name == "Completed"
     with held_elsewhere(store_url, "export-eu"):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from prefect import flow, task
 from prefect.context import FlowRunContext, TaskRunContext
 
+import prefect_blocks._waiting
 from prefect_blocks import LockConflict, LockLost, SingletonBlock, current_lock, singleton
 
 from .conftest import ROOT, held_elsewhere
@@ -148,6 +151,70 @@ async def test_cancelled_while_waiting_leaks_nothing(block: SingletonBlock, stor
 async def _hold_briefly(block: SingletonBlock, name: str) -> None:
     async with block.lock(name, wait=3600):
         pytest.fail("the other process holds the lock throughout")
+
+
+class RunLines(logging.Handler):
+    """Records of Prefect's run loggers, whose flow_run_id is what sends a line to the run's log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, text: str) -> list[logging.LogRecord]:
+        return [record for record in list(self.records) if text in record.getMessage()]
+
+
+@pytest.fixture
+def run_lines() -> Iterator[RunLines]:
+    handler = RunLines()
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+async def test_an_async_wait_is_said_in_the_run_log(block: SingletonBlock, store_url: str, lock_name: str,
+                                                    run_lines: RunLines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served tests cover ``with``; ``async with`` reports from a task on the loop."""
+    monkeypatch.setattr(prefect_blocks._waiting, "WAIT_LOG_INTERVAL", 0.2)
+
+    @flow
+    async def waiter() -> str:
+        async with block.lock(lock_name, wait=120):
+            return str(FlowRunContext.get().flow_run.id)
+
+    with held_elsewhere(store_url, lock_name) as other:
+        running = asyncio.create_task(waiter())
+        while len(run_lines.of("waiting for lock")) < 2:
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+    flow_run_id = await running
+    first, again, *_ = run_lines.of("waiting for lock")
+    assert first.getMessage().startswith(f"waiting for lock {lock_name!r} held by ") and f"(pid {other.pid})" in first.getMessage()
+    assert again.getMessage().startswith(f"still waiting for lock {lock_name!r} after ")
+    assert {str(first.flow_run_id), str(again.flow_run_id)} == {flow_run_id}
+
+
+def test_a_loss_on_the_renewal_thread_is_a_run_log_line(store_url: str, lock_name: str, run_lines: RunLines) -> None:
+    block = SingletonBlock(url=store_url, lock_expire_seconds=1.5)
+
+    @flow
+    def holder() -> str:
+        with block.lock(lock_name):
+            block.get_persister().force_release(lock_name)  # an admin breaks it; the next renewal is refused
+            wait_until(lambda: run_lines.of("was lost"))
+            return str(FlowRunContext.get().flow_run.id)
+
+    state = holder(return_state=True)
+    assert state.is_failed() and "was lost" in state.message
+    [lost] = [record for record in run_lines.of("was lost") if record.getMessage().startswith("exclusivity on lock")]
+    assert lost.threadName.startswith("singleton-renew") and lost.levelno == logging.WARNING
+    assert str(lost.flow_run_id) == str(state.state_details.flow_run_id)
 
 
 # -- SIGTERM: Prefect's TerminationSignal unwinds the lock ------------------------------
