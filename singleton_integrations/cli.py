@@ -9,6 +9,8 @@ lock was lost and the command was terminated; 126/127 command not executable/fou
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import getpass
 import json
 import logging
@@ -19,12 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, NoReturn
 
-from . import __version__, persisters
+from . import __version__, persisters, stores
 from ._errors import PersisterError, SingletonError
 from ._record import LockRecord, validate_name
 from ._singleton import Singleton
@@ -54,6 +57,13 @@ EXIT_NOT_FOUND = 127  # as shells do
 DEFAULT_RUN_TTL = 60.0
 DEFAULT_KILL_AFTER = 10.0
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: ``--KIND NAME`` options that name a store through ``singleton_integrations.stores`` resolvers.
+_SOURCES = {
+    "airflow-conn": ("ID", ("the store of this Airflow connection, looked up through Airflow (its secrets backend, "
+                            "AIRFLOW_CONN_<ID>, its metadata database); needs the airflow extra")),
+    "prefect-block": ("NAME", ("the store of this saved Singleton block, loaded from the Prefect API; lock names "
+                               "get its name prefix; needs the prefect extra")),
+}
 
 log = logging.getLogger("singleton_integrations.cli")
 
@@ -99,9 +109,19 @@ def _metadata_item(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _source_name(text: str) -> str:
+    if not text.strip() or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(f"expected a name, got {text!r}")
+    return text
+
+
 def _build_parser(with_command: bool = True) -> _Parser:
     common = _Parser(add_help=False)
-    common.add_argument("--url", help="store URL (default: $SINGLETON_URL, else SQLite in your state directory)")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--url", help="store URL, or an Airflow connection URI of the provider's types "
+                                     "(default: $SINGLETON_URL, else SQLite in your state directory)")
+    for kind, (metavar, text) in _SOURCES.items():
+        where.add_argument(f"--{kind}", metavar=metavar, type=_source_name, help=text)
     common.add_argument("-v", "--verbose", action="store_true", help="log every lock event to stderr")
 
     parser = _Parser(prog="singleton", description="Only one instance of a job at a time, across processes and hosts.")
@@ -165,19 +185,48 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 class _Store:
-    """Opens the persister and maps what it raises to the CLI's errors, scrubbing passwords."""
+    """Opens the persister and maps what it raises to the CLI's errors, scrubbing passwords.
 
-    def __init__(self, url: str | None) -> None:
+    ``url`` comes from ``--url`` or ``$SINGLETON_URL`` (None: the SQLite default), or from
+    ``source``, where ``--airflow-conn`` or ``--prefect-block`` resolved to.
+    """
+
+    def __init__(self, url: str | None, source: stores.StoreLocation | None = None) -> None:
         self.url = url
+        self.urls = [url]  # every spelling of the URL whose secrets must not show
+        self.name_prefix = source.name_prefix if source else ""
+        self.source = source.description if source else ""
         try:
-            self.persister = persisters.from_url(url) if url else persisters.Sqlite()
+            if url and source is None:
+                self.url = stores.store_url(url)  # an Airflow connection URI: the store URL it names
+                if self.url != url:
+                    self.urls.append(self.url)
+                    self.source = f"--url {redact_url(url)}"
+            self.persister = persisters.from_url(self.url) if self.url else persisters.Sqlite()
         except ImportError as error:
-            raise PersisterError(_scheme(url), f"this store is not available here ({error})") from None
+            raise PersisterError(_scheme(self.url), f"this store is not available here ({error})") from None
         except (ValueError, TypeError) as error:
-            raise UsageError(f"singleton: bad store URL: {self.scrub(str(error))}") from None
+            source = f" from {self.source}" if self.source else ""
+            raise UsageError(f"singleton: bad store URL{source}: {self.scrub(str(error))}") from None
         if not getattr(self.persister, "multiprocess", True):
-            raise UsageError(f"singleton: {redact_url(url or '')!r} lives inside one process; "
+            raise UsageError(f"singleton: {redact_url(self.url or '')!r} lives inside one process; "
                              "the CLI needs a store other processes can see")
+        if self.source:
+            log.debug("the store of %s: %s", self.source, redact_url(self.url or ""))
+
+    def where(self) -> str:
+        """Where the store came from, for errors: empty for a URL given as it is."""
+        return f" at {redact_url(self.url or '')} ({self.source})" if self.source else ""
+
+    def stored(self, name: str) -> str:
+        """The name as stored: the source's name prefix, then ``name``."""
+        return _name(self.name_prefix + _name(name))
+
+    def shown(self, record: LockRecord) -> LockRecord:
+        """``record`` named as the user names it, without the source's name prefix."""
+        if self.name_prefix and record.name.startswith(self.name_prefix):
+            return dataclasses.replace(record, name=record.name[len(self.name_prefix):])
+        return record
 
     def call(self, method: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -188,7 +237,7 @@ class _Store:
             raise PersisterError(self.persister.backend, f"{type(error).__name__}: {error}") from error
 
     def scrub(self, text: str) -> str:
-        return _scrub(text, self.url)
+        return _scrub(text, *self.urls)
 
     def close(self) -> None:
         try:
@@ -197,9 +246,9 @@ class _Store:
             pass
 
 
-def _scrub(text: str, url: str | None) -> str:
-    """``text`` without the URL's password, in any spelling, even where a driver echoed it bare."""
-    return scrub(text, url)
+def _scrub(text: str, *urls: str | None) -> str:
+    """``text`` without the URLs' passwords, in any spelling, even where a driver echoed them bare."""
+    return scrub(text, *urls)
 
 
 def _scheme(url: str | None) -> str:
@@ -345,8 +394,9 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
     metadata.update(dict(args.metadata))
     try:
         hold: dict[str, Any] = {} if args.min_hold is None else {"min_hold_seconds": args.min_hold}
-        lock = Singleton(args.name, store.persister, lock_expire_seconds=args.ttl, auto_renew=args.renew,
-                         metadata=metadata, release_on_sigterm=False, **hold)  # the relay owns SIGTERM
+        lock = Singleton(store.stored(args.name), store.persister, lock_expire_seconds=args.ttl,
+                         auto_renew=args.renew, metadata=metadata, release_on_sigterm=False,
+                         **hold)  # the relay owns SIGTERM
     except (ValueError, TypeError) as error:
         raise UsageError(f"singleton run: {error}") from None
     with _SignalRelay() as relay:
@@ -357,7 +407,7 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
             return 128 + relay.received
         if not acquired:
             holder = lock.last_holder
-            _say(_holder_line(holder) if holder else f"lock {args.name!r} is held by another process")
+            _say(_holder_line(store.shown(holder)) if holder else f"lock {args.name!r} is held by another process")
             return int(args.conflict_exit_code)
         try:
             return _supervise(lock, command, relay, args.kill_after, store)
@@ -419,7 +469,8 @@ def _release_quietly(lock: Singleton, store: _Store) -> None:
 
 def _cmd_status(args: argparse.Namespace, store: _Store) -> int:
     name = _name(args.name)
-    record: LockRecord | None = store.call(store.persister.get, name)
+    record: LockRecord | None = store.call(store.persister.get, store.stored(name))
+    record = store.shown(record) if record else None
     if args.json:
         print(json.dumps({"name": name, "held": record is not None, "holder": record.to_dict() if record else None}))
     else:
@@ -428,7 +479,8 @@ def _cmd_status(args: argparse.Namespace, store: _Store) -> int:
 
 
 def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
-    records: list[LockRecord] = store.call(store.persister.list, args.prefix)
+    found: list[LockRecord] = store.call(store.persister.list, store.name_prefix + args.prefix)
+    records = [store.shown(record) for record in found]
     if args.json:
         print(json.dumps([record.to_dict() for record in records], indent=2))
         return 0
@@ -448,12 +500,12 @@ def _cmd_release(args: argparse.Namespace, store: _Store) -> int:
     name = _name(args.name)
     if not args.force:
         raise UsageError("singleton release: this breaks another owner's lock; add --force to confirm")
-    record: LockRecord | None = store.call(store.persister.force_release, name)
+    record: LockRecord | None = store.call(store.persister.force_release, store.stored(name))
     if record is None:
         _say(f"lock {name!r} is not held; nothing released")
         return EXIT_FREE
     log.warning("force-released lock %r held by %s pid %d since %s (fencing token %d), requested by %s on %s pid %d",
-                name, record.host, record.pid, _iso(record.created_at), record.fencing_token, _user(),
+                record.name, record.host, record.pid, _iso(record.created_at), record.fencing_token, _user(),
                 os.uname().nodename, os.getpid())
     return 0
 
@@ -480,17 +532,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     store: _Store | None = None
     url = os.environ.get("SINGLETON_URL") or None
+    urls: list[str | None] = [url]  # what to scrub from any message: also the URL a source resolves to
     try:
         args = _parse(arguments)
-        url = args.url or url
         _configure_logging(args.verbose)
-        store = _Store(url)
+        source = _source(args)
+        url = source.url if source else args.url or url
+        urls = [url]
+        store = _Store(url, source)
+        urls = store.urls
         return int(args.handler(args, store))
     except UsageError as error:
-        print(f"{_scrub(_first_line(error), url)} (see: singleton --help)", file=sys.stderr)
+        print(f"{_scrub(_first_line(error), *urls)} (see: singleton --help)", file=sys.stderr)
         return EXIT_USAGE
+    except stores.StoreSourceError as error:
+        _say(_scrub(_source_line(error), *urls))
+        return EXIT_UNAVAILABLE if isinstance(error, stores.SourceUnavailable) else EXIT_USAGE
     except PersisterError as error:
-        _say(f"store unavailable: {_scrub(_first_line(error), url)}")
+        where = store.where() if store is not None else ""
+        _say(f"store unavailable{where}: {_scrub(_first_line(error), *urls)}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         _say("interrupted")
@@ -498,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug: one line, and the traceback only on request
         if os.environ.get("SINGLETON_DEBUG"):
             raise
-        detail = _scrub(_first_line(error), url)
+        detail = _scrub(_first_line(error), *urls)
         _say(f"internal error: {type(error).__name__}: {detail} (set SINGLETON_DEBUG=1 for details)")
         return EXIT_SOFTWARE
     finally:
@@ -506,6 +566,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.close()
 
 
-def _first_line(error: BaseException) -> str:
+def _source(args: argparse.Namespace) -> stores.StoreLocation | None:
+    """Where ``--airflow-conn`` or ``--prefect-block`` points, if one was given (argparse allows one)."""
+    for kind in _SOURCES:
+        name = getattr(args, kind.replace("-", "_"))
+        if name is not None:
+            with _orchestrator_quiet():
+                return stores.resolve(kind, name)
+    return None
+
+
+@contextlib.contextmanager
+def _orchestrator_quiet() -> Iterator[None]:
+    """The orchestrator's own log lines and warnings off while it is asked, as its CLI has them.
+
+    Airflow logs to stdout, which ``--json`` owns; what went wrong comes back as the resolver's error.
+    """
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def _source_line(error: stores.StoreSourceError) -> str:
+    if isinstance(error, stores.SourceNotInstalled):  # not about the name: the option needs an extra
+        return f"--{error.kind} {_first_line(error.reason)}"
+    return f"--{error.kind} {error.name!r}: {_first_line(error.reason)}"
+
+
+def _first_line(error: BaseException | str) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
