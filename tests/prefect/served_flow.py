@@ -8,8 +8,9 @@ start time plus a minimum hold), and on ``SERVED_SHORT_BLOCK`` (a lease of a few
 seconds, renewed every second): ``held-short/served`` (holds until a marker
 file exists), ``waits/served`` (``on_conflict="wait"``, its "still waiting" line
 every ``SERVED_WAIT_LOG_INTERVAL`` seconds), ``fan-out/served`` (``.map()`` over a
-``@singleton`` task with the default lock name) and ``pauses/served``
-(``pause_flow_run()`` while holding). Each run executes in a new process that
+``@singleton`` task with the default lock name), ``pauses/served``
+(``pause_flow_run()`` while holding) and ``suspends/served`` (``suspend_flow_run()``
+while holding; each start appends a line to a file). Each run executes in a new process that
 gets the flow by cloudpickle, which is what this file exists to test.
 """
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, serve, task
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
@@ -92,8 +93,18 @@ def pauses(slot: str) -> int:
     return os.getpid()
 
 
+@flow(name="suspends")
+@singleton(block=SHORT_BLOCK, lock_name=LOCK + "-suspend-{slot}", on_conflict="wait", wait_timeout=120)
+def suspends(slot: str, starts: str) -> int:
+    with open(starts, "a") as file:
+        file.write("started\n")
+    suspend_flow_run(timeout=120)
+    return os.getpid()
+
+
 if __name__ == "__main__":
     serve(guarded.to_deployment(name="served"), slot_once.to_deployment(name="served"),
           held_short.to_deployment(name="served"), waits.to_deployment(name="served"),
           fan_out.to_deployment(name="served"), pauses.to_deployment(name="served"),
+          suspends.to_deployment(name="served"),
           pause_on_shutdown=False, print_starting_message=True)

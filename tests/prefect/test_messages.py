@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from prefect_blocks._messages import conflict
+from prefect_blocks._messages import conflict, fan_out, waiting
 from singleton_integrations import LockRecord
 
 SINCE = datetime(2026, 12, 1, 0, 0, 5, tzinfo=timezone.utc)
@@ -51,3 +51,23 @@ def test_a_released_record_in_its_minimum_hold_says_the_slot_ran() -> None:
         "lock 'nightly' already ran: flow run 'witty-heron' of deployment 'nightly-export/prod' on worker-2 "
         "(pid 4242) ran it at 2026-12-01T00:00:05Z and finished at 2026-12-01T00:00:30Z; "
         "held until 2026-12-01T01:00:05Z for the minimum hold")
+
+
+def test_waiting_lines_name_the_holder_then_how_long() -> None:
+    assert waiting("nightly", record(RUN)) == ("waiting for lock 'nightly' held by flow run 'witty-heron' of deployment "
+                                                "'nightly-export/prod' on worker-2 (pid 4242) since 2026-12-01T00:00:05Z")
+    assert waiting("nightly", record(RUN), waited=61.4).startswith(
+        "still waiting for lock 'nightly' after 61 s, held by flow run 'witty-heron' ")
+    assert waiting("nightly", None) == "waiting for lock 'nightly' held by nobody right now (the next attempt may take it)"
+    done = replace(record(RUN), released_at=SINCE, hold_until=datetime(2026, 12, 1, 1, 0, 5, tzinfo=timezone.utc))
+    assert waiting("nightly", done) == ("waiting for lock 'nightly' held for the minimum hold until 2026-12-01T01:00:05Z: "
+                                        "flow run 'witty-heron' of deployment 'nightly-export/prod' on worker-2 (pid 4242) "
+                                        "ran its slot")
+
+
+def test_fan_out_names_the_sibling_and_the_recipe() -> None:
+    sibling = record({**RUN, "prefect_task_run_name": "process-0", "prefect_task_run_id": "x"})
+    message = fan_out("process", sibling, "process-3", "process-{item}")
+    assert message.startswith("task run 'process-3' was skipped: lock 'process' is held by task run 'process-0' "
+                              "of this same flow run. ")
+    assert '@singleton(..., lock_name="process-{item}")' in message and 'on_conflict="wait"' in message

@@ -283,3 +283,27 @@ def test_a_paused_run_keeps_and_renews_its_lock(server: PrefectServer, two_serve
     [final] = wait_final([run.id])
     assert final.state.name == "Completed", final.state
     assert store.get(name) is None
+
+
+def test_a_suspended_run_gives_its_lock_back_and_runs_again_from_the_top(
+        server: PrefectServer, two_servers: list, names: dict[str, str], lock_store: str, tmp_path: Path) -> None:
+    """``suspend_flow_run()`` ends the run's process: the lock is released while suspended, and the
+    resumed run starts over, taking the lock again (docs/prefect.md, "Pausing and suspending")."""
+    slot, starts = uuid.uuid4().hex[:8], tmp_path / "starts"
+    name = f"{names['SERVED_LOCK']}-suspend-{slot}"
+    run = start("suspends/served", slot=slot, starts=str(starts))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    store = persisters.from_url(lock_store)
+    with get_client(sync_client=True) as client:
+        while (state := client.read_flow_run(run.id).state) is None or state.name != "Suspended":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.25)
+        while store.get(name) is not None:  # the process ends after the state is set
+            assert time.monotonic() < deadline, store.get(name)
+            time.sleep(0.1)
+        assert starts.read_text().splitlines() == ["started"]
+        logs_until(run.id, lambda messages: f"released lock {name!r}" in messages)  # given back, not left to expire
+        client.resume_flow_run(run.id)
+    [final] = wait_final([run.id])
+    assert final.state.name == "Completed", final.state
+    assert starts.read_text().splitlines() == ["started", "started"], "the resumed run ran again from the top"
