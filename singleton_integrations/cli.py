@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, final
 
 from . import __version__, persisters, stores
 from ._errors import PersisterError, SingletonError
@@ -206,8 +206,8 @@ class _Store:
         except ImportError as error:
             raise PersisterError(_scheme(self.url), f"this store is not available here ({error})") from None
         except (ValueError, TypeError) as error:
-            source = f" from {self.source}" if self.source else ""
-            raise UsageError(f"singleton: bad store URL{source}: {self.scrub(str(error))}") from None
+            origin = f" from {self.source}" if self.source else ""
+            raise UsageError(f"singleton: bad store URL{origin}: {self.scrub(str(error))}") from None
         if not getattr(self.persister, "multiprocess", True):
             raise UsageError(f"singleton: {redact_url(self.url or '')!r} lives inside one process; "
                              "the CLI needs a store other processes can see")
@@ -240,10 +240,8 @@ class _Store:
         return _scrub(text, *self.urls)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing is best effort; the process is ending
             self.persister.close()
-        except Exception:  # closing is best effort; the process is ending
-            pass
 
 
 def _scrub(text: str, *urls: str | None) -> str:
@@ -331,6 +329,7 @@ def _configure_logging(verbose: bool) -> None:
 # -- run -----------------------------------------------------------------------------------
 
 
+@final
 class _SignalRelay:
     """Forwards SIGTERM, SIGINT and SIGHUP to CMD; before CMD starts, a signal cancels the wait."""
 
@@ -370,10 +369,8 @@ class _SignalRelay:
             return
         if signum == signal.SIGINT and _terminal_signals_our_group():
             return  # Ctrl-C already reached CMD: the terminal signals the whole foreground group
-        try:
+        with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
 
 def _terminal_signals_our_group() -> bool:
