@@ -23,38 +23,18 @@ from airflow.sdk import Connection
 from airflow_provider._store_url import connection_from_uri, store_url_from_uri
 from airflow_provider.hooks.singleton import store_url
 from singleton_integrations.cli import EXIT_FREE, EXIT_UNAVAILABLE, EXIT_USAGE
+from tests.cli._secret_store import PASSWORD, redis_requiring_password, singleton
 from tests.conftest import store_url_for
-from tests.servers import redis_server, unavailable
 
 from .conftest import Store
 
-SINGLETON = Path(sys.executable).with_name("singleton")
 AIRFLOW = Path(sys.executable).with_name("airflow")
-PASSWORD = "s3cret/Pa55@word"  # '/' and '@' must survive Airflow's percent-encoding
-
-
-def _no_password(*texts: str) -> None:
-    for text in texts:
-        assert PASSWORD not in text and quote(PASSWORD, safe="") not in text, text
-
-
-def singleton(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(SINGLETON), *args], env={**os.environ, **(env or {})}, capture_output=True,
-                            text=True, timeout=120, check=False)
-    _no_password(result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    """A throwaway Redis that requires the password: the connection's password must reach it intact."""
-    try:
-        server = redis_server.start_throwaway("--requirepass", PASSWORD)
-    except (FileNotFoundError, RuntimeError) as error:
-        unavailable("Redis", f"no throwaway redis-server: {error}")
-    yield f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
-    server.stop()
+    with redis_requiring_password() as url:
+        yield url
 
 
 @pytest.fixture

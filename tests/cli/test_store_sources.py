@@ -11,6 +11,7 @@ import importlib.util
 import json
 import pickle
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -19,18 +20,15 @@ import pytest
 from singleton_integrations import stores
 from singleton_integrations.cli import EXIT_FREE, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.conftest import store_url_for
-from tests.servers import redis_server
 
+from ._secret_store import PASSWORD, assert_hidden, redis_requiring_password
 from .conftest import Cli, finish
-
-PASSWORD = "s3cret/Pa55@word"  # '/' and '@' must survive the URI's percent-encoding both ways
 
 
 def _one_clean_line(result, code: int) -> str:
     assert result.returncode == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for spelling in (PASSWORD, quote(PASSWORD, safe="")):
-        assert spelling not in result.stdout + result.stderr
+    assert_hidden(result.stdout, result.stderr)
     return result.stderr.strip()
 
 
@@ -58,16 +56,9 @@ def test_sources_exclude_each_other_and_the_url(cli: Cli) -> None:
 
 
 @pytest.fixture(scope="module")
-def redis_with_password() -> str:
-    """A throwaway redis-server that requires a password: the URI's password must reach it intact."""
-    try:
-        server = redis_server.start_throwaway("--requirepass", PASSWORD)
-    except (FileNotFoundError, RuntimeError) as error:
-        from tests.servers import unavailable
-
-        unavailable("Redis", f"no throwaway redis-server: {error}")
-    yield f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
-    server.stop()
+def redis_with_password() -> Iterator[str]:
+    with redis_requiring_password() as url:
+        yield url
 
 
 def test_an_airflow_redis_uri_reaches_the_store_with_its_password(cli: Cli, redis_with_password: str) -> None:
@@ -83,11 +74,11 @@ def test_an_airflow_redis_uri_reaches_the_store_with_its_password(cli: Cli, redi
     listed = cli.run("list", "--prefix", cli.name, "--json", "--url", uri)
     assert [entry["name"] for entry in json.loads(listed.stdout)] == [cli.name]
     for output in (status, listed):
-        assert PASSWORD not in output.stdout + output.stderr
+        assert_hidden(output.stdout, output.stderr)
 
     released = cli.run("release", cli.name, "--force", "--url", uri)
     assert released.returncode == 0 and "force-released" in released.stderr
-    assert PASSWORD not in released.stdout + released.stderr
+    assert_hidden(released.stdout, released.stderr)
     assert cli.run("status", cli.name, "--url", uri).returncode == EXIT_FREE
     cli.go()
     finish(holder)
@@ -98,7 +89,7 @@ def test_a_wrong_password_in_an_airflow_uri_is_not_shown(cli: Cli, redis_with_pa
     uri = f"singletonredis://:{quote(PASSWORD[::-1], safe='')}@127.0.0.1:{port}/0"
     result = cli.run("status", cli.name, "--url", uri)
     assert result.returncode == EXIT_UNAVAILABLE
-    assert PASSWORD[::-1] not in result.stderr and quote(PASSWORD[::-1], safe="") not in result.stderr
+    assert_hidden(result.stderr, password=PASSWORD[::-1])
     assert f"store unavailable at redis://:***@127.0.0.1:{port}/0 (--url singletonredis://:***@127.0.0.1:{port}/0)" \
         in result.stderr, result.stderr
 
@@ -120,7 +111,7 @@ def test_airflow_uris_of_every_own_type_name_the_same_lock(cli: Cli, tmp_path: P
         status = cli.run("status", cli.name, "--json", "--url", uri)
         assert status.returncode == 0, (uri, status.stderr)
         assert json.loads(status.stdout)["holder"]["pid"] == holder.pid
-        assert PASSWORD not in status.stdout + status.stderr
+        assert_hidden(status.stdout, status.stderr)
     cli.go()
     assert finish(holder)[0] == 0
 

@@ -14,40 +14,24 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
 from prefect_blocks import LockConflict, SingletonBlock
 from singleton_integrations.cli import EXIT_FREE, EXIT_UNAVAILABLE, EXIT_USAGE
-from tests.servers import free_port, redis_server, unavailable
+from tests.cli._secret_store import SINGLETON, assert_hidden, redis_requiring_password, singleton
+from tests.servers import free_port
 
 from .conftest import held_elsewhere
 
-SINGLETON = Path(sys.executable).with_name("singleton")
 CHILD = Path(__file__).parents[1] / "cli" / "_child.py"  # reports ready, then waits for a "go" file
-PASSWORD = "s3cret/Pa55@word"
 PREFIX = "etl/"
-
-
-def singleton(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(SINGLETON), *args], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
-    for text in (result.stdout, result.stderr):
-        assert PASSWORD not in text and quote(PASSWORD, safe="") not in text, text
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    """A throwaway Redis that requires the password the block keeps."""
-    try:
-        server = redis_server.start_throwaway("--requirepass", PASSWORD)
-    except (FileNotFoundError, RuntimeError) as error:
-        unavailable("Redis", f"no throwaway redis-server: {error}")
-    yield f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
-    server.stop()
+    with redis_requiring_password() as url:
+        yield url
 
 
 @pytest.fixture
@@ -97,8 +81,7 @@ def test_run_holds_the_lock_the_block_guards(block_name: str, lock_name: str, ch
         (tmp_path / "go").touch()
         out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err
-    for text in (out, err):
-        assert PASSWORD not in text and quote(PASSWORD, safe="") not in text
+    assert_hidden(out, err)
     assert f"the store of Prefect block '{block_name}': redis://:***@127.0.0.1:" in err
     assert block.holder(lock_name) is None
 
