@@ -6,9 +6,9 @@ Airflow's ``Connection.from_uri`` does, then maps them as the hook's ``store_url
 does. A URI holds every field of a connection, so the ``singleton`` command takes
 ``--url singletonredis://...`` where Airflow is not installed.
 
-The mapping below is a copy of ``airflow_provider.hooks.singleton.store_url``,
-whose module imports Airflow; tests/airflow/test_cli_store.py checks that both
-give the same URL for every connection type. The hook should import it from here.
+The mapping lives here, with no Airflow import, and the hook
+(``airflow_provider.hooks.singleton``) uses it for a ``Connection`` object, so the
+command line and the provider always read a connection the same way.
 """
 
 from __future__ import annotations

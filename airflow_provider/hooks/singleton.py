@@ -16,13 +16,14 @@ connection up once and reuses one client pool.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, urlencode
 
 from airflow.sdk import BaseHook
 
+from airflow_provider._store_url import store_url
 from singleton_integrations import Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations._urls import redact_url
@@ -43,33 +44,6 @@ __all__ = [
     "store_url",
 ]
 
-#: Connection type -> the store it points at (None: the connection carries a whole URL).
-_STORE_OF_CONN_TYPE: dict[str, str | None] = {
-    "singleton": None,
-    "singletonredis": "redis",
-    "singleton_redis": "redis",  # the earlier name, still read
-    "redis": "redis",
-    "singletonmongodb": "mongodb",
-    "singleton_mongodb": "mongodb",
-    "mongo": "mongodb",
-    "mongodb": "mongodb",
-    "singletonpostgres": "postgresql",
-    "singleton_postgres": "postgresql",
-    "postgres": "postgresql",
-    "postgresql": "postgresql",
-    "singletonsqlite": "sqlite",
-    "singleton_sqlite": "sqlite",
-    "sqlite": "sqlite",
-}
-#: Extras of the standard (foreign) connection types that mean the same to our stores.
-_FOREIGN_OPTIONS = {
-    "redis": frozenset(),
-    "mongodb": frozenset({"authSource", "authMechanism", "replicaSet", "tls", "directConnection", "tlsCAFile"}),
-    "postgresql": frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name"}),
-    "sqlite": frozenset(),
-}
-#: Extras our own form fields use; everything else on our types is passed on as a URL option.
-_FORM_EXTRAS = frozenset({"url", "ssl", "srv", "options", "path", "db"})
 
 _cache_guard = threading.Lock()
 _persisters: dict[str, Persister] = {}
@@ -92,79 +66,9 @@ def _close_cached() -> None:
         cached = list(_persisters.values())
         _persisters.clear()
     for persister in cached:
-        try:
+        # Exiting: a store that cannot close has nothing more to lose.
+        with contextlib.suppress(Exception):
             persister.close()
-        except Exception:  # noqa: BLE001,S110  (exiting: a store that cannot close has nothing more to lose)
-            pass
-
-
-def _truthy(value: object) -> bool:
-    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _userinfo(conn: Connection) -> str:
-    if not conn.login and not conn.password:
-        return ""
-    user = quote(conn.login or "", safe="")
-    return f"{user}:{quote(conn.password, safe='')}@" if conn.password else f"{user}@"
-
-
-def _hostport(conn: Connection, default_host: str) -> str:
-    host = conn.host or default_host
-    if conn.port and ":" not in host and "," not in host:
-        return f"{host}:{conn.port}"
-    return host
-
-
-def _query(conn: Connection, store: str, own_type: bool) -> str:
-    extra = conn.extra_dejson
-    if own_type:
-        pairs = {k: v for k, v in extra.items() if k not in _FORM_EXTRAS and v not in (None, "")}
-    else:
-        pairs = {k: v for k, v in extra.items() if k in _FOREIGN_OPTIONS[store] and v not in (None, "")}
-    pairs = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in pairs.items()}
-    parts = [urlencode(pairs)] if pairs else []
-    if own_type and extra.get("options"):
-        parts.append(str(extra["options"]).lstrip("?&"))
-    return "?" + "&".join(parts) if parts else ""
-
-
-def store_url(conn: Connection, label: str | None = None) -> str:
-    """The lock-store URL a connection describes (it may hold a password: redact before showing).
-
-    :param label: how errors name the connection (default: ``connection '<conn_id>'``).
-    """
-    label = label or f"connection {conn.conn_id!r}"
-    conn_type = (conn.conn_type or "").replace("-", "_").lower()
-    extra = conn.extra_dejson
-    if conn_type == "singleton" and conn.password and "://" in conn.password:
-        return str(conn.password)
-    if extra.get("url"):
-        return str(extra["url"])
-    if conn_type not in _STORE_OF_CONN_TYPE:
-        known = ", ".join(sorted(_STORE_OF_CONN_TYPE))
-        raise ValueError(f"{label} has type {conn.conn_type!r}; a lock store needs one of: {known}")
-    store = _STORE_OF_CONN_TYPE[conn_type]
-    own_type = conn_type.startswith("singleton")
-    if store is None:
-        if conn.host and "://" in conn.host:
-            return conn.host
-        raise ValueError(f"{label} of type 'singleton' needs its Store URL, e.g. redis://:password@host:6379/0")
-    if store == "sqlite":
-        path = conn.host or extra.get("path") or conn.schema
-        if not path:
-            raise ValueError(f"{label} needs the SQLite database file, an absolute path")
-        return f"sqlite:///{path}"
-    query = _query(conn, store, own_type)
-    if store == "redis":
-        scheme = "rediss" if _truthy(extra.get("ssl")) else "redis"
-        db = conn.schema or extra.get("db") or ""
-        return f"{scheme}://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{db}{query}"
-    if store == "mongodb":
-        if _truthy(extra.get("srv")):
-            return f"mongodb+srv://{_userinfo(conn)}{conn.host or ''}/{conn.schema or ''}{query}"
-        return f"mongodb://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
-    return f"postgresql://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
 
 
 class SingletonHook(BaseHook):
