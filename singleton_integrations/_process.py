@@ -16,31 +16,49 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import logger
 
 if TYPE_CHECKING:
-    from ._lockstate import LockState
+    from ._record import LockRecord
+    from .persisters._base import Persister
 
-__all__ = ["EXIT_RELEASE_SECONDS", "after_exit_release", "register", "release_all", "unregister"]
+__all__ = ["EXIT_RELEASE_SECONDS", "ExitHeld", "after_exit_release", "register", "release_all", "unregister"]
 
 #: The most that releasing every held lock may take at exit or on SIGTERM, all locks
 #: together. Orchestrators usually wait longer before SIGKILL (Kubernetes: 30 s).
 EXIT_RELEASE_SECONDS = 10.0
+
+class ExitHeld(Protocol):
+    """What this module needs of a held lock (the core's ``LockState``), so it does not import the lock's rules."""
+
+    name: str
+    persister: Persister
+    release_on_sigterm: bool
+
+    @property
+    def hold(self) -> LockRecord | None: ...
+
+    def owned_here(self) -> bool: ...
+
+    def exit_snapshot(self) -> LockRecord | None: ...
+
+    def exit_released(self, hold: LockRecord, confirmed: bool, reason: str) -> None: ...
+
 
 try:
     from _signal import getsignal as _raw_getsignal
 except ImportError:  # pragma: no cover - other interpreters
     _raw_getsignal = signal.getsignal
 
-_held: weakref.WeakSet[LockState] = weakref.WeakSet()
+_held: weakref.WeakSet[ExitHeld] = weakref.WeakSet()
 _guard = threading.RLock()  # re-entrant: the SIGTERM handler runs on the main thread mid-call
 _previous_handler: Any = None
 _installed = False
 
 
-def register(state: LockState, on_sigterm: bool) -> None:
+def register(state: ExitHeld, on_sigterm: bool) -> None:
     """Track a held lock; install the SIGTERM handler once, from the main thread only."""
     with _guard:
         _held.add(state)
@@ -48,12 +66,12 @@ def register(state: LockState, on_sigterm: bool) -> None:
         _install_sigterm_handler()
 
 
-def unregister(state: LockState) -> None:
+def unregister(state: ExitHeld) -> None:
     with _guard:
         _held.discard(state)
 
 
-def _release_one(state: LockState, reason: str) -> None:
+def _release_one(state: ExitHeld, reason: str) -> None:
     hold = state.exit_snapshot()
     if hold is None:
         return
