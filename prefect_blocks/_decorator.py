@@ -159,7 +159,7 @@ def _run_guarded(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], k
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        _warn_if_fanned_out(conflict, guard, fn)
+        _warn_if_fanned_out(conflict, fn)
         return _skipped(conflict, guard.skipped_state_name)
 
 
@@ -174,11 +174,11 @@ async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        _warn_if_fanned_out(conflict, guard, fn)
+        _warn_if_fanned_out(conflict, fn)
         return _skipped(conflict, guard.skipped_state_name)
 
 
-def _warn_if_fanned_out(conflict: LockConflict, guard: _Guard, fn: Callable[..., Any]) -> None:
+def _warn_if_fanned_out(conflict: LockConflict, fn: Callable[..., Any]) -> None:
     """A task run skipped by a task run of its own flow run is a fan-out on one lock name: say so.
 
     ``.map()`` or ``.submit()`` over a ``@singleton`` task whose lock name names no

@@ -20,6 +20,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -27,7 +28,7 @@ __all__ = ["CACHE", "installed_version", "load_test_module"]
 
 CACHE = Path(os.environ.get("SINGLETON_UPSTREAM_CACHE")
              or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "singleton-integrations" / "upstream")
-#: The sdist members kept beside the test module.
+#: Where an sdist keeps its license; the first found is kept beside the test module.
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
 
 
@@ -84,7 +85,7 @@ def _fetch(distribution: str, release: str, member: str, directory: Path) -> Non
                 raise
 
 
-def _unavailable(distribution: str, why: str):  # type: ignore[no-untyped-def]
+def _unavailable(distribution: str, why: str) -> NoReturn:
     if os.environ.get("CI", "").strip().lower() == "true":
         raise RuntimeError(f"{distribution}'s tests are required under CI=true: {why}")
     pytest.skip(f"{distribution}'s tests unavailable: {why}", allow_module_level=True)
