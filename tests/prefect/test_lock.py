@@ -190,8 +190,9 @@ async def test_an_async_wait_is_said_in_the_run_log(block: SingletonBlock, store
 
     with held_elsewhere(store_url, lock_name) as other:
         running = asyncio.create_task(waiter())
+        deadline = time.monotonic() + 60
         while len(run_lines.of("waiting for lock")) < 2:
-            assert not running.done(), running
+            assert not running.done() and time.monotonic() < deadline, (running, run_lines.records)
             await asyncio.sleep(0.05)
     flow_run_id = await running
     first, again, *_ = run_lines.of("waiting for lock")
