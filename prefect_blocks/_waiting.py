@@ -50,36 +50,35 @@ class WaitReport:
             return None
         return waiting(self.name, record, time.monotonic() - started if said else None)
 
+    def say(self, record: LockRecord | None, started: float, said: bool) -> tuple[float, bool]:
+        """Log what ``record`` means; the pause before the next read, and whether the wait was said."""
+        line = self.line(record, started, said)
+        if line is None:
+            return (WAIT_LOG_INTERVAL if said else FIRST_ATTEMPT_SECONDS), said
+        self.logger.info("%s", line)
+        return WAIT_LOG_INTERVAL, True
+
     def run(self, done: threading.Event) -> None:
-        started = time.monotonic()
-        pause, said = FIRST_ATTEMPT_SECONDS, False
+        started, pause, said = time.monotonic(), FIRST_ATTEMPT_SECONDS, False
         while not done.wait(pause):
             try:
-                line = self.line(self.persister.get(self.name), started, said)
-            except Exception:  # the report must never break the wait
+                record = self.persister.get(self.name)
+            except Exception:  # the report must never break the wait: look again after the same pause
                 _fallback_logger.debug("could not read the holder of %r", self.name, exc_info=True)
-                line = None
-            if line is None or done.is_set():
-                pause = FIRST_ATTEMPT_SECONDS if not said else WAIT_LOG_INTERVAL
                 continue
-            self.logger.info("%s", line)
-            pause, said = WAIT_LOG_INTERVAL, True
+            if not done.is_set():
+                pause, said = self.say(record, started, said)
 
     async def arun(self) -> None:
-        started = time.monotonic()
-        pause, said = FIRST_ATTEMPT_SECONDS, False
+        started, pause, said = time.monotonic(), FIRST_ATTEMPT_SECONDS, False
         while True:
             await asyncio.sleep(pause)
             try:
-                line = self.line(await self.persister.aget(self.name), started, said)
+                record = await self.persister.aget(self.name)
             except Exception:
                 _fallback_logger.debug("could not read the holder of %r", self.name, exc_info=True)
-                line = None
-            if line is None:
-                pause = FIRST_ATTEMPT_SECONDS if not said else WAIT_LOG_INTERVAL
                 continue
-            self.logger.info("%s", line)
-            pause, said = WAIT_LOG_INTERVAL, True
+            pause, said = self.say(record, started, said)
 
 
 @contextmanager
