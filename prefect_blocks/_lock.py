@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from singleton_integrations import AsyncSingleton, LockLost, Singleton
 
@@ -23,13 +23,24 @@ from ._events import emit_lock_event
 from ._messages import conflict
 from ._waiting import WaitReport, areporting_wait, reporting_wait
 
-if TYPE_CHECKING:
-    from ._block import SingletonBlock
-
-__all__ = ["SingletonLock"]
+__all__ = ["LockSource", "SingletonLock"]
 
 #: What ``with`` (a ``Singleton``) or ``async with`` (an ``AsyncSingleton``) holds.
 CoreLock = Singleton | AsyncSingleton
+
+
+class LockSource(Protocol):
+    """What a lock needs of its block (``SingletonBlock``): the stored name and a configured core lock."""
+
+    def lock_name(self, name: str) -> str: ...
+
+    def get_singleton(self, name: str, *, lock_expire_seconds: float | None = ..., min_hold_seconds: float | None = ...,
+                      metadata: Mapping[str, str] | None = ..., release_on_sigterm: bool = ...,
+                      apply_prefix: bool = ...) -> Singleton: ...
+
+    def get_async_singleton(self, name: str, *, lock_expire_seconds: float | None = ...,
+                            min_hold_seconds: float | None = ..., metadata: Mapping[str, str] | None = ...,
+                            release_on_sigterm: bool = ..., apply_prefix: bool = ...) -> AsyncSingleton: ...
 
 
 class SingletonLock:
@@ -41,7 +52,7 @@ class SingletonLock:
 
     def __init__(
         self,
-        block: SingletonBlock,
+        block: LockSource,
         name: str,
         *,
         wait: float | None = None,
