@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowTaskTerminated
 
-from airflow_provider._holders import describe_holder, deployment_name, holder_metadata
+from airflow_provider._holders import deployment_name, describe_holder, holder_metadata
 from airflow_provider.exceptions import SingletonLockLost
 from airflow_provider.hooks.singleton import SingletonHook
 from singleton_integrations import Singleton
