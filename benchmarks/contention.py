@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,10 +223,10 @@ def _handover(store: str, impl: str, url: str, processes: int, seconds: float) -
             raise RuntimeError(f"{impl} on {store}: a contender failed: {err.strip()[-400:]}")
         per_process.append([tuple(span) for span in json.loads(out)])
     events = sorted((got, let_go, index) for index, spans in enumerate(per_process) for got, let_go in spans)
-    for (_, previous_release, _), (next_got, _, _) in zip(events, events[1:]):
+    for (_, previous_release, _), (next_got, _, _) in itertools.pairwise(events):
         if next_got < previous_release:
             raise RuntimeError(f"{impl} on {store}: two holders overlapped")
-    gaps = [(b[0] - a[1]) * 1000 for a, b in zip(events, events[1:]) if a[2] != b[2]]
+    gaps = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(events) if a[2] != b[2]]
     counts = [len(spans) for spans in per_process]
     return HandoverResult(
         store, impl, processes, seconds, len(events), len(gaps) / seconds,

@@ -30,9 +30,9 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from singleton_integrations import Singleton, persisters  # noqa: E402
-from tests.reliability._proxy import TcpProxy, through  # noqa: E402
-from tests.servers import mongodb_server, postgres_server, redis_server  # noqa: E402
+from singleton_integrations import Singleton, persisters
+from tests.reliability._proxy import TcpProxy, through
+from tests.servers import mongodb_server, postgres_server, redis_server
 
 _HOLDER = textwrap.dedent("""
     import sys

@@ -15,6 +15,7 @@ median of the repetitions. Writes ``benchmarks/RESULTS.md`` and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -425,7 +426,7 @@ def handover(make: Callable[[], persisters.Persister], count: int, backend: str)
 
 def paired_ratio(case: Case, floor: Case) -> float:
     """Median of the per-repetition ratios: each pair ran back to back, so load drift cancels."""
-    pairs = [mine / base for mine, base in zip(case.rates, floor.rates) if base > 0]
+    pairs = [mine / base for mine, base in zip(case.rates, floor.rates, strict=False) if base > 0]
     return statistics.median(pairs) if pairs else 0.0
 
 
@@ -577,10 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         throughput(cases, args.repetitions, args.seconds, args.warmup)
     finally:
         for case in cases:
-            try:
+            with contextlib.suppress(Exception):
                 case.close()
-            except Exception:
-                pass
 
     latencies: dict[str, list[float] | str] = {}
     factories = store_factories()

@@ -8,6 +8,7 @@ holding a lock is a second process (``holder.py``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -148,10 +149,8 @@ class Holder:
 
     def stop(self) -> None:
         """Release (so shared servers keep no stale locks), or kill a holder that does not answer."""
-        try:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             self.release()
-        except (OSError, subprocess.TimeoutExpired):
-            pass
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)

@@ -8,6 +8,7 @@ only the lock store. Nothing here imports Airflow: every Airflow process is a ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -212,20 +213,17 @@ class Deployment:
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for process in self.processes.values():
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(30)
-        try:
+        # A leftover database is named by pid and dropped on the next start.
+        with contextlib.suppress(Exception):
             _pg(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        except Exception:  # noqa: BLE001,S110  (a leftover database is named by pid and dropped on the next start)
-            pass
 
     def remove(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

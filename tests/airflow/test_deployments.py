@@ -164,7 +164,7 @@ def deployments(tmp_path_factory: pytest.TempPathFactory, facts: Path) -> Iterat
     started: list[Deployment] = []
     try:
         migrations = [deployment.prepare() for deployment in pair]
-        for deployment, migration in zip(pair, migrations):
+        for deployment, migration in zip(pair, migrations, strict=True):
             assert migration.wait(600) == 0, (deployment.home / "db-migrate.log").read_text()[-3000:]
             (deployment.dags / "singleton_dags.py").write_text(
                 DAG_FILE.format(tag=TAG, facts=str(facts), hold=HOLD))

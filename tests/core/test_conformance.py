@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ def _memory_state(persister: Persister, name: str) -> bool:
 
 
 def _sqlite_state(persister: Persister, name: str) -> bool:
-    connection = sqlite3.connect(getattr(persister, "path"), timeout=10)
+    connection = sqlite3.connect(persister.path, timeout=10)
     try:
         tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
@@ -71,11 +72,11 @@ def _mongodb_state(url: str) -> Callable[[Persister, str], bool]:
 
     def found(persister: Persister, name: str) -> bool:
         with pymongo.MongoClient(url, serverSelectionTimeoutMS=5000) as client:
-            try:  # SecantusDB's TTL monitor runs every 60 s, as mongod's does; run its pass now
+            # SecantusDB's TTL monitor runs every 60 s, as mongod's does: run its pass now (a real
+            # mongod refuses the command, and its own monitor will come).
+            with contextlib.suppress(pymongo.errors.PyMongoError):
                 client.admin.command("secantusAdmin.pruneTtl")
-            except pymongo.errors.PyMongoError:
-                pass  # a real mongod: its own monitor will come
-            collection = client[getattr(persister, "database_name")][getattr(persister, "collection_name")]
+            collection = client[persister.database_name][persister.collection_name]
             return collection.find_one({"_id": name}) is not None
 
     return found

@@ -7,6 +7,7 @@ the test freezes with SIGSTOP, ``lost`` fires before the lease can have ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,10 +122,8 @@ def frozen_redis() -> Iterator[object]:
     try:
         yield server
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(server.process.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
         server.stop()
 
 

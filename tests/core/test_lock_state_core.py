@@ -191,13 +191,12 @@ def test_renewal_that_stops_getting_through_fails_the_block(
     seen = events(singleton, "lost")
     entered, opened = gate(persister, "renew", monkeypatch)
     try:
-        with pytest.raises(LockLost):
-            with singleton:
-                assert entered.wait(10)
-                deadline = time.monotonic() + 10
-                while singleton.held and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                assert not singleton.held and singleton.lost
+        with pytest.raises(LockLost), singleton:
+            assert entered.wait(10)
+            deadline = time.monotonic() + 10
+            while singleton.held and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not singleton.held and singleton.lost
     finally:
         opened.set()
     assert [event for event, _ in seen] == ["lost"] and "lease may have ended" in seen[0][1]
@@ -222,7 +221,7 @@ def test_lock_again_after_a_deadline_loss_cleans_up_the_old_hold(
     assert singleton.lock()
     first = singleton.record
     assert first is not None
-    entered, opened = gate(persister, "renew", monkeypatch)
+    _entered, opened = gate(persister, "renew", monkeypatch)
     deadline = time.monotonic() + 10
     while singleton.held and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -265,10 +264,9 @@ def test_lock_on_a_held_object_returns_true_without_a_store_call(
 
 def test_explicit_release_inside_nested_with_releases_now(persister: Persister, name: str) -> None:
     singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
-    with singleton:
-        with singleton:
-            assert singleton.release() is True
-            assert persister.get(name) is None
+    with singleton, singleton:
+        assert singleton.release() is True
+        assert persister.get(name) is None
     assert not singleton.held and not singleton.lost
 
 

@@ -87,9 +87,8 @@ def test_release_inside_the_hold_keeps_the_slot_taken(persister: Persister, name
     assert "stays held until" in released[0] and "minimum hold" in released[0]
     # During the hold: refused, with a message that says the slot already ran.
     assert not second.lock()
-    with pytest.raises(LockConflict) as caught:
-        with second:
-            pass
+    with pytest.raises(LockConflict) as caught, second:
+        pass
     message = str(caught.value)
     assert "already ran its slot" in message and "ran at" in message and "held until" in message
     assert first.record is None and second.exists()

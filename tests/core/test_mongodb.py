@@ -99,7 +99,10 @@ def test_list_treats_prefixes_as_text(store: MongoDb) -> None:
     names = ["a.b/1", "a.b/2", "aXb/3", "(x)*[y]", "(x)+", "^top", "top$", "$where", "a|b", "\\d9", "d9"]
     for name in names:
         assert store.acquire(name, Owner(), 60).acquired
-    listed = lambda prefix: [record.name for record in store.list(prefix)]
+
+    def listed(prefix: str) -> list[str]:
+        return [record.name for record in store.list(prefix)]
+
     assert listed("a.b") == ["a.b/1", "a.b/2"]
     assert listed("(x)*") == ["(x)*[y]"]
     assert listed("^") == ["^top"]
@@ -705,7 +708,7 @@ def test_callers_wait_for_a_pooled_connection_instead_of_failing(url: str, colle
         try:
             owner = Owner()
             results.append(store.acquire(f"pool-{index}", owner, 60).acquired and store.release(f"pool-{index}", owner.owner_token))
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]

@@ -705,7 +705,7 @@ def test_statement_timeout_bounds_a_blocked_statement(server_url: str, table: st
         assert store.acquire("job", holder, 60).acquired
         with psycopg.connect(server_url) as blocker:  # a transaction that keeps the row locked
             blocker.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'job' FOR UPDATE").format(sql.Identifier(table)))
-            with pytest.raises(PersisterError, match="QueryCanceled|statement timeout"):
+            with pytest.raises(PersisterError, match=r"QueryCanceled|statement timeout"):
                 store.release("job", holder.owner_token)
             # A contender of a held name reads without row locks: its conflict does not queue behind them.
             refused = store.acquire("job", Owner(), 60)
@@ -726,7 +726,7 @@ def test_statement_timeout_bounds_a_blocked_statement_on_async_connections(
         assert (await store.aacquire("job", holder, 60)).acquired
         with psycopg.connect(server_url) as blocker:
             blocker.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'job' FOR UPDATE").format(sql.Identifier(table)))
-            with pytest.raises(PersisterError, match="QueryCanceled|statement timeout"):
+            with pytest.raises(PersisterError, match=r"QueryCanceled|statement timeout"):
                 await store.arelease("job", holder.owner_token)
             blocker.rollback()
         assert await store.arelease("job", holder.owner_token)

@@ -41,5 +41,5 @@ def test_preload_takes_schemes_and_urls_and_needs_no_server() -> None:
 
 
 def test_preload_of_an_unknown_store_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="no persister for scheme 'nosuch'.*known schemes: .*redis"):
+    with pytest.raises(ValueError, match=r"no persister for scheme 'nosuch'.*known schemes: .*redis"):
         persisters.preload("nosuch")

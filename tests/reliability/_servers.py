@@ -8,6 +8,7 @@ its own backend process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -99,10 +100,8 @@ class Server:
     def signal_tree(self, signum: int) -> None:
         assert self.process is not None
         for pid in descendants(self.process.pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def freeze(self) -> None:
         """SIGSTOP the server and its children: connections stay open, nothing answers."""

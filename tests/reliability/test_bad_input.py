@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from singleton_integrations import AsyncSingleton, PersisterError, Singleton, persisters
 from singleton_integrations._record import validate_name
+from tests.conftest import store_url_for
 
 from .conftest import STORES
-from tests.conftest import store_url_for
 
 BAD_NAMES = [None, b"job", 42, 4.2, ["job"], {"$gt": ""}, "", "x" * 256, "x" * 100_000, "a\x00b", "line\nbreak",
              "tab\tname", "\x1b[31mred", "del\x7f", "\x85nel", "lone\ud800surrogate", "a\u2028b"]

@@ -111,7 +111,7 @@ def retry_until(deadline_s: float, attempt: Any) -> tuple[Any, int]:
 
 def test_store_refused_then_back(networked_kind: str, proxy: Any, figures: dict[str, Any]) -> None:
     """The store's port closes (connections refused and reset): a clear PersisterError, then recovery once it is back."""
-    tcp, proxied_url, direct_url = proxy
+    tcp, proxied_url, _direct_url = proxy
     store = persisters.from_url(proxied_url)
     job = Singleton(unique("refused"), store, lock_expire_seconds=30)
     assert job.lock()

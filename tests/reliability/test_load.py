@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from singleton_integrations import Singleton, persisters
-
 from tests.conftest import store_url_for
 
 

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from singleton_integrations import LockConflict, Owner, PersisterError, Singleton, persisters
-
 from tests.conftest import store_url_for
 
 PASSWORD = "Pa55-w0rd-never-shown"
@@ -216,7 +215,7 @@ def test_bad_url_never_shows_the_password(template: str, caplog: pytest.LogCaptu
 def test_url_attributes_hide_the_password(networked_kind: str, tmp_path: Any) -> None:
     """The public ``url`` (and every other public attribute) of a persister built from a URL with a password."""
     url = with_password(store_url_for(networked_kind, tmp_path))
-    for store in (persisters.from_url(url), persisters.from_url(url, **{})):
+    for store in (persisters.from_url(url), persisters.from_url(url)):
         try:
             shown = "\n".join([public_view(store), repr(store), str(store)])
         finally:

@@ -56,7 +56,7 @@ def start(masters: int = 3, ready: float = 30.0) -> Cluster:
     cluster = Cluster()
     atexit.register(cluster.stop)
     try:
-        for port, bus in zip(ports[:masters], ports[masters:]):
+        for port, bus in zip(ports[:masters], ports[masters:], strict=True):
             cluster.nodes.append(start_throwaway(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus),
                 "--cluster-node-timeout", "3000", port=port,
@@ -67,7 +67,7 @@ def start(masters: int = 3, ready: float = 30.0) -> Cluster:
             first = index * share
             last = _SLOTS - 1 if index == masters - 1 else first + share - 1
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
-        for port, bus in zip(ports[1:masters], ports[masters + 1:]):
+        for port, bus in zip(ports[1:masters], ports[masters + 1:], strict=True):
             clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
         deadline = time.monotonic() + ready
         while not all(_healthy(client, masters) for client in clients):

@@ -27,7 +27,7 @@ def test_each_map_index_takes_its_own_default_lock(sqlite_store, lock_name) -> N
 
         work.expand(x=[1, 2, 3])
     run_dag(dag)
-    assert SEEN == {1: f"{dag_id}.work[0]", 2: f"{dag_id}.work[1]", 3: f"{dag_id}.work[2]"}
+    assert {1: f"{dag_id}.work[0]", 2: f"{dag_id}.work[1]", 3: f"{dag_id}.work[2]"} == SEEN
 
 
 def test_a_named_lock_is_shared_by_every_map_index(sqlite_store, hold, lock_name) -> None:
