@@ -24,10 +24,11 @@ process cannot judge a live Python lock expired before its lease has ended
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Generator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from .._record import AcquireResult, LockRecord, Owner
 
@@ -59,7 +60,10 @@ class Op:
         return f"Op({self.method})"
 
 
-Steps = Generator[Op, Any, Any]
+_R = TypeVar("_R")
+
+#: A primitive's steps: each yields an ``Op``, is sent its result, and returns the primitive's answer.
+Steps = Generator[Op, Any, _R]
 
 # --- expressions: every time comparison is on {$toLong} values (a SecantusDB deviation) ---
 NOW_MS = {"$toLong": "$$NOW"}
@@ -235,7 +239,7 @@ def _retry_after(expires_at: datetime | None, server_now: float) -> float | None
 class Rules:
     """The primitives as step generators, for one collection's configuration."""
 
-    def __init__(self, errors: Any, purge_ms: int | None, seed_expire_ms: int | None | bool) -> None:
+    def __init__(self, errors: Any, purge_ms: int | None, seed_expire_ms: int | bool | None) -> None:
         #: pymongo.errors, so the steps can recognise duplicate keys without importing pymongo.
         self.errors = errors
         self.purge_ms = purge_ms
@@ -247,7 +251,7 @@ class Rules:
             return ttl_ms
         return self.seed_expire_ms if self.seed_expire_ms is not None else None
 
-    def ensure_indexes(self) -> Steps:
+    def ensure_indexes(self) -> Steps[None]:
         """The seed's unique index on ``name`` (same key and options, so its ensureIndex is a no-op) and the TTL index."""
         wanted: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
             (("name",), {"unique": True}, "the unique index on name (shared with singleton-process)")
@@ -262,7 +266,7 @@ class Rules:
                     raise
                 logger.warning("mongodb: cannot create %s: %s", what, error.code)
 
-    def acquire(self, name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None) -> Steps:
+    def acquire(self, name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None) -> Steps[AcquireResult]:
         update = acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms)
         seed_ms = self._seed_ms(ttl_ms)
         expired_seed: LockRecord | None = None
@@ -309,7 +313,7 @@ class Rules:
         now = yield Op("server_now")
         return AcquireResult(False, holder, retry_after=_retry_after(holder.expires_at, now))
 
-    def release(self, name: str, owner_token: str) -> Steps:
+    def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
         """Returns (released, freed): freed is False when the release went into a minimum hold."""
         ours = {"_id": name, **_OWNED, "owner": owner_token}
         # The common case, no minimum hold left: one plain update (cheaper than a
@@ -325,7 +329,7 @@ class Rules:
         yield Op("update_one", {"_id": name, "owner": owner_token, "releasedAt": None}, free_update(self.purge_ms))
         return False, False
 
-    def renew(self, name: str, owner_token: str, ttl_ms: int | None) -> Steps:
+    def renew(self, name: str, owner_token: str, ttl_ms: int | None) -> Steps[LockRecord | None]:
         doc = yield Op("find_one_and_update", {"_id": name, **_OWNED, "owner": owner_token},
                        renew_update(ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
         return record(name, doc) if doc is not None else None
@@ -339,7 +343,7 @@ class Rules:
     def _seed_shown_ms(self) -> int | None:
         return None if isinstance(self.seed_expire_ms, bool) else self.seed_expire_ms
 
-    def get(self, name: str) -> Steps:
+    def get(self, name: str) -> Steps[LockRecord | None]:
         docs = yield Op("find", {"$or": [{"$and": [{"_id": name}, LIVE]}, {"$and": [{"name": name}, self._seed_live()]}]})
         ours = [doc for doc in docs if doc.get("_id") == name and "owner" in doc]
         if ours:
@@ -347,7 +351,7 @@ class Rules:
         seeds = [doc for doc in docs if "owner" not in doc]
         return seed_record(name, seeds[0], self._seed_shown_ms()) if seeds else None
 
-    def list(self, prefix: str, pattern: str | None) -> Steps:
+    def list(self, prefix: str, pattern: str | None) -> Steps[builtins.list[LockRecord]]:
         ours: dict[str, Any] = {"$and": [LIVE]}
         seeds = self._seed_live()
         if pattern is not None:
@@ -365,7 +369,7 @@ class Rules:
                 found[doc["name"]] = seed_record(doc["name"], doc, self._seed_shown_ms())
         return [found[key] for key in sorted(found)]
 
-    def force_release(self, name: str) -> Steps:
+    def force_release(self, name: str) -> Steps[LockRecord | None]:
         doc = yield Op("find_one_and_update", {"_id": name, **LIVE}, free_update(self.purge_ms), return_document=False)
         if doc is not None:
             return record(name, doc)

@@ -78,7 +78,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .. import _process
 from .._errors import MissingDependency, PersisterError
@@ -94,6 +94,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_COLLECTION", "DEFAULT_DATABASE", "DEFAULT_PURGE_AFTER_SECONDS", "SEED_RULE", "MongoDb"]
 
 logger = logging.getLogger("singleton_integrations")
+_R = TypeVar("_R")
+_Client = TypeVar("_Client")
 
 DEFAULT_COLLECTION = "singletons"  # the seed's collection name
 DEFAULT_DATABASE = "singleton"
@@ -206,12 +208,12 @@ def _ms(seconds: float | None) -> int | None:
 # -- shared clients: one per URL + options per process (one per event loop for async) --
 
 
-class _Entry:
+class _Entry(Generic[_Client]):
     """A shared client and who uses it; ``indexed`` remembers collections already set up."""
 
     __slots__ = ("client", "indexed", "users")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: _Client) -> None:
         self.client = client
         self.users: weakref.WeakSet[MongoDb] = weakref.WeakSet()  # a collected persister stops counting
         self.indexed: set[tuple[str, str, bool]] = set()
@@ -222,8 +224,10 @@ class _Registry:
 
     def __init__(self) -> None:
         self.guard = threading.Lock()
-        self.sync: dict[Any, _Entry] = {}
-        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
+        self.sync: dict[Any, _Entry[MongoClient[Any]]] = {}
+        # pymongo's AsyncMongoClient, found by name (it is missing before pymongo 4.9).
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Entry[Any]]] = \
+            weakref.WeakKeyDictionary()
         self.hubs: dict[Any, ReleaseHub] = {}
 
     def reset(self) -> None:
@@ -329,7 +333,7 @@ class MongoDb(Persister):
             seed_rule = _positive("seed_lock_expire_seconds", seed_rule)
         #: Seconds, None (seed locks never expire here) or SEED_RULE (the acquiring lock's lock_expire_seconds).
         self.seed_lock_expire_seconds: float | str | None = seed_rule
-        seed_ms: int | None | bool = True if seed_rule == SEED_RULE else _ms(seed_rule)
+        seed_ms: int | bool | None = True if seed_rule == SEED_RULE else _ms(seed_rule)
         if isinstance(write_concern, bool) or not isinstance(write_concern, (str, int, type(None))):
             raise TypeError(f"write_concern must be 'majority', a number of nodes or None, not {write_concern!r}")
         self.write_concern = write_concern
@@ -435,7 +439,7 @@ class MongoDb(Persister):
 
     # -- connections -------------------------------------------------------------------
 
-    def _entry(self) -> _Entry:
+    def _entry(self) -> _Entry[MongoClient[Any]]:
         """This persister's share of the process's client for its configuration."""
         pid = os.getpid()
         with _registry.guard:
@@ -553,46 +557,50 @@ class MongoDb(Persister):
         result = await getattr(collection, op.method)(*op.args, **op.kwargs)
         return _result(op.method, result)
 
-    def _drive(self, steps: Steps, collection: Any) -> Any:
+    def _drive(self, steps: Steps[_R], collection: Any) -> _R:
         reply: Any = None
         error: BaseException | None = None
         while True:
             try:
                 op = steps.throw(error) if error is not None else steps.send(reply)
             except StopIteration as stop:
-                return stop.value
+                answer: _R = stop.value  # what the steps returned
+                return answer
             try:
                 reply, error = self._call(collection, op), None
             except self._pymongo.errors.PyMongoError as failure:
                 reply, error = None, failure
 
-    async def _adrive(self, steps: Steps, collection: Any) -> Any:
+    async def _adrive(self, steps: Steps[_R], collection: Any) -> _R:
         reply: Any = None
         error: BaseException | None = None
         while True:
             try:
                 op = steps.throw(error) if error is not None else steps.send(reply)
             except StopIteration as stop:
-                return stop.value
+                answer: _R = stop.value  # what the steps returned
+                return answer
             try:
                 reply, error = await self._acall(collection, op), None
             except self._pymongo.errors.PyMongoError as failure:
                 reply, error = None, failure
 
-    def _run(self, action: str, steps: Steps) -> Any:
+    def _run(self, action: str, steps: Steps[_R]) -> _R:
         with self._translate(action):
             return self._drive(steps, self._collection())
 
-    async def _arun(self, action: str, steps: Steps) -> Any:
+    async def _arun(self, action: str, steps: Steps[_R]) -> _R:
         with self._translate(action):
             return await self._adrive(steps, await self._acollection())
 
     # -- the primitives ----------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
+                min_hold: float | None = None) -> AcquireResult:
         return self._run(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
+                       min_hold: float | None = None) -> AcquireResult:
         return await self._arun(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
 
     def release(self, name: str, owner_token: str) -> bool:
@@ -656,7 +664,7 @@ class MongoDb(Persister):
         if hub is not None:
             hub.notify(name)
 
-    def watch(self, name: str) -> ReleaseWatch:
+    def watch(self, name: str) -> ReleaseWatch:  # type: ignore[override]  # owner_token is only passed when ``fair``
         """A wake-up from the process's one change stream (or an in-process release); see ``ReleaseHub``."""
         hub = self._hub()
         assert hub is not None
