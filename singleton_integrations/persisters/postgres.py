@@ -101,6 +101,10 @@ _PURGE_BATCH = 500
 _LISTEN_HEARTBEAT = 10.0
 
 
+def _rowcount(cursor: psycopg.Cursor[Any]) -> int:
+    return cursor.rowcount
+
+
 def _drivers() -> tuple[Any, Any]:
     try:
         import psycopg
@@ -213,7 +217,7 @@ class _Store:
         self.pool_timeout, self.connect_timeout = pool_timeout, connect_timeout
         self.guard = threading.Lock()  # quick state changes only, never held across I/O
         self.setup = threading.Lock()  # creating tables and the pool: I/O, so watch() never waits on it
-        self.pool: Any = None
+        self.pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
         self.per_call = threading.BoundedSemaphore(max_size)  # session mode: connections in use at once
         self.tables: dict[str, str] = {}  # quoted table -> NOTIFY channel, once created/migrated here
         self.hubs: dict[str, ReleaseHub] = {}
@@ -322,8 +326,8 @@ class Postgres(Persister):
     backend: ClassVar[str] = "postgres"
     distributed: ClassVar[bool] = True
 
-    @property  # type: ignore[override]
-    def notifies(self) -> bool:
+    @property
+    def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, worked out per store here
         """True unless a pooler is in front and no ``listen_dsn`` was given: then waiters poll."""
         store = self._store
         return store is None or store.listen_conninfo is not None or store.mode in (None, "direct")
@@ -611,10 +615,9 @@ class Postgres(Persister):
             channel = self._setup_plan(self._execute(connection, self._sql["inspect"], params, deadline - time.monotonic()).fetchone())
             if channel is not None:
                 return channel
-            try:
+            # Created meanwhile by a process that does not take the advisory lock: look again.
+            with suppress(self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
                 self._execute(connection, self._sql["setup"], None, deadline - time.monotonic())
-            except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                pass  # created meanwhile by a process that does not take the advisory lock: look again
         raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
 
     async def _aready(self, deadline: float) -> _Store:
@@ -638,10 +641,8 @@ class Postgres(Persister):
                     channel = self._setup_plan(await cursor.fetchone())
                     if channel is not None:
                         break
-                    try:
+                    with suppress(self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
                         await self._aexecute(connection, self._sql["setup"], None, deadline - time.monotonic())
-                    except (self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                        pass
                 if channel is None:
                     raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
                 store.tables[self._quoted_table] = channel
@@ -651,7 +652,7 @@ class Postgres(Persister):
 
     # -- borrowing connections -------------------------------------------------------------
 
-    def _pool(self, store: _Store) -> psycopg_pool.ConnectionPool[Any]:
+    def _pool(self, store: _Store) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
         pool = store.pool
         if pool is not None:
             return pool
@@ -683,7 +684,8 @@ class Postgres(Persister):
         if not store.per_call.acquire(timeout=wait):
             raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {wait:.2f} sec")
         try:
-            return self._psycopg.Connection.connect(store.conninfo, **self._connect_kwargs())
+            connection: psycopg.Connection[Any] = self._psycopg.Connection.connect(store.conninfo, **self._connect_kwargs())
+            return connection
         except BaseException:
             store.per_call.release()
             raise
@@ -742,18 +744,19 @@ class Postgres(Persister):
                     await asyncio.wait_for(connections.slots.acquire(), max(min(store.pool_timeout, deadline - time.monotonic()), 0.001))
                 except (asyncio.TimeoutError, TimeoutError):
                     raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {store.pool_timeout:.2f} sec") from None
-                connection = None
+                connection: psycopg.AsyncConnection[Any] | None = None
                 try:
                     while connections.idle and connection is None:
                         candidate = connections.idle.pop()
                         connection = None if candidate.closed else candidate
                     if connection is None:
-                        connection = await asyncio.wait_for(
+                        fresh: psycopg.AsyncConnection[Any] = await asyncio.wait_for(
                             self._psycopg.AsyncConnection.connect(
                                 store.conninfo, **self._connect_kwargs(True, direct=store.mode == "direct")),
                             max(deadline - time.monotonic(), 0.001))
+                        connection = fresh
                         if store.mode == "direct":
-                            await self._aexecute(connection, self._session_timeout(), None, deadline - time.monotonic())
+                            await self._aexecute(fresh, self._session_timeout(), None, deadline - time.monotonic())
                     assert connection is not None
                     query, prepared = self._statement(store, key)
                     cursor = await self._aexecute(connection, query, params, deadline - time.monotonic(), prepared)
@@ -834,7 +837,7 @@ class Postgres(Persister):
             connection.close()
             raise _NoAnswer(f"no answer within {self.timeout:.1f} s") from None
 
-    def watch(self, name: str) -> ReleaseWatch:
+    def watch(self, name: str) -> ReleaseWatch:  # type: ignore[override]  # owner_token is only passed when ``fair``
         """A waiter on this process's one listener for the table; registers only, no I/O here."""
         hub = self._hub()
         return _Watch(hub.watch(name), hub, self.poll_interval)
@@ -880,7 +883,7 @@ class Postgres(Persister):
         process and table; call it to sweep now. Fencing tokens still rise for a
         purged name: a new row starts from the server's clock in milliseconds.
         """
-        return self._run("purge", "purge", self._purge_params(limit, after), self._deadline(), lambda cursor: cursor.rowcount)
+        return self._run("purge", "purge", self._purge_params(limit, after), self._deadline(), _rowcount)
 
     async def apurge(self, limit: int = 1000, *, after: float | None = None) -> int:
         """``purge`` for coroutines."""
@@ -908,7 +911,8 @@ class Postgres(Persister):
 
     # -- the primitives ------------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    def acquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
+                min_hold: float | None = None) -> AcquireResult:
         deadline = self._deadline()
         params = q.acquire_params(name, owner, ttl, min_hold)
         # Retrying after a dropped connection is safe: if the first try did write,
@@ -927,7 +931,8 @@ class Postgres(Persister):
                 return result
         return AcquireResult(False, None)
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
+                       min_hold: float | None = None) -> AcquireResult:
         deadline = self._deadline()
         params = q.acquire_params(name, owner, ttl, min_hold)
         result = q.parse_acquire_free(await self._arun("acquire", "acquire_free", params, deadline), name, owner)

@@ -471,7 +471,8 @@ class Sqlite(Persister):
         try:
             if write and step is not _sweep and self.purge_after_seconds is not None and \
                     time.monotonic() >= self._shared.next_sweep:
-                return self._in_transaction(connection, True, self._swept, step, *args)
+                swept: _T = self._in_transaction(connection, True, self._swept, step, *args)  # step's answer, after the sweep
+                return swept
             return self._in_transaction(connection, write, step, *args)
         except sqlite3.Error as error:
             raise self._error(error) from error
@@ -506,7 +507,8 @@ class Sqlite(Persister):
     async def _aconnect(self) -> sqlite3.Connection:
         local = self._shared.loop_connections
         if getattr(local, "pid", None) == os.getpid() and local.connection is not None:
-            return local.connection
+            kept: sqlite3.Connection = local.connection  # this thread's, set below
+            return kept
         # Opening may wait on a file being created by others: do it once per thread, off the loop.
         connection = await run_blocking(self._open, 0.0)
         local.connection, local.pid = connection, os.getpid()
