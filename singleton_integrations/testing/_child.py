@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from .. import AsyncSingleton, Singleton, persisters
@@ -32,11 +34,16 @@ def _options(args: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _recorder(events: list[str], event: str) -> Callable[[Any], None]:
+    """An event handler that notes ``event`` in ``events``."""
+    return lambda message: events.append(event)
+
+
 def _singleton(args: dict[str, Any], events: list[str] | None = None) -> Singleton:
     singleton = Singleton(args["name"], persisters.from_url(args["url"]), **_options(args))
     if events is not None:
         for event in ("expired", "locked", "conflict", "lost", "released"):
-            singleton.on(event, lambda message, event=event: events.append(event))
+            singleton.on(event, _recorder(events, event))
     return singleton
 
 
@@ -57,7 +64,11 @@ def race(args: dict[str, Any]) -> None:
 def hold(args: dict[str, Any]) -> None:
     """Take the lock, say so, then sleep until killed or ``hold_for`` has passed."""
     if args.get("previous_handler"):
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_say(previous_handler=True), sys.exit(3)))
+        def previous_handler(signum: int, frame: FrameType | None) -> None:
+            _say(previous_handler=True)
+            sys.exit(3)
+
+        signal.signal(signal.SIGTERM, previous_handler)
     singleton = _singleton(args)
     acquired = singleton.lock(wait=args.get("wait"))
     _say(acquired=acquired, token=singleton.fencing_token, pid=os.getpid(), at=time.monotonic())
@@ -148,7 +159,7 @@ def handover(args: dict[str, Any]) -> None:
                 _say(waiting=True)
             return result
 
-        persister.acquire = acquire  # type: ignore[method-assign]
+        persister.acquire = acquire
     for command in sys.stdin:
         command = command.strip()
         if command == "lock":

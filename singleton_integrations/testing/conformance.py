@@ -26,7 +26,9 @@ own sweep runs seldom may offer ``purge()``, which the retention case calls.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import inspect
+import itertools
 import json
 import os
 import random
@@ -40,7 +42,8 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
@@ -48,6 +51,9 @@ import pytest
 from .. import AsyncSingleton, LockConflict, LockLost, Singleton, SingletonError, persisters
 from .._record import AcquireResult, LockRecord, Owner
 from ..persisters import Persister
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["APIS", "PLAIN_NAMES", "WOKEN_WITHIN", "AsyncDriven", "CountingPersister", "EventLoopThread",
            "PersisterConformance", "not_per_api", "read_fact", "spawn_role", "with_query"]
@@ -117,7 +123,8 @@ def read_fact(process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str
     line = process.stdout.readline()
     if not line:
         pytest.fail(f"child ended (code {process.wait()}) without a fact; stderr: {process.stderr.read()[-2000:] if process.stderr else ''}")
-    return json.loads(line)
+    fact: dict[str, Any] = json.loads(line)
+    return fact
 
 
 def tell(process: subprocess.Popen[str], command: str) -> None:
@@ -135,6 +142,40 @@ def eventually(check: Any, timeout: float = 20.0, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return bool(check())
+
+
+def _noting(seen: builtins.list[tuple[str, Any]], event: str) -> Callable[[Any], None]:
+    """An event handler that notes ``(event, payload)`` in ``seen``."""
+    return lambda payload: seen.append((event, payload))
+
+
+@runtime_checkable
+class _Retaining(Protocol):
+    """A store with the retention option."""
+
+    purge_after_seconds: float | None
+
+
+def _tried(counting: CountingPersister) -> Callable[[], bool]:
+    """A check for ``eventually``: the waiter behind ``counting`` has made its first attempt."""
+    return lambda: counting.acquires >= 1
+
+
+def _both_at_once(call: Callable[[], bool]) -> list[bool]:
+    """Run ``call`` in two threads let go by one barrier; their results, in the order they came."""
+    start = threading.Barrier(2)
+    results: list[bool] = []
+
+    def run() -> None:
+        start.wait(10)
+        results.append(call())
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
 
 
 class EventLoopThread:
@@ -182,12 +223,13 @@ class AsyncDriven:
             return lambda *args, **kwargs: self.runner.run(value(*args, **kwargs))
         return value
 
-    def __enter__(self) -> AsyncDriven:
+    def __enter__(self) -> Self:
         self.runner.run(self.inner.__aenter__())
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.runner.run(self.inner.__aexit__(*exc_info))
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.runner.run(self.inner.__aexit__(exc_type, exc, traceback))
 
     def __repr__(self) -> str:
         return repr(self.inner)
@@ -212,8 +254,8 @@ class CountingPersister(Persister):
                 setattr(self, attribute, getattr(inner, attribute))
         self.supports_min_hold = inner.supports_min_hold if supports_min_hold is None else supports_min_hold  # type: ignore[misc]
 
-    @property  # type: ignore[override]
-    def notifies(self) -> bool:
+    @property
+    def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, asked of the inner store here
         """Asked each time: a store may learn only on first use that it cannot notify (a pooler in front)."""
         return bool(self.inner.notifies)
 
@@ -271,7 +313,7 @@ class CountingPersister(Persister):
     def list(self, prefix: str = "") -> list[LockRecord]:
         return self.inner.list(prefix)
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
         return await self.inner.alist(prefix)
 
     def force_release(self, name: str) -> LockRecord | None:
@@ -304,8 +346,8 @@ class PersisterConformance:
 
     # -- fixtures ---------------------------------------------------------------
 
-    @pytest.fixture
-    def api(self, request: pytest.FixtureRequest) -> str:
+    @pytest.fixture(name="api")
+    def _api(self, request: pytest.FixtureRequest) -> str:
         return str(getattr(request, "param", "sync"))
 
     @pytest.fixture(autouse=True)
@@ -354,7 +396,7 @@ class PersisterConformance:
     def record_events(singleton: Singleton) -> list[tuple[str, Any]]:
         seen: list[tuple[str, Any]] = []
         for event in ("locking", "locked", "conflict", "expired", "releasing", "released", "error", "renewed", "lost"):
-            singleton.on(event, lambda payload, event=event: seen.append((event, payload)))
+            singleton.on(event, _noting(seen, event))
         return seen
 
     @staticmethod
@@ -402,9 +444,8 @@ class PersisterConformance:
     def test_context_manager_conflict_names_the_holder(self, persister: Persister, name: str) -> None:
         holder = self.singleton(name, persister, metadata={"run": "r-1"})
         with holder:
-            with pytest.raises(LockConflict) as caught:
-                with self.singleton(name, persister):
-                    pytest.fail("entered a held lock")
+            with pytest.raises(LockConflict) as caught, self.singleton(name, persister):
+                pytest.fail("entered a held lock")
             assert caught.value.holder is not None
             assert caught.value.holder.metadata == {"run": "r-1"}
             assert str(os.getpid()) in str(caught.value) and "r-1" in str(caught.value)
@@ -447,6 +488,7 @@ class PersisterConformance:
             processes.extend(racers)
             facts = [read_fact(racer, timeout=60) for racer in racers]
             for racer in racers:
+                assert racer.stdin is not None
                 racer.stdin.close()  # the winner holds until every racer has tried
             winners = [fact for fact in facts if fact["acquired"]]
             assert len(winners) == 1, facts
@@ -468,7 +510,8 @@ class PersisterConformance:
         assert old.release() is False
         assert old.lost and "lost" in [event for event, _ in old_events]
         assert new.verify() is True
-        assert persister.get(name).owner_token == new.record.owner_token
+        current = persister.get(name)
+        assert current is not None and new.record is not None and current.owner_token == new.record.owner_token
         assert new.release() is True
 
     def test_release_after_the_lease_ran_out_reports_the_loss(self, persister: Persister, name: str) -> None:
@@ -540,7 +583,7 @@ class PersisterConformance:
         assert len(holds) >= 16, f"only {len(holds)} holds in 3 s"
         assert len({hold["pid"] for hold in holds}) >= 2
         holds.sort(key=lambda hold: hold["start"])
-        overlaps = sum(1 for a, b in zip(holds, holds[1:]) if b["start"] < a["end"])
+        overlaps = sum(1 for a, b in itertools.pairwise(holds) if b["start"] < a["end"])
         assert overlaps == 0
         tokens = [hold["token"] for hold in holds]
         assert tokens == sorted(set(tokens)), "fencing tokens did not rise with the holds"
@@ -614,11 +657,10 @@ class PersisterConformance:
         thief.release()
 
     def test_lost_lock_fails_the_with_block(self, persister: Persister, name: str) -> None:
-        with pytest.raises(LockLost):
-            with self.singleton(name, persister, lock_expire_seconds=0.3) as held:
-                self.wait_until_expired(persister, name)
-                assert self.singleton(name, persister).lock()
-                assert held.verify() is False
+        with pytest.raises(LockLost), self.singleton(name, persister, lock_expire_seconds=0.3) as held:
+            self.wait_until_expired(persister, name)
+            assert self.singleton(name, persister).lock()
+            assert held.verify() is False
         persister.force_release(name)
 
     @not_per_api
@@ -850,18 +892,7 @@ class PersisterConformance:
         events = self.record_events(holder)
         for trial in range(30):
             assert holder.lock(), f"trial {trial}"
-            start = threading.Barrier(2)
-            results: list[bool] = []
-
-            def release() -> None:
-                start.wait(10)
-                results.append(holder.release())
-
-            threads = [threading.Thread(target=release) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            results = _both_at_once(holder.release)
             assert True in results, f"trial {trial}: neither release was confirmed ({results})"
             assert not holder.held and persister.get(name) is None
         assert "lost" not in [event for event, _ in events] and not holder.lost
@@ -871,18 +902,7 @@ class PersisterConformance:
         counting = CountingPersister(persister)
         for trial in range(20):
             holder = self.singleton(name, counting)
-            start = threading.Barrier(2)
-            results: list[bool] = []
-
-            def lock() -> None:
-                start.wait(10)
-                results.append(holder.lock())
-
-            threads = [threading.Thread(target=lock) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            results = _both_at_once(holder.lock)
             assert results == [True, True], f"trial {trial}: {results}"
             assert counting.acquires == trial + 1, f"trial {trial}: {counting.acquires - trial} store attempts for one object"
             assert holder.release() is True
@@ -1148,6 +1168,7 @@ class PersisterConformance:
                     return False
                 inside += 1
                 overlaps += inside > 1
+                assert singleton.fencing_token is not None
                 tokens.append(singleton.fencing_token)
                 await asyncio.sleep(0)
                 inside -= 1
@@ -1221,7 +1242,7 @@ class PersisterConformance:
                     assert holder.lock()
                     counting = CountingPersister(persister)
                     finish = self.start_waiter(kind, name, counting, runner)
-                    assert eventually(lambda: counting.acquires >= 1, 20), "the waiter never tried"
+                    assert eventually(_tried(counting), 20), "the waiter never tried"
                     time.sleep(0.15 + trial * 0.0125)  # the release lands at a different point of a wait slice each time
                     released_at = time.monotonic()
                     assert holder.release()
@@ -1249,7 +1270,7 @@ class PersisterConformance:
                     assert read_fact(child)["acquired"]
                     counting = CountingPersister(persister)
                     finish = self.start_waiter(kind, name, counting, runner)
-                    assert eventually(lambda: counting.acquires >= 1, 20), "the waiter never tried"
+                    assert eventually(_tried(counting), 20), "the waiter never tried"
                     time.sleep(0.15 + trial * 0.025)
                     tell(child, "release")
                     released = read_fact(child)
@@ -1480,6 +1501,7 @@ class PersisterConformance:
         ):
             store = persisters.from_url(fresh(url), **options)
             try:
+                assert isinstance(store, _Retaining), f"{type(store).__name__} has no purge_after_seconds"
                 assert store.purge_after_seconds == expected, (url, options)
             finally:
                 store.close()
@@ -1496,6 +1518,7 @@ class PersisterConformance:
             idle = Singleton(name, purging, lock_expire_seconds=2, release_on_sigterm=False)
             assert idle.lock()
             token = idle.fencing_token
+            assert token is not None
             assert idle.release()
             # Other names must not contain ``name``: stored_state may look for it as a substring.
             kept = Singleton(f"held-{uuid.uuid4().hex}", purging, lock_expire_seconds=None, release_on_sigterm=False)
@@ -1517,7 +1540,8 @@ class PersisterConformance:
             assert kept.verify(), "a held name's state was purged"
             again = Singleton(name, purging, lock_expire_seconds=30, release_on_sigterm=False)
             assert again.lock()
-            assert again.fencing_token > token, "the fencing token went back after the purge"
+            assert again.fencing_token is not None and again.fencing_token > token, \
+                "the fencing token went back after the purge"
             assert again.release() and kept.release()
         finally:
             purging.close()
