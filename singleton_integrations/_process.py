@@ -48,7 +48,7 @@ class ExitHeld(Protocol):
 
 
 try:
-    from _signal import getsignal as _raw_getsignal
+    from _signal import getsignal as _raw_getsignal  # type: ignore[import-not-found]  # CPython's C module: typeshed has no stub for it
 except ImportError:  # pragma: no cover - other interpreters
     _raw_getsignal = signal.getsignal
 
@@ -77,7 +77,7 @@ def _release_one(state: ExitHeld, reason: str) -> None:
         return
     try:
         confirmed = bool(state.persister.release(state.name, hold.owner_token))
-    except Exception as error:  # the store is down: the lease ends on its own
+    except Exception as error:  # noqa: BLE001 - whatever the store raised, the lease ends on its own; release the rest
         logger.warning("releasing lock %r on %s failed: %s", state.name, reason, error)
         return
     state.exit_released(hold, confirmed, reason)
@@ -171,7 +171,7 @@ def _at_exit() -> None:
     for callback in reversed(_after_exit):
         try:
             callback()
-        except Exception as error:  # at exit, nobody is left to tell
+        except Exception as error:  # noqa: BLE001 - at exit, nobody is left to tell; run the other hooks
             logger.debug("an exit hook failed: %s", type(error).__name__)
 
 

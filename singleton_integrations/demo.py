@@ -15,6 +15,7 @@ incompatible FastAPI releases, so each has its own virtual environment).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["main"]
 
@@ -96,7 +97,7 @@ class Timeline:
 class Actor:
     """A child process in its own process group, whose ``@@demo`` stdout lines become events."""
 
-    registry: list[Actor] = []
+    registry: ClassVar[list[Actor]] = []
 
     def __init__(self, timeline: Timeline, label: str, argv: list[str], env: dict[str, str],
                  log: Path | None = None, stdin: bool = False) -> None:
@@ -169,10 +170,8 @@ class Actor:
 
 
 def _killpg(pgid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -326,7 +325,7 @@ class Demo:
     def _guarded(self, part: Any) -> None:
         try:
             part()
-        except Exception as error:  # reported as a failed check; the other part carries on
+        except Exception as error:  # noqa: BLE001 - reported as a failed check; the other part carries on
             self.timeline.check(False, f"{part.__name__.strip('_')}: {type(error).__name__}: {error}")
 
     def _interpreter(self, which: str, probe: tuple[str, ...]) -> str | None:
@@ -412,7 +411,8 @@ def _result(log: Path | None) -> dict[str, Any] | None:
         return None
     for line in reversed(log.read_text(errors="replace").splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            return result
     return None
 
 

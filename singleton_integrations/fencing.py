@@ -91,7 +91,7 @@ class SqlFence:
             f"WHERE {self.table}.fencing_token <= excluded.fencing_token",
             (resource, token),
         )
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def check(self, connection: Any, resource: str, token: int) -> None:
         """Like ``admit``, but raise ``StaleFencingToken`` (roll back the transaction) when refused."""

@@ -110,5 +110,6 @@ def from_url(url: str, **options: Any) -> Persister:
 
     Nothing connects here: the first lock operation does.
     """
-    return _class_for(url, url).from_url(url, **options)
+    persister: Persister = _class_for(url, url).from_url(url, **options)  # each class's own from_url
+    return persister
 

@@ -23,7 +23,7 @@ LOCK_NAME = os.environ.get("SINGLETON_LOCK_NAME", "nightly-export")
 @dag(schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False, tags=["singleton"])
 def nightly_export() -> None:
     @task.singleton(lock_name=LOCK_NAME, on_conflict="skip", lock_expire_seconds=120)
-    def export(singleton=None) -> int:  # noqa: ANN001 - Airflow passes the held Singleton
+    def export(singleton=None) -> int:
         token = singleton.fencing_token
         print(f"exporting under {LOCK_NAME!r} with fencing token {token}")
         return token
