@@ -199,6 +199,11 @@ def test_renewal_that_stops_getting_through_fails_the_block(
             assert not singleton.held and singleton.lost
     finally:
         opened.set()
+    # Whichever thread found the deadline passed declares the loss, then runs the handlers:
+    # this thread may read ``lost`` in between, so it waits for the event itself.
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [event for event, _ in seen] == ["lost"] and "lease may have ended" in seen[0][1]
 
 
