@@ -1,10 +1,12 @@
-"""The lock's rules with no I/O: shared by ``Singleton`` and ``AsyncSingleton``.
+"""The lock's rules with no I/O: shared by ``Singleton``, ``AsyncSingleton`` and the detached leases.
 
-Only the store calls are written twice (blocking in ``Singleton``, awaited in
-``AsyncSingleton``); everything else lives here once: validation, the state
-transitions of one lock object, its events and their messages, the lease
-estimate that declares a loss in time, reentrancy, and the single-flight
-bookkeeping that lets concurrent callers on one object share one store call.
+Only the store calls are written twice (blocking in ``Singleton`` and ``Lease``,
+awaited in ``AsyncSingleton`` and ``AsyncLease``); everything else lives here
+once: validation (``Terms``), the rules of a wait (``Waiting``: the fair queue,
+pauses, deadline), the state transitions of one lock object, its events and
+their messages, the lease estimate that declares a loss in time, reentrancy,
+and the single-flight bookkeeping that lets concurrent callers on one object
+share one store call.
 
 Every transition runs under a short ``threading.Lock`` that is never held
 across I/O or while handlers run, so it is safe from threads, from an event
@@ -14,10 +16,12 @@ loop and from a signal handler's helper threads alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
 import os
+import random
 import threading
 import time
 import weakref
@@ -28,10 +32,30 @@ from typing import Any
 from . import _process
 from ._errors import PersisterError, SingletonError
 from ._events import EventEmitter
-from ._record import AcquireResult, LockRecord, Owner, validate_metadata, validate_min_hold, validate_name, validate_ttl
-from .persisters._base import Persister
+from ._record import (
+    AcquireResult,
+    LockRecord,
+    Owner,
+    validate_metadata,
+    validate_min_hold,
+    validate_name,
+    validate_owner_token,
+    validate_ttl,
+)
+from .persisters._base import Persister, ReleaseWatch
 
-__all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "Flight", "LockState", "RenewTicket", "Signal", "validate_wait"]
+__all__ = [
+    "DEFAULT_LOCK_EXPIRE_SECONDS",
+    "Flight",
+    "LockState",
+    "RenewTicket",
+    "Signal",
+    "Terms",
+    "Waiting",
+    "holder_seen",
+    "holds",
+    "validate_wait",
+]
 
 #: Five minutes, the seed's example: a crashed holder never wedges a name for
 #: good, and longer jobs opt into ``auto_renew=True`` or a longer lease.
@@ -40,6 +64,12 @@ DEFAULT_LOCK_EXPIRE_SECONDS = 300.0
 #: renews it. Waiters try again at least every 2 s (the safety poll), so three of
 #: those: a waiter that died holds up the name for a few seconds at most.
 QUEUE_PLACE_SECONDS = 6.0
+#: While waiting on a store that notifies, still look again this often (a lost
+#: notification costs at most this much).
+NOTIFY_SAFETY_POLL = 2.0
+#: A holder whose end has passed by this host's clock while the store still shows it
+#: (the clocks differ a little): a wait until free looks again this soon, not in a busy loop.
+OVERDUE_LOOK_SECONDS = 0.25
 
 UNSET: Any = object()
 
@@ -82,6 +112,11 @@ def call_store(persister: Persister, method: Callable[..., Any], *args: Any) -> 
         raise PersisterError(persister.backend, f"{type(error).__name__}: {error}") from error
 
 
+def holds(record: LockRecord | None, owner_token: str) -> bool:
+    """Whether the store's ``record`` is a live hold of ``owner_token`` (a lock released into its minimum hold is not)."""
+    return record is not None and record.owner_token == owner_token and not record.released
+
+
 def store_error(persister: Persister, error: Exception) -> Exception:
     """The async twin of ``call_store``'s translation."""
     if isinstance(error, SingletonError):
@@ -89,6 +124,148 @@ def store_error(persister: Persister, error: Exception) -> Exception:
     wrapped = PersisterError(persister.backend, f"{type(error).__name__}: {error}")
     wrapped.__cause__ = error
     return wrapped
+
+
+# -- what an acquire asks for, and how a wait goes ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What every acquire of one name asks of its store, validated once before any I/O.
+
+    Shared by ``LockState`` (a ``Singleton``'s hold) and the detached leases, so
+    both check their options alike and call ``Persister.acquire`` alike.
+    """
+
+    name: str
+    persister: Persister
+    lock_expire_seconds: float | None
+    metadata: Mapping[str, str]
+    min_hold_seconds: float | None
+
+    @classmethod
+    def of(
+        cls,
+        name: object,
+        persister: Persister | str | None,
+        *,
+        lock_expire_seconds: object = UNSET,
+        metadata: object = None,
+        min_hold_seconds: object = None,
+    ) -> Terms:
+        """Validate every option; a ``min_hold_seconds`` the store cannot keep is refused here, not at the acquire."""
+        checked_name = validate_name(name)
+        ttl = validate_ttl(DEFAULT_LOCK_EXPIRE_SECONDS if lock_expire_seconds is UNSET else lock_expire_seconds)
+        checked_metadata = validate_metadata(metadata)
+        min_hold = validate_min_hold(min_hold_seconds)
+        store = resolve_persister(persister)
+        if min_hold is not None and not getattr(store, "supports_min_hold", False):
+            raise ValueError(
+                f"min_hold_seconds needs a persister that keeps a minimum hold; "
+                f"{type(store).__name__} ({store.backend}) does not (supports_min_hold is False)"
+            )
+        return cls(checked_name, store, ttl, checked_metadata, min_hold)
+
+    def owner(self, owner_token: str | None = None) -> Owner:
+        """Who asks: a new random token unless the caller brings its own."""
+        if owner_token is None:
+            return Owner(metadata=self.metadata)
+        return Owner(owner_token=validate_owner_token(owner_token), metadata=self.metadata)
+
+    def acquire_call(self, owner: Owner, waiting_for: float | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of ``Persister.acquire``: ``min_hold`` only when set and ``queue_for`` only
+        for a waiter on a fair store (third parties may lack either)."""
+        extra = {"queue_for": max(min(waiting_for, QUEUE_PLACE_SECONDS), 0.001)} \
+            if waiting_for is not None and self.persister.fair else {}
+        if self.min_hold_seconds is None:
+            return (self.name, owner, self.lock_expire_seconds), extra
+        return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
+
+
+def holder_seen(record: LockRecord | None) -> AcquireResult:
+    """A look at a name's holder, as a refused attempt, so a wait until free follows the same rules.
+
+    ``retry_after`` is when the holder's lease (or minimum hold) ends by this host's
+    clock: ``get`` carries no store time, and this only shortens a pause.
+    """
+    if record is None or record.expires_at is None:
+        return AcquireResult(False, record)
+    left = record.expires_at.timestamp() - time.time()
+    return AcquireResult(False, record, retry_after=left if left > 0 else OVERDUE_LOOK_SECONDS)
+
+
+class Waiting:
+    """The rules of one wait for a name, with no I/O; each face's waiting loop follows them.
+
+    ``to_take``: attempts to acquire, queued on a fair store under the owner token
+    (the waiter's place); over once acquired. ``until_free``: looks only, never
+    queued and never holding; over once nobody holds the name, and it may look
+    less often (``poll_interval``) as it keeps no queue place alive. Either is over
+    at its deadline, or after one attempt when it does not wait.
+    """
+
+    def __init__(self, persister: Persister, name: str, wait: float, owner_token: str | None,
+                 poll_interval: float | None = None) -> None:
+        self.persister = persister
+        self.name = name
+        self.poll_interval = poll_interval  # None: the store's, or the safety poll where it notifies
+        self.once = wait <= 0
+        self.deadline = time.monotonic() + wait
+        self.owner_token = owner_token  # None: a wait until free
+        #: The token the release watch is opened with: a place in the store's queue, or None.
+        self.queue_token = owner_token if owner_token is not None and persister.fair and not self.once else None
+        self.taken = False  # the store handed this waiter the name (which drops its place)
+
+    @classmethod
+    def to_take(cls, terms: Terms, wait: float, owner_token: str) -> Waiting:
+        return cls(terms.persister, terms.name, wait, owner_token)
+
+    @classmethod
+    def until_free(cls, persister: Persister, name: str, wait: float, poll_interval: object = None) -> Waiting:
+        return cls(persister, name, wait, None, validate_ttl(poll_interval, "poll_interval"))
+
+    def waiting_for(self) -> float | None:
+        """``Terms.acquire_call``'s ``waiting_for``: the seconds left while waiting, None for one attempt."""
+        return None if self.once else max(self.deadline - time.monotonic(), 0.0)
+
+    def answer(self, result: AcquireResult) -> AcquireResult:
+        """Note the store's answer; a refusal that names our own live hold is that hold.
+
+        Stores differ there (some report a retried acquire as acquired, others as a
+        conflict with our own record); a lease taken again by its owner must not wait
+        for itself until its own lease ends, so every store answers as the first kind.
+        """
+        if result.acquired:
+            self.taken = True
+        elif self.owner_token is not None and holds(result.record, self.owner_token):
+            return AcquireResult(True, result.record)
+        return result
+
+    def over(self, result: AcquireResult) -> bool:
+        if result.acquired or (self.owner_token is None and result.record is None):
+            return True
+        return self.once or time.monotonic() >= self.deadline
+
+    def pause(self, watch: ReleaseWatch, result: AcquireResult, asynchronous: bool) -> float:
+        """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
+        persister = self.persister
+        notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
+        # Polls are jittered: waiters that started together would otherwise all wake together,
+        # and each round would hand the name to one of them only.
+        if notifies:
+            poll = NOTIFY_SAFETY_POLL if self.poll_interval is None else self.poll_interval
+        else:
+            poll = (persister.poll_interval if self.poll_interval is None else self.poll_interval) \
+                * random.uniform(0.5, 1.0)
+        pause = min(max(self.deadline - time.monotonic(), 0.0), poll)
+        if result.retry_after is not None:
+            pause = min(pause, max(result.retry_after, 0.0) + 0.001)
+        return pause
+
+    def place_to_leave(self) -> str | None:
+        """The queue place to give up as the wait ends: a queued waiter's that the store did not
+        hand the name to (taking it drops the place)."""
+        return None if self.taken else self.queue_token
 
 
 # -- waiting primitives usable from threads and coroutines --------------------------
@@ -108,7 +285,7 @@ class Signal:
     Cheap when nobody waits (the common case): the event and futures are made on demand.
     """
 
-    __slots__ = ("_flag", "_event", "_futures")
+    __slots__ = ("_event", "_flag", "_futures")
 
     def __init__(self) -> None:
         self._flag = False
@@ -122,10 +299,8 @@ class Signal:
         if event is not None:
             event.set()
         for loop, future in futures or ():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # that loop has closed
-                pass
 
     def is_set(self) -> bool:
         return self._flag
@@ -283,7 +458,7 @@ class LockState(EventEmitter):
         min_hold_seconds: float | None = None,
     ) -> None:
         super().__init__()
-        self.name = validate_name(name)
+        validate_name(name)
         if options is not None:  # the seed's options object: {"lockExpireSeconds": 300}
             if not isinstance(options, Mapping):
                 raise TypeError(f"options must be a mapping, not {type(options).__name__}")
@@ -294,24 +469,19 @@ class LockState(EventEmitter):
                 lock_expire_seconds = options.get("lockExpireSeconds", options.get("lock_expire_seconds", UNSET))
         if lock_expire_seconds is UNSET:
             lock_expire_seconds = DEFAULT_LOCK_EXPIRE_SECONDS
-        self.lock_expire_seconds = validate_ttl(lock_expire_seconds)
+        ttl = validate_ttl(lock_expire_seconds)
         if not isinstance(auto_renew, bool):
             raise TypeError("auto_renew must be a bool")
-        if auto_renew and self.lock_expire_seconds is None:
+        if auto_renew and ttl is None:
             raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
         self.auto_renew = auto_renew
         self.renew_interval = validate_ttl(renew_interval, "renew_interval")
-        if self.renew_interval is None and self.lock_expire_seconds is not None:
-            self.renew_interval = self.lock_expire_seconds / 3
+        if self.renew_interval is None and ttl is not None:
+            self.renew_interval = ttl / 3
         self.release_on_sigterm = bool(release_on_sigterm)
-        self.metadata = validate_metadata(metadata)
-        self.min_hold_seconds = validate_min_hold(min_hold_seconds)
-        self.persister = resolve_persister(persister)
-        if self.min_hold_seconds is not None and not getattr(self.persister, "supports_min_hold", False):
-            raise ValueError(
-                f"min_hold_seconds needs a persister that keeps a minimum hold; "
-                f"{type(self.persister).__name__} ({self.persister.backend}) does not (supports_min_hold is False)"
-            )
+        self.terms = Terms.of(
+            name, persister, lock_expire_seconds=ttl, metadata=metadata, min_hold_seconds=min_hold_seconds
+        )
         self._guard = threading.Lock()
         self.hold: LockRecord | None = None  # kept after a deadline loss so release() can still clean up
         self._owner_pid = 0
@@ -329,6 +499,12 @@ class LockState(EventEmitter):
         self._watchdog_entry: float | None = None  # the deadline of this object's watchdog entry
 
     # -- reading -----------------------------------------------------------------
+
+    name = property(lambda self: self.terms.name)
+    persister = property(lambda self: self.terms.persister)
+    lock_expire_seconds = property(lambda self: self.terms.lock_expire_seconds)
+    metadata = property(lambda self: self.terms.metadata)
+    min_hold_seconds = property(lambda self: self.terms.min_hold_seconds)
 
     @property
     def margin(self) -> float:
@@ -365,16 +541,7 @@ class LockState(EventEmitter):
         return self.hold if self.held else None
 
     def owner(self) -> Owner:
-        return Owner(metadata=self.metadata)
-
-    def acquire_call(self, owner: Owner, waiting_for: float | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The arguments of ``Persister.acquire``: ``min_hold`` only when set and ``queue_for`` only
-        for a waiter on a fair store (third parties may lack either)."""
-        extra = {"queue_for": max(min(waiting_for, QUEUE_PLACE_SECONDS), 0.001)} \
-            if waiting_for is not None and self.persister.fair else {}
-        if self.min_hold_seconds is None:
-            return (self.name, owner, self.lock_expire_seconds), extra
-        return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
+        return self.terms.owner()
 
     def state_word(self) -> str:
         return "held" if self.held else ("lost" if self._lost else "free")
@@ -565,7 +732,7 @@ class LockState(EventEmitter):
 
     def verified(self, hold: LockRecord, current: LockRecord | None) -> bool:
         """Apply what ``verify`` read from the store."""
-        if current is not None and current.owner_token == hold.owner_token and not current.released:
+        if holds(current, hold.owner_token):
             return True
         with self._guard:
             generation = self._generation if self.hold is hold else -1

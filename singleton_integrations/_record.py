@@ -11,12 +11,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["AcquireResult", "LockRecord", "Owner", "validate_min_hold", "validate_name", "validate_ttl"]
+__all__ = [
+    "AcquireResult",
+    "LockRecord",
+    "Owner",
+    "validate_metadata",
+    "validate_min_hold",
+    "validate_name",
+    "validate_owner_token",
+    "validate_ttl",
+]
 
 _HOSTNAME = socket.gethostname()  # read once: every acquire records it
 MAX_NAME_LENGTH = 255
 MAX_METADATA_ITEMS = 32
 MAX_METADATA_VALUE_LENGTH = 1024
+#: A caller's own owner token: long enough not to be guessed by chance, short enough for any store.
+MIN_OWNER_TOKEN_LENGTH = 16
+MAX_OWNER_TOKEN_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,10 @@ class AcquireResult:
     None when it vanished between the attempt and the read. ``expired`` is the
     expired lock this acquire replaced, if any, so the caller can say whose it was.
     ``queued_behind``: refused only because the free name goes to an earlier waiter.
+    ``retry_after`` bounds a waiter's pause: the holder's lease or minimum hold ends then.
+
+    A ``Lease`` taken with an owner token that already holds the name gets
+    ``acquired`` with the current record (the same fencing token), on every store.
     """
 
     acquired: bool
@@ -181,3 +197,20 @@ def validate_metadata(metadata: object) -> dict[str, str]:
             raise ValueError(f"metadata value for {key!r} must be at most {MAX_METADATA_VALUE_LENGTH} characters without NUL")
         clean[key] = value
     return clean
+
+
+def validate_owner_token(token: object) -> str:
+    """A caller's own owner token: 16 to 128 visible ASCII characters (no spaces).
+
+    The token is a capability, whoever knows it can renew and release the lock,
+    so it must not be short enough to guess; every store keeps it as plain text.
+    """
+    if not isinstance(token, str):
+        raise TypeError(f"an owner token must be a str, not {type(token).__name__}")
+    if not MIN_OWNER_TOKEN_LENGTH <= len(token) <= MAX_OWNER_TOKEN_LENGTH:
+        raise ValueError(
+            f"an owner token must be {MIN_OWNER_TOKEN_LENGTH} to {MAX_OWNER_TOKEN_LENGTH} characters, not {len(token)}"
+        )
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError("an owner token must be visible ASCII characters, without spaces")
+    return token

@@ -5,17 +5,20 @@ only make the store calls, blocking or awaited (httpx's ``Client`` /
 ``AsyncClient`` split). Both are safe to share: concurrent ``lock()`` calls on
 one object make one store attempt and all see its outcome, and so do
 concurrent ``release()`` calls.
+
+The waiting loop is written here once per face, ``wait_turn`` (blocking) and
+``await_turn`` (awaited), following ``_lockstate.Waiting``'s rules; the detached
+leases (``_lease``) wait through the same two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import math
-import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +29,8 @@ from ._lockstate import (
     UNSET,
     Flight,
     LockState,
+    Terms,
+    Waiting,
     call_store,
     queued_behind_message,
     store_error,
@@ -34,11 +39,8 @@ from ._lockstate import (
 from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch
 
-__all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton"]
+__all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton", "await_turn", "wait_turn"]
 
-#: While waiting on a store that notifies, still look again this often (a lost
-#: notification costs at most this much).
-_NOTIFY_SAFETY_POLL = 2.0
 #: How soon a cancelled wait (a ``cancel`` event set by a CLI signal) notices.
 _CANCEL_CHECK_INTERVAL = 0.1
 
@@ -57,17 +59,174 @@ def _finish(callback: Callable[..., object] | None, value: Any) -> Any:
     return value
 
 
-def _pause(
-    persister: Persister, watch: ReleaseWatch, result: AcquireResult, remaining: float, asynchronous: bool
-) -> float:
-    """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
-    notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
-    # Polls are jittered: waiters that started together would otherwise all wake together,
-    # and each round would hand the name to one of them only.
-    pause = min(remaining, _NOTIFY_SAFETY_POLL if notifies else persister.poll_interval * random.uniform(0.5, 1.0))
-    if result.retry_after is not None:
-        pause = min(pause, max(result.retry_after, 0.0) + 0.001)
-    return pause
+# -- the waiting loop, once per face ---------------------------------------------------------
+
+
+def acquirer(terms: Terms, owner: Owner) -> Callable[[float | None], AcquireResult]:
+    """One blocking acquire by ``owner``, for ``wait_turn``; queued for ``waiting_for`` s on a fair store."""
+
+    def acquire(waiting_for: float | None) -> AcquireResult:
+        args, extra = terms.acquire_call(owner, waiting_for)
+        return terms.persister.acquire(*args, **extra)
+
+    return acquire
+
+
+def async_acquirer(terms: Terms, owner: Owner) -> Callable[[float | None], Awaitable[AcquireResult]]:
+    """``acquirer`` for ``await_turn``."""
+
+    def acquire(waiting_for: float | None) -> Awaitable[AcquireResult]:
+        args, extra = terms.acquire_call(owner, waiting_for)
+        return terms.persister.aacquire(*args, **extra)
+
+    return acquire
+
+
+def wait_turn(
+    waiting: Waiting,
+    call: Callable[[float | None], AcquireResult],
+    cancel: threading.Event | None = None,
+    answered: Callable[[AcquireResult], object] | None = None,
+) -> tuple[float, AcquireResult]:
+    """The one blocking waiting loop: ``Singleton.lock(wait=)``, ``Lease.take`` and ``Lease.wait_until_free``.
+
+    ``call(waiting_for)`` is one store call (an acquire, or a look at the holder).
+    The release watch is open before the first call, so no release is missed; a
+    queued waiter that ends without the name leaves the queue. Returns the
+    monotonic time the last call was sent and its answer; ``answered`` sees each.
+    """
+    persister = waiting.persister
+
+    def attempt() -> tuple[float, AcquireResult]:
+        sent_at = time.monotonic()
+        result = waiting.answer(call_store(persister, call, waiting.waiting_for()))
+        if answered is not None:
+            answered(result)
+        return sent_at, result
+
+    if waiting.once:
+        return attempt()
+    try:
+        with persister.watching(waiting.name, waiting.queue_token) as watch:
+            while True:
+                sent_at, result = attempt()
+                if waiting.over(result) or (cancel is not None and cancel.is_set()):
+                    return sent_at, result
+                pause = waiting.pause(watch, result, asynchronous=False)
+                if cancel is None:
+                    watch.wait(pause)
+                elif not _wait_cancellable(watch, pause, cancel):
+                    return sent_at, result
+    finally:
+        place = waiting.place_to_leave()
+        if place is not None:
+            try:
+                persister.leave_queue(waiting.name, place)
+            except Exception as error:  # noqa: BLE001 - best effort: the place ends on its own within QUEUE_PLACE_SECONDS
+                logger.debug("leaving the queue of %r failed: %s", waiting.name, type(error).__name__)
+
+
+def _wait_cancellable(watch: ReleaseWatch, pause: float, cancel: threading.Event) -> bool:
+    """Wait in short slices so ``cancel`` is seen soon; a slice woken by a release ends the wait.
+
+    ``ReleaseWatch.wait`` says whether it was woken, so a wake-up landing at a
+    slice's end is never mistaken for a timeout. Returns False when cancelled.
+    """
+    end = time.monotonic() + pause
+    while (left := end - time.monotonic()) > 0:
+        step = min(_CANCEL_CHECK_INTERVAL, left)
+        started = time.monotonic()
+        woken = watch.wait(step)
+        if cancel.is_set():
+            return False
+        if woken or (woken is None and time.monotonic() - started < step * 0.9):  # None: an older watch
+            break
+    return not cancel.is_set()
+
+
+# Tasks that clean up after a wait (an acquire that completed as its waiter was cancelled,
+# a queue place to give up): kept referenced until done, so the event loop cannot drop them.
+_cleanups: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(cleanup: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(cleanup)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
+
+
+async def await_turn(
+    waiting: Waiting,
+    call: Callable[[float | None], Awaitable[AcquireResult]],
+    answered: Callable[[AcquireResult], object] | None = None,
+) -> tuple[float, AcquireResult]:
+    """``wait_turn`` for coroutines: ``AsyncSingleton.lock(wait=)``, ``AsyncLease.take`` and ``wait_until_free``.
+
+    Cancellation is native: a cancelled wait returns at once; in the background, an
+    acquire that was in flight is awaited and what it took released, and then a
+    queued waiter leaves the queue (in that order, so the finished attempt cannot
+    queue it again).
+    """
+    persister = waiting.persister
+    in_flight: asyncio.Future[AcquireResult] | None = None  # set while a call is awaited
+
+    async def attempt() -> tuple[float, AcquireResult]:
+        nonlocal in_flight
+        sent_at = time.monotonic()
+        in_flight = asyncio.ensure_future(call(waiting.waiting_for()))
+        try:
+            raw = await asyncio.shield(in_flight)
+        except asyncio.CancelledError:
+            raise  # in_flight stays set: the cleanup settles it
+        except Exception as error:
+            in_flight = None
+            translated = store_error(persister, error)
+            if translated is error:
+                raise
+            raise translated from error
+        in_flight = None
+        result = waiting.answer(raw)
+        if answered is not None:
+            answered(result)
+        return sent_at, result
+
+    try:
+        if waiting.once:
+            return await attempt()
+        async with persister.awatching(waiting.name, waiting.queue_token) as watch:
+            while True:
+                sent_at, result = await attempt()
+                if waiting.over(result):
+                    return sent_at, result
+                await watch.wait_async(waiting.pause(watch, result, asynchronous=True))
+    finally:
+        place = waiting.place_to_leave()
+        if in_flight is not None or place is not None:
+            # A task, so a cancelled waiter returns at once; the place ends on its own if this fails.
+            _in_background(_clean_up(persister, waiting.name, in_flight, place))
+
+
+async def _clean_up(
+    persister: Persister, name: str, in_flight: asyncio.Future[AcquireResult] | None, queue_token: str | None
+) -> None:
+    """After a wait that ended without the name: release what a cut-short attempt took, then leave the queue."""
+    if in_flight is not None:
+        try:
+            result = await in_flight
+        except BaseException:  # noqa: BLE001 - it failed or was cancelled, so it took nothing
+            result = None
+        if result is not None and result.acquired and result.record is not None:
+            try:
+                await persister.arelease(name, result.record.owner_token)
+            except Exception:  # noqa: BLE001 - a task in the background: its lease ends the hold anyway
+                logger.warning("could not release %r acquired as its waiter was cancelled; its lease will end", name)
+            else:
+                logger.debug("released %r: it was acquired as its waiter was cancelled", name)
+    if queue_token is not None:
+        try:
+            await persister.aleave_queue(name, queue_token)
+        except Exception as error:  # noqa: BLE001 - best effort: the place ends on its own within QUEUE_PLACE_SECONDS
+            logger.debug("leaving the queue of %r failed: %s", name, type(error).__name__)
 
 
 class _Face:
@@ -350,66 +509,14 @@ class Singleton(_Face):
         if stale is not None:
             try:
                 self.persister.release(self.name, stale.owner_token)
-            except Exception as error:  # best effort: its lease ends on its own
+            except Exception as error:  # noqa: BLE001 - best effort: its lease ends on its own
                 logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
 
-    def _attempt(self, owner: Owner, waiting_for: float | None = None) -> tuple[float, AcquireResult]:
-        args, extra = self._state.acquire_call(owner, waiting_for)
-        sent_at = time.monotonic()
-        acquire = functools.partial(self.persister.acquire, **extra) if extra else self.persister.acquire
-        return sent_at, call_store(self.persister, acquire, *args)
-
     def _acquire(self, wait: float, cancel: threading.Event | None, flight: Flight) -> tuple[float, AcquireResult]:
+        terms = self._state.terms
         # One owner token for every attempt of this wait: it is the waiter's place in a fair store's queue.
-        owner = self._state.owner()
-        if wait <= 0:
-            sent_at, result = self._attempt(owner)
-            flight.answer(result)
-            return sent_at, result
-        deadline = time.monotonic() + wait
-        queued = self.persister.fair
-        acquired = False
-        try:
-            with self.persister.watching(self.name, owner.owner_token if queued else None) as watch:
-                while True:
-                    sent_at, result = self._attempt(owner, max(deadline - time.monotonic(), 0.0))
-                    flight.answer(result)
-                    acquired = result.acquired
-                    remaining = deadline - time.monotonic()
-                    if result.acquired or remaining <= 0 or (cancel is not None and cancel.is_set()):
-                        return sent_at, result
-                    pause = _pause(self.persister, watch, result, remaining, asynchronous=False)
-                    if cancel is None:
-                        watch.wait(pause)
-                    elif not self._wait_cancellable(watch, pause, cancel):
-                        return sent_at, result
-        finally:
-            if queued and not acquired:
-                self._leave_queue(owner.owner_token)
-
-    def _leave_queue(self, owner_token: str) -> None:
-        try:
-            self.persister.leave_queue(self.name, owner_token)
-        except Exception as error:  # best effort: the place ends on its own within QUEUE_PLACE_SECONDS
-            logger.debug("leaving the queue of %r failed: %s", self.name, type(error).__name__)
-
-    @staticmethod
-    def _wait_cancellable(watch: ReleaseWatch, pause: float, cancel: threading.Event) -> bool:
-        """Wait in short slices so ``cancel`` is seen soon; a slice woken by a release ends the wait.
-
-        ``ReleaseWatch.wait`` says whether it was woken, so a wake-up landing at a
-        slice's end is never mistaken for a timeout. Returns False when cancelled.
-        """
-        end = time.monotonic() + pause
-        while (left := end - time.monotonic()) > 0:
-            step = min(_CANCEL_CHECK_INTERVAL, left)
-            started = time.monotonic()
-            woken = watch.wait(step)
-            if cancel.is_set():
-                return False
-            if woken or (woken is None and time.monotonic() - started < step * 0.9):  # None: an older watch
-                break
-        return not cancel.is_set()
+        owner = terms.owner()
+        return wait_turn(Waiting.to_take(terms, wait, owner.owner_token), acquirer(terms, owner), cancel, flight.answer)
 
     def _release(self, reason: str) -> bool:
         state = self._state
@@ -448,7 +555,7 @@ class Singleton(_Face):
                 record = call_store(
                     self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
                 )
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - reported as an `error` event; the renewer retries
                 retry = state.renew_failed(ticket, error)
                 if retry is None:
                     return
@@ -457,11 +564,6 @@ class Singleton(_Face):
             if not state.renewed(ticket, record):
                 return
             interval = state.renew_interval or 1.0
-
-
-# Tasks that release an acquire which completed as its waiter was cancelled: kept
-# referenced until done, so the event loop cannot drop them half-way.
-_cleanups: set[asyncio.Task[Any]] = set()
 
 
 class AsyncSingleton(_Face):
@@ -652,75 +754,14 @@ class AsyncSingleton(_Face):
         if stale is not None:
             try:
                 await self.persister.arelease(self.name, stale.owner_token)
-            except Exception as error:  # best effort: its lease ends on its own
+            except Exception as error:  # noqa: BLE001 - best effort: its lease ends on its own
                 logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
 
-    async def _attempt(self, owner: Owner, waiting_for: float | None = None) -> tuple[float, AcquireResult]:
-        """One acquire; if we are cancelled while it is in flight, whatever it took is released."""
-        args, extra = self._state.acquire_call(owner, waiting_for)
-        sent_at = time.monotonic()
-        task = asyncio.ensure_future(self.persister.aacquire(*args, **extra))
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done() or (not task.cancelled() and task.exception() is None):
-                cleanup = asyncio.ensure_future(self._undo(task))
-                _cleanups.add(cleanup)
-                cleanup.add_done_callback(_cleanups.discard)
-            raise
-        except Exception as error:
-            translated = store_error(self.persister, error)
-            if translated is error:
-                raise
-            raise translated from error
-        return sent_at, result
-
-    async def _undo(self, task: asyncio.Future[AcquireResult]) -> None:
-        try:
-            result = await task
-        except BaseException:
-            return
-        if result.acquired and result.record is not None:
-            try:
-                await self.persister.arelease(self.name, result.record.owner_token)
-            except Exception:
-                logger.warning(
-                    "could not release %r acquired as its waiter was cancelled; its lease will end", self.name
-                )
-            else:
-                logger.debug("released %r: it was acquired as its waiter was cancelled", self.name)
-
     async def _acquire(self, wait: float, flight: Flight) -> tuple[float, AcquireResult]:
-        owner = self._state.owner()  # one token for every attempt: the waiter's place in a fair queue
-        if wait <= 0:
-            sent_at, result = await self._attempt(owner)
-            flight.answer(result)
-            return sent_at, result
-        deadline = time.monotonic() + wait
-        queued = self.persister.fair
-        acquired = False
-        try:
-            async with self.persister.awatching(self.name, owner.owner_token if queued else None) as watch:
-                while True:
-                    sent_at, result = await self._attempt(owner, max(deadline - time.monotonic(), 0.0))
-                    flight.answer(result)
-                    acquired = result.acquired
-                    remaining = deadline - time.monotonic()
-                    if result.acquired or remaining <= 0:
-                        return sent_at, result
-                    await watch.wait_async(_pause(self.persister, watch, result, remaining, asynchronous=True))
-        finally:
-            if queued and not acquired:
-                # A task, so a cancelled waiter returns at once; the place ends on its own if this fails.
-                cleanup = asyncio.ensure_future(self._leave_queue(owner.owner_token))
-                _cleanups.add(cleanup)
-                cleanup.add_done_callback(_cleanups.discard)
-
-    async def _leave_queue(self, owner_token: str) -> None:
-        try:
-            await self.persister.aleave_queue(self.name, owner_token)
-        except Exception as error:
-            logger.debug("leaving the queue of %r failed: %s", self.name, type(error).__name__)
+        terms = self._state.terms
+        owner = terms.owner()  # one token for every attempt: the waiter's place in a fair queue
+        return await await_turn(Waiting.to_take(terms, wait, owner.owner_token), async_acquirer(terms, owner),
+                                flight.answer)
 
     async def _release(self, reason: str) -> bool:
         state = self._state
@@ -744,10 +785,8 @@ class AsyncSingleton(_Face):
         task = loop.create_task(self._renew_loop(generation), name=f"singleton-renew:{self.name}")
 
         def stop() -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed, and its tasks with it
                 loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:  # the loop has closed, and its tasks with it
-                pass
 
         self._state.set_renewal(generation, stop)
 
@@ -763,7 +802,7 @@ class AsyncSingleton(_Face):
                 record = await self._call(
                     self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds)
                 )
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - reported as an `error` event; the renewer retries
                 retry = state.renew_failed(ticket, error)
                 if retry is None:
                     return

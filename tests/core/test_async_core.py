@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from singleton_integrations import AsyncSingleton, LockConflict, LockLost, Singleton, persisters
+from singleton_integrations import AsyncSingleton, LockConflict, LockLost, Singleton, _singleton, persisters
 from singleton_integrations.persisters import Persister, ReleaseWatch
 from singleton_integrations.persisters._base import BLOCKING_IO_WORKERS
 
@@ -289,5 +289,5 @@ class _WokenAtTheEnd(ReleaseWatch):
 
 def test_cancellable_wait_does_not_mistake_a_late_wake_up_for_a_timeout() -> None:
     watch = _WokenAtTheEnd()
-    assert Singleton._wait_cancellable(watch, 5.0, threading.Event()) is True
+    assert _singleton._wait_cancellable(watch, 5.0, threading.Event()) is True
     assert watch.calls == 1, "a wake-up at the end of a slice must end the wait"

@@ -1,0 +1,263 @@
+"""Leases that outlive their taker: a hold that belongs to its owner token, not to an object.
+
+A ``Singleton`` ties its hold to one object in one process: it renews it, releases
+it at exit and on SIGTERM, and declares it lost. Some holds must outlive whoever
+took them: an Airflow task group's lock is taken by one task and renewed and
+released by others, in other processes; a Prefect transaction's lock is released
+by whichever worker ends the transaction. ``Lease`` (blocking) and ``AsyncLease``
+(coroutines) are that hold: a name and an owner token on a store. Taking one waits
+through the same loop as ``Singleton.lock(wait=)`` (the fair queue, release
+wake-ups, the deadline, cancellation); anyone who knows the token renews, checks
+or releases it, from any process. They register nothing for exit or SIGTERM and
+keep no state but their terms, so the lease length is what bounds a holder that
+vanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ._lockstate import UNSET, Terms, Waiting, call_store, holder_seen, holds, store_error, validate_wait
+from ._record import AcquireResult, LockRecord, validate_owner_token
+from ._singleton import acquirer, async_acquirer, await_turn, wait_turn
+from .persisters._base import Persister
+
+__all__ = ["AsyncLease", "Lease"]
+
+
+def _owner_of(record: LockRecord | None, fencing_token: int) -> str | None:
+    """The owner token of the live hold with ``fencing_token``, if the store still shows it."""
+    if record is None or record.released or record.fencing_token != fencing_token:
+        return None
+    return record.owner_token
+
+
+class _Terms:
+    """What both faces hold: the validated terms and the owner token; nothing that changes."""
+
+    __slots__ = ("_owner_token", "_terms")
+
+    def __init__(
+        self,
+        name: str,
+        persister: Persister | str | None = None,
+        *,
+        owner_token: str | None = None,
+        lock_expire_seconds: float | None = UNSET,
+        metadata: Mapping[str, str] | None = None,
+        min_hold_seconds: float | None = None,
+    ) -> None:
+        self._terms = Terms.of(
+            name, persister, lock_expire_seconds=lock_expire_seconds, metadata=metadata,
+            min_hold_seconds=min_hold_seconds,
+        )
+        self._owner_token = secrets.token_hex(16) if owner_token is None else validate_owner_token(owner_token)
+
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._terms.name
+
+    @property
+    def persister(self) -> Persister:
+        """The store the lease lives in."""
+        return self._terms.persister
+
+    @property
+    def owner_token(self) -> str:
+        """Proves ownership: whoever has it can renew and release the lease, so hand it on as a secret."""
+        return self._owner_token
+
+    @property
+    def lock_expire_seconds(self) -> float | None:
+        """The lease length that ``take`` and ``renew`` ask for (None: never expires)."""
+        return self._terms.lock_expire_seconds
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Recorded with the hold and shown to contenders in conflict messages."""
+        return self._terms.metadata
+
+    @property
+    def min_hold_seconds(self) -> float | None:
+        """The name stays held at least this long after ``take``, even once released."""
+        return self._terms.min_hold_seconds
+
+    def __repr__(self) -> str:  # never the owner token: it is a capability
+        return f"{type(self).__name__}({self.name!r}, {self.persister!r}, lock_expire_seconds={self.lock_expire_seconds!r})"
+
+
+class Lease(_Terms):
+    """A hold on a name that outlives this object and its process; its owner token is the hold.
+
+    >>> from singleton_integrations import Lease, persisters
+    >>> store = persisters.Memory()
+    >>> lease = Lease("nightly-report", store, lock_expire_seconds=600)
+    >>> lease.take().acquired
+    True
+    >>> elsewhere = Lease("nightly-report", store, owner_token=lease.owner_token, lock_expire_seconds=600)
+    >>> elsewhere.verify(), elsewhere.renew() is not None, elsewhere.release()
+    (True, True, True)
+
+    Nothing renews it in the background or releases it at exit: renew it by
+    ``lock_expire_seconds``, or let it run out. The token is random unless
+    ``owner_token`` is given (16-128 visible ASCII characters, unguessable: it is
+    a capability), e.g. derived from an id that every process of the owner knows.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def adopt(
+        cls,
+        name: str,
+        persister: Persister | str | None = None,
+        *,
+        fencing_token: int,
+        lock_expire_seconds: float | None = UNSET,
+    ) -> Lease | None:
+        """The lease on the live hold whose fencing token is ``fencing_token``; None when that hold is over.
+
+        For a hold handed on by its fencing token, which may be shown and logged,
+        while the owner token stays in the store (readable only by who can read the store).
+        """
+        looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
+        token = _owner_of(looking.holder(), fencing_token)
+        if token is None:
+            return None
+        return cls(name, looking.persister, owner_token=token, lock_expire_seconds=looking.lock_expire_seconds)
+
+    def take(self, *, wait: float | None = None, cancel: threading.Event | None = None) -> AcquireResult:
+        """Acquire the name for this owner token; with ``wait``, wait up to that many seconds (``math.inf``: for good).
+
+        The wait is ``Singleton.lock(wait=)``'s: queued on a fair store under the
+        owner token, woken by the release, ended by its deadline or by ``cancel``
+        (a ``threading.Event``), leaving the queue either way. Returns the store's
+        answer: ``acquired`` with our record, its ``expired`` predecessor if one
+        was taken over; else the holder (``record``), ``queued_behind`` and
+        ``retry_after``. A token that already holds the name gets ``acquired``.
+        """
+        seconds = validate_wait(wait)
+        terms = self._terms
+        waiting = Waiting.to_take(terms, seconds, self._owner_token)
+        return wait_turn(waiting, acquirer(terms, terms.owner(self._owner_token)), cancel)[1]
+
+    def renew(self) -> LockRecord | None:
+        """Extend the lease to ``lock_expire_seconds`` from now; the renewed record, or None when the token no longer holds the name."""
+        persister = self.persister
+        renewed: LockRecord | None = call_store(
+            persister, persister.renew, self.name, self._owner_token, self.lock_expire_seconds
+        )
+        return renewed
+
+    def release(self) -> bool:
+        """Give the name up if this token still holds it; True when the store confirms it did (owner-checked)."""
+        persister = self.persister
+        return bool(call_store(persister, persister.release, self.name, self._owner_token))
+
+    def holder(self) -> LockRecord | None:
+        """Who holds the name now, whoever it is (during a minimum hold, the released record)."""
+        persister = self.persister
+        record: LockRecord | None = call_store(persister, persister.get, self.name)
+        return record
+
+    def verify(self) -> bool:
+        """Whether the store shows this token holding the name now (call before side effects)."""
+        return holds(self.holder(), self._owner_token)
+
+    def wait_until_free(
+        self, *, wait: float | None = None, cancel: threading.Event | None = None, poll_interval: float | None = None
+    ) -> LockRecord | None:
+        """Wait until nobody holds the name, taking nothing; None once free, else the holder when the wait ended.
+
+        The same loop as ``take`` (woken by the release, looking again when the
+        holder's lease or minimum hold ends), for code that only reports the name
+        free and lets someone else take it. ``poll_interval`` is the longest pause
+        between looks (default: the store's ``poll_interval``, or a 2 s safety poll
+        where releases wake the wait); a process serving many waits may look less often.
+        """
+        seconds = validate_wait(wait)
+        persister = self.persister
+        name = self.name
+        waiting = Waiting.until_free(persister, name, seconds, poll_interval)
+        return wait_turn(waiting, lambda _: holder_seen(persister.get(name)), cancel)[1].record
+
+
+class AsyncLease(_Terms):
+    """``Lease`` for coroutines, over the persister's async primitives: waits hold no thread.
+
+    Cancellation is native: a cancelled ``take`` returns at once holding nothing
+    and leaves the queue; an acquire that completed as the cancellation arrived
+    is released, owner-checked (with a caller's own ``owner_token`` that already
+    held the name, that gives the earlier hold up too). ``release`` is shielded.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    async def adopt(
+        cls,
+        name: str,
+        persister: Persister | str | None = None,
+        *,
+        fencing_token: int,
+        lock_expire_seconds: float | None = UNSET,
+    ) -> AsyncLease | None:
+        """``Lease.adopt`` for coroutines."""
+        looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
+        token = _owner_of(await looking.holder(), fencing_token)
+        if token is None:
+            return None
+        return cls(name, looking.persister, owner_token=token, lock_expire_seconds=looking.lock_expire_seconds)
+
+    async def take(self, *, wait: float | None = None) -> AcquireResult:
+        """``Lease.take`` for coroutines; cancel the task to give up."""
+        seconds = validate_wait(wait)
+        terms = self._terms
+        waiting = Waiting.to_take(terms, seconds, self._owner_token)
+        return (await await_turn(waiting, async_acquirer(terms, terms.owner(self._owner_token))))[1]
+
+    async def renew(self) -> LockRecord | None:
+        """``Lease.renew`` for coroutines."""
+        renewed: LockRecord | None = await self._call(
+            self.persister.arenew(self.name, self._owner_token, self.lock_expire_seconds)
+        )
+        return renewed
+
+    async def release(self) -> bool:
+        """``Lease.release``, shielded from cancellation: a cancelled task still releases."""
+        return bool(await asyncio.shield(self._call(self.persister.arelease(self.name, self._owner_token))))
+
+    async def holder(self) -> LockRecord | None:
+        """``Lease.holder`` for coroutines."""
+        record: LockRecord | None = await self._call(self.persister.aget(self.name))
+        return record
+
+    async def verify(self) -> bool:
+        """``Lease.verify`` for coroutines."""
+        return holds(await self.holder(), self._owner_token)
+
+    async def wait_until_free(self, *, wait: float | None = None, poll_interval: float | None = None) -> LockRecord | None:
+        """``Lease.wait_until_free`` for coroutines; cancel the task to give up."""
+        seconds = validate_wait(wait)
+        waiting = Waiting.until_free(self.persister, self.name, seconds, poll_interval)
+        persister = self.persister
+        name = self.name
+
+        async def look(_: float | None) -> AcquireResult:
+            return holder_seen(await persister.aget(name))
+
+        return (await await_turn(waiting, look))[1].record
+
+    async def _call(self, call: Any) -> Any:
+        try:
+            return await call
+        except Exception as error:
+            translated = store_error(self.persister, error)
+            if translated is error:
+                raise
+            raise translated from error
