@@ -18,54 +18,53 @@ _OPTIONS = {
 }
 _NETWORK_HIDDEN = ["extra"]
 
+
+def _connection_type(suffix: str, hook: str, hook_name: str, *, hidden: list[str], relabeling: dict[str, str],
+                     placeholders: dict[str, str], fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One connection type's entry: ``singleton<suffix>``, its hook, its extra form fields and how Airflow shows it."""
+    entry: dict[str, Any] = {
+        "connection-type": f"singleton{suffix}",
+        "hook-class-name": f"{_HOOKS}.{hook}",
+        "hook-name": hook_name,
+    }
+    if fields is not None:
+        entry["conn-fields"] = fields
+    entry["ui-field-behaviour"] = {"hidden-fields": hidden, "relabeling": relabeling, "placeholders": placeholders}
+    return entry
+
+
+def _boolean_field(label: str) -> dict[str, Any]:
+    return {"label": label, "schema": {"type": ["boolean", "null"], "default": False}}
+
+
 #: One connection type per lock store; ``singleton`` takes a whole store URL. No type has a '_':
 #: Airflow turns a type into a URI scheme, where RFC 3986 forbids it (and logs a warning each time).
 CONNECTION_TYPES: list[dict[str, Any]] = [
-    {
-        "connection-type": "singleton",
-        "hook-class-name": f"{_HOOKS}.SingletonHook",
-        "hook-name": "Singleton lock store (URL)",
-        # The URL holds the store's password, so it lives in the password field: the one
-        # field Airflow always redacts (API, UI) and masks in logs.
-        "ui-field-behaviour": {
-            "hidden-fields": ["host", "schema", "port", "login", "extra"],
-            "relabeling": {"password": "Store URL (required)"},
-            "placeholders": {"password": "redis://:password@redis:6379/0, postgresql://, mongodb://, sqlite:////abs/path.db"},
-        },
-    },
-    {
-        "connection-type": "singletonredis",
-        "hook-class-name": f"{_HOOKS}.SingletonRedisHook",
-        "hook-name": "Singleton lock store: Redis",
-        "conn-fields": {
-            "ssl": {"label": "Use TLS (rediss://)", "schema": {"type": ["boolean", "null"], "default": False}},
-            "options": _OPTIONS,
-        },
-        "ui-field-behaviour": {
-            "hidden-fields": _NETWORK_HIDDEN,
-            "relabeling": {"schema": "Database number"},
-            "placeholders": {"host": "127.0.0.1", "port": "6379", "schema": "0", "login": "default (ACL user, optional)"},
-        },
-    },
-    {
-        "connection-type": "singletonmongodb",
-        "hook-class-name": f"{_HOOKS}.SingletonMongoDbHook",
-        "hook-name": "Singleton lock store: MongoDB",
-        "conn-fields": {
-            "srv": {"label": "DNS seed list (mongodb+srv://)", "schema": {"type": ["boolean", "null"], "default": False}},
-            "options": _OPTIONS,
-        },
-        "ui-field-behaviour": {
-            "hidden-fields": _NETWORK_HIDDEN,
-            "relabeling": {"schema": "Database"},
-            "placeholders": {"host": "127.0.0.1 or host1:27017,host2:27017", "port": "27017", "schema": "singleton"},
-        },
-    },
-    {
-        "connection-type": "singletonpostgres",
-        "hook-class-name": f"{_HOOKS}.SingletonPostgresHook",
-        "hook-name": "Singleton lock store: PostgreSQL",
-        "conn-fields": {
+    # The URL holds the store's password, so it lives in the password field: the one
+    # field Airflow always redacts (API, UI) and masks in logs.
+    _connection_type(
+        "", "SingletonHook", "Singleton lock store (URL)",
+        hidden=["host", "schema", "port", "login", "extra"],
+        relabeling={"password": "Store URL (required)"},
+        placeholders={"password": "redis://:password@redis:6379/0, postgresql://, mongodb://, sqlite:////abs/path.db"},
+    ),
+    _connection_type(
+        "redis", "SingletonRedisHook", "Singleton lock store: Redis",
+        fields={"ssl": _boolean_field("Use TLS (rediss://)"), "options": _OPTIONS},
+        hidden=_NETWORK_HIDDEN,
+        relabeling={"schema": "Database number"},
+        placeholders={"host": "127.0.0.1", "port": "6379", "schema": "0", "login": "default (ACL user, optional)"},
+    ),
+    _connection_type(
+        "mongodb", "SingletonMongoDbHook", "Singleton lock store: MongoDB",
+        fields={"srv": _boolean_field("DNS seed list (mongodb+srv://)"), "options": _OPTIONS},
+        hidden=_NETWORK_HIDDEN,
+        relabeling={"schema": "Database"},
+        placeholders={"host": "127.0.0.1 or host1:27017,host2:27017", "port": "27017", "schema": "singleton"},
+    ),
+    _connection_type(
+        "postgres", "SingletonPostgresHook", "Singleton lock store: PostgreSQL",
+        fields={
             "sslmode": {
                 "label": "SSL mode",
                 "schema": {
@@ -75,22 +74,16 @@ CONNECTION_TYPES: list[dict[str, Any]] = [
             },
             "options": _OPTIONS,
         },
-        "ui-field-behaviour": {
-            "hidden-fields": _NETWORK_HIDDEN,
-            "relabeling": {"schema": "Database"},
-            "placeholders": {"host": "127.0.0.1", "port": "5432", "schema": "postgres", "login": "postgres"},
-        },
-    },
-    {
-        "connection-type": "singletonsqlite",
-        "hook-class-name": f"{_HOOKS}.SingletonSqliteHook",
-        "hook-name": "Singleton lock store: SQLite (one host only)",
-        "ui-field-behaviour": {
-            "hidden-fields": ["schema", "port", "login", "password", "extra"],
-            "relabeling": {"host": "Database file (required)"},
-            "placeholders": {"host": "/var/lib/airflow/singleton-locks.sqlite3 (absolute path, shared by this host's workers)"},
-        },
-    },
+        hidden=_NETWORK_HIDDEN,
+        relabeling={"schema": "Database"},
+        placeholders={"host": "127.0.0.1", "port": "5432", "schema": "postgres", "login": "postgres"},
+    ),
+    _connection_type(
+        "sqlite", "SingletonSqliteHook", "Singleton lock store: SQLite (one host only)",
+        hidden=["schema", "port", "login", "password", "extra"],
+        relabeling={"host": "Database file (required)"},
+        placeholders={"host": "/var/lib/airflow/singleton-locks.sqlite3 (absolute path, shared by this host's workers)"},
+    ),
 ]
 
 #: ``[singleton]`` options in airflow.cfg (``AIRFLOW__SINGLETON__DEPLOYMENT`` ...).
