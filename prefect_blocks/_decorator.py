@@ -16,7 +16,8 @@ import os
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -148,34 +149,41 @@ class _Guard:
                              min_hold_seconds=self.min_hold_seconds, log_conflict=False)
 
 
+@contextmanager
+def _current_lock(held: Singleton | AsyncSingleton) -> Iterator[None]:
+    """``current_lock()`` answers ``held`` inside the guarded call, and what it answered before after it."""
+    token = _current.set(held)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _skip(guard: _Guard, conflict: LockConflict, fn: Callable[..., Any]) -> Any:
+    """What a skipped call returns (``on_conflict="skip"``), after the fan-out warning if it applies."""
+    _warn_if_fanned_out(conflict, fn)
+    return _skipped(conflict, guard.skipped_state_name)
+
+
 def _run_guarded(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        with guard.lock_for(_load(guard.block), fn, args, kwargs) as held:
-            token = _current.set(held)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _current.reset(token)
+        with guard.lock_for(_load(guard.block), fn, args, kwargs) as held, _current_lock(held):
+            return fn(*args, **kwargs)
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        _warn_if_fanned_out(conflict, fn)
-        return _skipped(conflict, guard.skipped_state_name)
+        return _skip(guard, conflict, fn)
 
 
 async def _run_guarded_async(guard: _Guard, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
         async with guard.lock_for(await _aload(guard.block), fn, args, kwargs) as held:
-            token = _current.set(held)
-            try:
+            with _current_lock(held):
                 return await fn(*args, **kwargs)
-            finally:
-                _current.reset(token)
     except LockConflict as conflict:
         if guard.on_conflict != "skip":
             raise  # the engine records Failed with the LockConflict
-        _warn_if_fanned_out(conflict, fn)
-        return _skipped(conflict, guard.skipped_state_name)
+        return _skip(guard, conflict, fn)
 
 
 def _warn_if_fanned_out(conflict: LockConflict, fn: Callable[..., Any]) -> None:
