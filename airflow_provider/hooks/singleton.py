@@ -24,9 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseHook
 
 from airflow_provider._store_url import store_url
-from singleton_integrations import Singleton, persisters
-from singleton_integrations._record import Owner
-from singleton_integrations._urls import redact_url
+from singleton_integrations import Lease, Singleton, persisters, redact_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -124,6 +122,22 @@ class SingletonHook(BaseHook):
         """A ``Singleton`` on this store; ``options`` are its keyword arguments (``lock_expire_seconds``, ...)."""
         return Singleton(lock_name, self.get_conn(), **options)
 
+    def lease(
+        self,
+        lock_name: str,
+        *,
+        lock_expire_seconds: float | None = 300.0,
+        metadata: Mapping[str, str] | None = None,
+        min_hold_seconds: float | None = None,
+        owner_token: str | None = None,
+    ) -> Lease:
+        """A lease on ``lock_name`` that outlives this process: taken here, renewed or released by its owner token.
+
+        :param min_hold_seconds: keep the name held at least this long after the acquisition, even once released.
+        """
+        return Lease(lock_name, self.get_conn(), owner_token=owner_token, lock_expire_seconds=lock_expire_seconds,
+                     metadata=metadata, min_hold_seconds=min_hold_seconds)
+
     def acquire(
         self,
         lock_name: str,
@@ -131,21 +145,15 @@ class SingletonHook(BaseHook):
         lock_expire_seconds: float | None = 300.0,
         metadata: Mapping[str, str] | None = None,
         min_hold_seconds: float | None = None,
+        wait: float | None = None,
     ) -> AcquireResult:
-        """One atomic attempt; the lock outlives this process, so keep ``result.record.owner_token`` to release it.
+        """Take ``lock_name`` (with ``wait``, waiting in the store's queue); keep ``result.record.owner_token`` to release it.
 
         :param min_hold_seconds: keep the name held at least this long after the acquisition, even once released.
         """
-        from singleton_integrations._record import validate_metadata, validate_name, validate_ttl
-
-        owner = Owner(metadata=validate_metadata(metadata))
-        persister = self.get_conn()
-        name, ttl = validate_name(lock_name), validate_ttl(lock_expire_seconds)
-        if min_hold_seconds is None:
-            return persister.acquire(name, owner, ttl)
-        if not getattr(persister, "supports_min_hold", False):
-            raise ValueError(f"the {persister.backend} store does not support min_hold_seconds")
-        return persister.acquire(name, owner, ttl, min_hold=validate_ttl(min_hold_seconds, "min_hold_seconds"))
+        lease = self.lease(lock_name, lock_expire_seconds=lock_expire_seconds, metadata=metadata,
+                           min_hold_seconds=min_hold_seconds)
+        return lease.take(wait=wait)
 
     def release(self, lock_name: str, owner_token: str) -> bool:
         """Release ``lock_name`` only if ``owner_token`` still holds it; True when it did."""

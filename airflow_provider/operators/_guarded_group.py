@@ -36,7 +36,7 @@ from airflow.sdk.exceptions import AirflowTaskTerminated
 from airflow_provider._holders import deployment_name, describe_holder, holder_metadata
 from airflow_provider.exceptions import SingletonLockLost
 from airflow_provider.hooks.singleton import SingletonHook
-from singleton_integrations import Singleton
+from singleton_integrations import Lease, Singleton
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -56,7 +56,7 @@ LEASE_REPORT_KEY = "singleton_lease_report"
 MARKER_SECONDS = 60.0
 #: While the teardown waits for guarded tasks to stop, it says so this often.
 _WAIT_ANNOUNCE_SECONDS = 60.0
-#: Even when the store notifies a marker's release, look again this often.
+#: How often the teardown renews the group while it waits, when the group's lease never ends.
 _WAIT_RECHECK_SECONDS = 5.0
 
 
@@ -82,11 +82,12 @@ def wait_for_guarded_tasks(persister: Persister, prefix: str, log: Any, keep_ali
                            keep_alive_every: float, why: str) -> None:
     """Return once no guarded task of the run still holds its marker; ``keep_alive`` meanwhile renews the group.
 
-    Bounded without a deadline of its own: a dead task's marker ends with its lease on the
-    store's clock, and Airflow SIGKILLs a task that outlives its SIGTERM grace.
+    Each marker is waited for through the core's own wait (woken by its release, looking
+    again when its lease ends). Bounded without a deadline of its own: a dead task's
+    marker ends with its lease on the store's clock, and Airflow SIGKILLs a task that
+    outlives its SIGTERM grace.
     """
     announced = -math.inf
-    renewed = time.monotonic()
     while True:
         live = _live(persister.list(prefix))
         if not live:
@@ -96,16 +97,8 @@ def wait_for_guarded_tasks(persister: Persister, prefix: str, log: Any, keep_ali
             announced = now
             log.info("Waiting for %d guarded task(s) to stop %s: %s", len(live), why,
                      "; ".join(describe_holder(record) for record in live))
-        if now - renewed >= keep_alive_every:
-            keep_alive()
-            renewed = now
-        first = live[0]
-        pause = min(_WAIT_RECHECK_SECONDS, keep_alive_every)
-        if first.expires_at is not None:
-            pause = min(pause, max(first.expires_at.timestamp() - time.time(), 0.0) + 0.05)
-        with persister.watching(first.name) as watch:
-            if persister.get(first.name) is not None:  # subscribed first: a release in between is not missed
-                watch.wait(max(pause, 0.01))
+        Lease(live[0].name, persister).wait_until_free(wait=keep_alive_every)
+        keep_alive()
 
 
 class GuardedTaskLease:
@@ -152,10 +145,13 @@ class GuardedTaskLease:
             return  # the acquire task holds nothing for this run (skipped, or not a group run)
         hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
         record = hook.holder(hold["lock_name"])
-        if record is None or record.fencing_token != hold["fencing_token"] or getattr(record, "released", False):
+        if record is None or record.fencing_token != hold["fencing_token"] or record.released:
             log.error("Lock %r (fencing token %s) is no longer the group's: %s", hold["lock_name"],
                       hold["fencing_token"], f"now {describe_holder(record)}" if record else "it expired")
             return
+        # The owner token comes from the store's record of the hold with this fencing token, never from XCom.
+        group = Lease(hold["lock_name"], hook.get_conn(), owner_token=record.owner_token,
+                      lock_expire_seconds=self.lock_expire_seconds)
         self.stop(context)  # a previous start of this task instance in this process (a retry in-process)
         marker = self._take_marker(context, hook, hold)
         running = self._Running(hold, marker, threading.Event(), self._stop_on_sigterm(hold["lock_name"]))
@@ -165,7 +161,7 @@ class GuardedTaskLease:
         if self.lock_expire_seconds is None:
             return  # a group lease that never ends needs no renewal
         ttl = float(self.lock_expire_seconds)
-        thread = threading.Thread(target=self._renew, args=(hook, hold, record.owner_token, ttl, running, log),
+        thread = threading.Thread(target=self._renew, args=(group, running, log),
                                   name=f"singleton-group-lease-{hold['lock_name']}", daemon=True)
         thread.start()
         # The first renewal is at once: it covers the gap between the previous task and this one.
@@ -230,19 +226,18 @@ class GuardedTaskLease:
         return on_sigterm, previous
 
     @staticmethod
-    def _renew(hook: SingletonHook, hold: Mapping[str, Any], owner_token: str, ttl: float,
-               running: GuardedTaskLease._Running, log: Any) -> None:
-        interval = max(ttl / 3, 0.05)
+    def _renew(group: Lease, running: GuardedTaskLease._Running, log: Any) -> None:
+        interval = max(float(group.lock_expire_seconds or 0) / 3, 0.05)
         while not running.stop.is_set():
             try:
-                record = hook.get_conn().renew(hold["lock_name"], owner_token, ttl)
+                record = group.renew()
             except Exception as error:  # noqa: BLE001  (a store hiccup: the next renewal may get through)
-                log.warning("Renewing the group's lock %r failed: %s", hold["lock_name"], error)
+                log.warning("Renewing the group's lock %r failed: %s", group.name, error)
             else:
                 if record is None:
                     log.error("The group's lock %r (fencing token %s) could not be renewed: it expired or was "
                               "released; exclusivity is not guaranteed for the rest of this task",
-                              hold["lock_name"], hold["fencing_token"])
+                              group.name, running.hold["fencing_token"])
                     return
                 if record.expires_at is not None:
                     running.renewed_until = record.expires_at.timestamp()
@@ -284,25 +279,23 @@ class SingletonReleaseOperator(BaseOperator):
         persister = hook.get_conn()
         # The store's record says whether the hold is still the group's: fencing tokens only
         # rise, so a matching token is this very hold, and its owner token releases it.
-        holder = persister.get(name)
-        if holder is not None and holder.fencing_token == token and not getattr(holder, "released", False):
-            mask_secret(holder.owner_token)
-            owner_token = holder.owner_token
+        group = Lease.adopt(name, persister, fencing_token=token, lock_expire_seconds=self.lock_expire_seconds)
+        if group is not None:
+            mask_secret(group.owner_token)
             ttl = self.lock_expire_seconds
 
             def keep_alive() -> None:
-                if ttl is not None and persister.renew(name, owner_token, ttl) is None:
+                if ttl is not None and group.renew() is None:
                     self.log.error("The group's lock %r could not be renewed while waiting for its guarded tasks",
                                    name)
 
             wait_for_guarded_tasks(persister, guarded_prefix(name, str(ti.dag_id), str(ti.run_id)), self.log,
                                    keep_alive, (ttl or 3 * _WAIT_RECHECK_SECONDS) / 3,
                                    f"before releasing lock {name!r}")
-            if persister.release(name, owner_token):  # owner-checked in the store
+            if group.release():  # owner-checked in the store
                 self.log.info("Released lock %r (fencing token %s)", name, token)
                 return
-            holder = persister.get(name)
-        self._judge_missing_hold(context, name, token, holder)
+        self._judge_missing_hold(context, name, token, persister.get(name))
 
     def _judge_missing_hold(self, context: Context, name: str, token: int, holder: LockRecord | None) -> None:
         """The hold was not there to release: fail on a takeover or an early removal, warn on a late expiry."""
@@ -355,16 +348,17 @@ def take_back_from_earlier_try(persister: Persister, record: LockRecord, context
     log.warning("Lock %r is held by an earlier try of this task (%s), left behind when the run was cleared; "
                 "taking it over once that try's guarded tasks have stopped", record.name, describe_holder(record))
 
+    earlier = Lease(record.name, persister, owner_token=record.owner_token, lock_expire_seconds=ttl)
+
     def keep_alive() -> None:
         if ttl is not None:
-            persister.renew(record.name, record.owner_token, ttl)
+            earlier.renew()
 
     wait_for_guarded_tasks(persister, guarded_prefix(record.name, str(ti.dag_id), str(ti.run_id)), log, keep_alive,
                            (ttl or 3 * _WAIT_RECHECK_SECONDS) / 3, f"before taking over lock {record.name!r}")
     if ttl is None:
-        current = persister.get(record.name)
-        return current if current is not None and current.owner_token == record.owner_token else None
-    return persister.renew(record.name, record.owner_token, ttl)
+        return earlier.holder() if earlier.verify() else None
+    return earlier.renew()
 
 
 def _iso(epoch: float) -> str:

@@ -292,35 +292,30 @@ class SingletonOperator(PythonOperator):
         return False
 
     def _acquire_for_group(self, context: Context, metadata: dict[str, str], wait: float) -> bool:
+        """Take the group's lease, waiting through the core's loop (the store's queue, woken by the release)."""
+        lease = self.hook.lease(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata,
+                                min_hold_seconds=self.min_hold_seconds)
         deadline = time.monotonic() + wait
-        taken_back = False
-        while True:
-            result = self.hook.acquire(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata,
-                                       min_hold_seconds=self.min_hold_seconds)
-            if result.acquired:
-                assert result.record is not None
-                if result.expired is not None:
-                    self.log.warning("Expired lock taken over: lock %r held by %s had expired",
-                                     self.lock_name, result.expired.describe())
-                self._hand_over(context, result.record)
+        result = lease.take()
+        if not result.acquired and same_task_earlier_try(result.record, context):
+            assert result.record is not None
+            adopted = take_back_from_earlier_try(lease.persister, result.record, context, self.log,
+                                                 self.lock_expire_seconds)
+            if adopted is not None:
+                self._hand_over(context, adopted)
                 return True
-            if not taken_back and same_task_earlier_try(result.record, context):
-                assert result.record is not None
-                taken_back = True
-                adopted = take_back_from_earlier_try(self.hook.get_conn(), result.record, context, self.log,
-                                                     self.lock_expire_seconds)
-                if adopted is not None:
-                    self._hand_over(context, adopted)
-                    return True
-                continue  # it ended meanwhile: race for it as anyone would
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._conflict_holder = describe_holder(result.record, ours=deployment_name())
-                return False
-            pause = min(left, self.poll_interval)
-            if result.retry_after is not None:
-                pause = min(pause, result.retry_after + 0.01)
-            time.sleep(max(pause, 0.01))
+            result = lease.take()  # it ended meanwhile: race for it as anyone would
+        if not result.acquired and wait > 0:
+            result = lease.take(wait=max(deadline - time.monotonic(), 0.0))
+        if not result.acquired:
+            self._conflict_holder = describe_holder(result.record, ours=deployment_name())
+            return False
+        assert result.record is not None
+        if result.expired is not None:
+            self.log.warning("Expired lock taken over: lock %r held by %s had expired",
+                             self.lock_name, result.expired.describe())
+        self._hand_over(context, result.record)
+        return True
 
     def _hand_over(self, context: Context, record: LockRecord) -> None:
         from airflow.sdk.log import mask_secret

@@ -1,9 +1,10 @@
 """``SingletonTrigger``: tells a deferred task when a lock looks free; it only observes.
 
-It waits on the store's release notification (Redis pub/sub, PostgreSQL LISTEN,
-MongoDB change stream) through the persister's shared watch, holding no thread, and
-looks again when the holder's lease or minimum hold ends; stores that cannot notify
-are polled every ``poll_interval``.
+It waits through the core's own wait (``AsyncLease.wait_until_free``): on the store's
+release notification (Redis pub/sub, PostgreSQL LISTEN, MongoDB change stream)
+through the persister's shared watch, holding no thread, looking again when the
+holder's lease or minimum hold ends; stores that cannot notify are polled every
+``poll_interval``.
 
 A triggerer may run the same trigger twice at once (HA, reassignment), so a trigger
 that acquired could hold a lock nobody releases. This one never writes: the resumed
@@ -12,15 +13,14 @@ task acquires, and defers again if it lost the race.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from singleton_integrations._urls import redact_url
-from singleton_integrations.persisters import ReleaseWatch, SleepWatch
-from singleton_integrations.persisters._base import run_blocking
+from singleton_integrations import AsyncLease, redact_url
 
 __all__ = ["SingletonTrigger"]
 
@@ -73,42 +73,22 @@ class SingletonTrigger(BaseTrigger):
             # The async lookup: a sync one from the event loop can deadlock the triggerer.
             conn = await SingletonHook.aget_connection(self.singleton_conn_id)
             persister = SingletonHook.persister_from_connection(conn)  # shared by every trigger on this store
-            # Subscribed before the first look, so a release in between is not missed.
-            watch = await run_blocking(persister.watch, self.lock_name)
         except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
             yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
             return
-        # Where the store notifies, a release wakes the wait; polling is a safety net (a missed
-        # notification after a reconnect) and the fallback for stores that cannot notify.
-        longest = _NOTIFIED_RECHECK if persister.notifies else self.poll_interval
+        # The core's own wait: woken by the release where the store notifies (looking again every
+        # _NOTIFIED_RECHECK s in case a notification was missed), and when the holder's lease or
+        # minimum hold ends; stores that cannot notify are looked at every poll_interval.
+        look_every = _NOTIFIED_RECHECK if persister.notifies else self.poll_interval
+        wait = math.inf if self.deadline is None else max(self.deadline - time.time(), 0.0)
         try:
-            while True:
-                try:
-                    holder = await persister.aget(self.lock_name)
-                except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
-                    yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
-                    return
-                if holder is None:  # observed_at: the resumed task logs how long Airflow took to resume it
-                    yield self._event("free", observed_at=time.time())
-                    return
-                now = time.time()
-                if self.deadline is not None and now >= self.deadline:
-                    from airflow_provider._holders import describe_holder
+            holder = await AsyncLease(self.lock_name, persister).wait_until_free(wait=wait, poll_interval=look_every)
+        except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
+            yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
+            return
+        if holder is None:  # observed_at: the resumed task logs how long Airflow took to resume it
+            yield self._event("free", observed_at=time.time())
+            return
+        from airflow_provider._holders import describe_holder
 
-                    yield self._event("timeout", holder=describe_holder(holder))
-                    return
-                pause = longest
-                if holder.expires_at is not None:  # look again right after the lease (or minimum hold) ends
-                    pause = min(pause, max(holder.expires_at.timestamp() - now, 0.0) + 0.05)
-                if self.deadline is not None:
-                    pause = min(pause, max(self.deadline - now, 0.0))
-                await _wait(watch, max(pause, 0.01))
-        finally:
-            watch.close()
-
-
-async def _wait(watch: ReleaseWatch, timeout: float) -> bool:
-    """``watch.wait_async`` where the watch has its own; a notifying sync-only watch waits in the bounded executor."""
-    if type(watch).wait_async is not ReleaseWatch.wait_async or isinstance(watch, SleepWatch):
-        return await watch.wait_async(timeout)
-    return await run_blocking(watch.wait, timeout)
+        yield self._event("timeout", holder=describe_holder(holder))
