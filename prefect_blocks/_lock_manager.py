@@ -3,34 +3,29 @@
 Prefect names a lock's owner with a ``holder`` string (a transaction's UUID, or
 host:pid:thread) and may release it from another instance or process. The owner
 token stored with the lock is derived from that holder (a hash), so any
-instance that knows the holder can release or check it, and nothing else can.
-The manager pickles as configuration only; each process opens its own clients.
+instance that knows the holder can release or check it, and nothing else can:
+each hold is a core ``Lease`` on that token, so waiting for a lock goes through
+the core's own loop (the store's fair queue, woken by the release). The manager
+pickles as configuration only; each process opens its own clients.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import math
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from prefect.locking.protocol import LockManager
 from pydantic import SecretStr
 
-from singleton_integrations import AcquireResult, LockRecord, Owner
-from singleton_integrations._record import validate_metadata, validate_name, validate_ttl
+from singleton_integrations import AsyncLease, Lease, redact_url, validate_metadata, validate_name, validate_ttl
 from singleton_integrations.persisters import Persister
 
 from ._context import current_run
 from ._store import persister_for
 
 __all__ = ["SingletonLockManager"]
-
-_SAFETY_POLL = 2.0  # even when the store notifies, look again this often
 
 
 def owner_token_for(holder: str) -> str:
@@ -91,8 +86,6 @@ class SingletonLockManager(LockManager):
         return hash((self._url.get_secret_value(), self.name_prefix))
 
     def __repr__(self) -> str:
-        from singleton_integrations._urls import redact_url
-
         return f"SingletonLockManager({redact_url(self._url.get_secret_value())!r}, name_prefix={self.name_prefix!r})"
 
     def lock_name(self, key: str) -> str:
@@ -104,7 +97,11 @@ class SingletonLockManager(LockManager):
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        return self._acquire(key, holder, acquire_timeout, hold_timeout, None)
+        """Take the record's lock for ``holder``, waiting up to ``acquire_timeout`` s (None: for good) in the store's queue.
+
+        Re-entrant, as Prefect's own managers are: a holder that has it already gets True.
+        """
+        return self._lease(key, holder, hold_timeout).take(wait=_wait(acquire_timeout)).acquired
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release ``holder``'s lock; ``ValueError`` when another holder has it, nothing when nobody does.
@@ -132,125 +129,49 @@ class SingletonLockManager(LockManager):
         return record is not None and record.owner_token == owner_token_for(holder)
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return self._wait_free(key, timeout, None)
+        """Wait until nobody holds the record's lock (taking nothing); False when ``timeout`` ran out first."""
+        return Lease(self.lock_name(key), self.persister).wait_until_free(wait=_wait(timeout)) is None
 
     # -- the protocol: async (the persister's async twins: no thread per waiter) --------
 
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        name, token, ttl, owner = self._request(key, holder, hold_timeout)
-        persister = self.persister
-        deadline = _deadline(acquire_timeout)
-        async with persister.awatching(name) as watch:
-            while True:
-                attempt = asyncio.ensure_future(persister.aacquire(name, owner, ttl))
-                try:
-                    result = await asyncio.shield(attempt)
-                except asyncio.CancelledError:
-                    await _release_if_acquired(persister, name, token, attempt)  # never leak it
-                    raise
-                if result.acquired or (result.record is not None and result.record.owner_token == token):
-                    return True  # re-entrant, as Prefect's own managers are
-                pause = self._pause(deadline, result.retry_after, None)
-                if pause is None:
-                    return False
-                await watch.wait_async(pause)
+        """``acquire_lock`` for coroutines: cancelling the task gives back whatever the attempt in flight took."""
+        lease = self._async_lease(key, holder, hold_timeout)
+        if await lease.verify():
+            # Re-entrant without a new attempt: a cancelled take would give this earlier hold back too.
+            return True
+        return (await lease.take(wait=_wait(acquire_timeout))).acquired
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        name = self.lock_name(key)
-        persister = self.persister
-        deadline = _deadline(timeout)
-        async with persister.awatching(name) as watch:
-            while True:
-                record = await persister.aget(name)
-                if record is None:
-                    return True
-                pause = self._pause(deadline, _retry_after(record), None)
-                if pause is None:
-                    return False
-                await watch.wait_async(pause)
+        """``wait_for_lock`` for coroutines."""
+        return await AsyncLease(self.lock_name(key), self.persister).wait_until_free(wait=_wait(timeout)) is None
 
     # -- internals ---------------------------------------------------------------------
 
-    def _acquire(
-        self,
-        key: str,
-        holder: str,
-        acquire_timeout: float | None,
-        hold_timeout: float | None,
-        cancelled: threading.Event | None,
-    ) -> bool:
-        name, token, ttl, owner = self._request(key, holder, hold_timeout)
-        persister = self.persister
-        deadline = _deadline(acquire_timeout)
-        with persister.watching(name) as watch:
-            while True:
-                result = persister.acquire(name, owner, ttl)
-                if result.acquired:
-                    return True
-                if result.record is not None and result.record.owner_token == token:
-                    return True  # re-entrant, as Prefect's own managers are
-                pause = self._pause(deadline, result.retry_after, cancelled)
-                if pause is None:
-                    return False
-                watch.wait(pause)
+    def _terms(self, key: str, holder: str, hold_timeout: float | None) -> dict[str, Any]:
+        """The lease on the record's lock that ``holder`` owns: its token is derived from the holder."""
+        return {
+            "name": self.lock_name(key),
+            "persister": self.persister,
+            "owner_token": owner_token_for(holder),
+            "lock_expire_seconds": validate_ttl(self.default_hold_timeout if hold_timeout is None else hold_timeout,
+                                                "hold_timeout"),
+            "metadata": {**current_run().metadata(), **self.metadata},
+        }
 
-    def _request(self, key: str, holder: str, hold_timeout: float | None) -> tuple[str, str, float | None, Owner]:
-        """The stored name, owner token, lease and owner for one acquire."""
-        token = owner_token_for(holder)
-        ttl = validate_ttl(self.default_hold_timeout if hold_timeout is None else hold_timeout, "hold_timeout")
-        owner = Owner(owner_token=token, metadata={**current_run().metadata(), **self.metadata})
-        return self.lock_name(key), token, ttl, owner
+    def _lease(self, key: str, holder: str, hold_timeout: float | None) -> Lease:
+        return Lease(**self._terms(key, holder, hold_timeout))
 
-    def _wait_free(self, key: str, timeout: float | None, cancelled: threading.Event | None) -> bool:
-        name = self.lock_name(key)
-        persister = self.persister
-        deadline = _deadline(timeout)
-        with persister.watching(name) as watch:
-            while True:
-                record = persister.get(name)
-                if record is None:
-                    return True
-                pause = self._pause(deadline, _retry_after(record), cancelled)
-                if pause is None:
-                    return False
-                watch.wait(pause)
-
-    def _pause(self, deadline: float, retry_after: float | None, cancelled: threading.Event | None) -> float | None:
-        """How long to wait before the next look, or None when the time is up."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or (cancelled is not None and cancelled.is_set()):
-            return None
-        persister = self.persister
-        pause = min(remaining, _SAFETY_POLL if persister.notifies else persister.poll_interval)
-        if retry_after is not None:
-            pause = min(pause, retry_after + 0.001)
-        if cancelled is not None:
-            pause = min(pause, 0.1)
-        return pause
+    def _async_lease(self, key: str, holder: str, hold_timeout: float | None) -> AsyncLease:
+        return AsyncLease(**self._terms(key, holder, hold_timeout))
 
 
-def _retry_after(record: LockRecord) -> float | None:
-    """Seconds until ``record``'s lease ends, as far as this host's clock can tell."""
-    if record.expires_at is None:
-        return None
-    return max(record.expires_at.timestamp() - time.time(), 0.0)
-
-
-async def _release_if_acquired(persister: Persister, name: str, token: str, attempt: asyncio.Future[AcquireResult]) -> None:
-    """After a cancellation: let the acquire in flight finish, and give back what it got."""
-    try:
-        result = await asyncio.shield(attempt)
-        if result.acquired:
-            await asyncio.shield(persister.arelease(name, token))
-    except Exception:  # the lease frees it; the cancellation matters more
-        logging.getLogger("prefect_blocks").warning("could not release lock %r after a cancellation", name, exc_info=True)
-
-
-def _deadline(timeout: float | None) -> float:
+def _wait(timeout: float | None) -> float:
+    """Prefect's timeout as the core's wait: None waits for good."""
     if timeout is None:
         return math.inf
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
         raise ValueError(f"a timeout must be zero or more seconds, or None, not {timeout!r}")
-    return time.monotonic() + timeout
+    return float(timeout)
