@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _process
 from ._errors import PersisterError, SingletonError
@@ -102,7 +102,10 @@ def resolve_persister(persister: Persister | str | None) -> Persister:
     return persister
 
 
-def call_store(persister: Persister, method: Callable[..., Any], *args: Any) -> Any:
+_R = TypeVar("_R")
+
+
+def call_store(persister: Persister, method: Callable[..., _R], *args: Any) -> _R:
     """One blocking store call; a driver error that leaked out of a persister becomes ``PersisterError``."""
     try:
         return method(*args)
@@ -500,11 +503,25 @@ class LockState(EventEmitter):
 
     # -- reading -----------------------------------------------------------------
 
-    name = property(lambda self: self.terms.name)
-    persister = property(lambda self: self.terms.persister)
-    lock_expire_seconds = property(lambda self: self.terms.lock_expire_seconds)
-    metadata = property(lambda self: self.terms.metadata)
-    min_hold_seconds = property(lambda self: self.terms.min_hold_seconds)
+    @property
+    def name(self) -> str:
+        return self.terms.name
+
+    @property
+    def persister(self) -> Persister:
+        return self.terms.persister
+
+    @property
+    def lock_expire_seconds(self) -> float | None:
+        return self.terms.lock_expire_seconds
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.terms.metadata
+
+    @property
+    def min_hold_seconds(self) -> float | None:
+        return self.terms.min_hold_seconds
 
     @property
     def margin(self) -> float:
@@ -580,7 +597,8 @@ class LockState(EventEmitter):
             if result.queued_behind:
                 message = lambda: f"{queued_behind_message(self.name)}{_after(waited)}"  # noqa: E731
             elif record is not None and record.released:
-                message = lambda: f"lock {self.name!r} already ran its slot: {record.describe()}{_after(waited)}"  # noqa: E731
+                ran = record  # narrowed, for the lambda
+                message = lambda: f"lock {self.name!r} already ran its slot: {ran.describe()}{_after(waited)}"  # noqa: E731
             else:
                 who = record.describe() if record is not None else "another process"
                 message = lambda: f"lock {self.name!r} is held by {who}{_after(waited)}"  # noqa: E731

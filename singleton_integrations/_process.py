@@ -33,9 +33,13 @@ EXIT_RELEASE_SECONDS = 10.0
 class ExitHeld(Protocol):
     """What this module needs of a held lock (the core's ``LockState``), so it does not import the lock's rules."""
 
-    name: str
-    persister: Persister
     release_on_sigterm: bool
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def persister(self) -> Persister: ...
 
     @property
     def hold(self) -> LockRecord | None: ...

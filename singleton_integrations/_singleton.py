@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import LockConflict, LockLost
 from ._events import logger
@@ -39,6 +39,9 @@ from ._lockstate import (
 from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton", "await_turn", "wait_turn"]
 
 #: How soon a cancelled wait (a ``cancel`` event set by a CLI signal) notices.
@@ -53,7 +56,10 @@ def _check_callback(callback: object) -> None:
         raise TypeError("callback must be callable")
 
 
-def _finish(callback: Callable[..., object] | None, value: Any) -> Any:
+_V = TypeVar("_V")
+
+
+def _finish(callback: Callable[..., object] | None, value: _V) -> _V:
     if callback is not None:
         callback(None, value)
     return value
@@ -234,19 +240,44 @@ class _Face:
 
     _state: LockState
 
-    name = property(lambda self: self._state.name, doc="The lock's name.")
-    persister = property(lambda self: self._state.persister, doc="The store this lock lives in.")
-    lock_expire_seconds = property(
-        lambda self: self._state.lock_expire_seconds, doc="The lease length (None: never expires)."
-    )
-    auto_renew = property(lambda self: self._state.auto_renew, doc="Whether a renewer extends the lease while held.")
-    renew_interval = property(lambda self: self._state.renew_interval, doc="Seconds between renewals.")
-    metadata = property(lambda self: self._state.metadata, doc="Shown to contenders in conflict messages.")
-    release_on_sigterm = property(lambda self: self._state.release_on_sigterm)
-    min_hold_seconds = property(
-        lambda self: self._state.min_hold_seconds,
-        doc="The name stays held at least this long after acquiring, even once released.",
-    )
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._state.name
+
+    @property
+    def persister(self) -> Persister:
+        """The store this lock lives in."""
+        return self._state.persister
+
+    @property
+    def lock_expire_seconds(self) -> float | None:
+        """The lease length (None: never expires)."""
+        return self._state.lock_expire_seconds
+
+    @property
+    def auto_renew(self) -> bool:
+        """Whether a renewer extends the lease while held."""
+        return self._state.auto_renew
+
+    @property
+    def renew_interval(self) -> float | None:
+        """Seconds between renewals."""
+        return self._state.renew_interval
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Shown to contenders in conflict messages."""
+        return self._state.metadata
+
+    @property
+    def release_on_sigterm(self) -> bool:
+        return self._state.release_on_sigterm
+
+    @property
+    def min_hold_seconds(self) -> float | None:
+        """The name stays held at least this long after acquiring, even once released."""
+        return self._state.min_hold_seconds
 
     @property
     def held(self) -> bool:
@@ -457,7 +488,7 @@ class Singleton(_Face):
         )
         return self._state.renewed(ticket, record)
 
-    def __enter__(self) -> Singleton:
+    def __enter__(self) -> Self:
         if not self.lock():
             raise self._conflict_error()
         self._state.enter()
@@ -699,7 +730,7 @@ class AsyncSingleton(_Face):
         record = await self._call(self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds))
         return self._state.renewed(ticket, record)
 
-    async def __aenter__(self) -> AsyncSingleton:
+    async def __aenter__(self) -> Self:
         if not await self.lock():
             raise self._conflict_error()
         self._state.enter()
@@ -727,7 +758,7 @@ class AsyncSingleton(_Face):
 
     # -- internals -------------------------------------------------------------------
 
-    async def _call(self, call: Any) -> Any:
+    async def _call(self, call: Awaitable[_V]) -> _V:
         try:
             return await call
         except Exception as error:

@@ -24,6 +24,7 @@ lock's exclusivity never depends on it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import logging
 import os
@@ -32,12 +33,15 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any, ClassVar, TypeVar
+from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .._record import AcquireResult, LockRecord, Owner
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "BLOCKING_IO_WORKERS",
@@ -80,33 +84,33 @@ async def run_blocking(func: Callable[..., _T], *args: Any) -> _T:
     return await loop.run_in_executor(_blocking_executor(), functools.partial(func, *args))
 
 
+def _log_force_release(persister: Persister, name: str, removed: LockRecord | None) -> LockRecord | None:
+    if removed is not None:
+        _logger.warning("force-released lock %r held by %s (%s)", name, removed.describe(), persister.backend)
+    else:
+        _logger.info("force release of lock %r found no live holder (%s)", name, persister.backend)
+    return removed
+
+
 def _logged_force_release(method: Callable[[Persister, str], LockRecord | None]) -> Callable[[Persister, str], LockRecord | None]:
     """Every forced release leaves a warning naming the lock and whom it was taken from."""
 
     @functools.wraps(method)
     def force_release(self: Persister, name: str) -> LockRecord | None:
-        removed = method(self, name)
-        if removed is not None:
-            _logger.warning("force-released lock %r held by %s (%s)", name, removed.describe(), self.backend)
-        else:
-            _logger.info("force release of lock %r found no live holder (%s)", name, self.backend)
-        return removed
+        return _log_force_release(self, name, method(self, name))
 
     force_release.__logged__ = True  # type: ignore[attr-defined]
     return force_release
 
 
-def _logged_aforce_release(method: Callable[..., Any]) -> Callable[..., Any]:
+def _logged_aforce_release(
+    method: Callable[[Persister, str], Coroutine[Any, Any, LockRecord | None]],
+) -> Callable[[Persister, str], Coroutine[Any, Any, LockRecord | None]]:
     """The async twin of ``_logged_force_release``."""
 
     @functools.wraps(method)
     async def aforce_release(self: Persister, name: str) -> LockRecord | None:
-        removed = await method(self, name)
-        if removed is not None:
-            _logger.warning("force-released lock %r held by %s (%s)", name, removed.describe(), self.backend)
-        else:
-            _logger.info("force release of lock %r found no live holder (%s)", name, self.backend)
-        return removed
+        return _log_force_release(self, name, await method(self, name))
 
     aforce_release.__logged__ = True  # type: ignore[attr-defined]
     return aforce_release
@@ -171,10 +175,8 @@ class HubWatch(ReleaseWatch):
             self._event.set()
             futures = list(self._futures)
         for loop, future in futures:
-            try:
+            with suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # that loop has closed
-                pass
 
     def _consume(self) -> bool:
         with self._guard:
@@ -373,7 +375,7 @@ class ReleaseHub:
         while not stop.is_set():
             try:
                 self._listen(self, stop)
-            except Exception as error:  # a dropped connection: resubscribe after a pause
+            except Exception as error:  # noqa: BLE001 - a dropped connection, whatever the driver calls it: resubscribe after a pause
                 _logger.debug("release listener %s failed, resubscribing: %s", self._thread_name, type(error).__name__)
             self.subscribed.clear()
             stop.wait(self._retry_seconds)
@@ -467,7 +469,7 @@ class Persister(ABC):
     #: lease would end when renewals cannot get through.
     call_timeout: float = 10.0
 
-    @classmethod
+    @classmethod  # noqa: B027 - optional: a store with no driver to import keeps this no-op
     def preload(cls) -> None:
         """Import this store's driver now rather than at first use (the default has none).
 
@@ -479,10 +481,10 @@ class Persister(ABC):
         super().__init_subclass__(**kwargs)
         method = cls.__dict__.get("force_release")
         if method is not None and not getattr(method, "__logged__", False) and not getattr(method, "__isabstractmethod__", False):
-            cls.force_release = _logged_force_release(method)  # type: ignore[method-assign]
+            cls.force_release = _logged_force_release(method)  # type: ignore[method-assign,assignment]  # the subclass's own method, wrapped in place
         amethod = cls.__dict__.get("aforce_release")
         if amethod is not None and not getattr(amethod, "__logged__", False):
-            cls.aforce_release = _logged_aforce_release(amethod)  # type: ignore[method-assign]
+            cls.aforce_release = _logged_aforce_release(amethod)  # type: ignore[method-assign,assignment]  # likewise
 
     @abstractmethod
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
@@ -534,7 +536,7 @@ class Persister(ABC):
     def force_release(self, name: str) -> LockRecord | None:
         """Administrative release regardless of owner; returns the record it removed."""
 
-    def leave_queue(self, name: str, owner_token: str) -> None:
+    def leave_queue(self, name: str, owner_token: str) -> None:  # noqa: B027 - optional: only fair stores keep a queue
         """A fair waiter gave up: drop its place, waking the next one if the name is free."""
 
     # -- async twins: native in built-in persisters, the bounded executor otherwise --
@@ -556,7 +558,7 @@ class Persister(ABC):
     async def aget(self, name: str) -> LockRecord | None:
         return await run_blocking(self.get, name)
 
-    async def alist(self, prefix: str = "") -> list[LockRecord]:
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
         return await run_blocking(self.list, prefix)
 
     async def aforce_release(self, name: str) -> LockRecord | None:
@@ -597,10 +599,10 @@ class Persister(ABC):
         finally:
             watch.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a store that pools nothing has nothing to close
         """Release pooled connections; the persister reconnects if used again."""
 
-    def __enter__(self) -> Persister:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

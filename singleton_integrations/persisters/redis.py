@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, ClassVar, cast
 from urllib.parse import parse_qsl, urlencode
 
@@ -468,7 +468,7 @@ class Redis(Persister):
 
     def _collect(self, keys: builtins.list[str], replies: builtins.list[Any], found: dict[str, LockRecord]) -> None:
         start = len(self.key_prefix) + 1
-        for key, token, holder in zip(keys, replies[::2], replies[1::2]):
+        for key, token, holder in zip(keys, replies[::2], replies[1::2], strict=True):
             if token is not None:  # None: expired between SCAN and the read
                 name = str(key)[start:-1]
                 found[name] = scripts.record(name, token, holder)
@@ -696,10 +696,8 @@ def _int_option(name: str, value: int | None, query: Mapping[str, str], default:
     raw: object = value if value is not None else query.get(name, default)
     number: int | None = None
     if not isinstance(raw, (bool, float)):
-        try:
-            number = int(raw)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            pass
+        with suppress(TypeError, ValueError):
+            number = int(raw)  # type: ignore[call-overload]  # any object: what int() refuses is caught
     if number is None or number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, not {raw!r}")
     return number

@@ -159,7 +159,7 @@ def handover(args: dict[str, Any]) -> None:
                 _say(waiting=True)
             return result
 
-        persister.acquire = acquire
+        persister.acquire = acquire  # type: ignore[method-assign]  # this child only: its first refused attempt is announced
     for command in sys.stdin:
         command = command.strip()
         if command == "lock":

@@ -65,9 +65,8 @@ def test_lock_conflict_release_and_events(persister: Persister, name: str) -> No
         assert await first.release() and not first.held
         assert seen == ["locked", "conflict", "released"]
         with pytest.raises(LockConflict):
-            async with first:
-                async with second:
-                    pass
+            async with first, second:
+                pass
 
     asyncio.run(main())
 
