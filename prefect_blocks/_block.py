@@ -8,9 +8,14 @@ from typing import Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from singleton_integrations import AsyncSingleton, LockRecord, Singleton
-from singleton_integrations._singleton import DEFAULT_LOCK_EXPIRE_SECONDS
-from singleton_integrations._urls import redact_url, scheme_of
+from singleton_integrations import (
+    DEFAULT_LOCK_EXPIRE_SECONDS,
+    AsyncSingleton,
+    LockRecord,
+    Singleton,
+    redact_url,
+    scheme_of,
+)
 from singleton_integrations.persisters import Persister
 
 from ._lock import SingletonLock
