@@ -200,6 +200,13 @@ class GuardedTaskLease:
                            metadata=holder_metadata(context, {"guards": hold["lock_name"]}))
         if marker.lock():
             return marker
+        earlier = marker.last_holder
+        if earlier is not None and earlier.metadata.get("try_number") == str(ti.try_number):
+            # This same try ran before in a process that has ended (a deferral or a reschedule
+            # resumed here) and left its marker to its lease: take its place at once.
+            Lease(marker.name, hook.get_conn(), owner_token=earlier.owner_token).release()
+            if marker.lock():
+                return marker
         # An earlier try of this task instance (cleared while running) has not stopped yet.
         log.warning("An earlier try of this task still runs under lock %r: %s; waiting for it to stop",
                     hold["lock_name"], describe_holder(marker.last_holder))

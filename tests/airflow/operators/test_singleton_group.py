@@ -235,3 +235,37 @@ def test_a_guarded_group_runs_its_slot_once_under_a_minimum_hold(store, lock_nam
     assert second["guard"].state == "skipped" and "slot_group_second" not in SEEN
     out = task_log()
     assert "was run by" in out and "(dag slot_group_first, run" in out and "which ran this slot at" in out, out[-3000:]
+
+
+def test_a_resumed_try_takes_over_the_marker_its_earlier_process_left(sqlite_store, lock_name, monkeypatch) -> None:
+    """A deferral or reschedule resumes the same try in a new process: it does not wait for its own old marker."""
+    from airflow_provider._holders import holder_metadata
+    from airflow_provider.operators import _guarded_group
+
+    monkeypatch.setattr(_guarded_group, "MARKER_SECONDS", 1000.0)  # waiting it out would hang the test
+    ghosts: list[Singleton] = []
+
+    def leave_a_marker(context: Any) -> None:  # runs before the group's own start callback
+        ti = context["ti"]
+        name = _guarded_group._marker_name(_guarded_group.guarded_prefix(lock_name, ti.dag_id, ti.run_id),
+                                           ti.task_id, -1)
+        ghost = Singleton(name, sqlite_store.persister(), lock_expire_seconds=1000, release_on_sigterm=False,
+                          metadata=holder_metadata(context))
+        assert ghost.lock()
+        ghosts.append(ghost)
+
+    with (
+        DAG("group_resumed", schedule=None, start_date=START, catchup=False) as dag,
+        SingletonOperator(task_id="guard", lock_name=lock_name, singleton_conn_id=sqlite_store.conn_id),
+    ):
+
+        @task(on_execute_callback=leave_a_marker)
+        def resumed() -> None:
+            SEEN["resumed_ran"] = True
+
+        resumed()
+    SEEN.clear()
+    tis = run_dag(dag)
+    assert tis["resumed"].state == "success" and tis["guard_release"].state == "success"
+    assert SEEN.get("resumed_ran") and ghosts and not ghosts[0].verify(), "the old marker was not taken over"
+    assert sqlite_store.holder(lock_name) is None
