@@ -21,8 +21,8 @@ from airflow.sdk import DAG, task
 from airflow_provider import SingletonOperator
 from airflow_provider.hooks.singleton import SingletonHook
 from singleton_integrations import Singleton, _lockstate
-from singleton_integrations.persisters import Persister, ReleaseWatch
 from singleton_integrations.testing.conformance import CountingPersister
+from singleton_integrations.testing.observing import ObservedPersister
 from tests.airflow._dagrun import run_dag
 
 NEVER = 1000.0  # no safety poll: only a release's wake-up ends a pause
@@ -39,35 +39,10 @@ def woken_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_lockstate, "QUEUE_PLACE_SECONDS", NEVER)
 
 
-class _RecordedWatch(ReleaseWatch):
-    """Records whether each wait of the waiter was woken (True) or ran out (False)."""
-
-    def __init__(self, inner: ReleaseWatch, waits: list[bool]) -> None:
-        self.inner, self.waits = inner, waits
-
-    def wait(self, timeout: float) -> bool:
-        self.waits.append(bool(self.inner.wait(timeout)))
-        return self.waits[-1]
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _Observed(CountingPersister):
-    """The hook's store, seen from inside: its release watches record whether they were woken."""
-
-    def __init__(self, inner: Persister) -> None:
-        super().__init__(inner)
-        self.waits: list[bool] = []
-
-    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
-        return _RecordedWatch(self.inner.watch(name, owner_token), self.waits)
-
-
 @pytest.fixture
-def observed(store: Any, monkeypatch: pytest.MonkeyPatch) -> _Observed:
+def observed(store: Any, monkeypatch: pytest.MonkeyPatch) -> ObservedPersister:
     """What every hook of the test's connection gets from ``get_conn()``."""
-    seen = _Observed(store.persister())
+    seen = ObservedPersister(store.persister())
     monkeypatch.setattr(SingletonHook, "get_conn", lambda self: seen)
     return seen
 
@@ -101,7 +76,7 @@ def _queued_first(store: Any, name: str, order: list[str]) -> tuple[Singleton, t
     return holder, thread, counted
 
 
-def test_the_hook_waits_its_turn_behind_a_waiter_that_queued_first(store: Any, observed: _Observed) -> None:
+def test_the_hook_waits_its_turn_behind_a_waiter_that_queued_first(store: Any, observed: ObservedPersister) -> None:
     name = f"airflow-loop-{uuid.uuid4().hex[:12]}"
     order: list[str] = []
     holder, first, _ = _queued_first(store, name, order)
@@ -121,7 +96,7 @@ def test_the_hook_waits_its_turn_behind_a_waiter_that_queued_first(store: Any, o
     assert hook.release(name, results[0].record.owner_token)
 
 
-def test_the_guarded_group_waits_its_turn_behind_a_waiter_that_queued_first(store: Any, observed: _Observed) -> None:
+def test_the_guarded_group_waits_its_turn_behind_a_waiter_that_queued_first(store: Any, observed: ObservedPersister) -> None:
     name = f"airflow-loop-{uuid.uuid4().hex[:12]}"
     order: list[str] = []
     holder, first, _ = _queued_first(store, name, order)

@@ -43,8 +43,9 @@ from singleton_integrations import (
     _singleton,
     persisters,
 )
-from singleton_integrations.persisters import Persister, ReleaseWatch
+from singleton_integrations.persisters import Persister
 from singleton_integrations.testing.conformance import CountingPersister
+from singleton_integrations.testing.observing import ObservedPersister
 
 #: Far beyond every bound below: a waiter that gets in before this was woken, not polled.
 NEVER = 1000.0
@@ -84,54 +85,9 @@ def woken_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_lockstate, "NOTIFY_SAFETY_POLL", NEVER)
 
 
-class _RecordedWatch(ReleaseWatch):
-    """A release watch that records whether each wait was woken (True) or ran out (False)."""
-
-    def __init__(self, inner: ReleaseWatch, waits: list[bool]) -> None:
-        self.inner = inner
-        self.waits = waits
-
-    def wait(self, timeout: float) -> bool:
-        woken = bool(self.inner.wait(timeout))
-        self.waits.append(woken)
-        return woken
-
-    async def wait_async(self, timeout: float) -> bool:
-        woken = bool(await self.inner.wait_async(timeout))
-        self.waits.append(woken)
-        return woken
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class Observed(CountingPersister):
-    """Counts a waiter's attempts and looks, and records its waits; its ``poll_interval`` is ``NEVER``.
-
-    Every built-in store hands out watches that answer ``wait_async`` natively, as
-    the recorded watch does.
-    """
-
-    def __init__(self, inner: Persister) -> None:
-        super().__init__(inner)
-        self.poll_interval = NEVER
-        self.waits: list[bool] = []
-        self.looks = 0
-
-    def watch(self, name: str, owner_token: str | None = None) -> Any:
-        return _RecordedWatch(super().watch(name, owner_token), self.waits)
-
-    def get(self, name: str) -> LockRecord | None:
-        try:
-            return self.inner.get(name)
-        finally:
-            self.looks += 1
-
-    async def aget(self, name: str) -> LockRecord | None:
-        try:
-            return await self.inner.aget(name)
-        finally:
-            self.looks += 1
+def Observed(inner: Persister) -> ObservedPersister:
+    """The waiter's store, observed, with no poll: only a wake-up or the holder's known end ends a pause."""
+    return ObservedPersister(inner, poll_interval=NEVER)
 
 
 def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -18,8 +18,8 @@ import pytest
 
 from prefect_blocks import SingletonLockManager
 from singleton_integrations import Singleton, _lockstate, persisters
-from singleton_integrations.persisters import Persister, ReleaseWatch
 from singleton_integrations.testing.conformance import CountingPersister
+from singleton_integrations.testing.observing import ObservedPersister
 from tests.conftest import store_url_for
 
 NEVER = 1000.0
@@ -32,35 +32,6 @@ def woken_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_lockstate, "NOTIFY_SAFETY_POLL", NEVER)
     # A queue place is kept alive by the waiter's next look, which never comes here: it lasts the test.
     monkeypatch.setattr(_lockstate, "QUEUE_PLACE_SECONDS", NEVER)
-
-
-class _RecordedWatch(ReleaseWatch):
-    """Records whether each wait of the waiter was woken (True) or ran out (False)."""
-
-    def __init__(self, inner: ReleaseWatch, waits: list[bool]) -> None:
-        self.inner, self.waits = inner, waits
-
-    def wait(self, timeout: float) -> bool:
-        self.waits.append(bool(self.inner.wait(timeout)))
-        return self.waits[-1]
-
-    async def wait_async(self, timeout: float) -> bool:
-        self.waits.append(bool(await self.inner.wait_async(timeout)))
-        return self.waits[-1]
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _Observed(CountingPersister):
-    """The manager's store, seen from inside: its release watches record whether they were woken."""
-
-    def __init__(self, inner: Persister) -> None:
-        super().__init__(inner)
-        self.waits: list[bool] = []
-
-    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
-        return _RecordedWatch(self.inner.watch(name, owner_token), self.waits)
 
 
 def _eventually(check: Callable[[], bool], seconds: float = 60.0) -> bool:
@@ -81,7 +52,7 @@ def test_a_transaction_waits_its_turn_behind_a_waiter_that_queued_first(
     key = f"record-{uuid.uuid4().hex[:12]}"
     name = manager.lock_name(key)
     store = persisters.from_url(url)
-    observed = _Observed(store)
+    observed = ObservedPersister(store)
     monkeypatch.setattr(SingletonLockManager, "persister", property(lambda self: observed))
     holder = Singleton(name, store, lock_expire_seconds=TTL, release_on_sigterm=False)
     assert holder.lock()
