@@ -386,9 +386,7 @@ class Redis(Persister):
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                 queue_for: float | None = None) -> AcquireResult:
-        lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
-        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
-                scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
+        lease, hold, args = self._acquire_args(owner, ttl, min_hold, queue_for)
         token = owner.owner_token
         if not self.wait_replicas:
             return scripts.acquire_result(name, owner, self._eval("acquire", name, *args, secret=token), lease, hold)
@@ -398,6 +396,13 @@ class Redis(Persister):
             self._eval("release", name, token, self._purge_ms, secret=token)
             raise self._too_few_replicas(name, acknowledged)
         return result
+
+    def _acquire_args(self, owner: Owner, ttl: float | None, min_hold: float | None,
+                      queue_for: float | None) -> tuple[int, int, tuple[Any, ...]]:
+        """The acquire script's arguments, after the lease and the hold in ms that read its reply."""
+        lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
+        return lease, hold, (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
+                             scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
 
     def _wake_channel(self, queue_for: float | None) -> str:
         """Where a release should wake this waiter: its process's listener, when one runs."""
@@ -477,9 +482,7 @@ class Redis(Persister):
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                        queue_for: float | None = None) -> AcquireResult:
-        lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
-        args = (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
-                scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
+        lease, hold, args = self._acquire_args(owner, ttl, min_hold, queue_for)
         token = owner.owner_token
         if not self.wait_replicas:
             return scripts.acquire_result(name, owner, await self._aeval("acquire", name, *args, secret=token), lease, hold)
