@@ -18,15 +18,27 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import TypeVar
 
-from ._lockstate import UNSET, Terms, Waiting, call_store, holder_seen, holds, store_error, validate_wait
+from ._lockstate import (
+    UNSET,
+    Terms,
+    TermsView,
+    Waiting,
+    acall_store,
+    call_store,
+    holder_seen,
+    holds,
+    validate_wait,
+)
 from ._record import AcquireResult, LockRecord, validate_owner_token
 from ._singleton import acquirer, async_acquirer, await_turn, wait_turn
 from .persisters._base import Persister
 
 __all__ = ["AsyncLease", "Lease"]
+
+_R = TypeVar("_R")
 
 
 def _owner_of(record: LockRecord | None, fencing_token: int) -> str | None:
@@ -36,7 +48,7 @@ def _owner_of(record: LockRecord | None, fencing_token: int) -> str | None:
     return record.owner_token
 
 
-class _Terms:
+class _Terms(TermsView):
     """What both faces hold: the validated terms and the owner token; nothing that changes."""
 
     __slots__ = ("_owner_token", "_terms")
@@ -57,35 +69,13 @@ class _Terms:
         )
         self._owner_token = secrets.token_hex(16) if owner_token is None else validate_owner_token(owner_token)
 
-    @property
-    def name(self) -> str:
-        """The lock's name."""
-        return self._terms.name
-
-    @property
-    def persister(self) -> Persister:
-        """The store the lease lives in."""
-        return self._terms.persister
+    def _lock_terms(self) -> Terms:
+        return self._terms
 
     @property
     def owner_token(self) -> str:
         """Proves ownership: whoever has it can renew and release the lease, so hand it on as a secret."""
         return self._owner_token
-
-    @property
-    def lock_expire_seconds(self) -> float | None:
-        """The lease length that ``take`` and ``renew`` ask for (None: never expires)."""
-        return self._terms.lock_expire_seconds
-
-    @property
-    def metadata(self) -> Mapping[str, str]:
-        """Recorded with the hold and shown to contenders in conflict messages."""
-        return self._terms.metadata
-
-    @property
-    def min_hold_seconds(self) -> float | None:
-        """The name stays held at least this long after ``take``, even once released."""
-        return self._terms.min_hold_seconds
 
     def __repr__(self) -> str:  # never the owner token: it is a capability
         return f"{type(self).__name__}({self.name!r}, {self.persister!r}, lock_expire_seconds={self.lock_expire_seconds!r})"
@@ -253,11 +243,5 @@ class AsyncLease(_Terms):
 
         return (await await_turn(waiting, look))[1].record
 
-    async def _call(self, call: Any) -> Any:
-        try:
-            return await call
-        except Exception as error:
-            translated = store_error(self.persister, error)
-            if translated is error:
-                raise
-            raise translated from error
+    async def _call(self, call: Awaitable[_R]) -> _R:
+        return await acall_store(self.persister, call)

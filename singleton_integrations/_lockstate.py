@@ -25,7 +25,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -127,6 +127,17 @@ def store_error(persister: Persister, error: Exception) -> Exception:
     wrapped = PersisterError(persister.backend, f"{type(error).__name__}: {error}")
     wrapped.__cause__ = error
     return wrapped
+
+
+async def acall_store(persister: Persister, call: Awaitable[_R]) -> _R:
+    """``call_store`` for coroutines: await one store call, its leaked driver error translated alike."""
+    try:
+        return await call
+    except Exception as error:
+        translated = store_error(persister, error)
+        if translated is error:
+            raise
+        raise translated from error
 
 
 # -- what an acquire asks for, and how a wait goes ---------------------------------------
@@ -444,7 +455,41 @@ os.register_at_fork(after_in_child=_watchdog._reset_after_fork)
 # -- one lock object's state ------------------------------------------------------------
 
 
-class LockState(EventEmitter):
+class TermsView:
+    """A lock's terms, read-only, on every object built on them: the lock state, both lock faces, both leases."""
+
+    __slots__ = ()
+
+    def _lock_terms(self) -> Terms:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._lock_terms().name
+
+    @property
+    def persister(self) -> Persister:
+        """The store the lock lives in."""
+        return self._lock_terms().persister
+
+    @property
+    def lock_expire_seconds(self) -> float | None:
+        """The lease length each acquire or renewal asks for (None: never expires)."""
+        return self._lock_terms().lock_expire_seconds
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Recorded with the hold and shown to contenders in conflict messages."""
+        return self._lock_terms().metadata
+
+    @property
+    def min_hold_seconds(self) -> float | None:
+        """The name stays held at least this long after it is taken, even once released."""
+        return self._lock_terms().min_hold_seconds
+
+
+class LockState(TermsView, EventEmitter):
     """Everything one lock object knows, and every rule for changing it; no store calls."""
 
     def __init__(
@@ -503,25 +548,8 @@ class LockState(EventEmitter):
 
     # -- reading -----------------------------------------------------------------
 
-    @property
-    def name(self) -> str:
-        return self.terms.name
-
-    @property
-    def persister(self) -> Persister:
-        return self.terms.persister
-
-    @property
-    def lock_expire_seconds(self) -> float | None:
-        return self.terms.lock_expire_seconds
-
-    @property
-    def metadata(self) -> Mapping[str, str]:
-        return self.terms.metadata
-
-    @property
-    def min_hold_seconds(self) -> float | None:
-        return self.terms.min_hold_seconds
+    def _lock_terms(self) -> Terms:
+        return self.terms
 
     @property
     def margin(self) -> float:

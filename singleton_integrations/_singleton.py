@@ -30,7 +30,9 @@ from ._lockstate import (
     Flight,
     LockState,
     Terms,
+    TermsView,
     Waiting,
+    acall_store,
     call_store,
     queued_behind_message,
     store_error,
@@ -235,25 +237,13 @@ async def _clean_up(
             logger.debug("leaving the queue of %r failed: %s", name, type(error).__name__)
 
 
-class _Face:
+class _Face(TermsView):
     """What both faces read without I/O: every property delegates to the shared ``LockState``."""
 
     _state: LockState
 
-    @property
-    def name(self) -> str:
-        """The lock's name."""
-        return self._state.name
-
-    @property
-    def persister(self) -> Persister:
-        """The store this lock lives in."""
-        return self._state.persister
-
-    @property
-    def lock_expire_seconds(self) -> float | None:
-        """The lease length (None: never expires)."""
-        return self._state.lock_expire_seconds
+    def _lock_terms(self) -> Terms:
+        return self._state.terms
 
     @property
     def auto_renew(self) -> bool:
@@ -266,18 +256,8 @@ class _Face:
         return self._state.renew_interval
 
     @property
-    def metadata(self) -> Mapping[str, str]:
-        """Shown to contenders in conflict messages."""
-        return self._state.metadata
-
-    @property
     def release_on_sigterm(self) -> bool:
         return self._state.release_on_sigterm
-
-    @property
-    def min_hold_seconds(self) -> float | None:
-        """The name stays held at least this long after acquiring, even once released."""
-        return self._state.min_hold_seconds
 
     @property
     def held(self) -> bool:
@@ -759,13 +739,7 @@ class AsyncSingleton(_Face):
     # -- internals -------------------------------------------------------------------
 
     async def _call(self, call: Awaitable[_V]) -> _V:
-        try:
-            return await call
-        except Exception as error:
-            translated = store_error(self.persister, error)
-            if translated is error:
-                raise
-            raise translated from error
+        return await acall_store(self.persister, call)
 
     async def _join(self, flight: Flight, deadline: float) -> bool | None:
         await flight.answered.wait_async()
