@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any, ClassVar, cast
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
@@ -162,6 +162,10 @@ class Redis(Persister):
             options: dict[str, Any] = redis.connection.parse_url(driver_url)
         except ValueError as error:
             raise ValueError(f"malformed Redis URL {redact_url(url)!r}: {redact_url(str(error))}") from None
+        database = urlsplit(driver_url).path.strip("/") if scheme_of(driver_url) != "unix" else ""
+        if database and not database.isdigit():  # redis-py reads a path it cannot parse as database 0
+            raise ValueError(f"malformed Redis URL {redact_url(url)!r}: the database after the host must be a "
+                             f"number, not {database!r}")
         if topology != "standalone":
             options.pop("host", None)
             options.pop("port", None)

@@ -1174,3 +1174,11 @@ def test_sentinel_failover_keeps_locks_working_and_tokens_rising() -> None:
     finally:
         store.close()
         topology.stop()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/zero", "redis://:secret@127.0.0.1:6379/1x"])
+def test_a_database_that_is_not_a_number_is_refused(url: str) -> None:
+    """redis-py reads such a path as database 0: the lock would live where nobody looks for it."""
+    with pytest.raises(ValueError, match="the database after the host must be a number") as refused:
+        Redis(url)
+    assert "secret" not in str(refused.value)
