@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -82,6 +83,24 @@ DEFAULT_LOCK_NAME = (
 #: on_conflict="fail" fails for good (AirflowFailException): said at parse time and in the task log.
 _FAIL_IGNORES_RETRIES = ("{task_id}: on_conflict='fail' fails the task without retrying, so retries={retries} is "
                          "never used on a conflict; use on_conflict='retry' to retry while the lock is held")
+
+
+def _warn_at_the_dag_file(message: str) -> None:
+    """Warn at the DAG file's line that built the operator, past Airflow's and this provider's frames.
+
+    Operators are built through Airflow's wrappers (``@dag``, ``@task``, default arguments),
+    so a fixed ``stacklevel`` would name a line of Airflow's instead of the user's.
+    """
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _OUR_SIDE:
+        frame = frame.f_back
+    registry = frame.f_globals.setdefault("__warningregistry__", {})
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"), registry=registry)
+
+
+#: Modules whose frames stand between a DAG file and the operator it builds.
+_OUR_SIDE = frozenset({"airflow", "airflow_provider", "importlib", "functools", "contextlib"})
 
 
 def _hold_for_group() -> None:
@@ -153,8 +172,7 @@ class SingletonOperator(PythonOperator):
         if auto_renew and lock_expire_seconds is None:
             raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
         if on_conflict == "fail" and self.retries:
-            warnings.warn(_FAIL_IGNORES_RETRIES.format(task_id=self.task_id, retries=self.retries),
-                          UserWarning, stacklevel=3)
+            _warn_at_the_dag_file(_FAIL_IGNORES_RETRIES.format(task_id=self.task_id, retries=self.retries))
         self.lock_name = lock_name
         self.singleton_conn_id = singleton_conn_id
         self.on_conflict = on_conflict

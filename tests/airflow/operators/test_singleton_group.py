@@ -174,9 +174,10 @@ def test_teardown_only_warns_when_the_lease_ended_after_the_guarded_work(sqlite_
 
 def test_fail_on_conflict_with_retries_warns_that_retries_are_unused() -> None:
     with DAG("fail_with_retries", schedule=None, start_date=START), \
-            pytest.warns(UserWarning, match="on_conflict='fail' fails the task without retrying"):
+            pytest.warns(UserWarning, match="on_conflict='fail' fails the task without retrying") as seen:
         SingletonOperator(task_id="strict", lock_name="x", python_callable=lambda: None, on_conflict="fail",
                           retries=2)
+    assert seen[0].filename == __file__, "the warning must point at the DAG file's line, not Airflow's"
 
 
 def test_xcom_carries_no_owner_token(sqlite_store, lock_name) -> None:
