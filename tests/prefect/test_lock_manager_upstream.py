@@ -18,6 +18,8 @@ contract, and are skipped with the reason.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,11 +47,37 @@ prefect_tests = load_test_module("prefect", PREFECT_TESTS_RELEASE, "tests/test_l
 redis_tests = load_test_module("prefect-redis", installed_version("prefect-redis"), "tests/test_locking.py")
 
 
-def on_redis(*_: Any, **__: Any) -> SingletonLockManager:
-    """The manager every upstream test builds: ours, on the test Redis."""
+#: Every key the upstream tests make starts with this: they hold locks that never expire and
+#: do not always release them, so the module deletes its keys when it ends.
+KEY_PREFIX = f"upstream-{uuid.uuid4().hex[:12]}:"
+
+
+def _store_url() -> str:
     from tests.servers import redis_server
 
-    return SingletonLockManager(redis_server.url())
+    url = redis_server.url()
+    return f"{url}{'&' if '?' in url else '?'}key_prefix={KEY_PREFIX}"
+
+
+def on_redis(*_: Any, **__: Any) -> SingletonLockManager:
+    """The manager every upstream test builds: ours, on the test Redis."""
+    return SingletonLockManager(_store_url())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_upstream_locks() -> Iterator[None]:
+    yield
+    import redis
+
+    from tests.servers import redis_server
+
+    client = redis.Redis.from_url(redis_server.url(), socket_timeout=10)
+    try:
+        keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 prefect_tests.MemoryLockManager = on_redis
