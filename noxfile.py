@@ -11,7 +11,7 @@ nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests_core", "tests_airflow", "tests_prefect"]
 
-STORES = "redis,mongodb,postgres,test"
+STORES = "redis,mongodb,postgres,mysql,test"
 
 
 def _pytest(session: nox.Session, *paths: str, workers: int = 0) -> None:

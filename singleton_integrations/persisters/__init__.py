@@ -1,7 +1,7 @@
 """Stores for locks, chosen by class or by URL scheme.
 
 Built in: ``memory://``, ``sqlite:///path`` (the embedded default), ``redis://``
-and ``rediss://`` (with ``redis+sentinel://`` and ``redis+cluster://``), ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``.
+and ``rediss://`` (with ``redis+sentinel://`` and ``redis+cluster://``), ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``, ``mysql://`` and ``mariadb://``.
 Third parties add schemes through the ``singleton_integrations.persisters``
 entry-point group (name: the scheme; value: a ``Persister`` subclass with a
 ``from_url(url, **options)`` classmethod).
@@ -20,6 +20,7 @@ from .sqlite import Sqlite
 
 if TYPE_CHECKING:
     from .mongodb import MongoDb
+    from .mysql import MySql
     from .postgres import Postgres
     from .redis import Redis
 
@@ -29,6 +30,7 @@ __all__ = [
     "HubWatch",
     "Memory",
     "MongoDb",
+    "MySql",
     "Persister",
     "Postgres",
     "Redis",
@@ -45,7 +47,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "singleton_integrations.persisters"
 
 # Modules are imported on first use so the core imports no driver.
-_LAZY = {"Redis": ".redis", "MongoDb": ".mongodb", "Postgres": ".postgres"}
+_LAZY = {"Redis": ".redis", "MongoDb": ".mongodb", "Postgres": ".postgres", "MySql": ".mysql"}
 _BUILTIN_SCHEMES = {
     "memory": "Memory",
     "sqlite": "Sqlite",
@@ -60,6 +62,8 @@ _BUILTIN_SCHEMES = {
     "mongodb+srv": "MongoDb",
     "postgresql": "Postgres",
     "postgres": "Postgres",
+    "mysql": "MySql",
+    "mariadb": "MySql",
 }
 
 

@@ -1,0 +1,226 @@
+"""The MySQL/MariaDB persister's rules, written once for the sync and the async driver.
+
+Each primitive is a generator of ``Op`` values (one statement, a commit or a
+rollback) that is sent each one's answer, or has its driver error thrown in,
+and returns the primitive's answer: ``mysql.MySql`` drives the same generator
+with PyMySQL and with aiomysql, as ``_mongodb_steps`` does for pymongo.
+
+Each write is one short transaction under READ COMMITTED: ``SELECT ... FOR
+UPDATE`` locks the name's row and reads it with the server's clock
+(``UTC_TIMESTAMP(6)``, fixed for the statement), the step decides, and one
+``INSERT`` or ``UPDATE`` writes values computed from that reading, then
+``COMMIT``. While the row is locked nobody else can change it, so the decision
+stays true until the commit. A lock wait can only make the reading older than
+the commit, which judges a lease live a little longer and starts a new one a
+little earlier: both on the safe side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+from .._record import AcquireResult, LockRecord, Owner
+from . import _mysql_sql as q
+
+__all__ = ["Op", "Rules", "Steps", "record"]
+
+_EPOCH = datetime(1970, 1, 1)
+_RETRIES = 5
+#: MySQL error numbers the steps answer themselves.
+DUPLICATE_KEY, DEADLOCK = 1062, 1213
+
+
+class Op:
+    """One driver call: ``kind`` is ``one`` (a row or None), ``all`` (rows), ``count``
+    (affected rows), ``commit`` or ``rollback``."""
+
+    __slots__ = ("kind", "params", "sql")
+
+    def __init__(self, kind: str, sql: str = "", params: dict[str, Any] | None = None) -> None:
+        self.kind, self.sql, self.params = kind, sql, params
+
+    def __repr__(self) -> str:
+        return f"Op({self.kind})"
+
+
+_R = TypeVar("_R")
+#: A primitive's steps: each yields an ``Op``, is sent its result, and returns the primitive's answer.
+Steps = Generator[Op, Any, _R]
+
+COMMIT, ROLLBACK = Op("commit"), Op("rollback")
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A DATETIME read back (naive, UTC by ``UTC_TIMESTAMP``) as an aware datetime."""
+    return None if moment is None else moment.replace(tzinfo=timezone.utc)
+
+
+def _ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _name(raw: Any) -> str:
+    return bytes(raw).decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+
+
+def record(row: tuple[Any, ...] | None) -> LockRecord | None:
+    """A live row as a record; a row released into its minimum hold has no owner token."""
+    if row is None:
+        return None
+    name, owner_token, fence, host, pid, created, expires, metadata, released, hold_until = row[:10]
+    values = json.loads(metadata) if metadata else {}
+    return LockRecord(
+        _name(name), owner_token or "", int(fence), str(host), int(pid), _utc(created),  # type: ignore[arg-type]
+        _utc(expires), {str(key): str(value) for key, value in values.items()},
+        released_at=_utc(released) if owner_token is None else None, hold_until=_utc(hold_until),
+    )
+
+
+def _live(row: tuple[Any, ...]) -> bool:
+    return bool(row[10])
+
+
+def _held(row: tuple[Any, ...]) -> bool:
+    return bool(row[11])
+
+
+def _now(row: tuple[Any, ...]) -> datetime:
+    now: datetime = row[12]
+    return now
+
+
+def _retry_after(row: tuple[Any, ...]) -> float | None:
+    """Seconds until a live row can be free: its lease's end, or its hold's end once released."""
+    end = row[9] if row[1] is None else row[6]
+    return None if end is None else max((end - _now(row)).total_seconds(), 0.0)
+
+
+def _error_code(error: BaseException) -> int | None:
+    args = getattr(error, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+class Rules:
+    """The primitives as step generators for one table (its backquoted name)."""
+
+    def __init__(self, table: str, errors: Any) -> None:
+        #: pymysql.err, so the steps recognise a duplicate key without importing the driver.
+        self.errors = errors
+        self.sql = {key: getattr(q, key).format(table=table) for key in q.__all__ if key.isupper()}
+
+    def ensure_table(self) -> Steps[bool]:
+        """Create the table if it is missing; False when CREATE was refused and the table is not there."""
+        try:
+            yield Op("count", self.sql["CREATE_TABLE"])
+        except self.errors.MySQLError as error:
+            # 1142: CREATE command denied; 1044: access denied to the database. The
+            # table may exist all the same (an administrator made it): look for it.
+            if _error_code(error) not in (1142, 1044, 1227):
+                raise
+            yield ROLLBACK
+            try:
+                yield Op("all", self.sql["PROBE_TABLE"])
+            except (self.errors.ProgrammingError, self.errors.OperationalError):
+                yield ROLLBACK
+                return False
+        yield COMMIT
+        return True
+
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None) -> Steps[AcquireResult]:
+        key = name.encode("utf-8").hex()
+        for attempt in range(_RETRIES):
+            try:
+                row = yield Op("one", self.sql["LOCK_NAME"], {"name": key})
+                if row is not None and _live(row):
+                    if row[1] == owner.owner_token:  # our own write, retried after a lost reply
+                        yield COMMIT
+                        return AcquireResult(True, record(row))
+                    yield ROLLBACK
+                    return AcquireResult(False, record(row), retry_after=_retry_after(row))
+                if row is None:
+                    now: datetime = (yield Op("one", q.NOW))[0]
+                    fence = _ms(now)
+                else:
+                    now = _now(row)
+                    fence = max(int(row[2]) + 1, _ms(now))
+                # A minimum hold is folded into the lease: a crashed holder frees the name at the later end.
+                lease = None if ttl is None else timedelta(seconds=max(ttl, min_hold or 0.0))
+                values: dict[str, Any] = {
+                    "name": key, "owner_token": owner.owner_token, "fencing_token": fence, "host": owner.host,
+                    "pid": owner.pid, "created_at": now, "expires_at": None if lease is None else now + lease,
+                    "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
+                    "hold_until": None if not min_hold else now + timedelta(seconds=min_hold),
+                }  # fmt: skip
+                yield Op("count", self.sql["INSERT" if row is None else "TAKE"], values)
+                yield COMMIT
+            except (self.errors.IntegrityError, self.errors.OperationalError) as error:
+                # Two first-time inserts of one name (the loser then waits on the winner's
+                # row like any contender), or InnoDB chose this transaction as a deadlock victim.
+                if _error_code(error) not in (DUPLICATE_KEY, DEADLOCK) or attempt == _RETRIES - 1:
+                    raise
+                yield ROLLBACK
+                continue
+            taken = LockRecord(
+                name, owner.owner_token, fence, owner.host, owner.pid, _utc(now),  # type: ignore[arg-type]
+                _utc(values["expires_at"]), dict(owner.metadata), hold_until=_utc(values["hold_until"]),
+            )
+            # Only a holder whose lease ran out is reported expired; a hold that ended is a normal acquire.
+            expired = record(row) if row is not None and row[1] is not None else None
+            return AcquireResult(True, taken, expired=expired)
+        return AcquireResult(False, None)  # pragma: no cover - the loop returns or raises
+
+    def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
+        """(released while live, the name is free now)."""
+        key = name.encode("utf-8").hex()
+        row = yield Op("one", self.sql["LOCK_OWNED"], {"name": key, "owner_token": owner_token})
+        if row is None:
+            yield ROLLBACK
+            return False, False
+        now, hold_until = _now(row), row[9]
+        holding = hold_until is not None and hold_until > now
+        yield Op("count", self.sql["RELEASE"], {"name": key, "now": now, "expires_at": hold_until if holding else None})
+        yield COMMIT
+        return _held(row), not holding
+
+    def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
+        key = name.encode("utf-8").hex()
+        row = yield Op("one", self.sql["LOCK_OWNED"], {"name": key, "owner_token": owner_token})
+        if row is None or not _held(row):
+            yield ROLLBACK
+            return None
+        expires: datetime | None = None
+        if ttl is not None:
+            expires = _now(row) + timedelta(seconds=ttl)
+            if row[9] is not None and row[9] > expires:  # never before the minimum hold's end
+                expires = row[9]
+        yield Op("count", self.sql["RENEW"], {"name": key, "expires_at": expires})
+        yield COMMIT
+        return record((*row[:6], expires, *row[7:]))
+
+    def get(self, name: str) -> Steps[LockRecord | None]:
+        row = yield Op("one", self.sql["READ"], {"name": name.encode("utf-8").hex()})
+        yield COMMIT
+        return record(row)
+
+    def list(self, prefix: str) -> Steps[list[LockRecord]]:
+        rows = yield Op("all", self.sql["LIST"], {"prefix": prefix.encode("utf-8").hex()})
+        yield COMMIT
+        return [found for found in map(record, rows) if found is not None]
+
+    def force_release(self, name: str) -> Steps[LockRecord | None]:
+        key = name.encode("utf-8").hex()
+        row = yield Op("one", self.sql["LOCK_LIVE"], {"name": key})
+        if row is None:
+            yield ROLLBACK
+            return None
+        yield Op("count", self.sql["FORCE_FREE"], {"name": key, "now": _now(row)})
+        yield COMMIT
+        return record(row)
+
+    def purge(self, after: float, limit: int) -> Steps[int]:
+        removed: int = yield Op("count", self.sql["DELETE_IDLE"], {"after_us": int(after * 1_000_000), "limit": limit})
+        yield COMMIT
+        return removed
