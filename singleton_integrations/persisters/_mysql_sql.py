@@ -25,15 +25,21 @@ from __future__ import annotations
 
 __all__ = [
     "CREATE_TABLE",
+    "CREATE_WAITERS",
+    "DELETE_ENDED_PLACES",
     "DELETE_IDLE",
+    "DROP_PLACE",
     "FORCE_FREE",
+    "HEAD",
     "INSERT",
     "LIST",
     "LOCK_LIVE",
     "LOCK_NAME",
     "LOCK_OWNED",
     "NOW",
+    "PLACE",
     "PROBE_TABLE",
+    "PROBE_WAITERS",
     "READ",
     "RELEASE",
     "RENEW",
@@ -58,8 +64,23 @@ CREATE TABLE IF NOT EXISTS {table} (
     PRIMARY KEY (name)
 ) ENGINE=InnoDB
 """
+#: The waiters' queue (``fair``): one place per waiting owner token and name, in arrival
+#: order (``place``). Every change to a name's places is made in a transaction that holds
+#: the name's row lock, so the queue of one name is never raced.
+CREATE_WAITERS = """
+CREATE TABLE IF NOT EXISTS {waiters} (
+    place BIGINT NOT NULL AUTO_INCREMENT,
+    name VARBINARY(1020) NOT NULL,
+    owner_token VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    ends_at DATETIME(6) NOT NULL,
+    PRIMARY KEY (place),
+    UNIQUE KEY name_owner (name, owner_token),
+    KEY name_place (name, place)
+) ENGINE=InnoDB
+"""
 #: Whether the table is there and readable, when CREATE was refused.
 PROBE_TABLE = "SELECT 1 FROM {table} LIMIT 0"
+PROBE_WAITERS = "SELECT 1 FROM {waiters} LIMIT 0"
 
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
 _NOW = "UTC_TIMESTAMP(6)"
@@ -112,6 +133,19 @@ SELECT {_ROW} FROM {{table}}
 WHERE LEFT(name, LENGTH(UNHEX(%(prefix)s))) = UNHEX(%(prefix)s) AND {_LIVE}
 ORDER BY name
 """
+#: Keep (or first take) a waiter's place: a place already held keeps its order, and ends later.
+PLACE = """
+INSERT INTO {waiters} (name, owner_token, ends_at) VALUES (UNHEX(%(name)s), %(owner_token)s, %(ends_at)s)
+ON DUPLICATE KEY UPDATE ends_at = %(ends_at)s
+"""
+#: The first place that has not ended.
+HEAD = f"""
+SELECT owner_token, ends_at FROM {{waiters}} WHERE name = UNHEX(%(name)s) AND ends_at > {_NOW}
+ORDER BY place LIMIT 1
+"""
+DROP_PLACE = "DELETE FROM {waiters} WHERE name = UNHEX(%(name)s) AND owner_token = %(owner_token)s"
+#: Places that ended over a minute ago and were never left (their waiters died).
+DELETE_ENDED_PLACES = f"DELETE FROM {{waiters}} WHERE ends_at < {_NOW} - INTERVAL 60 SECOND ORDER BY place LIMIT %(limit)s"
 #: The retention sweep: at most ``limit`` rows of names free (or expired untaken) for longer
 #: than the retention period. A row in its minimum hold or held is never idle. ORDER BY makes
 #: the LIMIT deterministic, which statement-based replication asks of a DELETE ... LIMIT.

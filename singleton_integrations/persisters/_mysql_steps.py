@@ -106,30 +106,56 @@ def _error_code(error: BaseException) -> int | None:
 class Rules:
     """The primitives as step generators for one table (its backquoted name)."""
 
-    def __init__(self, table: str, errors: Any) -> None:
+    def __init__(self, table: str, waiters: str, errors: Any) -> None:
         #: pymysql.err, so the steps recognise a duplicate key without importing the driver.
         self.errors = errors
-        self.sql = {key: getattr(q, key).format(table=table) for key in q.__all__ if key.isupper()}
+        self.sql = {key: getattr(q, key).format(table=table, waiters=waiters) for key in q.__all__ if key.isupper()}
 
     def ensure_table(self) -> Steps[bool]:
-        """Create the table if it is missing; False when CREATE was refused and the table is not there."""
-        try:
-            yield Op("count", self.sql["CREATE_TABLE"])
-        except self.errors.MySQLError as error:
-            # 1142: CREATE command denied; 1044: access denied to the database. The
-            # table may exist all the same (an administrator made it): look for it.
-            if _error_code(error) not in (1142, 1044, 1227):
-                raise
-            yield ROLLBACK
+        """Create the tables if they are missing; False when CREATE was refused and one is not there."""
+        for create, probe in (("CREATE_TABLE", "PROBE_TABLE"), ("CREATE_WAITERS", "PROBE_WAITERS")):
             try:
-                yield Op("all", self.sql["PROBE_TABLE"])
-            except (self.errors.ProgrammingError, self.errors.OperationalError):
+                yield Op("count", self.sql[create])
+            except self.errors.MySQLError as error:
+                # 1142: CREATE command denied; 1044: access denied to the database. The
+                # table may exist all the same (an administrator made it): look for it.
+                if _error_code(error) not in (1142, 1044, 1227):
+                    raise
                 yield ROLLBACK
-                return False
+                try:
+                    yield Op("all", self.sql[probe])
+                except (self.errors.ProgrammingError, self.errors.OperationalError):
+                    yield ROLLBACK
+                    return False
         yield COMMIT
         return True
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None) -> Steps[AcquireResult]:
+    def _queued_behind(self, name: str, owner_token: str, queue_for: float | None,
+                       now: datetime) -> Steps[AcquireResult | None]:
+        """With the name's row locked (or absent) and the name free: None when the caller may take
+        it, else a refusal behind the queue's head (keeping the caller's place)."""
+        head = yield Op("one", self.sql["HEAD"], {"name": name})
+        if head is None or head[0] == owner_token:
+            return None
+        yield from self._keep_place(name, owner_token, queue_for, now)
+        yield COMMIT
+        return AcquireResult(False, None, retry_after=max((head[1] - now).total_seconds(), 0.001), queued_behind=True)
+
+    def _keep_place(self, name: str, owner_token: str, queue_for: float | None, now: datetime) -> Steps[None]:
+        if queue_for is not None:
+            ends = now + timedelta(seconds=queue_for)
+            yield Op("count", self.sql["PLACE"], {"name": name, "owner_token": owner_token, "ends_at": ends})
+
+    def leave_queue(self, name: str, owner_token: str) -> Steps[None]:
+        key = name.encode("utf-8").hex()
+        yield Op("one", self.sql["LOCK_NAME"], {"name": key})  # the queue of a name changes under its row lock
+        yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner_token})
+        yield COMMIT
+
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
+                queue_for: float | None = None) -> Steps[AcquireResult]:
+        """``queue_for`` (a waiting caller): keep its place while the name is held, and take a
+        free name only when no earlier place is queued."""
         key = name.encode("utf-8").hex()
         for attempt in range(_RETRIES):
             try:
@@ -138,7 +164,11 @@ class Rules:
                     if row[1] == owner.owner_token:  # our own write, retried after a lost reply
                         yield COMMIT
                         return AcquireResult(True, record(row))
-                    yield ROLLBACK
+                    if queue_for is None:
+                        yield ROLLBACK
+                    else:
+                        yield from self._keep_place(key, owner.owner_token, queue_for, _now(row))
+                        yield COMMIT
                     return AcquireResult(False, record(row), retry_after=_retry_after(row))
                 if row is None:
                     now: datetime = (yield Op("one", q.NOW))[0]
@@ -146,6 +176,11 @@ class Rules:
                 else:
                     now = _now(row)
                     fence = max(int(row[2]) + 1, _ms(now))
+                if queue_for is not None:
+                    refused = yield from self._queued_behind(key, owner.owner_token, queue_for, now)
+                    if refused is not None:
+                        return refused
+                    yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner.owner_token})
                 # A minimum hold is folded into the lease: a crashed holder frees the name at the later end.
                 lease = None if ttl is None else timedelta(seconds=max(ttl, min_hold or 0.0))
                 values: dict[str, Any] = {
@@ -222,5 +257,6 @@ class Rules:
 
     def purge(self, after: float, limit: int) -> Steps[int]:
         removed: int = yield Op("count", self.sql["DELETE_IDLE"], {"after_us": int(after * 1_000_000), "limit": limit})
+        yield Op("count", self.sql["DELETE_ENDED_PLACES"], {"limit": limit})
         yield COMMIT
         return removed

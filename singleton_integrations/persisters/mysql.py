@@ -18,6 +18,8 @@ Why it is shaped this way:
 * **No notifications.** MySQL cannot tell a client that a row changed: waiters
   poll every ``poll_interval`` (0.25 s); a release in the same process wakes its
   waiters at once.
+* **A fair queue.** Waiters keep places in ``<table>_waiters``, changed only in a
+  transaction holding the name's row lock; a free name goes to the first live place.
 * **One bounded pool per URL and process**, shared by every persister with the
   same URL and pool options (``max_size``, default 4; one set per event loop for
   aiomysql); a forked child opens its own.
@@ -94,8 +96,8 @@ def _retention(value: object) -> float | None:
 def _quote_table(table: object) -> str:
     if not isinstance(table, str):
         raise TypeError(f"table must be a str, not {type(table).__name__}")
-    if not table or len(table) > 64 or "\x00" in table or table.endswith(" "):
-        raise ValueError(f"table must be 1-64 characters, no NUL and no trailing space, not {table!r}")
+    if not table or len(table) > 56 or "\x00" in table or table.endswith(" "):  # 64 with "_waiters"
+        raise ValueError(f"table must be 1-56 characters, no NUL and no trailing space, not {table!r}")
     return "`" + table.replace("`", "``") + "`"
 
 
@@ -202,7 +204,7 @@ class MySql(Persister):
     multiprocess: ClassVar[bool] = True
     notifies: ClassVar[bool] = False
     supports_min_hold: ClassVar[bool] = True
-    fair: ClassVar[bool] = False
+    fair: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
     clock: ClassVar[str] = "the MySQL server's clock (UTC_TIMESTAMP(6))"
 
@@ -227,6 +229,7 @@ class MySql(Persister):
         self.database = database
         self.table = table
         self._quoted = _quote_table(table)
+        self._waiters = _quote_table(table + "_waiters")
         self.statement_timeout_ms = int(_positive(statement_timeout_ms, "statement_timeout_ms"))
         self.connect_timeout = _positive(connect_timeout, "connect_timeout")
         statement = self.statement_timeout_ms / 1000
@@ -237,7 +240,7 @@ class MySql(Persister):
         self.purge_after_seconds = _retention(purge_after_seconds)
         self.poll_interval = _positive(poll_interval, "poll_interval")
         self._pymysql = _import_drivers()
-        self._rules = Rules(self._quoted, self._pymysql.err)
+        self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
         self._pool_: _Pool | None = None
 
     @classmethod
@@ -340,13 +343,15 @@ class MySql(Persister):
         return self._rules.ensure_table()
 
     def _not_created(self) -> TableNotCreated:
-        ddl = q.CREATE_TABLE.format(table=self._quoted).strip()
+        ddl = ";\n".join(statement.format(table=self._quoted, waiters=self._waiters).strip()
+                         for statement in (q.CREATE_TABLE, q.CREATE_WAITERS))
         user = self._connect_args["user"]
+        grants = "\n".join(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO '{user}'@'%';"
+                           for table in (self._quoted, self._waiters))
         return TableNotCreated(self.backend, (
-            f"the table {self.table!r} does not exist in database {self.database!r} and user {user!r} may not "
-            f"create it. Ask an administrator to run, in that database:\n{ddl};\n"
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {self._quoted} TO '{user}'@'%';\n"
-            "(adjust the host part of the user), or pass table= to use an existing one."))
+            f"the tables {self.table!r} and {self.table + '_waiters'!r} are not both in database {self.database!r} "
+            f"and user {user!r} may not create them. Ask an administrator to run, in that database:\n{ddl};\n"
+            f"{grants}\n(adjust the host part of the user), or pass table= to use existing ones."))
 
     def _drive(self, steps: Steps[_R], connection: Any, deadline: float, progress: list[bool]) -> _R:
         errors = self._pymysql.err
@@ -540,11 +545,11 @@ class MySql(Persister):
         if hub is not None:
             hub.notify(name)
 
-    def watch(self, name: str) -> ReleaseWatch:  # type: ignore[override]  # owner_token is only passed when ``fair``
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
         """Woken by a release in this process; others are found by polling every ``poll_interval``."""
         hub = self._hub()
         assert hub is not None
-        return hub.watch(name)
+        return hub.watch(name, owner_token)
 
     # -- retention -----------------------------------------------------------------------
 
@@ -597,13 +602,22 @@ class MySql(Persister):
 
     # -- the primitives ------------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: this store is not ``fair``
-                min_hold: float | None = None) -> AcquireResult:
-        return self._run(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold))
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
+        return self._run(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for))
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: this store is not ``fair``
-                       min_hold: float | None = None) -> AcquireResult:
-        return await self._arun(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold))
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None) -> AcquireResult:
+        return await self._arun(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for))
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        """A waiter gave up: drop its place, and wake this process's next waiter."""
+        self._run(f"leave the queue of {name!r}", lambda: self._rules.leave_queue(name, owner_token))
+        self._released(name)
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        await self._arun(f"leave the queue of {name!r}", lambda: self._rules.leave_queue(name, owner_token))
+        self._released(name)
 
     def release(self, name: str, owner_token: str) -> bool:
         released, freed = self._run(f"release {name!r}", lambda: self._rules.release(name, owner_token))
@@ -692,7 +706,7 @@ class MySql(Persister):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pymysql = _import_drivers()
-        self._rules = Rules(self._quoted, self._pymysql.err)
+        self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
         self._pool_ = None
 
     def __repr__(self) -> str:

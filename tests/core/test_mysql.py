@@ -192,9 +192,11 @@ def test_a_user_who_may_not_create_the_table_is_told_the_ddl(base_url: str, admi
         assert "CREATE TABLE IF NOT EXISTS" in message and table in message and "GRANT" in message
         assert password not in message and password not in repr(limited) and password not in caplog.text
         # An administrator runs the DDL from the message: the same user now works without CREATE.
-        ddl = message.split("in that database:\n", 1)[1].split(";\n", 1)[0]
+        statements = message.split("in that database:\n", 1)[1].split(";\n")[:2]
+        assert all(statement.startswith("CREATE TABLE IF NOT EXISTS") for statement in statements)
         with admin.cursor() as cursor:
-            cursor.execute(ddl)
+            for statement in statements:
+                cursor.execute(statement)
         owner = Owner()
         assert limited.acquire("job", owner, 30).acquired
         assert limited.release("job", owner.owner_token)
@@ -311,7 +313,7 @@ def test_url_options_and_keywords(base_url: str) -> None:
     with pytest.raises(ValueError):
         MySql("mysql://root@127.0.0.1:3306/", table="x")
     with pytest.raises(ValueError):
-        MySql(base_url, table="x" * 65)
+        MySql(base_url, table="x" * 57)  # 64 with "_waiters"
 
 
 def test_a_singleton_waits_by_polling_across_persisters(base_url: str, table: str) -> None:
