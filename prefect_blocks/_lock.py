@@ -91,9 +91,7 @@ class SingletonLock:
         except BaseException:
             self._finish()
             raise
-        if not acquired:
-            self._conflict(singleton)
-        self._acquired(singleton)
+        self._entered_with(singleton, acquired)
         return singleton
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -120,9 +118,7 @@ class SingletonLock:
         except BaseException:  # cancellation included: AsyncSingleton never leaks a lock it got
             self._finish()
             raise
-        if not acquired:
-            self._conflict(singleton)
-        self._acquired(singleton)
+        self._entered_with(singleton, acquired)
         return singleton
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -171,6 +167,12 @@ class SingletonLock:
     def _finish(self) -> None:
         self._held = None
         self._entered.release()
+
+    def _entered_with(self, singleton: CoreLock, acquired: bool) -> None:
+        """What an enter's answer means, for both faces: the conflict raised, or the hold announced."""
+        if not acquired:
+            self._conflict(singleton)
+        self._acquired(singleton)
 
     def _conflict(self, singleton: CoreLock) -> None:
         self._finish()
