@@ -147,6 +147,25 @@ def test_the_table_is_innodb_with_the_documented_columns(store: MySql, admin: An
             "hold_until", "released_at"]
 
 
+def test_a_dead_waiters_place_holds_nobody_up_and_is_swept(store: MySql, admin: Any, table: str) -> None:
+    """A waiter that died leaves a place that ends on its own; the retention sweep drops it later."""
+    holder, dead, alive = Owner(), Owner(), Owner()
+    assert store.acquire("queued", holder, 30).acquired
+    assert not store.acquire("queued", dead, 30, queue_for=0.2).acquired  # queued, then never seen again
+    assert store.release("queued", holder.owner_token)
+    with admin.cursor() as cursor:
+        cursor.execute(f"UPDATE `{table}_waiters` SET ends_at = UTC_TIMESTAMP(6) - INTERVAL 2 MINUTE")
+    assert store.acquire("queued", alive, 30, queue_for=30).acquired  # the ended place is nobody's turn
+    assert store.release("queued", alive.owner_token)
+    store.purge()
+    with admin.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM `{table}_waiters`")
+        assert cursor.fetchone() == (0,)
+        cursor.execute("SELECT engine FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = %s",
+                       (f"{table}_waiters",))
+        assert cursor.fetchone() == ("InnoDB",)
+
+
 def test_names_differing_by_trailing_spaces_or_case_are_different_locks(store: MySql) -> None:
     for name in ("a", "a ", "A", "ä", "a\u0308"):
         assert store.acquire(name, Owner(), 30).acquired, name

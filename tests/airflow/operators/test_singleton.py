@@ -96,22 +96,45 @@ WAIT_CASES = [(kind, "deferrable") for kind in STORES] + [(kind, mode) for kind 
                                                          for mode in ("reschedule", "poke")]
 
 
+def _release_once_refused(monkeypatch: pytest.MonkeyPatch, store: Any, name: str, holder: Any) -> list[bool]:
+    """The holder lets go right after the task's first attempt on ``name`` was refused, whenever that comes.
+
+    Not a delay from the task's start: on a loaded machine the first attempt came 13 s after
+    it, past a 2 s timer, so the task took the free name at once and never waited. Returns a
+    list that holds True once a refusal let the holder go.
+    """
+    with store.persister() as persister:
+        kind = type(persister)
+    acquire = kind.acquire
+    refused: list[bool] = []
+
+    def acquire_then_let_go(self: Any, lock: str, *args: Any, **kwargs: Any) -> Any:
+        result = acquire(self, lock, *args, **kwargs)
+        if lock == name and not result.acquired and not refused:
+            refused.append(True)
+            holder.release_later(0)  # without waiting: the task's wait must see the release
+        return result
+
+    monkeypatch.setattr(kind, "acquire", acquire_then_let_go)
+    return refused
+
+
 @pytest.mark.parametrize(("store", "mode"), WAIT_CASES, indirect=["store"])
-def test_wait_runs_once_the_holder_releases(store, hold, lock_name, mode, task_log) -> None:
-    holder = hold(store, lock_name)
+def test_wait_runs_once_the_holder_releases(store, hold, lock_name, mode, task_log, monkeypatch) -> None:
+    holder = hold(store, lock_name, "--ttl", "600")  # its lease outlasts any slow start: only its release frees the name
+    refused = _release_once_refused(monkeypatch, store, lock_name, holder)
     ran: dict[str, Any] = {}
 
     def work(singleton=None) -> None:
         ran["fencing_token"] = singleton.fencing_token
 
     with _dag(f"wait_{mode}_{store.kind}") as dag:
-        # The holder lets go 2 s after the task starts: its first attempt surely meets the held lock.
         SingletonOperator(task_id="wait", lock_name=lock_name, singleton_conn_id=store.conn_id, on_conflict="wait",
                           wait_timeout=60, poll_interval=0.5, deferrable=mode == "deferrable",
-                          mode="reschedule" if mode == "reschedule" else "poke", python_callable=work,
-                          on_execute_callback=lambda context: holder.release_later(2.0))
+                          mode="reschedule" if mode == "reschedule" else "poke", python_callable=work)
     tis = run_dag(dag)
 
+    assert refused, "the task's first attempt must meet the held lock"
     assert tis["wait"].state == "success"
     assert ran["fencing_token"] > holder.fencing_token, "the task must run after the holder, with a newer token"
     out = task_log()
