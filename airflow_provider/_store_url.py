@@ -34,6 +34,7 @@ _STORE_OF_CONN_TYPE: dict[str, str | None] = {
     "singleton_postgres": "postgresql",
     "postgres": "postgresql",
     "postgresql": "postgresql",
+    "mysql": "mysql",  # Airflow's own MySQL connection (apache-airflow-providers-mysql)
     "singletonsqlite": "sqlite",
     "singleton_sqlite": "sqlite",
     "sqlite": "sqlite",
@@ -44,6 +45,7 @@ _FOREIGN_OPTIONS = {
     "mongodb": frozenset({"authSource", "authMechanism", "replicaSet", "tls", "directConnection", "tlsCAFile"}),
     "postgresql": frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name"}),
     "sqlite": frozenset(),
+    "mysql": frozenset({"connect_timeout"}),
 }
 #: Extras our own form fields use; everything else on our types is passed on as a URL option.
 _FORM_EXTRAS = frozenset({"url", "ssl", "srv", "options", "path", "db"})
@@ -216,4 +218,6 @@ def store_url(conn: _Connection, label: str | None = None) -> str:
         if _truthy(extra.get("srv")):
             return f"mongodb+srv://{_userinfo(conn)}{conn.host or ''}/{conn.schema or ''}{query}"
         return f"mongodb://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
+    if store == "mysql":
+        return f"mysql://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"
     return f"postgresql://{_userinfo(conn)}{_hostport(conn, '127.0.0.1')}/{conn.schema or ''}{query}"

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from singleton_integrations.persisters import Persister
@@ -106,6 +106,36 @@ def _mongodb(persister: Any, url: str) -> tuple[bool, str]:
     return True, f"reachable; collection {persister.collection_name!r} has {count} name{'s' if count != 1 else ''}"
 
 
+def _mysql(persister: Any, url: str) -> tuple[bool, str]:
+    import pymysql
+
+    parts = urlsplit(url)
+    try:
+        # A read-only session (MySQL 8 and MariaDB both refuse its writes), bounded by the probe's timeout.
+        connection = pymysql.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
+                                     user=unquote(parts.username or ""), password=unquote(parts.password or ""),
+                                     database=persister.database, connect_timeout=max(2, int(PROBE_TIMEOUT)),
+                                     read_timeout=PROBE_TIMEOUT, write_timeout=PROBE_TIMEOUT)
+    except pymysql.MySQLError as error:
+        return False, f"{type(error).__name__}: {error}"
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION TRANSACTION READ ONLY")
+            cursor.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() "
+                           "AND table_name = %s", (persister.table,))
+            if not cursor.fetchone()[0]:
+                return True, f"reachable; no locks yet (table {persister.table!r} is created by the first lock)"
+            table = "`" + persister.table.replace("`", "``") + "`"
+            cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE owner_token IS NOT NULL AND "
+                           "(expires_at IS NULL OR expires_at > UTC_TIMESTAMP(6))")
+            count = int(cursor.fetchone()[0])
+    except pymysql.MySQLError as error:
+        return False, f"{type(error).__name__}: {error}"
+    finally:
+        connection.close()
+    return True, f"reachable; table {persister.table!r} has {_locks(count)}"
+
+
 def probe(persister: Persister, url: str) -> tuple[bool, str]:
     """Reach the store and read once; never create a table, file, index or key."""
     backend = persister.backend
@@ -115,6 +145,8 @@ def probe(persister: Persister, url: str) -> tuple[bool, str]:
         return _postgres(persister, url)
     if backend == "mongodb":
         return _mongodb(persister, url)
+    if backend == "mysql":
+        return _mysql(persister, url)
     # Redis (and any store whose reads write nothing): one read of a name nobody uses.
     persister.get("singleton-integrations/connection-test")
     return True, "reachable"

@@ -34,6 +34,9 @@ from singleton_integrations import persisters
          "postgresql://u@pg:5432/db?sslmode=require"),
         ({"conn_type": "singletonpostgres", "host": "pg", "extra": json.dumps({"application_name": "etl"})},
          "postgresql://pg/?application_name=etl"),
+        ({"conn_type": "mysql", "host": "db", "port": 3306, "login": "u", "password": "p", "schema": "locks",
+          "extra": json.dumps({"connect_timeout": 5, "charset": "utf8mb4"})},
+         "mysql://u:p@db:3306/locks?connect_timeout=5"),
         ({"conn_type": "singletonsqlite", "host": "/var/lib/locks.db"}, "sqlite:////var/lib/locks.db"),
         ({"conn_type": "singleton_sqlite", "extra": json.dumps({"path": "/var/lib/locks.db"})},  # earlier form
          "sqlite:////var/lib/locks.db"),
@@ -158,3 +161,17 @@ def test_a_store_url_connection_takes_sentinel_and_cluster_stores(url: str, topo
     assert persister.backend == "redis"
     assert topology in str(persister.topology).lower()
     assert "TopSecretPw" not in repr(persister) and "TopSecretPw" not in persister.url
+
+
+def test_airflows_own_mysql_connection_is_a_lock_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard ``mysql`` connection (MariaDB here): the Test button only reads, the hook takes and releases."""
+    table = f"airflow_hook_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("AIRFLOW_CONN_MYSQL_LOCKS", json.dumps(
+        {"conn_type": "mysql", "host": "127.0.0.1", "port": 3306, "login": "root", "schema": "test"}))
+    hook = SingletonHook(singleton_conn_id="mysql_locks")
+    ok, message = hook.test_connection()
+    assert ok and "reachable" in message, message
+    monkeypatch.setattr(hook, "get_conn", lambda: persisters.from_url(f"mysql://root@127.0.0.1:3306/test?table={table}"))
+    result = hook.acquire("nightly", lock_expire_seconds=30, metadata={"dag_id": "d"})
+    assert result.acquired and hook.holder("nightly").fencing_token == result.record.fencing_token
+    assert hook.release("nightly", result.record.owner_token) and hook.holder("nightly") is None
