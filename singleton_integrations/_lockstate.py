@@ -42,7 +42,7 @@ from ._record import (
     validate_owner_token,
     validate_ttl,
 )
-from .persisters._base import Persister, ReleaseWatch
+from .persisters._base import Persister, ReleaseWatch, resolved_within
 
 __all__ = [
     "DEFAULT_LOCK_EXPIRE_SECONDS",
@@ -339,9 +339,7 @@ class Signal:
                 self._futures = []
             self._futures.append(entry)
         try:
-            await asyncio.wait_for(future, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+            await resolved_within(future, timeout)
         finally:
             with _signals_guard:
                 if self._futures is not None and entry in self._futures:

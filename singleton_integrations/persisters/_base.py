@@ -199,9 +199,7 @@ class HubWatch(ReleaseWatch):
                 return True
             self._futures.add(entry)
         try:
-            await asyncio.wait_for(future, max(timeout, 0.0))
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+            await resolved_within(future, timeout)
         finally:
             with self._guard:
                 self._futures.discard(entry)
@@ -223,6 +221,21 @@ class HubWatch(ReleaseWatch):
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+async def resolved_within(future: asyncio.Future[None], timeout: float | None) -> None:
+    """Wait until ``future`` is resolved or ``timeout`` seconds pass (None: no limit); a cancel always raises.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the result, swallowing the
+    cancel, when the future is resolved (a wake-up) in the same loop turn as the task
+    is cancelled, and a cancelled wait then went on waiting.
+    """
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(max(timeout, 0.0), _resolve, future)
+    try:
+        await future
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 #: ``listen(hub, stop)``: subscribe, call ``hub.ready()``, then ``hub.notify(name)`` per

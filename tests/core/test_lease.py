@@ -561,6 +561,34 @@ def test_a_cancelled_async_take_holds_nothing_and_leaves_no_place(persister: Per
         assert no_place_is_queued(persister, name), "the cancelled waiter kept its place in the queue"
 
 
+def test_an_async_take_cancelled_in_the_turn_its_wake_up_arrives_raises(name: str) -> None:
+    """The cancel and a wake-up (a release, or a listener's resubscribe waking everyone) land
+    in one loop turn: the cancel wins, the wait does not go on until the holder's lease ends."""
+    store = persisters.Memory()
+
+    async def main() -> None:
+        holder = AsyncSingleton(name, store, lock_expire_seconds=30, release_on_sigterm=False)
+        assert await holder.lock()
+        lease = AsyncLease(name, store, lock_expire_seconds=30)
+        task = asyncio.create_task(lease.take(wait=WAIT))
+
+        def parked() -> list[Any]:
+            return [watch for watch in store._hub._watches.get(name, ()) if watch._futures]
+
+        await until(lambda: bool(parked()))
+        for watch in parked():
+            watch.wake()  # resolves the pause's future in the next turn...
+        task.cancel()  # ...the very turn the task learns it is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        await background_cleanups()
+        assert await holder.release()
+        assert not await lease.verify()
+
+    asyncio.run(main())
+    assert store.get(name) is None
+
+
 def test_an_acquire_completing_as_its_async_taker_is_cancelled_is_released(
     persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
