@@ -500,6 +500,12 @@ class Singleton(_Face):
         """Share another thread's attempt: its outcome, False at our own deadline, None to try ourselves."""
         flight.answered.wait()
         while not flight.done.is_set():
+            latest = flight.latest
+            if latest is not None and latest.acquired:
+                # The attempt took the name and its owner is recording the hold (no store call
+                # left): that is the answer, whatever our deadline; never settle it a second time.
+                flight.done.wait()
+                break
             left = deadline - time.monotonic()
             if left <= 0 or (cancel is not None and cancel.is_set()):
                 self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)

@@ -301,6 +301,51 @@ def test_concurrent_lock_calls_share_one_attempt(
         assert singleton.release()
 
 
+def test_a_joiner_woken_while_the_owner_records_the_hold_shares_it(
+    persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A joiner that does not wait wakes on the shared attempt's answer (its deadline long past)
+    while the owner still records the hold: it reports the hold, not a conflict."""
+    singleton = Singleton(name, persister, lock_expire_seconds=30, release_on_sigterm=False)
+    owner = threading.current_thread()
+    joiner_in, joiner_done = threading.Event(), threading.Event()
+    answers: list[bool] = []
+
+    def join() -> None:
+        answers.append(singleton.lock())
+        joiner_done.set()
+
+    joiner = threading.Thread(target=join)
+    start_acquire = singleton._state.start_acquire
+
+    def noting_the_joiner() -> Any:
+        started = start_acquire()
+        if started is not None and not started[1]:
+            joiner_in.set()
+        return started
+
+    acquire = persister.acquire
+
+    def acquire_once_the_joiner_is_in(*args: Any, **kwargs: Any) -> Any:
+        joiner.start()
+        assert joiner_in.wait(5), "the second call never joined the attempt"
+        return acquire(*args, **kwargs)
+
+    def hold_up_the_owner(_: Any) -> None:
+        if threading.current_thread() is owner:
+            joiner_done.wait(0.5)  # the joiner, woken by the answer, answers now or waits for the owner
+
+    monkeypatch.setattr(singleton._state, "start_acquire", noting_the_joiner)
+    monkeypatch.setattr(persister, "acquire", acquire_once_the_joiner_is_in)
+    singleton.on("locked", hold_up_the_owner)
+    assert singleton.lock()
+    joiner.join(10)
+    assert answers == [True], "a joiner woken as the owner recorded the hold reported a conflict"
+    assert singleton.held
+    assert singleton.release()
+    assert persister.get(name) is None
+
+
 def test_concurrent_lock_calls_all_see_the_conflict(
     persister: Persister, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
