@@ -60,7 +60,7 @@ def lint(session: nox.Session) -> None:
 def tests_core(session: nox.Session) -> None:
     """The core, the five persisters, the CLI and the reliability checks that run in CI."""
     _ensure_debian_tools(session, CORE_TOOLS)
-    session.install("-e", f".[{STORES}]")
+    session.install("-e", f".[{STORES}]", "opentelemetry-sdk>=1.20")  # tests/core/test_metrics.py reads what is recorded
     _pytest(session, "tests/core", "tests/cli", "tests/reliability", workers=4)
 
 
