@@ -86,6 +86,7 @@ from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
 from ._mongodb_steps import Op, Rules, Steps, aware
+from ._steps import adrive, drive
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
@@ -462,7 +463,7 @@ class MongoDb(Persister):
         collection = entry.client[self.database_name][self.collection_name]
         marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
         if marker not in entry.indexed:
-            self._drive(self._rules.ensure_indexes(), collection)  # inside the caller's _translate
+            drive(self._rules.ensure_indexes(), lambda op: self._call(collection, op), self._answerable)  # inside the caller's _translate
             entry.indexed.add(marker)
         return collection
 
@@ -481,7 +482,7 @@ class MongoDb(Persister):
         collection = entry.client[self.database_name][self.collection_name]
         marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
         if marker not in entry.indexed:
-            await self._adrive(self._rules.ensure_indexes(), collection)
+            await adrive(self._rules.ensure_indexes(), lambda op: self._acall(collection, op), self._answerable)
             entry.indexed.add(marker)
         if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
             self._probed_at = time.monotonic()  # so that ``notifies`` never blocks the loop later
@@ -557,41 +558,18 @@ class MongoDb(Persister):
         result = await getattr(collection, op.method)(*op.args, **op.kwargs)
         return _result(op.method, result)
 
-    def _drive(self, steps: Steps[_R], collection: Any) -> _R:
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(reply)
-            except StopIteration as stop:
-                answer: _R = stop.value  # what the steps returned
-                return answer
-            try:
-                reply, error = self._call(collection, op), None
-            except self._pymongo.errors.PyMongoError as failure:
-                reply, error = None, failure
-
-    async def _adrive(self, steps: Steps[_R], collection: Any) -> _R:
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(reply)
-            except StopIteration as stop:
-                answer: _R = stop.value  # what the steps returned
-                return answer
-            try:
-                reply, error = await self._acall(collection, op), None
-            except self._pymongo.errors.PyMongoError as failure:
-                reply, error = None, failure
+    def _answerable(self, error: BaseException) -> bool:
+        return isinstance(error, self._pymongo.errors.PyMongoError)
 
     def _run(self, action: str, steps: Steps[_R]) -> _R:
         with self._translate(action):
-            return self._drive(steps, self._collection())
+            collection = self._collection()
+            return drive(steps, lambda op: self._call(collection, op), self._answerable)
 
     async def _arun(self, action: str, steps: Steps[_R]) -> _R:
         with self._translate(action):
-            return await self._adrive(steps, await self._acollection())
+            collection = await self._acollection()
+            return await adrive(steps, lambda op: self._acall(collection, op), self._answerable)
 
     # -- the primitives ----------------------------------------------------------------
 

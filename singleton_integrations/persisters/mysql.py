@@ -51,6 +51,7 @@ from .._urls import redact_url
 from . import _mysql_sql as q
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
 from ._mysql_steps import Op, Rules, Steps
+from ._steps import adrive, asweep, drive, purge_limit, sweep
 
 __all__ = ["DEFAULT_TABLE", "MySql", "TableNotCreated"]
 
@@ -60,7 +61,6 @@ _R = TypeVar("_R")
 DEFAULT_TABLE = "singleton_locks"
 #: A release sweeps idle rows at most this often per process and table.
 PURGE_EVERY_SECONDS = 600.0
-_PURGE_BATCH = 500
 _NONE_WORDS = ("none", "null", "never", "")
 #: Connection-level errors after which a reused idle connection is dropped and the call tried once more.
 _GONE = {2006, 2013, 2014, 2055}
@@ -353,25 +353,21 @@ class MySql(Persister):
             f"and user {user!r} may not create them. Ask an administrator to run, in that database:\n{ddl};\n"
             f"{grants}\n(adjust the host part of the user), or pass table= to use existing ones."))
 
-    def _drive(self, steps: Steps[_R], connection: Any, deadline: float, progress: list[bool]) -> _R:
+    def _answerable(self, error: BaseException) -> bool:
+        """A statement's error the steps may answer; a gone connection never reaches them."""
         errors = self._pymysql.err
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(reply)
-            except StopIteration as stop:
-                answer: _R = stop.value
-                return answer
+        return (isinstance(error, errors.MySQLError) and _code(error) not in _GONE
+                and not isinstance(error, errors.InterfaceError))
+
+    def _drive(self, steps: Steps[_R], connection: Any, deadline: float, progress: list[bool]) -> _R:
+        def call(op: Op) -> Any:
             if time.monotonic() > deadline:
                 raise _NoAnswer(f"no answer within {self.timeout:.1f} s")
-            try:
-                reply, error = self._call(connection, op), None
-                progress[0] = True
-            except errors.MySQLError as failure:
-                if _code(failure) in _GONE or isinstance(failure, errors.InterfaceError):
-                    raise  # the connection is gone: never hand that to the steps
-                reply, error = None, failure
+            reply = self._call(connection, op)
+            progress[0] = True
+            return reply
+
+        return drive(steps, call, self._answerable)
 
     @staticmethod
     def _call(connection: Any, op: Op) -> Any:
@@ -442,27 +438,18 @@ class MySql(Persister):
                 connection.close()
 
     async def _adrive(self, steps: Steps[_R], connection: Any, deadline: float, progress: list[bool]) -> _R:
-        errors = self._pymysql.err
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(reply)
-            except StopIteration as stop:
-                answer: _R = stop.value
-                return answer
+        async def call(op: Op) -> Any:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _NoAnswer(f"no answer within {self.timeout:.1f} s")
             try:
-                reply, error = await asyncio.wait_for(self._acall(connection, op), left), None
-                progress[0] = True
+                reply = await asyncio.wait_for(self._acall(connection, op), left)
             except (asyncio.TimeoutError, TimeoutError):
                 raise _NoAnswer(f"no answer within {self.timeout:.1f} s") from None
-            except errors.MySQLError as failure:
-                if _code(failure) in _GONE or isinstance(failure, errors.InterfaceError):
-                    raise
-                reply, error = None, failure
+            progress[0] = True
+            return reply
+
+        return await adrive(steps, call, self._answerable)
 
     @staticmethod
     async def _acall(connection: Any, op: Op) -> Any:
@@ -565,8 +552,7 @@ class MySql(Persister):
         return True
 
     def _purge_steps(self, limit: int, after: float | None) -> Callable[[], Steps[int]]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        limit = purge_limit(limit)
         period = self.purge_after_seconds if after is None else _positive(after, "after")
         if period is None:
             raise ValueError("purge_after_seconds is None: this store keeps every name's state")
@@ -582,23 +568,11 @@ class MySql(Persister):
 
     def _sweep(self) -> None:
         if self._purge_due():
-            try:
-                removed = self.purge(_PURGE_BATCH)
-            except PersisterError as error:  # housekeeping never fails a release
-                logger.debug("retention sweep of %s skipped: %s", self.table, error)
-            else:
-                if removed:
-                    logger.info("purged %d idle lock names from %s", removed, self.table)
+            sweep(self.purge, self.table)
 
     async def _asweep(self) -> None:
         if self._purge_due():
-            try:
-                removed = await self.apurge(_PURGE_BATCH)
-            except PersisterError as error:
-                logger.debug("retention sweep of %s skipped: %s", self.table, error)
-            else:
-                if removed:
-                    logger.info("purged %d idle lock names from %s", removed, self.table)
+            await asweep(self.apurge, self.table)
 
     # -- the primitives ------------------------------------------------------------------
 

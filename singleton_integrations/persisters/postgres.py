@@ -48,6 +48,7 @@ from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
 from . import _postgres_sql as q
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, run_blocking
+from ._steps import asweep, purge_limit, sweep
 
 if TYPE_CHECKING:
     import psycopg
@@ -96,7 +97,6 @@ _NETWORK_DEFAULTS = {
 _KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 #: A process sweeps a table for long-idle names at most this often.
 PURGE_EVERY_SECONDS = 600.0
-_PURGE_BATCH = 500
 #: The listener checks its quiet LISTEN connection this often (keepalives may be off).
 _LISTEN_HEARTBEAT = 10.0
 
@@ -869,8 +869,7 @@ class Postgres(Persister):
         return True
 
     def _purge_params(self, limit: int, after: float | None) -> dict[str, Any]:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        limit = purge_limit(limit)
         period = self.purge_after_seconds if after is None else _positive(after, "after")
         if period is None:
             raise ValueError("purge_after_seconds is None: this store keeps every name's state")
@@ -891,23 +890,11 @@ class Postgres(Persister):
 
     def _sweep(self) -> None:
         if self._purge_due():
-            try:
-                removed = self.purge(_PURGE_BATCH)
-            except PersisterError as error:  # housekeeping must never fail a release
-                logger.debug("retention sweep of %s skipped: %s", self.table, error)
-            else:
-                if removed:
-                    logger.info("purged %d idle lock names from %s", removed, self.table)
+            sweep(self.purge, self.table)
 
     async def _asweep(self) -> None:
         if self._purge_due():
-            try:
-                removed = await self.apurge(_PURGE_BATCH)
-            except PersisterError as error:
-                logger.debug("retention sweep of %s skipped: %s", self.table, error)
-            else:
-                if removed:
-                    logger.info("purged %d idle lock names from %s", removed, self.table)
+            await asweep(self.apurge, self.table)
 
     # -- the primitives ------------------------------------------------------------------
 
