@@ -5,6 +5,8 @@
     ├── LockLost          a held lock expired or was taken while we believed we held it
     ├── PersisterError    the store failed; the driver's error is the ``__cause__``
     │   └── MissingDependency (also ImportError)  an optional extra is not installed
+    ├── NotHeld           an admin release found no live hold of the name (``admin.force_release``)
+    └── TokenChanged      an admin release found another hold than the fencing token it named
     └── InvalidName / InvalidOption are ``ValueError``/``TypeError`` subclasses raised
         at construction, so bad input fails before any I/O.
 
@@ -23,8 +25,10 @@ __all__ = [
     "LockConflict",
     "LockLost",
     "MissingDependency",
+    "NotHeld",
     "PersisterError",
     "SingletonError",
+    "TokenChanged",
 ]
 
 
@@ -97,3 +101,54 @@ class MissingDependency(PersisterError, ImportError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_persister_error, (type(self), self.backend, str(self)))
+
+
+class NotHeld(SingletonError):
+    """An admin release found nothing to release: the name is free, or only kept for a minimum hold.
+
+    ``record`` is the finished hold still keeping the name (released into its
+    minimum hold), or None when the name is free.
+    """
+
+    def __init__(self, name: str, fencing_token: int | None = None, record: LockRecord | None = None,
+                 message: str | None = None) -> None:
+        self.name = name
+        self.fencing_token = fencing_token
+        self.record = record
+        if message is None:
+            named = f" (fencing token {fencing_token})" if fencing_token is not None else ""
+            if record is None:
+                message = f"lock {name!r} is not held{named}; nothing was released"
+            else:
+                message = (f"lock {name!r}{named} was already released by its holder and is kept only for its "
+                           f"minimum hold: {record.describe()}; nothing was released")
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.fencing_token, self.record, str(self)))
+
+
+class TokenChanged(SingletonError):
+    """An admin release named a hold by its fencing token, and another hold has the name now.
+
+    Nothing was released: the lock changed hands (or was taken again) after the
+    operator looked. ``holder`` is the hold found instead, when known.
+    """
+
+    def __init__(self, name: str, fencing_token: int, holder: LockRecord | None = None,
+                 message: str | None = None) -> None:
+        self.name = name
+        self.fencing_token = fencing_token
+        self.holder = holder
+        if message is None:
+            if holder is None:
+                now = "another hold has it now"
+            elif holder.released:
+                now = f"the name is kept for another hold's minimum hold: {holder.describe()}"
+            else:
+                now = f"it is held now by {holder.describe()}"
+            message = f"lock {name!r} is no longer held with fencing token {fencing_token}: {now}; nothing was released"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.fencing_token, self.holder, str(self)))
