@@ -33,11 +33,14 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from urllib.parse import parse_qsl
 
+from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 
 if TYPE_CHECKING:
@@ -46,16 +49,24 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCKING_IO_WORKERS",
     "DEFAULT_PURGE_AFTER_SECONDS",
+    "ClientRegistry",
+    "ErrorTranslation",
     "HubWatch",
     "Persister",
     "ReleaseHub",
     "ReleaseWatch",
     "SleepWatch",
+    "option_retention",
+    "option_seconds",
+    "positive_seconds",
+    "retention_seconds",
     "run_blocking",
+    "url_options",
 ]
 
 _logger = logging.getLogger("singleton_integrations")
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 #: A name's stored state (its fencing counter) is purged after it has been free
 #: this long: 30 days. ``None`` keeps every name's state for good.
@@ -405,6 +416,143 @@ class ReleaseHub:
         self.id = secrets.token_hex(16)  # releases naming the parent's hub are not ours
 
 
+
+# -- what every store shares: checked numbers, URL options, error translation, one client per configuration --
+
+#: The words a URL option takes for "no value" (``purge_after_seconds=none`` keeps every name's state).
+_NONE_WORDS = frozenset(("none", "null", "never", ""))
+
+
+def positive_seconds(value: object, what: str) -> float:
+    """``value`` as a positive, finite number of seconds (an int or a float, not a bool).
+
+    Every store checks its numeric options here, so a bad one raises the same
+    error everywhere: ``ValueError``, whatever is wrong with it (its type too).
+    Text is refused: a URL's query goes through ``option_seconds``.
+
+    >>> positive_seconds(2, "timeout")
+    2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a positive number of seconds, not {type(value).__name__} {value!r}")
+    number = float(value)
+    if not 0 < number < float("inf"):  # also refuses NaN
+        raise ValueError(f"{what} must be a positive, finite number of seconds, not {value!r}")
+    return number
+
+
+def retention_seconds(value: object, what: str = "purge_after_seconds") -> float | None:
+    """``purge_after_seconds``: None keeps every name's state for good, else ``positive_seconds``."""
+    return None if value is None else positive_seconds(value, what)
+
+
+def option_seconds(text: str, what: str) -> float:
+    """A URL query's number of seconds (``timeout=2.5``), checked as ``positive_seconds``."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number of seconds, not {text!r}") from None
+    return positive_seconds(number, what)
+
+
+def option_retention(text: str, what: str = "purge_after_seconds") -> float | None:
+    """A URL query's retention: a number of seconds, or ``none`` to keep every name's state."""
+    return None if text.strip().lower() in _NONE_WORDS else option_seconds(text, what)
+
+
+def url_options(query: str, readers: Mapping[str, Callable[[str, str], Any]], where: str) -> dict[str, Any]:
+    """A URL's query options, each read by ``readers[key](text, key)``; an unknown one raises ``ValueError``.
+
+    ``where`` names the store in the message (``unknown SQLite URL option 'x'``).
+    Keyword options override these: ``{**url_options(...), **keywords}``.
+
+    >>> url_options("timeout=2&purge_after_seconds=none",
+    ...             {"timeout": option_seconds, "purge_after_seconds": option_retention}, "SQLite")
+    {'timeout': 2.0, 'purge_after_seconds': None}
+    """
+    options: dict[str, Any] = {}
+    for key, text in parse_qsl(query, keep_blank_values=True):
+        reader = readers.get(key)
+        if reader is None:
+            raise ValueError(f"unknown {where} URL option {key!r}; known: {', '.join(sorted(readers))}")
+        options[key] = reader(text, key)
+    return options
+
+
+class ErrorTranslation:
+    """A store's driver errors raised as ``PersisterError`` (the driver's error its cause), in one place.
+
+    One instance per persister, used as ``with self._errors:`` around each call
+    (no allocation per call). ``describe`` makes the message from the driver's
+    error and must leave out any password. A ``PersisterError`` passes through.
+    """
+
+    __slots__ = ("backend", "describe", "errors")
+
+    def __init__(self, backend: str, errors: type[BaseException] | tuple[type[BaseException], ...],
+                 describe: Callable[[BaseException], str]) -> None:
+        self.backend, self.errors, self.describe = backend, errors, describe
+
+    def error(self, error: BaseException) -> PersisterError:
+        """The ``PersisterError`` for ``error`` (raise it ``from error``)."""
+        return PersisterError(self.backend, self.describe(error))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if error is not None and isinstance(error, self.errors) and not isinstance(error, PersisterError):
+            raise self.error(error) from error
+
+
+_registries: weakref.WeakSet[ClientRegistry[Any, Any]] = weakref.WeakSet()
+
+
+class ClientRegistry(Generic[_K, _T]):
+    """One shared client (connection, pool, hub) per configuration and process, for every persister object.
+
+    Many ``Singleton`` objects built from one URL then cost one client. Thread-safe.
+    In a forked child the parent's clients are not the child's to use: by default
+    the child starts empty; with ``after_fork``, each kept entry is reset by it
+    instead (for entries the persister objects of the parent keep references to).
+    """
+
+    def __init__(self, after_fork: Callable[[_T], None] | None = None) -> None:
+        self._guard = threading.Lock()
+        self._entries: dict[_K, _T] = {}
+        self._after_fork = after_fork
+        _registries.add(self)
+
+    def get(self, key: _K, make: Callable[[], _T]) -> _T:
+        """The entry for ``key``, made by ``make()`` (under the registry's lock) the first time."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        with self._guard:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = make()
+            return entry
+
+    def pop(self, key: _K) -> _T | None:
+        """Forget the entry for ``key`` (its owner closes it); None when there was none."""
+        with self._guard:
+            return self._entries.pop(key, None)
+
+    def values(self) -> list[_T]:
+        with self._guard:
+            return list(self._entries.values())
+
+    def _reset_after_fork(self) -> None:
+        self._guard = threading.Lock()  # another thread may have held it at the fork
+        if self._after_fork is None:
+            self._entries = {}
+        else:
+            for entry in self._entries.values():
+                self._after_fork(entry)
+
+
 class _Reaper:
     """One daemon thread that stops the listeners of hubs nobody has waited on for a while."""
 
@@ -450,6 +598,8 @@ def _after_fork_in_child() -> None:
     _reaper._reset_after_fork()
     for hub in list(_hubs):
         hub._reset_after_fork()
+    for registry in list(_registries):
+        registry._reset_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
