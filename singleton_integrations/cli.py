@@ -2,8 +2,9 @@
 
 Exit codes (docs/cli.md has the table): the command's own code, or 128+N when
 signal N killed it; 1 for "free"/"nothing to release"; 64 usage; 69 store
-unavailable; 70 internal error; 75 conflict (``--conflict-exit-code``); 79 the
-lock was lost and the command was terminated; 126/127 command not executable/found.
+unavailable; 70 internal error; 75 conflict (``--conflict-exit-code``), and for
+``release --fencing-token`` another hold has the lock; 79 the lock was lost and
+the command was terminated; 126/127 command not executable/found.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, NoReturn, final
 
-from . import __version__, persisters, stores
-from ._errors import PersisterError, SingletonError
+from . import __version__, admin, persisters, stores
+from ._errors import NotHeld, PersisterError, SingletonError, TokenChanged
 from ._record import LockRecord, validate_name
 from ._singleton import Singleton
 from ._urls import redact_url, scrub
+from .admin import LockRow
 
 __all__ = [
     "EXIT_CONFLICT",
@@ -45,11 +47,11 @@ __all__ = [
     "main",
 ]
 
-EXIT_FREE = 1  # status: nobody holds the lock; release --force: nothing was held
+EXIT_FREE = 1  # status: nobody holds the lock; release: nothing was held
 EXIT_USAGE = 64  # EX_USAGE: bad arguments, bad URL, bad lock name
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the store cannot be reached, refused, or its driver is missing
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug in singleton itself
-EXIT_CONFLICT = 75  # EX_TEMPFAIL: another live holder has the lock; try again later
+EXIT_CONFLICT = 75  # EX_TEMPFAIL: another live holder has the lock (run; release --fencing-token)
 EXIT_LOCK_LOST = 79  # next to the sysexits range: the lease was lost, so CMD was terminated
 EXIT_NOT_EXECUTABLE = 126  # as shells do
 EXIT_NOT_FOUND = 127  # as shells do
@@ -99,6 +101,12 @@ def _wait_seconds(text: str) -> float:
 def _exit_code(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 255:
         raise argparse.ArgumentTypeError(f"expected an exit code from 0 to 255, got {text!r}")
+    return int(text)
+
+
+def _fencing_token(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a fencing token (a whole number, as status and list show it), got {text!r}")
     return int(text)
 
 
@@ -162,9 +170,14 @@ def _build_parser(with_command: bool = True) -> _Parser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_list)
 
-    release = commands.add_parser("release", parents=[common], help="break a lock whoever holds it (admin)")
+    release = commands.add_parser("release", parents=[common], help="break a lock (admin): the hold with a fencing "
+                                  "token, or whoever holds it with --force")
     release.add_argument("name", metavar="NAME")
-    release.add_argument("--force", action="store_true", help="required: confirms breaking another owner's lock")
+    release.add_argument("--fencing-token", type=_fencing_token, metavar="N", default=None,
+                         help="release only while the hold with fencing token N has the lock (see status or list); "
+                              f"if another hold has it now, release nothing and exit {EXIT_CONFLICT}")
+    release.add_argument("--force", action="store_true",
+                         help="without --fencing-token: confirms breaking the lock whoever holds it")
     release.set_defaults(handler=_cmd_release)
     return parser
 
@@ -478,8 +491,8 @@ def _cmd_status(args: argparse.Namespace, store: _Store) -> int:
 def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
     found: list[LockRecord] = store.call(store.persister.list, store.name_prefix + args.prefix)
     records = [store.shown(record) for record in found]
-    if args.json:
-        print(json.dumps([record.to_dict() for record in records], indent=2))
+    if args.json:  # the operator's row, as Prefect's and Airflow's admin views show it
+        print(json.dumps([LockRow.from_record(record).to_json() for record in records], indent=2))
         return 0
     if not records:
         print("no live locks" + (f" starting with {args.prefix!r}" if args.prefix else ""), file=sys.stderr)
@@ -495,16 +508,45 @@ def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
 
 def _cmd_release(args: argparse.Namespace, store: _Store) -> int:
     name = _name(args.name)
+    if args.fencing_token is not None:
+        return _release_hold(name, args.fencing_token, store)
     if not args.force:
-        raise UsageError("singleton release: this breaks another owner's lock; add --force to confirm")
+        raise UsageError("singleton release: this breaks another owner's lock; add --force to confirm, "
+                         "or --fencing-token N to release only the hold you looked at")
     record: LockRecord | None = store.call(store.persister.force_release, store.stored(name))
     if record is None:
         _say(f"lock {name!r} is not held; nothing released")
         return EXIT_FREE
+    _log_released(record)
+    return 0
+
+
+def _release_hold(name: str, fencing_token: int, store: _Store) -> int:
+    """``release --fencing-token``: only while that hold has the lock, through the owner-checked release."""
+    try:
+        record: LockRecord = store.call(admin.force_release, store.persister, store.stored(name), fencing_token)
+    except NotHeld as error:
+        if error.record is None:
+            _say(f"lock {name!r} is not held; nothing released")
+        else:
+            _say(f"{_ran_line(store.shown(error.record))}; its holder already released it, so nothing was released "
+                 "(release --force without --fencing-token ends the minimum hold)")
+        return EXIT_FREE
+    except TokenChanged as error:
+        now = f"; {_holder_line(store.shown(error.holder))}" if error.holder is not None else ""
+        _say(f"fencing token {fencing_token} no longer holds lock {name!r}, so nothing was released{now}")
+        return EXIT_CONFLICT
+    _log_released(record)
+    if record.hold_until is not None and record.hold_until.timestamp() > time.time():
+        _say(f"lock {name!r} stays taken for its minimum hold, until {_iso(record.hold_until)} "
+             f"({_relative(record.hold_until)}), as after its holder's own release")
+    return 0
+
+
+def _log_released(record: LockRecord) -> None:
     log.warning("force-released lock %r held by %s pid %d since %s (fencing token %d), requested by %s on %s pid %d",
                 record.name, record.host, record.pid, _iso(record.created_at), record.fencing_token, _user(),
                 os.uname().nodename, os.getpid())
-    return 0
 
 
 def _name(name: str) -> str:

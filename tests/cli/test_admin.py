@@ -1,4 +1,5 @@
-"""``status``, ``list``, ``release --force``, ``python -m``, and errors: one line, a documented code, no secrets."""
+"""``status``, ``list``, ``release --force`` and ``--fencing-token``, ``python -m``, and errors: one line, a documented
+code, no secrets."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import json
 import os
 import socket
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from singleton_integrations.cli import EXIT_FREE, EXIT_UNAVAILABLE, EXIT_USAGE
+from singleton_integrations.cli import EXIT_CONFLICT, EXIT_FREE, EXIT_UNAVAILABLE, EXIT_USAGE
 
 from .conftest import Cli, finish
 
@@ -58,6 +60,73 @@ def test_release_force_breaks_the_lock_and_is_logged(cli: Cli) -> None:
     assert "force-released" in forced.stderr and f"pid {holder.pid}" in forced.stderr
     assert cli.run("status", cli.name).returncode == EXIT_FREE
     assert cli.run("release", cli.name, "--force").returncode == EXIT_FREE, "nothing left to release"
+    cli.go()
+    finish(holder)
+
+
+AIRFLOW_TASK = {"deployment": "blue", "dag_id": "etl", "run_id": "r1", "task_id": "load", "map_index": "2"}
+
+
+def test_list_json_gives_the_operators_rows(any_cli: Cli) -> None:
+    cli = any_cli
+    tags = [arg for key, value in AIRFLOW_TASK.items() for arg in ("--metadata", f"{key}={value}")]
+    holder = cli.start("run", cli.name, *tags, "--", *cli.child("holder"))
+    _pid, token = cli.wait_ready("holder")
+    (row,) = json.loads(cli.run("list", "--prefix", cli.name, "--json").stdout)
+    assert set(row) == {"name", "holder", "since", "expires", "fencing_token", "min_hold_until", "released_at",
+                        "metadata"}, "the fields of singleton_integrations.admin.LockRow.to_json(), no more"
+    assert row["name"] == cli.name and row["fencing_token"] == token
+    assert row["holder"] == {"host": socket.gethostname(), "pid": holder.pid, "deployment": "blue", "dag_id": "etl",
+                             "run_id": "r1", "task_id": "load", "map_index": 2}
+    since, expires = datetime.fromisoformat(row["since"]), datetime.fromisoformat(row["expires"])
+    assert since.utcoffset() is not None and since.utcoffset().total_seconds() == 0 and expires > since
+    assert row["min_hold_until"] is None and row["released_at"] is None
+    assert row["metadata"] == {**AIRFLOW_TASK, "command": os.path.basename(sys.executable)}
+    cli.go()
+    assert finish(holder)[0] == 0
+
+
+def test_release_with_a_fencing_token_frees_only_that_hold(any_cli: Cli) -> None:
+    cli = any_cli
+    holder = cli.start("run", cli.name, "--no-renew", "--", *cli.child("holder"))
+    _pid, token = cli.wait_ready("holder")
+
+    stale = cli.run("release", cli.name, "--fencing-token", str(token - 1))
+    _assert_one_clean_line(stale, EXIT_CONFLICT)
+    assert f"fencing token {token - 1} no longer holds lock {cli.name!r}, so nothing was released" in stale.stderr
+    assert f"is held by {socket.gethostname()} pid {holder.pid}" in stale.stderr
+    assert f"fencing token {token}" in stale.stderr
+    assert cli.run("status", cli.name).returncode == 0, "another token releases nothing"
+
+    released = cli.run("release", cli.name, "--fencing-token", str(token))
+    assert released.returncode == 0, released.stderr
+    assert "force-released" in released.stderr and f"(fencing token {token})" in released.stderr
+    assert cli.run("status", cli.name).returncode == EXIT_FREE
+
+    again = cli.run("release", cli.name, "--fencing-token", str(token))
+    _assert_one_clean_line(again, EXIT_FREE)
+    assert f"lock {cli.name!r} is not held; nothing released" in again.stderr
+    cli.go()
+    finish(holder)
+
+
+def test_release_with_a_fencing_token_inside_a_minimum_hold(cli: Cli) -> None:
+    """A running hold is released into its minimum hold, as its own release would be; a finished one is left."""
+    holder = cli.start("run", cli.name, "--no-renew", "--min-hold", "600", "--", *cli.child("holder"))
+    _pid, token = cli.wait_ready("holder")
+    released = cli.run("release", cli.name, "--fencing-token", str(token))
+    assert released.returncode == 0, released.stderr
+    assert f"lock {cli.name!r} stays taken for its minimum hold, until" in released.stderr
+    status = cli.run("status", cli.name, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["holder"]["released_at"] is not None
+
+    ran = cli.run("release", cli.name, "--fencing-token", str(token))
+    _assert_one_clean_line(ran, EXIT_FREE)
+    assert "already ran this slot" in ran.stderr and "nothing was released" in ran.stderr
+    assert "release --force" in ran.stderr, "says how to end the hold"
+    assert cli.run("status", cli.name).returncode == 0, "the minimum hold still keeps the name"
+    assert cli.run("release", cli.name, "--force").returncode == 0
+    assert cli.run("status", cli.name).returncode == EXIT_FREE
     cli.go()
     finish(holder)
 
@@ -122,6 +191,9 @@ def _assert_one_clean_line(result, code: int) -> None:
         ["run", "a\x01b", "--", "true"],
         ["status"],
         ["release", "NAME"],
+        ["release", "NAME", "--fencing-token", "-1"],
+        ["release", "NAME", "--fencing-token", "seven"],
+        ["release", "NAME", "--fencing-token", "\u00b2"],
         ["list", "--frobnicate"],
     ],
 )
