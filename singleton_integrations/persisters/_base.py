@@ -58,10 +58,12 @@ __all__ = [
     "SleepWatch",
     "option_retention",
     "option_seconds",
+    "option_whole_number",
     "positive_seconds",
     "retention_seconds",
     "run_blocking",
     "url_options",
+    "whole_number",
 ]
 
 _logger = logging.getLogger("singleton_integrations")
@@ -460,6 +462,30 @@ def option_retention(text: str, what: str = "purge_after_seconds") -> float | No
     return None if text.strip().lower() in _NONE_WORDS else option_seconds(text, what)
 
 
+def whole_number(value: object, what: str, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum`` (a pool size, milliseconds), not a bool or a float.
+
+    Bad ones raise ``ValueError``, as ``positive_seconds`` does, whatever is wrong with them.
+
+    >>> whole_number(4, "max_size")
+    4
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an int, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, not {value!r}")
+    return value
+
+
+def option_whole_number(text: str, what: str) -> int:
+    """A URL query's int (``max_size=8``), at least 0; the store's constructor checks its own minimum."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError(f"{what} must be an int, not {text!r}") from None
+    return whole_number(number, what, 0)
+
+
 def url_options(query: str, readers: Mapping[str, Callable[[str, str], Any]], where: str) -> dict[str, Any]:
     """A URL's query options, each read by ``readers[key](text, key)``; an unknown one raises ``ValueError``.
 
@@ -496,6 +522,10 @@ class ErrorTranslation:
     def error(self, error: BaseException) -> PersisterError:
         """The ``PersisterError`` for ``error`` (raise it ``from error``)."""
         return PersisterError(self.backend, self.describe(error))
+
+    def failed(self, action: str, error: BaseException) -> PersisterError:
+        """The ``PersisterError`` for ``error`` met doing ``action`` (``release 'job'``), which the message names."""
+        return PersisterError(self.backend, f"{action} failed: {self.describe(error)}")
 
     def __enter__(self) -> None:
         return None
