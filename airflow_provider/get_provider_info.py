@@ -132,5 +132,7 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [{"integration-name": integration, "python-modules": modules["triggers"]}],
         "connection-types": [dict(entry) for entry in CONNECTION_TYPES],
         "config": CONFIG,
+        # The locks page and API (Airflow 3.1+); the plugin is empty outside the api-server.
+        "plugins": [{"name": "singleton_locks", "plugin-class": "airflow_provider.plugins.locks.SingletonLocksPlugin"}],
         "task-decorators": [{"name": "singleton", "class-name": "airflow_provider.decorators.singleton.singleton_task"}],
     }

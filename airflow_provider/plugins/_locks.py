@@ -1,0 +1,242 @@
+"""The locks of every lock-store connection, and the guarded release, for the admin page and its API.
+
+No FastAPI here: the routes (``_app.py``) authorize and translate, this module reads the
+stores. Each store call runs in a worker thread under a deadline, so one store that does
+not answer turns into an error row instead of holding the page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from airflow_provider._store_url import _STORE_OF_CONN_TYPE, store_url
+from airflow_provider.hooks.singleton import cached_persister
+from singleton_integrations import redact_url
+
+if TYPE_CHECKING:
+    from airflow.models.connection import Connection
+    from sqlalchemy.orm import Session
+
+    from singleton_integrations import LockRecord
+    from singleton_integrations.persisters import Persister
+
+__all__ = [
+    "LOCK_STORE_CONN_TYPES",
+    "STORE_TIMEOUT",
+    "ReleaseRefused",
+    "StoreUnavailable",
+    "force_release",
+    "list_locks",
+    "lock_row",
+    "lock_store_connections",
+]
+
+#: Seconds one connection may take to answer (reach the store, then read or release).
+STORE_TIMEOUT = 10.0
+#: The connection types whose locks are listed: ours (current and earlier names) and the standard
+#: redis, postgres, mongo and mysql ones the hook accepts. Airflow's sqlite type is left out: its
+#: connections point at SQLite files that are not lock stores.
+LOCK_STORE_CONN_TYPES = frozenset(conn_type for conn_type in _STORE_OF_CONN_TYPE if conn_type != "sqlite")
+#: Metadata keys that name an Airflow holder (``airflow_provider._holders.holder_metadata``).
+_AIRFLOW_HOLDER_KEYS = ("deployment", "dag_id", "run_id", "task_id", "map_index", "try_number")
+_ENV_PREFIX = "AIRFLOW_CONN_"
+
+_T = TypeVar("_T")
+
+
+class StoreUnavailable(Exception):
+    """A connection's store could not be read or written in time; the message holds no password."""
+
+
+class ReleaseRefused(Exception):
+    """The guarded release did nothing: the name is free, changed hands, or only keeps its minimum hold."""
+
+    def __init__(self, message: str, current: dict[str, Any] | None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(timezone.utc).isoformat() if moment else None
+
+
+def lock_row(conn_id: str, record: LockRecord) -> dict[str, Any]:
+    """One live lock as the API shows it: the record's own fields (as ``singleton list --json``), plus who holds it.
+
+    ``holder`` names the host and process, and the deployment, DAG, run, task and map
+    index when the holder is an Airflow task; ``hold_until`` is the minimum hold's end.
+    """
+    meta = dict(record.metadata)
+    holder: dict[str, Any] = {"host": meta.get("host", record.host), "pid": record.pid}
+    if "dag_id" in meta:
+        holder.update({key: meta[key] for key in _AIRFLOW_HOLDER_KEYS if key in meta})
+        if "map_index" in holder:
+            holder["map_index"] = int(holder["map_index"]) if holder["map_index"].lstrip("-").isdigit() else -1
+    elif "deployment" in meta:
+        holder["deployment"] = meta["deployment"]
+    return {
+        "conn_id": conn_id,
+        **record.to_dict(),
+        "holder": holder,
+        "since": _iso(record.created_at),
+        "expires": _iso(record.expires_at),
+        "error": None,
+    }
+
+
+def _error_row(conn_id: str, message: str) -> dict[str, Any]:
+    return {"conn_id": conn_id, "name": None, "error": message}
+
+
+def _scrub(text: str, conn: Connection | None) -> str:
+    """``text`` with the connection's password and every URL's password replaced by ``***``."""
+    password = getattr(conn, "password", None)
+    if password:
+        text = text.replace(str(password), "***")
+    return redact_url(text)
+
+
+def _env_connections() -> Iterable[Connection]:
+    """The connections defined by ``AIRFLOW_CONN_*`` variables (Airflow's environment secrets backend)."""
+    from airflow.secrets.environment_variables import EnvironmentVariablesBackend
+
+    backend = EnvironmentVariablesBackend()
+    for key in sorted(os.environ):
+        if key.startswith(_ENV_PREFIX) and len(key) > len(_ENV_PREFIX):
+            conn_id = key[len(_ENV_PREFIX):].lower()
+            try:
+                conn = backend.get_connection(conn_id)
+            except Exception:  # noqa: BLE001  (a malformed variable is not a lock store; Airflow reports it elsewhere)
+                continue
+            if conn is not None:
+                yield conn
+
+
+def lock_store_connections(session: Session, conn_id: str | None = None) -> list[tuple[str, Connection | None]]:
+    """The lock-store connections: the metadata database's and the environment's (the database wins on a clash).
+
+    Other secrets backends cannot be listed; a connection kept there is read when
+    ``conn_id`` names it. ``(conn_id, None)`` means no such connection.
+    """
+    from airflow.models.connection import Connection
+    from sqlalchemy import select
+
+    if conn_id is not None:
+        try:
+            return [(conn_id, Connection.get_connection_from_secrets(conn_id))]
+        except Exception:  # noqa: BLE001  (Airflow raises its not-found error; any failure means none here)
+            return [(conn_id, None)]
+    found: dict[str, Connection] = {}
+    for conn in _env_connections():
+        if (conn.conn_type or "").lower() in LOCK_STORE_CONN_TYPES:
+            found[str(conn.conn_id)] = conn
+    query = select(Connection).where(Connection.conn_type.in_(sorted(LOCK_STORE_CONN_TYPES)))
+    for conn in session.scalars(query):
+        session.expunge(conn)  # read later, from worker threads, after the session is gone
+        found[str(conn.conn_id)] = conn
+    return sorted(found.items())
+
+
+def _store_of(conn: Connection) -> tuple[str, Persister]:
+    url = store_url(conn)
+    return url, cached_persister(url)
+
+
+def _list_one(conn_id: str, conn: Connection, prefix: str) -> list[dict[str, Any]]:
+    from airflow_provider.hooks._probe import probe
+
+    url, persister = _store_of(conn)
+    # A read-only look first: listing through the persister would create its table (or
+    # collection) in a database that has none, such as a postgres connection that is not a lock store.
+    ok, detail = probe(persister, url)
+    if not ok:
+        raise StoreUnavailable(detail)
+    if "no locks yet" in detail:
+        return []
+    return [lock_row(conn_id, record) for record in persister.list(prefix)]
+
+
+def _within(executor: ThreadPoolExecutor, deadline: float, call: Callable[..., _T], *args: Any) -> _T:
+    future: Future[_T] = executor.submit(call, *args)
+    try:
+        return future.result(timeout=deadline)
+    except FutureTimeout:
+        raise StoreUnavailable(f"the store gave no answer within {deadline:g} s") from None
+
+
+def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "",
+               timeout: float = STORE_TIMEOUT) -> list[dict[str, Any]]:
+    """Every live lock of ``connections`` whose name starts with ``prefix``, by connection then name.
+
+    A connection that is missing, is not a lock store, or cannot be read within
+    ``timeout`` seconds becomes one row with ``error`` set and ``name`` None; the others still list.
+    """
+    rows: list[dict[str, Any]] = []
+    if not connections:
+        return rows
+    executor = ThreadPoolExecutor(max_workers=min(8, len(connections)), thread_name_prefix="singleton-locks")
+    try:
+        futures = {conn_id: executor.submit(_list_one, conn_id, conn, prefix)
+                   for conn_id, conn in connections if conn is not None}
+        for conn_id, conn in connections:
+            if conn is None:
+                rows.append(_error_row(conn_id, f"no connection {conn_id!r}"))
+                continue
+            try:
+                rows.extend(futures[conn_id].result(timeout=timeout))
+            except FutureTimeout:
+                rows.append(_error_row(conn_id, f"the store gave no answer within {timeout:g} s"))
+            except Exception as error:  # noqa: BLE001  (any failure is this connection's error row, the others still list)
+                rows.append(_error_row(conn_id, _scrub(f"{type(error).__name__}: {error}", conn)))
+    finally:
+        # A store that hangs past its own client deadline must not hold the answer; its thread ends with that deadline.
+        executor.shutdown(wait=False, cancel_futures=True)
+    return rows
+
+
+def force_release(conn_id: str, conn: Connection, name: str, fencing_token: int,
+                  timeout: float = STORE_TIMEOUT) -> dict[str, Any]:
+    """Release ``name`` only while the holder still has ``fencing_token``; the previous holder's row.
+
+    The record is read, its token compared, and the release goes through the store's
+    owner-checked ``release`` with that record's owner token: a lock that changed hands
+    between the read and the release is never freed.
+
+    :raises ReleaseRefused: the name is free, holds another token, or only keeps its minimum hold.
+    :raises StoreUnavailable: the store could not be reached within ``timeout`` seconds.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="singleton-release")
+    try:
+        try:
+            _, persister = _store_of(conn)
+            record = _within(executor, timeout, persister.get, name)
+        except StoreUnavailable:
+            raise
+        except Exception as error:  # noqa: BLE001  (translated once, without the password)
+            raise StoreUnavailable(_scrub(f"{type(error).__name__}: {error}", conn)) from None
+        if record is None:
+            raise ReleaseRefused(f"{name!r} is free on connection {conn_id!r}: nothing to release", None)
+        current = lock_row(conn_id, record)
+        if record.fencing_token != fencing_token:
+            raise ReleaseRefused(f"{name!r} now holds fencing token {record.fencing_token}, not {fencing_token}: "
+                                 "it changed hands, so nothing was released", current)
+        if record.released:
+            raise ReleaseRefused(f"{name!r} was already released by its holder and only keeps its minimum hold "
+                                 f"until {current['hold_until'] or current['expires']}", current)
+        try:
+            released = _within(executor, timeout, persister.release, name, record.owner_token)
+        except StoreUnavailable:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise StoreUnavailable(_scrub(f"{type(error).__name__}: {error}", conn)) from None
+        if not released:
+            raise ReleaseRefused(f"{name!r} changed hands or expired as it was released: nothing was released",
+                                 None)
+        return current
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
