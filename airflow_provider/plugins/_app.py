@@ -73,12 +73,12 @@ def release_lock(body: ReleaseBody, user: GetUserDep, session: SessionDep) -> di
     if not reason:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "a reason is required")
     try:
-        previous = _locks.force_release(body.conn_id, conn, body.name, body.fencing_token)
+        previous = _locks.force_release(body.conn_id, conn, body.name, body.fencing_token, reason)
     except _locks.ReleaseRefused as refused:
         raise HTTPException(status.HTTP_409_CONFLICT, {"message": str(refused), "current": refused.current}) from None
     except _locks.StoreUnavailable as error:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
-    except ValueError as error:  # not a lock-store connection (store_url's message names no password)
+    except (ValueError, TypeError) as error:  # not a lock-store connection, or a bad name (no password in either)
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
     name = user.get_name()
     session.add(Log(

@@ -11,12 +11,13 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_provider._store_url import _STORE_OF_CONN_TYPE, store_url
 from airflow_provider.hooks.singleton import cached_persister
 from singleton_integrations import redact_url
+from singleton_integrations.admin import LockRow, NotHeld, TokenChanged, lock_rows
+from singleton_integrations.admin import force_release as release_by_token
 
 if TYPE_CHECKING:
     from airflow.models.connection import Connection
@@ -42,8 +43,6 @@ STORE_TIMEOUT = 10.0
 #: redis, postgres, mongo and mysql ones the hook accepts. Airflow's sqlite type is left out: its
 #: connections point at SQLite files that are not lock stores.
 LOCK_STORE_CONN_TYPES = frozenset(conn_type for conn_type in _STORE_OF_CONN_TYPE if conn_type != "sqlite")
-#: Metadata keys that name an Airflow holder (``airflow_provider._holders.holder_metadata``).
-_AIRFLOW_HOLDER_KEYS = ("deployment", "dag_id", "run_id", "task_id", "map_index", "try_number")
 _ENV_PREFIX = "AIRFLOW_CONN_"
 
 _T = TypeVar("_T")
@@ -61,32 +60,13 @@ class ReleaseRefused(Exception):
         self.current = current
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(timezone.utc).isoformat() if moment else None
-
-
 def lock_row(conn_id: str, record: LockRecord) -> dict[str, Any]:
-    """One live lock as the API shows it: the record's own fields (as ``singleton list --json``), plus who holds it.
+    """One live lock as the API shows it: ``singleton list --json``'s row (``singleton_integrations.admin``) and its connection.
 
     ``holder`` names the host and process, and the deployment, DAG, run, task and map
-    index when the holder is an Airflow task; ``hold_until`` is the minimum hold's end.
+    index when the holder is an Airflow task; ``min_hold_until`` is the minimum hold's end.
     """
-    meta = dict(record.metadata)
-    holder: dict[str, Any] = {"host": meta.get("host", record.host), "pid": record.pid}
-    if "dag_id" in meta:
-        holder.update({key: meta[key] for key in _AIRFLOW_HOLDER_KEYS if key in meta})
-        if "map_index" in holder:
-            holder["map_index"] = int(holder["map_index"]) if holder["map_index"].lstrip("-").isdigit() else -1
-    elif "deployment" in meta:
-        holder["deployment"] = meta["deployment"]
-    return {
-        "conn_id": conn_id,
-        **record.to_dict(),
-        "holder": holder,
-        "since": _iso(record.created_at),
-        "expires": _iso(record.expires_at),
-        "error": None,
-    }
+    return {"conn_id": conn_id, **LockRow.from_record(record).to_json(), "error": None}
 
 
 def _error_row(conn_id: str, message: str) -> dict[str, Any]:
@@ -158,7 +138,7 @@ def _list_one(conn_id: str, conn: Connection, prefix: str) -> list[dict[str, Any
         raise StoreUnavailable(detail)
     if "no locks yet" in detail:
         return []
-    return [lock_row(conn_id, record) for record in persister.list(prefix)]
+    return [{"conn_id": conn_id, **row.to_json(), "error": None} for row in lock_rows(persister, prefix)]
 
 
 def _within(executor: ThreadPoolExecutor, deadline: float, call: Callable[..., _T], *args: Any) -> _T:
@@ -199,44 +179,31 @@ def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "
     return rows
 
 
-def force_release(conn_id: str, conn: Connection, name: str, fencing_token: int,
+def force_release(conn_id: str, conn: Connection, name: str, fencing_token: int, reason: str,
                   timeout: float = STORE_TIMEOUT) -> dict[str, Any]:
     """Release ``name`` only while the holder still has ``fencing_token``; the previous holder's row.
 
-    The record is read, its token compared, and the release goes through the store's
-    owner-checked ``release`` with that record's owner token: a lock that changed hands
-    between the read and the release is never freed.
+    ``singleton_integrations.admin.force_release`` reads the record, compares the token
+    and releases through the store's owner-checked ``release`` with that record's owner
+    token: a lock that changed hands between the read and the release is never freed.
 
     :raises ReleaseRefused: the name is free, holds another token, or only keeps its minimum hold.
     :raises StoreUnavailable: the store could not be reached within ``timeout`` seconds.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="singleton-release")
     try:
-        try:
-            _, persister = _store_of(conn)
-            record = _within(executor, timeout, persister.get, name)
-        except StoreUnavailable:
-            raise
-        except Exception as error:  # noqa: BLE001  (translated once, without the password)
-            raise StoreUnavailable(_scrub(f"{type(error).__name__}: {error}", conn)) from None
-        if record is None:
-            raise ReleaseRefused(f"{name!r} is free on connection {conn_id!r}: nothing to release", None)
-        current = lock_row(conn_id, record)
-        if record.fencing_token != fencing_token:
-            raise ReleaseRefused(f"{name!r} now holds fencing token {record.fencing_token}, not {fencing_token}: "
-                                 "it changed hands, so nothing was released", current)
-        if record.released:
-            raise ReleaseRefused(f"{name!r} was already released by its holder and only keeps its minimum hold "
-                                 f"until {current['hold_until'] or current['expires']}", current)
-        try:
-            released = _within(executor, timeout, persister.release, name, record.owner_token)
-        except StoreUnavailable:
-            raise
-        except Exception as error:  # noqa: BLE001
-            raise StoreUnavailable(_scrub(f"{type(error).__name__}: {error}", conn)) from None
-        if not released:
-            raise ReleaseRefused(f"{name!r} changed hands or expired as it was released: nothing was released",
-                                 None)
-        return current
+        _, persister = _store_of(conn)
+        record = _within(executor, timeout, lambda: release_by_token(persister, name, fencing_token, reason=reason))
+    except NotHeld as refused:
+        current = lock_row(conn_id, refused.record) if refused.record is not None else None
+        raise ReleaseRefused(f"connection {conn_id!r}: {refused}", current) from None
+    except TokenChanged as refused:
+        current = lock_row(conn_id, refused.holder) if refused.holder is not None else None
+        raise ReleaseRefused(f"connection {conn_id!r}: {refused}", current) from None
+    except (StoreUnavailable, ValueError, TypeError):
+        raise
+    except Exception as error:  # noqa: BLE001  (translated once, without the password)
+        raise StoreUnavailable(_scrub(f"{type(error).__name__}: {error}", conn)) from None
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+    return lock_row(conn_id, record)
