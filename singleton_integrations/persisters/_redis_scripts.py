@@ -1,4 +1,4 @@
-"""The Redis lock rules, written once: Lua scripts, key names and reply parsing (no I/O).
+"""The Redis lock scripts and key names (no I/O); ``_redis_steps`` reads their replies.
 
 The sync and the async persister send these same scripts; only the sending is
 written twice. Layout for a lock ``NAME`` under the key prefix (default
@@ -34,27 +34,17 @@ server clocks do not go back.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from datetime import datetime, timezone
-from typing import Any
-
-from .._record import AcquireResult, LockRecord, Owner
 
 __all__ = [
     "RELEASED_MARKER",
     "SCRIPTS",
     "SHAS",
-    "acquire_result",
     "channel_pattern",
-    "freed_for",
     "glob_escape",
     "lock_key",
     "name_from_channel",
-    "our_record",
-    "record",
     "script_keys",
-    "ttl_ms",
     "wake_channel",
     "wake_message",
 ]
@@ -299,7 +289,6 @@ SCRIPTS: dict[str, str] = {
 }
 SHAS: dict[str, str] = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()}
 
-_EPOCH = datetime.fromtimestamp(0, timezone.utc)
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]^\-{}])")
 _CHANNEL_SUFFIX = "}:released"
 
@@ -343,73 +332,3 @@ def name_from_channel(prefix: str, channel: str) -> str | None:
     if channel.startswith(head) and channel.endswith(_CHANNEL_SUFFIX) and len(channel) >= len(head) + len(_CHANNEL_SUFFIX):
         return channel[len(head):-len(_CHANNEL_SUFFIX)]
     return None
-
-
-def _when(milliseconds: object) -> datetime | None:
-    if milliseconds is None or milliseconds == "":
-        return None
-    return datetime.fromtimestamp(int(milliseconds) / 1000, timezone.utc)  # type: ignore[call-overload]
-
-
-def record(name: str, token: str | None, holder: str | None) -> LockRecord:
-    """A record from the state hash's holder JSON; tolerant of one someone else removed."""
-    data: dict[str, Any] = json.loads(holder) if holder else {}
-    if token is None or token == RELEASED_MARKER:
-        token = str(data.get("owner_token", ""))
-    return LockRecord(
-        name=name,
-        owner_token=token,
-        fencing_token=int(data.get("fencing_token", 0)),
-        host=str(data.get("host", "unknown")),
-        pid=int(data.get("pid", 0)),
-        created_at=_when(data.get("created_at")) or _EPOCH,
-        expires_at=_when(data.get("expires_at")),
-        metadata=data.get("metadata") or {},
-        released_at=_when(data.get("released_at")),
-        hold_until=_when(data.get("hold_until")),
-    )
-
-
-def our_record(name: str, owner: Owner, fence: int, created_ms: int, ttl_ms: int, hold_ms: int) -> LockRecord:
-    """The record a fresh acquire made, built without reading the holder JSON back."""
-    life = max(ttl_ms, hold_ms) if ttl_ms else 0
-    return LockRecord(
-        name=name,
-        owner_token=owner.owner_token,
-        fencing_token=int(fence),
-        host=owner.host,
-        pid=owner.pid,
-        created_at=datetime.fromtimestamp(created_ms / 1000, timezone.utc),
-        expires_at=datetime.fromtimestamp((created_ms + life) / 1000, timezone.utc) if life else None,
-        metadata=dict(owner.metadata),
-        hold_until=datetime.fromtimestamp((created_ms + hold_ms) / 1000, timezone.utc) if hold_ms else None,
-    )
-
-
-def acquire_result(name: str, owner: Owner, reply: Any, ttl_ms: int, hold_ms: int) -> AcquireResult:
-    """What ACQUIRE_SCRIPT's reply means."""
-    if type(reply) is str:  # the uncontended path: "FENCE CREATED_MS"
-        fence, _, created = reply.partition(" ")
-        return AcquireResult(True, our_record(name, owner, int(fence), int(created), ttl_ms, hold_ms))
-    if reply[0] == 1:
-        return AcquireResult(True, our_record(name, owner, reply[1], reply[2], ttl_ms, hold_ms), expired=record(name, None, reply[3]))
-    if reply[0] == 2:
-        return AcquireResult(True, record(name, owner.owner_token, reply[1]))
-    if reply[0] == 3:
-        return AcquireResult(False, None, retry_after=reply[1] / 1000, queued_behind=True)
-    pttl = reply[3]
-    return AcquireResult(False, record(name, reply[1], reply[2]), retry_after=pttl / 1000 if pttl >= 0 else None)
-
-
-def freed_for(reply: Any) -> tuple[bool, str | None]:
-    """RELEASE_SCRIPT's reply: (the name is free now, the queue head it should wake)."""
-    if reply == 1:
-        return True, None
-    if isinstance(reply, str):  # the clients decode replies
-        return True, reply
-    return False, None
-
-
-def ttl_ms(ttl: float | None) -> int:
-    """A lease in whole milliseconds for the scripts; 0 means no expiry."""
-    return max(1, round(ttl * 1000)) if ttl else 0

@@ -2,10 +2,11 @@
 
 Works on a single server (``redis://``, ``rediss://``, ``unix://``), on a
 Sentinel-managed master (``redis+sentinel://``, ``rediss+sentinel://``) and on a
-cluster (``redis+cluster://``, ``rediss+cluster://``). The key layout, the
-scripts and the fencing rule are in ``_redis_scripts``; the topologies and the
-one shared client per store and process in ``_redis_clients``. Only the sending
-is written twice here: sync over ``redis``, async over ``redis.asyncio``.
+cluster (``redis+cluster://``, ``rediss+cluster://``). The rules are written
+once as steps in ``_redis_steps``; the key layout, the scripts and the fencing
+rule are in ``_redis_scripts``; the topologies and the one shared client per
+store and process in ``_redis_clients``. Only the sending is written twice
+here: sync over ``redis``, async over ``redis.asyncio``.
 
 Expiry is Redis's own key TTL, so an expired lock is simply gone; a ``holder``
 still present in the state hash is what tells the next acquire that the lock
@@ -21,9 +22,10 @@ import inspect
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import MissingDependency, PersisterError
@@ -41,6 +43,8 @@ from ._redis_clients import (
     parse_store,
     shared_for,
 )
+from ._redis_steps import EVAL, SCAN, Op, Rules, Steps
+from ._steps import adrive, drive
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "Redis"]
 
@@ -61,6 +65,9 @@ _LISTENER_WAIT_SECONDS = 0.1
 # Redis echoes a command's arguments (the owner token among them) in some errors.
 _ECHOED_ARGUMENTS = re.compile(r",? with args beginning with:.*", re.DOTALL)
 _UNSET: Any = object()
+#: Keys SCAN asks for per call, and lock keys read per pipelined round trip.
+_SCAN_COUNT = 500
+_R = TypeVar("_R")
 
 
 def _import_redis() -> Any:
@@ -209,6 +216,18 @@ class Redis(Persister):
         self.call_timeout = 2 * self.socket_timeout + options["socket_connect_timeout"]
         self._password: str | None = options.get("password")
         self._store = Store(topology, SCHEMES[scheme][1], nodes, service, options, pool_size, extra)
+        self._rules = self._make_rules()
+
+    def _make_rules(self) -> Rules:
+        # Through a weak reference: the rules live on the persister, which a cycle would keep alive.
+        persister = weakref.ref(self)
+
+        def notify(name: str, head: str | None) -> None:
+            alive = persister()
+            if alive is not None:
+                alive._notify_local(name, head)
+
+        return Rules(self.key_prefix, self._purge_ms, self.wait_replicas, self.wait_timeout_ms, notify)
 
     def _reset_runtime(self) -> None:
         """Driver handles and connection state: never pickled, rebuilt after unpickling."""
@@ -219,7 +238,6 @@ class Redis(Persister):
         self._response_error = redis.exceptions.ResponseError
         self._guard = threading.Lock()
         self._shared_entry: Shared | None = None
-        self._members: tuple[str, int, Mapping[str, str], str] | None = None
         # redis-py before 5.3 wants a command name for get_connection; later versions deprecate it.
         parameter = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
         self._pool_arguments: tuple[str, ...] = ("EVALSHA",) if parameter and parameter.default is parameter.empty else ()
@@ -275,23 +293,34 @@ class Redis(Persister):
         except self._errors as error:
             raise self._failure(action, error, secret) from error
 
-    def _eval(self, script: str, name: str, *args: object, wait: bool = False, secret: str | None = None) -> Any:
-        """One script call on ``name``'s keys; with ``wait``, ``(reply, replicas that confirmed)``."""
-        lock = scripts.lock_key(self.key_prefix, name)
+    # -- running the rules: the only I/O, written once per client -----------------------
+
+    def _run(self, verb: str, name: str, steps: Steps[_R], secret: str | None = None) -> _R:
+        """Drive ``steps`` with the shared sync client, within one connection slot."""
         shared = self._shared()
-        with self._translate(f"{script.replace('_', ' ')} of {name!r}", secret), shared.slots.take(self.socket_timeout):
-            if self.topology == "cluster":
-                return self._eval_cluster(shared.sync_client(), script, lock, args)
-            return self._eval_pooled(shared.sync_client().connection_pool, script, lock, args, wait)
-
-    def _eval_cluster(self, client: Any, script: str, lock: str, args: tuple[object, ...]) -> Any:
-        # RedisCluster routes by the keys' slot and follows MOVED/ASK itself.
         try:
-            return client.evalsha(scripts.SHAS[script], *scripts.script_keys(lock), *args)
-        except self._no_script:
-            return client.eval(scripts.SCRIPTS[script], *scripts.script_keys(lock), *args)
+            with shared.slots.take(self.socket_timeout):
+                client = shared.sync_client()
+                return drive(steps, lambda op: self._send(client, op), _unanswered)
+        except self._errors as error:
+            raise self._failure(f"{verb} {name!r}", error, secret) from error
 
-    def _eval_pooled(self, pool: Any, script: str, lock: str, args: tuple[object, ...], wait: bool) -> Any:
+    def _send(self, client: Any, op: Op) -> Any:
+        if op.kind is EVAL:
+            if self.topology != "cluster":
+                return self._eval_pooled(client.connection_pool, op)
+            # RedisCluster routes by the keys' slot and follows MOVED/ASK itself.
+            try:
+                return client.evalsha(scripts.SHAS[op.script], *op.keys, *op.args)
+            except self._no_script:
+                return client.eval(scripts.SCRIPTS[op.script], *op.keys, *op.args)
+        if op.kind is SCAN:
+            return [cast(str, key) for key in client.scan_iter(match=op.args[0], count=_SCAN_COUNT)]
+        with client.pipeline(transaction=self.topology != "cluster") as pipe:
+            _queue_reads(pipe, op.keys)
+            return pipe.execute()
+
+    def _eval_pooled(self, pool: Any, op: Op) -> Any:
         """EVALSHA (and WAIT) on one pooled connection, loading the script if the server lacks it.
 
         It talks to the connection directly: redis-py's command wrapper costs more
@@ -301,7 +330,7 @@ class Redis(Persister):
         for attempt in (1, 2):
             connection = pool.get_connection(*self._pool_arguments)
             try:
-                return self._exchange(connection, script, lock, args, wait)
+                return self._exchange(connection, op)
             except self._connection_error:
                 connection.disconnect()
                 if attempt == 2:
@@ -315,9 +344,9 @@ class Redis(Persister):
                 pool.release(connection)
         raise AssertionError("unreachable")
 
-    def _exchange(self, connection: Any, script: str, lock: str, args: tuple[object, ...], wait: bool) -> Any:
-        keys = scripts.script_keys(lock)
-        connection.send_command("EVALSHA", scripts.SHAS[script], *keys, *args)
+    def _exchange(self, connection: Any, op: Op) -> Any:
+        wait = op.wait
+        connection.send_command("EVALSHA", scripts.SHAS[op.script], *op.keys, *op.args)
         if wait:
             connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
         try:
@@ -325,7 +354,7 @@ class Redis(Persister):
         except self._no_script:
             if wait:
                 connection.read_response()
-            connection.send_command("EVAL", scripts.SCRIPTS[script], *keys, *args)
+            connection.send_command("EVAL", scripts.SCRIPTS[op.script], *op.keys, *op.args)
             if wait:
                 connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply = connection.read_response()
@@ -337,33 +366,40 @@ class Redis(Persister):
             return reply, int(connection.read_response())
         return reply
 
-    async def _aeval(self, script: str, name: str, *args: object, wait: bool = False, secret: str | None = None) -> Any:
-        """``_eval`` for coroutines, on this event loop's client."""
-        lock = scripts.lock_key(self.key_prefix, name)
-        action = f"{script.replace('_', ' ')} of {name!r}"
+    async def _arun(self, verb: str, name: str, steps: Steps[_R], secret: str | None = None) -> _R:
+        """``_run`` for coroutines, on this event loop's client."""
         entry = await self._shared().async_entry()
         try:
             await asyncio.wait_for(entry.semaphore.acquire(), self.socket_timeout)
         except asyncio.TimeoutError:
-            raise self._failure(action, PoolExhausted(f"no free connection within {self.socket_timeout:g} s")) from None
+            error = PoolExhausted(f"no free connection within {self.socket_timeout:g} s")
+            raise self._failure(f"{verb} {name!r}", error) from None
         try:
-            keys = scripts.script_keys(lock)
             client = entry.client
-            if wait:
-                return await self._apipelined(client, script, keys, args)
-            try:
-                return await client.evalsha(scripts.SHAS[script], *keys, *args)
-            except self._no_script:
-                return await client.eval(scripts.SCRIPTS[script], *keys, *args)
+            return await adrive(steps, lambda op: self._asend(client, op), _unanswered)
         except self._errors as error:
-            raise self._failure(action, error, secret) from error
+            raise self._failure(f"{verb} {name!r}", error, secret) from error
         finally:
             entry.semaphore.release()
 
-    async def _apipelined(self, client: Any, script: str, keys: tuple[object, ...], args: tuple[object, ...]) -> Any:
-        for command, text in (("evalsha", scripts.SHAS[script]), ("eval", scripts.SCRIPTS[script])):
+    async def _asend(self, client: Any, op: Op) -> Any:
+        if op.kind is EVAL:
+            if op.wait:
+                return await self._apipelined(client, op)
+            try:
+                return await client.evalsha(scripts.SHAS[op.script], *op.keys, *op.args)
+            except self._no_script:
+                return await client.eval(scripts.SCRIPTS[op.script], *op.keys, *op.args)
+        if op.kind is SCAN:
+            return [cast(str, key) async for key in client.scan_iter(match=op.args[0], count=_SCAN_COUNT)]
+        async with client.pipeline(transaction=self.topology != "cluster") as pipe:
+            _queue_reads(pipe, op.keys)
+            return await pipe.execute()
+
+    async def _apipelined(self, client: Any, op: Op) -> Any:
+        for command, text in (("evalsha", scripts.SHAS[op.script]), ("eval", scripts.SCRIPTS[op.script])):
             async with client.pipeline(transaction=False) as pipe:
-                getattr(pipe, command)(text, *keys, *args)
+                getattr(pipe, command)(text, *op.keys, *op.args)
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
                 reply, acknowledged = await pipe.execute(raise_on_error=False)
             if isinstance(reply, self._no_script) and command == "evalsha":
@@ -373,181 +409,62 @@ class Redis(Persister):
             return reply, int(acknowledged)
         raise AssertionError("unreachable")
 
-    def _holder_members(self, owner: Owner) -> str:
-        """The holder's JSON members but the times; host, pid and metadata are cached as they rarely change."""
-        import json
-
-        token = owner.owner_token
-        token_json = f'"{token}"' if token.isalnum() and token.isascii() else json.dumps(token)
-        cached = self._members
-        if cached is None or cached[0] != owner.host or cached[1] != owner.pid or cached[2] != owner.metadata:
-            metadata = dict(owner.metadata)
-            text = json.dumps({"host": owner.host, "pid": owner.pid, "metadata": metadata}, separators=(",", ":"))[1:-1]
-            self._members = cached = (owner.host, owner.pid, metadata, text)
-        return f'"owner_token":{token_json},{cached[3]}'
-
-    # -- primitives: the sync I/O --------------------------------------------------------
-
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
-        lease, hold, args = self._acquire_args(owner, ttl, min_hold, queue_for)
-        token = owner.owner_token
-        if not self.wait_replicas:
-            return scripts.acquire_result(name, owner, self._eval("acquire", name, *args, secret=token), lease, hold)
-        reply, acknowledged = self._eval("acquire", name, *args, wait=True, secret=token)
-        result = scripts.acquire_result(name, owner, reply, lease, hold)
-        if result.acquired and acknowledged < self.wait_replicas:
-            self._eval("release", name, token, self._purge_ms, secret=token)
-            raise self._too_few_replicas(name, acknowledged)
-        return result
-
-    def _acquire_args(self, owner: Owner, ttl: float | None, min_hold: float | None,
-                      queue_for: float | None) -> tuple[int, int, tuple[Any, ...]]:
-        """The acquire script's arguments, after the lease and the hold in ms that read its reply."""
-        lease, hold = scripts.ttl_ms(ttl), scripts.ttl_ms(min_hold)
-        return lease, hold, (owner.owner_token, lease, self._holder_members(owner), hold, self._purge_ms,
-                             scripts.ttl_ms(queue_for), self._wake_channel(queue_for))
-
     def _wake_channel(self, queue_for: float | None) -> str:
         """Where a release should wake this waiter: its process's listener, when one runs."""
         hub = self._hub() if queue_for is not None else None
         return scripts.wake_channel(self.key_prefix, hub.id) if hub is not None else ""
 
-    def _too_few_replicas(self, name: str, acknowledged: int) -> PersisterError:
-        return PersisterError(
-            self.backend,
-            f"acquiring {name!r}: only {acknowledged} of {self.wait_replicas} replicas confirmed "
-            f"within {self.wait_timeout_ms} ms; the lock was given back",
-        )
-
-    def release(self, name: str, owner_token: str) -> bool:
-        reply = self._eval("release", name, owner_token, self._purge_ms, wait=bool(self.wait_replicas), secret=owner_token)
-        if self.wait_replicas:
-            reply = reply[0]  # too few confirmations is not an error: see the class docstring
-        freed, head = scripts.freed_for(reply)
-        if freed:
-            self._notify_local(name, head)
-        return freed or reply == 2
-
-    def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        holder = self._eval("renew", name, owner_token, scripts.ttl_ms(ttl), self._purge_ms, secret=owner_token)
-        return scripts.record(name, owner_token, holder) if holder else None
-
-    def get(self, name: str) -> LockRecord | None:
-        reply = self._eval("get", name)
-        return scripts.record(name, reply[0], reply[1]) if reply else None
-
-    def force_release(self, name: str) -> LockRecord | None:
-        reply = self._eval("force_release", name, self._purge_ms)
-        if not reply:
-            return None
-        self._notify_local(name, reply[2] or None)
-        return scripts.record(name, reply[0], reply[1])
-
-    def leave_queue(self, name: str, owner_token: str) -> None:
-        head = self._eval("leave_queue", name, owner_token, secret=owner_token)
-        if head:
-            self._notify_local(name, head)
-
-    def list(self, prefix: str = "") -> list[LockRecord]:
-        """SCAN for lock keys (never KEYS), then read each batch in one pipelined round trip."""
-        found: dict[str, LockRecord] = {}  # SCAN may return a key twice
-        shared = self._shared()
-        with self._translate(f"listing locks under {prefix!r}"), shared.slots.take(self.socket_timeout):
-            client = shared.sync_client()
-            batch: list[str] = []
-            for key in client.scan_iter(match=self._list_pattern(prefix), count=500):
-                batch.append(cast(str, key))
-                if len(batch) >= 500:
-                    self._read_batch(client.pipeline(transaction=self.topology != "cluster"), batch, found)
-                    batch = []
-            if batch:
-                self._read_batch(client.pipeline(transaction=self.topology != "cluster"), batch, found)
-        return [found[name] for name in sorted(found)]
-
     def _list_pattern(self, prefix: str) -> str:
         return f"{scripts.glob_escape(self.key_prefix)}\\{{{scripts.glob_escape(prefix)}*\\}}"
 
-    def _read_batch(self, pipe: Any, keys: builtins.list[str], found: dict[str, LockRecord]) -> None:
-        with pipe:
-            for key in keys:
-                pipe.get(key)
-                pipe.hget(f"{key}:state", "holder")
-            self._collect(keys, pipe.execute(), found)
+    # -- primitives: the rules in _redis_steps, sent blocking or awaited ------------------
 
-    def _collect(self, keys: builtins.list[str], replies: builtins.list[Any], found: dict[str, LockRecord]) -> None:
-        start = len(self.key_prefix) + 1
-        for key, token, holder in zip(keys, replies[::2], replies[1::2], strict=True):
-            if token is not None:  # None: expired between SCAN and the read
-                name = str(key)[start:-1]
-                found[name] = scripts.record(name, token, holder)
-
-    # -- primitives: the async I/O, same scripts ---------------------------------------
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
+        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for))
+        return self._run("acquire of", name, steps, owner.owner_token)
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                        queue_for: float | None = None) -> AcquireResult:
-        lease, hold, args = self._acquire_args(owner, ttl, min_hold, queue_for)
-        token = owner.owner_token
-        if not self.wait_replicas:
-            return scripts.acquire_result(name, owner, await self._aeval("acquire", name, *args, secret=token), lease, hold)
-        reply, acknowledged = await self._aeval("acquire", name, *args, wait=True, secret=token)
-        result = scripts.acquire_result(name, owner, reply, lease, hold)
-        if result.acquired and acknowledged < self.wait_replicas:
-            await self._aeval("release", name, token, self._purge_ms, secret=token)
-            raise self._too_few_replicas(name, acknowledged)
-        return result
+        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for))
+        return await self._arun("acquire of", name, steps, owner.owner_token)
+
+    def release(self, name: str, owner_token: str) -> bool:
+        return self._run("release of", name, self._rules.release(name, owner_token), owner_token)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        reply = await self._aeval("release", name, owner_token, self._purge_ms, wait=bool(self.wait_replicas), secret=owner_token)
-        if self.wait_replicas:
-            reply = reply[0]
-        freed, head = scripts.freed_for(reply)
-        if freed:
-            self._notify_local(name, head)
-        return freed or reply == 2
+        return await self._arun("release of", name, self._rules.release(name, owner_token), owner_token)
+
+    def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
+        return self._run("renew of", name, self._rules.renew(name, owner_token, ttl), owner_token)
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        holder = await self._aeval("renew", name, owner_token, scripts.ttl_ms(ttl), self._purge_ms, secret=owner_token)
-        return scripts.record(name, owner_token, holder) if holder else None
+        return await self._arun("renew of", name, self._rules.renew(name, owner_token, ttl), owner_token)
+
+    def get(self, name: str) -> LockRecord | None:
+        return self._run("get of", name, self._rules.get(name))
 
     async def aget(self, name: str) -> LockRecord | None:
-        reply = await self._aeval("get", name)
-        return scripts.record(name, reply[0], reply[1]) if reply else None
+        return await self._arun("get of", name, self._rules.get(name))
+
+    def force_release(self, name: str) -> LockRecord | None:
+        return self._run("force release of", name, self._rules.force_release(name))
 
     async def aforce_release(self, name: str) -> LockRecord | None:
-        reply = await self._aeval("force_release", name, self._purge_ms)
-        if not reply:
-            return None
-        self._notify_local(name, reply[2] or None)
-        return scripts.record(name, reply[0], reply[1])
+        return await self._arun("force release of", name, self._rules.force_release(name))
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        self._run("leave queue of", name, self._rules.leave_queue(name, owner_token), owner_token)
 
     async def aleave_queue(self, name: str, owner_token: str) -> None:
-        head = await self._aeval("leave_queue", name, owner_token, secret=owner_token)
-        if head:
-            self._notify_local(name, head)
+        await self._arun("leave queue of", name, self._rules.leave_queue(name, owner_token), owner_token)
+
+    def list(self, prefix: str = "") -> list[LockRecord]:
+        """SCAN for lock keys (never KEYS), then read each batch in one pipelined round trip."""
+        return self._run("listing locks under", prefix, self._rules.list(self._list_pattern(prefix)))
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
-        found: dict[str, LockRecord] = {}
-        entry = await self._shared().async_entry()
-        try:
-            await asyncio.wait_for(entry.semaphore.acquire(), self.socket_timeout)
-        except asyncio.TimeoutError:
-            raise self._failure(f"listing locks under {prefix!r}", PoolExhausted(f"no free connection within {self.socket_timeout:g} s")) from None
-        try:
-            client = entry.client
-            keys = [cast(str, key) async for key in client.scan_iter(match=self._list_pattern(prefix), count=500)]
-            for start in range(0, len(keys), 500):
-                batch = keys[start:start + 500]
-                async with client.pipeline(transaction=self.topology != "cluster") as pipe:
-                    for key in batch:
-                        pipe.get(key)
-                        pipe.hget(f"{key}:state", "holder")
-                    self._collect(batch, await pipe.execute(), found)
-        except self._errors as error:
-            raise self._failure(f"listing locks under {prefix!r}", error) from error
-        finally:
-            entry.semaphore.release()
-        return [found[name] for name in sorted(found)]
+        return await self._arun("listing locks under", prefix, self._rules.list(self._list_pattern(prefix)))
 
     # -- waiting: one pub/sub listener per store, key prefix and process ------------------
 
@@ -598,6 +515,7 @@ class Redis(Persister):
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset_runtime()
+        self._rules = self._make_rules()
 
     def __repr__(self) -> str:
         return f"Redis({self.url!r}, key_prefix={self.key_prefix!r})"
@@ -605,7 +523,7 @@ class Redis(Persister):
 
 _RUNTIME = frozenset({
     "_driver", "_errors", "_no_script", "_connection_error", "_response_error", "_guard", "_shared_entry",
-    "_members", "_pool_arguments",
+    "_pool_arguments", "_rules",
 })
 
 
@@ -688,6 +606,18 @@ class _Listener:
                 hub.notify(name, str(message["data"]) or None)
         elif kind == "psubscribe":  # hearing every release again: an unqueued waiter may have missed one
             hub.notify_all(queued=False)  # the queued heard theirs on the wake channel throughout
+
+
+def _unanswered(error: BaseException) -> bool:
+    """The Redis steps answer no client error themselves: every one ends the primitive."""
+    return False
+
+
+def _queue_reads(pipe: Any, keys: tuple[str, ...]) -> None:
+    """Each lock key's value (the holder's token) and its holder JSON, for ``Rules.list``."""
+    for key in keys:
+        pipe.get(key)
+        pipe.hget(f"{key}:state", "holder")
 
 
 def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
