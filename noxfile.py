@@ -71,7 +71,8 @@ def tests_airflow(session: nox.Session) -> None:
     # Bytecode compiled at install, as pip does: the deployments' task processes must not pay for
     # compiling their imports (this machine sets PYTHONDONTWRITEBYTECODE, so nothing is cached later).
     session.env["UV_COMPILE_BYTECODE"] = "1"
-    session.install("-e", f".[airflow,{STORES}]")
+    # statsd: Airflow's StatsD client, for the test that reads the lock metrics a task sends.
+    session.install("-e", f".[airflow,{STORES}]", "statsd")
     _pytest(session, "tests/airflow")
 
 

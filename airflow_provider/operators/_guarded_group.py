@@ -34,6 +34,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowTaskTerminated
 
 from airflow_provider._holders import deployment_name, describe_holder, holder_metadata
+from airflow_provider._stats import recording_stats
 from airflow_provider.exceptions import SingletonLockLost
 from airflow_provider.hooks.singleton import SingletonHook
 from singleton_integrations import Lease, Singleton
@@ -273,6 +274,7 @@ class SingletonReleaseOperator(BaseOperator):
         self.lock_expire_seconds = lock_expire_seconds
         self.guarded_task_ids = list(guarded_task_ids)
 
+    @recording_stats
     def execute(self, context: Context) -> None:
         from airflow.sdk.log import mask_secret
 

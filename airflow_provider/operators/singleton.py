@@ -52,6 +52,7 @@ from airflow.sdk.exceptions import (
 )
 
 from airflow_provider._holders import deployment_name, describe_holder, holder_metadata, same_task_earlier_try
+from airflow_provider._stats import recording_stats
 from airflow_provider.exceptions import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
 from airflow_provider.hooks.singleton import SingletonHook
 from airflow_provider.operators._guarded_group import (
@@ -240,6 +241,7 @@ class SingletonOperator(PythonOperator):
 
     # -- execution -------------------------------------------------------------------------
 
+    @recording_stats
     def execute(self, context: Context) -> Any:
         deadline = self._deadline(context)
         if self.on_conflict == "wait" and not self.deferrable and self.mode == "poke":
@@ -251,6 +253,7 @@ class SingletonOperator(PythonOperator):
             return self._work(context)
         return self._on_conflict(context, deadline)
 
+    @recording_stats
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger: race for the lock, and wait again if someone else won."""
         status = event.get("status")
