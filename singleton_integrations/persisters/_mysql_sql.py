@@ -41,7 +41,7 @@ __all__ = [
     "PROBE_TABLE",
     "PROBE_WAITERS",
     "READ",
-    "RELEASE",
+    "RELEASE_OWNED",
     "RENEW",
     "TAKE",
     "session_setup",
@@ -115,10 +115,18 @@ UPDATE {table} SET owner_token = %(owner_token)s, fencing_token = %(fencing_toke
     hold_until = %(hold_until)s, released_at = NULL
 WHERE name = UNHEX(%(name)s)
 """
-#: Free the name, or keep it held by the released record until ``hold_until``.
-RELEASE = """
-UPDATE {table} SET owner_token = NULL, released_at = %(now)s, expires_at = %(expires_at)s
-WHERE name = UNHEX(%(name)s)
+#: Release in one round trip, without reading first: three UPDATEs sent together (with the
+#: COMMIT), each for the token's row in one state, so the affected-row counts say which it was:
+#: held into its minimum hold, held and now free, or already expired. The first that matches
+#: frees the owner token, so the later ones match nothing; each judges by its own clock reading,
+#: later than the one before, so a hold or lease ending between them falls to the next.
+_OWNED = "name = UNHEX(%(name)s) AND owner_token = %(owner_token)s"
+RELEASE_OWNED = f"""
+UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = hold_until
+WHERE {_OWNED} AND (expires_at IS NULL OR expires_at > {_NOW}) AND hold_until IS NOT NULL AND hold_until > {_NOW};
+UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL
+WHERE {_OWNED} AND (expires_at IS NULL OR expires_at > {_NOW});
+UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL WHERE {_OWNED}
 """
 RENEW = "UPDATE {table} SET expires_at = %(expires_at)s WHERE name = UNHEX(%(name)s)"
 #: Administrative: free a held name, or end a minimum hold early.

@@ -34,16 +34,19 @@ DUPLICATE_KEY, DEADLOCK = 1062, 1213
 
 
 class Op:
-    """One driver call: ``kind`` is ``one`` (a row or None), ``all`` (rows), ``count``
-    (affected rows), ``commit`` or ``rollback``."""
+    """One driver call (one round trip): ``kind`` is ``one`` (a row or None), ``all`` (rows),
+    ``count`` (affected rows), ``counts`` (the affected rows of each statement of several sent
+    together), ``commit`` or ``rollback``. ``commit``: the driver sends ``COMMIT`` in the same
+    round trip, after the statement (a statement's error stops the server before it)."""
 
-    __slots__ = ("kind", "params", "sql")
+    __slots__ = ("commit", "kind", "params", "sql")
 
-    def __init__(self, kind: str, sql: str = "", params: dict[str, Any] | None = None) -> None:
-        self.kind, self.sql, self.params = kind, sql, params
+    def __init__(self, kind: str, sql: str = "", params: dict[str, Any] | None = None, *,
+                 commit: bool = False) -> None:  # fmt: skip
+        self.kind, self.sql, self.params, self.commit = kind, sql, params, commit
 
     def __repr__(self) -> str:
-        return f"Op({self.kind})"
+        return f"Op({self.kind}{', commit' if self.commit else ''})"
 
 
 _R = TypeVar("_R")
@@ -138,19 +141,20 @@ class Rules:
         if head is None or head[0] == owner_token:
             return None
         yield from self._keep_place(name, owner_token, queue_for, now)
-        yield COMMIT
         return AcquireResult(False, None, retry_after=max((head[1] - now).total_seconds(), 0.001), queued_behind=True)
 
     def _keep_place(self, name: str, owner_token: str, queue_for: float | None, now: datetime) -> Steps[None]:
-        if queue_for is not None:
-            ends = now + timedelta(seconds=queue_for)
-            yield Op("count", self.sql["PLACE"], {"name": name, "owner_token": owner_token, "ends_at": ends})
+        """Keep (or take) the caller's place and commit; without ``queue_for``, only end the transaction."""
+        if queue_for is None:
+            yield ROLLBACK
+            return
+        ends = now + timedelta(seconds=queue_for)
+        yield Op("count", self.sql["PLACE"], {"name": name, "owner_token": owner_token, "ends_at": ends}, commit=True)
 
     def leave_queue(self, name: str, owner_token: str) -> Steps[None]:
         key = name.encode("utf-8").hex()
         yield Op("one", self.sql["LOCK_NAME"], {"name": key})  # the queue of a name changes under its row lock
-        yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner_token})
-        yield COMMIT
+        yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner_token}, commit=True)
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
                 queue_for: float | None = None) -> Steps[AcquireResult]:
@@ -164,11 +168,7 @@ class Rules:
                     if row[1] == owner.owner_token:  # our own write, retried after a lost reply
                         yield COMMIT
                         return AcquireResult(True, record(row))
-                    if queue_for is None:
-                        yield ROLLBACK
-                    else:
-                        yield from self._keep_place(key, owner.owner_token, queue_for, _now(row))
-                        yield COMMIT
+                    yield from self._keep_place(key, owner.owner_token, queue_for, _now(row))
                     return AcquireResult(False, record(row), retry_after=_retry_after(row))
                 if row is None:
                     now: datetime = (yield Op("one", q.NOW))[0]
@@ -189,8 +189,7 @@ class Rules:
                     "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
                     "hold_until": None if not min_hold else now + timedelta(seconds=min_hold),
                 }  # fmt: skip
-                yield Op("count", self.sql["INSERT" if row is None else "TAKE"], values)
-                yield COMMIT
+                yield Op("count", self.sql["INSERT" if row is None else "TAKE"], values, commit=True)
             except (self.errors.IntegrityError, self.errors.OperationalError) as error:
                 # Two first-time inserts of one name (the loser then waits on the winner's
                 # row like any contender), or InnoDB chose this transaction as a deadlock victim.
@@ -208,17 +207,11 @@ class Rules:
         return AcquireResult(False, None)  # pragma: no cover - the loop returns or raises
 
     def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
-        """(released while live, the name is free now)."""
+        """(released while live, the name is free now), in one round trip."""
         key = name.encode("utf-8").hex()
-        row = yield Op("one", self.sql["LOCK_OWNED"], {"name": key, "owner_token": owner_token})
-        if row is None:
-            yield ROLLBACK
-            return False, False
-        now, hold_until = _now(row), row[9]
-        holding = hold_until is not None and hold_until > now
-        yield Op("count", self.sql["RELEASE"], {"name": key, "now": now, "expires_at": hold_until if holding else None})
-        yield COMMIT
-        return _held(row), not holding
+        into_hold, freed, expired = (yield Op("counts", self.sql["RELEASE_OWNED"],
+                                              {"name": key, "owner_token": owner_token}, commit=True))[:3]  # fmt: skip
+        return bool(into_hold or freed), bool(freed or expired)
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
         key = name.encode("utf-8").hex()
@@ -231,8 +224,7 @@ class Rules:
             expires = _now(row) + timedelta(seconds=ttl)
             if row[9] is not None and row[9] > expires:  # never before the minimum hold's end
                 expires = row[9]
-        yield Op("count", self.sql["RENEW"], {"name": key, "expires_at": expires})
-        yield COMMIT
+        yield Op("count", self.sql["RENEW"], {"name": key, "expires_at": expires}, commit=True)
         return record((*row[:6], expires, *row[7:]))
 
     def get(self, name: str) -> Steps[LockRecord | None]:
@@ -251,12 +243,10 @@ class Rules:
         if row is None:
             yield ROLLBACK
             return None
-        yield Op("count", self.sql["FORCE_FREE"], {"name": key, "now": _now(row)})
-        yield COMMIT
+        yield Op("count", self.sql["FORCE_FREE"], {"name": key, "now": _now(row)}, commit=True)
         return record(row)
 
     def purge(self, after: float, limit: int) -> Steps[int]:
         removed: int = yield Op("count", self.sql["DELETE_IDLE"], {"after_us": int(after * 1_000_000), "limit": limit})
-        yield Op("count", self.sql["DELETE_ENDED_PLACES"], {"limit": limit})
-        yield COMMIT
+        yield Op("count", self.sql["DELETE_ENDED_PLACES"], {"limit": limit}, commit=True)
         return removed

@@ -28,6 +28,8 @@ Why it is shaped this way:
   ``max_execution_time`` covers SELECTs only, so ``innodb_lock_wait_timeout``
   bounds the row-lock waits of writes on both), PyMySQL's ``read_timeout`` and
   ``write_timeout`` bound each socket wait, and ``timeout`` bounds the whole call.
+* **TLS** (``ssl``, ``ssl_ca``, ...; ``_mysql_tls``): one ``SSLContext`` for both
+  drivers; once asked for, TLS is required and the certificate checked.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import importlib
 import logging
 import math
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +54,7 @@ from .._urls import redact_url
 from . import _mysql_sql as q
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
 from ._mysql_steps import Op, Rules, Steps
+from ._mysql_tls import Tls, flag, tls_connection_class
 from ._steps import adrive, asweep, drive, purge_limit, sweep
 
 __all__ = ["DEFAULT_TABLE", "MySql", "TableNotCreated"]
@@ -64,6 +68,8 @@ PURGE_EVERY_SECONDS = 600.0
 _NONE_WORDS = ("none", "null", "never", "")
 #: Connection-level errors after which a reused idle connection is dropped and the call tried once more.
 _GONE = {2006, 2013, 2014, 2055}
+#: Sent after a write in the same round trip (``Op.commit``): connections allow several statements per call.
+_COMMIT_TAIL = ";\nCOMMIT"
 
 
 class TableNotCreated(PersisterError):
@@ -109,6 +115,12 @@ _OPTIONS: dict[str, Callable[[Any], Any]] = {
     "max_size": lambda value: int(_positive(value, "max_size")),
     "purge_after_seconds": _retention,
     "poll_interval": lambda value: _positive(value, "poll_interval"),
+    "ssl": lambda value: flag(value, "ssl"),
+    "ssl_ca": str,
+    "ssl_cert": str,
+    "ssl_key": str,
+    "ssl_verify_cert": lambda value: flag(value, "ssl_verify_cert"),
+    "ssl_verify_identity": lambda value: flag(value, "ssl_verify_identity"),
 }
 
 
@@ -193,7 +205,9 @@ class MySql(Persister):
 
     ``url``: ``mysql://user:password@host:3306/database`` (or ``mariadb://``); query
     options ``table``, ``statement_timeout_ms``, ``connect_timeout``, ``timeout``,
-    ``max_size``, ``purge_after_seconds``, ``poll_interval``; keywords win.
+    ``max_size``, ``purge_after_seconds``, ``poll_interval``, and the TLS options
+    ``ssl``, ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_verify_cert``,
+    ``ssl_verify_identity``; keywords win.
 
     >>> MySql("mysql://app:s3cret@db.example:3306/locks", table="jobs")
     MySql('mysql://app:***@db.example:3306/locks', table='jobs')
@@ -211,7 +225,9 @@ class MySql(Persister):
     def __init__(self, url: str = "mysql://root@127.0.0.1:3306/test", *, table: str = DEFAULT_TABLE,
                  statement_timeout_ms: int = 5000, connect_timeout: float = 5.0, timeout: float | None = None,
                  max_size: int = 4, purge_after_seconds: float | None = DEFAULT_PURGE_AFTER_SECONDS,
-                 poll_interval: float = 0.25) -> None:  # fmt: skip
+                 poll_interval: float = 0.25, ssl: bool | None = None, ssl_ca: str | None = None,
+                 ssl_cert: str | None = None, ssl_key: str | None = None, ssl_verify_cert: bool | None = None,
+                 ssl_verify_identity: bool | None = None) -> None:  # fmt: skip
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("mysql", "mariadb"):
             raise ValueError(f"not a mysql:// or mariadb:// URL: {redact_url(url)!r}")
@@ -219,6 +235,9 @@ class MySql(Persister):
             port = parts.port or 3306
         except ValueError:
             raise ValueError(f"invalid port in {redact_url(url)!r}") from None
+        if parts.query:  # never dropped silently: an ignored ssl option would mean a plain connection
+            raise ValueError(f"MySql() takes options as keywords; for a URL with options use persisters.from_url: "
+                             f"{redact_url(url)!r}")
         database = unquote(parts.path.lstrip("/"))
         if not database or "/" in database:
             raise ValueError(f"name one database in the URL's path: {redact_url(url)!r}")
@@ -239,6 +258,9 @@ class MySql(Persister):
         self.max_size = int(_positive(max_size, "max_size"))
         self.purge_after_seconds = _retention(purge_after_seconds)
         self.poll_interval = _positive(poll_interval, "poll_interval")
+        #: The TLS settings asked for (file paths, never their content), and the context built from them.
+        self.tls = Tls.of(ssl, ssl_ca, ssl_cert, ssl_key, ssl_verify_cert, ssl_verify_identity)
+        self._ssl_context = self.tls.context()
         self._pymysql = _import_drivers()
         self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
         self._pool_: _Pool | None = None
@@ -264,7 +286,7 @@ class MySql(Persister):
     def _key(self) -> tuple[Any, ...]:
         args = self._connect_args
         return (args["host"], args["port"], args["user"], self._password, args["database"],
-                self.statement_timeout_ms, self.connect_timeout, self.max_size)  # fmt: skip
+                self.statement_timeout_ms, self.connect_timeout, self.max_size, self.tls)  # fmt: skip
 
     def _pool(self) -> _Pool:
         pool = self._pool_
@@ -281,13 +303,21 @@ class MySql(Persister):
 
     def _driver_options(self, connect_timeout: float) -> dict[str, Any]:
         socket_timeout = self.statement_timeout_ms / 1000 + 0.5
-        return {**self._connect_args, "password": self._password, "charset": "utf8mb4", "autocommit": False,
-                "connect_timeout": max(connect_timeout, 0.1), "read_timeout": socket_timeout,
-                "write_timeout": socket_timeout}  # fmt: skip
+        # MULTI_STATEMENTS: a write and its COMMIT (or a release's three UPDATEs) in one round trip.
+        # Every statement is one of _mysql_sql's templates, its values quoted by the driver.
+        options = {**self._connect_args, "password": self._password, "charset": "utf8mb4", "autocommit": False,
+                   "connect_timeout": max(connect_timeout, 0.1), "read_timeout": socket_timeout,
+                   "write_timeout": socket_timeout,
+                   "client_flag": self._pymysql.constants.CLIENT.MULTI_STATEMENTS}  # fmt: skip
+        if self._ssl_context is not None:
+            options["ssl"] = self._ssl_context
+        return options
 
     def _connect(self, connect_timeout: float) -> Any:
         options = self._driver_options(connect_timeout)
         options["connect_timeout"] = max(1, math.ceil(options["connect_timeout"]))  # PyMySQL wants whole seconds
+        if self.tls.refused:
+            options["ssl_disabled"] = True  # PyMySQL 2 otherwise tries TLS whenever the server offers it
         connection = self._pymysql.connect(**options)
         try:
             mariadb = "mariadb" in connection.get_server_info().lower()
@@ -306,7 +336,7 @@ class MySql(Persister):
         options.pop("read_timeout")
         options.pop("write_timeout")  # aiomysql has neither: every await is bounded by the deadline
         options["db"] = options.pop("database")
-        connection = await asyncio.wait_for(aiomysql.connect(**options), max(deadline - time.monotonic(), 0.01))
+        connection = await asyncio.wait_for(self._aopen(aiomysql, options), max(deadline - time.monotonic(), 0.01))
         try:
             mariadb = "mariadb" in connection.get_server_info().lower()
             async with connection.cursor() as cursor:
@@ -316,6 +346,13 @@ class MySql(Persister):
         except BaseException:
             connection.close()
             raise
+        return connection
+
+    async def _aopen(self, aiomysql: Any, options: dict[str, Any]) -> Any:
+        if self._ssl_context is None:
+            return await aiomysql.connect(**options)
+        connection = tls_connection_class(aiomysql, self._pymysql.err, self._pymysql.constants.CLIENT.SSL)(**options)
+        await connection._connect()  # what aiomysql.connect does, with the check that TLS is on offer
         return connection
 
     def _loop_pool(self) -> _LoopPool:
@@ -333,6 +370,9 @@ class MySql(Persister):
 
     def _error(self, action: str, error: BaseException) -> PersisterError:
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        tls = _tls_cause(error)
+        if tls is not None and str(tls) not in detail:  # aiomysql says only "Can't connect"
+            detail += f" ({type(tls).__name__}: {tls}; {self.tls.describe()})"
         text = f"{action} on {self.url} failed: {detail}"
         if self._password:  # a driver may echo it back; never show it
             for form in {self._password, quote(self._password, safe=""), quote(self._password)}:
@@ -378,12 +418,12 @@ class MySql(Persister):
             connection.rollback()
             return None
         with connection.cursor() as cursor:
-            count = cursor.execute(op.sql, op.params)
-            if op.kind == "one":
-                return cursor.fetchone()
-            if op.kind == "all":
-                return cursor.fetchall()
-            return count
+            count = cursor.execute(op.sql + _COMMIT_TAIL if op.commit else op.sql, op.params)
+            counts = [count]
+            answer = cursor.fetchone() if op.kind == "one" else cursor.fetchall() if op.kind == "all" else count
+            while cursor.nextset():  # the other statements' answers (and errors), the COMMIT's last
+                counts.append(cursor.rowcount)
+            return counts if op.kind == "counts" else answer
 
     def _run(self, action: str, make_steps: Callable[[], Steps[_R]]) -> _R:
         deadline = time.monotonic() + self.timeout
@@ -460,12 +500,13 @@ class MySql(Persister):
             await connection.rollback()
             return None
         async with connection.cursor() as cursor:
-            count = await cursor.execute(op.sql, op.params)
-            if op.kind == "one":
-                return await cursor.fetchone()
-            if op.kind == "all":
-                return await cursor.fetchall()
-            return count
+            count = await cursor.execute(op.sql + _COMMIT_TAIL if op.commit else op.sql, op.params)
+            counts = [count]
+            answer = (await cursor.fetchone() if op.kind == "one" else await cursor.fetchall() if op.kind == "all"
+                      else count)  # fmt: skip
+            while await cursor.nextset():
+                counts.append(cursor.rowcount)
+            return counts if op.kind == "counts" else answer
 
     async def _arun(self, action: str, make_steps: Callable[[], Steps[_R]]) -> _R:
         deadline = time.monotonic() + self.timeout
@@ -673,18 +714,29 @@ class MySql(Persister):
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the configuration only; connections are opened again on first use."""
         state = self.__dict__.copy()
-        for key in ("_pymysql", "_rules", "_pool_"):
+        for key in ("_pymysql", "_rules", "_pool_", "_ssl_context"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._ssl_context = self.tls.context()
         self._pymysql = _import_drivers()
         self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
         self._pool_ = None
 
     def __repr__(self) -> str:
         return f"MySql({self.url!r}, table={self.table!r})"
+
+
+def _tls_cause(error: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind a driver's error, if that is what it was."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _code(error: BaseException) -> int | None:

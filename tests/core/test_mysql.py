@@ -21,6 +21,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,6 +33,7 @@ else:
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters import Persister
+from singleton_integrations.persisters._mysql_steps import Op
 from singleton_integrations.persisters.mysql import MySql, TableNotCreated
 from singleton_integrations.testing.conformance import PersisterConformance, with_query
 from tests.servers import unavailable
@@ -381,3 +383,173 @@ def test_the_docstring_examples_run() -> None:
     from singleton_integrations.persisters import mysql
 
     assert doctest.testmod(mysql).failed == 0
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_tls_options_are_read_from_the_url_and_checked(tmp_path: Any) -> None:
+    from tests.servers.mysql_server import _make_certificates
+
+    _make_certificates(tmp_path)
+    ca, cert, key = (str(tmp_path / f) for f in ("ca.pem", "client.pem", "client-key.pem"))
+    base = "mysql://root@127.0.0.1:3306/test"
+    store = persisters.from_url(with_query(base, ssl_ca=ca, ssl_cert=cert, ssl_key=key, ssl_verify_identity="false"))
+    assert isinstance(store, MySql)
+    assert (store.tls.ca, store.tls.cert, store.tls.key, store.tls.verify_identity) == (ca, cert, key, False)
+    assert store.tls.required and not store.tls.refused
+    assert MySql(base, ssl=True).tls.required and MySql(base, ssl="off").tls.refused
+    assert not MySql(base).tls.required and not MySql(base).tls.refused
+    assert MySql(base, ssl=True)._key() != MySql(base)._key(), "TLS and plain connections never share a pool"
+    for query, error, words in [
+        ({"ssl": "maybe"}, ValueError, "ssl must be true or false"),
+        ({"ssl_verify_cert": "2"}, ValueError, "ssl_verify_cert must be true or false"),
+        ({"ssl": "false", "ssl_ca": ca}, ValueError, "ssl=false contradicts ssl_ca"),
+        ({"ssl_key": key}, ValueError, "ssl_key needs ssl_cert"),
+        ({"ssl_verify_identity": "true", "ssl_verify_cert": "false"}, ValueError, "needs the certificate checked"),
+        ({"ssl_ca": str(tmp_path / "missing.pem")}, ValueError, "ssl_ca: the TLS files cannot be used"),
+        ({"ssl_cert": ca}, ValueError, "ssl_cert/ssl_key: the TLS files cannot be used"),  # a certificate, no key
+        ({"ssl_ca": ""}, ValueError, "ssl_ca must name a file"),
+        ({"sslmode": "require"}, ValueError, "unknown option 'sslmode'"),
+    ]:
+        with pytest.raises(error, match=words):
+            persisters.from_url(with_query(base, **query))
+    with pytest.raises(TypeError, match="ssl must be a bool"):
+        MySql(base, ssl=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ssl_ca must be a file path"):
+        MySql(base, ssl_ca=3)  # type: ignore[arg-type]
+
+
+def test_one_tls_context_is_handed_to_both_drivers(tmp_path: Any) -> None:
+    import ssl
+
+    from tests.servers.mysql_server import _make_certificates
+
+    _make_certificates(tmp_path)
+    base = "mysql://root@127.0.0.1:3306/test"
+    checked = persisters.from_url(with_query(base, ssl_ca=str(tmp_path / "ca.pem")))
+    assert isinstance(checked, MySql)
+    context = checked._ssl_context
+    assert isinstance(context, ssl.SSLContext)
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True), "checked unless told not to"
+    assert checked._driver_options(5)["ssl"] is context  # PyMySQL's connect and aiomysql's take the same context
+    with pytest.raises(ValueError, match="takes options as keywords"):
+        MySql(with_query(base, ssl="true"))  # never a plain connection for an option it did not read
+    no_name = MySql(base, ssl_ca=str(tmp_path / "ca.pem"), ssl_verify_identity=False)._ssl_context
+    assert no_name is not None and (no_name.verify_mode, no_name.check_hostname) == (ssl.CERT_REQUIRED, False)
+    unchecked = MySql(base, ssl_verify_cert=False)._ssl_context
+    assert unchecked is not None and (unchecked.verify_mode, unchecked.check_hostname) == (ssl.CERT_NONE, False)
+    assert "ssl" not in MySql(base)._driver_options(5)
+    copy = pickle.loads(pickle.dumps(checked))  # the context is rebuilt, not pickled
+    assert copy.tls == checked.tls and isinstance(copy._ssl_context, ssl.SSLContext)
+
+
+@pytest.fixture(scope="module")
+def tls_server() -> Any:
+    from tests.servers import mysql_server
+
+    server_url()  # the driver is there
+    try:
+        return mysql_server.start_throwaway_tls()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        unavailable("a MariaDB with TLS", f"{type(error).__name__}: {error}")
+
+
+def _cipher(store: MySql, api: str) -> str:
+    """The TLS cipher of the pooled session the store's calls run on ('' without TLS), as the server reports it."""
+
+    def steps() -> Any:
+        row = yield Op("one", "SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        return row[1]
+
+    if api == "sync":
+        return str(store._run("read the cipher", steps))
+    return str(asyncio.run(store._arun("read the cipher", steps)))
+
+
+def _cycle(store: MySql, api: str) -> None:
+    owner = Owner()
+
+    async def acycle() -> None:
+        assert (await store.aacquire("tls", owner, 30)).acquired
+        assert await store.arelease("tls", owner.owner_token)
+
+    if api == "sync":
+        assert store.acquire("tls", owner, 30).acquired
+        assert store.release("tls", owner.owner_token)
+    else:
+        asyncio.run(acycle())
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_tls_connection_checks_the_server_certificate_and_name(tls_server: Any, api: str) -> None:
+    port = urlsplit(tls_server.url).port
+    by_name = f"mysql://root@localhost:{port}/test"  # the certificate names localhost only
+    by_address = f"mysql://root@127.0.0.1:{port}/test"
+    good = [MySql(by_name, ssl_ca=str(tls_server.ca)), MySql(by_address, ssl_ca=str(tls_server.ca), ssl_verify_identity=False),
+            MySql(by_address, ssl_ca=str(tls_server.other_ca), ssl_verify_cert=False)]
+    bad = [(MySql(by_address, ssl_ca=str(tls_server.ca)), "hostname|IP address mismatch|doesn't match"),
+           (MySql(by_name, ssl_ca=str(tls_server.other_ca)), "certificate verify failed"),
+           (MySql(by_name, ssl=True), "certificate verify failed")]  # the system's CAs did not sign it
+    try:
+        for store in good:
+            _cycle(store, api)
+            assert _cipher(store, api), f"{store.tls.describe()}: the session is not encrypted"
+        for store, why in bad:
+            with pytest.raises(PersisterError, match=why) as caught:
+                _cycle(store, api)
+            assert isinstance(caught.value.__cause__, pymysql.err.MySQLError)
+    finally:
+        for store in good + [store for store, _ in bad]:
+            store.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_client_certificate_is_presented(tls_server: Any, api: str) -> None:
+    user = f"x509_{secrets.token_hex(4)}"
+    admin = pymysql.connect(host="127.0.0.1", port=urlsplit(tls_server.url).port, user="root", database="test",
+                            autocommit=True, connect_timeout=5, ssl_ca=str(tls_server.ca), ssl_verify_identity=False)
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE USER '{user}'@'%' REQUIRE X509")
+        cursor.execute(f"GRANT ALL ON test.* TO '{user}'@'%'")
+    base = tls_server.url.replace("root@", f"{user}@", 1).replace("127.0.0.1", "localhost", 1)
+    table = run_table("x509")
+    with_cert = MySql(base, table=table, ssl_ca=str(tls_server.ca), ssl_cert=str(tls_server.client_cert),
+                      ssl_key=str(tls_server.client_key))
+    without = MySql(base, table=table, ssl_ca=str(tls_server.ca))
+    try:
+        _cycle(with_cert, api)
+        with pytest.raises(PersisterError, match="Access denied"):
+            _cycle(without, api)
+    finally:
+        with_cert.close()
+        without.close()
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`")
+            cursor.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+        admin.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_required_tls_is_refused_by_a_server_without_it_before_logging_in(base_url: str, admin: Any, api: str) -> None:
+    with admin.cursor() as cursor:
+        cursor.execute("SHOW GLOBAL VARIABLES LIKE 'have_ssl'")
+        if cursor.fetchone()[1] == "YES":
+            pytest.skip("this server offers TLS")
+    store = MySql(base_url, table=run_table(), ssl=True, ssl_verify_cert=False)
+    try:
+        with pytest.raises(PersisterError) as caught:
+            _cycle(store, api)
+        cause = caught.value.__cause__
+        # 2026 (CR_SSL_CONNECTION_ERROR) is raised on the server's greeting, before the login is sent.
+        assert isinstance(cause, pymysql.err.OperationalError) and cause.args[0] == 2026, cause
+    finally:
+        store.close()
+
+
+def test_ssl_false_keeps_pymysql_from_using_tls(tls_server: Any) -> None:
+    plain = MySql(tls_server.url, ssl=False)
+    try:
+        assert _cipher(plain, "sync") == "" and _cipher(plain, "async") == ""
+    finally:
+        plain.close()
