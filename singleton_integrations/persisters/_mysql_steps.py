@@ -36,7 +36,7 @@ DUPLICATE_KEY, DEADLOCK = 1062, 1213
 class Op:
     """One driver call (one round trip): ``kind`` is ``one`` (a row or None), ``all`` (rows),
     ``count`` (affected rows), ``counts`` (the affected rows of each statement of several sent
-    together), ``commit`` or ``rollback``. ``commit``: the driver sends ``COMMIT`` in the same
+    together), ``results`` (each one's affected rows and rows), ``commit`` or ``rollback``. ``commit``: the driver sends ``COMMIT`` in the same
     round trip, after the statement (a statement's error stops the server before it)."""
 
     __slots__ = ("commit", "kind", "params", "sql")
@@ -63,6 +63,10 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 def _ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _after(moment: datetime, microseconds: int | None) -> datetime | None:
+    return None if microseconds is None else moment + timedelta(microseconds=microseconds)
 
 
 def _name(raw: Any) -> str:
@@ -161,6 +165,23 @@ class Rules:
         """``queue_for`` (a waiting caller): keep its place while the name is held, and take a
         free name only when no earlier place is queued."""
         key = name.encode("utf-8").hex()
+        # Integer microseconds, so the server's times and this record's are the same values.
+        lease_us = None if ttl is None else round(max(ttl, min_hold or 0.0) * 1_000_000)
+        hold_us = round(min_hold * 1_000_000) if min_hold else None
+        metadata = json.dumps(dict(owner.metadata)) if owner.metadata else "{}"
+        if queue_for is None:  # one round trip for a name that has a row; a queue's rules need the steps below
+            results = yield Op("results", self.sql["TAKE_NOT_LIVE"], {
+                "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
+                "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
+            (_, rows), (taken, _) = results[1], results[2]
+            row = rows[0] if rows else None
+            if row is not None and _live(row):
+                if row[1] == owner.owner_token:  # our own write, retried after a lost reply
+                    return AcquireResult(True, record(row))
+                return AcquireResult(False, record(row), retry_after=_retry_after(row))
+            if row is not None and taken == 1:
+                at = _now(row)
+                return self._taken(name, owner, max(int(row[2]) + 1, _ms(at)), at, lease_us, hold_us, row)
         for attempt in range(_RETRIES):
             try:
                 row = yield Op("one", self.sql["LOCK_NAME"], {"name": key})
@@ -182,12 +203,10 @@ class Rules:
                         return refused
                     yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner.owner_token})
                 # A minimum hold is folded into the lease: a crashed holder frees the name at the later end.
-                lease = None if ttl is None else timedelta(seconds=max(ttl, min_hold or 0.0))
                 values: dict[str, Any] = {
                     "name": key, "owner_token": owner.owner_token, "fencing_token": fence, "host": owner.host,
-                    "pid": owner.pid, "created_at": now, "expires_at": None if lease is None else now + lease,
-                    "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
-                    "hold_until": None if not min_hold else now + timedelta(seconds=min_hold),
+                    "pid": owner.pid, "created_at": now, "expires_at": _after(now, lease_us), "metadata": metadata,
+                    "hold_until": _after(now, hold_us),
                 }  # fmt: skip
                 yield Op("count", self.sql["INSERT" if row is None else "TAKE"], values, commit=True)
             except (self.errors.IntegrityError, self.errors.OperationalError) as error:
@@ -197,14 +216,20 @@ class Rules:
                     raise
                 yield ROLLBACK
                 continue
-            taken = LockRecord(
-                name, owner.owner_token, fence, owner.host, owner.pid, _utc(now),  # type: ignore[arg-type]
-                _utc(values["expires_at"]), dict(owner.metadata), hold_until=_utc(values["hold_until"]),
-            )
-            # Only a holder whose lease ran out is reported expired; a hold that ended is a normal acquire.
-            expired = record(row) if row is not None and row[1] is not None else None
-            return AcquireResult(True, taken, expired=expired)
+            return self._taken(name, owner, fence, now, lease_us, hold_us, row)
         return AcquireResult(False, None)  # pragma: no cover - the loop returns or raises
+
+    @staticmethod
+    def _taken(name: str, owner: Owner, fence: int, now: datetime, lease_us: int | None, hold_us: int | None,
+               row: tuple[Any, ...] | None) -> AcquireResult:
+        """What an acquire that wrote the row answers: the new record, and the holder whose lease ran out."""
+        taken = LockRecord(
+            name, owner.owner_token, fence, owner.host, owner.pid, _utc(now),  # type: ignore[arg-type]
+            _utc(_after(now, lease_us)), dict(owner.metadata), hold_until=_utc(_after(now, hold_us)),
+        )
+        # Only a holder whose lease ran out is reported expired; a hold that ended is a normal acquire.
+        expired = record(row) if row is not None and row[1] is not None else None
+        return AcquireResult(True, taken, expired=expired)
 
     def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
         """(released while live, the name is free now), in one round trip."""

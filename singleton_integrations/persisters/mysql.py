@@ -419,11 +419,11 @@ class MySql(Persister):
             return None
         with connection.cursor() as cursor:
             count = cursor.execute(op.sql + _COMMIT_TAIL if op.commit else op.sql, op.params)
-            counts = [count]
-            answer = cursor.fetchone() if op.kind == "one" else cursor.fetchall() if op.kind == "all" else count
+            results = [(count, cursor.fetchall() if op.kind in ("all", "results") else ())]
+            answer = cursor.fetchone() if op.kind == "one" else results[0][1] if op.kind == "all" else count
             while cursor.nextset():  # the other statements' answers (and errors), the COMMIT's last
-                counts.append(cursor.rowcount)
-            return counts if op.kind == "counts" else answer
+                results.append((cursor.rowcount, cursor.fetchall() if op.kind == "results" else ()))
+            return _answer(op, answer, results)
 
     def _run(self, action: str, make_steps: Callable[[], Steps[_R]]) -> _R:
         deadline = time.monotonic() + self.timeout
@@ -501,12 +501,11 @@ class MySql(Persister):
             return None
         async with connection.cursor() as cursor:
             count = await cursor.execute(op.sql + _COMMIT_TAIL if op.commit else op.sql, op.params)
-            counts = [count]
-            answer = (await cursor.fetchone() if op.kind == "one" else await cursor.fetchall() if op.kind == "all"
-                      else count)  # fmt: skip
+            results = [(count, await cursor.fetchall() if op.kind in ("all", "results") else ())]
+            answer = await cursor.fetchone() if op.kind == "one" else results[0][1] if op.kind == "all" else count
             while await cursor.nextset():
-                counts.append(cursor.rowcount)
-            return counts if op.kind == "counts" else answer
+                results.append((cursor.rowcount, await cursor.fetchall() if op.kind == "results" else ()))
+            return _answer(op, answer, results)
 
     async def _arun(self, action: str, make_steps: Callable[[], Steps[_R]]) -> _R:
         deadline = time.monotonic() + self.timeout
@@ -727,6 +726,13 @@ class MySql(Persister):
 
     def __repr__(self) -> str:
         return f"MySql({self.url!r}, table={self.table!r})"
+
+
+def _answer(op: Op, first: Any, results: list[tuple[int, Any]]) -> Any:
+    """What the steps are sent: the first statement's answer, or every statement's (``counts``, ``results``)."""
+    if op.kind == "counts":
+        return [count for count, _ in results]
+    return results if op.kind == "results" else first
 
 
 def _tls_cause(error: BaseException) -> ssl.SSLError | None:
