@@ -39,11 +39,17 @@ def on_api_server() -> bool:
     return sys.argv[1:2] == ["api-server"]
 
 
+def _conf() -> Any:
+    try:  # the Task SDK's view of airflow.cfg: what a worker that has no airflow-core reads
+        from airflow.sdk import conf
+    except ImportError:
+        from airflow.configuration import conf
+    return conf
+
+
 def _base_path() -> str:
     """The path of ``[api] base_url`` (Airflow behind a reverse proxy at /airflow), without its trailing slash."""
-    from airflow.configuration import conf
-
-    base = conf.get("api", "base_url", fallback="/") or "/"
+    base = _conf().get("api", "base_url", fallback="/") or "/"
     path = urlsplit(base).path if base.startswith(("http://", "https://")) else base
     return path.rstrip("/")
 
@@ -76,9 +82,7 @@ class SingletonLocksPlugin(AirflowPlugin):
 
 def _providers_load_plugins() -> bool:
     """Whether Airflow loads the plugins providers declare: only with ``[core] lazy_discover_providers = False``."""
-    from airflow.configuration import conf
-
-    return not conf.getboolean("core", "lazy_discover_providers", fallback=True)
+    return not _conf().getboolean("core", "lazy_discover_providers", fallback=True)
 
 
 #: What the ``airflow.plugins`` entry point names. Airflow loads a provider's declared plugins only

@@ -170,6 +170,32 @@ def test_the_provider_declares_the_plugin_with_its_page_and_task_instance_tab(se
                                                                       tab["href"].split("?")[1].split("&")}
 
 
+def test_the_api_documents_itself(server: ApiServer) -> None:
+    status, schema = call(server.base_url, "GET", "/singleton/openapi.json")
+    assert status == 200 and {"/api/v1/locks", "/api/v1/locks/release"} <= set(schema["paths"]), schema
+    assert call(server.base_url, "GET", "/singleton/docs")[0] == 200
+
+
+def test_the_plugin_is_empty_outside_the_api_server() -> None:
+    """Schedulers, workers and triggerers import plugin classes too: they build no app and no view."""
+    from airflow_provider.plugins.locks import SingletonLocksPlugin, on_api_server
+
+    assert not on_api_server()
+    assert SingletonLocksPlugin.fastapi_apps == [] and SingletonLocksPlugin.external_views == []
+
+
+@pytest.mark.parametrize("lazy", ["True", "False"])
+def test_the_plugin_registers_once_however_airflow_discovers_providers(lazy: str) -> None:
+    """Eager discovery loads the provider's declared plugin, lazy discovery the entry point; never both."""
+    probe = ("from airflow import plugins_manager as m; plugins, errors = m._get_plugins(); "
+             "print([p.name for p in plugins].count('singleton_locks'), len(errors))")
+    env = {**os.environ, "AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS": lazy, "AIRFLOW_API_APPS": "all"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "0"], done.stdout[-2000:]
+
+
 def test_no_credentials_is_401(server: ApiServer) -> None:
     assert call(server.base_url, "GET", f"{API}/locks")[0] == 401
     body = {"conn_id": "x", "name": "y", "fencing_token": 1, "reason": "z"}
