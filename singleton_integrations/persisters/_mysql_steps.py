@@ -169,19 +169,13 @@ class Rules:
         lease_us = None if ttl is None else round(max(ttl, min_hold or 0.0) * 1_000_000)
         hold_us = round(min_hold * 1_000_000) if min_hold else None
         metadata = json.dumps(dict(owner.metadata)) if owner.metadata else "{}"
-        if queue_for is None:  # one round trip for a name that has a row; a queue's rules need the steps below
-            results = yield Op("results", self.sql["TAKE_NOT_LIVE"], {
+        if queue_for is None:  # a free name in one round trip; the rest (and a queue's rules) take the steps below
+            results = yield Op("results", self.sql["TAKE_FREE"], {
                 "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
                 "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
-            (_, rows), (taken, _) = results[1], results[2]
-            row = rows[0] if rows else None
-            if row is not None and _live(row):
-                if row[1] == owner.owner_token:  # our own write, retried after a lost reply
-                    return AcquireResult(True, record(row))
-                return AcquireResult(False, record(row), retry_after=_retry_after(row))
-            if row is not None and taken == 1:
-                at = _now(row)
-                return self._taken(name, owner, max(int(row[2]) + 1, _ms(at)), at, lease_us, hold_us, row)
+            if results[1][0] == 1:  # the UPDATE took the row
+                at, fence = results[2][1][0]
+                return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
         for attempt in range(_RETRIES):
             try:
                 row = yield Op("one", self.sql["LOCK_NAME"], {"name": key})
