@@ -1,12 +1,22 @@
-"""Prefect events for a lock's life, one resource per lock name, so Automations can react."""
+"""Prefect events for a lock's life, one resource per lock name, so Automations can react.
+
+Each ``singleton.lock.released`` event ``follows`` the ``singleton.lock.acquired``
+event of its hold, as Prefect's own concurrency-limit events do, so the event feed
+and automations order the pair even when they arrive out of order (Prefect keeps
+``follows`` only for events less than five minutes apart).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from singleton_integrations import LockRecord
 
 from ._context import RunInfo
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 __all__ = ["EVENT_NAMES", "emit_lock_event", "lock_resource_id"]
 
@@ -15,6 +25,7 @@ EVENT_NAMES = (
     "singleton.lock.acquired",
     "singleton.lock.conflict",
     "singleton.lock.expired",
+    "singleton.lock.force-released",
     "singleton.lock.lost",
     "singleton.lock.released",
 )
@@ -33,9 +44,14 @@ def emit_lock_event(
     backend: str,
     message: str,
     record: LockRecord | None = None,
-) -> None:
+    follows: Event | None = None,
+    payload: Mapping[str, Any] | None = None,
+    related: list[dict[str, str]] | None = None,
+) -> Event | None:
     """Send ``singleton.lock.<what>``; never raises (an event must not break locking).
 
+    Returns the event sent (for a later event to ``follow``), or None when none was.
+    ``payload`` and ``related`` add to the message, store and holder, and to the run.
     Outside any run with no Prefect API configured there is no one to tell, and
     Prefect would start an ephemeral server just for the event: skip it.
     """
@@ -43,17 +59,20 @@ def emit_lock_event(
     from prefect.settings import PREFECT_API_URL
 
     if not (run.flow_run_id or run.task_run_id) and PREFECT_API_URL.value() is None:
-        return
+        return None
 
     event = f"singleton.lock.{what}"
     assert event in EVENT_NAMES, event
-    payload: dict[str, Any] = {"message": message, "store": backend}
+    body: dict[str, Any] = {"message": message, "store": backend}
     if record is not None:
-        payload["holder"] = record.to_dict()
+        body["holder"] = record.to_dict()
+    body.update(payload or {})
     resource = {"prefect.resource.id": lock_resource_id(name), "prefect.resource.name": name, "singleton.store": backend}
     try:
-        emit_event(event=event, resource=resource, related=run.related(), payload=payload)
+        return emit_event(event=event, resource=resource, related=[*run.related(), *(related or [])], payload=body,
+                          follows=follows)
     except Exception:  # e.g. EventTooLarge from a huge message; the lock matters more than its event
         import logging
 
         logging.getLogger("prefect_blocks").exception("could not emit %s for lock %r", event, name)
+        return None

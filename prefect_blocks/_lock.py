@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from singleton_integrations import AsyncSingleton, LockLost, Singleton
 
@@ -22,6 +22,9 @@ from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
 from ._events import emit_lock_event
 from ._messages import conflict
 from ._waiting import WaitReport, areporting_wait, reporting_wait
+
+if TYPE_CHECKING:
+    from prefect.events import Event
 
 __all__ = ["LockSource", "SingletonLock"]
 
@@ -74,6 +77,7 @@ class SingletonLock:
         self._log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logging.getLogger("prefect_blocks")
         self._lost_reason: str | None = None
         self._entered = threading.Lock()
+        self._acquired_event: Event | None = None  # the hold's acquired event: its released event follows it
 
     @property
     def singleton(self) -> CoreLock | None:
@@ -184,13 +188,13 @@ class SingletonLock:
 
     def _acquired(self, singleton: CoreLock) -> None:
         message = f"acquired lock {singleton.name!r} with fencing token {singleton.fencing_token}"
-        self._emit("acquired", singleton, message, singleton.record)
+        self._acquired_event = self._emit("acquired", singleton, message, singleton.record)
         self._log.info("%s", message)
 
     def _after_release(self, singleton: CoreLock, released: bool, body_succeeded: bool) -> None:
         if released:
             message = f"released lock {singleton.name!r}"
-            self._emit("released", singleton, message)
+            self._emit("released", singleton, message, follows=self._acquired_event)
             self._log.info("%s", message)
         if self._lost_reason is not None and body_succeeded:
             raise LockLost(singleton.name, self._lost_reason)
@@ -219,8 +223,10 @@ class SingletonLock:
     def _areporting_wait(self, singleton: CoreLock) -> AbstractAsyncContextManager[None]:
         return areporting_wait(self._wait_report(singleton)) if self.wait else nullcontext()
 
-    def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None) -> None:
-        emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend, message=message, record=record)
+    def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None,
+              follows: Event | None = None) -> Event | None:
+        return emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend,
+                               message=message, record=record, follows=follows)
 
     def __repr__(self) -> str:
         return f"SingletonLock({self.name!r}, wait={self.wait!r})"
