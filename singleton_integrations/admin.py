@@ -217,7 +217,7 @@ def _refused(persister: Persister, name: str, fencing_token: int, now: LockRecor
 
 
 def _released(persister: Persister, record: LockRecord, reason: str) -> LockRecord:
-    because = f" because: {reason}" if reason else ""
+    because = f", reason: {reason!r}" if reason else ""  # quoted: a reason typed in a form stays one log line
     _logger.warning("force-released lock %r held by %s (%s)%s", record.name, record.describe(), persister.backend,
                     because)
     return record
