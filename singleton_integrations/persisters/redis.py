@@ -23,8 +23,8 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -32,7 +32,17 @@ from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url, scheme_of
 from . import _redis_scripts as scripts
-from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
+from ._base import (
+    DEFAULT_PURGE_AFTER_SECONDS,
+    Persister,
+    ReleaseHub,
+    ReleaseWatch,
+    option_retention,
+    option_whole_number,
+    positive_seconds,
+    retention_seconds,
+    whole_number,
+)
 from ._redis_clients import (
     DEFAULT_MAX_CONNECTIONS,
     SCHEMES,
@@ -50,8 +60,15 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "Redis"]
 
 _DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _DEFAULT_PREFIX = "singleton:"
-# Options this persister reads from the URL's query string; the rest go to redis-py.
-_OWN_QUERY_OPTIONS = ("key_prefix", "wait_replicas", "wait_timeout_ms", "purge_after_seconds")
+# Options this persister reads from the URL's query string, and how; the rest go to redis-py.
+_OWN_QUERY_OPTIONS: dict[str, Callable[[str, str], Any]] = {
+    "key_prefix": lambda text, _: text,
+    "wait_replicas": option_whole_number,
+    "wait_timeout_ms": option_whole_number,
+    "purge_after_seconds": option_retention,
+}
+#: The longest retention the scripts' millisecond expiries take.
+_LONGEST_SECONDS = 1e10
 # Keywords for redis-py's Sentinel manager and RedisCluster rather than for connections.
 _SENTINEL_KEYWORDS = frozenset({"sentinel_kwargs", "min_other_sentinels", "force_master_ip"})
 _CLUSTER_KEYWORDS = frozenset({
@@ -128,12 +145,10 @@ class Redis(Persister):
     """
 
     backend: ClassVar[str] = "redis"
-    distributed: ClassVar[bool] = True
-    notifies: ClassVar[bool] = True
-    supports_min_hold: ClassVar[bool] = True
-    native_async: ClassVar[bool] = True
-    fair: ClassVar[bool] = True
     clock: ClassVar[str] = "the Redis server's clock (TIME, key TTLs)"
+    # Every capability a Persister declares: shared across hosts, woken by pub/sub, a minimum
+    # hold, a native async client, and a fair queue of waiters.
+    distributed = notifies = supports_min_hold = native_async = fair = True
 
     @classmethod
     def preload(cls) -> None:
@@ -162,7 +177,7 @@ class Redis(Persister):
             )
         #: The store's URL with any password masked; the secret itself is kept private.
         self.url = redact_url(url)
-        main_url, query = _split_own_options(url)
+        main_url, own = _split_own_options(url)
         topology, driver_url, nodes, service = parse_store(redis, main_url, scheme)
         self.topology = topology
         try:
@@ -177,27 +192,28 @@ class Redis(Persister):
             options.pop("host", None)
             options.pop("port", None)
 
-        prefix = key_prefix if key_prefix is not None else query.get("key_prefix", _DEFAULT_PREFIX)
+        prefix = key_prefix if key_prefix is not None else own.get("key_prefix", _DEFAULT_PREFIX)
         if not isinstance(prefix, str) or any(ord(c) < 32 for c in prefix):
             raise TypeError("key_prefix must be a str without control characters")
         self.key_prefix = prefix
-        self.wait_replicas = _int_option("wait_replicas", wait_replicas, query, 0, minimum=0)
-        self.wait_timeout_ms = _int_option("wait_timeout_ms", wait_timeout_ms, query, 1000, minimum=1)
+        self.wait_replicas = whole_number(_chosen(wait_replicas, own, "wait_replicas", 0), "wait_replicas", 0)
+        self.wait_timeout_ms = whole_number(_chosen(wait_timeout_ms, own, "wait_timeout_ms", 1000), "wait_timeout_ms")
         if self.wait_replicas and topology == "cluster":
             raise ValueError("wait_replicas is not supported on a Redis Cluster (redis+cluster://)")
-        self.purge_after_seconds = _purge_option(purge_after_seconds, query)
-        self._purge_ms = round(self.purge_after_seconds * 1000) if self.purge_after_seconds else 0
+        purge = own.get("purge_after_seconds", DEFAULT_PURGE_AFTER_SECONDS) if purge_after_seconds is _UNSET else purge_after_seconds
+        self.purge_after_seconds = retention_seconds(purge)
+        if self.purge_after_seconds is not None and self.purge_after_seconds >= _LONGEST_SECONDS:
+            raise ValueError(f"purge_after_seconds must be below {_LONGEST_SECONDS:g} (or None to keep state), not {purge!r}")
+        self._purge_ms = max(1, round(self.purge_after_seconds * 1000)) if self.purge_after_seconds else 0
 
         for key, value in (("socket_timeout", socket_timeout), ("socket_connect_timeout", socket_connect_timeout)):
-            chosen = value if value is not None else options.get(key, 5.0)
-            if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not 0 < chosen < 3600:
+            chosen = positive_seconds(value if value is not None else options.get(key, 5.0), key)
+            if chosen >= 3600:
                 raise ValueError(f"{key} must be a positive number of seconds below an hour, not {chosen!r}")
-            options[key] = float(chosen)
-        pool_size = max_connections if max_connections is not None else options.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
+            options[key] = chosen
+        pool_size = max_connections if max_connections is not None else options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
         options.pop("max_connections", None)
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ValueError(f"max_connections must be a positive integer, not {pool_size!r}")
-        self.max_connections = pool_size
+        self.max_connections = pool_size = whole_number(pool_size, "max_connections")
         if self.wait_replicas and self.wait_timeout_ms / 1000 >= options["socket_timeout"]:
             raise ValueError("wait_timeout_ms must be shorter than socket_timeout")
 
@@ -620,40 +636,15 @@ def _queue_reads(pipe: Any, keys: tuple[str, ...]) -> None:
         pipe.hget(f"{key}:state", "holder")
 
 
-def _split_own_options(url: str) -> tuple[str, dict[str, str]]:
-    """Our query options apart from redis-py's, which get the rest of the URL unchanged."""
+def _split_own_options(url: str) -> tuple[str, dict[str, Any]]:
+    """Our query options, read, apart from redis-py's, which get the rest of the URL unchanged."""
     base, _, query_text = url.partition("?")
     query = parse_qsl(query_text, keep_blank_values=True)
-    own = {k: v for k, v in query if k in _OWN_QUERY_OPTIONS}
-    rest = [(k, v) for k, v in query if k not in _OWN_QUERY_OPTIONS]
+    own = {key: _OWN_QUERY_OPTIONS[key](text, key) for key, text in query if key in _OWN_QUERY_OPTIONS}
+    rest = [(key, text) for key, text in query if key not in _OWN_QUERY_OPTIONS]
     return (f"{base}?{urlencode(rest)}" if rest else base), own
 
 
-def _int_option(name: str, value: int | None, query: Mapping[str, str], default: int, *, minimum: int) -> int:
-    raw: object = value if value is not None else query.get(name, default)
-    number: int | None = None
-    if not isinstance(raw, (bool, float)):
-        with suppress(TypeError, ValueError):
-            number = int(raw)  # type: ignore[call-overload]  # any object: what int() refuses is caught
-    if number is None or number < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, not {raw!r}")
-    return number
-
-
-def _purge_option(value: float | None, query: Mapping[str, str]) -> float | None:
-    """``purge_after_seconds``: the keyword, else the URL's (``none`` keeps state), else 30 days."""
-    if value is _UNSET:
-        text = query.get("purge_after_seconds")
-        if text is None:
-            return DEFAULT_PURGE_AFTER_SECONDS
-        if text.strip().lower() in ("", "none", "never"):
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"purge_after_seconds must be a number of seconds or 'none', not {text!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.001 <= value < 1e10:
-        raise ValueError(f"purge_after_seconds must be a positive number of seconds or None, not {value!r}")
-    return float(value)
+def _chosen(keyword: object, own: Mapping[str, Any], key: str, default: object) -> object:
+    """A keyword option when given, else the URL's, else the default."""
+    return keyword if keyword is not None else own.get(key, default)

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pytest
 
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
-from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS
+from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS, Persister
 from singleton_integrations.persisters._redis_scripts import RELEASED_MARKER
 from singleton_integrations.persisters.redis import Redis
 from singleton_integrations.testing.conformance import PersisterConformance
@@ -1000,6 +1000,16 @@ class _TopologyConformance(PersisterConformance):
     test_sigterm_releases_then_ends_the_process = None  # type: ignore[assignment]
     test_sigterm_chains_the_previous_handler = None  # type: ignore[assignment]
     test_killed_holder_lock_expires = None  # type: ignore[assignment]
+
+    @pytest.fixture
+    def stored_state(self) -> Callable[[Persister, str], bool]:
+        """Whether any key of a name is left, by SCAN through the persister's own client (every master of a cluster)."""
+
+        def found(persister: Persister, name: str) -> bool:
+            client = persister._client()  # type: ignore[attr-defined]
+            return any(True for _ in client.scan_iter(match=f"*{name}*", count=1000))
+
+        return found
 
 
 class TestClusterConformance(_TopologyConformance):
