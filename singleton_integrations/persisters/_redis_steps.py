@@ -19,7 +19,7 @@ from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from ._redis_scripts import RELEASED_MARKER, script_keys
 
-__all__ = ["EVAL", "READ", "SCAN", "Op", "Rules", "Steps", "record"]
+__all__ = ["EVAL", "READ", "SCAN", "Op", "Rules", "Steps", "bulk", "record"]
 
 EVAL, SCAN, READ = "eval", "scan", "read"
 
@@ -31,17 +31,21 @@ _EPOCH = datetime.fromtimestamp(0, timezone.utc)
 class Op:
     """One client call.
 
-    ``eval``: the script ``script`` on ``keys`` with ``args``; with ``wait``, WAIT
-    follows on the same connection and the reply is ``(script reply, replicas that
-    confirmed)``. ``scan``: every key matching ``args[0]`` (a list). ``read``: for
-    each lock key in ``keys``, its value and its holder JSON, in one pipelined
-    round trip (a flat list).
+    ``eval``: the script ``script`` on ``keys`` with ``args`` (bytes and ints, so
+    nothing is encoded again per call); with ``wait``, WAIT follows on the same
+    connection and the reply is ``(script reply, replicas that confirmed)``.
+    ``packed_keys`` is the key count and the keys already in the protocol's form,
+    for a sender that writes the command itself. ``scan``: every key matching
+    ``args[0]`` (a list). ``read``: for each lock key in ``keys``, its value and its
+    holder JSON, in one pipelined round trip (a flat list).
     """
 
-    __slots__ = ("args", "keys", "kind", "script", "wait")
+    __slots__ = ("args", "keys", "kind", "packed_keys", "script", "wait")
 
-    def __init__(self, kind: str, script: str, keys: tuple[Any, ...], args: tuple[Any, ...], wait: bool = False) -> None:
+    def __init__(self, kind: str, script: str, keys: tuple[Any, ...], args: tuple[Any, ...], wait: bool = False,
+                 packed_keys: bytes = b"") -> None:
         self.kind, self.script, self.keys, self.args, self.wait = kind, script, keys, args, wait
+        self.packed_keys = packed_keys
 
     def __repr__(self) -> str:  # the arguments hold owner tokens: keep them out of logs
         return f"Op({self.kind} {self.script})"
@@ -117,6 +121,15 @@ def _freed(reply: Any) -> tuple[bool, str | None]:
     return False, None
 
 
+def bulk(value: bytes) -> bytes:
+    """One argument in the Redis protocol's form (a bulk string)."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+#: Lock names whose keys are kept encoded per ``Rules``; past it the cache starts over.
+_KEYS_CACHED = 1024
+
+
 def ttl_ms(ttl: float | None) -> int:
     """A lease in whole milliseconds for the scripts; 0 means no expiry."""
     return max(1, round(ttl * 1000)) if ttl else 0
@@ -133,24 +146,33 @@ class Rules:
                  notify: Callable[[str, str | None], None]) -> None:
         self.prefix = prefix
         self.purge_ms = purge_ms
+        self._purge = b"%d" % purge_ms
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.notify = notify
-        self._members: tuple[str, int, Mapping[str, str], str] | None = None
+        self._members: tuple[str, int, Mapping[str, str], bytes] | None = None
+        self._keys: dict[str, tuple[tuple[bytes, ...], bytes]] = {}
 
-    def keys(self, name: str) -> tuple[int, str, str, str, str]:
-        return script_keys(f"{self.prefix}{{{name}}}")
+    def _op(self, script: str, name: str, args: tuple[Any, ...], wait: bool = False) -> Op:
+        """A script call on ``name``'s keys, encoded once per name and kept."""
+        cached = self._keys.get(name)
+        if cached is None:
+            if len(self._keys) >= _KEYS_CACHED:
+                self._keys = {}
+            keys = tuple(key.encode() for key in script_keys(f"{self.prefix}{{{name}}}")[1:])
+            cached = self._keys[name] = ((b"4", *keys), b"".join(map(bulk, (b"4", *keys))))
+        return Op(EVAL, script, cached[0], args, wait, cached[1])
 
-    def _holder_members(self, owner: Owner) -> str:
-        """The holder's JSON members but the times; host, pid and metadata are cached as they rarely change."""
+    def _holder_members(self, owner: Owner) -> bytes:
+        """The holder's JSON members but the times; host, pid and metadata are encoded once while they stay."""
         token = owner.owner_token
         token_json = f'"{token}"' if token.isalnum() and token.isascii() else json.dumps(token)
         cached = self._members
         if cached is None or cached[0] != owner.host or cached[1] != owner.pid or cached[2] != owner.metadata:
             metadata = dict(owner.metadata)
             text = json.dumps({"host": owner.host, "pid": owner.pid, "metadata": metadata}, separators=(",", ":"))[1:-1]
-            self._members = cached = (owner.host, owner.pid, metadata, text)
-        return f'"owner_token":{token_json},{cached[3]}'
+            self._members = cached = (owner.host, owner.pid, metadata, text.encode())
+        return b'"owner_token":%s,%s' % (token_json.encode(), cached[3])
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
                 queue_for: float | None, wake: str) -> Steps[AcquireResult]:
@@ -159,15 +181,15 @@ class Rules:
         With ``wait_replicas``, an acquire too few replicas confirmed is given back and raises.
         """
         lease, hold = ttl_ms(ttl), ttl_ms(min_hold)
-        keys, token, waits = self.keys(name), owner.owner_token, self.wait_replicas
-        args = (token, lease, self._holder_members(owner), hold, self.purge_ms, ttl_ms(queue_for), wake)
-        reply = yield Op(EVAL, "acquire", keys, args, bool(waits))
+        token, waits = owner.owner_token.encode(), self.wait_replicas
+        args = (token, lease, self._holder_members(owner), hold, self._purge, ttl_ms(queue_for), wake.encode())
+        reply = yield self._op("acquire", name, args, bool(waits))
         acknowledged = waits
         if waits:
             reply, acknowledged = reply
         result = _acquired(name, owner, reply, lease, hold)
         if result.acquired and acknowledged < waits:
-            yield Op(EVAL, "release", keys, (token, self.purge_ms))
+            yield self._op("release", name, (token, self._purge))
             raise PersisterError(
                 "redis",
                 f"acquiring {name!r}: only {acknowledged} of {waits} replicas confirmed "
@@ -177,7 +199,7 @@ class Rules:
 
     def release(self, name: str, owner_token: str) -> Steps[bool]:
         """True when the token held the name; too few replicas' confirmations is not an error."""
-        reply = yield Op(EVAL, "release", self.keys(name), (owner_token, self.purge_ms), bool(self.wait_replicas))
+        reply = yield self._op("release", name, (owner_token.encode(), self._purge), bool(self.wait_replicas))
         if self.wait_replicas:
             reply = reply[0]
         freed, head = _freed(reply)
@@ -186,22 +208,22 @@ class Rules:
         return freed or reply == 2
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
-        holder = yield Op(EVAL, "renew", self.keys(name), (owner_token, ttl_ms(ttl), self.purge_ms))
+        holder = yield self._op("renew", name, (owner_token.encode(), ttl_ms(ttl), self._purge))
         return record(name, owner_token, holder) if holder else None
 
     def get(self, name: str) -> Steps[LockRecord | None]:
-        reply = yield Op(EVAL, "get", self.keys(name), ())
+        reply = yield self._op("get", name, ())
         return record(name, reply[0], reply[1]) if reply else None
 
     def force_release(self, name: str) -> Steps[LockRecord | None]:
-        reply = yield Op(EVAL, "force_release", self.keys(name), (self.purge_ms,))
+        reply = yield self._op("force_release", name, (self._purge,))
         if not reply:
             return None
         self.notify(name, reply[2] or None)
         return record(name, reply[0], reply[1])
 
     def leave_queue(self, name: str, owner_token: str) -> Steps[None]:
-        head = yield Op(EVAL, "leave_queue", self.keys(name), (owner_token,))
+        head = yield self._op("leave_queue", name, (owner_token.encode(),))
         if head:
             self.notify(name, head)
 
