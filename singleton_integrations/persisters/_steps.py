@@ -30,39 +30,6 @@ Steps = Generator[_Op, Any, _R]
 PURGE_BATCH = 500
 
 
-class _Turns:
-    """Where a driven ``Steps`` is: the next operation, and the answer once it returns."""
-
-    __slots__ = ("_answerable", "_error", "_reply", "_steps", "answer")
-
-    def __init__(self, steps: Generator[Any, Any, Any], answerable: Callable[[BaseException], bool]) -> None:
-        self._steps, self._answerable = steps, answerable
-        self._reply: Any = None
-        self._error: BaseException | None = None
-        self.answer: Any = None
-
-    def next(self) -> Any:
-        """The next operation, or ``_DONE`` once the steps returned (their value is ``answer``)."""
-        error, self._error = self._error, None
-        try:
-            return self._steps.throw(error) if error is not None else self._steps.send(self._reply)
-        except StopIteration as stop:
-            self.answer = stop.value
-            return _DONE
-
-    def reply(self, reply: Any) -> None:
-        self._reply = reply
-
-    def fail(self, failure: Exception) -> None:
-        """Hand ``failure`` to the steps if they answer it; re-raise it otherwise."""
-        if not self._answerable(failure):
-            raise failure
-        self._reply, self._error = None, failure
-
-
-_DONE = object()
-
-
 def drive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Any],
           answerable: Callable[[BaseException], bool]) -> _R:
     """Run ``steps`` with blocking calls.
@@ -71,27 +38,42 @@ def drive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Any],
     answer it (a duplicate key means somebody else inserted first); any other
     error, such as a lost connection, ends the primitive at once.
     """
-    turns = _Turns(steps, answerable)
-    while (op := turns.next()) is not _DONE:
+    # One loop and no helper object: this runs on every store call, and an embedded store's call is short.
+    reply: Any = None
+    failure: BaseException | None = None
+    while True:
         try:
-            turns.reply(call(op))
-        except Exception as failure:  # noqa: BLE001 - fail() re-raises what the steps do not answer
-            turns.fail(failure)
-    answer: _R = turns.answer
-    return answer
+            op = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as stop:
+            answer: _R = stop.value
+            return answer
+        failure = None
+        try:
+            reply = call(op)
+        except Exception as error:  # re-raised unless the steps answer it
+            if not answerable(error):
+                raise
+            reply, failure = None, error
 
 
 async def adrive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Awaitable[Any]],
                  answerable: Callable[[BaseException], bool]) -> _R:
     """``drive`` for coroutines: the same loop, awaiting each call."""
-    turns = _Turns(steps, answerable)
-    while (op := turns.next()) is not _DONE:
+    reply: Any = None
+    failure: BaseException | None = None
+    while True:
         try:
-            turns.reply(await call(op))
-        except Exception as failure:  # noqa: BLE001 - fail() re-raises what the steps do not answer
-            turns.fail(failure)
-    answer: _R = turns.answer
-    return answer
+            op = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as stop:
+            answer: _R = stop.value
+            return answer
+        failure = None
+        try:
+            reply = await call(op)
+        except Exception as error:  # re-raised unless the steps answer it
+            if not answerable(error):
+                raise
+            reply, failure = None, error
 
 
 def purge_limit(limit: object) -> int:
