@@ -19,7 +19,7 @@ import asyncio
 import secrets
 import threading
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ._lockstate import (
     UNSET,
@@ -33,8 +33,11 @@ from ._lockstate import (
     validate_wait,
 )
 from ._record import AcquireResult, LockRecord, validate_owner_token
-from ._singleton import acquirer, async_acquirer, await_turn, wait_turn
+from ._singleton import await_turn, wait_turn
 from .persisters._base import Persister
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["AsyncLease", "Lease"]
 
@@ -77,6 +80,13 @@ class _Terms(TermsView):
         """Proves ownership: whoever has it can renew and release the lease, so hand it on as a secret."""
         return self._owner_token
 
+    def _adopted(self, record: LockRecord | None, fencing_token: int) -> Self | None:
+        """``adopt``'s answer once the holder is read: a lease on that hold's owner token, or None."""
+        token = _owner_of(record, fencing_token)
+        if token is None:
+            return None
+        return type(self)(self.name, self.persister, owner_token=token, lock_expire_seconds=self.lock_expire_seconds)
+
     def __repr__(self) -> str:  # never the owner token: it is a capability
         return f"{type(self).__name__}({self.name!r}, {self.persister!r}, lock_expire_seconds={self.lock_expire_seconds!r})"
 
@@ -102,24 +112,15 @@ class Lease(_Terms):
     __slots__ = ()
 
     @classmethod
-    def adopt(
-        cls,
-        name: str,
-        persister: Persister | str | None = None,
-        *,
-        fencing_token: int,
-        lock_expire_seconds: float | None = UNSET,
-    ) -> Lease | None:
+    def adopt(cls, name: str, persister: Persister | str | None = None, *, fencing_token: int,
+              lock_expire_seconds: float | None = UNSET) -> Lease | None:
         """The lease on the live hold whose fencing token is ``fencing_token``; None when that hold is over.
 
         For a hold handed on by its fencing token, which may be shown and logged,
         while the owner token stays in the store (readable only by who can read the store).
         """
         looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
-        token = _owner_of(looking.holder(), fencing_token)
-        if token is None:
-            return None
-        return cls(name, looking.persister, owner_token=token, lock_expire_seconds=looking.lock_expire_seconds)
+        return looking._adopted(looking.holder(), fencing_token)
 
     def take(self, *, wait: float | None = None, cancel: threading.Event | None = None) -> AcquireResult:
         """Acquire the name for this owner token; with ``wait``, wait up to that many seconds (``math.inf``: for good).
@@ -134,7 +135,7 @@ class Lease(_Terms):
         seconds = validate_wait(wait)
         terms = self._terms
         waiting = Waiting.to_take(terms, seconds, self._owner_token)
-        return wait_turn(waiting, acquirer(terms, terms.owner(self._owner_token)), cancel)[1]
+        return wait_turn(waiting, terms.acquirer(terms.owner(self._owner_token)), cancel)[1]
 
     def renew(self) -> LockRecord | None:
         """Extend the lease to ``lock_expire_seconds`` from now; the renewed record, or None when the token no longer holds the name."""
@@ -189,27 +190,18 @@ class AsyncLease(_Terms):
     __slots__ = ()
 
     @classmethod
-    async def adopt(
-        cls,
-        name: str,
-        persister: Persister | str | None = None,
-        *,
-        fencing_token: int,
-        lock_expire_seconds: float | None = UNSET,
-    ) -> AsyncLease | None:
+    async def adopt(cls, name: str, persister: Persister | str | None = None, *, fencing_token: int,
+                    lock_expire_seconds: float | None = UNSET) -> AsyncLease | None:
         """``Lease.adopt`` for coroutines."""
         looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
-        token = _owner_of(await looking.holder(), fencing_token)
-        if token is None:
-            return None
-        return cls(name, looking.persister, owner_token=token, lock_expire_seconds=looking.lock_expire_seconds)
+        return looking._adopted(await looking.holder(), fencing_token)
 
     async def take(self, *, wait: float | None = None) -> AcquireResult:
         """``Lease.take`` for coroutines; cancel the task to give up."""
         seconds = validate_wait(wait)
         terms = self._terms
         waiting = Waiting.to_take(terms, seconds, self._owner_token)
-        return (await await_turn(waiting, async_acquirer(terms, terms.owner(self._owner_token))))[1]
+        return (await await_turn(waiting, terms.async_acquirer(terms.owner(self._owner_token))))[1]
 
     async def renew(self) -> LockRecord | None:
         """``Lease.renew`` for coroutines."""

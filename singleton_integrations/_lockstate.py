@@ -29,19 +29,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _process
+from . import _process, _record
 from ._errors import PersisterError, SingletonError
-from ._events import EventEmitter
-from ._record import (
-    AcquireResult,
-    LockRecord,
-    Owner,
-    validate_metadata,
-    validate_min_hold,
-    validate_name,
-    validate_owner_token,
-    validate_ttl,
-)
+from ._events import EventEmitter, logger
+from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch, resolved_within
 
 __all__ = [
@@ -168,10 +159,10 @@ class Terms:
         min_hold_seconds: object = None,
     ) -> Terms:
         """Validate every option; a ``min_hold_seconds`` the store cannot keep is refused here, not at the acquire."""
-        checked_name = validate_name(name)
-        ttl = validate_ttl(DEFAULT_LOCK_EXPIRE_SECONDS if lock_expire_seconds is UNSET else lock_expire_seconds)
-        checked_metadata = validate_metadata(metadata)
-        min_hold = validate_min_hold(min_hold_seconds)
+        checked_name = _record.validate_name(name)
+        ttl = _record.validate_ttl(DEFAULT_LOCK_EXPIRE_SECONDS if lock_expire_seconds is UNSET else lock_expire_seconds)
+        checked_metadata = _record.validate_metadata(metadata)
+        min_hold = _record.validate_min_hold(min_hold_seconds)
         store = resolve_persister(persister)
         if min_hold is not None and not getattr(store, "supports_min_hold", False):
             raise ValueError(
@@ -184,7 +175,7 @@ class Terms:
         """Who asks: a new random token unless the caller brings its own."""
         if owner_token is None:
             return Owner(metadata=self.metadata)
-        return Owner(owner_token=validate_owner_token(owner_token), metadata=self.metadata)
+        return Owner(owner_token=_record.validate_owner_token(owner_token), metadata=self.metadata)
 
     def acquire_call(self, owner: Owner, waiting_for: float | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The arguments of ``Persister.acquire``: ``min_hold`` only when set and ``queue_for`` only
@@ -194,6 +185,18 @@ class Terms:
         if self.min_hold_seconds is None:
             return (self.name, owner, self.lock_expire_seconds), extra
         return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
+
+    def acquirer(self, owner: Owner) -> Callable[[float | None], AcquireResult]:
+        """One blocking acquire by ``owner``, for ``wait_turn``; queued for ``waiting_for`` s on a fair store."""
+        return lambda waiting_for: self._acquire(self.persister.acquire, owner, waiting_for)
+
+    def async_acquirer(self, owner: Owner) -> Callable[[float | None], Awaitable[AcquireResult]]:
+        """``acquirer`` for ``await_turn``."""
+        return lambda waiting_for: self._acquire(self.persister.aacquire, owner, waiting_for)
+
+    def _acquire(self, method: Callable[..., _R], owner: Owner, waiting_for: float | None) -> _R:
+        args, extra = self.acquire_call(owner, waiting_for)
+        return method(*args, **extra)
 
 
 def holder_seen(record: LockRecord | None) -> AcquireResult:
@@ -236,7 +239,7 @@ class Waiting:
 
     @classmethod
     def until_free(cls, persister: Persister, name: str, wait: float, poll_interval: object = None) -> Waiting:
-        return cls(persister, name, wait, None, validate_ttl(poll_interval, "poll_interval"))
+        return cls(persister, name, wait, None, _record.validate_ttl(poll_interval, "poll_interval"))
 
     def waiting_for(self) -> float | None:
         """``Terms.acquire_call``'s ``waiting_for``: the seconds left while waiting, None for one attempt."""
@@ -487,47 +490,46 @@ class TermsView:
         return self._lock_terms().min_hold_seconds
 
 
-class LockState(TermsView, EventEmitter):
-    """Everything one lock object knows, and every rule for changing it; no store calls."""
-
-    def __init__(
-        self,
-        name: str,
-        persister: Persister | str | None,
-        options: Mapping[str, Any] | None,
-        *,
-        lock_expire_seconds: float | None = UNSET,
-        auto_renew: bool = False,
-        renew_interval: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-        release_on_sigterm: bool = True,
-        min_hold_seconds: float | None = None,
-    ) -> None:
-        super().__init__()
-        validate_name(name)
-        if options is not None:  # the seed's options object: {"lockExpireSeconds": 300}
-            if not isinstance(options, Mapping):
-                raise TypeError(f"options must be a mapping, not {type(options).__name__}")
-            unknown = set(options) - {"lockExpireSeconds", "lock_expire_seconds"}
-            if unknown:
-                raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
-            if lock_expire_seconds is UNSET:
-                lock_expire_seconds = options.get("lockExpireSeconds", options.get("lock_expire_seconds", UNSET))
+def validate_lock_options(
+    name: object, options: Mapping[str, Any] | None, lock_expire_seconds: object, auto_renew: object,
+    renew_interval: object,
+) -> tuple[float | None, float | None]:
+    """A lock object's own options, before its store is built: the lease (from the seed's ``options`` too) and
+    the renewal interval."""
+    _record.validate_name(name)
+    if options is not None:  # the seed's options object: {"lockExpireSeconds": 300}
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping, not {type(options).__name__}")
+        unknown = set(options) - {"lockExpireSeconds", "lock_expire_seconds"}
+        if unknown:
+            raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
         if lock_expire_seconds is UNSET:
-            lock_expire_seconds = DEFAULT_LOCK_EXPIRE_SECONDS
-        ttl = validate_ttl(lock_expire_seconds)
-        if not isinstance(auto_renew, bool):
-            raise TypeError("auto_renew must be a bool")
-        if auto_renew and ttl is None:
-            raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
+            lock_expire_seconds = options.get("lockExpireSeconds", options.get("lock_expire_seconds", UNSET))
+    if lock_expire_seconds is UNSET:
+        lock_expire_seconds = DEFAULT_LOCK_EXPIRE_SECONDS
+    ttl = _record.validate_ttl(lock_expire_seconds)
+    if not isinstance(auto_renew, bool):
+        raise TypeError("auto_renew must be a bool")
+    if auto_renew and ttl is None:
+        raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
+    interval = _record.validate_ttl(renew_interval, "renew_interval")
+    if interval is None and ttl is not None:
+        interval = ttl / 3
+    return ttl, interval
+
+
+class LockState(TermsView, EventEmitter):
+    """Everything one lock object knows, and every rule for changing it; no store calls.
+
+    Built from validated terms and options (``validate_lock_options``): the faces own the public signature.
+    """
+
+    def __init__(self, terms: Terms, *, auto_renew: bool, renew_interval: float | None, release_on_sigterm: bool) -> None:
+        super().__init__()
+        self.terms = terms
         self.auto_renew = auto_renew
-        self.renew_interval = validate_ttl(renew_interval, "renew_interval")
-        if self.renew_interval is None and ttl is not None:
-            self.renew_interval = ttl / 3
+        self.renew_interval = renew_interval
         self.release_on_sigterm = bool(release_on_sigterm)
-        self.terms = Terms.of(
-            name, persister, lock_expire_seconds=ttl, metadata=metadata, min_hold_seconds=min_hold_seconds
-        )
         self._guard = threading.Lock()
         self.hold: LockRecord | None = None  # kept after a deadline loss so release() can still clean up
         self._owner_pid = 0
@@ -662,6 +664,35 @@ class LockState(TermsView, EventEmitter):
                 self._acquiring = None
         flight.finish(value, error)
 
+    def locking(self) -> None:
+        self.emit("locking", lambda: f"locking {self.name!r}", self.name)
+
+    def acquire_failed(self, flight: Flight, error: BaseException, callback: Callable[..., object] | None) -> None:
+        """Our acquire raised: joiners see the error, or try for themselves when it was a cancellation."""
+        if isinstance(error, asyncio.CancelledError):
+            self.end_acquire(flight)
+            return
+        self.end_acquire(flight, error=error)
+        if isinstance(error, Exception):
+            self.emit("error", error, self.name)
+            if callback is not None:
+                callback(error, None)
+
+    def joined(self, flight: Flight) -> bool | None:
+        """What a joiner of another caller's attempt reports: its outcome, or None to try for itself."""
+        value = flight.outcome()
+        if value is None:
+            return None
+        return bool(value) or self.held
+
+    def stop_joining(self, flight: Flight) -> bool:
+        """A joiner's own deadline (or cancel) came first: report the latest answer as its conflict."""
+        self.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
+        return False
+
+    def stale_release_failed(self, error: BaseException) -> None:
+        logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
+
     def set_renewal(self, generation: int, stop: Callable[[], None]) -> None:
         """Remember how to stop the renewer of ``generation``; stops it at once if that hold is gone."""
         with self._guard:
@@ -727,6 +758,14 @@ class LockState(TermsView, EventEmitter):
         )
         return True
 
+    def renew_answered(
+        self, ticket: RenewTicket, record: LockRecord | None = None, error: BaseException | None = None
+    ) -> float | None:
+        """A renewer's next pause after a renewal's answer or failure; None to stop renewing."""
+        if error is not None:
+            return self.renew_failed(ticket, error)
+        return (self.renew_interval or 1.0) if self.renewed(ticket, record) else None
+
     def renew_failed(self, ticket: RenewTicket, error: BaseException) -> float | None:
         """A renewal call failed; seconds to wait before the next try, or None to stop."""
         with self._guard:
@@ -785,23 +824,28 @@ class LockState(TermsView, EventEmitter):
 
     # -- releasing ---------------------------------------------------------------
 
-    def begin_release(self) -> tuple[Flight, bool, LockRecord] | None:
-        """None when nothing is held here; else the release flight to run (True) or to join (False)."""
+    def begin_release(self) -> tuple[Flight, LockRecord | None]:
+        """The release flight and the hold to release; no hold: join the flight (a finished one when nothing is held)."""
         with self._guard:
             if self._releasing is not None:
-                releasing = self._releasing
-                return releasing, False, releasing.latest  # type: ignore[return-value]
+                return self._releasing, None
             hold = self.hold
-            if hold is None or not self.owned_here():
-                return None
-            flight = Flight()
-            flight.latest = hold  # type: ignore[assignment]
-            self._releasing = flight
-            self._depth = 0
-            stop, self._stop_renewal = self._stop_renewal, None
+            if hold is not None and self.owned_here():
+                flight = Flight()
+                flight.latest = hold  # type: ignore[assignment]
+                self._releasing = flight
+                self._depth = 0
+                stop, self._stop_renewal = self._stop_renewal, None
+            else:
+                hold = None
+        if hold is None:
+            self.nothing_to_release()
+            nothing = Flight()
+            nothing.finish(False)
+            return nothing, None
         if stop is not None:
             stop()
-        return flight, True, hold
+        return flight, hold
 
     def released(self, flight: Flight, hold: LockRecord, confirmed: bool, reason: str) -> bool:
         """Apply the store's answer to our release; returns it."""

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._errors import LockConflict, LockLost
 from ._events import logger
@@ -36,9 +36,10 @@ from ._lockstate import (
     call_store,
     queued_behind_message,
     store_error,
+    validate_lock_options,
     validate_wait,
 )
-from ._record import AcquireResult, LockRecord, Owner
+from ._record import AcquireResult, LockRecord
 from .persisters._base import Persister, ReleaseWatch
 
 if TYPE_CHECKING:
@@ -68,26 +69,6 @@ def _finish(callback: Callable[..., object] | None, value: _V) -> _V:
 
 
 # -- the waiting loop, once per face ---------------------------------------------------------
-
-
-def acquirer(terms: Terms, owner: Owner) -> Callable[[float | None], AcquireResult]:
-    """One blocking acquire by ``owner``, for ``wait_turn``; queued for ``waiting_for`` s on a fair store."""
-
-    def acquire(waiting_for: float | None) -> AcquireResult:
-        args, extra = terms.acquire_call(owner, waiting_for)
-        return terms.persister.acquire(*args, **extra)
-
-    return acquire
-
-
-def async_acquirer(terms: Terms, owner: Owner) -> Callable[[float | None], Awaitable[AcquireResult]]:
-    """``acquirer`` for ``await_turn``."""
-
-    def acquire(waiting_for: float | None) -> Awaitable[AcquireResult]:
-        args, extra = terms.acquire_call(owner, waiting_for)
-        return terms.persister.aacquire(*args, **extra)
-
-    return acquire
 
 
 def wait_turn(
@@ -237,37 +218,82 @@ async def _clean_up(
             logger.debug("leaving the queue of %r failed: %s", name, type(error).__name__)
 
 
+def _lock_call(wait: float | None, callback: object) -> tuple[float, float]:
+    """``lock()``'s arguments checked: the seconds to wait and the deadline."""
+    seconds = validate_wait(wait)
+    _check_callback(callback)
+    return seconds, time.monotonic() + seconds
+
+
+def _report(callback: Callable[..., object] | None, *args: object) -> None:
+    if callback is not None:
+        callback(*args)
+
+
+_T = TypeVar("_T")
+
+
+class _FromState(Generic[_T]):
+    """A face's read-only attribute that is its ``LockState``'s (both faces read the same state)."""
+
+    def __init__(self, doc: str, attribute: str | None = None) -> None:
+        self.__doc__ = doc
+        self._attribute = attribute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if self._attribute is None:
+            self._attribute = name
+
+    @overload
+    def __get__(self, face: None, owner: type | None = None) -> _FromState[_T]: ...
+    @overload
+    def __get__(self, face: _Face, owner: type | None = None) -> _T: ...
+    def __get__(self, face: _Face | None, owner: type | None = None) -> _T | _FromState[_T]:
+        if face is None:
+            return self
+        value: _T = getattr(face._state, self._attribute or "")
+        return value
+
+
 class _Face(TermsView):
-    """What both faces read without I/O: every property delegates to the shared ``LockState``."""
+    """What both faces share with no I/O: the constructor, and every rule around a store call via ``LockState``."""
 
     _state: LockState
+
+    def __init__(
+        self,
+        name: str,
+        persister: Persister | str | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        lock_expire_seconds: float | None = UNSET,
+        auto_renew: bool = False,
+        renew_interval: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        release_on_sigterm: bool = True,
+        min_hold_seconds: float | None = None,
+    ) -> None:
+        ttl, interval = validate_lock_options(name, options, lock_expire_seconds, auto_renew, renew_interval)
+        terms = Terms.of(name, persister, lock_expire_seconds=ttl, metadata=metadata, min_hold_seconds=min_hold_seconds)
+        self._state = LockState(
+            terms, auto_renew=auto_renew, renew_interval=interval, release_on_sigterm=release_on_sigterm
+        )
 
     def _lock_terms(self) -> Terms:
         return self._state.terms
 
-    @property
-    def auto_renew(self) -> bool:
-        """Whether a renewer extends the lease while held."""
-        return self._state.auto_renew
-
-    @property
-    def renew_interval(self) -> float | None:
-        """Seconds between renewals."""
-        return self._state.renew_interval
-
-    @property
-    def release_on_sigterm(self) -> bool:
-        return self._state.release_on_sigterm
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock: False once the lease may have ended (see ``loss_margin``)."""
-        return self._state.held
-
-    @property
-    def lost(self) -> bool:
-        """True once a held lock expired, was taken over, or could not be renewed in time before ``release``."""
-        return self._state.lost
+    auto_renew: _FromState[bool] = _FromState("Whether a renewer extends the lease while held.")
+    renew_interval: _FromState[float | None] = _FromState("Seconds between renewals.")
+    release_on_sigterm: _FromState[bool] = _FromState("Whether SIGTERM releases the hold before the process ends.")
+    held: _FromState[bool] = _FromState(
+        "Whether this object holds the lock: False once the lease may have ended (see ``loss_margin``).")
+    lost: _FromState[bool] = _FromState(
+        "True once a held lock expired, was taken over, or could not be renewed in time before ``release``.")
+    last_holder: _FromState[LockRecord | None] = _FromState(
+        "The holder seen by the latest failed attempt, for conflict messages.")
+    loss_margin: _FromState[float] = _FromState(
+        "Seconds before the locally estimated lease end at which a lock whose renewals fail is declared lost.",
+        "margin")
 
     @property
     def fencing_token(self) -> int | None:
@@ -279,16 +305,6 @@ class _Face(TermsView):
     def record(self) -> LockRecord | None:
         """Our lock record while held."""
         return self._state.record()
-
-    @property
-    def last_holder(self) -> LockRecord | None:
-        """The holder seen by the latest failed attempt, for conflict messages."""
-        return self._state.last_holder
-
-    @property
-    def loss_margin(self) -> float:
-        """Seconds before the locally estimated lease end at which a lock whose renewals fail is declared lost."""
-        return self._state.margin
 
     def on(self, event: str, handler: Callable[[Any], object]) -> Callable[[Any], object]:
         """Call ``handler`` on each ``event`` (see ``EVENTS``)."""
@@ -304,6 +320,48 @@ class _Face(TermsView):
 
     def emit(self, event: str, payload: Any, name: str | None = None) -> None:
         self._state.emit(event, payload, self._state.name if name is None else name)
+
+    # -- the rules around each store call, once for both faces -----------------------
+
+    def _start_renewal(self, generation: int) -> None:
+        raise NotImplementedError
+
+    def _took(self, flight: Flight, outcome: tuple[float, AcquireResult], seconds: float,
+              callback: LockCallback | None) -> bool:
+        """Settle our acquire's answer: the hold and its renewer, the joiners, the seed's callback."""
+        state = self._state
+        try:
+            generation = state.settle(outcome[1], outcome[0], seconds)
+            if generation is not None and state.auto_renew:
+                self._start_renewal(generation)
+        except BaseException as error:
+            state.acquire_failed(flight, error, callback)
+            raise
+        state.end_acquire(flight, generation is not None)
+        return _finish(callback, generation is not None)
+
+    def _releasing(self, callback: ReleaseCallback | None) -> None:
+        _check_callback(callback)
+        self._state.emit("releasing", lambda: f"releasing {self._state.name!r}", self._state.name)
+
+    def _failed(self, error: Exception, callback: LockCallback | None) -> None:
+        """A look at the store failed: an ``error`` event and the seed's callback; the caller re-raises."""
+        self._state.emit("error", error, self.name)
+        _report(callback, error, None)
+
+    def _exit_release_raises(self, lost: bool, exc_type: type[BaseException] | None) -> bool:
+        """Whether a block's exit raises its release's error: not when the block failed or the lock was lost."""
+        if not lost and exc_type is None:
+            return True
+        logger.warning("could not release lost lock %r; its lease will end on the store", self.name, exc_info=True)
+        return False
+
+    def _exited(self, lost: bool, exc_type: type[BaseException] | None) -> None:
+        if lost and exc_type is None:
+            raise self._lost_error()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.persister!r}, {self._state.state_word()})"
 
     def _conflict_error(self) -> LockConflict:
         state = self._state
@@ -331,31 +389,6 @@ class Singleton(_Face):
     outermost exit releases it.
     """
 
-    def __init__(
-        self,
-        name: str,
-        persister: Persister | str | None = None,
-        options: Mapping[str, Any] | None = None,
-        *,
-        lock_expire_seconds: float | None = UNSET,
-        auto_renew: bool = False,
-        renew_interval: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-        release_on_sigterm: bool = True,
-        min_hold_seconds: float | None = None,
-    ) -> None:
-        self._state = LockState(
-            name,
-            persister,
-            options,
-            lock_expire_seconds=lock_expire_seconds,
-            auto_renew=auto_renew,
-            renew_interval=renew_interval,
-            metadata=metadata,
-            release_on_sigterm=release_on_sigterm,
-            min_hold_seconds=min_hold_seconds,
-        )
-
     @classmethod
     def _over(cls, state: LockState) -> Singleton:
         """A blocking face on an existing lock state (``AsyncSingleton.sync``)."""
@@ -376,37 +409,25 @@ class Singleton(_Face):
         another thread or a signal handler ends the wait early. Concurrent calls
         on this object share one store attempt.
         """
-        seconds = validate_wait(wait)
-        _check_callback(callback)
-        state = self._state
-        deadline = time.monotonic() + seconds
+        seconds, deadline = _lock_call(wait, callback)
         while True:
             self._settle_release()
-            started = state.start_acquire()
-            if started is None:
-                return _finish(callback, True)
-            flight, mine = started
-            if mine:
+            turn = self._state.start_acquire()
+            if turn is None or turn[1]:
                 break
-            joined = self._join(flight, deadline, cancel)
+            joined = self._join(turn[0], deadline, cancel)
             if joined is not None:
                 return _finish(callback, joined)
+        if turn is None:
+            return _finish(callback, True)
         self._release_stale()
-        state.emit("locking", lambda: f"locking {state.name!r}", state.name)
+        self._state.locking()
         try:
-            sent_at, result = self._acquire(seconds, cancel, flight)
-            generation = state.settle(result, sent_at, seconds)
-            if generation is not None and state.auto_renew:
-                self._start_renewal(generation)
+            outcome = self._acquire(seconds, cancel, turn[0])
         except BaseException as error:
-            state.end_acquire(flight, error=error)
-            if isinstance(error, Exception):
-                state.emit("error", error, state.name)
-                if callback is not None:
-                    callback(error, None)
+            self._state.acquire_failed(turn[0], error, callback)
             raise
-        state.end_acquire(flight, generation is not None)
-        return _finish(callback, generation is not None)
+        return self._took(turn[0], outcome, seconds, callback)
 
     def release(self, callback: ReleaseCallback | None = None) -> bool:
         """Give the lock up if this object still holds it; True when the store confirms it did.
@@ -415,28 +436,22 @@ class Singleton(_Face):
         holder. Releases regardless of ``with`` nesting. Concurrent calls share one
         store call and return its answer.
         """
-        _check_callback(callback)
-        state = self._state
-        state.emit("releasing", lambda: f"releasing {state.name!r}", state.name)
+        self._releasing(callback)
         try:
             released = self._release("release")
         except Exception as error:
-            if callback is not None:
-                callback(error)
+            _report(callback, error)
             raise
-        if callback is not None:
-            callback(None)
+        _report(callback, None)
         return released
 
     def exists(self, callback: LockCallback | None = None) -> bool:
         """Whether a live lock exists for this name, whoever holds it (a minimum hold counts)."""
         _check_callback(callback)
         try:
-            found = call_store(self.persister, self.persister.get, self.name) is not None
+            found = self.holder() is not None
         except Exception as error:
-            self._state.emit("error", error, self.name)
-            if callback is not None:
-                callback(error, None)
+            self._failed(error, callback)
             raise
         return _finish(callback, found)
 
@@ -449,9 +464,7 @@ class Singleton(_Face):
     def verify(self) -> bool:
         """Ask the store whether we still hold the lock; a loss found here emits ``lost``."""
         hold = self._state.record()
-        if hold is None:
-            return False
-        return self._state.verified(hold, call_store(self.persister, self.persister.get, self.name))
+        return hold is not None and self._state.verified(hold, self.holder())
 
     def ensure_held(self) -> None:
         """Raise ``LockLost`` unless the store confirms we hold the lock (call before side effects)."""
@@ -463,10 +476,7 @@ class Singleton(_Face):
         ticket = self._state.begin_renew()
         if ticket is None:
             return False
-        record = call_store(
-            self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
-        )
-        return self._state.renewed(ticket, record)
+        return self._state.renewed(ticket, self._renew_call(ticket.owner_token))
 
     def __enter__(self) -> Self:
         if not self.lock():
@@ -477,24 +487,16 @@ class Singleton(_Face):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        state = self._state
-        lost = state.lost
-        if state.leave():
+        lost = self._state.lost
+        if self._state.leave():
             try:
                 self.release()
             except Exception:
-                if not lost and exc_type is None:
+                if self._exit_release_raises(lost, exc_type):
                     raise
-                logger.warning(
-                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
-                )
-        if lost and exc_type is None:
-            raise self._lost_error()
+        self._exited(lost, exc_type)
 
-    def __repr__(self) -> str:
-        return f"Singleton({self.name!r}, {self.persister!r}, {self._state.state_word()})"
-
-    # -- internals -------------------------------------------------------------------
+    # -- internals: the store calls, blocking -----------------------------------------
 
     def _join(self, flight: Flight, deadline: float, cancel: threading.Event | None) -> bool | None:
         """Share another thread's attempt: its outcome, False at our own deadline, None to try ourselves."""
@@ -508,13 +510,9 @@ class Singleton(_Face):
                 break
             left = deadline - time.monotonic()
             if left <= 0 or (cancel is not None and cancel.is_set()):
-                self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
-                return False
+                return self._state.stop_joining(flight)
             flight.done.wait(min(left, _CANCEL_CHECK_INTERVAL) if cancel is not None else min(left, 3600.0))
-        value = flight.outcome()
-        if value is None:
-            return None
-        return bool(value) or self._state.held
+        return self._state.joined(flight)
 
     def _settle_release(self) -> None:
         releasing = self._state.pending_release()
@@ -527,31 +525,29 @@ class Singleton(_Face):
             try:
                 self.persister.release(self.name, stale.owner_token)
             except Exception as error:  # noqa: BLE001 - best effort: its lease ends on its own
-                logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
+                self._state.stale_release_failed(error)
 
     def _acquire(self, wait: float, cancel: threading.Event | None, flight: Flight) -> tuple[float, AcquireResult]:
         terms = self._state.terms
         # One owner token for every attempt of this wait: it is the waiter's place in a fair store's queue.
         owner = terms.owner()
-        return wait_turn(Waiting.to_take(terms, wait, owner.owner_token), acquirer(terms, owner), cancel, flight.answer)
+        return wait_turn(Waiting.to_take(terms, wait, owner.owner_token), terms.acquirer(owner), cancel, flight.answer)
 
     def _release(self, reason: str) -> bool:
-        state = self._state
-        started = state.begin_release()
-        if started is None:
-            state.nothing_to_release()
-            return False
-        flight, mine, hold = started
-        if not mine:
+        flight, hold = self._state.begin_release()
+        if hold is None:
             flight.done.wait()
             return bool(flight.outcome())
         try:
             # Ask the store first: if it fails, we still know our token and release() can be retried.
             confirmed = bool(call_store(self.persister, self.persister.release, self.name, hold.owner_token))
         except BaseException as error:
-            state.release_failed(flight, error)
+            self._state.release_failed(flight, error)
             raise
-        return state.released(flight, hold, confirmed, reason)
+        return self._state.released(flight, hold, confirmed, reason)
+
+    def _renew_call(self, owner_token: str) -> LockRecord | None:
+        return call_store(self.persister, self.persister.renew, self.name, owner_token, self.lock_expire_seconds)
 
     def _start_renewal(self, generation: int) -> None:
         stop = threading.Event()
@@ -562,25 +558,20 @@ class Singleton(_Face):
         thread.start()
 
     def _renew_loop(self, generation: int, stop: threading.Event) -> None:
-        state = self._state
-        interval = state.renew_interval or 1.0
+        interval = self._state.renew_interval or 1.0
         while not stop.wait(interval):
-            ticket = state.begin_renew(generation)
+            ticket = self._state.begin_renew(generation)
             if ticket is None:
                 return
             try:
-                record = call_store(
-                    self.persister, self.persister.renew, self.name, ticket.owner_token, self.lock_expire_seconds
-                )
+                record = self._renew_call(ticket.owner_token)
             except Exception as error:  # noqa: BLE001 - reported as an `error` event; the renewer retries
-                retry = state.renew_failed(ticket, error)
-                if retry is None:
-                    return
-                interval = retry
-                continue
-            if not state.renewed(ticket, record):
+                next_pause = self._state.renew_answered(ticket, error=error)
+            else:
+                next_pause = self._state.renew_answered(ticket, record)
+            if next_pause is None:
                 return
-            interval = state.renew_interval or 1.0
+            interval = next_pause
 
 
 class AsyncSingleton(_Face):
@@ -593,31 +584,7 @@ class AsyncSingleton(_Face):
     cancelled task still releases. ``async with`` is reentrant on one object.
     """
 
-    def __init__(
-        self,
-        name: str,
-        persister: Persister | str | None = None,
-        options: Mapping[str, Any] | None = None,
-        *,
-        lock_expire_seconds: float | None = UNSET,
-        auto_renew: bool = False,
-        renew_interval: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-        release_on_sigterm: bool = True,
-        min_hold_seconds: float | None = None,
-    ) -> None:
-        self._state = LockState(
-            name,
-            persister,
-            options,
-            lock_expire_seconds=lock_expire_seconds,
-            auto_renew=auto_renew,
-            renew_interval=renew_interval,
-            metadata=metadata,
-            release_on_sigterm=release_on_sigterm,
-            min_hold_seconds=min_hold_seconds,
-        )
-        self._sync: Singleton | None = None
+    _sync: Singleton | None = None
 
     @property
     def sync(self) -> Singleton:
@@ -628,67 +595,46 @@ class AsyncSingleton(_Face):
 
     async def lock(self, callback: LockCallback | None = None, *, wait: float | None = None) -> bool:
         """Try to take the lock; with ``wait``, await up to that many seconds for it (``math.inf``: for good)."""
-        seconds = validate_wait(wait)
-        _check_callback(callback)
-        state = self._state
-        deadline = time.monotonic() + seconds
+        seconds, deadline = _lock_call(wait, callback)
         while True:
-            releasing = state.pending_release()
+            releasing = self._state.pending_release()
             if releasing is not None:
                 await releasing.done.wait_async()
-            started = state.start_acquire()
-            if started is None:
-                return _finish(callback, True)
-            flight, mine = started
-            if mine:
+            turn = self._state.start_acquire()
+            if turn is None or turn[1]:
                 break
-            joined = await self._join(flight, deadline)
+            joined = await self._join(turn[0], deadline)
             if joined is not None:
                 return _finish(callback, joined)
+        if turn is None:
+            return _finish(callback, True)
         await self._release_stale()
-        state.emit("locking", lambda: f"locking {state.name!r}", state.name)
+        self._state.locking()
         try:
-            sent_at, result = await self._acquire(seconds, flight)
-            generation = state.settle(result, sent_at, seconds)
-            if generation is not None and state.auto_renew:
-                self._start_renewal(generation)
-        except asyncio.CancelledError:
-            state.end_acquire(flight)  # joiners try for themselves
-            raise
+            outcome = await self._acquire(seconds, turn[0])
         except BaseException as error:
-            state.end_acquire(flight, error=error)
-            if isinstance(error, Exception):
-                state.emit("error", error, state.name)
-                if callback is not None:
-                    callback(error, None)
+            self._state.acquire_failed(turn[0], error, callback)
             raise
-        state.end_acquire(flight, generation is not None)
-        return _finish(callback, generation is not None)
+        return self._took(turn[0], outcome, seconds, callback)
 
     async def release(self, callback: ReleaseCallback | None = None) -> bool:
         """``Singleton.release``, shielded from cancellation: a cancelled task still releases."""
-        _check_callback(callback)
-        state = self._state
-        state.emit("releasing", lambda: f"releasing {state.name!r}", state.name)
+        self._releasing(callback)
         try:
             released = await asyncio.shield(self._release("release"))
         except Exception as error:
-            if callback is not None:
-                callback(error)
+            _report(callback, error)
             raise
-        if callback is not None:
-            callback(None)
+        _report(callback, None)
         return released
 
     async def exists(self, callback: LockCallback | None = None) -> bool:
         """Whether a live lock exists for this name, whoever holds it (a minimum hold counts)."""
         _check_callback(callback)
         try:
-            found = await self._call(self.persister.aget(self.name)) is not None
+            found = await self.holder() is not None
         except Exception as error:
-            self._state.emit("error", error, self.name)
-            if callback is not None:
-                callback(error, None)
+            self._failed(error, callback)
             raise
         return _finish(callback, found)
 
@@ -699,9 +645,7 @@ class AsyncSingleton(_Face):
     async def verify(self) -> bool:
         """``Singleton.verify`` for coroutines."""
         hold = self._state.record()
-        if hold is None:
-            return False
-        return self._state.verified(hold, await self._call(self.persister.aget(self.name)))
+        return hold is not None and self._state.verified(hold, await self.holder())
 
     async def ensure_held(self) -> None:
         """Raise ``LockLost`` unless the store confirms we hold the lock."""
@@ -713,8 +657,7 @@ class AsyncSingleton(_Face):
         ticket = self._state.begin_renew()
         if ticket is None:
             return False
-        record = await self._call(self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds))
-        return self._state.renewed(ticket, record)
+        return self._state.renewed(ticket, await self._renew_call(ticket.owner_token))
 
     async def __aenter__(self) -> Self:
         if not await self.lock():
@@ -725,24 +668,16 @@ class AsyncSingleton(_Face):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        state = self._state
-        lost = state.lost
-        if state.leave():
+        lost = self._state.lost
+        if self._state.leave():
             try:
                 await self.release()
             except Exception:
-                if not lost and exc_type is None:
+                if self._exit_release_raises(lost, exc_type):
                     raise
-                logger.warning(
-                    "could not release lost lock %r; its lease will end on the store", state.name, exc_info=True
-                )
-        if lost and exc_type is None:
-            raise self._lost_error()
+        self._exited(lost, exc_type)
 
-    def __repr__(self) -> str:
-        return f"AsyncSingleton({self.name!r}, {self.persister!r}, {self._state.state_word()})"
-
-    # -- internals -------------------------------------------------------------------
+    # -- internals: the store calls, awaited ------------------------------------------
 
     async def _call(self, call: Awaitable[_V]) -> _V:
         return await acall_store(self.persister, call)
@@ -753,12 +688,8 @@ class AsyncSingleton(_Face):
         if not flight.done.is_set() and not (
             left > 0 and await flight.done.wait_async(None if math.isinf(left) else left)
         ):
-            self._state.settle(flight.latest or AcquireResult(False, None), time.monotonic(), 0.0)
-            return False
-        value = flight.outcome()
-        if value is None:
-            return None
-        return bool(value) or self._state.held
+            return self._state.stop_joining(flight)
+        return self._state.joined(flight)
 
     async def _release_stale(self) -> None:
         stale = self._state.take_stale_hold()
@@ -766,30 +697,28 @@ class AsyncSingleton(_Face):
             try:
                 await self.persister.arelease(self.name, stale.owner_token)
             except Exception as error:  # noqa: BLE001 - best effort: its lease ends on its own
-                logger.debug("releasing the lost hold on %r failed: %s", self.name, type(error).__name__)
+                self._state.stale_release_failed(error)
 
     async def _acquire(self, wait: float, flight: Flight) -> tuple[float, AcquireResult]:
         terms = self._state.terms
         owner = terms.owner()  # one token for every attempt: the waiter's place in a fair queue
-        return await await_turn(Waiting.to_take(terms, wait, owner.owner_token), async_acquirer(terms, owner),
-                                flight.answer)
+        waiting = Waiting.to_take(terms, wait, owner.owner_token)
+        return await await_turn(waiting, terms.async_acquirer(owner), flight.answer)
 
     async def _release(self, reason: str) -> bool:
-        state = self._state
-        started = state.begin_release()
-        if started is None:
-            state.nothing_to_release()
-            return False
-        flight, mine, hold = started
-        if not mine:
+        flight, hold = self._state.begin_release()
+        if hold is None:
             await flight.done.wait_async()
             return bool(flight.outcome())
         try:
             confirmed = bool(await self._call(self.persister.arelease(self.name, hold.owner_token)))
         except BaseException as error:
-            state.release_failed(flight, error)
+            self._state.release_failed(flight, error)
             raise
-        return state.released(flight, hold, confirmed, reason)
+        return self._state.released(flight, hold, confirmed, reason)
+
+    async def _renew_call(self, owner_token: str) -> LockRecord | None:
+        return await self._call(self.persister.arenew(self.name, owner_token, self.lock_expire_seconds))
 
     def _start_renewal(self, generation: int) -> None:
         loop = asyncio.get_running_loop()
@@ -802,23 +731,15 @@ class AsyncSingleton(_Face):
         self._state.set_renewal(generation, stop)
 
     async def _renew_loop(self, generation: int) -> None:
-        state = self._state
-        interval = state.renew_interval or 1.0
-        while True:
+        interval: float | None = self._state.renew_interval or 1.0
+        while interval is not None:
             await asyncio.sleep(interval)
-            ticket = state.begin_renew(generation)
+            ticket = self._state.begin_renew(generation)
             if ticket is None:
                 return
             try:
-                record = await self._call(
-                    self.persister.arenew(self.name, ticket.owner_token, self.lock_expire_seconds)
-                )
+                record = await self._renew_call(ticket.owner_token)
             except Exception as error:  # noqa: BLE001 - reported as an `error` event; the renewer retries
-                retry = state.renew_failed(ticket, error)
-                if retry is None:
-                    return
-                interval = retry
-                continue
-            if not state.renewed(ticket, record):
-                return
-            interval = state.renew_interval or 1.0
+                interval = self._state.renew_answered(ticket, error=error)
+            else:
+                interval = self._state.renew_answered(ticket, record)

@@ -163,20 +163,10 @@ class OpenTelemetryRecorder:
 
         meter = otel.get_meter("singleton_integrations", __version__, meter_provider)
         self._include_lock_name = include_lock_name
-        self._attempts = meter.create_counter(
-            INSTRUMENTS["attempts"], unit="{attempt}", description="Acquisitions begun (lock() or take() calls)")
-        self._acquired = meter.create_counter(
-            INSTRUMENTS["acquired"], unit="{acquisition}", description="Acquisitions that took the name")
-        self._not_acquired = meter.create_counter(
-            INSTRUMENTS["not_acquired"], unit="{acquisition}", description="Acquisitions that ended without the name")
-        self._released = meter.create_counter(
-            INSTRUMENTS["released"], unit="{release}", description="Releases the store confirmed")
-        self._lost = meter.create_counter(
-            INSTRUMENTS["lost"], unit="{hold}", description="Holds that ended without a release")
-        self._active = meter.create_up_down_counter(
-            INSTRUMENTS["active"], unit="{hold}", description="Holds this process has and follows (Singleton)")
-        self._wait = _histogram(meter, INSTRUMENTS["wait_duration"], "How long an acquisition took, taken or not")
-        self._hold = _histogram(meter, INSTRUMENTS["hold_duration"], "How long a hold lasted, to its release or loss")
+        made = {key: _instrument(meter, key, *how) for key, how in _HOW.items()}
+        self._attempts, self._acquired, self._not_acquired = made["attempts"], made["acquired"], made["not_acquired"]
+        self._released, self._lost, self._active = made["released"], made["lost"], made["active"]
+        self._wait, self._hold = made["wait_duration"], made["hold_duration"]
 
     def _attributes(self, lock: LockInfo) -> dict[str, Any]:
         include = self._include_lock_name
@@ -216,12 +206,28 @@ class OpenTelemetryRecorder:
             self._active.add(-1, attributes)
 
 
-def _histogram(meter: Any, name: str, description: str) -> Any:
-    try:  # the bucket advice came with opentelemetry-api 1.23
-        return meter.create_histogram(name, unit="s", description=description,
-                                      explicit_bucket_boundaries_advisory=list(_BUCKETS))
-    except TypeError:
-        return meter.create_histogram(name, unit="s", description=description)
+#: Each instrument's kind, unit and description.
+_HOW = {
+    "attempts": ("counter", "{attempt}", "Acquisitions begun (lock() or take() calls)"),
+    "acquired": ("counter", "{acquisition}", "Acquisitions that took the name"),
+    "not_acquired": ("counter", "{acquisition}", "Acquisitions that ended without the name"),
+    "released": ("counter", "{release}", "Releases the store confirmed"),
+    "lost": ("counter", "{hold}", "Holds that ended without a release"),
+    "active": ("up_down_counter", "{hold}", "Holds this process has and follows to their end (Singleton)"),
+    "wait_duration": ("histogram", "s", "How long an acquisition took, taken or not"),
+    "hold_duration": ("histogram", "s", "How long a hold lasted, to its release or loss"),
+}
+
+
+def _instrument(meter: Any, key: str, kind: str, unit: str, description: str) -> Any:
+    make = getattr(meter, f"create_{kind}")
+    if kind == "histogram":
+        try:  # bucket advice came with opentelemetry-api 1.23
+            return make(INSTRUMENTS[key], unit=unit, description=description,
+                        explicit_bucket_boundaries_advisory=list(_BUCKETS))
+        except TypeError:
+            pass
+    return make(INSTRUMENTS[key], unit=unit, description=description)
 
 
 # -- the process's recorder ----------------------------------------------------------------
