@@ -42,8 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STORES = ("redis", "postgres", "sqlite", "mongodb", "memory")
-PROCESS_STORES = ("redis", "postgres", "sqlite")
+STORES = ("redis", "postgres", "sqlite", "mongodb", "memory", "mysql")
+PROCESS_STORES = ("redis", "postgres", "sqlite", "mysql")
 RUN_ID = secrets.token_hex(4)
 HOLD_SECONDS = 0.001
 
@@ -54,9 +54,12 @@ def store_url(kind: str, workdir: Path) -> str:
         return f"memory://bench-{RUN_ID}"
     if kind == "sqlite":
         return f"sqlite:///{workdir / 'bench.sqlite3'}"
-    env = {"redis": "SINGLETON_TEST_REDIS_URL", "postgres": "SINGLETON_TEST_POSTGRES_URL", "mongodb": "MONGODB_URL"}[kind]
+    env = {"redis": "SINGLETON_TEST_REDIS_URL", "postgres": "SINGLETON_TEST_POSTGRES_URL", "mongodb": "MONGODB_URL",
+           "mysql": "SINGLETON_TEST_MYSQL_URL"}[kind]
     if os.environ.get(env):
         return os.environ[env]
+    if kind == "mysql":
+        return f"mysql://root@127.0.0.1:3306/test?table=bench_{RUN_ID}"
     if kind == "redis":
         return "redis://127.0.0.1:6379/0"
     if kind == "postgres":
@@ -169,6 +172,18 @@ elif impl == "python-redis-lock":
         holder["lock"] = lock
         return lock.acquire(blocking=True, timeout=max(wait, 0.001))
     def give(): holder["lock"].release()
+elif impl == "GET_LOCK":  # MySQL's session lock: waits in the server, no lease, no holder record
+    from urllib.parse import unquote, urlsplit
+    import pymysql
+    parts = urlsplit(url)
+    connection = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=unquote(parts.username or "root"),
+                                 password=unquote(parts.password or ""), database=parts.path.lstrip("/"),
+                                 autocommit=True, read_timeout=30)
+    cursor = connection.cursor()
+    def take(wait):
+        cursor.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
+        return cursor.fetchone()[0] == 1
+    def give(): cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
 print("ready", flush=True)
 start_at, end_at = map(float, sys.stdin.readline().split())
 time.sleep(max(0.0, start_at - time.time()))
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(f"{count} async waiters on {kind}: {type(error).__name__}: {error}")
             if kind not in PROCESS_STORES or args.only == "waiters":
                 continue
-            impls = ["ours", "python-redis-lock", "redis-py"] if kind == "redis" else ["ours"]
+            impls = {"redis": ["ours", "python-redis-lock", "redis-py"], "mysql": ["ours", "GET_LOCK"]}.get(kind, ["ours"])
             for impl in impls:
                 try:
                     handovers.append(_handover(kind, impl, url, args.processes, seconds))

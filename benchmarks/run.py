@@ -31,10 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.modules.setdefault("run", sys.modules[__name__])  # benchmarks/mysql_bench.py imports this module as run
 
 from singleton_integrations import Singleton, persisters  # noqa: E402
 
-BACKENDS = ("redis", "postgres", "mongodb", "sqlite")
+BACKENDS = ("redis", "postgres", "mongodb", "sqlite", "mysql")
 TTL_SECONDS = 60
 RUN_ID = secrets.token_hex(4)
 
@@ -96,6 +97,10 @@ def mongodb_url() -> str:
     if os.environ.get("MONGODB_URL"):
         return os.environ["MONGODB_URL"]
     return _server_url("mongodb", "SINGLETON_TEST_MONGODB_URL", None)
+
+
+def mysql_url() -> str:
+    return _server_url("mysql", "SINGLETON_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 
 
 def _name(kind: str) -> str:
@@ -343,7 +348,14 @@ def sqlite_cases() -> list[Callable[[], Case]]:
     return [ours]
 
 
-CASES = {"redis": redis_cases, "postgres": postgres_cases, "mongodb": mongodb_cases, "sqlite": sqlite_cases}
+def mysql_cases() -> list[Callable[[], Case]]:
+    from mysql_bench import mysql_cases as cases  # benchmarks/mysql_bench.py: the floor and GET_LOCK
+
+    return cases()
+
+
+CASES = {"redis": redis_cases, "postgres": postgres_cases, "mongodb": mongodb_cases, "sqlite": sqlite_cases,
+         "mysql": mysql_cases}
 
 
 # -- throughput -------------------------------------------------------------------------
@@ -446,6 +458,7 @@ def store_factories() -> dict[str, Callable[[], Callable[[], persisters.Persiste
         "postgres": lambda: (lambda url: lambda: persisters.Postgres(url))(postgres_url()),
         "mongodb": lambda: (lambda url: lambda: persisters.MongoDb(url))(mongodb_url()),
         "sqlite": sqlite,
+        "mysql": lambda: (lambda url: lambda: persisters.MySql(url, table="singleton_bench_handover"))(mysql_url()),
     }
 
 
@@ -472,6 +485,10 @@ def server_versions(backends: list[str]) -> list[str]:
                     info = client.server_info()
                     flavour = "SecantusDB" if "secantus" in str(info).lower() else "mongod"
                     found.append(f"MongoDB wire ({flavour}) {info.get('version', '?')}")
+            elif backend == "mysql":
+                from mysql_bench import server_version
+
+                found.append(server_version())
             elif backend == "sqlite":
                 import sqlite3
 
@@ -520,7 +537,8 @@ def render(cases: list[Case], skipped: list[tuple[str, str, str]], latencies: di
         "|---|---:|---:|---:|---:|---|",
     ]
     wakeups = {"redis": "pub/sub notification", "postgres": "LISTEN/NOTIFY", "mongodb": "change stream or poll",
-               "sqlite": "poll (50 ms)"}
+               "sqlite": "poll (50 ms)",
+               "mysql": "in-process release hub, else poll (250 ms)"}
     for backend, values in latencies.items():
         if isinstance(values, str):
             lines.append(f"| {backend} | not measured | | | | {values} |")
