@@ -105,21 +105,21 @@ __all__ = [
 ]
 
 
-class PersisterConformance(
-    CoreRules,
-    Renewal,
-    Waiting,
-    AsyncFace,
-    Processes,
-    StoreClock,
-    Notifications,
-    MinimumHold,
-    FairQueue,
+class PersisterConformance(  # pytest runs the last base's rules first: listed last to first, core rules first
     Retention,
-    MinimumHoldAcrossProcesses,
-    MinimumHoldByStoreClock,
-    NotificationsAcrossProcesses,
     FairQueueAcrossProcesses,
+    FairQueue,
+    NotificationsAcrossProcesses,
+    MinimumHoldByStoreClock,
+    MinimumHoldAcrossProcesses,
+    MinimumHold,
+    AsyncFace,
+    Notifications,
+    Waiting,
+    Renewal,
+    StoreClock,
+    Processes,
+    CoreRules,
 ):
     """Every lock rule of the core, on one store, through both APIs; what the store does not declare is skipped."""
 
