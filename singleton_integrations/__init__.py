@@ -8,7 +8,7 @@ private modules, so the validators and URL helpers they share are exported here 
 
 from __future__ import annotations
 
-from . import persisters
+from . import metrics, persisters
 from ._errors import LockConflict, LockLost, MissingDependency, PersisterError, SingletonError
 from ._events import EVENTS
 from ._lease import AsyncLease, Lease
@@ -40,6 +40,7 @@ __all__ = [
     "PersisterError",
     "Singleton",
     "SingletonError",
+    "metrics",
     "persisters",
     "redact_url",
     "scheme_of",

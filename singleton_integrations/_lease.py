@@ -21,6 +21,7 @@ import threading
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
+from . import metrics
 from ._lockstate import (
     UNSET,
     Terms,
@@ -30,6 +31,7 @@ from ._lockstate import (
     call_store,
     holder_seen,
     holds,
+    measure,
     validate_wait,
 )
 from ._record import AcquireResult, LockRecord, validate_owner_token
@@ -54,7 +56,7 @@ def _owner_of(record: LockRecord | None, fencing_token: int) -> str | None:
 class _Terms(TermsView):
     """What both faces hold: the validated terms and the owner token; nothing that changes."""
 
-    __slots__ = ("_owner_token", "_terms")
+    __slots__ = ("_info", "_owner_token", "_terms")
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class _Terms(TermsView):
             min_hold_seconds=min_hold_seconds,
         )
         self._owner_token = secrets.token_hex(16) if owner_token is None else validate_owner_token(owner_token)
+        self._info = self._terms.lock_info(follows_hold=False)  # the hold may end elsewhere, or by expiry
 
     def _lock_terms(self) -> Terms:
         return self._terms
@@ -79,6 +82,15 @@ class _Terms(TermsView):
     def owner_token(self) -> str:
         """Proves ownership: whoever has it can renew and release the lease, so hand it on as a secret."""
         return self._owner_token
+
+    def _waiting(self, wait: float | None) -> Waiting:
+        return Waiting.to_take(self._terms, validate_wait(wait), self._owner_token, self._info)
+
+    def _released(self, confirmed: object) -> bool:
+        """The store's answer to a release; a confirmed one is measured (the hold's length is unknown here)."""
+        if confirmed:
+            measure(metrics.current().released, self._info, held_seconds=None)
+        return bool(confirmed)
 
     def _adopted(self, record: LockRecord | None, fencing_token: int) -> Self | None:
         """``adopt``'s answer once the holder is read: a lease on that hold's owner token, or None."""
@@ -132,10 +144,8 @@ class Lease(_Terms):
         was taken over; else the holder (``record``), ``queued_behind`` and
         ``retry_after``. A token that already holds the name gets ``acquired``.
         """
-        seconds = validate_wait(wait)
         terms = self._terms
-        waiting = Waiting.to_take(terms, seconds, self._owner_token)
-        return wait_turn(waiting, terms.acquirer(terms.owner(self._owner_token)), cancel)[1]
+        return wait_turn(self._waiting(wait), terms.acquirer(terms.owner(self._owner_token)), cancel)[1]
 
     def renew(self) -> LockRecord | None:
         """Extend the lease to ``lock_expire_seconds`` from now; the renewed record, or None when the token no longer holds the name."""
@@ -148,7 +158,7 @@ class Lease(_Terms):
     def release(self) -> bool:
         """Give the name up if this token still holds it; True when the store confirms it did (owner-checked)."""
         persister = self.persister
-        return bool(call_store(persister, persister.release, self.name, self._owner_token))
+        return self._released(call_store(persister, persister.release, self.name, self._owner_token))
 
     def holder(self) -> LockRecord | None:
         """Who holds the name now, whoever it is (during a minimum hold, the released record)."""
@@ -198,10 +208,8 @@ class AsyncLease(_Terms):
 
     async def take(self, *, wait: float | None = None) -> AcquireResult:
         """``Lease.take`` for coroutines; cancel the task to give up."""
-        seconds = validate_wait(wait)
         terms = self._terms
-        waiting = Waiting.to_take(terms, seconds, self._owner_token)
-        return (await await_turn(waiting, terms.async_acquirer(terms.owner(self._owner_token))))[1]
+        return (await await_turn(self._waiting(wait), terms.async_acquirer(terms.owner(self._owner_token))))[1]
 
     async def renew(self) -> LockRecord | None:
         """``Lease.renew`` for coroutines."""
@@ -212,7 +220,7 @@ class AsyncLease(_Terms):
 
     async def release(self) -> bool:
         """``Lease.release``, shielded from cancellation: a cancelled task still releases."""
-        return bool(await asyncio.shield(self._call(self.persister.arelease(self.name, self._owner_token))))
+        return self._released(await asyncio.shield(self._call(self.persister.arelease(self.name, self._owner_token))))
 
     async def holder(self) -> LockRecord | None:
         """``Lease.holder`` for coroutines."""

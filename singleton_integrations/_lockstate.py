@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _process, _record
+from . import _process, _record, metrics
 from ._errors import PersisterError, SingletonError
 from ._events import EventEmitter, logger
 from ._record import AcquireResult, LockRecord, Owner
@@ -186,6 +186,11 @@ class Terms:
             return (self.name, owner, self.lock_expire_seconds), extra
         return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
 
+    def lock_info(self, follows_hold: bool) -> metrics.LockInfo:
+        """What the metrics say this lock is: its name and its store's kind (a URL scheme)."""
+        store = self.persister.backend
+        return metrics.LockInfo(self.name, _STORE_KINDS.get(store, store), self.metadata, follows_hold)
+
     def acquirer(self, owner: Owner) -> Callable[[float | None], AcquireResult]:
         """One blocking acquire by ``owner``, for ``wait_turn``; queued for ``waiting_for`` s on a fair store."""
         return lambda waiting_for: self._acquire(self.persister.acquire, owner, waiting_for)
@@ -197,6 +202,18 @@ class Terms:
     def _acquire(self, method: Callable[..., _R], owner: Owner, waiting_for: float | None) -> _R:
         args, extra = self.acquire_call(owner, waiting_for)
         return method(*args, **extra)
+
+
+#: A persister's ``backend`` -> its kind in the metrics, the scheme of its usual URL.
+_STORE_KINDS = {"postgres": "postgresql"}
+
+
+def measure(method: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """Hand one measurement to the process's recorder; a broken recorder must not break locking."""
+    try:
+        method(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a recorder's bug is logged, never the lock's failure
+        logger.exception("the metrics recorder failed; the lock is unaffected")
 
 
 def holder_seen(record: LockRecord | None) -> AcquireResult:
@@ -222,8 +239,10 @@ class Waiting:
     """
 
     def __init__(self, persister: Persister, name: str, wait: float, owner_token: str | None,
-                 poll_interval: float | None = None) -> None:
+                 poll_interval: float | None = None, info: metrics.LockInfo | None = None) -> None:
         self.persister = persister
+        self.info = info  # None: a wait that takes nothing, so the metrics leave it out
+        self.started = time.monotonic()
         self.name = name
         self.poll_interval = poll_interval  # None: the store's, or the safety poll where it notifies
         self.once = wait <= 0
@@ -234,12 +253,44 @@ class Waiting:
         self.taken = False  # the store handed this waiter the name (which drops its place)
 
     @classmethod
-    def to_take(cls, terms: Terms, wait: float, owner_token: str) -> Waiting:
-        return cls(terms.persister, terms.name, wait, owner_token)
+    def to_take(cls, terms: Terms, wait: float, owner_token: str, info: metrics.LockInfo) -> Waiting:
+        return cls(terms.persister, terms.name, wait, owner_token, info=info)
 
     @classmethod
     def until_free(cls, persister: Persister, name: str, wait: float, poll_interval: object = None) -> Waiting:
         return cls(persister, name, wait, None, _record.validate_ttl(poll_interval, "poll_interval"))
+
+    # -- what the metrics hear: the waiting loops call these, once per wait --------------
+
+    def begin(self) -> None:
+        self.started = time.monotonic()
+        if self.info is not None:
+            measure(metrics.current().attempted, self.info)
+
+    def ended(self, result: AcquireResult, cancelled: bool = False) -> AcquireResult:
+        """The wait ended with ``result`` (``cancelled``: its ``cancel`` event was set); returns it."""
+        if self.info is not None:
+            self._measure_end(result, "cancelled" if cancelled else None)
+        return result
+
+    def failed(self, error: BaseException) -> None:
+        """The wait raised: a store error, or a cancellation (``CancelledError``, ``KeyboardInterrupt``)."""
+        if self.info is not None:
+            self._measure_end(None, "error" if isinstance(error, Exception) else "cancelled")
+
+    def _measure_end(self, result: AcquireResult | None, reason: metrics.Reason | None) -> None:
+        recorder, info = metrics.current(), self.info
+        if result is not None and result.acquired:
+            measure(recorder.acquired, info, takeover=result.expired is not None)
+        else:
+            measure(recorder.not_acquired, info, reason=reason or self._refusal(result))
+        measure(recorder.waited, info, time.monotonic() - self.started)
+
+    def _refusal(self, result: AcquireResult | None) -> metrics.Reason:
+        if not self.once:
+            return "timeout"
+        record = result.record if result is not None else None
+        return "slot_ran" if record is not None and record.released else "held"
 
     def waiting_for(self) -> float | None:
         """``Terms.acquire_call``'s ``waiting_for``: the seconds left while waiting, None for one attempt."""
@@ -530,6 +581,8 @@ class LockState(TermsView, EventEmitter):
         self.auto_renew = auto_renew
         self.renew_interval = renew_interval
         self.release_on_sigterm = bool(release_on_sigterm)
+        self.info = terms.lock_info(follows_hold=True)
+        self._measured: int | None = None  # the generation whose end the metrics have yet to hear
         self._guard = threading.Lock()
         self.hold: LockRecord | None = None  # kept after a deadline loss so release() can still clean up
         self._owner_pid = 0
@@ -641,6 +694,7 @@ class LockState(TermsView, EventEmitter):
             self._owner_pid = os.getpid()
             self._lost = False
             self._acquired_at = self._last_confirmed = sent_at
+            self._measured = generation
             # Only a renewing lock is the core's to keep: without auto_renew the loss is learned
             # at release() or verify(), as the caller chose a fixed lease.
             self._deadline = self._deadline_after(sent_at) if self.auto_renew else math.inf
@@ -712,6 +766,16 @@ class LockState(TermsView, EventEmitter):
         if self.min_hold_seconds is not None:  # the store keeps the name until hold_until whatever the lease
             end = max(end, self._acquired_at + self.min_hold_seconds)
         return end - self.margin
+
+    def _hold_ended(self, generation: int | None, lost: bool) -> None:
+        """Tell the metrics a hold ended (released, or lost); only its first end counts."""
+        with self._guard:
+            if generation is None or generation != self._measured:
+                return
+            self._measured = None
+            held = time.monotonic() - self._acquired_at
+        recorder = metrics.current()
+        measure(recorder.lost if lost else recorder.released, self.info, held_seconds=held)
 
     def seconds_left(self) -> float:
         """Seconds until this hold is declared lost if nothing gets through (inf when it never expires)."""
@@ -811,6 +875,7 @@ class LockState(TermsView, EventEmitter):
             stop()
         if forget:
             _process.unregister(self)
+        self._hold_ended(generation, lost=True)
         self.emit("lost", lambda: f"exclusivity on lock {self.name!r} was lost: {why}", self.name)
 
     def verified(self, hold: LockRecord, current: LockRecord | None) -> bool:
@@ -851,6 +916,7 @@ class LockState(TermsView, EventEmitter):
         """Apply the store's answer to our release; returns it."""
         with self._guard:
             was_lost = self._lost
+            ending = self._generation if self.hold is hold else None
             if self.hold is hold:
                 self.hold = None
                 if not confirmed:
@@ -878,6 +944,7 @@ class LockState(TermsView, EventEmitter):
                     self.name,
                 )
             self.emit("released", lambda: f"{self.name!r} was no longer ours; left to its new holder", self.name)
+        self._hold_ended(ending, lost=not confirmed)
         flight.finish(confirmed)
         return confirmed
 
@@ -905,10 +972,12 @@ class LockState(TermsView, EventEmitter):
 
     def exit_released(self, hold: LockRecord, confirmed: bool, reason: str) -> None:
         with self._guard:
+            ending = self._generation if self.hold is hold else None
             if self.hold is hold:
                 self.hold = None
                 self._depth = 0
         _process.unregister(self)
+        self._hold_ended(ending, lost=not confirmed)
         if confirmed:
             self.emit("released", lambda: f"released {self.name!r} ({reason})", self.name)
 

@@ -83,7 +83,23 @@ def wait_turn(
     The release watch is open before the first call, so no release is missed; a
     queued waiter that ends without the name leaves the queue. Returns the
     monotonic time the last call was sent and its answer; ``answered`` sees each.
+    The metrics hear the wait's start and its end (``Waiting.begin``, ``ended``, ``failed``).
     """
+    waiting.begin()
+    try:
+        sent_at, result = _turns(waiting, call, cancel, answered)
+    except BaseException as error:
+        waiting.failed(error)
+        raise
+    return sent_at, waiting.ended(result, cancelled=not result.acquired and cancel is not None and cancel.is_set())
+
+
+def _turns(
+    waiting: Waiting,
+    call: Callable[[float | None], AcquireResult],
+    cancel: threading.Event | None,
+    answered: Callable[[AcquireResult], object] | None,
+) -> tuple[float, AcquireResult]:
     persister = waiting.persister
 
     def attempt() -> tuple[float, AcquireResult]:
@@ -156,6 +172,20 @@ async def await_turn(
     queued waiter leaves the queue (in that order, so the finished attempt cannot
     queue it again).
     """
+    waiting.begin()
+    try:
+        sent_at, result = await _await_turns(waiting, call, answered)
+    except BaseException as error:
+        waiting.failed(error)
+        raise
+    return sent_at, waiting.ended(result)
+
+
+async def _await_turns(
+    waiting: Waiting,
+    call: Callable[[float | None], Awaitable[AcquireResult]],
+    answered: Callable[[AcquireResult], object] | None,
+) -> tuple[float, AcquireResult]:
     persister = waiting.persister
     in_flight: asyncio.Future[AcquireResult] | None = None  # set while a call is awaited
 
@@ -531,7 +561,8 @@ class Singleton(_Face):
         terms = self._state.terms
         # One owner token for every attempt of this wait: it is the waiter's place in a fair store's queue.
         owner = terms.owner()
-        return wait_turn(Waiting.to_take(terms, wait, owner.owner_token), terms.acquirer(owner), cancel, flight.answer)
+        waiting = Waiting.to_take(terms, wait, owner.owner_token, self._state.info)
+        return wait_turn(waiting, terms.acquirer(owner), cancel, flight.answer)
 
     def _release(self, reason: str) -> bool:
         flight, hold = self._state.begin_release()
@@ -702,7 +733,7 @@ class AsyncSingleton(_Face):
     async def _acquire(self, wait: float, flight: Flight) -> tuple[float, AcquireResult]:
         terms = self._state.terms
         owner = terms.owner()  # one token for every attempt: the waiter's place in a fair queue
-        waiting = Waiting.to_take(terms, wait, owner.owner_token)
+        waiting = Waiting.to_take(terms, wait, owner.owner_token, self._state.info)
         return await await_turn(waiting, terms.async_acquirer(owner), flight.answer)
 
     async def _release(self, reason: str) -> bool:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INSTRUMENTS",
+    "LOCK_NAME_VARIABLE",
     "REASONS",
     "LockInfo",
     "NoRecorder",
@@ -47,6 +48,7 @@ __all__ = [
     "Recorder",
     "configure",
     "current",
+    "include_lock_name",
     "use",
     "using",
 ]
@@ -241,9 +243,8 @@ class _Settings:
 
     def include_lock_name(self) -> bool:
         if self.lock_name is None:
+            # Only a clear "no" leaves names out: a typo must not silently drop a dashboard's series.
             value = os.environ.get(LOCK_NAME_VARIABLE, "true").strip().lower()
-            if value not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
-                raise ValueError(f"{LOCK_NAME_VARIABLE} must be true or false, not {value!r}")
             self.lock_name = value not in ("false", "0", "no", "off")
         return self.lock_name
 
@@ -263,6 +264,14 @@ def configure(*, include_lock_name: bool | None = None) -> None:
     if include_lock_name is not None and not isinstance(include_lock_name, bool):
         raise TypeError(f"include_lock_name must be a bool or None, not {type(include_lock_name).__name__}")
     _settings.lock_name = include_lock_name
+
+
+def include_lock_name() -> bool:
+    """Whether measurements carry ``lock.name``: ``configure``'s choice, else ``SINGLETON_METRICS_LOCK_NAME``.
+
+    For recorders other than the default, so one setting rules every path out.
+    """
+    return _settings.include_lock_name()
 
 
 def current() -> Recorder:
