@@ -56,10 +56,12 @@ __all__ = [
     "ReleaseHub",
     "ReleaseWatch",
     "SleepWatch",
+    "SweepSchedule",
     "option_retention",
     "option_seconds",
     "option_whole_number",
     "positive_seconds",
+    "purge_period",
     "retention_seconds",
     "run_blocking",
     "url_options",
@@ -446,6 +448,40 @@ def positive_seconds(value: object, what: str) -> float:
 def retention_seconds(value: object, what: str = "purge_after_seconds") -> float | None:
     """``purge_after_seconds``: None keeps every name's state for good, else ``positive_seconds``."""
     return None if value is None else positive_seconds(value, what)
+
+
+def purge_period(after: object, purge_after_seconds: float | None) -> float:
+    """``purge(after=)``'s period: ``after`` (checked as ``positive_seconds``), else the store's own.
+
+    A store built with ``purge_after_seconds=None`` keeps every name's state, so
+    ``purge()`` without ``after`` is refused there (``ValueError``).
+    """
+    period = purge_after_seconds if after is None else positive_seconds(after, "after")
+    if period is None:
+        raise ValueError("purge_after_seconds is None: this store keeps every name's state")
+    return period
+
+
+class SweepSchedule:
+    """When a release runs the retention sweep of a table: at most once every ``every`` seconds per process.
+
+    One per shared client (every persister object of one configuration), so a
+    hundred objects sweep as one. Thread-safe.
+    """
+
+    def __init__(self, every: float = 600.0) -> None:
+        self.every = every
+        self._guard = threading.Lock()
+        self._due: dict[str, float] = {}
+
+    def due(self, where: str) -> bool:
+        """True when a sweep of ``where`` is due, and the next one is then put off by ``every``."""
+        now = time.monotonic()
+        with self._guard:
+            if self._due.get(where, 0.0) > now:
+                return False
+            self._due[where] = now + self.every
+        return True
 
 
 def option_seconds(text: str, what: str) -> float:
