@@ -57,6 +57,7 @@ __all__ = [
     "ReleaseWatch",
     "SleepWatch",
     "SweepSchedule",
+    "name_prefix",
     "option_retention",
     "option_seconds",
     "option_whole_number",
@@ -448,6 +449,13 @@ def positive_seconds(value: object, what: str) -> float:
 def retention_seconds(value: object, what: str = "purge_after_seconds") -> float | None:
     """``purge_after_seconds``: None keeps every name's state for good, else ``positive_seconds``."""
     return None if value is None else positive_seconds(value, what)
+
+
+def name_prefix(prefix: object) -> str:
+    """``list(prefix)``'s argument, checked before any I/O: plain text (never a pattern), else ``TypeError``."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"a name prefix must be a str, not {type(prefix).__name__}")
+    return prefix
 
 
 def purge_period(after: object, purge_after_seconds: float | None) -> float:
