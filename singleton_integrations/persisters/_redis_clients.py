@@ -149,15 +149,20 @@ class _Slots:
 
     def __init__(self, size: int) -> None:
         self._semaphore = threading.BoundedSemaphore(size)
+        self.release = self._semaphore.release
+
+    def acquire(self, timeout: float) -> None:
+        """Take a slot within ``timeout`` seconds (``release`` gives it back), or raise ``PoolExhausted``."""
+        if not self._semaphore.acquire(timeout=timeout):
+            raise PoolExhausted(f"no free connection within {timeout:g} s")
 
     @contextmanager
     def take(self, timeout: float) -> Iterator[None]:
-        if not self._semaphore.acquire(timeout=timeout):
-            raise PoolExhausted(f"no free connection within {timeout:g} s")
+        self.acquire(timeout)
         try:
             yield
         finally:
-            self._semaphore.release()
+            self.release()
 
 
 class _AsyncEntry:

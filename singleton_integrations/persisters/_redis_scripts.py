@@ -64,10 +64,12 @@ local function hold_of(holder)
   return tonumber(string.match(holder, '^{"expires_at":[^,]*,"created_at":%d+,"hold_until":(%d+)'))
 end
 -- The waiter queue (KEYS[3], KEYS[4]): it orders waiters; exclusivity never depends on it.
+-- ``now`` may be nil: the clock is read only when a place is queued.
 local function queue_head(now)
   for _ = 1, 64 do
     local first = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
     if not first then return nil end
+    now = now or now_ms()
     local place = redis.call('HGET', KEYS[4], first)
     local ends, wake = string.match(place or '', '^(%d+) (.*)$')
     ends = tonumber(ends)
@@ -197,7 +199,7 @@ if token ~= ARGV[1] then
 end
 local holder = redis.call('HGET', KEYS[2], 'holder')
 local hold = hold_of(holder)
-local now = now_ms()
+local now = hold and now_ms()  -- the clock only matters for a minimum hold, or a queue (read there)
 if hold and hold > now then
   holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. hold .. ',"released_at":' .. now, 1)
   redis.call('SET', KEYS[1], '\0released', 'PX', hold - now)

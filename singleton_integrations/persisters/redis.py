@@ -314,10 +314,14 @@ class Redis(Persister):
     def _run(self, verb: str, name: str, steps: Steps[_R], secret: str | None = None) -> _R:
         """Drive ``steps`` with the shared sync client, within one connection slot."""
         shared = self._shared()
+        slots = shared.slots
         try:
-            with shared.slots.take(self.socket_timeout):
+            slots.acquire(self.socket_timeout)  # not a context manager: this runs on every call
+            try:
                 client = shared.sync_client()
                 return drive(steps, lambda op: self._send(client, op), _unanswered)
+            finally:
+                slots.release()
         except self._errors as error:
             raise self._failure(f"{verb} {name!r}", error, secret) from error
 
