@@ -130,20 +130,18 @@ WHERE {_OWNED} AND (expires_at IS NULL OR expires_at > {_NOW});
 UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL WHERE {_OWNED}
 """
 #: The usual acquire in one round trip (sent with its COMMIT): take the name's row if it is
-#: free (no owner, no minimum hold ahead), judged at one clock reading fixed for the batch,
-#: and read back that reading and the fencing token written (``LAST_INSERT_ID(expr)``).
-#: Nothing else is read: parsing a wide row's column descriptions was a third of the
-#: client's time per cycle. A name that is held, expired or has no row matches nothing and
-#: is left to the steps. A user variable holds a DATETIME as text, so each use casts it back.
-_AT = "CAST(@singleton_now AS DATETIME(6))"
+#: free (no owner, no minimum hold ahead), then read back the clock reading and fencing token
+#: it wrote (a transaction sees its own change). ``UTC_TIMESTAMP(6)`` is read once per
+#: statement, so every use in the UPDATE is the same instant. Only two columns come back:
+#: parsing a wide row's column descriptions was a third of the client's time per cycle. A
+#: name that is held, expired or has no row matches nothing and is left to the steps.
 TAKE_FREE = f"""
-SET @singleton_now = {_NOW};
 UPDATE {{table}} SET owner_token = %(owner_token)s,
-    fencing_token = LAST_INSERT_ID(GREATEST(fencing_token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_AT}) DIV 1000)),
-    host = %(host)s, pid = %(pid)s, created_at = {_AT}, expires_at = {_AT} + INTERVAL %(lease_us)s MICROSECOND,
-    metadata = %(metadata)s, hold_until = {_AT} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL
-WHERE name = UNHEX(%(name)s) AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= {_AT});
-SELECT {_AT}, LAST_INSERT_ID()
+    fencing_token = GREATEST(fencing_token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_NOW}) DIV 1000),
+    host = %(host)s, pid = %(pid)s, created_at = {_NOW}, expires_at = {_NOW} + INTERVAL %(lease_us)s MICROSECOND,
+    metadata = %(metadata)s, hold_until = {_NOW} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL
+WHERE name = UNHEX(%(name)s) AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= {_NOW});
+SELECT created_at, fencing_token FROM {{table}} WHERE name = UNHEX(%(name)s)
 """
 RENEW = "UPDATE {table} SET expires_at = %(expires_at)s WHERE name = UNHEX(%(name)s)"
 #: Administrative: free a held name, or end a minimum hold early.

@@ -13,6 +13,11 @@ UPDATE`` locks the name's row and reads it with the server's clock
 stays true until the commit. A lock wait can only make the reading older than
 the commit, which judges a lease live a little longer and starts a new one a
 little earlier: both on the safe side.
+
+Round trips are few because a write goes with its ``COMMIT`` (``Op.commit``): the
+usual acquire (a free name, a caller not queued) is one conditional ``UPDATE`` at one
+clock reading, and a release is three owner-checked ``UPDATE``s whose affected-row
+counts say what it released; both judged in SQL, one round trip each.
 """
 
 from __future__ import annotations
@@ -173,8 +178,8 @@ class Rules:
             results = yield Op("results", self.sql["TAKE_FREE"], {
                 "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
                 "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
-            if results[1][0] == 1:  # the UPDATE took the row
-                at, fence = results[2][1][0]
+            if results[0][0] == 1:  # the UPDATE took the row
+                at, fence = results[1][1][0]
                 return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
         for attempt in range(_RETRIES):
             try:

@@ -12,6 +12,8 @@ Why it is shaped this way:
   its fencing token before ``COMMIT``. Sessions run READ COMMITTED, so a name
   with no row takes no gap lock: two first-time inserters meet at the primary
   key, and the loser (a duplicate-key error) retries and finds the winner's row.
+  A write is sent with its ``COMMIT`` (connections allow several statements per
+  call), so the usual acquire and a release are one round trip each.
 * **Fencing tokens never go back.** Release keeps the row; each acquire writes
   ``max(previous + 1, server clock in ms)``, so a purged name starts above its
   old tokens.

@@ -553,3 +553,34 @@ def test_ssl_false_keeps_pymysql_from_using_tls(tls_server: Any) -> None:
         assert _cipher(plain, "sync") == "" and _cipher(plain, "async") == ""
     finally:
         plain.close()
+
+
+def test_the_record_an_acquire_returns_is_the_row_it_wrote(store: MySql) -> None:
+    """The one-round-trip acquire computes its record from the values the server wrote (clock, token)."""
+    first = Owner(metadata={"team": "data"})
+    new_name = store.acquire("written", first, 30, 5)  # no row yet: the step-by-step INSERT
+    assert new_name.acquired and new_name.record == store.get("written")
+    assert store.release("written", first.owner_token)  # into its minimum hold
+    store.force_release("written")
+    again = Owner()
+    free_row = store.acquire("written", again, 30.0000015, 0.5)  # a free row: the one-round-trip UPDATE
+    assert free_row.acquired and free_row.record == store.get("written")
+    assert free_row.record is not None and new_name.record is not None
+    assert free_row.record.fencing_token > new_name.record.fencing_token
+    assert free_row.expired is None, "a free name had no holder whose lease ran out"
+
+
+def test_a_lock_and_release_of_a_free_name_make_two_round_trips(store: MySql) -> None:
+    calls: list[str] = []
+    call = store._call
+
+    def counted(connection: Any, op: Op) -> Any:
+        calls.append(op.kind)
+        return call(connection, op)
+
+    owner = Owner()
+    assert store.acquire("trips", owner, 30).acquired and store.release("trips", owner.owner_token)  # the row exists
+    store._call = counted  # type: ignore[method-assign]
+    assert store.acquire("trips", owner, 30).acquired
+    assert store.release("trips", owner.owner_token)
+    assert calls == ["results", "counts"], calls
