@@ -30,6 +30,39 @@ Steps = Generator[_Op, Any, _R]
 PURGE_BATCH = 500
 
 
+class _Turns:
+    """Where a driven ``Steps`` is: the next operation, and the answer once it returns (``adrive``'s)."""
+
+    __slots__ = ("_answerable", "_error", "_reply", "_steps", "answer")
+
+    def __init__(self, steps: Generator[Any, Any, Any], answerable: Callable[[BaseException], bool]) -> None:
+        self._steps, self._answerable = steps, answerable
+        self._reply: Any = None
+        self._error: BaseException | None = None
+        self.answer: Any = None
+
+    def next(self) -> Any:
+        """The next operation, or ``_DONE`` once the steps returned (their value is ``answer``)."""
+        error, self._error = self._error, None
+        try:
+            return self._steps.throw(error) if error is not None else self._steps.send(self._reply)
+        except StopIteration as stop:
+            self.answer = stop.value
+            return _DONE
+
+    def reply(self, reply: Any) -> None:
+        self._reply = reply
+
+    def fail(self, failure: Exception) -> None:
+        """Hand ``failure`` to the steps if they answer it; re-raise it otherwise."""
+        if not self._answerable(failure):
+            raise failure
+        self._reply, self._error = None, failure
+
+
+_DONE = object()
+
+
 def drive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Any],
           answerable: Callable[[BaseException], bool]) -> _R:
     """Run ``steps`` with blocking calls.
@@ -38,7 +71,7 @@ def drive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Any],
     answer it (a duplicate key means somebody else inserted first); any other
     error, such as a lost connection, ends the primitive at once.
     """
-    # One loop and no helper object: this runs on every store call, and an embedded store's call is short.
+    # The loop of ``_Turns`` written out: this runs on every call of an embedded store, whose call is short.
     reply: Any = None
     failure: BaseException | None = None
     while True:
@@ -59,21 +92,14 @@ def drive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Any],
 async def adrive(steps: Generator[_Op, Any, _R], call: Callable[[_Op], Awaitable[Any]],
                  answerable: Callable[[BaseException], bool]) -> _R:
     """``drive`` for coroutines: the same loop, awaiting each call."""
-    reply: Any = None
-    failure: BaseException | None = None
-    while True:
+    turns = _Turns(steps, answerable)
+    while (op := turns.next()) is not _DONE:
         try:
-            op = steps.send(reply) if failure is None else steps.throw(failure)
-        except StopIteration as stop:
-            answer: _R = stop.value
-            return answer
-        failure = None
-        try:
-            reply = await call(op)
-        except Exception as error:  # re-raised unless the steps answer it
-            if not answerable(error):
-                raise
-            reply, failure = None, error
+            turns.reply(await call(op))
+        except Exception as failure:  # noqa: BLE001 - fail() re-raises what the steps do not answer
+            turns.fail(failure)
+    answer: _R = turns.answer
+    return answer
 
 
 def purge_limit(limit: object) -> int:
