@@ -3,7 +3,8 @@
 Every commit in WAL mode writes to ``FILE-wal``; a listener thread (one per file
 and process, run by the file's ``ReleaseHub``) waits for those writes, reads
 which of the names waited for in this process are free now, and wakes their
-waiters (the queue's head, where one waits: ``head_of`` reads it). Where inotify is missing (not Linux, or a file system without it) the
+waiters (the queue's head, where one waits; ``free_of`` reads both, with the
+store's rules). Where inotify is missing (not Linux, or a file system without it) the
 hub has no listener and waiters keep their 50 ms poll, which also stays as the
 safety net here: a missed event costs one poll, never a lost wake-up.
 """
@@ -19,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TypeAlias
 
 from ._base import Listener, ReleaseHub
@@ -32,9 +32,8 @@ _IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100
 _IN_Q_OVERFLOW = 0x00004000
 _EVENT = struct.Struct("iIII")
-_CHUNK = 500  # names per query, well under SQLite's parameter limit
-#: Reads the owner token first in a name's waiter queue (None for none): (connection, now, name).
-HeadOf: TypeAlias = Callable[[sqlite3.Connection, float, str], "str | None"]
+#: Which of the names are free now, each with its queue's head (None for none): (connection, names).
+FreeOf: TypeAlias = Callable[[sqlite3.Connection, Iterable[str]], "list[tuple[str, str | None]]"]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -47,24 +46,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _free(connection: sqlite3.Connection, names: Iterable[str], now: float,
-          head_of: HeadOf) -> list[tuple[str, str | None]]:
-    """The names among ``names`` nobody holds now (no row, released, or expired), each with its queue's head."""
-    wanted = sorted(names)
-    held: set[str] = set()
-    for start in range(0, len(wanted), _CHUNK):
-        chunk = wanted[start:start + _CHUNK]
-        marks = ", ".join("?" * len(chunk))
-        rows = connection.execute(
-            f"SELECT name FROM singleton_locks WHERE name IN ({marks}) AND "
-            "(owner_token IS NOT NULL OR released_at IS NOT NULL) AND (expires_at IS NULL OR expires_at > ?)",
-            (*chunk, now),
-        )
-        held.update(row[0] for row in rows)
-    return [(name, head_of(connection, now, name)) for name in wanted if name not in held]
-
-
-def inotify_listener(path: Path, head_of: HeadOf) -> Listener | None:
+def inotify_listener(path: str, free_of: FreeOf) -> Listener | None:
     """A ``ReleaseHub`` listener for the SQLite file at ``path``, or None where inotify is unavailable."""
     libc = _libc()
     if libc is None:
@@ -94,7 +76,7 @@ def inotify_listener(path: Path, head_of: HeadOf) -> Listener | None:
                 names = hub.names()
                 if names:
                     try:
-                        free = _free(connection, names, time.time(), head_of)
+                        free = free_of(connection, names)
                     except sqlite3.OperationalError:  # busy or a schema change mid-migration: wake everyone
                         hub.notify_all()
                         continue

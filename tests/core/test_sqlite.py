@@ -177,9 +177,12 @@ def test_a_hold_refuses_other_processes_until_it_ends(tmp_path: Path) -> None:
     taken = store.acquire("slot", owner, 30, 1.0)
     assert taken.record is not None and taken.record.hold_until is not None and store.release("slot",
                                                                                                 owner.owner_token)
+    # A child that takes the name lets it go again: an early child slow enough to start after the
+    # hold ended takes it, and would otherwise hold it for 30 s against the late one.
     code = ("import sys; from singleton_integrations import persisters; from singleton_integrations._record import Owner;"
-            "r = persisters.Sqlite(sys.argv[1]).acquire('slot', Owner(), 30);"
-            "print(r.acquired, r.record.released if r.record else None, r.record.fencing_token if r.record else 0)")
+            "p = persisters.Sqlite(sys.argv[1]); o = Owner(); r = p.acquire('slot', o, 30);"
+            "print(r.acquired, r.record.released if r.record else None, r.record.fencing_token if r.record else 0);"
+            "r.acquired and p.release('slot', o.owner_token)")
     early = subprocess.run([sys.executable, "-c", code, str(path)], check=False, capture_output=True, text=True, timeout=60)
     if time.time() < taken.record.hold_until.timestamp():  # a very slow start could outlast the hold
         assert early.stdout.split()[:2] == ["False", "True"], early.stderr
