@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl
 
 from .._record import AcquireResult, LockRecord, Owner
-from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
+from ._base import (
+    DEFAULT_PURGE_AFTER_SECONDS,
+    Persister,
+    ReleaseHub,
+    ReleaseWatch,
+    option_retention,
+    retention_seconds,
+    url_options,
+)
 
 __all__ = ["Memory"]
 
@@ -30,6 +37,7 @@ _named_stores_lock = threading.Lock()
 SWEEP_LIMIT = 100
 #: The most often a store sweeps, unless the last sweep found a backlog.
 SWEEP_INTERVAL = 10.0
+_URL_OPTIONS: dict[str, Callable[[str, str], Any]] = {"purge_after_seconds": option_retention}
 
 
 def _at(seconds: float | None) -> datetime | None:
@@ -62,7 +70,7 @@ class Memory(Persister):
 
     backend: ClassVar[str] = "memory"
     notifies: ClassVar[bool] = True
-    multiprocess: ClassVar[bool] = False
+    multiprocess: ClassVar[bool] = False  # and so not distributed either (the default)
     clock: ClassVar[str] = "this process's clock"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
@@ -70,12 +78,7 @@ class Memory(Persister):
     call_timeout: float = 0.1
 
     def __init__(self, *, purge_after_seconds: float | None = DEFAULT_PURGE_AFTER_SECONDS) -> None:
-        if purge_after_seconds is not None and (
-                isinstance(purge_after_seconds, bool) or not isinstance(purge_after_seconds, (int, float))
-                or not 0 < purge_after_seconds < math.inf):
-            raise ValueError(f"purge_after_seconds must be a positive number of seconds or None, "
-                             f"not {purge_after_seconds!r}")
-        self.purge_after_seconds = None if purge_after_seconds is None else float(purge_after_seconds)
+        self.purge_after_seconds = retention_seconds(purge_after_seconds)
         self._guard = threading.Lock()
         self._names: dict[str, _Name] = {}
         self._purged_fence = 0  # the highest token of any purged name
@@ -93,15 +96,7 @@ class Memory(Persister):
         it. Options apply when the store is made; asking for other options later is an error.
         """
         key, _, query = url.partition("://")[2].partition("?")
-        settings: dict[str, Any] = {}
-        for option, value in parse_qsl(query, keep_blank_values=True):
-            if option != "purge_after_seconds":
-                raise ValueError(f"unknown memory URL option {option!r}; known: purge_after_seconds")
-            try:
-                settings[option] = None if value.lower() in ("none", "") else float(value)
-            except ValueError:
-                raise ValueError(f"purge_after_seconds must be a number of seconds or none, not {value!r}") from None
-        settings.update(options)
+        settings = {**url_options(query, _URL_OPTIONS, "memory"), **options}
         unknown = set(settings) - {"purge_after_seconds"}
         if unknown:
             raise TypeError(f"unknown Memory option(s): {', '.join(sorted(unknown))}")

@@ -231,3 +231,7 @@ def test_urls_and_options() -> None:
     for bad in (0, -1, float("inf"), True, "60"):
         with pytest.raises(ValueError):
             persisters.Memory(purge_after_seconds=bad)  # type: ignore[arg-type]
+    for query in ("purge_after_seconds=abc", "purge_after_seconds=-5", "purge_after_seconds=0"):
+        with pytest.raises(ValueError, match="purge_after_seconds"):
+            persisters.from_url(f"memory://test-bad?{query}")
+    assert persisters.from_url("memory://test-e?purge_after_seconds=never").purge_after_seconds is None

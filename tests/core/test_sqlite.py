@@ -170,6 +170,14 @@ def test_url_options(tmp_path: Path) -> None:
             persisters.from_url(bad)
 
 
+@pytest.mark.parametrize("option", ["timeout", "purge_after_seconds"])
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), True, "5", [5]])
+def test_a_bad_number_raises_one_error_type(tmp_path: Path, option: str, bad: object) -> None:
+    """Whatever is wrong with a number, its type included, the error is a ValueError, as on every store."""
+    with pytest.raises(ValueError, match=option):
+        persisters.Sqlite(tmp_path / "x.sqlite3", **{option: bad})
+
+
 def test_a_hold_refuses_other_processes_until_it_ends(tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
     store = persisters.Sqlite(path)
