@@ -1,11 +1,12 @@
-"""The PostgreSQL persister's statements and how to read their answers: everything but the I/O.
+"""The PostgreSQL persister's statements; ``_postgres_steps`` reads their answers, ``postgres`` sends them.
 
-``persisters.postgres`` runs these on sync and on async connections alike, so the
-lock rules are written once. Each message starts with ``SET LOCAL
+Behind a pooler each call is one message that starts with ``SET LOCAL
 statement_timeout``: several statements in one simple-protocol message run as
 one implicit transaction, so the timeout lives exactly as long as the call and
 no session state is left behind for a pooler (PgBouncer) to hand to someone
-else. No statement is prepared on the server, for the same reason.
+else; nothing is prepared on the server, for the same reason. On a direct
+connection the hot single statements (``PREPARED``) are sent as they are, to be
+prepared there, under the connection's own ``statement_timeout``.
 
 Row states (one row per name, kept after release so the fencing counter survives):
 
@@ -25,11 +26,7 @@ transaction that locked the row, so a release that commits afterwards sees it.
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
-from typing import Any
-
-from .._record import AcquireResult, LockRecord, Owner
+import hashlib
 
 __all__ = [
     "ACQUIRE",
@@ -43,15 +40,12 @@ __all__ = [
     "MIGRATE",
     "NEW_COLUMNS",
     "PEEK",
+    "PREPARED",
     "PURGE",
     "RELEASE",
     "RENEW",
-    "acquire_params",
     "message",
-    "parse_acquire",
-    "parse_acquire_free",
-    "parse_peek",
-    "record",
+    "statements",
 ]
 
 #: Columns this version added; tables created before it gain them once, on first use.
@@ -227,80 +221,31 @@ def message(statement_timeout_ms: int, *statements: str) -> str:
     return ";\n".join((f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}", *statements))
 
 
-def acquire_params(name: str, owner: Owner, ttl: float | None, min_hold: float | None) -> dict[str, Any]:
-    return {
-        "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-        "ttl": ttl, "min_hold": min_hold,
-        "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
-    }
+#: The statements a direct connection prepares: a single statement each, and the hot ones.
+PREPARED = ("acquire_free", "acquire", "peek", "release", "renew", "get")
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(timezone.utc)
+def _setup_key(table: str) -> int:
+    """The advisory-lock key that serializes creating or migrating one table."""
+    return int.from_bytes(hashlib.sha256(f"singleton_integrations:{table}".encode()).digest()[:8], "big", signed=True)
 
 
-def record(row: tuple[Any, ...] | None, start: int = 0) -> LockRecord | None:
-    """A row (from ``start``) as a record: a held lock, or one released into its minimum hold.
+def statements(table: str, statement_timeout_ms: int) -> tuple[dict[str, str], dict[str, str]]:
+    """What to send for each step's statement key on one (quoted) table: as messages, and as prepared statements.
 
-    A released record carries an empty owner token: no token can renew or release it.
-    Callers select only live rows; a free row's leftovers never reach here.
+    ``_postgres_steps`` names a statement by its key; a message fits any
+    connection, the prepared text (``PREPARED`` only) a direct one.
     """
-    if row is None:
-        return None
-    name, owner_token, fence, host, pid, created, expires, metadata, released, hold_until = row[start:start + 10]
-    if name is None:
-        return None
-    if isinstance(metadata, str):
-        metadata = json.loads(metadata)
-    return LockRecord(
-        name, owner_token or "", fence, host, pid, _utc(created), _utc(expires),  # type: ignore[arg-type]
-        {str(key): str(value) for key, value in (metadata or {}).items()},
-        released_at=_utc(released) if owner_token is None else None, hold_until=_utc(hold_until),
-    )
-
-
-def _taken(name: str, owner: Owner, fence: int, created: datetime, expires: datetime | None,
-           hold_until: datetime | None) -> LockRecord:
-    return LockRecord(name, owner.owner_token, fence, owner.host, owner.pid, _utc(created), _utc(expires),  # type: ignore[arg-type]
-                      dict(owner.metadata), hold_until=_utc(hold_until))
-
-
-def parse_acquire_free(row: tuple[Any, ...] | None, name: str, owner: Owner) -> AcquireResult | None:
-    """The free path's answer; None when the name was not free (try ACQUIRE)."""
-    if row is None:
-        return None
-    return AcquireResult(True, _taken(name, owner, row[0], row[1], row[2], row[3]))
-
-
-def parse_acquire(row: tuple[Any, ...], name: str, owner: Owner) -> AcquireResult | None:
-    """ACQUIRE's answer; None when the name's row appeared after the statement's snapshot (look again)."""
-    fence, created, expires, hold_until = row[0:4]
-    previous = record(row, 4)
-    live, remaining = row[14], row[15]
-    if fence is not None:
-        # Only a holder that never released is reported as expired; a hold that ran out is a normal acquire.
-        expired = previous if previous is not None and previous.owner_token else None
-        return AcquireResult(True, _taken(name, owner, fence, created, expires, hold_until), expired=expired)
-    if previous is None:
-        return None
-    if previous.owner_token == owner.owner_token:  # our own write, retried after a dropped connection
-        return AcquireResult(True, previous)
-    if not live:  # not taken although not live: the clock moved between two reads of it; look again
-        return None
-    return AcquireResult(False, previous, retry_after=None if remaining is None else max(float(remaining), 0.0))
-
-
-def parse_peek(row: tuple[Any, ...] | None, owner: Owner, hinting: bool) -> AcquireResult | None:
-    """PEEK's answer: a conflict, or None when only the locking ACQUIRE can say (free, expired,
-    never seen, or a hint to write)."""
-    if row is None or not row[10]:
-        return None
-    holder = record(row)
-    if holder is None:
-        return None
-    if holder.owner_token == owner.owner_token:  # our own write, retried after a dropped connection
-        return AcquireResult(True, holder)
-    if hinting and not row[12]:
-        return None
-    remaining = row[11]
-    return AcquireResult(False, holder, retry_after=None if remaining is None else max(float(remaining), 0.0))
+    of_table = {key: template.format(table=table) for key, template in (
+        ("acquire_free", ACQUIRE_FREE), ("acquire", ACQUIRE), ("hint", HINT), ("release", RELEASE),
+        ("renew", RENEW), ("get", GET), ("list", LIST), ("force_release", FORCE_RELEASE),
+        ("peek", PEEK), ("purge", PURGE), ("create", CREATE_TABLE), ("migrate", MIGRATE))}
+    timeout = statement_timeout_ms
+    messages = {key: message(timeout, of_table[key]) for key in
+                ("acquire_free", "acquire", "peek", "release", "renew", "get", "list", "force_release", "purge")}
+    messages["acquire_hint"] = message(timeout, of_table["acquire"], of_table["hint"])
+    messages["inspect"] = message(timeout, INSPECT)
+    messages["backend_pid"] = message(timeout, "SELECT pg_backend_pid()")
+    messages["setup"] = message(timeout, f"SET LOCAL lock_timeout = {timeout}",
+                                f"SELECT pg_advisory_xact_lock({_setup_key(table)})", of_table["create"], of_table["migrate"])
+    return messages, {key: of_table[key] for key in PREPARED}

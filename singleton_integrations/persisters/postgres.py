@@ -1,10 +1,11 @@
-"""PostgreSQL: one row per name, every primitive one message on a shared, bounded set of connections.
+"""PostgreSQL: one row per name, every primitive a few single statements on a shared, bounded set of connections.
 
-The lock's statements and the reading of their answers live in
-``_postgres_sql`` (no I/O); this module runs them on sync connections
+The rules (which statement, what its answer means) are written once in
+``_postgres_steps`` and the statements in ``_postgres_sql``; this module is the
+I/O, written once per face: it drives the steps on sync connections
 (``psycopg_pool.ConnectionPool``) and on async ones (``psycopg.AsyncConnection``).
 
-Behind a pooler each call is one simple-protocol message that begins with
+Behind a pooler each statement is one simple-protocol message that begins with
 ``SET LOCAL statement_timeout``: it leaves no session state and prepares nothing
 on the server, so the same code works behind PgBouncer in transaction pooling
 and in session pooling, with PgBouncer's default configuration. On a direct
@@ -30,25 +31,42 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import hashlib
 import inspect
 import logging
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .._errors import MissingDependency, PersisterError
+from .._errors import MissingDependency
 from .._record import AcquireResult, LockRecord, Owner
-from .._urls import redact_url
+from .._urls import redact_url, scrub
 from . import _postgres_sql as q
-from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, run_blocking
-from ._steps import asweep, purge_limit, sweep
+from ._base import (
+    DEFAULT_PURGE_AFTER_SECONDS,
+    ClientRegistry,
+    ErrorTranslation,
+    HubWatch,
+    Persister,
+    ReleaseHub,
+    ReleaseWatch,
+    SweepSchedule,
+    name_prefix,
+    option_retention,
+    option_seconds,
+    option_whole_number,
+    positive_seconds,
+    purge_period,
+    retention_seconds,
+    run_blocking,
+    whole_number,
+)
+from ._postgres_steps import Op, Rules, Steps
+from ._steps import adrive, asweep, drive, purge_limit, sweep
 
 if TYPE_CHECKING:
     import psycopg
@@ -58,7 +76,7 @@ __all__ = ["POOLER_MODES", "Postgres"]
 
 logger = logging.getLogger("singleton_integrations.persisters.postgres")
 
-_T = TypeVar("_T")
+_R = TypeVar("_R")
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are silently truncated
 
 #: ``pooler=``: ``auto`` detects a pooler (its cancel key is not the server's) and then
@@ -67,21 +85,29 @@ _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are sil
 POOLER_MODES = ("auto", "none", "transaction", "session")
 _POOLER_ALIASES = {"pgbouncer-transaction": "transaction", "pgbouncer-session": "session", "direct": "none"}
 
+
+def _text(text: str, what: str) -> str:
+    return text
+
+
+def _prepare_threshold(text: str, what: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "null") else option_whole_number(text, what)
+
+
 # Options that belong to this class rather than to libpq, readable from a URL's query.
-_NONE_WORDS = ("", "none", "null")
-_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
-    "table": str,
-    "connect_timeout": float,
-    "statement_timeout_ms": int,
-    "pool_timeout": float,
-    "timeout": float,
-    "min_size": int,
-    "max_size": int,
-    "prepare_threshold": lambda text: None if text.lower() in _NONE_WORDS else int(text),
-    "purge_after_seconds": lambda text: None if text.lower() in _NONE_WORDS else float(text),
-    "pooler": str,
-    "listen_dsn": str,
-    "poll_interval": float,
+_URL_OPTIONS: dict[str, Callable[[str, str], Any]] = {
+    "table": _text,
+    "connect_timeout": option_seconds,
+    "statement_timeout_ms": option_whole_number,
+    "pool_timeout": option_seconds,
+    "timeout": option_seconds,
+    "min_size": option_whole_number,
+    "max_size": option_whole_number,
+    "prepare_threshold": _prepare_threshold,
+    "purge_after_seconds": option_retention,
+    "pooler": _text,
+    "listen_dsn": _text,
+    "poll_interval": option_seconds,
 }
 # libpq settings that bound a dead peer unless the DSN chooses its own: keepalives
 # notice a vanished server in about 11 s, tcp_user_timeout a send nobody acknowledges.
@@ -94,15 +120,13 @@ _NETWORK_DEFAULTS = {
     "tcp_user_timeout": "10000",
     "application_name": "singleton-integrations",
 }
-_KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 #: A process sweeps a table for long-idle names at most this often.
 PURGE_EVERY_SECONDS = 600.0
 #: The listener checks its quiet LISTEN connection this often (keepalives may be off).
 _LISTEN_HEARTBEAT = 10.0
-
-
-def _rowcount(cursor: psycopg.Cursor[Any]) -> int:
-    return cursor.rowcount
+#: psycopg's ``prepare_threshold`` when only statements executed with ``prepare=True`` may be
+#: prepared: None would forbid even those, and no count of plain executions reaches this.
+_PREPARE_ONLY_ON_REQUEST = 2**31 - 1
 
 
 def _drivers() -> tuple[Any, Any]:
@@ -113,11 +137,6 @@ def _drivers() -> tuple[Any, Any]:
         module = "psycopg_pool" if error.name == "psycopg_pool" else "psycopg"
         raise MissingDependency(backend="postgres", extra="postgres", module=module) from error
     return psycopg, psycopg_pool
-
-
-def _redact(dsn: str) -> str:
-    """A DSN safe to show: URL passwords and ``password=`` settings become ``***``."""
-    return _KV_PASSWORD.sub(r"\1***", redact_url(dsn))
 
 
 def _split_table(table: object) -> tuple[str, ...]:
@@ -135,12 +154,6 @@ def _split_table(table: object) -> tuple[str, ...]:
     return parts
 
 
-def _positive(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive number, not {value!r}")
-    return float(value)
-
-
 def _retriable(error: BaseException, pool_module: Any) -> bool:
     """A dropped connection (e.g. a server restart) rather than a verdict of the server."""
     if isinstance(error, (pool_module.PoolTimeout, pool_module.PoolClosed)):
@@ -151,11 +164,6 @@ def _retriable(error: BaseException, pool_module: Any) -> bool:
 
 class _NoAnswer(TimeoutError):
     """The peer kept the socket open but did not answer within the call's deadline."""
-
-
-#: psycopg's ``prepare_threshold`` when only statements executed with ``prepare=True`` may be
-#: prepared: None would forbid even those, and no count of plain executions reaches this.
-_PREPARE_ONLY_ON_REQUEST = 2**31 - 1
 
 
 def _bounded_waits(psycopg: Any) -> bool:
@@ -172,16 +180,13 @@ def _bounded_waits(psycopg: Any) -> bool:
     return accepts_timeout and hasattr(psycopg.Cursor, "_execute_gen") and hasattr(psycopg.errors, "_WaitTimeout")
 
 
-def _channel(schema: str, relation: str) -> str:
-    channel = f"singleton:{schema}.{relation}"
-    if len(channel.encode()) > _MAX_IDENTIFIER_BYTES:
-        channel = f"singleton:{hashlib.sha256(channel.encode()).hexdigest()[:40]}"
-    return channel
-
-
-def _setup_key(quoted_table: str) -> int:
-    """The advisory-lock key that serializes creating or migrating one table."""
-    return int.from_bytes(hashlib.sha256(f"singleton_integrations:{quoted_table}".encode()).digest()[:8], "big", signed=True)
+def _answer(op: Op, rows: list[Any], connection: Any) -> Any:
+    """What a step is sent back for ``op``, from the rows its statement returned."""
+    if op.kind == "all":
+        return rows
+    if op.kind == "pids":
+        return int(rows[0][0]), connection.info.backend_pid
+    return rows[0] if rows else None
 
 
 # -- the store shared by every persister of one configuration in one process ------------
@@ -203,6 +208,10 @@ class _AsyncConnections:
                 self.idle.pop().pgconn.finish()
 
 
+# Sockets a forked child must neither use nor finalize: they belong to the parent.
+_inherited: list[object] = []
+
+
 class _Store:
     """One configuration's connections in this process, shared by every ``Postgres`` built with it."""
 
@@ -210,20 +219,28 @@ class _Store:
                  pool_timeout: float, connect_timeout: float) -> None:
         self.conninfo = conninfo
         self.listen_conninfo = listen_conninfo
-        self.declared = pooler
         #: 'direct', 'transaction' or 'session'; None until detected (pooler='auto').
         self.mode: str | None = {"none": "direct", "auto": None}.get(pooler, pooler)
         self.min_size, self.max_size = min_size, max_size
         self.pool_timeout, self.connect_timeout = pool_timeout, connect_timeout
+        self.tables: dict[str, str] = {}  # quoted table -> NOTIFY channel, once created/migrated here
+        self.hubs: dict[str, ReleaseHub] = {}
+        self._reset()
+
+    def _reset(self) -> None:
         self.guard = threading.Lock()  # quick state changes only, never held across I/O
         self.setup = threading.Lock()  # creating tables and the pool: I/O, so watch() never waits on it
         self.pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
-        self.per_call = threading.BoundedSemaphore(max_size)  # session mode: connections in use at once
-        self.tables: dict[str, str] = {}  # quoted table -> NOTIFY channel, once created/migrated here
-        self.hubs: dict[str, ReleaseHub] = {}
-        self.purge_due: dict[str, float] = {}
+        self.per_call = threading.BoundedSemaphore(self.max_size)  # session mode: connections in use at once
+        self.sweeps = SweepSchedule(PURGE_EVERY_SECONDS)
         self.loops: dict[int, _AsyncConnections] = {}
         self.users = 0
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's connections stay untouched (kept referenced, never closed);
+        the child opens its own. What was learnt (the mode, the tables) still holds; each hub resets itself."""
+        _inherited.append((self.pool, self.loops))
+        self._reset()
 
     @property
     def keeps_connections(self) -> bool:
@@ -264,25 +281,14 @@ class _Store:
             pool.close(timeout=pool_timeout)
 
 
-_stores: dict[tuple[Any, ...], _Store] = {}
-_stores_guard = threading.Lock()
-# Stores a forked child must neither use nor finalize: their sockets belong to the parent.
-_inherited: list[object] = []
-
-
-def _forget_parent_stores() -> None:
-    global _stores_guard
-    _stores_guard = threading.Lock()
-    _inherited.extend(_stores.values())
-    _stores.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_parent_stores)
+#: One store per configuration and process; a forked child resets each (see ``_Store.reset_after_fork``).
+_stores: ClientRegistry[tuple[Any, ...], _Store] = ClientRegistry(after_fork=_Store.reset_after_fork)
 
 
 class _Watch(ReleaseWatch):
     """A waiter on the store's hub; polls every ``poll`` seconds while nothing LISTENs for it."""
+
+    wakes_coroutines: ClassVar[bool] = True
 
     def __init__(self, inner: HubWatch, hub: ReleaseHub, poll: float) -> None:
         self._inner, self._hub, self._poll = inner, hub, poll
@@ -321,19 +327,20 @@ class Postgres(Persister):
     ``purge_after_seconds`` (default 30 days, ``None`` keeps all) is how long a
     free name's row is kept. ``prepare_threshold`` is accepted for old
     configurations and has no effect: what is prepared depends on ``pooler``.
+    A bad number raises ``ValueError``.
     """
 
     backend: ClassVar[str] = "postgres"
     distributed: ClassVar[bool] = True
+    clock: ClassVar[str] = "the PostgreSQL server's clock (clock_timestamp())"
+    supports_min_hold: ClassVar[bool] = True
+    native_async: ClassVar[bool] = True
 
     @property
     def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, worked out per store here
         """True unless a pooler is in front and no ``listen_dsn`` was given: then waiters poll."""
         store = self._store
         return store is None or store.listen_conninfo is not None or store.mode in (None, "direct")
-    clock: ClassVar[str] = "the PostgreSQL server's clock (clock_timestamp())"
-    supports_min_hold: ClassVar[bool] = True
-    native_async: ClassVar[bool] = True
 
     @classmethod
     def preload(cls) -> None:
@@ -359,66 +366,48 @@ class Postgres(Persister):
         if not isinstance(dsn, str):
             raise TypeError(f"a PostgreSQL DSN must be a str, not {type(dsn).__name__}")
         self._psycopg, self._psycopg_pool = _drivers()
-        self.dsn = _redact(dsn)
+        self.dsn = redact_url(dsn)
         self._table_parts = _split_table(table)
         self.table = ".".join(self._table_parts)
-        if isinstance(statement_timeout_ms, bool) or not isinstance(statement_timeout_ms, int) or statement_timeout_ms <= 0:
-            raise ValueError(f"statement_timeout_ms must be a positive int, not {statement_timeout_ms!r}")
-        self.statement_timeout_ms = statement_timeout_ms
-        self.pool_timeout = _positive(pool_timeout, "pool_timeout")
+        self.statement_timeout_ms = whole_number(statement_timeout_ms, "statement_timeout_ms")
+        self.pool_timeout = positive_seconds(pool_timeout, "pool_timeout")
         # Longer than the statement timeout, so a slow statement is cancelled by the
         # server (leaving its connection usable) before the client gives up on it.
-        self.timeout = statement_timeout_ms / 1000 + 0.5 if timeout is None else _positive(timeout, "timeout")
+        self.timeout = self.statement_timeout_ms / 1000 + 0.5 if timeout is None else positive_seconds(timeout, "timeout")
         self.call_timeout = self.timeout
         self._bounded = _bounded_waits(self._psycopg)
         if not self._bounded:
             logger.warning("psycopg %s cannot bound a statement on the client; upgrade to 3.3.9+ "
                            "so a peer that never answers cannot hang a call", self._psycopg.__version__)
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, not {min_size!r}")
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < max(1, min_size):
-            raise ValueError(f"max_size must be an int >= max(1, min_size), not {max_size!r}")
-        self.min_size, self.max_size = min_size, max_size
-        if prepare_threshold is not None and (isinstance(prepare_threshold, bool) or not isinstance(prepare_threshold, int)):
-            raise TypeError("prepare_threshold must be an int or None")
-        self.prepare_threshold = prepare_threshold
-        self.purge_after_seconds = None if purge_after_seconds is None else _positive(purge_after_seconds, "purge_after_seconds")
+        self.min_size = whole_number(min_size, "min_size", 0)
+        self.max_size = whole_number(max_size, "max_size", max(1, self.min_size))
+        self.prepare_threshold = None if prepare_threshold is None else whole_number(prepare_threshold, "prepare_threshold", 0)
+        self.purge_after_seconds = retention_seconds(purge_after_seconds)
         mode = _POOLER_ALIASES.get(str(pooler).lower(), str(pooler).lower()) if isinstance(pooler, str) else None
         if mode not in POOLER_MODES:
             raise ValueError(f"pooler must be one of {', '.join(POOLER_MODES)}, not {pooler!r}")
         self.pooler = mode
-        self.poll_interval = _positive(poll_interval, "poll_interval")
+        self.poll_interval = positive_seconds(poll_interval, "poll_interval")
         if listen_dsn is not None and not isinstance(listen_dsn, str):
             raise TypeError(f"listen_dsn must be a str, not {type(listen_dsn).__name__}")
-        self.listen_dsn = None if listen_dsn is None else _redact(listen_dsn)
+        self.listen_dsn = None if listen_dsn is None else redact_url(listen_dsn)
 
         self._secrets: list[str] = []
+        self._errors = ErrorTranslation(self.backend, (self._psycopg.Error, TimeoutError, asyncio.TimeoutError),
+                                        self._describe)
         if connect_timeout is None:
             connect_timeout = float(self._parse_dsn(dsn).get("connect_timeout") or 5)
-        self.connect_timeout = _positive(connect_timeout, "connect_timeout")
+        self.connect_timeout = positive_seconds(connect_timeout, "connect_timeout")
         self._conninfo = self._conninfo_for(dsn)
         self._listen_conninfo = None if listen_dsn is None else self._conninfo_for(listen_dsn)
 
-        sql = self._psycopg.sql
-        quoted = sql.Identifier(*self._table_parts)
-        self._quoted_table: str = quoted.as_string(None)
-        table_sql = {name: template.format(table=self._quoted_table) for name, template in (
-            ("acquire_free", q.ACQUIRE_FREE), ("acquire", q.ACQUIRE), ("hint", q.HINT), ("release", q.RELEASE),
-            ("renew", q.RENEW), ("get", q.GET), ("list", q.LIST), ("force_release", q.FORCE_RELEASE),
-            ("peek", q.PEEK), ("purge", q.PURGE), ("create", q.CREATE_TABLE), ("migrate", q.MIGRATE))}
-        timeout_ms = statement_timeout_ms
-        self._sql = {key: q.message(timeout_ms, table_sql[key]) for key in
-                     ("acquire_free", "acquire", "peek", "release", "renew", "get", "list", "force_release", "purge")}
-        # On a direct connection: the hot single statements, prepared (see the module docstring).
-        self._prepared = {key: table_sql[key] for key in ("acquire_free", "acquire", "peek", "release", "renew", "get")}
-        self._sql["acquire_hint"] = q.message(timeout_ms, table_sql["acquire"], table_sql["hint"])
-        self._sql["inspect"] = q.message(timeout_ms, q.INSPECT)
-        self._sql["setup"] = q.message(
-            timeout_ms, f"SET LOCAL lock_timeout = {timeout_ms}",
-            f"SELECT pg_advisory_xact_lock({_setup_key(self._quoted_table)})", table_sql["create"], table_sql["migrate"])
+        self._quoted_table: str = self._psycopg.sql.Identifier(*self._table_parts).as_string(None)
+        self._rules = Rules(self._psycopg.errors)
+        # Messages fit any connection; on a direct one the hot statements are prepared instead.
+        self._sql, self._prepared = q.statements(self._quoted_table, self.statement_timeout_ms)
         # The statement timeout is in the key: a direct connection carries it as session state.
-        self._store_key = (self._conninfo, self._listen_conninfo, self.pooler, min_size, max_size,
-                           self.pool_timeout, self.connect_timeout, statement_timeout_ms)
+        self._store_key = (self._conninfo, self._listen_conninfo, self.pooler, self.min_size, self.max_size,
+                           self.pool_timeout, self.connect_timeout, self.statement_timeout_ms)
         self._store: _Store | None = None
         self._store_pid = 0
 
@@ -430,31 +419,32 @@ class Postgres(Persister):
         """
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("postgresql", "postgres"):
-            raise ValueError(f"a PostgreSQL URL starts with postgresql:// or postgres://, not {_redact(url)!r}")
+            raise ValueError(f"a PostgreSQL URL starts with postgresql:// or postgres://, not {redact_url(url)!r}")
         # Split by hand: libpq decodes only %XX (a '+' is a plus), and its settings pass on verbatim.
         libpq: list[str] = []
         from_query: dict[str, Any] = {}
         for pair in filter(None, parts.query.split("&")):
             key, _, value = pair.partition("=")
-            if unquote(key) in _URL_OPTIONS:
-                key, value = unquote(key), unquote(value)
-                try:
-                    from_query[key] = _URL_OPTIONS[key](value)
-                except ValueError:
-                    shown = "***" if key == "listen_dsn" else value
-                    raise ValueError(f"invalid {key}={shown!r} in {_redact(url)!r}") from None
-            else:
+            reader = _URL_OPTIONS.get(unquote(key))
+            if reader is None:
                 libpq.append(pair)
+                continue
+            key, value = unquote(key), unquote(value)
+            try:
+                from_query[key] = reader(value, key)
+            except ValueError as error:
+                shown = "***" if key == "listen_dsn" else value
+                raise ValueError(f"invalid {key}={shown!r} in {redact_url(url)!r}: {error}") from None
         dsn = urlunsplit(parts._replace(query="&".join(libpq)))
         return cls(dsn, **{**from_query, **options})
 
-    # -- configuration ---------------------------------------------------------------
+    # -- configuration and errors ----------------------------------------------------
 
     def _parse_dsn(self, dsn: str) -> dict[str, Any]:
         try:
             params: dict[str, Any] = self._psycopg.conninfo.conninfo_to_dict(dsn)
         except self._psycopg.Error as error:
-            raise ValueError(f"invalid PostgreSQL DSN {_redact(dsn)!r}: {self._scrub(str(error), dsn)}") from None
+            raise ValueError(f"invalid PostgreSQL DSN {redact_url(dsn)!r}: {self._scrub(str(error), dsn)}") from None
         password = str(params.get("password") or "")
         if password and password not in self._secrets:
             self._secrets.append(password)
@@ -468,34 +458,43 @@ class Postgres(Persister):
             params.setdefault(key, value)
         return str(self._psycopg.conninfo.make_conninfo("", **params))
 
-    # -- errors ------------------------------------------------------------------------
-
     def _scrub(self, message: str, dsn: str | None = None) -> str:
         """``message`` without a password, however the driver happened to quote it."""
-        secrets = list(getattr(self, "_secrets", ()))
-        if dsn:
-            secrets.append((urlsplit(dsn).password or "") if "://" in dsn else "")
-            secrets += [match.group(2).strip("'") for match in _KV_PASSWORD.finditer(dsn)]
-        for secret in secrets:
+        message = scrub(message, dsn)
+        for secret in self._secrets:
             if len(secret) >= 3:  # shorter ones would mangle the message and hide nothing
                 message = message.replace(secret, "***")
-        return _redact(message)
+        return message
 
-    def _error(self, action: str, error: BaseException) -> PersisterError:
+    def _describe(self, error: BaseException) -> str:
         detail = self._scrub(str(error).strip() or type(error).__name__)
-        return PersisterError(self.backend, f"{action} failed ({type(error).__name__.lstrip('_')}) on {self.dsn}: {detail}")
+        return f"{type(error).__name__.lstrip('_')} on {self.dsn}: {detail}"
 
     @contextmanager
     def _translated(self, action: str) -> Iterator[None]:
-        """The one place where driver errors become ``PersisterError``, raised from the cause."""
+        """Driver errors met doing ``action`` become ``PersisterError``, raised from the cause."""
         try:
             yield
-        except PersisterError:
-            raise
-        except _NoAnswer as error:
-            raise self._error(action, error) from error
-        except self._psycopg.Error as error:
-            raise self._error(action, error) from error
+        except self._errors.errors as error:
+            raise self._errors.failed(action, error) from error
+
+    def _give_up(self, action: str, error: BaseException, attempt: int, deadline: float) -> None:
+        """Raise ``error`` as ``PersisterError``, unless it is a dropped connection worth one more try.
+
+        A pooled connection dies unseen when the server restarts or a proxy drops it,
+        and then fails before the server runs anything, so one more try on a fresh
+        connection is what a caller wants; the steps are safe to replay. (A connection
+        lost after the server committed would make a retried release report False;
+        that needs a crash in a microsecond window.)
+        """
+        if (attempt == 1 and isinstance(error, self._psycopg.OperationalError)
+                and _retriable(error, self._psycopg_pool) and time.monotonic() < deadline):
+            logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
+            return
+        shown = error
+        if isinstance(error, (asyncio.TimeoutError, TimeoutError)) and not isinstance(error, _NoAnswer):
+            shown = _NoAnswer(str(error) or "no answer within the call's deadline")
+        raise self._errors.failed(action, shown) from error
 
     # -- the shared store ------------------------------------------------------------------
 
@@ -505,32 +504,45 @@ class Postgres(Persister):
         store = self._store
         if store is not None and self._store_pid == pid:
             return store
-        with _stores_guard:
-            store = _stores.get(self._store_key)
-            if store is None:
-                store = _stores[self._store_key] = _Store(
-                    self._conninfo, self._listen_conninfo, self.pooler, self.min_size, self.max_size,
-                    self.pool_timeout, self.connect_timeout)
-            with store.guard:
-                store.users += 1
+        store = _stores.get(self._store_key, lambda: _Store(
+            self._conninfo, self._listen_conninfo, self.pooler, self.min_size, self.max_size,
+            self.pool_timeout, self.connect_timeout))
+        with store.guard:
+            store.users += 1
         self._store, self._store_pid = store, pid
         return store
 
-    def _detected(self, store: _Store, server_pid: int, key_pid: int) -> None:
-        """pooler='auto': a pooler hands out its own cancel keys, so the pid it reports is not the server's."""
-        if store.mode is not None:
-            return
-        store.mode = "direct" if server_pid == key_pid else "session"
-        if store.mode == "session":
-            logger.info("a connection pooler is in front of %s: connections are not kept between calls and "
-                        "waiters %s; declare pooler='transaction' (or 'session') to choose", self.dsn,
-                        "LISTEN through listen_dsn" if store.listen_conninfo else f"poll every {self.poll_interval:g} s")
+    def _opened(self, store: _Store, pooled: bool | None, channel: str | None) -> str:
+        """Note what opening the table found: its channel, and (pooler='auto') whether a pooler is in front."""
+        if channel is None:
+            raise self._errors.failed(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
+        if pooled is not None and store.mode is None:
+            store.mode = "session" if pooled else "direct"
+            if pooled:
+                logger.info("a connection pooler is in front of %s: connections are not kept between calls and "
+                            "waiters %s; declare pooler='transaction' (or 'session') to choose", self.dsn,
+                            "LISTEN through listen_dsn" if store.listen_conninfo else f"poll every {self.poll_interval:g} s")
+        store.tables[self._quoted_table] = channel
+        return channel
 
-    def _setup_plan(self, row: tuple[Any, ...] | None) -> str | None:
-        """The channel when the table is ready, None when it must be created or migrated first."""
-        if row is None or row[1] is None or int(row[2]) < len(q.NEW_COLUMNS):
-            return None
-        return _channel(row[0], row[1])
+    def _statement(self, store: _Store, key: str) -> tuple[str, bool]:
+        """The text to send for ``key`` and whether it is prepared: only on a direct connection."""
+        if store.mode == "direct" and key in self._prepared:
+            return self._prepared[key], True
+        return self._sql[key], False
+
+    def _session_timeout(self) -> str:
+        return f"SET statement_timeout = {int(self.statement_timeout_ms)}"
+
+    def _connect_kwargs(self, asynchronous: bool = False, direct: bool = False) -> dict[str, Any]:
+        """Behind a pooler psycopg may prepare nothing; on a direct connection only what asks to (``prepare=True``)."""
+        factory = self._psycopg.AsyncClientCursor if asynchronous else self._psycopg.ClientCursor
+        return {"autocommit": True, "cursor_factory": factory, "prepare_threshold": _PREPARE_ONLY_ON_REQUEST if direct else None}
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    # -- sync I/O: psycopg_pool's ConnectionPool ---------------------------------------------
 
     def _execute(self, connection: psycopg.Connection[Any], query: str, params: Mapping[str, Any] | None,
                  timeout: float, prepared: bool = False) -> psycopg.Cursor[Any]:
@@ -556,101 +568,39 @@ class Postgres(Persister):
             cursor.nextset()
         return cursor
 
-    async def _aexecute(self, connection: psycopg.AsyncConnection[Any], query: str, params: Mapping[str, Any] | None,
-                        timeout: float, prepared: bool = False) -> psycopg.AsyncCursor[Any]:
-        """``_execute`` on an async connection: the wait holds no thread."""
-        cursor = self._psycopg.AsyncCursor(connection) if prepared else connection.cursor()
-        try:
-            async with connection.lock:
-                await connection.wait(cursor._execute_gen(query, params, prepare=prepared), timeout=max(timeout, 0.001))
-        except self._psycopg.errors._WaitTimeout:
-            await connection.close()
-            raise _NoAnswer(f"no answer within {max(timeout, 0.0):.1f} s") from None
-        if not prepared:
-            cursor.nextset()
-        return cursor
+    def _caller(self, store: _Store, connection: psycopg.Connection[Any], deadline: float) -> Callable[[Op], Any]:
+        """The one store call the driver makes for each of a primitive's steps."""
 
-    def _statement(self, store: _Store, key: str) -> tuple[str, bool]:
-        """The text to send for ``key`` and whether it is prepared: only on a direct connection."""
-        if store.mode == "direct" and key in self._prepared:
-            return self._prepared[key], True
-        return self._sql[key], False
+        def call(op: Op) -> Any:
+            query, prepared = self._statement(store, op.key)
+            cursor = self._execute(connection, query, op.params, deadline - time.monotonic(), prepared)
+            return cursor.rowcount if op.kind == "count" else _answer(op, cursor.fetchall(), connection)
 
-    def _session_timeout(self) -> str:
-        return f"SET statement_timeout = {int(self.statement_timeout_ms)}"
+        return call
 
-    def _configure_direct(self, connection: psycopg.Connection[Any]) -> None:
-        """A new direct connection's one piece of session state: the statement timeout its prepared statements run under."""
-        self._execute(connection, self._session_timeout(), None, self.connect_timeout)
-
-    def _connect_kwargs(self, asynchronous: bool = False, direct: bool = False) -> dict[str, Any]:
-        """Behind a pooler psycopg may prepare nothing; on a direct connection only what asks to (``prepare=True``)."""
-        factory = self._psycopg.AsyncClientCursor if asynchronous else self._psycopg.ClientCursor
-        return {"autocommit": True, "cursor_factory": factory, "prepare_threshold": _PREPARE_ONLY_ON_REQUEST if direct else None}
-
-    def _ready(self, deadline: float) -> _Store:
-        """The store with this table created, migrated and its channel known (once per process)."""
+    def _ready(self, deadline: float) -> tuple[_Store, str]:
+        """The store, with this table created, migrated and its channel known (once per process)."""
         store = self._shared()
-        if self._quoted_table in store.tables:
-            return store
+        channel = store.tables.get(self._quoted_table)
+        if channel is not None:
+            return store, channel
         with store.setup:
-            if self._quoted_table in store.tables:
-                return store
+            channel = store.tables.get(self._quoted_table)
+            if channel is not None:
+                return store, channel
             with self._translated("connecting"):
                 connection = self._psycopg.Connection.connect(self._conninfo, **self._connect_kwargs())
             try:
                 with self._translated(f"opening table {self.table!r}"):
-                    if store.mode is None:
-                        pid = self._execute(connection, q.message(self.statement_timeout_ms, "SELECT pg_backend_pid()"),
-                                            None, deadline - time.monotonic()).fetchone()
-                        self._detected(store, int(pid[0]), connection.info.backend_pid)  # type: ignore[index]
-                    store.tables[self._quoted_table] = self._prepare_table(connection, deadline)
+                    opened = drive(self._rules.open_table(self._quoted_table, store.mode is None),
+                                   self._caller(store, connection, deadline), self._rules.answerable)
             finally:
                 connection.close()
-        return store
+            return store, self._opened(store, *opened)
 
-    def _prepare_table(self, connection: psycopg.Connection[Any], deadline: float) -> str:
-        params = {"table": self._quoted_table, "columns": list(q.NEW_COLUMNS)}
-        for _ in range(3):
-            channel = self._setup_plan(self._execute(connection, self._sql["inspect"], params, deadline - time.monotonic()).fetchone())
-            if channel is not None:
-                return channel
-            # Created meanwhile by a process that does not take the advisory lock: look again.
-            with suppress(self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                self._execute(connection, self._sql["setup"], None, deadline - time.monotonic())
-        raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
-
-    async def _aready(self, deadline: float) -> _Store:
-        store = self._shared()
-        if self._quoted_table in store.tables:
-            return store
-        with self._translated("connecting"):
-            connection = await asyncio.wait_for(
-                self._psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs(True)),
-                max(deadline - time.monotonic(), 0.001))
-        try:
-            with self._translated(f"opening table {self.table!r}"):
-                if store.mode is None:
-                    pid = await (await self._aexecute(connection, q.message(self.statement_timeout_ms, "SELECT pg_backend_pid()"),
-                                                      None, deadline - time.monotonic())).fetchone()
-                    self._detected(store, int(pid[0]), connection.info.backend_pid)  # type: ignore[index]
-                params = {"table": self._quoted_table, "columns": list(q.NEW_COLUMNS)}
-                channel = None
-                for _ in range(3):
-                    cursor = await self._aexecute(connection, self._sql["inspect"], params, deadline - time.monotonic())
-                    channel = self._setup_plan(await cursor.fetchone())
-                    if channel is not None:
-                        break
-                    with suppress(self._psycopg.errors.UniqueViolation, self._psycopg.errors.DuplicateTable):
-                        await self._aexecute(connection, self._sql["setup"], None, deadline - time.monotonic())
-                if channel is None:
-                    raise self._error(f"opening table {self.table!r}", RuntimeError("the table could not be created"))
-                store.tables[self._quoted_table] = channel
-        finally:
-            await connection.close()
-        return store
-
-    # -- borrowing connections -------------------------------------------------------------
+    def _configure_direct(self, connection: psycopg.Connection[Any]) -> None:
+        """A new direct connection's one piece of session state: the statement timeout its prepared statements run under."""
+        self._execute(connection, self._session_timeout(), None, self.connect_timeout)
 
     def _pool(self, store: _Store) -> psycopg_pool.ConnectionPool[psycopg.Connection[Any]]:
         pool = store.pool
@@ -700,92 +650,126 @@ class Postgres(Persister):
             if not store.keeps_connections:
                 store.per_call.release()
 
-    def _run(self, action: str, key: str, params: Mapping[str, Any], deadline: float,
-             fetch: Callable[[Any], _T]) -> _T:
-        """One message on a borrowed connection, tried again once on a fresh one if the connection dropped.
-
-        A pooled connection dies unseen when the server restarts or a proxy drops it,
-        and then fails before the server runs anything, so one more try is what a
-        caller wants. (A connection lost after the server committed would make a
-        retried release report False; that needs a crash in a microsecond window.)
-        """
-        with self._translated(action):
-            store = self._ready(deadline)
+    def _run(self, action: str, steps: Callable[[str], Steps[_R]]) -> _R:
+        """Drive one primitive's ``steps(channel)`` on a borrowed connection, once more on a fresh one if it dropped."""
+        deadline = self._deadline()
+        store, channel = self._ready(deadline)
         for attempt in (1, 2):
             try:
                 connection = self._borrow(store, deadline)
                 try:
-                    query, prepared = self._statement(store, key)
-                    return fetch(self._execute(connection, query, params, deadline - time.monotonic(), prepared))
+                    return drive(steps(channel), self._caller(store, connection, deadline), self._rules.answerable)
                 finally:
                     self._give_back(store, connection)
-            except _NoAnswer as error:
-                raise self._error(action, error) from error
-            except self._psycopg.OperationalError as error:
-                if attempt == 1 and _retriable(error, self._psycopg_pool) and time.monotonic() < deadline:
-                    logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
-                    if store.pool is not None:
-                        with suppress(self._psycopg.Error):
-                            store.pool.check()  # replace every idle connection that died the same way
-                    continue
-                raise self._error(action, error) from error
-            except self._psycopg.Error as error:
-                raise self._error(action, error) from error
+            except self._errors.errors as error:
+                self._give_up(action, error, attempt, deadline)
+                if store.pool is not None:
+                    with suppress(self._psycopg.Error):
+                        store.pool.check()  # replace every idle connection that died the same way
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _arun(self, action: str, key: str, params: Mapping[str, Any], deadline: float, many: bool = False) -> Any:
-        """``_run`` for coroutines; returns the row (or rows with ``many``), or the row count for ``purge``."""
-        with self._translated(action):
-            store = await self._aready(deadline)
+    # -- async I/O: psycopg's AsyncConnection, a set per event loop -------------------------
+
+    async def _aexecute(self, connection: psycopg.AsyncConnection[Any], query: str, params: Mapping[str, Any] | None,
+                        timeout: float, prepared: bool = False) -> psycopg.AsyncCursor[Any]:
+        """``_execute`` on an async connection: the wait holds no thread."""
+        cursor = self._psycopg.AsyncCursor(connection) if prepared else connection.cursor()
+        try:
+            async with connection.lock:
+                await connection.wait(cursor._execute_gen(query, params, prepare=prepared), timeout=max(timeout, 0.001))
+        except self._psycopg.errors._WaitTimeout:
+            await connection.close()
+            raise _NoAnswer(f"no answer within {max(timeout, 0.0):.1f} s") from None
+        if not prepared:
+            cursor.nextset()
+        return cursor
+
+    def _acaller(self, store: _Store, connection: psycopg.AsyncConnection[Any],
+                 deadline: float) -> Callable[[Op], Coroutine[Any, Any, Any]]:
+        """``_caller`` for coroutines."""
+
+        async def call(op: Op) -> Any:
+            query, prepared = self._statement(store, op.key)
+            cursor = await self._aexecute(connection, query, op.params, deadline - time.monotonic(), prepared)
+            return cursor.rowcount if op.kind == "count" else _answer(op, await cursor.fetchall(), connection)
+
+        return call
+
+    async def _aconnect(self, conninfo: str, deadline: float, direct: bool = False) -> psycopg.AsyncConnection[Any]:
+        connection: psycopg.AsyncConnection[Any] = await asyncio.wait_for(
+            self._psycopg.AsyncConnection.connect(conninfo, **self._connect_kwargs(True, direct)),
+            max(deadline - time.monotonic(), 0.001))
+        return connection
+
+    async def _aready(self, deadline: float) -> tuple[_Store, str]:
+        """``_ready`` for coroutines."""
+        store = self._shared()
+        channel = store.tables.get(self._quoted_table)
+        if channel is not None:
+            return store, channel
+        with self._translated("connecting"):
+            connection = await self._aconnect(self._conninfo, deadline)
+        try:
+            with self._translated(f"opening table {self.table!r}"):
+                opened = await adrive(self._rules.open_table(self._quoted_table, store.mode is None),
+                                      self._acaller(store, connection, deadline), self._rules.answerable)
+        finally:
+            await connection.close()
+        return store, self._opened(store, *opened)
+
+    async def _aborrow(self, store: _Store, connections: _AsyncConnections, deadline: float) -> psycopg.AsyncConnection[Any]:
+        """An idle connection of this loop, or a new one (given the statement timeout when direct)."""
+        try:
+            await asyncio.wait_for(connections.slots.acquire(), max(min(store.pool_timeout, deadline - time.monotonic()), 0.001))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {store.pool_timeout:.2f} sec") from None
+        try:
+            while connections.idle:
+                idle: psycopg.AsyncConnection[Any] = connections.idle.pop()
+                if not idle.closed:
+                    return idle
+            direct = store.mode == "direct"
+            connection = await self._aconnect(store.conninfo, deadline, direct)
+            if direct:
+                try:
+                    await self._aexecute(connection, self._session_timeout(), None, deadline - time.monotonic())
+                except BaseException:
+                    with suppress(self._psycopg.Error):
+                        await connection.close()
+                    raise
+            return connection
+        except BaseException:
+            connections.slots.release()
+            raise
+
+    async def _agive_back(self, connections: _AsyncConnections, connection: psycopg.AsyncConnection[Any]) -> None:
+        """Keep a connection that is idle (between transactions) for the next call, when the mode allows."""
+        try:
+            idle = self._psycopg.pq.TransactionStatus.IDLE
+            if connections.keep and not connection.closed and connection.info.transaction_status == idle:
+                connections.idle.append(connection)
+            else:
+                with suppress(self._psycopg.Error):
+                    await connection.close()
+        finally:
+            connections.slots.release()
+
+    async def _arun(self, action: str, steps: Callable[[str], Steps[_R]]) -> _R:
+        """``_run`` for coroutines."""
+        deadline = self._deadline()
+        store, channel = await self._aready(deadline)
         connections = store.async_connections()
         for attempt in (1, 2):
             try:
+                connection = await self._aborrow(store, connections, deadline)
                 try:
-                    await asyncio.wait_for(connections.slots.acquire(), max(min(store.pool_timeout, deadline - time.monotonic()), 0.001))
-                except (asyncio.TimeoutError, TimeoutError):
-                    raise self._psycopg_pool.PoolTimeout(f"couldn't get a connection after {store.pool_timeout:.2f} sec") from None
-                connection: psycopg.AsyncConnection[Any] | None = None
-                try:
-                    while connections.idle and connection is None:
-                        candidate = connections.idle.pop()
-                        connection = None if candidate.closed else candidate
-                    if connection is None:
-                        fresh: psycopg.AsyncConnection[Any] = await asyncio.wait_for(
-                            self._psycopg.AsyncConnection.connect(
-                                store.conninfo, **self._connect_kwargs(True, direct=store.mode == "direct")),
-                            max(deadline - time.monotonic(), 0.001))
-                        connection = fresh
-                        if store.mode == "direct":
-                            await self._aexecute(fresh, self._session_timeout(), None, deadline - time.monotonic())
-                    assert connection is not None
-                    query, prepared = self._statement(store, key)
-                    cursor = await self._aexecute(connection, query, params, deadline - time.monotonic(), prepared)
-                    if key == "purge":
-                        return cursor.rowcount
-                    return await (cursor.fetchall() if many else cursor.fetchone())
+                    return await adrive(steps(channel), self._acaller(store, connection, deadline), self._rules.answerable)
                 finally:
-                    if connection is not None:
-                        idle = self._psycopg.pq.TransactionStatus.IDLE
-                        if connections.keep and not connection.closed and connection.info.transaction_status == idle:
-                            connections.idle.append(connection)
-                        else:
-                            with suppress(self._psycopg.Error):
-                                await connection.close()
-                    connections.slots.release()
-            except (asyncio.TimeoutError, TimeoutError, _NoAnswer) as error:
-                raise self._error(action, _NoAnswer(str(error) or "no answer within the call's deadline")) from error
-            except self._psycopg.OperationalError as error:
-                if attempt == 1 and _retriable(error, self._psycopg_pool) and time.monotonic() < deadline:
-                    logger.debug("retrying %s after a dropped connection: %s", action, type(error).__name__)
-                    connections.discard_idle()
-                    continue
-                raise self._error(action, error) from error
-            except self._psycopg.Error as error:
-                raise self._error(action, error) from error
+                    await self._agive_back(connections, connection)
+            except self._errors.errors as error:
+                self._give_up(action, error, attempt, deadline)
+                connections.discard_idle()
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.timeout
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -804,8 +788,7 @@ class Postgres(Persister):
 
     def _listen(self, hub: ReleaseHub, stop: threading.Event) -> None:
         """The hub's thread: LISTEN on one connection and wake this process's waiters at each release."""
-        store = self._ready(self._deadline())  # the channel, and whether a pooler is in front
-        channel = store.tables[self._quoted_table]
+        store, channel = self._ready(self._deadline())  # the channel, and whether a pooler is in front
         target = store.listen_target()
         if target is None:  # a pooler and no listen_dsn: waiters poll
             stop.wait()
@@ -837,8 +820,11 @@ class Postgres(Persister):
             connection.close()
             raise _NoAnswer(f"no answer within {self.timeout:.1f} s") from None
 
-    def watch(self, name: str) -> ReleaseWatch:  # type: ignore[override]  # owner_token is only passed when ``fair``
-        """A waiter on this process's one listener for the table; registers only, no I/O here."""
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
+        """A waiter on this process's one listener for the table; registers only, no I/O here.
+
+        ``owner_token`` is ignored: this store keeps no queue (``fair`` is False).
+        """
         hub = self._hub()
         return _Watch(hub.watch(name), hub, self.poll_interval)
 
@@ -857,23 +843,14 @@ class Postgres(Persister):
 
     # -- retention -----------------------------------------------------------------------
 
-    def _purge_due(self) -> bool:
+    def _sweep_due(self) -> bool:
+        """A release's retention sweep is due: at most every ``PURGE_EVERY_SECONDS`` per process and table."""
         store = self._store
-        if self.purge_after_seconds is None or store is None:
-            return False
-        now = time.monotonic()
-        with store.guard:
-            if store.purge_due.get(self._quoted_table, 0.0) > now:
-                return False
-            store.purge_due[self._quoted_table] = now + PURGE_EVERY_SECONDS
-        return True
+        return self.purge_after_seconds is not None and store is not None and store.sweeps.due(self._quoted_table)
 
-    def _purge_params(self, limit: int, after: float | None) -> dict[str, Any]:
-        limit = purge_limit(limit)
-        period = self.purge_after_seconds if after is None else _positive(after, "after")
-        if period is None:
-            raise ValueError("purge_after_seconds is None: this store keeps every name's state")
-        return {"after": period, "limit": limit}
+    def _purge_steps(self, limit: int, after: float | None) -> Callable[[str], Steps[int]]:
+        period, limit = purge_period(after, self.purge_after_seconds), purge_limit(limit)
+        return lambda _: self._rules.purge(period, limit)
 
     def purge(self, limit: int = 1000, *, after: float | None = None) -> int:
         """Delete up to ``limit`` rows of names free (or expired untaken) for ``purge_after_seconds``; returns how many.
@@ -882,138 +859,77 @@ class Postgres(Persister):
         process and table; call it to sweep now. Fencing tokens still rise for a
         purged name: a new row starts from the server's clock in milliseconds.
         """
-        return self._run("purge", "purge", self._purge_params(limit, after), self._deadline(), _rowcount)
+        return self._run("purge", self._purge_steps(limit, after))
 
     async def apurge(self, limit: int = 1000, *, after: float | None = None) -> int:
         """``purge`` for coroutines."""
-        return int(await self._arun("purge", "purge", self._purge_params(limit, after), self._deadline()))
+        return await self._arun("purge", self._purge_steps(limit, after))
 
-    def _sweep(self) -> None:
-        if self._purge_due():
-            sweep(self.purge, self.table)
+    # -- the primitives: the steps, driven sync or async ----------------------------------
 
-    async def _asweep(self) -> None:
-        if self._purge_due():
-            await asweep(self.apurge, self.table)
+    def _acquire_steps(self, name: str, owner: Owner, ttl: float | None,
+                       min_hold: float | None) -> Callable[[str], Steps[AcquireResult]]:
+        return lambda _: self._rules.acquire(name, owner, ttl, min_hold, self._hinting)
 
-    # -- the primitives ------------------------------------------------------------------
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None) -> AcquireResult:
+        """``queue_for`` is ignored: this store keeps no queue (``fair`` is False)."""
+        return self._run("acquire", self._acquire_steps(name, owner, ttl, min_hold))
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
-                min_hold: float | None = None) -> AcquireResult:
-        deadline = self._deadline()
-        params = q.acquire_params(name, owner, ttl, min_hold)
-        # Retrying after a dropped connection is safe: if the first try did write,
-        # the full statement finds our own token as the holder and reports the acquisition.
-        result = q.parse_acquire_free(self._run("acquire", "acquire_free", params, deadline, _one), name, owner)
-        if result is not None:
-            return result
-        hinting = self._hinting(name)
-        result = q.parse_peek(self._run("acquire", "peek", params, deadline, _one), owner, hinting)
-        if result is not None:
-            return result
-        key = "acquire_hint" if hinting else "acquire"
-        for _ in range(2):  # held, expired, in its minimum hold, or never seen
-            result = q.parse_acquire(self._run("acquire", key, params, deadline, _one), name, owner)
-            if result is not None:
-                return result
-        return AcquireResult(False, None)
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None) -> AcquireResult:
+        return await self._arun("acquire", self._acquire_steps(name, owner, ttl, min_hold))
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
-                       min_hold: float | None = None) -> AcquireResult:
-        deadline = self._deadline()
-        params = q.acquire_params(name, owner, ttl, min_hold)
-        result = q.parse_acquire_free(await self._arun("acquire", "acquire_free", params, deadline), name, owner)
-        if result is not None:
-            return result
-        hinting = self._hinting(name)
-        result = q.parse_peek(await self._arun("acquire", "peek", params, deadline), owner, hinting)
-        if result is not None:
-            return result
-        key = "acquire_hint" if hinting else "acquire"
-        for _ in range(2):
-            result = q.parse_acquire(await self._arun("acquire", key, params, deadline), name, owner)
-            if result is not None:
-                return result
-        return AcquireResult(False, None)
-
-    def _release_params(self, name: str, owner_token: str) -> dict[str, Any]:
-        return {"name": name, "owner_token": owner_token, "channel": self._channel()}
-
-    def _channel(self) -> str:
-        store = self._store
-        return "" if store is None else store.tables.get(self._quoted_table, "")
-
-    def _after_release(self, name: str, row: tuple[Any, ...] | None) -> bool:
-        if row is None:
-            return False
-        live, holding = bool(row[0]), bool(row[1])
-        if not holding:
+    def _freed(self, name: str, answer: tuple[bool, bool]) -> bool:
+        released, freed = answer
+        if freed:
             self._released(name)
-        return live
+        return released
 
     def release(self, name: str, owner_token: str) -> bool:
-        deadline = self._deadline()
-        with self._translated("release"):
-            self._ready(deadline)
-        row = self._run("release", "release", self._release_params(name, owner_token), deadline, _one)
-        released = self._after_release(name, row)
-        self._sweep()
+        released = self._freed(name, self._run("release", lambda channel: self._rules.release(name, owner_token, channel)))
+        if self._sweep_due():
+            sweep(self.purge, self.table)
         return released
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        deadline = self._deadline()
-        with self._translated("release"):
-            await self._aready(deadline)
-        row = await self._arun("release", "release", self._release_params(name, owner_token), deadline)
-        released = self._after_release(name, row)
-        await self._asweep()
+        released = self._freed(name, await self._arun("release", lambda channel: self._rules.release(name, owner_token, channel)))
+        if self._sweep_due():
+            await asweep(self.apurge, self.table)
         return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        params = {"name": name, "owner_token": owner_token, "ttl": ttl}
-        return q.record(self._run("renew", "renew", params, self._deadline(), _one))
+        return self._run("renew", lambda _: self._rules.renew(name, owner_token, ttl))
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        params = {"name": name, "owner_token": owner_token, "ttl": ttl}
-        return q.record(await self._arun("renew", "renew", params, self._deadline()))
+        return await self._arun("renew", lambda _: self._rules.renew(name, owner_token, ttl))
 
     def get(self, name: str) -> LockRecord | None:
-        return q.record(self._run("get", "get", {"name": name}, self._deadline(), _one))
+        return self._run("get", lambda _: self._rules.get(name))
 
     async def aget(self, name: str) -> LockRecord | None:
-        return q.record(await self._arun("get", "get", {"name": name}, self._deadline()))
+        return await self._arun("get", lambda _: self._rules.get(name))
 
-    @staticmethod
-    def _list_params(prefix: str) -> dict[str, Any]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        return {"prefix": prefix}
+    def _list_steps(self, prefix: object) -> Callable[[str], Steps[list[LockRecord]]]:
+        checked = name_prefix(prefix)
+        return lambda _: self._rules.list(checked)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
-        rows = self._run("list", "list", self._list_params(prefix), self._deadline(), lambda cursor: cursor.fetchall())
-        return [record for record in map(q.record, rows) if record is not None]
+        return self._run("list", self._list_steps(prefix))
 
-    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
-        rows = await self._arun("list", "list", self._list_params(prefix), self._deadline(), many=True)
-        return [record for record in map(q.record, rows) if record is not None]
+    async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
+        return await self._arun("list", self._list_steps(prefix))
+
+    def _forced(self, name: str, removed: LockRecord | None) -> LockRecord | None:
+        if removed is not None:
+            self._released(name)
+        return removed
 
     def force_release(self, name: str) -> LockRecord | None:
-        deadline = self._deadline()
-        with self._translated("force_release"):
-            self._ready(deadline)
-        removed = q.record(self._run("force_release", "force_release", {"name": name, "channel": self._channel()}, deadline, _one))
-        if removed is not None:
-            self._released(name)
-        return removed
+        return self._forced(name, self._run("force_release", lambda channel: self._rules.force_release(name, channel)))
 
     async def aforce_release(self, name: str) -> LockRecord | None:
-        deadline = self._deadline()
-        with self._translated("force_release"):
-            await self._aready(deadline)
-        removed = q.record(await self._arun("force_release", "force_release", {"name": name, "channel": self._channel()}, deadline))
-        if removed is not None:
-            self._released(name)
-        return removed
+        return self._forced(name, await self._arun("force_release", lambda channel: self._rules.force_release(name, channel)))
 
     # -- closing -------------------------------------------------------------------------
 
@@ -1053,8 +969,3 @@ class Postgres(Persister):
         if self.listen_dsn is not None:
             shown += f", listen_dsn={self.listen_dsn!r}"
         return shown + ")"
-
-
-def _one(cursor: Any) -> Any:
-    return cursor.fetchone()
-

@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ from psycopg import sql
 
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
+from singleton_integrations.persisters._base import SweepSchedule
 from singleton_integrations.persisters.postgres import Postgres
 from singleton_integrations.testing.conformance import PersisterConformance
 from tests.servers import pgbouncer, postgres_server
@@ -337,6 +338,34 @@ def test_invalid_options_fail_at_construction() -> None:
         Postgres(url, min_size=3, max_size=2)
     with pytest.raises(ValueError):
         Postgres(url, connect_timeout=float("nan"))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("statement_timeout_ms", "5000"), ("statement_timeout_ms", 2.5), ("statement_timeout_ms", True),
+    ("pool_timeout", "5"), ("pool_timeout", 0), ("timeout", -1.0), ("connect_timeout", float("inf")),
+    ("min_size", -1), ("min_size", 1.0), ("max_size", 0), ("max_size", "4"), ("prepare_threshold", "x"),
+    ("purge_after_seconds", 0), ("purge_after_seconds", "30"), ("poll_interval", False), ("poll_interval", None),
+])
+def test_every_bad_number_raises_value_error(option: str, value: object) -> None:
+    """One error type for a bad number, whatever is wrong with it (its type too), before any I/O."""
+    with pytest.raises(ValueError, match=option):
+        Postgres(f"postgresql://127.0.0.1:{closed_port()}/x", **{option: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("query", ["max_size=many", "min_size=-2", "timeout=soon", "purge_after_seconds=-5",
+                                   "poll_interval=0", "statement_timeout_ms=1.5"])
+def test_every_bad_number_in_a_url_raises_value_error_naming_it(query: str) -> None:
+    option = query.split("=", 1)[0]
+    with pytest.raises(ValueError, match=f"invalid {option}="):
+        persisters.from_url(f"postgresql://u:hunter2@127.0.0.1:{closed_port()}/db?{query}")
+
+
+def test_a_failed_call_names_what_it_was_doing() -> None:
+    store = Postgres(f"postgresql://postgres:hunter2@127.0.0.1:{closed_port()}/test", connect_timeout=2)
+    with pytest.raises(PersisterError, match=r"^postgres: connecting failed: OperationalError on ") as failure:
+        store.acquire("job", Owner(), 30)
+    assert "hunter2" not in str(failure.value)
+    assert isinstance(failure.value.__cause__, psycopg.OperationalError)
 
 
 @pytest.mark.parametrize(
@@ -905,7 +934,7 @@ def test_releases_sweep_at_most_once_per_period(server_url: str, table: str, adm
             assert store.release(name, owner.owner_token)  # the first release sweeps (nothing is idle yet)
             time.sleep(0.3)
         assert table_names(admin, table) == ["a", "b"]  # the second release was inside the sweep period
-        store._shared().purge_due[store._quoted_table] = 0.0  # the period has passed
+        store._shared().sweeps = SweepSchedule()  # as when the period has passed: no sweep done yet
         owner = Owner()
         assert store.acquire("c", owner, 60).acquired
         assert store.release("c", owner.owner_token)
@@ -1151,6 +1180,18 @@ class TestConformanceBehindPgBouncer(PersisterConformance):
         mode, _, listen = request.param.partition("+")
         url = pgbouncer.url(mode)
         return with_listen_dsn(url, postgres_server.url()) if listen else url
+
+    @pytest.fixture
+    def stored_state(self) -> Callable[[persisters.Persister, str], bool]:
+        """Whether the persister's table still has a row for the name, read on the server itself, not through PgBouncer."""
+
+        def found(persister: persisters.Persister, name: str) -> bool:
+            assert isinstance(persister, Postgres)
+            with psycopg.connect(postgres_server.url(), autocommit=True, connect_timeout=5) as connection:
+                query = sql.SQL("SELECT 1 FROM {} WHERE name = %s").format(sql.Identifier(*persister.table.split(".")))
+                return connection.execute(query, (name,)).fetchone() is not None
+
+        return found
 
 
 def test_a_pooler_is_detected_and_a_direct_server_is_not(bouncer_url: str, server_url: str, table: str) -> None:
