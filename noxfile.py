@@ -106,7 +106,8 @@ def demo(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Throughput and contention against the floor and peer libraries, on the local servers.
 
-    ``nox -s benchmarks`` runs both; ``-- throughput ARGS`` or ``-- contention ARGS`` runs one.
+    ``nox -s benchmarks`` runs all three; ``-- throughput ARGS``, ``-- contention ARGS`` or
+    ``-- mysql ARGS`` runs one.
     """
     session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
     which, *args = session.posargs or ["all"]
@@ -114,3 +115,5 @@ def benchmarks(session: nox.Session) -> None:
         session.run("python", "benchmarks/run.py", *args)
     if which in ("all", "contention"):
         session.run("python", "benchmarks/contention.py", *args)
+    if which in ("all", "mysql"):
+        session.run("python", "benchmarks/mysql_bench.py", *args)

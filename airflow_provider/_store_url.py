@@ -170,12 +170,34 @@ def _hostport(conn: _Connection, default_host: str) -> str:
     return host
 
 
+#: Airflow's MySQL connection keeps TLS as the driver's ``ssl`` dict; the MySQL store reads URL options.
+_MYSQL_SSL_KEYS = {"ca": "ssl_ca", "cert": "ssl_cert", "key": "ssl_key"}
+
+
+def _mysql_tls(ssl: object) -> dict[str, object]:
+    """The MySQL store's TLS options for the ``ssl`` extra of Airflow's own MySQL connection."""
+    if isinstance(ssl, str) and ssl.strip().startswith("{"):
+        try:
+            ssl = json.loads(ssl)
+        except ValueError:
+            raise ValueError("the connection's ssl extra is not valid JSON") from None
+    if isinstance(ssl, dict):
+        options: dict[str, object] = {"ssl": True}
+        options.update({ours: ssl[theirs] for theirs, ours in _MYSQL_SSL_KEYS.items() if ssl.get(theirs)})
+        if "check_hostname" in ssl:
+            options["ssl_verify_identity"] = _truthy(ssl["check_hostname"])
+        return options
+    return {"ssl": True} if ssl not in (None, "", False) and _truthy(ssl) else {}
+
+
 def _query(conn: _Connection, store: str, own_type: bool) -> str:
     extra = conn.extra_dejson
     if own_type:
         pairs = {k: v for k, v in extra.items() if k not in _FORM_EXTRAS and v not in (None, "")}
     else:
         pairs = {k: v for k, v in extra.items() if k in _FOREIGN_OPTIONS[store] and v not in (None, "")}
+    if store == "mysql" and not own_type:
+        pairs.update(_mysql_tls(extra.get("ssl")))
     pairs = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in pairs.items()}
     parts = [urlencode(pairs)] if pairs else []
     if own_type and extra.get("options"):

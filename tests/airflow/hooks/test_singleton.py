@@ -37,6 +37,13 @@ from singleton_integrations import persisters
         ({"conn_type": "mysql", "host": "db", "port": 3306, "login": "u", "password": "p", "schema": "locks",
           "extra": json.dumps({"connect_timeout": 5, "charset": "utf8mb4"})},
          "mysql://u:p@db:3306/locks?connect_timeout=5"),
+        ({"conn_type": "mysql", "host": "db", "schema": "locks",  # Airflow's MySQL hook keeps TLS as the driver's dict
+          "extra": json.dumps({"ssl": {"ca": "/etc/ca.pem", "cert": "/etc/c.pem", "key": "/etc/k.pem",
+                                       "check_hostname": False}})},
+         "mysql://db/locks?ssl=true&ssl_ca=%2Fetc%2Fca.pem&ssl_cert=%2Fetc%2Fc.pem&ssl_key=%2Fetc%2Fk.pem"
+         "&ssl_verify_identity=false"),
+        ({"conn_type": "mysql", "host": "db", "extra": json.dumps({"ssl": json.dumps({"ca": "/etc/ca.pem"})})},
+         "mysql://db/?ssl=true&ssl_ca=%2Fetc%2Fca.pem"),
         ({"conn_type": "singletonsqlite", "host": "/var/lib/locks.db"}, "sqlite:////var/lib/locks.db"),
         ({"conn_type": "singleton_sqlite", "extra": json.dumps({"path": "/var/lib/locks.db"})},  # earlier form
          "sqlite:////var/lib/locks.db"),
