@@ -32,7 +32,7 @@ LOGO_URL = "https://raw.githubusercontent.com/singleton-integrations/singleton-i
 #: A scheme then ``://``: what ``persisters.from_url`` needs, checked by the block form before saving.
 URL_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 _SCHEME_HINT = ("the store URL needs a scheme, e.g. redis://host:6379/0, postgresql://host/db, "
-                "mongodb://host/db or sqlite:////path/locks.db")
+                "mongodb://host/db, mysql://host/db or sqlite:////path/locks.db")
 
 
 def _only(schema: dict[str, Any], kind: str) -> None:
@@ -85,7 +85,7 @@ class SingletonBlock(Block):
         title="Store URL",
         description=(
             "The lock store, e.g. redis://host:6379/0, postgresql://user:password@host/db, "
-            "mongodb://host/db or sqlite:////shared/locks.db."
+            "mongodb://host/db, mysql://user:password@host/db or sqlite:////shared/locks.db."
         ),
         # In the schema, so the UI's form refuses a URL without a scheme before it saves.
         json_schema_extra={"pattern": URL_PATTERN},
