@@ -7,7 +7,7 @@ names as the core's instruments, ``singleton.lock.acquired`` ...), and through t
 one path only: the default (OpenTelemetry) recorder is set aside meanwhile, and comes
 back when the task's method returns.
 
-Tags: ``lock_name`` (unless ``SINGLETON_METRICS_LOCK_NAME=false``), ``dag_id`` and
+Tags: ``lock_name`` (unless ``metrics.include_lock_name()`` says no), ``dag_id`` and
 ``task_id`` from the holder metadata the task writes, ``store``, and ``reason`` or
 ``takeover`` where the core gives them. StatsD drops tags unless Airflow's
 ``statsd_datadog_enabled`` or ``statsd_influxdb_enabled`` is on.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,12 +31,6 @@ _log = logging.getLogger(__name__)
 #: Characters Airflow's StatsD names refuse (letters, digits and ``_.-/`` pass).
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _include_lock_name() -> bool:
-    """``SINGLETON_METRICS_LOCK_NAME`` as the core's default recorder reads it (any value but false/0/no/off: yes)."""
-    value = os.environ.get(metrics.LOCK_NAME_VARIABLE, "true").strip().lower()
-    return value not in ("false", "0", "no", "off")
 
 
 def _stats() -> Any:
@@ -56,7 +49,7 @@ class StatsRecorder:
 
     def _tags(self, lock: LockInfo, **extra: Any) -> dict[str, str]:
         tags = {"store": lock.store}
-        if _include_lock_name():
+        if metrics.include_lock_name():
             tags["lock_name"] = lock.name
         for key in ("dag_id", "task_id"):
             if lock.metadata.get(key):

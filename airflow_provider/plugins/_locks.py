@@ -8,6 +8,7 @@ not answer turns into an error row instead of holding the page.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,6 +45,8 @@ STORE_TIMEOUT = 10.0
 #: connections point at SQLite files that are not lock stores.
 LOCK_STORE_CONN_TYPES = frozenset(conn_type for conn_type in _STORE_OF_CONN_TYPE if conn_type != "sqlite")
 _ENV_PREFIX = "AIRFLOW_CONN_"
+#: Stores asked in parallel; more connections than this wait for a free thread within the same deadline.
+_MAX_STORES_AT_ONCE = 32
 
 _T = TypeVar("_T")
 
@@ -159,7 +162,10 @@ def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "
     rows: list[dict[str, Any]] = []
     if not connections:
         return rows
-    executor = ThreadPoolExecutor(max_workers=min(8, len(connections)), thread_name_prefix="singleton-locks")
+    # Every store is asked at once and shares one deadline, so the answer takes at most ``timeout``.
+    executor = ThreadPoolExecutor(max_workers=min(_MAX_STORES_AT_ONCE, len(connections)),
+                                  thread_name_prefix="singleton-locks")
+    deadline = time.monotonic() + timeout
     try:
         futures = {conn_id: executor.submit(_list_one, conn_id, conn, prefix)
                    for conn_id, conn in connections if conn is not None}
@@ -168,7 +174,7 @@ def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "
                 rows.append(_error_row(conn_id, f"no connection {conn_id!r}"))
                 continue
             try:
-                rows.extend(futures[conn_id].result(timeout=timeout))
+                rows.extend(futures[conn_id].result(timeout=max(deadline - time.monotonic(), 0.0)))
             except FutureTimeout:
                 rows.append(_error_row(conn_id, f"the store gave no answer within {timeout:g} s"))
             except Exception as error:  # noqa: BLE001  (any failure is this connection's error row, the others still list)

@@ -249,6 +249,22 @@ def test_the_list_shows_each_connections_locks_and_an_error_row_for_a_store_nobo
     assert [(row["conn_id"], row["name"]) for row in only] == [(stores["std"].conn_id, f"{name}-std")]
 
 
+def test_a_store_that_accepts_but_never_answers_is_an_error_row(server: ApiServer) -> None:
+    """Every store call has a deadline: a server that takes the connection and says nothing cannot hold the page."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)  # the kernel completes the handshake; nothing ever reads or answers
+        conn_id = f"locks_mute_{TAG}"
+        server.request("POST", "/api/v2/connections", {"connection_id": conn_id, "conn_type": "singletonredis",
+                                                        "host": "127.0.0.1", "port": mute.getsockname()[1]})
+        try:
+            rows = _locks(server, conn_id=conn_id)
+        finally:
+            server.request("DELETE", f"/api/v2/connections/{conn_id}")
+    assert len(rows) == 1 and rows[0]["conn_id"] == conn_id and rows[0]["name"] is None, rows
+    assert rows[0]["error"], rows
+
+
 def test_the_release_is_guarded_by_the_fencing_token_and_audited(
         server: ApiServer, stores: dict[str, Store], name: str, hold: Callable[..., Holder]) -> None:
     store = stores["own"]
