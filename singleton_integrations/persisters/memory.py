@@ -24,6 +24,7 @@ from ._base import (
     Persister,
     ReleaseHub,
     ReleaseWatch,
+    name_prefix,
     option_retention,
     retention_seconds,
     url_options,
@@ -260,6 +261,7 @@ class Memory(Persister):
             return self._get(name)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
+        prefix = name_prefix(prefix)
         with self._guard:
             return self._list(prefix)
 

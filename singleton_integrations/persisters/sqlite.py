@@ -35,6 +35,7 @@ from ._base import (
     Persister,
     ReleaseHub,
     ReleaseWatch,
+    name_prefix,
     option_retention,
     option_seconds,
     positive_seconds,
@@ -331,7 +332,7 @@ class Sqlite(Persister):
         return self._run(rules.get, name, begin=ONE_READ)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
-        return self._run(rules.list_live, prefix, begin=ONE_READ)
+        return self._run(rules.list_live, name_prefix(prefix), begin=ONE_READ)
 
     def force_release(self, name: str) -> LockRecord | None:
         removed = self._run(rules.force_release, name)
@@ -358,7 +359,7 @@ class Sqlite(Persister):
         return await self._arun(rules.get, name, begin=ONE_READ)
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
-        return await self._arun(rules.list_live, prefix, begin=ONE_READ)
+        return await self._arun(rules.list_live, name_prefix(prefix), begin=ONE_READ)
 
     async def aforce_release(self, name: str) -> LockRecord | None:
         removed = await self._arun(rules.force_release, name)

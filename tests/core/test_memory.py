@@ -235,3 +235,12 @@ def test_urls_and_options() -> None:
         with pytest.raises(ValueError, match="purge_after_seconds"):
             persisters.from_url(f"memory://test-bad?{query}")
     assert persisters.from_url("memory://test-e?purge_after_seconds=never").purge_after_seconds is None
+
+
+def test_a_prefix_that_is_not_text_is_refused() -> None:
+    store = persisters.Memory()
+    for bad in (42, None, b"job"):
+        with pytest.raises(TypeError, match="prefix must be a str"):
+            store.list(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="prefix must be a str"):
+            asyncio.run(store.alist(bad))  # type: ignore[arg-type]

@@ -178,6 +178,15 @@ def test_a_bad_number_raises_one_error_type(tmp_path: Path, option: str, bad: ob
         persisters.Sqlite(tmp_path / "x.sqlite3", **{option: bad})
 
 
+def test_a_prefix_that_is_not_text_is_refused_before_any_query(tmp_path: Path) -> None:
+    store = persisters.Sqlite(tmp_path / "locks.sqlite3")
+    for bad in (42, None, b"job"):
+        with pytest.raises(TypeError, match="prefix must be a str"):
+            store.list(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="prefix must be a str"):
+            asyncio.run(store.alist(bad))  # type: ignore[arg-type]
+
+
 def test_a_hold_refuses_other_processes_until_it_ends(tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
     store = persisters.Sqlite(path)
