@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCKING_IO_WORKERS",
+    "CAPABILITIES",
     "DEFAULT_PURGE_AFTER_SECONDS",
     "ClientRegistry",
     "ErrorTranslation",
@@ -140,6 +141,16 @@ class ReleaseWatch:
     ``wait`` returns at once.
     """
 
+    #: True when ``wait_async`` is woken by releases (the default only sleeps, a poll).
+    #: A subclass that overrides ``wait_async`` without declaring it is taken to be woken
+    #: (what the core inferred from the override before this flag existed).
+    wakes_coroutines: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "wait_async" in cls.__dict__ and "wakes_coroutines" not in cls.__dict__:
+            cls.wakes_coroutines = True
+
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds; True when woken because the name may be free.
 
@@ -175,6 +186,8 @@ class SleepWatch(ReleaseWatch):
 
 class HubWatch(ReleaseWatch):
     """One waiter's view of a ``ReleaseHub``: a remembered wake-up, for threads and coroutines alike."""
+
+    wakes_coroutines: ClassVar[bool] = True
 
     def __init__(self, hub: ReleaseHub, name: str, owner_token: str | None = None) -> None:
         self.hub = hub
@@ -679,8 +692,23 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: The capability flags of ``Persister``: the one way a store says what it can do.
+CAPABILITIES = ("distributed", "multiprocess", "notifies", "fair", "supports_min_hold", "native_async")
+
+
 class Persister(ABC):
-    """Stores locks; every method is one atomic operation judged by the store's clock."""
+    """Stores locks; every method is one atomic operation judged by the store's clock.
+
+    What a store can do is declared one way: the flags in ``CAPABILITIES``, class
+    attributes read on the instance (``persister.fair``). A flag may be a property
+    where the answer depends on the configuration (PostgreSQL behind a pooler
+    without a LISTEN connection does not notify). The core decides from these flags
+    alone, never from which methods a store overrides or what they accept: it
+    passes ``min_hold`` only to a store that ``supports_min_hold`` (and only when a
+    minimum hold is asked), and ``queue_for``, ``watch(name, owner_token)`` and
+    ``leave_queue`` only to a ``fair`` one. A store built from a URL (every plug-in)
+    overrides ``from_url``.
+    """
 
     backend: ClassVar[str] = "persister"
     #: True when several hosts can share the store (False for in-memory and SQLite).
@@ -705,6 +733,28 @@ class Persister(ABC):
     #: core declares a lock lost this long (at most a quarter of the lease) before the
     #: lease would end when renewals cannot get through.
     call_timeout: float = 10.0
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Persister:
+        """The persister for ``url``, with keyword ``options`` overriding the URL's query options.
+
+        ``persisters.from_url(url)`` (hence ``Singleton(name, url)``, the command line and
+        the Airflow and Prefect integrations) calls this on the class registered for the
+        URL's scheme under the ``singleton_integrations.persisters`` entry point group,
+        with the whole URL, scheme included. A plug-in must override it, and its version
+        must: accept every scheme it is registered under; read its options from the query
+        and let a keyword of the same name win; refuse anything it does not know or cannot
+        use with ``ValueError`` (``TypeError`` for a wrong type), before any I/O and without
+        a password in the message (``redact_url``); and connect to nothing, since the first
+        lock operation does. The default refuses: this class was not made to be named by a URL.
+        """
+        raise NotImplementedError(
+            f"{cls.__qualname__} cannot be built from a URL: a persister named by a URL scheme "
+            f"must override Persister.from_url(url, **options)")
+
+    def capabilities(self) -> dict[str, bool]:
+        """What this store declares it can do: each flag of ``CAPABILITIES`` and its value here."""
+        return {flag: bool(getattr(self, flag)) for flag in CAPABILITIES}
 
     @classmethod  # noqa: B027 - optional: a store with no driver to import keeps this no-op
     def preload(cls) -> None:
@@ -780,7 +830,7 @@ class Persister(ABC):
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                        queue_for: float | None = None) -> AcquireResult:
-        if queue_for is not None:
+        if queue_for is not None and self.fair:
             return await run_blocking(functools.partial(self.acquire, queue_for=queue_for), name, owner, ttl, min_hold)
         if min_hold is None:
             return await run_blocking(self.acquire, name, owner, ttl)
@@ -802,7 +852,7 @@ class Persister(ABC):
         return await run_blocking(self.force_release, name)
 
     async def aleave_queue(self, name: str, owner_token: str) -> None:
-        if type(self).leave_queue is not Persister.leave_queue:
+        if self.fair:  # only a fair store keeps places
             await run_blocking(self.leave_queue, name, owner_token)
 
     aforce_release.__logged__ = True  # type: ignore[attr-defined]  # the sync one it runs logs
@@ -821,7 +871,7 @@ class Persister(ABC):
 
     @contextmanager
     def watching(self, name: str, owner_token: str | None = None) -> Iterator[ReleaseWatch]:
-        watch = self.watch(name, owner_token) if owner_token is not None else self.watch(name)
+        watch = self.watch(name, owner_token) if self.fair else self.watch(name)
         try:
             yield watch
         finally:
@@ -830,7 +880,7 @@ class Persister(ABC):
     @asynccontextmanager
     async def awatching(self, name: str, owner_token: str | None = None) -> AsyncIterator[ReleaseWatch]:
         """``watching`` for coroutines; ``watch()`` must not block (hubs only register)."""
-        watch = self.watch(name, owner_token) if owner_token is not None else self.watch(name)
+        watch = self.watch(name, owner_token) if self.fair else self.watch(name)
         try:
             yield watch
         finally:
