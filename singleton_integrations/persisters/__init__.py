@@ -3,8 +3,9 @@
 Built in: ``memory://``, ``sqlite:///path`` (the embedded default), ``redis://``
 and ``rediss://`` (with ``redis+sentinel://`` and ``redis+cluster://``), ``mongodb://`` and ``mongodb+srv://``, ``postgresql://``, ``mysql://`` and ``mariadb://``.
 Third parties add schemes through the ``singleton_integrations.persisters``
-entry-point group (name: the scheme; value: a ``Persister`` subclass with a
-``from_url(url, **options)`` classmethod).
+entry-point group (name: the scheme; value: a ``Persister`` subclass that
+overrides ``Persister.from_url(url, **options)``, whose docstring says what it
+must do, and declares what it can do with the flags in ``CAPABILITIES``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .._urls import redact_url, scheme_of
-from ._base import DEFAULT_PURGE_AFTER_SECONDS, HubWatch, Persister, ReleaseHub, ReleaseWatch, SleepWatch, run_blocking
+from ._base import (
+    CAPABILITIES,
+    DEFAULT_PURGE_AFTER_SECONDS,
+    HubWatch,
+    Persister,
+    ReleaseHub,
+    ReleaseWatch,
+    SleepWatch,
+    run_blocking,
+)
 from .memory import Memory
 from .sqlite import Sqlite
 
@@ -25,6 +35,7 @@ if TYPE_CHECKING:
     from .redis import Redis
 
 __all__ = [
+    "CAPABILITIES",
     "DEFAULT_PURGE_AFTER_SECONDS",
     "ENTRY_POINT_GROUP",
     "HubWatch",

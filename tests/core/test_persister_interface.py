@@ -18,8 +18,7 @@ import pytest
 
 from singleton_integrations import AsyncSingleton, Singleton, persisters
 from singleton_integrations._record import AcquireResult, LockRecord, Owner
-from singleton_integrations.persisters import HubWatch, Persister, ReleaseWatch, SleepWatch
-from singleton_integrations.persisters._base import CAPABILITIES
+from singleton_integrations.persisters import CAPABILITIES, HubWatch, Persister, ReleaseWatch, SleepWatch
 
 
 class _OldWatch(ReleaseWatch):
