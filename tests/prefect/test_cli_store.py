@@ -50,7 +50,7 @@ def test_status_list_release_through_a_saved_block(block_name: str, redis_url: s
 
         listed = singleton("list", "--prefix", lock_name, "--json", "--prefect-block", block_name, env=child_env)
         assert listed.returncode == 0, listed.stderr
-        assert [(e["name"], e["pid"]) for e in json.loads(listed.stdout)] == [(lock_name, held.pid)], \
+        assert [(e["name"], e["holder"]["pid"]) for e in json.loads(listed.stdout)] == [(lock_name, held.pid)], \
             "names as the block's users name them, without its prefix"
         stored = singleton("list", "--prefix", PREFIX + lock_name, "--json", "--url", redis_url, env=child_env)
         assert [e["name"] for e in json.loads(stored.stdout)] == [PREFIX + lock_name]
