@@ -505,13 +505,17 @@ class SweepSchedule:
         return True
 
 
+def _read(text: str, convert: Callable[[str], _T], what: str, kind: str) -> _T:
+    """A URL query's text read by ``convert``; text it cannot read says what was wanted."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise ValueError(f"{what} must be {kind}, not {text!r}") from None
+
+
 def option_seconds(text: str, what: str) -> float:
     """A URL query's number of seconds (``timeout=2.5``), checked as ``positive_seconds``."""
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"{what} must be a number of seconds, not {text!r}") from None
-    return positive_seconds(number, what)
+    return positive_seconds(_read(text, float, what, "a number of seconds"), what)
 
 
 def option_retention(text: str, what: str = "purge_after_seconds") -> float | None:
@@ -536,11 +540,7 @@ def whole_number(value: object, what: str, minimum: int = 1) -> int:
 
 def option_whole_number(text: str, what: str) -> int:
     """A URL query's int (``max_size=8``), at least 0; the store's constructor checks its own minimum."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise ValueError(f"{what} must be an int, not {text!r}") from None
-    return whole_number(number, what, 0)
+    return whole_number(_read(text, int, what, "an int"), what, 0)
 
 
 def url_options(query: str, readers: Mapping[str, Callable[[str, str], Any]], where: str) -> dict[str, Any]:
