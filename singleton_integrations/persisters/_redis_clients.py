@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._urls import redact_url
+from ._base import ClientRegistry
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "SCHEMES", "PoolExhausted", "Shared", "Store", "leave", "parse_store", "shared_for"]
 
@@ -422,44 +423,32 @@ def _retry(retry_class: Callable[..., Any], backoff_class: Callable[..., Any], e
     return retry_class(backoff_class(cap=0.05, base=0.01), retries=retries, supported_errors=(error,))
 
 
-_registry: dict[tuple[Any, ...], Shared] = {}
-_registry_guard = threading.Lock()
+#: One ``Shared`` per store in this process; a forked child resets each (the persisters keep theirs).
+_registry: ClientRegistry[tuple[Any, ...], Shared] = ClientRegistry(after_fork=Shared._after_fork)
 
 
 def shared_for(store: Store, redis: Any, user: object) -> Shared:
     """This process's shared clients for ``store``, made on first use; ``user`` is counted in."""
-    key = store.key()
-    with _registry_guard:
-        shared = _registry.get(key)
-        if shared is None:
-            shared = _registry[key] = Shared(store, redis)
-        shared.attach(user)
-        return shared
+    shared = _registry.get(store.key(), lambda: Shared(store, redis))
+    shared.attach(user)
+    return shared
 
 
 def leave(shared: Shared, user: object) -> bool:
     """Count ``user`` out; True when it was the last, and the store left the registry (close it)."""
-    with _registry_guard:
-        if not shared.detach(user):
-            return False
-        key = shared.store.key()
-        if _registry.get(key) is shared:
-            del _registry[key]
-        return True
-
-
-def _after_fork_in_child() -> None:
-    global _registry_guard
-    _registry_guard = threading.Lock()
-    for shared in list(_registry.values()):
-        shared._after_fork()
+    if not shared.detach(user):
+        return False
+    key = shared.store.key()
+    current = _registry.pop(key)
+    if current is not None and current is not shared:  # another store's entry since: keep it
+        _registry.get(key, lambda: current)
+    return True
 
 
 def _close_all_at_exit() -> None:
-    for shared in list(_registry.values()):
+    for shared in _registry.values():
         with suppress(Exception):  # the process is ending; a dead server must not show
             shared.close_sync()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
