@@ -284,6 +284,9 @@ class _FromState(Generic[_T]):
         value: _T = getattr(face._state, self._attribute or "")
         return value
 
+    def __set__(self, face: _Face, value: object) -> None:  # read-only, as a property without a setter
+        raise AttributeError(f"{type(face).__name__}.{self._attribute} is read-only")
+
 
 class _Face(TermsView):
     """What both faces share with no I/O: the constructor, and every rule around a store call via ``LockState``."""
