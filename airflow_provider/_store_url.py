@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
 
 __all__ = ["ConnectionFields", "connection_from_uri", "store_url", "store_url_from_uri"]
 
@@ -51,27 +54,6 @@ _FOREIGN_OPTIONS = {
 _FORM_EXTRAS = frozenset({"url", "ssl", "srv", "options", "path", "db"})
 #: The key under which Airflow's URI carries extras that are not flat strings, as JSON.
 _EXTRA_KEY = "__extra__"
-
-
-class _Connection(Protocol):
-    """What ``store_url`` reads of a connection: Airflow's ``Connection`` or ``ConnectionFields``."""
-
-    @property
-    def conn_id(self) -> str | None: ...
-    @property
-    def conn_type(self) -> str | None: ...
-    @property
-    def host(self) -> str | None: ...
-    @property
-    def schema(self) -> str | None: ...
-    @property
-    def login(self) -> str | None: ...
-    @property
-    def password(self) -> str | None: ...
-    @property
-    def port(self) -> int | None: ...
-    @property
-    def extra_dejson(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -150,6 +132,10 @@ def _hostname(hostname: str | None, netloc: str) -> str:
 def store_url_from_uri(uri: str) -> str:
     """The store URL of the Airflow connection written as ``uri`` (``singletonredis://:pw@host:6379/0``)."""
     return store_url(connection_from_uri(uri), label="this Airflow connection URI")
+
+
+#: What ``store_url`` reads of a connection: Airflow's own ``Connection``, or ``ConnectionFields`` without Airflow.
+_Connection: TypeAlias = "ConnectionFields | Connection"
 
 
 def _truthy(value: object) -> bool:

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from singleton_integrations import (
-    DEFAULT_LOCK_EXPIRE_SECONDS,
-    AsyncSingleton,
-    LockRecord,
-    Singleton,
-    redact_url,
-    scheme_of,
-)
+from singleton_integrations import DEFAULT_LOCK_EXPIRE_SECONDS, AsyncSingleton, Singleton, redact_url, scheme_of
 from singleton_integrations.persisters import Persister
 
 from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 from ._store import persister_for
 
-__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "URL_PATTERN", "SingletonBlock"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from singleton_integrations import LockRecord
+
+__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "URL_PATTERN", "SingletonBlock", "SingletonOptions"]
 
 PROJECT_URL = "https://github.com/singleton-integrations/singleton-integrations"
 DOCUMENTATION_URL = f"{PROJECT_URL}/blob/main/docs/prefect.md"
@@ -40,6 +38,16 @@ def _only(schema: dict[str, Any], kind: str) -> None:
     for choice in schema.pop("anyOf", []):
         if choice.get("type") == kind:
             schema.update(choice)
+
+
+class SingletonOptions(TypedDict, total=False):
+    """The keywords of ``SingletonBlock.get_singleton`` and ``get_async_singleton``."""
+
+    lock_expire_seconds: float | None
+    min_hold_seconds: float | None
+    metadata: Mapping[str, str] | None
+    release_on_sigterm: bool
+    apply_prefix: bool
 
 
 class SingletonBlock(Block):
@@ -163,54 +171,33 @@ class SingletonBlock(Block):
         """The store's persister, pooled per process (nothing connects until first use)."""
         return persister_for(self.url.get_secret_value())
 
-    def get_singleton(
-        self,
-        name: str,
-        *,
-        lock_expire_seconds: float | None = None,
-        min_hold_seconds: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-        release_on_sigterm: bool = True,
-        apply_prefix: bool = True,
-    ) -> Singleton:
-        """A core ``Singleton`` configured from this block, for code that wants the plain API."""
-        return Singleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
-            lock_expire_seconds, min_hold_seconds, metadata, release_on_sigterm))
+    def get_singleton(self, name: str, **options: Unpack[SingletonOptions]) -> Singleton:
+        """A core ``Singleton`` configured from this block, for code that wants the plain API.
 
-    def get_async_singleton(
-        self,
-        name: str,
-        *,
-        lock_expire_seconds: float | None = None,
-        min_hold_seconds: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-        release_on_sigterm: bool = True,
-        apply_prefix: bool = True,
-    ) -> AsyncSingleton:
+        ``lock_expire_seconds`` defaults to the block's ``lease_seconds``, renewed when the
+        block says ``auto_renew``; ``apply_prefix=False`` takes ``name`` as stored.
+        """
+        name, persister, core = self._singleton_arguments(name, options)
+        return Singleton(name, persister, **core)
+
+    def get_async_singleton(self, name: str, **options: Unpack[SingletonOptions]) -> AsyncSingleton:
         """``get_singleton`` as an ``AsyncSingleton``, for ``async`` flows and tasks."""
-        return AsyncSingleton(*self._singleton_arguments(name, apply_prefix), **self._singleton_options(
-            lock_expire_seconds, min_hold_seconds, metadata, release_on_sigterm))
+        name, persister, core = self._singleton_arguments(name, options)
+        return AsyncSingleton(name, persister, **core)
 
-    def _singleton_arguments(self, name: str, apply_prefix: bool) -> tuple[str, Persister]:
-        return (self.lock_name(name) if apply_prefix else name), self.get_persister()
-
-    def _singleton_options(
-        self,
-        lock_expire_seconds: float | None,
-        min_hold_seconds: float | None,
-        metadata: Mapping[str, str] | None,
-        release_on_sigterm: bool,
-    ) -> dict[str, Any]:
-        lease = self.lease_seconds if lock_expire_seconds is None else lock_expire_seconds
-        options: dict[str, Any] = {
+    def _singleton_arguments(self, name: str, options: SingletonOptions) -> tuple[str, Persister, dict[str, Any]]:
+        lease = options.get("lock_expire_seconds")
+        lease = self.lease_seconds if lease is None else lease
+        core: dict[str, Any] = {
             "lock_expire_seconds": lease,
             "auto_renew": self.auto_renew and lease is not None,
-            "metadata": metadata,
-            "release_on_sigterm": release_on_sigterm,
+            "metadata": options.get("metadata"),
+            "release_on_sigterm": options.get("release_on_sigterm", True),
         }
-        if min_hold_seconds is not None:
-            options["min_hold_seconds"] = min_hold_seconds
-        return options
+        if options.get("min_hold_seconds") is not None:
+            core["min_hold_seconds"] = options["min_hold_seconds"]
+        name = self.lock_name(name) if options.get("apply_prefix", True) else name
+        return name, self.get_persister(), core
 
     def lock(
         self,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
@@ -36,6 +36,7 @@ from ._events import emit_lock_event, lock_resource_id
 if TYPE_CHECKING:
     from prefect.automations import Automation
     from prefect.events.actions import ActionTypes
+    from typing_extensions import Unpack
 
 __all__ = [
     "ARTIFACT_KEY",
@@ -147,6 +148,14 @@ def force_release(block: str, lock_name: str, fencing_token: int, reason: str) -
     return previous
 
 
+class AutomationOptions(TypedDict, total=False):
+    """``held_too_long_automation``'s keywords, shared with ``create_held_too_long_automation``."""
+
+    lock_name: str
+    name: str | None
+    description: str
+
+
 def held_too_long_automation(
     within: timedelta,
     actions: Sequence[ActionTypes],
@@ -201,16 +210,11 @@ def _span(within: timedelta) -> str:
 
 
 def create_held_too_long_automation(
-    within: timedelta,
-    actions: Sequence[ActionTypes],
-    *,
-    lock_name: str = "*",
-    name: str | None = None,
-    description: str = "",
+    within: timedelta, actions: Sequence[ActionTypes], **options: Unpack[AutomationOptions]
 ) -> Automation:
     """Create ``held_too_long_automation(...)`` through the Prefect API; returns it with its ``id``.
 
     From a coroutine, create it with ``await held_too_long_automation(...).acreate()``.
     """
-    automation = held_too_long_automation(within, actions, lock_name=lock_name, name=name, description=description)
+    automation = held_too_long_automation(within, actions, **options)
     return automation.create(_sync=True)  # type: ignore[call-arg,no-any-return]

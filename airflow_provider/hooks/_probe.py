@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -119,7 +120,7 @@ def _mysql(persister: Any, url: str) -> tuple[bool, str]:
     except pymysql.MySQLError as error:
         return False, f"{type(error).__name__}: {error}"
     try:
-        with connection.cursor() as cursor:
+        with closing(connection), connection.cursor() as cursor:
             cursor.execute("SET SESSION TRANSACTION READ ONLY")
             cursor.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() "
                            "AND table_name = %s", (persister.table,))
@@ -131,8 +132,6 @@ def _mysql(persister: Any, url: str) -> tuple[bool, str]:
             count = int(cursor.fetchone()[0])
     except pymysql.MySQLError as error:
         return False, f"{type(error).__name__}: {error}"
-    finally:
-        connection.close()
     return True, f"reachable; table {persister.table!r} has {_locks(count)}"
 
 

@@ -19,7 +19,7 @@ import atexit
 import contextlib
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from airflow.sdk import BaseHook
 
@@ -28,11 +28,13 @@ from singleton_integrations import Lease, Singleton, persisters, redact_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
+    from typing_extensions import Unpack
 
     from singleton_integrations import AcquireResult, LockRecord
     from singleton_integrations.persisters import Persister
 
 __all__ = [
+    "LeaseOptions",
     "SingletonHook",
     "SingletonMongoDbHook",
     "SingletonPostgresHook",
@@ -67,6 +69,14 @@ def _close_cached() -> None:
         # Exiting: a store that cannot close has nothing more to lose.
         with contextlib.suppress(Exception):
             persister.close()
+
+
+class LeaseOptions(TypedDict, total=False):
+    """``SingletonHook.lease``'s keywords that ``acquire`` passes on."""
+
+    lock_expire_seconds: float | None
+    metadata: Mapping[str, str] | None
+    min_hold_seconds: float | None
 
 
 class SingletonHook(BaseHook):
@@ -138,22 +148,12 @@ class SingletonHook(BaseHook):
         return Lease(lock_name, self.get_conn(), owner_token=owner_token, lock_expire_seconds=lock_expire_seconds,
                      metadata=metadata, min_hold_seconds=min_hold_seconds)
 
-    def acquire(
-        self,
-        lock_name: str,
-        *,
-        lock_expire_seconds: float | None = 300.0,
-        metadata: Mapping[str, str] | None = None,
-        min_hold_seconds: float | None = None,
-        wait: float | None = None,
-    ) -> AcquireResult:
+    def acquire(self, lock_name: str, *, wait: float | None = None, **options: Unpack[LeaseOptions]) -> AcquireResult:
         """Take ``lock_name`` (with ``wait``, waiting in the store's queue); keep ``result.record.owner_token`` to release it.
 
-        :param min_hold_seconds: keep the name held at least this long after the acquisition, even once released.
+        ``options`` are ``lease``'s: ``lock_expire_seconds``, ``metadata``, ``min_hold_seconds``.
         """
-        lease = self.lease(lock_name, lock_expire_seconds=lock_expire_seconds, metadata=metadata,
-                           min_hold_seconds=min_hold_seconds)
-        return lease.take(wait=wait)
+        return self.lease(lock_name, **options).take(wait=wait)
 
     def release(self, lock_name: str, owner_token: str) -> bool:
         """Release ``lock_name`` only if ``owner_token`` still holds it; True when it did."""

@@ -461,11 +461,15 @@ class MongoDb(Persister):
     def _collection(self) -> Collection[Any]:
         entry = self._entry()
         collection = entry.client[self.database_name][self.collection_name]
-        marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
-        if marker not in entry.indexed:
+        if marker := self._unindexed(entry):
             drive(self._rules.ensure_indexes(), lambda op: self._call(collection, op), self._answerable)  # inside the caller's _translate
             entry.indexed.add(marker)
         return collection
+
+    def _unindexed(self, entry: _Entry[Any]) -> tuple[str, str, bool] | None:
+        """This collection's mark in ``entry.indexed`` while its indexes are still to make, else None."""
+        marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
+        return None if marker in entry.indexed else marker
 
     async def _acollection(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -480,8 +484,7 @@ class MongoDb(Persister):
                 entry = clients[self._key] = _Entry(self._new_client(factory))
             entry.users.add(self)
         collection = entry.client[self.database_name][self.collection_name]
-        marker = (self.database_name, self.collection_name, self.purge_after_seconds is not None)
-        if marker not in entry.indexed:
+        if marker := self._unindexed(entry):
             await adrive(self._rules.ensure_indexes(), lambda op: self._acall(collection, op), self._answerable)
             entry.indexed.add(marker)
         if self._change_streams is None and time.monotonic() - self._probed_at > _CLOCK_REFRESH_SECONDS:
@@ -509,14 +512,12 @@ class MongoDb(Persister):
 
     async def aclose(self) -> None:
         """Drop this persister's share of the running loop's async client; the last user closes it."""
-        loop = asyncio.get_running_loop()
         with _registry.guard:
-            clients = _registry.loops.get(loop, {})
+            clients = _registry.loops.get(asyncio.get_running_loop(), {})
             entry = clients.get(self._key)
-            if entry is None:
-                return
-            entry.users.discard(self)
-            if entry.users:
+            if entry is not None:
+                entry.users.discard(self)
+            if entry is None or entry.users:
                 return
             del clients[self._key]
         await entry.client.close()
