@@ -51,7 +51,8 @@ def lint(session: nox.Session) -> None:
     First in ``nox``'s default run: it takes seconds, and a type error fails before the long test sessions start.
     """
     session.install("ruff>=0.8", "mypy>=1.13", "redis>=5.0.1", "pymongo>=4.13.2", "psycopg[binary]>=3.3.9",
-                    "psycopg-pool>=3.2", "pytest>=8.0")  # pytest: the conformance kit's fixtures are typed by it
+                    "psycopg-pool>=3.2", "pytest>=8.0",  # pytest: the conformance kit's fixtures are typed by it
+                    "opentelemetry-api>=1.20")  # the [otel] extra: metrics.py's calls are type-checked too
     session.run("ruff", "check", ".")
     session.run("mypy")
 
@@ -83,7 +84,8 @@ def tests_prefect(session: nox.Session) -> None:
     # playwright drives Debian's chromium (executable_path): no browser download.
     # prefect-redis and pip: Prefect's own lock-manager tests run against ours; pip fetches them
     # from the prefect and prefect-redis sdists at test time (tests/prefect/upstream.py).
-    session.install("-e", f".[prefect,{STORES}]", "playwright>=1.40", "prefect-redis", "pip")
+    # opentelemetry-sdk: served runs export the lock's metrics (tests/prefect/test_metrics_in_runs.py).
+    session.install("-e", f".[prefect,otel,{STORES}]", "playwright>=1.40", "prefect-redis", "pip", "opentelemetry-sdk>=1.20")
     _pytest(session, "tests/prefect")
 
 

@@ -135,7 +135,7 @@ def force_release(block: str, lock_name: str, fencing_token: int, reason: str) -
         log.error("%s", error)
         raise
     previous = _shown(singleton_block, LockRow.from_record(record)).to_json()
-    message = (f"force-released lock {name!r} (fencing token {fencing_token}) held by {record.describe()}; "
+    message = (f"force-released lock {name!r}, held by {record.describe()}; "
                f"reason: {reason}")
     related = []
     if record.metadata.get("prefect_flow_run_id"):  # the run that held it, so automations can find it

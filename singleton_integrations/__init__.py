@@ -9,7 +9,7 @@ private modules, so the validators and URL helpers they share are exported here 
 from __future__ import annotations
 
 from . import metrics, persisters
-from ._errors import LockConflict, LockLost, MissingDependency, PersisterError, SingletonError
+from ._errors import LockConflict, LockLost, MissingDependency, NotHeld, PersisterError, SingletonError, TokenChanged
 from ._events import EVENTS
 from ._lease import AsyncLease, Lease
 from ._record import (
@@ -36,10 +36,12 @@ __all__ = [
     "LockLost",
     "LockRecord",
     "MissingDependency",
+    "NotHeld",
     "Owner",
     "PersisterError",
     "Singleton",
     "SingletonError",
+    "TokenChanged",
     "metrics",
     "persisters",
     "redact_url",

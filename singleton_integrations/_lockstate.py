@@ -164,7 +164,7 @@ class Terms:
         checked_metadata = _record.validate_metadata(metadata)
         min_hold = _record.validate_min_hold(min_hold_seconds)
         store = resolve_persister(persister)
-        if min_hold is not None and not getattr(store, "supports_min_hold", False):
+        if min_hold is not None and not store.supports_min_hold:
             raise ValueError(
                 f"min_hold_seconds needs a persister that keeps a minimum hold; "
                 f"{type(store).__name__} ({store.backend}) does not (supports_min_hold is False)"
@@ -317,7 +317,7 @@ class Waiting:
     def pause(self, watch: ReleaseWatch, result: AcquireResult, asynchronous: bool) -> float:
         """How long to wait before the next attempt: until woken, the next safety poll, or the holder's known end."""
         persister = self.persister
-        notifies = persister.notifies and (not asynchronous or type(watch).wait_async is not ReleaseWatch.wait_async)
+        notifies = persister.notifies and (not asynchronous or watch.wakes_coroutines)
         # Polls are jittered: waiters that started together would otherwise all wake together,
         # and each round would hand the name to one of them only.
         if notifies:

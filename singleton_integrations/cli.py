@@ -221,7 +221,7 @@ class _Store:
         except (ValueError, TypeError) as error:
             origin = f" from {self.source}" if self.source else ""
             raise UsageError(f"singleton: bad store URL{origin}: {self.scrub(str(error))}") from None
-        if not getattr(self.persister, "multiprocess", True):
+        if not self.persister.multiprocess:
             raise UsageError(f"singleton: {redact_url(self.url or '')!r} lives inside one process; "
                              "the CLI needs a store other processes can see")
         if self.source:

@@ -158,7 +158,7 @@ class OpenTelemetryRecorder:
     """
 
     def __init__(self, meter_provider: MeterProvider | None = None, *, include_lock_name: bool | None = None) -> None:
-        """``include_lock_name`` None follows ``configure`` and ``SINGLETON_METRICS_LOCK_NAME``, read at each measurement."""
+        """``include_lock_name`` None follows ``configure``, else ``SINGLETON_METRICS_LOCK_NAME`` as read at the first measurement."""
         from opentelemetry import metrics as otel
 
         from . import __version__

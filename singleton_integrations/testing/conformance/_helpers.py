@@ -296,7 +296,7 @@ class CountingPersister(Persister):
         return await self.inner.aforce_release(name)
 
     def watch(self, name: str, owner_token: str | None = None) -> Any:
-        return self.inner.watch(name, owner_token) if owner_token is not None else self.inner.watch(name)
+        return self.inner.watch(name, owner_token) if self.inner.fair else self.inner.watch(name)
 
     def close(self) -> None:
         """The wrapped persister belongs to the test's fixture, which closes it."""
