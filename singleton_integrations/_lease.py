@@ -88,8 +88,8 @@ class _Terms(TermsView):
 
     def _released(self, confirmed: object) -> bool:
         """The store's answer to a release; a confirmed one is measured (the hold's length is unknown here)."""
-        if confirmed:
-            measure(metrics.current().released, self._info, held_seconds=None)
+        if confirmed and (recorder := metrics.active()) is not None:
+            measure(recorder.released, self._info, held_seconds=None)
         return bool(confirmed)
 
     def _adopted(self, record: LockRecord | None, fencing_token: int) -> Self | None:

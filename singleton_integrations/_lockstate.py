@@ -264,8 +264,8 @@ class Waiting:
 
     def begin(self) -> None:
         self.started = time.monotonic()
-        if self.info is not None:
-            measure(metrics.current().attempted, self.info)
+        if self.info is not None and (recorder := metrics.active()) is not None:
+            measure(recorder.attempted, self.info)
 
     def ended(self, result: AcquireResult, cancelled: bool = False) -> AcquireResult:
         """The wait ended with ``result`` (``cancelled``: its ``cancel`` event was set); returns it."""
@@ -279,7 +279,9 @@ class Waiting:
             self._measure_end(None, "error" if isinstance(error, Exception) else "cancelled")
 
     def _measure_end(self, result: AcquireResult | None, reason: metrics.Reason | None) -> None:
-        recorder, info = metrics.current(), self.info
+        recorder, info = metrics.active(), self.info
+        if recorder is None:
+            return
         if result is not None and result.acquired:
             measure(recorder.acquired, info, takeover=result.expired is not None)
         else:
@@ -774,8 +776,9 @@ class LockState(TermsView, EventEmitter):
                 return
             self._measured = None
             held = time.monotonic() - self._acquired_at
-        recorder = metrics.current()
-        measure(recorder.lost if lost else recorder.released, self.info, held_seconds=held)
+        recorder = metrics.active()
+        if recorder is not None:
+            measure(recorder.lost if lost else recorder.released, self.info, held_seconds=held)
 
     def seconds_left(self) -> float:
         """Seconds until this hold is declared lost if nothing gets through (inf when it never expires)."""

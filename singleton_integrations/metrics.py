@@ -46,6 +46,7 @@ __all__ = [
     "OpenTelemetryRecorder",
     "Reason",
     "Recorder",
+    "active",
     "configure",
     "current",
     "include_lock_name",
@@ -284,6 +285,12 @@ def current() -> Recorder:
             recorder = _recorder
             assert recorder is not None
     return recorder
+
+
+def active() -> Recorder | None:
+    """The process's recorder, or None when it records nothing: the core then skips a measurement's work."""
+    recorder = current()
+    return None if type(recorder) is NoRecorder else recorder
 
 
 def _install(recorder: Recorder) -> None:
