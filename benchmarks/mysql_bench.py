@@ -27,15 +27,13 @@ import contextlib
 import os
 import platform
 import re
-import secrets
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -46,7 +44,7 @@ from run import Case  # noqa: E402
 
 from singleton_integrations import persisters  # noqa: E402
 
-TABLE = f"bench_{run.RUN_ID}"
+TABLE = run.MYSQL_TABLE
 MARK = "<!-- mysql_bench.py: from here to its end mark; the rest of the file is run.py's or contention.py's -->"
 END_MARK = "<!-- /mysql_bench.py -->"
 READING = (
@@ -61,105 +59,6 @@ READING = (
     "holder keeps it until its connection ends), no holder record and no fencing token, and it is bound to one "
     "session (it breaks behind a proxy that reuses connections)."
 )
-
-
-def _connect(url: str) -> Any:
-    import pymysql
-
-    parts = urlsplit(url)
-    connection = pymysql.connect(
-        host=parts.hostname or "127.0.0.1", port=parts.port or 3306, user=unquote(parts.username or "root"),
-        password=unquote(parts.password or ""), database=unquote(parts.path.lstrip("/")), autocommit=True,
-        connect_timeout=5, read_timeout=10, write_timeout=10, charset="utf8mb4",
-    )
-    with connection.cursor() as cursor:  # as the persister's sessions run
-        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-    return connection
-
-
-def server_version() -> str:
-    with contextlib.closing(_connect(run.mysql_url())) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT VERSION()")
-        version = str(cursor.fetchone()[0])
-    flavour = "MariaDB" if "mariadb" in version.lower() else "MySQL"
-    return f"{flavour} {version.split('-')[0]}"
-
-
-def _drop(url: str, *tables: str) -> None:
-    with contextlib.closing(_connect(url)) as connection, connection.cursor() as cursor:
-        for table in tables:
-            cursor.execute(f"DROP TABLE IF EXISTS `{table}`")
-
-
-def mysql_cases() -> list[Callable[[], Case]]:
-    """The floor, ours and GET_LOCK (also ``benchmarks/run.py --backends mysql``)."""
-
-    def floor() -> Case:
-        url = run.mysql_url()
-        connection = _connect(url)
-        table = f"bench_floor_{run.RUN_ID}"
-        with connection.cursor() as cursor:
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS `{table}` (name VARBINARY(1020) NOT NULL PRIMARY KEY, "
-                           "owner_token VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, "
-                           "expires_at DATETIME(6) NOT NULL) ENGINE=InnoDB")
-        name, token = run._name("floor").encode(), secrets.token_hex(16)
-        # Takes the row if it is missing or expired: owner_token first (judged on the old
-        # expires_at), then expires_at only if the row is now ours.
-        insert = (f"INSERT INTO `{table}` (name, owner_token, expires_at) "
-                  f"VALUES (%(name)s, %(token)s, UTC_TIMESTAMP(6) + INTERVAL {run.TTL_SECONDS} SECOND) "
-                  "ON DUPLICATE KEY UPDATE owner_token = IF(expires_at <= UTC_TIMESTAMP(6), %(token)s, owner_token), "
-                  f"expires_at = IF(owner_token = %(token)s, UTC_TIMESTAMP(6) + INTERVAL {run.TTL_SECONDS} SECOND, "
-                  "expires_at)")
-        delete = f"DELETE FROM `{table}` WHERE name = %(name)s AND owner_token = %(token)s"
-        cursor = connection.cursor()
-
-        def cycle() -> None:
-            if cursor.execute(insert, {"name": name, "token": token}) == 0:
-                raise RuntimeError("floor: INSERT ... ON DUPLICATE KEY UPDATE took nothing")
-            if cursor.execute(delete, {"name": name, "token": token}) != 1:
-                raise RuntimeError("floor: the owner-checked DELETE removed nothing")
-
-        def close() -> None:
-            cursor.close()
-            connection.close()
-            _drop(url, table)
-
-        return Case("mysql", "floor: INSERT ON DUPLICATE KEY UPDATE + owner-checked DELETE", cycle, floor=True,
-                    close=close, note="autocommit, one reused PyMySQL connection, InnoDB")
-
-    def ours() -> Case:
-        url = run.mysql_url()
-        case = run._ours("mysql", lambda: persisters.MySql(url, table=TABLE), "singleton-integrations Singleton",
-                         "fencing token, holder metadata, server-clock lease")
-        inner = case.close
-
-        def close() -> None:
-            inner()
-            _drop(url, TABLE, f"{TABLE}_waiters")
-
-        case.close = close
-        return case
-
-    def get_lock() -> Case:
-        connection = _connect(run.mysql_url())
-        name = run._name("get-lock")
-        cursor = connection.cursor()
-
-        def cycle() -> None:
-            cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
-            if cursor.fetchone()[0] != 1:
-                raise RuntimeError("GET_LOCK: not granted")
-            cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
-            cursor.fetchone()
-
-        def close() -> None:
-            cursor.close()
-            connection.close()
-
-        return Case("mysql", "GET_LOCK + RELEASE_LOCK", cycle, close=close,
-                    note="session lock: no lease, no holder record, nothing written")
-
-    return [floor, ours, get_lock]
 
 
 @contextlib.contextmanager
@@ -217,7 +116,7 @@ def render(cases: list[Case], trips: dict[str, str], latencies: list[float] | st
         "## MySQL and MariaDB (benchmarks/mysql_bench.py)",
         "",
         f"Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.node()} "
-        f"({os.cpu_count()} CPUs, Python {platform.python_version()}); {server_version()} on loopback "
+        f"({os.cpu_count()} CPUs, Python {platform.python_version()}); {run.mysql_server_version()} on loopback "
         f"(`innodb_flush_log_at_trx_commit=1`: every commit is flushed). Everything below ran in one run of "
         f"{elapsed:.0f} s. **The machine was shared with other jobs** (load average 1/5/15 min: "
         f"{loads['start']} at the start, {loads['throughput']} after the cycles, {loads['end']} at the end), so "
@@ -305,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     loads = {"start": load()}
     cases = []
-    for factory in mysql_cases():
+    for factory in run.mysql_cases():
         case = factory()
         case.cycle()  # fail early and visibly, not in the middle of the timing
         cases.append(case)
@@ -326,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         latencies = f"{type(error).__name__}: {error}"
     finally:
-        _drop(url, TABLE, f"{TABLE}_waiters")
+        run.mysql_drop(url, TABLE, f"{TABLE}_waiters")
 
     handovers: list[contention.HandoverResult] = []
     skipped: list[str] = []
@@ -338,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"handover {impl}: {handovers[-1]}", file=sys.stderr)
         except Exception as error:
             skipped.append(f"{impl}: {type(error).__name__}: {str(error)[:200]}")
-    _drop(url, TABLE, f"{TABLE}_waiters")
+    run.mysql_drop(url, TABLE, f"{TABLE}_waiters")
     loads["end"] = load()
 
     results, contention_section = render(cases, trips, latencies, handovers, skipped, loads, args,

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.modules.setdefault("run", sys.modules[__name__])  # benchmarks/mysql_bench.py imports this module as run
 
 from singleton_integrations import Singleton, persisters  # noqa: E402
 
@@ -348,10 +349,106 @@ def sqlite_cases() -> list[Callable[[], Case]]:
     return [ours]
 
 
-def mysql_cases() -> list[Callable[[], Case]]:
-    from mysql_bench import mysql_cases as cases  # benchmarks/mysql_bench.py: the floor and GET_LOCK
+MYSQL_TABLE = f"bench_{RUN_ID}"
 
-    return cases()
+
+def mysql_connect(url: str) -> Any:
+    import pymysql
+
+    parts = urlsplit(url)
+    connection = pymysql.connect(
+        host=parts.hostname or "127.0.0.1", port=parts.port or 3306, user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""), database=unquote(parts.path.lstrip("/")), autocommit=True,
+        connect_timeout=5, read_timeout=10, write_timeout=10, charset="utf8mb4",
+    )
+    with connection.cursor() as cursor:  # as the persister's sessions run
+        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    return connection
+
+
+def mysql_server_version() -> str:
+    with contextlib.closing(mysql_connect(mysql_url())) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT VERSION()")
+        version = str(cursor.fetchone()[0])
+    flavour = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+    return f"{flavour} {version.split('-')[0]}"
+
+
+def mysql_drop(url: str, *tables: str) -> None:
+    with contextlib.closing(mysql_connect(url)) as connection, connection.cursor() as cursor:
+        for table in tables:
+            cursor.execute(f"DROP TABLE IF EXISTS `{table}`")
+
+
+def mysql_cases() -> list[Callable[[], Case]]:
+    """The floor, ours and GET_LOCK (also ``benchmarks/mysql_bench.py``'s cases)."""
+
+    def floor() -> Case:
+        url = mysql_url()
+        connection = mysql_connect(url)
+        table = f"bench_floor_{RUN_ID}"
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS `{table}` (name VARBINARY(1020) NOT NULL PRIMARY KEY, "
+                           "owner_token VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, "
+                           "expires_at DATETIME(6) NOT NULL) ENGINE=InnoDB")
+        name, token = _name("floor").encode(), secrets.token_hex(16)
+        # Takes the row if it is missing or expired: owner_token first (judged on the old
+        # expires_at), then expires_at only if the row is now ours.
+        insert = (f"INSERT INTO `{table}` (name, owner_token, expires_at) "
+                  f"VALUES (%(name)s, %(token)s, UTC_TIMESTAMP(6) + INTERVAL {TTL_SECONDS} SECOND) "
+                  "ON DUPLICATE KEY UPDATE owner_token = IF(expires_at <= UTC_TIMESTAMP(6), %(token)s, owner_token), "
+                  f"expires_at = IF(owner_token = %(token)s, UTC_TIMESTAMP(6) + INTERVAL {TTL_SECONDS} SECOND, "
+                  "expires_at)")
+        delete = f"DELETE FROM `{table}` WHERE name = %(name)s AND owner_token = %(token)s"
+        cursor = connection.cursor()
+
+        def cycle() -> None:
+            if cursor.execute(insert, {"name": name, "token": token}) == 0:
+                raise RuntimeError("floor: INSERT ... ON DUPLICATE KEY UPDATE took nothing")
+            if cursor.execute(delete, {"name": name, "token": token}) != 1:
+                raise RuntimeError("floor: the owner-checked DELETE removed nothing")
+
+        def close() -> None:
+            cursor.close()
+            connection.close()
+            mysql_drop(url, table)
+
+        return Case("mysql", "floor: INSERT ON DUPLICATE KEY UPDATE + owner-checked DELETE", cycle, floor=True,
+                    close=close, note="autocommit, one reused PyMySQL connection, InnoDB")
+
+    def ours() -> Case:
+        url = mysql_url()
+        case = _ours("mysql", lambda: persisters.MySql(url, table=MYSQL_TABLE), "singleton-integrations Singleton",
+                         "fencing token, holder metadata, server-clock lease")
+        inner = case.close
+
+        def close() -> None:
+            inner()
+            mysql_drop(url, MYSQL_TABLE, f"{MYSQL_TABLE}_waiters")
+
+        case.close = close
+        return case
+
+    def get_lock() -> Case:
+        connection = mysql_connect(mysql_url())
+        name = _name("get-lock")
+        cursor = connection.cursor()
+
+        def cycle() -> None:
+            cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
+            if cursor.fetchone()[0] != 1:
+                raise RuntimeError("GET_LOCK: not granted")
+            cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+            cursor.fetchone()
+
+        def close() -> None:
+            cursor.close()
+            connection.close()
+
+        return Case("mysql", "GET_LOCK + RELEASE_LOCK", cycle, close=close,
+                    note="session lock: no lease, no holder record, nothing written")
+
+    return [floor, ours, get_lock]
 
 
 CASES = {"redis": redis_cases, "postgres": postgres_cases, "mongodb": mongodb_cases, "sqlite": sqlite_cases,
@@ -486,9 +583,7 @@ def server_versions(backends: list[str]) -> list[str]:
                     flavour = "SecantusDB" if "secantus" in str(info).lower() else "mongod"
                     found.append(f"MongoDB wire ({flavour}) {info.get('version', '?')}")
             elif backend == "mysql":
-                from mysql_bench import server_version
-
-                found.append(server_version())
+                found.append(mysql_server_version())
             elif backend == "sqlite":
                 import sqlite3
 
