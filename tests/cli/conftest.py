@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,9 +37,21 @@ class Cli:
         head = [sys.executable, "-m", "singleton_integrations"] if module else [str(SCRIPT)]
         return [*head, *args]
 
-    def start(self, *args: str, module: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(self, *args: str, module: bool = False, env: dict[str, str] | None = None,
+              ignoring: tuple[signal.Signals, ...] = ()) -> subprocess.Popen[str]:
+        """``singleton ARGS`` in the background, with the forwarded signals at their defaults except ``ignoring``.
+
+        A test runner started as a background job or under ``nohup`` hands its children SIGINT
+        or SIGHUP ignored, and the command leaves an ignored signal ignored, as a shell does;
+        the signal tests must not depend on how the runner was started.
+        """
+
+        def signals() -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN if signum in ignoring else signal.SIG_DFL)
+
         process = subprocess.Popen(self.argv(*args, module=module), env=env or self.env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=signals)
         self._started.append(process)
         return process
 

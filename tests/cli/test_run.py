@@ -72,6 +72,19 @@ def test_signals_reach_the_command_and_the_lock_is_released(cli: Cli, signum: si
     assert cli.run("status", cli.name).returncode == 1
 
 
+def test_a_signal_ignored_when_started_stays_ignored(cli: Cli) -> None:
+    # As from a shell: a background job's ignored SIGHUP is not forwarded, and the command runs on.
+    process = cli.start("run", cli.name, "--", *cli.child("job", "--trap"), ignoring=(signal.SIGHUP,))
+    cli.wait_ready("job")
+    process.send_signal(signal.SIGHUP)
+    assert cli.run("status", cli.name).returncode == 0, "the lock is still held"
+    cli.go()
+    code, _out, err = finish(process)
+    assert code == 0, err
+    assert not (cli.workdir / "job.signal").exists(), "the ignored signal reached the command"
+    assert cli.run("status", cli.name).returncode == 1
+
+
 def test_command_ended_by_a_forwarded_signal_gives_128_plus_it(cli: Cli) -> None:
     process = cli.start("run", cli.name, "--", *cli.child("job"))
     cli.wait_ready("job")
