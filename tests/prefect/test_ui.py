@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from prefect import flow, get_client
 from prefect.states import Completed
 
@@ -72,8 +73,24 @@ def field(page, label: str):  # type: ignore[no-untyped-def]
 
 
 def open_form(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    # The form is built from the block schema the page fetches after it loads; a field filled
+    # before then is reset as the form renders, and Create then refuses the form without a word.
     page.goto("/blocks/catalog/singleton/create")
-    field(page, "Block Name").fill(name)
+    page.wait_for_load_state("networkidle")
+    fill(page, "Block Name", name)
+
+
+def fill(page, label: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Fill a form field and see that it kept the value."""
+    field(page, label).fill(value)
+    expect(field(page, label)).to_have_value(value)
+
+
+def create(page) -> None:  # type: ignore[no-untyped-def]
+    """Press Create once the form is settled, and wait for the new block's page."""
+    page.wait_for_load_state("networkidle")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_url("**/blocks/block/**")
 
 
 def test_block_form_fields_errors_and_secrets(page) -> None:  # type: ignore[no-untyped-def]
@@ -89,19 +106,19 @@ def test_block_form_fields_errors_and_secrets(page) -> None:  # type: ignore[no-
 
     # A URL without a scheme. The schema's pattern is there, but Prefect 3.9's block forms (V1 and V2)
     # and its API save a block without checking it: loading then says exactly what is wrong.
-    field(page, "Store URL").fill("127.0.0.1:6379")
-    page.get_by_role("button", name="Create").click()
-    page.wait_for_url("**/blocks/block/**")
+    fill(page, "Store URL", "127.0.0.1:6379")
+    create(page)
     with pytest.raises(ValueError, match=f"Singleton block '{name}' cannot be used: url: the store URL needs a scheme"):
         load(name)
 
     name = f"form-{uuid.uuid4().hex[:6]}"
     open_form(page, name)
     # A good URL with a password, never expires: saved; the password never comes back.
-    field(page, "Store URL").fill("redis://:TopSecretPw@127.0.0.1:6379/0")
-    page.locator("label", has_text="Never expires").locator("xpath=../..").get_by_role("switch").click()
-    page.get_by_role("button", name="Create").click()
-    page.wait_for_url("**/blocks/block/**")
+    fill(page, "Store URL", "redis://:TopSecretPw@127.0.0.1:6379/0")
+    switch = page.locator("label", has_text="Never expires").locator("xpath=../..").get_by_role("switch")
+    switch.click()
+    expect(switch).to_have_attribute("aria-checked", "true")
+    create(page)
     page.get_by_text(f'SingletonBlock.load("{name}")', exact=False).first.wait_for()
     shot(page, "prefect-block-page.png")
     assert "TopSecretPw" not in page.content()
