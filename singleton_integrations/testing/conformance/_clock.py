@@ -30,12 +30,12 @@ class StoreClock(ConformanceKit):
     @not_per_api
     def test_client_clock_skew_neither_steals_nor_shortens(self, persister: Persister, name: str, store_url: str,
                                                              processes: list[subprocess.Popen[str]]) -> None:
-        faketime = self.faketime()
+        ahead_clock, behind_clock = self.faketime("+3h"), self.faketime("-3h")
         skew_env = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         holder = self.singleton(name, persister, lock_expire_seconds=30)
         assert holder.lock()
         # A client three hours ahead must not see our 30-second lease as long expired.
-        ahead = spawn_role("try_lock", {"name": name, "url": store_url}, prefix=(faketime, "-f", "+3h"), env=skew_env)
+        ahead = spawn_role("try_lock", {"name": name, "url": store_url}, prefix=ahead_clock, env=skew_env)
         processes.append(ahead)
         fact = read_fact(ahead, timeout=60)
         assert fact["exists_before"] is True and fact["acquired"] is False
@@ -43,7 +43,7 @@ class StoreClock(ConformanceKit):
         holder.release()
         # A client three hours behind must not write a lock that others see as expired.
         behind = spawn_role("try_lock", {"name": name, "url": store_url, "ttl": 20},
-                            prefix=(faketime, "-f", "-3h"), env=skew_env)
+                            prefix=behind_clock, env=skew_env)
         processes.append(behind)
         fact = read_fact(behind, timeout=60)
         assert fact["acquired"] is True

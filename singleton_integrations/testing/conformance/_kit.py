@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -149,11 +150,18 @@ class ConformanceKit:
                     "declare it, or leave out the mixin that needs it", pytrace=False)
 
     @staticmethod
-    def faketime() -> str:
-        """Debian's ``faketime`` binary, which runs a child under a skewed clock."""
+    def faketime(offset: str) -> tuple[str, ...]:
+        """A command prefix that runs a child with its wall clock moved by ``offset`` (libfaketime's ``+2h`` form).
+
+        It preloads libfaketime itself rather than running Debian's ``faketime`` wrapper: the
+        wrapper names a shared-memory semaphore after its pid and leaves it behind when it is
+        killed, so a later wrapper given the same pid fails ("sem_open: File exists").
+        """
         faketime = shutil.which("faketime")
-        if faketime is None:
+        libraries = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
+                           + glob.glob("/usr/local/lib/faketime/libfaketime.so.1"))
+        if faketime is None or not libraries:
             if os.environ.get("CI") == "true":
                 pytest.fail("faketime is not installed (apt-get install faketime)")
             pytest.skip("faketime is not installed (apt-get install faketime)")
-        return faketime
+        return ("env", f"LD_PRELOAD={libraries[0]}", f"FAKETIME={offset}")

@@ -189,10 +189,10 @@ class MinimumHoldByStoreClock(ConformanceKit):
     def test_min_hold_is_judged_by_the_store_clock(self, persister: Persister, name: str, store_url: str,
                                                     processes: list[subprocess.Popen[str]]) -> None:
         """A contender whose clock is 2 h ahead cannot end the hold early."""
-        faketime = self.faketime()
+        ahead_clock = self.faketime("+2h")
         holder = Singleton(name, persister, lock_expire_seconds=30, min_hold_seconds=120, release_on_sigterm=False)
         assert holder.lock() and holder.release()
-        ahead = spawn_role("try_lock", {"name": name, "url": store_url}, prefix=(faketime, "-f", "+2h"),
+        ahead = spawn_role("try_lock", {"name": name, "url": store_url}, prefix=ahead_clock,
                            env={"FAKETIME_DONT_FAKE_MONOTONIC": "1"})
         processes.append(ahead)
         fact = read_fact(ahead, timeout=60)
