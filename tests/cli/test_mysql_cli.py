@@ -7,7 +7,6 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,15 +27,7 @@ def mysql_cli(tmp_path: Path) -> Iterator[Cli]:
     try:
         yield from _cli(with_query(base, table=table), tmp_path)
     finally:
-        import pymysql
-
-        parts = urlsplit(base)
-        connection = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
-                                     password=parts.password or "", database=parts.path.lstrip("/"), autocommit=True,
-                                     connect_timeout=5)  # fmt: skip
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`")
-        connection.close()
+        mysql_server.drop_store_tables(base, table)
 
 
 def test_status_and_list_describe_the_holder_in_mysql(mysql_cli: Cli) -> None:

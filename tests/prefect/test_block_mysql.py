@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 from prefect import flow, get_client
@@ -22,15 +21,7 @@ def mysql_url() -> Iterator[str]:
     base = mysql_server.url()
     table = f"singleton_prefect_{uuid.uuid4().hex[:10]}"
     yield with_query(base, table=table)
-    import pymysql
-
-    parts = urlsplit(base)
-    connection = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
-                                 password=parts.password or "", database=parts.path.lstrip("/"), autocommit=True,
-                                 connect_timeout=5)  # fmt: skip
-    with connection.cursor() as cursor:
-        cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`")
-    connection.close()
+    mysql_server.drop_store_tables(base, table)
 
 
 def test_a_saved_mysql_block_keeps_its_password_secret() -> None:

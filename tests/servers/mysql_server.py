@@ -68,6 +68,21 @@ class TlsServer:
     other_ca: Path  # a CA that did not sign the server's certificate
 
 
+def drop_store_tables(base_url: str, table: str) -> None:
+    """Drop a test's lock table and its waiters' table from the server at ``base_url``."""
+    import pymysql
+
+    parts = urlsplit(base_url)
+    connection = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=unquote(parts.username or "root"),
+                                 password=unquote(parts.password or ""), database=parts.path.lstrip("/"),
+                                 autocommit=True, connect_timeout=5)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`")
+    finally:
+        connection.close()
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, timeout=60,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
