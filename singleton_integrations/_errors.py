@@ -43,20 +43,31 @@ class LockConflict(SingletonError):
     message says the slot already ran (when, where, and until when it is held).
     """
 
-    def __init__(self, name: str, holder: LockRecord | None = None, message: str | None = None) -> None:
+    def __init__(self, name: str, holder: LockRecord | None = None, message: str | None = None,
+                 holders: tuple[LockRecord, ...] = (), limit: int = 1) -> None:
         self.name = name
         self.holder = holder
-        if message is None:
-            if holder is None:
-                message = f"lock {name!r} is held by another process"
-            elif holder.released:  # released into its minimum hold: the slot already ran
-                message = f"lock {name!r} already ran its slot: {holder.describe()}"
-            else:
-                message = f"lock {name!r} is held by {holder.describe()}"
-        super().__init__(message)
+        #: Under ``limit=N``: every live hold the refused attempt saw, by fencing token.
+        self.holders = holders
+        self.limit = limit
+        super().__init__(message if message is not None else conflict_message(name, holder, holders, limit))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.name, self.holder, str(self)))
+        return (type(self), (self.name, self.holder, str(self), self.holders, self.limit))
+
+
+def conflict_message(name: str, holder: LockRecord | None, holders: tuple[LockRecord, ...] = (),
+                     limit: int = 1) -> str:
+    """Why an attempt on ``name`` was refused, naming whom it saw: every hold under ``limit=N``."""
+    if limit > 1:
+        seen = holders or ((holder,) if holder is not None else ())
+        named = "; ".join(hold.describe() for hold in seen) or "holders the store did not name"
+        return f"lock {name!r} is at its limit, {len(holders) or limit} of {limit} held: {named}"
+    if holder is None:
+        return f"lock {name!r} is held by another process"
+    if holder.released:  # released into its minimum hold: the slot already ran
+        return f"lock {name!r} already ran its slot: {holder.describe()}"
+    return f"lock {name!r} is held by {holder.describe()}"
 
 
 class LockLost(SingletonError):

@@ -29,6 +29,7 @@ from ._lockstate import (
     Waiting,
     acall_store,
     call_store,
+    hold_of,
     holder_seen,
     holds,
     measure,
@@ -46,9 +47,10 @@ __all__ = ["AsyncLease", "Lease"]
 _R = TypeVar("_R")
 
 
-def _owner_of(record: LockRecord | None, fencing_token: int) -> str | None:
-    """The owner token of the live hold with ``fencing_token``, if the store still shows it."""
-    if record is None or record.released or record.fencing_token != fencing_token:
+def _owner_of(records: list[LockRecord], fencing_token: int) -> str | None:
+    """The owner token of the live hold with ``fencing_token`` among a name's holds, if the store still shows it."""
+    record = next((hold for hold in records if hold.fencing_token == fencing_token), None)
+    if record is None or record.released:
         return None
     return record.owner_token
 
@@ -67,10 +69,11 @@ class _Terms(TermsView):
         lock_expire_seconds: float | None = UNSET,
         metadata: Mapping[str, str] | None = None,
         min_hold_seconds: float | None = None,
+        limit: int = 1,
     ) -> None:
         self._terms = Terms.of(
             name, persister, lock_expire_seconds=lock_expire_seconds, metadata=metadata,
-            min_hold_seconds=min_hold_seconds,
+            min_hold_seconds=min_hold_seconds, limit=limit,
         )
         self._owner_token = secrets.token_hex(16) if owner_token is None else validate_owner_token(owner_token)
         self._info = self._terms.lock_info(follows_hold=False)  # the hold may end elsewhere, or by expiry
@@ -92,15 +95,17 @@ class _Terms(TermsView):
             measure(recorder.released, self._info, held_seconds=None)
         return bool(confirmed)
 
-    def _adopted(self, record: LockRecord | None, fencing_token: int) -> Self | None:
-        """``adopt``'s answer once the holder is read: a lease on that hold's owner token, or None."""
-        token = _owner_of(record, fencing_token)
+    def _adopted(self, records: list[LockRecord], fencing_token: int) -> Self | None:
+        """``adopt``'s answer once the holds are read: a lease on that hold's owner token, or None."""
+        token = _owner_of(records, fencing_token)
         if token is None:
             return None
         return type(self)(self.name, self.persister, owner_token=token, lock_expire_seconds=self.lock_expire_seconds)
 
     def __repr__(self) -> str:  # never the owner token: it is a capability
-        return f"{type(self).__name__}({self.name!r}, {self.persister!r}, lock_expire_seconds={self.lock_expire_seconds!r})"
+        limit = f", limit={self.limit}" if self.limit > 1 else ""
+        return (f"{type(self).__name__}({self.name!r}, {self.persister!r}, "
+                f"lock_expire_seconds={self.lock_expire_seconds!r}{limit})")
 
 
 class Lease(_Terms):
@@ -132,7 +137,7 @@ class Lease(_Terms):
         while the owner token stays in the store (readable only by who can read the store).
         """
         looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
-        return looking._adopted(looking.holder(), fencing_token)
+        return looking._adopted(looking.holders(), fencing_token)
 
     def take(self, *, wait: float | None = None, cancel: threading.Event | None = None) -> AcquireResult:
         """Acquire the name for this owner token; with ``wait``, wait up to that many seconds (``math.inf``: for good).
@@ -161,14 +166,22 @@ class Lease(_Terms):
         return self._released(call_store(persister, persister.release, self.name, self._owner_token))
 
     def holder(self) -> LockRecord | None:
-        """Who holds the name now, whoever it is (during a minimum hold, the released record)."""
+        """Who holds the name now, whoever it is (during a minimum hold, the released record); one hold under ``limit``."""
         persister = self.persister
         record: LockRecord | None = call_store(persister, persister.get, self.name)
         return record
 
+    def holders(self) -> list[LockRecord]:
+        """Every live hold of the name, by fencing token."""
+        persister = self.persister
+        records: list[LockRecord] = call_store(persister, persister.holders, self.name)
+        return records
+
     def verify(self) -> bool:
         """Whether the store shows this token holding the name now (call before side effects)."""
-        return holds(self.holder(), self._owner_token)
+        if self.limit == 1:
+            return holds(self.holder(), self._owner_token)
+        return holds(hold_of(self.holders(), self._owner_token), self._owner_token)
 
     def wait_until_free(
         self, *, wait: float | None = None, cancel: threading.Event | None = None, poll_interval: float | None = None
@@ -204,7 +217,7 @@ class AsyncLease(_Terms):
                     lock_expire_seconds: float | None = UNSET) -> AsyncLease | None:
         """``Lease.adopt`` for coroutines."""
         looking = cls(name, persister, lock_expire_seconds=lock_expire_seconds)
-        return looking._adopted(await looking.holder(), fencing_token)
+        return looking._adopted(await looking.holders(), fencing_token)
 
     async def take(self, *, wait: float | None = None) -> AcquireResult:
         """``Lease.take`` for coroutines; cancel the task to give up."""
@@ -227,9 +240,16 @@ class AsyncLease(_Terms):
         record: LockRecord | None = await self._call(self.persister.aget(self.name))
         return record
 
+    async def holders(self) -> list[LockRecord]:
+        """``Lease.holders`` for coroutines."""
+        records: list[LockRecord] = await self._call(self.persister.aholders(self.name))
+        return records
+
     async def verify(self) -> bool:
         """``Lease.verify`` for coroutines."""
-        return holds(await self.holder(), self._owner_token)
+        if self.limit == 1:
+            return holds(await self.holder(), self._owner_token)
+        return holds(hold_of(await self.holders(), self._owner_token), self._owner_token)
 
     async def wait_until_free(self, *, wait: float | None = None, poll_interval: float | None = None) -> LockRecord | None:
         """``Lease.wait_until_free`` for coroutines; cancel the task to give up."""

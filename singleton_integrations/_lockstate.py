@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import _process, _record, metrics
-from ._errors import PersisterError, SingletonError
+from ._errors import PersisterError, SingletonError, conflict_message
 from ._events import EventEmitter, logger
 from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch, resolved_within
@@ -43,6 +43,7 @@ __all__ = [
     "Signal",
     "Terms",
     "Waiting",
+    "hold_of",
     "holder_seen",
     "holds",
     "validate_wait",
@@ -111,6 +112,11 @@ def holds(record: LockRecord | None, owner_token: str) -> bool:
     return record is not None and record.owner_token == owner_token and not record.released
 
 
+def hold_of(records: list[LockRecord], owner_token: str) -> LockRecord | None:
+    """``owner_token``'s hold among a name's holds (``Persister.holders``), if the store still shows it."""
+    return next((record for record in records if record.owner_token == owner_token), None)
+
+
 def store_error(persister: Persister, error: Exception) -> Exception:
     """The async twin of ``call_store``'s translation."""
     if isinstance(error, SingletonError):
@@ -147,6 +153,7 @@ class Terms:
     lock_expire_seconds: float | None
     metadata: Mapping[str, str]
     min_hold_seconds: float | None
+    limit: int = 1
 
     @classmethod
     def of(
@@ -157,19 +164,26 @@ class Terms:
         lock_expire_seconds: object = UNSET,
         metadata: object = None,
         min_hold_seconds: object = None,
+        limit: object = 1,
     ) -> Terms:
-        """Validate every option; a ``min_hold_seconds`` the store cannot keep is refused here, not at the acquire."""
+        """Validate every option; one the store cannot keep (a minimum hold, ``limit`` > 1) is refused here, not at the acquire."""
         checked_name = _record.validate_name(name)
         ttl = _record.validate_ttl(DEFAULT_LOCK_EXPIRE_SECONDS if lock_expire_seconds is UNSET else lock_expire_seconds)
         checked_metadata = _record.validate_metadata(metadata)
         min_hold = _record.validate_min_hold(min_hold_seconds)
+        checked_limit = _record.validate_limit(limit)
         store = resolve_persister(persister)
         if min_hold is not None and not store.supports_min_hold:
             raise ValueError(
                 f"min_hold_seconds needs a persister that keeps a minimum hold; "
                 f"{type(store).__name__} ({store.backend}) does not (supports_min_hold is False)"
             )
-        return cls(checked_name, store, ttl, checked_metadata, min_hold)
+        if checked_limit > 1 and not store.limits:
+            raise ValueError(
+                f"limit={checked_limit} needs a persister that keeps several holds of a name; "
+                f"{type(store).__name__} ({store.backend}) does not (limits is False)"
+            )
+        return cls(checked_name, store, ttl, checked_metadata, min_hold, checked_limit)
 
     def owner(self, owner_token: str | None = None) -> Owner:
         """Who asks: a new random token unless the caller brings its own."""
@@ -180,8 +194,10 @@ class Terms:
     def acquire_call(self, owner: Owner, waiting_for: float | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The arguments of ``Persister.acquire``: ``min_hold`` only when set and ``queue_for`` only
         for a waiter on a fair store (third parties may lack either)."""
-        extra = {"queue_for": max(min(waiting_for, QUEUE_PLACE_SECONDS), 0.001)} \
+        extra: dict[str, Any] = {"queue_for": max(min(waiting_for, QUEUE_PLACE_SECONDS), 0.001)} \
             if waiting_for is not None and self.persister.fair else {}
+        if self.limit > 1:
+            extra["limit"] = self.limit
         if self.min_hold_seconds is None:
             return (self.name, owner, self.lock_expire_seconds), extra
         return (self.name, owner, self.lock_expire_seconds, self.min_hold_seconds), extra
@@ -542,6 +558,11 @@ class TermsView:
         """The name stays held at least this long after it is taken, even once released."""
         return self._lock_terms().min_hold_seconds
 
+    @property
+    def limit(self) -> int:
+        """How many may hold the name at once (1: one holder); each attempt counts every live hold."""
+        return self._lock_terms().limit
+
 
 def validate_lock_options(
     name: object, options: Mapping[str, Any] | None, lock_expire_seconds: object, auto_renew: object,
@@ -590,6 +611,7 @@ class LockState(TermsView, EventEmitter):
         self._owner_pid = 0
         self._lost = False
         self.last_holder: LockRecord | None = None
+        self.last_holders: tuple[LockRecord, ...] = ()  # under limit=N: every hold the refusal saw
         self.queued_behind = False  # the latest conflict: a free name that went to an earlier waiter
         self._generation = 0
         self._acquired_at = 0.0  # monotonic time the acquire that took the hold was sent
@@ -675,16 +697,13 @@ class LockState(TermsView, EventEmitter):
         """Record an acquire's outcome; the new hold's generation, or None on conflict."""
         if not result.acquired:
             self.last_holder = result.record
+            self.last_holders = result.holders
             self.queued_behind = result.queued_behind
-            record = result.record
             if result.queued_behind:
                 message = lambda: f"{queued_behind_message(self.name)}{_after(waited)}"  # noqa: E731
-            elif record is not None and record.released:
-                ran = record  # narrowed, for the lambda
-                message = lambda: f"lock {self.name!r} already ran its slot: {ran.describe()}{_after(waited)}"  # noqa: E731
             else:
-                who = record.describe() if record is not None else "another process"
-                message = lambda: f"lock {self.name!r} is held by {who}{_after(waited)}"  # noqa: E731
+                seen = result.record, result.holders, self.terms.limit
+                message = lambda: f"{conflict_message(self.name, *seen)}{_after(waited)}"  # noqa: E731
             self.emit("conflict", message, self.name)
             return None
         record = result.record

@@ -128,6 +128,8 @@ class AcquireResult:
     expired lock this acquire replaced, if any, so the caller can say whose it was.
     ``queued_behind``: refused only because the free name goes to an earlier waiter.
     ``retry_after`` bounds a waiter's pause: the holder's lease or minimum hold ends then.
+    ``holders``: on a refusal under ``limit=N`` (N > 1), every live hold of the name, by
+    fencing token, read in the same step; empty where the store did not read them.
 
     A ``Lease`` taken with an owner token that already holds the name gets
     ``acquired`` with the current record (the same fencing token), on every store.
@@ -138,6 +140,7 @@ class AcquireResult:
     expired: LockRecord | None = None
     retry_after: float | None = None  # seconds until the holder's lease ends, by the store's clock
     queued_behind: bool = False
+    holders: tuple[LockRecord, ...] = ()
 
 
 def validate_name(name: object) -> str:
@@ -170,6 +173,19 @@ def validate_ttl(seconds: object, what: str = "lock_expire_seconds") -> float | 
     if value > 10 * 365 * 86400:
         raise ValueError(f"{what} must be at most ten years; use None for a lock that never expires")
     return value
+
+
+#: The most holds ``limit`` may allow on one name: every refusal reads them all.
+MAX_LIMIT = 1000
+
+
+def validate_limit(limit: object) -> int:
+    """How many may hold a name at once: an int from 1 (one holder, the default) to ``MAX_LIMIT``."""
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be from 1 to {MAX_LIMIT}, not {limit!r}")
+    return limit
 
 
 def validate_min_hold(seconds: object) -> float | None:

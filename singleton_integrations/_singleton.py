@@ -34,6 +34,7 @@ from ._lockstate import (
     Waiting,
     acall_store,
     call_store,
+    hold_of,
     queued_behind_message,
     store_error,
     validate_lock_options,
@@ -305,9 +306,11 @@ class _Face(TermsView):
         metadata: Mapping[str, str] | None = None,
         release_on_sigterm: bool = True,
         min_hold_seconds: float | None = None,
+        limit: int = 1,
     ) -> None:
         ttl, interval = validate_lock_options(name, options, lock_expire_seconds, auto_renew, renew_interval)
-        terms = Terms.of(name, persister, lock_expire_seconds=ttl, metadata=metadata, min_hold_seconds=min_hold_seconds)
+        terms = Terms.of(name, persister, lock_expire_seconds=ttl, metadata=metadata, min_hold_seconds=min_hold_seconds,
+                         limit=limit)
         self._state = LockState(
             terms, auto_renew=auto_renew, renew_interval=interval, release_on_sigterm=release_on_sigterm
         )
@@ -400,7 +403,7 @@ class _Face(TermsView):
         state = self._state
         if state.queued_behind and state.last_holder is None:
             return LockConflict(state.name, None, queued_behind_message(state.name))
-        return LockConflict(state.name, state.last_holder)
+        return LockConflict(state.name, state.last_holder, holders=state.last_holders, limit=state.terms.limit)
 
     def _lost_error(self) -> LockLost:
         return LockLost(self._state.name, f"exclusivity on lock {self._state.name!r} was lost before the block ended")
@@ -420,6 +423,11 @@ class Singleton(_Face):
 
     ``with job:`` is reentrant on one object: nested blocks share the hold and the
     outermost exit releases it.
+
+    ``limit=N`` lets up to N objects (in any process, on any host) hold the name at
+    once, each with a hold of its own: its own owner token, lease and fencing token
+    from the name's one rising sequence. Every rule of a single hold applies to each;
+    an attempt succeeds only while fewer than its own N holds are live.
     """
 
     @classmethod
@@ -491,13 +499,23 @@ class Singleton(_Face):
     # -- beyond the seed -----------------------------------------------------------
 
     def holder(self) -> LockRecord | None:
-        """Who holds the lock now (host, pid, since when, fencing token); during a minimum hold, the released record."""
+        """Who holds the lock now (host, pid, since when, fencing token); during a minimum hold, the released record.
+
+        Under ``limit=N``, one of the holds: ``holders()`` lists them all.
+        """
         return call_store(self.persister, self.persister.get, self.name)
+
+    def holders(self) -> list[LockRecord]:
+        """Every live hold of the name, by fencing token: at most one unless callers use ``limit``."""
+        return call_store(self.persister, self.persister.holders, self.name)
 
     def verify(self) -> bool:
         """Ask the store whether we still hold the lock; a loss found here emits ``lost``."""
         hold = self._state.record()
-        return hold is not None and self._state.verified(hold, self.holder())
+        if hold is None:
+            return False
+        current = self.holder() if self.limit == 1 else hold_of(self.holders(), hold.owner_token)
+        return self._state.verified(hold, current)
 
     def ensure_held(self) -> None:
         """Raise ``LockLost`` unless the store confirms we hold the lock (call before side effects)."""
@@ -676,10 +694,17 @@ class AsyncSingleton(_Face):
         """``Singleton.holder`` for coroutines."""
         return await self._call(self.persister.aget(self.name))
 
+    async def holders(self) -> list[LockRecord]:
+        """``Singleton.holders`` for coroutines."""
+        return await self._call(self.persister.aholders(self.name))
+
     async def verify(self) -> bool:
         """``Singleton.verify`` for coroutines."""
         hold = self._state.record()
-        return hold is not None and self._state.verified(hold, await self.holder())
+        if hold is None:
+            return False
+        current = await self.holder() if self.limit == 1 else hold_of(await self.holders(), hold.owner_token)
+        return self._state.verified(hold, current)
 
     async def ensure_held(self) -> None:
         """Raise ``LockLost`` unless the store confirms we hold the lock."""

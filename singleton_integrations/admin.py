@@ -168,18 +168,18 @@ def force_release(persister: Persister, name: str, fencing_token: int, *, reason
     makes this call answer with the record too; no other hold is ever touched.
     """
     name, fencing_token = _arguments(name, fencing_token)
-    record = _claim(name, fencing_token, persister.get(name))
+    record = _claim(name, fencing_token, persister.holders(name))
     if not persister.release(name, record.owner_token):
-        raise _refused(persister, name, fencing_token, persister.get(name))
+        raise _refused(persister, name, fencing_token, persister.holders(name))
     return _released(persister, record, reason)
 
 
 async def aforce_release(persister: Persister, name: str, fencing_token: int, *, reason: str = "") -> LockRecord:
     """``force_release`` for coroutines."""
     name, fencing_token = _arguments(name, fencing_token)
-    record = _claim(name, fencing_token, await persister.aget(name))
+    record = _claim(name, fencing_token, await persister.aholders(name))
     if not await persister.arelease(name, record.owner_token):
-        raise _refused(persister, name, fencing_token, await persister.aget(name))
+        raise _refused(persister, name, fencing_token, await persister.aholders(name))
     return _released(persister, record, reason)
 
 
@@ -195,8 +195,17 @@ def _arguments(name: object, fencing_token: object) -> tuple[str, int]:
     return validate_name(name), fencing_token
 
 
-def _claim(name: str, fencing_token: int, record: LockRecord | None) -> LockRecord:
-    """The record to release, if it is the live hold with ``fencing_token``; else the error that says why not."""
+def _with_token(holds: list[LockRecord], fencing_token: int) -> LockRecord | None:
+    """The hold with ``fencing_token`` among a name's holds; else the one another owner has now, if any."""
+    return next((hold for hold in holds if hold.fencing_token == fencing_token), holds[0] if holds else None)
+
+
+def _claim(name: str, fencing_token: int, holds: list[LockRecord]) -> LockRecord:
+    """The record to release, if it is the live hold with ``fencing_token``; else the error that says why not.
+
+    Under ``limit=N`` the name has several holds: only the one with ``fencing_token`` is ever touched.
+    """
+    record = _with_token(holds, fencing_token)
     if record is None:
         raise NotHeld(name, fencing_token)
     if record.fencing_token != fencing_token:
@@ -206,8 +215,9 @@ def _claim(name: str, fencing_token: int, record: LockRecord | None) -> LockReco
     return record
 
 
-def _refused(persister: Persister, name: str, fencing_token: int, now: LockRecord | None) -> SingletonError:
+def _refused(persister: Persister, name: str, fencing_token: int, holds: list[LockRecord]) -> SingletonError:
     """The store refused the owner-checked release: the hold ended or changed hands after it was read."""
+    now = _with_token(holds, fencing_token)
     if now is None or (now.released and now.fencing_token == fencing_token):
         return NotHeld(name, fencing_token, now)
     if now.fencing_token != fencing_token:

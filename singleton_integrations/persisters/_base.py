@@ -693,7 +693,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The capability flags of ``Persister``: the one way a store says what it can do.
-CAPABILITIES = ("distributed", "multiprocess", "notifies", "fair", "supports_min_hold", "native_async")
+CAPABILITIES = ("distributed", "multiprocess", "notifies", "fair", "supports_min_hold", "native_async", "limits")
 
 
 class Persister(ABC):
@@ -729,6 +729,9 @@ class Persister(ABC):
     fair: ClassVar[bool] = False
     #: True when the ``a*`` primitives use a native async driver rather than ``run_blocking``.
     native_async: ClassVar[bool] = False
+    #: True when ``acquire`` takes ``limit`` and keeps up to that many holds of a name (see
+    #: ``acquire``); the core refuses ``limit > 1`` on a store without it.
+    limits: ClassVar[bool] = False
     #: The longest one store call can take (its client-side deadline), in seconds. The
     #: core declares a lock lost this long (at most a quarter of the lease) before the
     #: lease would end when renewals cannot get through.
@@ -775,7 +778,7 @@ class Persister(ABC):
 
     @abstractmethod
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
         """Take ``name`` if it is free or expired (replacing the expired lock in the same step).
 
         A successful acquire mints a fencing token strictly greater than every earlier
@@ -796,6 +799,15 @@ class Persister(ABC):
         Taking the name drops the caller's place. Without ``queue_for`` (a caller that
         does not wait) a free name is taken whatever the queue holds. A release that
         frees the name wakes the queue's head first.
+
+        ``limit`` (a keyword, only passed when ``limits`` and N > 1): the name may have up
+        to N live holds, each with its own owner token, all drawing fencing tokens from the
+        name's one rising sequence. The step counts every live hold of the name, whatever
+        N its holder gave (a hold released into its minimum hold counts until it ends), and
+        adds one when fewer than N are live and, with ``queue_for``, the caller is among
+        the first (N - live) live places. A refusal reads every live hold into ``holders``
+        in the same round trip. An owner token that already holds one gets that hold back.
+        A call without ``limit`` refuses while any hold of the name is live.
         """
 
     @abstractmethod
@@ -815,13 +827,19 @@ class Persister(ABC):
     def get(self, name: str) -> LockRecord | None:
         """The live (unexpired) lock on ``name``, if any, including one released into its minimum hold."""
 
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        """Every live hold of ``name``, by fencing token: one at most unless the store ``limits``."""
+        record = self.get(name)
+        return [] if record is None else [record]
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[LockRecord]:
-        """Every live lock whose name starts with ``prefix``, sorted by name."""
+        """Every live lock whose name starts with ``prefix``, sorted by name (a name's holds by fencing token)."""
 
     @abstractmethod
     def force_release(self, name: str) -> LockRecord | None:
-        """Administrative release regardless of owner; returns the record it removed."""
+        """Administrative release regardless of owner: every live hold of ``name``; returns the one
+        with the lowest fencing token it removed."""
 
     def leave_queue(self, name: str, owner_token: str) -> None:  # noqa: B027 - optional: only fair stores keep a queue
         """A fair waiter gave up: drop its place, waking the next one if the name is free."""
@@ -829,9 +847,12 @@ class Persister(ABC):
     # -- async twins: native in built-in persisters, the bounded executor otherwise --
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                       queue_for: float | None = None) -> AcquireResult:
-        if queue_for is not None and self.fair:
-            return await run_blocking(functools.partial(self.acquire, queue_for=queue_for), name, owner, ttl, min_hold)
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        if limit > 1 or (queue_for is not None and self.fair):
+            extra: dict[str, Any] = {"queue_for": queue_for} if queue_for is not None and self.fair else {}
+            if limit > 1:
+                extra["limit"] = limit
+            return await run_blocking(functools.partial(self.acquire, **extra), name, owner, ttl, min_hold)
         if min_hold is None:
             return await run_blocking(self.acquire, name, owner, ttl)
         return await run_blocking(self.acquire, name, owner, ttl, min_hold)
@@ -844,6 +865,10 @@ class Persister(ABC):
 
     async def aget(self, name: str) -> LockRecord | None:
         return await run_blocking(self.get, name)
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        record = await self.aget(name)
+        return [] if record is None else [record]
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
         return await run_blocking(self.list, prefix)

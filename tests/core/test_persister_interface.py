@@ -81,13 +81,14 @@ def test_from_url_is_declared_on_persister_and_a_class_without_one_says_so() -> 
 
 
 def test_capabilities_are_the_declared_flags() -> None:
-    assert CAPABILITIES == ("distributed", "multiprocess", "notifies", "fair", "supports_min_hold", "native_async")
+    assert CAPABILITIES == ("distributed", "multiprocess", "notifies", "fair", "supports_min_hold", "native_async",
+                            "limits")
     assert persisters.Memory().capabilities() == {
         "distributed": False, "multiprocess": False, "notifies": True, "fair": True,
-        "supports_min_hold": True, "native_async": True}
+        "supports_min_hold": True, "native_async": True, "limits": True}
     assert _OldStylePersister().capabilities() == {
         "distributed": False, "multiprocess": False, "notifies": True, "fair": False,
-        "supports_min_hold": False, "native_async": False}
+        "supports_min_hold": False, "native_async": False, "limits": False}
 
 
 def test_a_watch_says_whether_it_wakes_coroutines() -> None:
