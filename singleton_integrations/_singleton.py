@@ -327,6 +327,8 @@ class _Face(TermsView):
         "True once a held lock expired, was taken over, or could not be renewed in time before ``release``.")
     last_holder: _FromState[LockRecord | None] = _FromState(
         "The holder seen by the latest failed attempt, for conflict messages.")
+    last_holders: _FromState[tuple[LockRecord, ...]] = _FromState(
+        "Under ``limit=N``: every hold the latest failed attempt saw, by fencing token.")
     loss_margin: _FromState[float] = _FromState(
         "Seconds before the locally estimated lease end at which a lock whose renewals fail is declared lost.",
         "margin")

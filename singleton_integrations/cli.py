@@ -30,7 +30,7 @@ from typing import Any, NoReturn, final
 
 from . import __version__, admin, persisters, stores
 from ._errors import NotHeld, PersisterError, SingletonError, TokenChanged
-from ._record import LockRecord, validate_name
+from ._record import MAX_LIMIT, LockRecord, validate_limit, validate_name
 from ._singleton import Singleton
 from ._urls import redact_url, scrub
 from .admin import LockRow
@@ -104,6 +104,13 @@ def _exit_code(text: str) -> int:
     return int(text)
 
 
+def _limit(text: str) -> int:
+    try:
+        return validate_limit(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_LIMIT}, got {text!r}") from None
+
+
 def _fencing_token(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"expected a fencing token (a whole number, as status and list show it), got {text!r}")
@@ -147,6 +154,9 @@ def _build_parser(with_command: bool = True) -> _Parser:
     run.add_argument("--min-hold", type=_seconds, metavar="S", default=None,
                      help="keep the name taken until S seconds after the start, even if CMD ends sooner, so "
                           "runs started within S seconds of each other (other hosts' schedulers) skip the slot")
+    run.add_argument("--limit", type=_limit, metavar="N", default=1,
+                     help="let up to N runs hold NAME at once, across hosts (default 1); each counts every live "
+                          "hold, so runs given different N each stay within their own")
     run.add_argument("--renew", action=argparse.BooleanOptionalAction, default=True,
                      help="keep renewing the lease while CMD runs (default on)")
     run.add_argument("--conflict-exit-code", type=_exit_code, metavar="N", default=EXIT_CONFLICT,
@@ -405,7 +415,7 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
     try:
         hold: dict[str, Any] = {} if args.min_hold is None else {"min_hold_seconds": args.min_hold}
         lock = Singleton(store.stored(args.name), store.persister, lock_expire_seconds=args.ttl,
-                         auto_renew=args.renew, metadata=metadata, release_on_sigterm=False,
+                         auto_renew=args.renew, metadata=metadata, release_on_sigterm=False, limit=args.limit,
                          **hold)  # the relay owns SIGTERM
     except (ValueError, TypeError) as error:
         raise UsageError(f"singleton run: {error}") from None
@@ -416,8 +426,7 @@ def _cmd_run(args: argparse.Namespace, store: _Store) -> int:
                 lock.release()
             return 128 + relay.received
         if not acquired:
-            holder = lock.last_holder
-            _say(_holder_line(store.shown(holder)) if holder else f"lock {args.name!r} is held by another process")
+            _say(_refusal(args.name, lock, store))
             return int(args.conflict_exit_code)
         try:
             return _supervise(lock, command, relay, args.kill_after, store)
@@ -474,18 +483,31 @@ def _release_quietly(lock: Singleton, store: _Store) -> None:
         _say(f"could not release lock {lock.name!r} ({store.scrub(str(error))}); it expires when its lease ends")
 
 
+def _refusal(name: str, lock: Singleton, store: _Store) -> str:
+    """Why ``run`` did not start CMD: the holder, or under ``--limit`` every hold, one line each."""
+    holds = [store.shown(record) for record in lock.last_holders]
+    if lock.limit > 1 and holds:
+        lines = [f"lock {name!r} is at its limit: {len(holds)} of {lock.limit} held"]
+        return "\n".join(lines + [f"  {_holder_line(record)}" for record in holds])
+    holder = lock.last_holder
+    return _holder_line(store.shown(holder)) if holder else f"lock {name!r} is held by another process"
+
+
 # -- status, list, release -------------------------------------------------------------
 
 
 def _cmd_status(args: argparse.Namespace, store: _Store) -> int:
     name = _name(args.name)
-    record: LockRecord | None = store.call(store.persister.get, store.stored(name))
-    record = store.shown(record) if record else None
-    if args.json:
-        print(json.dumps({"name": name, "held": record is not None, "holder": record.to_dict() if record else None}))
+    found: list[LockRecord] = store.call(store.persister.holders, store.stored(name))
+    records = [store.shown(record) for record in found]
+    if args.json:  # "holder": the first hold, as before limits; "holders": every one
+        print(json.dumps({"name": name, "held": bool(records), "holder": records[0].to_dict() if records else None,
+                          "holders": [record.to_dict() for record in records]}))
+    elif not records:
+        print(f"lock {name!r} is free")
     else:
-        print(_holder_line(record) if record else f"lock {name!r} is free")
-    return 0 if record is not None else EXIT_FREE
+        print("\n".join(_holder_line(record) for record in records))
+    return 0 if records else EXIT_FREE
 
 
 def _cmd_list(args: argparse.Namespace, store: _Store) -> int:
