@@ -17,6 +17,7 @@ from .conftest import Cli, finish
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRON = EXAMPLES / "cron" / "nightly-export.sh"
+LIMITED_CRON = EXAMPLES / "cron" / "warehouse-export.sh"
 WORKER = EXAMPLES / "worker.py"
 
 
@@ -63,6 +64,22 @@ def test_cron_example_skips_quietly_while_another_host_exports(cli: Cli) -> None
     finish(first)
     status = subprocess.run([*cli.argv("status", "nightly-export")], env=env, capture_output=True, timeout=60)
     assert status.returncode == 1, "the interrupted job released the lock"
+
+
+def test_limited_cron_example_runs_three_at_once_and_skips_the_fourth(cli: Cli) -> None:
+    env = _env(cli, EXPORT_SECONDS="120")
+    running = [_start([str(LIMITED_CRON)], env) for _ in range(3)]
+    for job in running:
+        _read_until(job, "exporting under 'warehouse-export'")
+    fourth = subprocess.run([str(LIMITED_CRON)], env=env, capture_output=True, text=True, timeout=60)
+    assert fourth.returncode == 0, "a skipped run is a success for cron"
+    assert "3 exports are running already" in fourth.stdout and "exporting" not in fourth.stdout
+    assert "3 of 3 held" in fourth.stderr and fourth.stderr.count("source=cron") == 3
+    for job in running:
+        os.killpg(job.pid, signal.SIGTERM)
+        finish(job)
+    status = subprocess.run([*cli.argv("status", "warehouse-export")], env=env, capture_output=True, timeout=60)
+    assert status.returncode == 1, "every interrupted job released its hold"
 
 
 def test_worker_example_writes_batches_with_rising_fencing_tokens(cli: Cli, tmp_path: Path) -> None:
