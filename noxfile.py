@@ -108,8 +108,8 @@ def demo(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Throughput and contention against the floor and peer libraries, on the local servers.
 
-    ``nox -s benchmarks`` runs all three; ``-- throughput ARGS``, ``-- contention ARGS`` or
-    ``-- mysql ARGS`` runs one.
+    ``nox -s benchmarks`` runs all four; ``-- throughput ARGS``, ``-- contention ARGS``,
+    ``-- mysql ARGS`` or ``-- limits ARGS`` runs one.
     """
     session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
     which, *args = session.posargs or ["all"]
@@ -119,3 +119,5 @@ def benchmarks(session: nox.Session) -> None:
         session.run("python", "benchmarks/contention.py", *args)
     if which in ("all", "mysql"):
         session.run("python", "benchmarks/mysql_bench.py", *args)
+    if which in ("all", "limits"):
+        session.run("python", "benchmarks/limits.py", *args)
