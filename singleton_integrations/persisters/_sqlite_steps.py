@@ -14,6 +14,14 @@ A row's states: held (``owner_token`` set), released into its minimum hold
 (``owner_token`` NULL, ``released_at`` set, ``expires_at = hold_until``), free
 (``expires_at`` in the past, or NULL with no owner). A free name keeps its row,
 so its fencing counter survives, until the retention sweep removes it.
+
+``limit=N`` (N > 1): a hold taken with it is a row of ``singleton_holds``, keyed by
+(name, fencing token), with the same columns and states and the N it was taken
+with; ``singleton_locks`` keeps only holds taken without a limit, exactly as
+before. A name's fencing sequence is the greatest token among its rows of both
+tables: each attempt that mints a token removes the name's dead holds in the same
+transaction, and the new token is above them. An attempt without a limit looks at
+``singleton_holds`` in the same statement that reads its row (one index probe).
 """
 
 from __future__ import annotations
@@ -66,14 +74,57 @@ CREATE TABLE IF NOT EXISTS singleton_waiters (
     PRIMARY KEY (name, owner_token)
 )
 """
+# The holds taken with ``limit=N`` (N > 1): one row each, by fencing token, whatever N each was
+# taken with (``hold_limit``). Older versions ignore the table.
+HOLDS = """
+CREATE TABLE IF NOT EXISTS singleton_holds (
+    name TEXT NOT NULL,
+    fencing_token INTEGER NOT NULL,
+    owner_token TEXT,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    metadata TEXT NOT NULL,
+    released_at REAL,
+    hold_until REAL,
+    hold_limit INTEGER NOT NULL,
+    PRIMARY KEY (name, fencing_token)
+)
+"""
+HOLDS_INDEX = "CREATE INDEX IF NOT EXISTS singleton_holds_expires_at ON singleton_holds (expires_at)"
 ADDED_COLUMNS = {"released_at": "REAL", "hold_until": "REAL"}  # since 0.3: the minimum hold
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
 _LIVE = "(owner_token IS NOT NULL OR released_at IS NOT NULL) AND (expires_at IS NULL OR expires_at > ?)"
 _ROW = f"SELECT {_COLUMNS} FROM singleton_locks WHERE name = ?"
 _LIVE_ROW = f"{_ROW} AND {_LIVE}"
+#: The holds taken with a limit, in one value: NULL for none, -1 when one is live, else their
+#: greatest fencing token (params: now, name).
+_OTHERS = f"SELECT CASE WHEN max({_LIVE}) THEN -1 ELSE max(fencing_token) END FROM singleton_holds AS h WHERE h.name = ?"
+#: A name's row and ``_OTHERS`` in one statement (params: now, name): the check costs no extra call.
+_ROW_AND_OTHERS = (f"SELECT {_COLUMNS}, ({_OTHERS.replace('h.name = ?', 'h.name = singleton_locks.name')}) "
+                   "FROM singleton_locks WHERE name = ?")
+#: Every row of a name in both tables, by fencing token; the 11th column is NULL for
+#: ``singleton_locks``' row, else the N the hold was taken with (params: name, name).
+_ALL_HOLDS = (f"SELECT {_COLUMNS}, NULL AS hold_limit FROM singleton_locks WHERE name = ? UNION ALL "
+              f"SELECT {_COLUMNS}, hold_limit FROM singleton_holds WHERE name = ? ORDER BY fencing_token")
+#: ``_ALL_HOLDS``' live ones (params: name, now, name, now).
+_LIVE_HOLDS = (f"SELECT {_COLUMNS}, NULL AS hold_limit FROM singleton_locks WHERE name = ? AND {_LIVE} UNION ALL "
+               f"SELECT {_COLUMNS}, hold_limit FROM singleton_holds WHERE name = ? AND {_LIVE} ORDER BY fencing_token")
+#: How many more holds the name's limit leaves room for: its greatest N (1 without holds taken
+#: with a limit) less its live holds; may be negative (params: name, name, now, name, now).
+_ROOM = ("SELECT coalesce((SELECT max(hold_limit) FROM singleton_holds WHERE name = ?), 1)"
+         f" - (SELECT count(*) FROM singleton_holds WHERE name = ? AND {_LIVE})"
+         f" - (SELECT count(*) FROM singleton_locks WHERE name = ? AND {_LIVE})")
 _HEAD = "SELECT owner_token, ends FROM singleton_waiters WHERE name = ? AND ends > ? ORDER BY place LIMIT 1"
+_PLACES = "SELECT owner_token, ends FROM singleton_waiters WHERE name = ? AND ends > ? ORDER BY place"
+#: The places a release wakes: as many as the name has room for, one at least
+#: (params: name, now, then ``_ROOM``'s).
+_WAKE_PLACES = f"{_PLACES} LIMIT max(1, ({_ROOM}))"
 _DEQUEUE = "DELETE FROM singleton_waiters WHERE name = ? AND owner_token = ?"
 _FREE_UP = "UPDATE singleton_locks SET owner_token = NULL, released_at = ?, expires_at = ? WHERE name = ?"
+_RENEW = ("UPDATE {table} SET expires_at = CASE WHEN ? IS NULL THEN NULL ELSE max(?, coalesce(hold_until, 0)) END "
+          f"WHERE name = ? AND owner_token = ? AND {_LIVE} RETURNING {_COLUMNS}")
 #: Rows removed per sweep, so a sweep stays a small part of the write that runs it.
 SWEEP_LIMIT = 100
 #: How long after its end the sweep removes a waiter's place that was never renewed or left.
@@ -86,7 +137,7 @@ def _when(seconds: float | None) -> datetime | None:
 
 
 def _record(row: tuple[Any, ...]) -> LockRecord:
-    name, owner_token, fence, host, pid, created, expires, metadata, released, hold = row
+    name, owner_token, fence, host, pid, created, expires, metadata, released, hold = row[:10]
     return LockRecord(name, owner_token or "", fence, host, pid, datetime.fromtimestamp(created, timezone.utc),
                       _when(expires), json.loads(metadata), _when(released), _when(hold))
 
@@ -101,6 +152,18 @@ def _conflict(row: tuple[Any, ...], now: float) -> AcquireResult:
 
 def _queued_behind(head: tuple[str, float], now: float) -> AcquireResult:
     return AcquireResult(False, None, retry_after=head[1] - now, queued_behind=True)
+
+
+def _full(live: list[tuple[Any, ...]], now: float) -> AcquireResult:
+    """The refusal of an attempt that finds its N holds live: every holder, and the soonest end."""
+    ends = [row[6] for row in live if row[6] is not None]
+    return AcquireResult(False, _record(live[0]), retry_after=min(ends) - now if ends else None,
+                         holders=tuple(_record(row) for row in live))
+
+
+def _ahead(places: list[tuple[str, float]], owner_token: str) -> int:
+    """How many live places come before ``owner_token``'s (all of them when it has none)."""
+    return next((index for index, place in enumerate(places) if place[0] == owner_token), len(places))
 
 
 def outdated() -> Steps[bool]:
@@ -132,11 +195,6 @@ def _head(now: float, name: str) -> Steps[tuple[str, float] | None]:
     return (row[0], row[1]) if row is not None else None
 
 
-def _head_token(now: float, name: str) -> Steps[str | None]:
-    row = yield ONE, _HEAD, (name, now)
-    return row[0] if row is not None else None
-
-
 def _enqueue(now: float, name: str, owner_token: str, span: float) -> Steps[None]:
     """Queue ``owner_token`` last, or renew its place; places that ended are dropped first."""
     yield COUNT, "DELETE FROM singleton_waiters WHERE name = ? AND ends <= ?", (name, now)
@@ -146,13 +204,29 @@ def _enqueue(now: float, name: str, owner_token: str, span: float) -> Steps[None
         (name, owner_token, name, now + span)
 
 
-def leave_queue(now: float, name: str, owner_token: str) -> Steps[str | None]:
-    """Give up a place; the new head when the leaver was the head of a free name (it should try now)."""
-    head = yield from _head(now, name)
+def _room(now: float, name: str) -> Steps[int]:
+    """How many of ``name``'s first places may take a hold now (0 when its holds are all live)."""
+    room: int = (yield ONE, _ROOM, (name, name, now, name, now))[0]
+    return max(room, 0)
+
+
+def _heads(now: float, name: str, count: int) -> Steps[tuple[str | None, ...]]:
+    """Whom a release wakes: the first ``count`` places, or (None,) for the longest waiter when nobody queues."""
+    rows = yield ALL, f"{_PLACES} LIMIT ?", (name, now, count)
+    return tuple(row[0] for row in rows) or (None,)
+
+
+def leave_queue(now: float, name: str, owner_token: str) -> Steps[tuple[str] | None]:
+    """Give up a place; the place that moves up into the free holds' reach, if any (it should try now)."""
+    places = yield ALL, _PLACES, (name, now)
     yield COUNT, _DEQUEUE, (name, owner_token)
-    if head is None or head[0] != owner_token or _live((yield ONE, _ROW, (name,)), now):
+    index = _ahead(places, owner_token)
+    if index == len(places):
         return None
-    return (yield from _head_token(now, name))
+    room = yield from _room(now, name)
+    if index >= room or room >= len(places):
+        return None
+    return (places[room][0],)
 
 
 # -- the primitives -----------------------------------------------------------------------------------
@@ -179,13 +253,36 @@ def peek(now: float, name: str, owner_token: str, queue_for: float | None) -> St
     return None
 
 
+def peek_among(now: float, name: str, owner_token: str, queue_for: float | None,
+               limit: int) -> Steps[AcquireResult | None]:
+    """``peek`` for an attempt with ``limit``: the refusal it would meet, read without the write lock."""
+    if queue_for is not None:
+        place = yield ONE, "SELECT ends FROM singleton_waiters WHERE name = ? AND owner_token = ?", (name, owner_token)
+        if place is None or place[0] - now < queue_for / 2:
+            return None
+    live = yield ALL, _LIVE_HOLDS, (name, now, name, now)
+    if any(row[1] == owner_token for row in live):
+        return None  # the write answers with the caller's own hold
+    free = limit - len(live)
+    if free <= 0:
+        return _full(live, now)
+    if queue_for is not None:
+        places = yield ALL, _PLACES, (name, now)
+        if _ahead(places, owner_token) >= free:
+            return _queued_behind(places[0], now)
+    return None
+
+
 def acquire(now: float, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
             queue_for: float | None = None) -> Steps[AcquireResult]:
-    row = yield ONE, _ROW, (name,)
+    row = yield ONE, _ROW_AND_OTHERS, (now, name)
     if _live(row, now):
         if queue_for is not None:
             yield from _enqueue(now, name, owner.owner_token, queue_for)
         return _conflict(row, now)
+    others = row[10] if row is not None else (yield ONE, _OTHERS, (now, name))[0]
+    if others == -1:  # a hold taken with a limit is live: this attempt is one of N = 1 among them
+        return (yield from acquire_among(now, name, owner, ttl, min_hold, queue_for, 1))
     if queue_for is not None:
         head = yield from _head(now, name)
         if head is not None and head[0] != owner.owner_token:
@@ -195,60 +292,143 @@ def acquire(now: float, name: str, owner: Owner, ttl: float | None, min_hold: fl
     # An unreleased lease that ran out is a takeover; a name released (or whose hold ended) is simply free.
     expired = _record(row) if row is not None and row[1] is not None else None
     # Tokens rise across purges: a name with no row starts at the clock in ms, above any token it had.
-    fence = max((row[2] if row is not None else 0) + 1, int(now * 1000))
-    hold_until = now + min_hold if min_hold else None
-    lease_end = now + ttl if ttl else None
-    expires = None if lease_end is None else max(lease_end, hold_until or lease_end)
-    values = (name, owner.owner_token, fence, owner.host, owner.pid, now, expires, json.dumps(dict(owner.metadata)),
-              None, hold_until)
+    fence = max((row[2] if row is not None else 0) + 1, (others or 0) + 1, int(now * 1000))
+    if others is not None:  # dead holds taken with a limit: the new token is above theirs
+        yield COUNT, "DELETE FROM singleton_holds WHERE name = ?", (name,)
+    values = _values(now, name, owner, ttl, min_hold, fence)
     yield COUNT, f"INSERT OR REPLACE INTO singleton_locks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values
     return AcquireResult(True, _record(values), expired=expired)
 
 
-def release(now: float, name: str, owner_token: str) -> Steps[tuple[bool, str | None]]:
-    """(was it a clean release, whom it wakes): None when the name is not free yet (a minimum hold,
-    or nothing released), else the queue's head, or '' when nobody is queued."""
+def _values(now: float, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
+            fence: int) -> tuple[Any, ...]:
+    """A new hold's row: its lease, minimum hold and owner."""
+    hold_until = now + min_hold if min_hold else None
+    lease_end = now + ttl if ttl else None
+    expires = None if lease_end is None else max(lease_end, hold_until or lease_end)
+    return (name, owner.owner_token, fence, owner.host, owner.pid, now, expires, json.dumps(dict(owner.metadata)),
+            None, hold_until)
+
+
+def acquire_among(now: float, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
+                  queue_for: float | None, limit: int) -> Steps[AcquireResult]:
+    """An attempt that succeeds while fewer than ``limit`` holds of the name are live, whatever N each took.
+
+    A new hold is a row of ``singleton_holds``; with ``limit`` 1 (an attempt without a limit that
+    found such a hold live) it never takes one, but gets its own hold back or the refusal.
+    """
+    rows = yield ALL, _ALL_HOLDS, (name, name)
+    live = [row for row in rows if _live(row, now)]
+    mine = next((row for row in live if row[1] == owner.owner_token), None)
+    if mine is not None:
+        return AcquireResult(True, _record(mine))
+    free = limit - len(live)
+    if free <= 0:
+        if queue_for is not None:
+            yield from _enqueue(now, name, owner.owner_token, queue_for)
+        return _full(live, now)
+    if queue_for is not None:
+        places = yield ALL, _PLACES, (name, now)
+        if _ahead(places, owner.owner_token) >= free:
+            yield from _enqueue(now, name, owner.owner_token, queue_for)
+            return _queued_behind(places[0], now)
+        yield COUNT, _DEQUEUE, (name, owner.owner_token)
+    fence = max(max((row[2] for row in rows), default=0) + 1, int(now * 1000))
+    values = _values(now, name, owner, ttl, min_hold, fence)
+    dead = [row for row in rows if row[10] is not None and not _live(row, now)]
+    if dead:  # the new hold takes a dead one's row, and the others go: its token is above theirs
+        if len(dead) > 1:
+            yield COUNT, f"DELETE FROM singleton_holds WHERE name = ? AND NOT ({_LIVE}) AND fencing_token != ?", \
+                (name, now, dead[0][2])
+        yield COUNT, (f"UPDATE singleton_holds SET ({_COLUMNS}, hold_limit) = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                      "WHERE name = ? AND fencing_token = ?"), (*values, limit, name, dead[0][2])
+    else:
+        yield COUNT, f"INSERT INTO singleton_holds ({_COLUMNS}, hold_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", \
+            (*values, limit)
+    expired = next((_record(row) for row in dead if row[1] is not None), None)
+    return AcquireResult(True, _record(values), expired=expired)
+
+
+#: Whom a release wakes: None for nobody (the hold is not free yet), else each place to wake,
+#: or (None,) for the longest waiter when nobody is queued.
+Wake = tuple[str | None, ...] | None
+
+
+def release(now: float, name: str, owner_token: str) -> Steps[tuple[bool, Wake]]:
+    """(was it a clean release, whom it wakes)."""
     row = yield ONE, "SELECT expires_at, hold_until FROM singleton_locks WHERE name = ? AND owner_token = ?", \
         (name, owner_token)
     if row is None:
-        return False, None
+        return (yield from _release_hold(now, name, owner_token))
     expires, hold_until = row
     if expires is not None and expires <= now:  # a lease that ran out untaken: cleared, but it was not held
         yield COUNT, "UPDATE singleton_locks SET owner_token = NULL WHERE name = ?", (name,)
-        return False, None
+        return (yield from _release_hold(now, name, owner_token))  # the token may have taken a hold since
     free_at = hold_until if hold_until is not None and hold_until > now else now
     yield COUNT, _FREE_UP, (now, free_at, name)
     if free_at > now:  # released into its minimum hold: nobody may take it yet
         return True, None
     head = yield ONE, _HEAD, (name, now)
-    return True, head[0] if head is not None else ""
+    return True, (head[0] if head is not None else None,)
+
+
+def _release_hold(now: float, name: str, owner_token: str) -> Steps[tuple[bool, Wake]]:
+    """``release`` of a hold taken with a limit: the same rules on its row; it wakes as many
+    places as the name has room for after it."""
+    row = yield ONE, ("SELECT fencing_token, expires_at, hold_until FROM singleton_holds "
+                      "WHERE name = ? AND owner_token = ? ORDER BY fencing_token DESC LIMIT 1"), (name, owner_token)
+    if row is None:
+        return False, None
+    fence, expires, hold_until = row
+    if expires is not None and expires <= now:
+        yield COUNT, "UPDATE singleton_holds SET owner_token = NULL WHERE name = ? AND fencing_token = ?", (name, fence)
+        return False, None
+    free_at = hold_until if hold_until is not None and hold_until > now else now
+    yield COUNT, ("UPDATE singleton_holds SET owner_token = NULL, released_at = ?, expires_at = ? "
+                  "WHERE name = ? AND fencing_token = ?"), (now, free_at, name, fence)
+    if free_at > now:
+        return True, None
+    places = yield ALL, _WAKE_PLACES, (name, now, name, name, now, name, now)
+    return True, tuple(place[0] for place in places) or (None,)
 
 
 def renew(now: float, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
-    row = yield ONE, ("UPDATE singleton_locks SET expires_at = "
-                      "CASE WHEN ? IS NULL THEN NULL ELSE max(?, coalesce(hold_until, 0)) END "
-                      f"WHERE name = ? AND owner_token = ? AND {_LIVE} RETURNING {_COLUMNS}"), \
-        (ttl or None, now + ttl if ttl else 0, name, owner_token, now)
+    params = (ttl or None, now + ttl if ttl else 0, name, owner_token, now)
+    row = yield ONE, _RENEW.format(table="singleton_locks"), params
+    if row is None:  # not the name's hold without a limit: perhaps one taken with a limit
+        row = yield ONE, _RENEW.format(table="singleton_holds"), params
     return _record(row) if row else None
 
 
 def get(now: float, name: str) -> Steps[LockRecord | None]:
-    row = yield ONE, _LIVE_ROW, (name, now)
+    """The live hold with the lowest fencing token (one statement: one snapshot)."""
+    row = yield ONE, f"{_LIVE_HOLDS} LIMIT 1", (name, now, name, now)
     return _record(row) if row else None
 
 
-def list_live(now: float, prefix: str) -> Steps[list[LockRecord]]:
-    rows = yield ALL, f"SELECT {_COLUMNS} FROM singleton_locks WHERE substr(name, 1, ?) = ? AND {_LIVE} ORDER BY name", \
-        (len(prefix), prefix, now)
+def holders(now: float, name: str) -> Steps[list[LockRecord]]:
+    rows = yield ALL, _LIVE_HOLDS, (name, now, name, now)
     return [_record(row) for row in rows]
 
 
-def force_release(now: float, name: str) -> Steps[LockRecord | None]:
-    row = yield ONE, _LIVE_ROW, (name, now)
-    if row is None:
-        return None
-    yield COUNT, _FREE_UP, (now, now, name)
-    return _record(row)
+def list_live(now: float, prefix: str) -> Steps[list[LockRecord]]:
+    rows = yield ALL, (f"SELECT {_COLUMNS} FROM singleton_locks WHERE substr(name, 1, ?) = ? AND {_LIVE} UNION ALL "
+                       f"SELECT {_COLUMNS} FROM singleton_holds WHERE substr(name, 1, ?) = ? AND {_LIVE} "
+                       "ORDER BY name, fencing_token"), (len(prefix), prefix, now, len(prefix), prefix, now)
+    return [_record(row) for row in rows]
+
+
+def force_release(now: float, name: str) -> Steps[tuple[LockRecord | None, int]]:
+    """Free every live hold of ``name``: (the one with the lowest fencing token, how many)."""
+    live = yield ALL, _LIVE_HOLDS, (name, now, name, now)
+    if not live:
+        return None, 0
+    if any(row[10] is None for row in live):  # the hold taken without a limit
+        yield COUNT, _FREE_UP, (now, now, name)
+    if any(row[10] is not None for row in live):
+        yield COUNT, f"UPDATE singleton_holds SET owner_token = NULL, released_at = ?, expires_at = ? " \
+                     f"WHERE name = ? AND {_LIVE}", (now, now, name, now)
+    return _record(live[0]), len(live)
 
 
 def sweep(now: float, purge_after: float) -> Steps[int]:
@@ -262,20 +442,45 @@ def sweep(now: float, purge_after: float) -> Steps[int]:
     removed: int = yield COUNT, ("DELETE FROM singleton_locks WHERE rowid IN "
                                  "(SELECT rowid FROM singleton_locks WHERE expires_at < ? LIMIT ?)"), \
         (now - purge_after, SWEEP_LIMIT)
-    return removed
+    holds: int = yield COUNT, ("DELETE FROM singleton_holds WHERE rowid IN "
+                               "(SELECT rowid FROM singleton_holds WHERE expires_at < ? LIMIT ?)"), \
+        (now - purge_after, SWEEP_LIMIT)
+    return removed + holds
 
 
-def free(now: float, names: Iterable[str]) -> Steps[list[tuple[str, str | None]]]:
-    """The names among ``names`` nobody holds now (no row, released, or expired), each with its queue's head."""
+def free(now: float, names: Iterable[str], seen: dict[str, frozenset[int]]) -> Steps[list[tuple[str, str | None]]]:
+    """Whom to wake among the waiters of ``names``: (name, place to wake, or None for the longest waiter).
+
+    A name nobody holds (no row, released, or expired) wakes its queue's head, as
+    always. A name with holds taken with a limit also wakes its first places while it
+    has room for them, but only when a hold seen live at the last look (``seen``, the
+    caller's, updated here) is gone: a waiter refused by its own smaller N, whose
+    refusal writes its queue place, must not wake itself again and again.
+    """
     wanted = sorted(names)
-    held: set[str] = set()
+    live: dict[str, set[int]] = {}
+    limits: dict[str, int] = {}
     for start in range(0, len(wanted), _CHUNK):
         chunk = wanted[start:start + _CHUNK]
         marks = ", ".join("?" * len(chunk))
-        rows = yield ALL, f"SELECT name FROM singleton_locks WHERE name IN ({marks}) AND {_LIVE}", (*chunk, now)
-        held.update(row[0] for row in rows)
-    found = []
+        rows = yield ALL, f"SELECT name, fencing_token FROM singleton_locks WHERE name IN ({marks}) AND {_LIVE}", \
+            (*chunk, now)
+        for name, fence in rows:
+            live.setdefault(name, set()).add(fence)
+        rows = yield ALL, (f"SELECT name, fencing_token, hold_limit, {_LIVE} FROM singleton_holds "
+                           f"WHERE name IN ({marks})"), (now, *chunk)
+        for name, fence, limit, alive in rows:
+            limits[name] = max(limits.get(name, 1), limit)
+            if alive:
+                live.setdefault(name, set()).add(fence)
+    found: list[tuple[str, str | None]] = []
+    looked: dict[str, frozenset[int]] = {}
     for name in wanted:
-        if name not in held:
-            found.append((name, (yield from _head_token(now, name))))
+        tokens = looked[name] = frozenset(live.get(name, ()))
+        room = limits.get(name, 1) - len(tokens)
+        before = seen.get(name)
+        if not tokens or (room > 0 and (before is None or not before <= tokens)):
+            found.extend((name, head) for head in (yield from _heads(now, name, max(room, 1))))
+    seen.clear()
+    seen.update(looked)
     return found

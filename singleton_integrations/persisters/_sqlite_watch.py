@@ -4,9 +4,12 @@ Every commit in WAL mode writes to ``FILE-wal``; a listener thread (one per file
 and process, run by the file's ``ReleaseHub``) waits for those writes, reads
 which of the names waited for in this process are free now, and wakes their
 waiters (the queue's head, where one waits; ``free_of`` reads both, with the
-store's rules). Where inotify is missing (not Linux, or a file system without it) the
-hub has no listener and waiters keep their 50 ms poll, which also stays as the
-safety net here: a missed event costs one poll, never a lost wake-up.
+store's rules). Under ``limit=N`` a name is worth waking when a hold is gone
+since the last look and the name has room: ``free_of`` keeps what it saw in a
+dict the listener hands it each time. Where inotify is missing (not Linux, or a
+file system without it) the hub has no listener and waiters keep their 50 ms
+poll, which also stays as the safety net here: a missed event costs one poll,
+never a lost wake-up.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ _IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100
 _IN_Q_OVERFLOW = 0x00004000
 _EVENT = struct.Struct("iIII")
-#: Which of the names are free now, each with its queue's head (None for none): (connection, names).
-FreeOf: TypeAlias = Callable[[sqlite3.Connection, Iterable[str]], "list[tuple[str, str | None]]"]
+#: Whom to wake among the waiters of the names: (name, place to wake or None for the longest waiter);
+#: (connection, names, the live fencing tokens it saw of each name at the last look, which it updates).
+FreeOf: TypeAlias = Callable[[sqlite3.Connection, Iterable[str], "dict[str, frozenset[int]]"],
+                             "list[tuple[str, str | None]]"]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -60,6 +65,7 @@ def inotify_listener(path: str, free_of: FreeOf) -> Listener | None:
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         connection: sqlite3.Connection | None = None
+        seen: dict[str, frozenset[int]] = {}
         try:
             mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_CREATE | _IN_MOVED_TO
             if libc.inotify_add_watch(fd, directory, mask) < 0:
@@ -76,7 +82,7 @@ def inotify_listener(path: str, free_of: FreeOf) -> Listener | None:
                 names = hub.names()
                 if names:
                     try:
-                        free = free_of(connection, names)
+                        free = free_of(connection, names, seen)
                     except sqlite3.OperationalError:  # busy or a schema change mid-migration: wake everyone
                         hub.notify_all()
                         continue

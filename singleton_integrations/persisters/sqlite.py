@@ -133,9 +133,9 @@ def _peek_begin(queue_for: float | None) -> str | None:
     return ONE_READ if queue_for is None else READ
 
 
-def _free(db: sqlite3.Connection, names: Iterable[str]) -> list[tuple[str, str | None]]:
-    """For the inotify listener: which of ``names`` are free, with their queues' heads (one snapshot)."""
-    return _in_transaction(db, READ, rules.free, names)
+def _free(db: sqlite3.Connection, names: Iterable[str], seen: dict[str, frozenset[int]]) -> list[tuple[str, str | None]]:
+    """For the inotify listener: whom to wake among the waiters of ``names`` (one snapshot; see ``rules.free``)."""
+    return _in_transaction(db, READ, rules.free, names, seen)
 
 
 # -- the store ----------------------------------------------------------------------------------------
@@ -182,6 +182,9 @@ class Sqlite(Persister):
     clock, which is why this store is for one host only. Waiters in this process
     are woken by its releases at once, and by other processes' releases through
     inotify on Linux; ``poll_interval`` stays as the safety net.
+
+    ``limit=N``: holds taken with it live in a table of their own, so a hold taken
+    without one is stored as it always was (see ``_sqlite_steps``).
     """
 
     backend: ClassVar[str] = "sqlite"
@@ -192,6 +195,7 @@ class Sqlite(Persister):
     fair: ClassVar[bool] = True
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True  # no thread: steps run on the loop's thread, never waiting in SQLite
+    limits: ClassVar[bool] = True
     poll_interval: float = 0.05
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = 10.0,
@@ -234,6 +238,8 @@ class Sqlite(Persister):
             connection.execute("PRAGMA synchronous=NORMAL")
             _retry_busy(lambda: connection.execute(rules.SCHEMA), self.timeout)
             _retry_busy(lambda: connection.execute(rules.WAITERS), self.timeout)
+            _retry_busy(lambda: connection.execute(rules.HOLDS), self.timeout)
+            _retry_busy(lambda: connection.execute(rules.HOLDS_INDEX), self.timeout)
             if _drive(connection, rules.outdated()):
                 _retry_busy(lambda: _in_transaction(connection, WRITE, rules.migrate), self.timeout)
         except (sqlite3.Error, OSError) as error:
@@ -307,15 +313,27 @@ class Sqlite(Persister):
     # -- primitives ------------------------------------------------------------------------------
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
         # A refusal is answered by a read first: in WAL mode it never waits for (or blocks) a writer.
+        if limit > 1:
+            refused = self._run(rules.peek_among, name, owner.owner_token, queue_for, limit,
+                                begin=_peek_begin(queue_for))
+            return refused if refused is not None else \
+                self._run(rules.acquire_among, name, owner, ttl, min_hold, queue_for, limit)
         refused = self._run(rules.peek, name, owner.owner_token, queue_for, begin=_peek_begin(queue_for))
         return refused if refused is not None else self._run(rules.acquire, name, owner, ttl, min_hold, queue_for)
 
-    def _woken(self, name: str, head: str | None) -> None:
-        """Wake who should try after a release: the queue's head if it waits here, else the longest waiter."""
-        if head is not None:
-            self._shared.hub.notify(name, head or None)
+    def _woken(self, name: str, wake: rules.Wake) -> None:
+        """Wake who should try after a release: each place to wake if it waits here, else the longest waiter."""
+        if wake is not None:
+            for head in wake:
+                self._shared.hub.notify(name, head)
+
+    def _forced(self, name: str, removed: tuple[LockRecord | None, int]) -> LockRecord | None:
+        """After ``force_release``: one wake-up per hold it freed (one at least, as ever)."""
+        for _ in range(max(removed[1], 1)):
+            self._shared.hub.notify(name)
+        return removed[0]
 
     def release(self, name: str, owner_token: str) -> bool:
         released, head = self._run(rules.release, name, owner_token)
@@ -331,16 +349,22 @@ class Sqlite(Persister):
     def get(self, name: str) -> LockRecord | None:
         return self._run(rules.get, name, begin=ONE_READ)
 
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        return self._run(rules.holders, name, begin=ONE_READ)
+
     def list(self, prefix: str = "") -> list[LockRecord]:
         return self._run(rules.list_live, name_prefix(prefix), begin=ONE_READ)
 
     def force_release(self, name: str) -> LockRecord | None:
-        removed = self._run(rules.force_release, name)
-        self._shared.hub.notify(name)
-        return removed
+        return self._forced(name, self._run(rules.force_release, name))
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None,
-                       min_hold: float | None = None, *, queue_for: float | None = None) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        if limit > 1:
+            refused = await self._arun(rules.peek_among, name, owner.owner_token, queue_for, limit,
+                                       begin=_peek_begin(queue_for))
+            return refused if refused is not None else \
+                await self._arun(rules.acquire_among, name, owner, ttl, min_hold, queue_for, limit)
         refused = await self._arun(rules.peek, name, owner.owner_token, queue_for, begin=_peek_begin(queue_for))
         return refused if refused is not None else await self._arun(rules.acquire, name, owner, ttl, min_hold, queue_for)
 
@@ -358,13 +382,14 @@ class Sqlite(Persister):
     async def aget(self, name: str) -> LockRecord | None:
         return await self._arun(rules.get, name, begin=ONE_READ)
 
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        return await self._arun(rules.holders, name, begin=ONE_READ)
+
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:
         return await self._arun(rules.list_live, name_prefix(prefix), begin=ONE_READ)
 
     async def aforce_release(self, name: str) -> LockRecord | None:
-        removed = await self._arun(rules.force_release, name)
-        self._shared.hub.notify(name)
-        return removed
+        return self._forced(name, await self._arun(rules.force_release, name))
 
     def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
         """Woken at once by releases in this process, and by other processes' through inotify (Linux)."""
