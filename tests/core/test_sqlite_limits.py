@@ -17,10 +17,21 @@ import pytest
 
 from singleton_integrations import persisters
 from singleton_integrations._record import Owner
+from singleton_integrations.persisters import sqlite as sqlite_module
 
 
 def _store(tmp_path: Path, **options: object) -> persisters.Sqlite:
     return persisters.Sqlite(tmp_path / "locks.sqlite3", **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def unheard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> persisters.Sqlite:
+    """A store on a fresh file whose waiters hear only this process's own calls: no inotify
+    listener, whose subscription wakes every waiter at a moment of its own choosing."""
+    monkeypatch.setattr(sqlite_module, "inotify_listener", lambda _path, _free_of: None)
+    store = _store(tmp_path)
+    assert store._shared.hub._listen is None
+    return store
 
 
 def _table(path: Path, table: str) -> list[tuple]:
@@ -55,12 +66,16 @@ def test_n_holds_are_granted_then_refused_naming_every_holder(tmp_path: Path) ->
     owners = [Owner(metadata={"n": i}) for i in range(3)]
     taken = [store.acquire("exports", owner, 30 + i, limit=3) for i, owner in enumerate(owners)]
     assert all(result.acquired and result.record is not None for result in taken)
+    before = time.time()
     refused = store.acquire("exports", Owner(), 30, limit=3)
+    after = time.time()
     assert not refused.acquired and not refused.queued_behind
     assert [h.owner_token for h in refused.holders] == [o.owner_token for o in owners], "every holder, by token"
     assert [h.metadata for h in refused.holders] == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert refused.record == refused.holders[0]
-    assert refused.retry_after is not None and 28 < refused.retry_after <= 30, "the soonest end among the holds"
+    soonest = min(h.expires_at.timestamp() for h in refused.holders)  # type: ignore[union-attr]
+    assert refused.retry_after is not None
+    assert soonest - after - 0.001 <= refused.retry_after <= soonest - before + 0.001, "the soonest end of a hold"
     assert all(h.name == "exports" for h in refused.holders)
 
 
@@ -162,18 +177,20 @@ def test_release_and_renew_act_on_their_own_hold_only(tmp_path: Path) -> None:
 def test_each_hold_keeps_its_own_minimum_hold(tmp_path: Path) -> None:
     store = _store(tmp_path)
     held, brief = Owner(), Owner()
-    assert store.acquire("min", held, 30, 1.0, limit=2).acquired
+    taken = store.acquire("min", held, 30, 1.0, limit=2)
+    assert taken.acquired and taken.record is not None and taken.record.hold_until is not None
+    until = taken.record.hold_until.timestamp()
     assert store.acquire("min", brief, 30, limit=2).acquired
     assert store.release("min", held.owner_token), "a release inside the minimum hold is a clean release"
     assert store.release("min", brief.owner_token)
     live = store.holders("min")
-    assert len(live) == 1 and live[0].released and live[0].owner_token == ""
-    assert live[0].hold_until is not None
-    refused = store.acquire("min", Owner(), 30, limit=1)
-    if time.time() < live[0].hold_until.timestamp():  # a very slow run could outlast the hold
-        assert not refused.acquired, "the released hold still counts for N = 1"
+    alone = store.acquire("min", Owner(), 30, limit=1)
+    if time.time() < until:  # a very slow run could outlast the hold
+        assert len(live) == 1 and live[0].released and live[0].owner_token == ""
+        assert live[0].fencing_token == taken.record.fencing_token
+        assert not alone.acquired, "the released hold still counts for N = 1"
         assert store.acquire("min", Owner(), 30, limit=2).acquired, "and leaves one of two free"
-    _until(live[0].hold_until.timestamp())
+    _until(until)
     assert store.renew("min", held.owner_token, 30) is None
     assert all(not record.released for record in store.holders("min")), "the minimum hold ended"
 
@@ -187,24 +204,22 @@ def test_renew_never_shortens_a_minimum_hold(tmp_path: Path) -> None:
 
 def test_one_expired_hold_is_taken_over_and_the_others_are_untouched(tmp_path: Path) -> None:
     store = _store(tmp_path)
+    kept = [store.acquire("lapse", Owner(), 30, limit=3).record for _ in range(2)]
     brief = Owner()
-    assert store.acquire("lapse", brief, 0.3, limit=3).acquired
-    kept = _take(store, "lapse", 2)
-    before = {record.owner_token: record for record in store.holders("lapse")}
-    short = before[brief.owner_token]
-    assert short.expires_at is not None
+    short = store.acquire("lapse", brief, 0.3, limit=3).record
+    assert short is not None and short.expires_at is not None
     _until(short.expires_at.timestamp())
-    assert len(store.holders("lapse")) == 2, "the lapsed hold is gone, by the store's clock"
+    assert store.holders("lapse") == kept, "the lapsed hold is gone, by the store's clock, and only it"
     assert store.renew("lapse", brief.owner_token, 30) is None, "a lapsed hold cannot be renewed"
     taken = store.acquire("lapse", Owner(), 30, limit=3)
     assert taken.acquired and taken.expired is not None and taken.expired.owner_token == brief.owner_token
+    assert taken.record is not None and taken.record.fencing_token > short.fencing_token
     assert not store.release("lapse", brief.owner_token), "nor released"
-    after = {record.owner_token: record for record in store.holders("lapse")}
-    assert all(after[owner.owner_token] == before[owner.owner_token] for owner in kept)
+    assert store.holders("lapse") == [*kept, taken.record]
 
 
-def test_list_holders_get_and_force_release(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_list_holders_get_and_force_release(unheard: persisters.Sqlite) -> None:
+    store = unheard
     _take(store, "job-b", 3)
     single = Owner()
     assert store.acquire("job-a", single, 30).acquired
@@ -270,8 +285,8 @@ def test_an_attempt_without_a_limit_waits_in_the_same_queue(tmp_path: Path) -> N
     assert store.acquire("shared-queue", later, 30, queue_for=10, limit=2).acquired
 
 
-def test_any_release_wakes_the_places_the_name_has_room_for(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_any_release_wakes_the_places_the_name_has_room_for(unheard: persisters.Sqlite) -> None:
+    store = unheard
     owners = _take(store, "wake", 3)
     first, second = Owner(), Owner()
     for owner in (first, second):
@@ -287,8 +302,8 @@ def test_any_release_wakes_the_places_the_name_has_room_for(tmp_path: Path) -> N
         second_watch.close()
 
 
-def test_leaving_the_queue_wakes_the_place_that_moves_into_reach(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_leaving_the_queue_wakes_the_place_that_moves_into_reach(unheard: persisters.Sqlite) -> None:
+    store = unheard
     owners = _take(store, "leave", 2, limit=2)
     places = [Owner() for _ in range(3)]
     for owner in places:
