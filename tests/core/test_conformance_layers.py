@@ -105,3 +105,68 @@ class TestEverything(Memory, PersisterConformance):
         "*TestClaimed composes a mixin that claims multiprocess, but memory lives inside one process*",
     ])
     result.stdout.fnmatch_lines(["SKIPPED*memory lives inside one process*"])
+
+
+def test_limits_is_a_claim_too(pytester: pytest.Pytester) -> None:
+    """A store that keeps one hold of a name fails a class that composes Limits; the all-in-one skips the rules."""
+    pytester.makepyfile(test_limits_claim="""
+import pytest
+from singleton_integrations import persisters
+from singleton_integrations.testing.conformance import CountingPersister, Limits, PersisterConformance
+
+class OneHoldOnly:
+    @pytest.fixture
+    def store_url(self):
+        return "memory://"
+
+    @pytest.fixture
+    def persister(self):
+        return CountingPersister(persisters.Memory(), limits=False)
+
+class TestClaimed(OneHoldOnly, Limits):
+    pass
+
+class TestEverything(OneHoldOnly, PersisterConformance):
+    pass
+""")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-k", "test_mixed_limits_count_every_live_hold",
+                                          "-rfEs")
+    result.assert_outcomes(skipped=2, errors=2)  # each once per face
+    result.stdout.fnmatch_lines([
+        "*TestClaimed composes a mixin that claims limits, but memory keeps one hold of a name at a time*"])
+    result.stdout.fnmatch_lines(["SKIPPED*memory keeps one hold of a name at a time (limits is False)*"])
+
+
+def test_the_limit_combinations_claim_both_halves() -> None:
+    assert conformance.Limits.needs == ("limits",)
+    assert set(conformance.LimitsAcrossProcesses.needs) == {"limits", "multiprocess"}
+    assert set(conformance.LimitsWithMinimumHold.needs) == {"limits", "supports_min_hold"}
+    assert set(conformance.LimitsWithFairQueue.needs) == {"limits", "fair"}
+
+
+def test_the_hold_log_checker_counts_honestly() -> None:
+    """Released holds count by the log's order; killed and lost ones by the store's clock until their lease end."""
+    from singleton_integrations.testing.conformance._limits import _most_at_once
+
+    def start(token: int, created: float, expires: float) -> dict[str, object]:
+        return {"event": "start", "token": token, "created": created, "expires": expires}
+
+    def end(token: int, released: bool = True) -> list[dict[str, object]]:
+        return [{"event": "end", "token": token, "expires": 99.0},
+                {"event": "released", "token": token, "released": released}]
+
+    handed_on = [start(1, 0, 2), *end(1), start(2, 1, 3), *end(2)]
+    assert _most_at_once(handed_on) == 1
+    overlapping = [start(1, 0, 2), start(2, 1, 3), *end(1), *end(2)]
+    assert _most_at_once(overlapping) == 2
+    # A killed holder (no end) counts until its lease ends by the store's clock, not after.
+    killed = [start(1, 0, 2), start(2, 1.5, 3.5), *end(2), start(3, 2.0, 4.0), *end(3)]
+    assert _most_at_once(killed) == 2
+    killed_taken_early = [start(1, 0, 2), start(2, 1.5, 3.5), start(3, 1.9, 3.9)]
+    assert _most_at_once(killed_taken_early) == 3
+    # A stopped holder's hold is lost at its lease end, whenever it wakes to note it.
+    stopped = [start(1, 0, 2), start(2, 2.5, 4.5), {"event": "lost", "token": 1}, *end(2)]
+    assert _most_at_once(stopped) == 1
+    # A release refused after the end line: the hold ended with its renewed lease (99 here), not at the line.
+    refused = [start(1, 0, 2), *end(1, released=False), start(2, 50, 52)]
+    assert _most_at_once(refused) == 2

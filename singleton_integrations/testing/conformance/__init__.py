@@ -29,14 +29,18 @@ mixin                              asks of the store
 ``Notifications``                  ``notifies``: ``watch`` is woken by a release
 ``MinimumHold``                    ``supports_min_hold``
 ``FairQueue``                      ``fair``: ``queue_for=``, ``leave_queue``, ``watch(name, owner_token)``
+``Limits``                         ``limits``: ``acquire(limit=N)`` keeps up to N holds; ``holders``
 ``Retention``                      ``purge_after_seconds``, and a ``stored_state`` fixture
 ``MinimumHoldAcrossProcesses``     ``supports_min_hold`` and ``multiprocess``
 ``MinimumHoldByStoreClock``        ``supports_min_hold`` and ``distributed``
 ``NotificationsAcrossProcesses``   ``notifies`` and ``multiprocess``
 ``FairQueueAcrossProcesses``       ``fair`` and ``multiprocess``
+``LimitsWithMinimumHold``          ``limits`` and ``supports_min_hold``
+``LimitsWithFairQueue``            ``limits`` and ``fair``
+``LimitsAcrossProcesses``          ``limits`` and ``multiprocess``
 =================================  ==========================================================
 
-The last four hold the rules that need two claims at once: compose each beside
+The last seven hold the rules that need two claims at once: compose each beside
 both of its halves.
 
 ``PersisterConformance`` composes every mixin for a store that should keep every
@@ -68,6 +72,7 @@ from ._helpers import (
     with_query,
 )
 from ._kit import ConformanceKit
+from ._limits import Limits, LimitsAcrossProcesses, LimitsWithFairQueue, LimitsWithMinimumHold
 from ._min_hold import MinimumHold, MinimumHoldAcrossProcesses, MinimumHoldByStoreClock
 from ._notifications import Notifications, NotificationsAcrossProcesses
 from ._processes import Processes
@@ -87,6 +92,10 @@ __all__ = [
     "EventLoopThread",
     "FairQueue",
     "FairQueueAcrossProcesses",
+    "Limits",
+    "LimitsAcrossProcesses",
+    "LimitsWithFairQueue",
+    "LimitsWithMinimumHold",
     "MinimumHold",
     "MinimumHoldAcrossProcesses",
     "MinimumHoldByStoreClock",
@@ -106,6 +115,10 @@ __all__ = [
 
 
 class PersisterConformance(  # pytest runs the last base's rules first: listed last to first, core rules first
+    LimitsAcrossProcesses,
+    LimitsWithFairQueue,
+    LimitsWithMinimumHold,
+    Limits,
     Retention,
     FairQueueAcrossProcesses,
     FairQueue,

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
-from ... import AsyncSingleton, Singleton
+from ... import AsyncLease, AsyncSingleton, Singleton
 from ..._record import AcquireResult, LockRecord, Owner
 from ...persisters import Persister
 
@@ -73,10 +73,12 @@ def with_query(url: str, **options: object) -> str:
     return f"{base}?{urlencode(merged)}"
 
 
-def spawn_role(role: str, args: dict[str, Any], prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start a child process playing ``role`` from ``singleton_integrations.testing._child``."""
+def spawn_role(role: str, args: dict[str, Any], prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
+               program: tuple[str, ...] = ("-m", "singleton_integrations.testing._child")) -> subprocess.Popen[str]:
+    """Start a child process playing ``role``; ``program``, the interpreter's arguments that name the roles'
+    module, is ``singleton_integrations.testing._child`` unless told."""
     return subprocess.Popen(
-        [*prefix, sys.executable, "-m", "singleton_integrations.testing._child", role, json.dumps(args)],
+        [*prefix, sys.executable, *program, role, json.dumps(args)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -183,10 +185,11 @@ class AsyncDriven:
     """A sync face over an ``AsyncSingleton``: every coroutine method runs on an ``EventLoopThread``.
 
     It lets one case body check both APIs: ``lock()`` here awaits
-    ``AsyncSingleton.lock()`` on the loop, ``with`` enters ``async with``.
+    ``AsyncSingleton.lock()`` on the loop, ``with`` enters ``async with``; over an
+    ``AsyncLease``, ``take()`` awaits ``AsyncLease.take()``.
     """
 
-    def __init__(self, inner: AsyncSingleton, runner: EventLoopThread) -> None:
+    def __init__(self, inner: AsyncSingleton | AsyncLease, runner: EventLoopThread) -> None:
         self.inner = inner
         self.runner = runner
 
@@ -197,11 +200,13 @@ class AsyncDriven:
         return value
 
     def __enter__(self) -> Self:
+        assert isinstance(self.inner, AsyncSingleton), "a lease has no with block"
         self.runner.run(self.inner.__aenter__())
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        assert isinstance(self.inner, AsyncSingleton)
         self.runner.run(self.inner.__aexit__(exc_type, exc, traceback))
 
     def __repr__(self) -> str:
@@ -212,12 +217,13 @@ class CountingPersister(Persister):
     """Wraps a persister and counts the acquire attempts the core makes (sync and async).
 
     Everything else passes through, so the lock behaves as on the wrapped store.
-    ``supports_min_hold`` can be overridden to play a persister without the minimum hold.
+    ``supports_min_hold`` and ``limits`` can be overridden to play a persister without
+    the minimum hold or without several holds of a name.
     """
 
     backend = "counting"
 
-    def __init__(self, inner: Persister, supports_min_hold: bool | None = None) -> None:
+    def __init__(self, inner: Persister, supports_min_hold: bool | None = None, limits: bool | None = None) -> None:
         self.inner = inner
         self.acquires = 0
         self._count_guard = threading.Lock()
@@ -226,6 +232,7 @@ class CountingPersister(Persister):
             if hasattr(inner, attribute):
                 setattr(self, attribute, getattr(inner, attribute))
         self.supports_min_hold = inner.supports_min_hold if supports_min_hold is None else supports_min_hold  # type: ignore[misc]
+        self.limits = inner.limits if limits is None else limits  # type: ignore[misc]
 
     @property
     def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, asked of the inner store here
@@ -241,21 +248,31 @@ class CountingPersister(Persister):
             raise AttributeError(attribute)
         return getattr(self.inner, attribute)
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None,
-                **queue: Any) -> AcquireResult:
+    @staticmethod
+    def _keywords(queue_for: float | None, limit: int) -> dict[str, Any]:
+        """Only the keywords the core gave: a third-party store may take neither ``queue_for`` nor ``limit``."""
+        keywords: dict[str, Any] = {} if queue_for is None else {"queue_for": queue_for}
+        if limit != 1:
+            keywords["limit"] = limit
+        return keywords
+
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        keywords = self._keywords(queue_for, limit)
         try:  # counted once the store has answered: a counted waiter is known to the store
-            if min_hold is None and not queue:
+            if min_hold is None and not keywords:
                 return self.inner.acquire(name, owner, ttl)
-            return self.inner.acquire(name, owner, ttl, min_hold, **queue)
+            return self.inner.acquire(name, owner, ttl, min_hold, **keywords)
         finally:
             self._count()
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None,
-                       **queue: Any) -> AcquireResult:
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        keywords = self._keywords(queue_for, limit)
         try:
-            if min_hold is None and not queue:
+            if min_hold is None and not keywords:
                 return await self.inner.aacquire(name, owner, ttl)
-            return await self.inner.aacquire(name, owner, ttl, min_hold, **queue)
+            return await self.inner.aacquire(name, owner, ttl, min_hold, **keywords)
         finally:
             self._count()
 
@@ -282,6 +299,18 @@ class CountingPersister(Persister):
 
     async def aget(self, name: str) -> LockRecord | None:
         return await self.inner.aget(name)
+
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        records = self.inner.holders(name)
+        if type(self).get is not CountingPersister.get:
+            self.get(name)  # a subclass that watches the holder's reads through ``get`` sees this one too
+        return records
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        records = await self.inner.aholders(name)
+        if type(self).aget is not CountingPersister.aget:
+            await self.aget(name)
+        return records
 
     def list(self, prefix: str = "") -> list[LockRecord]:
         return self.inner.list(prefix)

@@ -25,6 +25,7 @@ _LACKING = {
     "supports_min_hold": "{backend} does not declare supports_min_hold",
     "fair": "{backend} does not queue waiters: a free name goes to whoever asks first",
     "notifies": "{backend} cannot notify; waiting polls every {poll_interval} s",
+    "limits": "{backend} keeps one hold of a name at a time (limits is False)",
 }
 
 
