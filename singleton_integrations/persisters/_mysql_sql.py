@@ -13,6 +13,11 @@ Row states (one row per name, kept after release so the fencing counter survives
   ``expires_at = hold_until`` still ahead. Nobody may take it yet.
 * free: ``owner_token`` NULL and no hold ahead; ``released_at`` says since when.
 
+A name's row is also its one fencing counter. Holds taken with ``limit=N`` (N > 1) live
+in ``<table>_holds``, one row per slot of the name (kept after release, like the name's
+row), with the same columns and states; every write that makes a slot live holds the
+name's row lock first, so the name's row serializes every attempt on the name.
+
 ``name`` is ``VARBINARY``: the UTF-8 bytes of the name. Binary strings compare
 byte for byte with no trailing-space padding (``utf8mb4_bin`` is PAD SPACE on
 MySQL 8, so 'a' and 'a ' would be one key there), and sort by byte, which for
@@ -24,25 +29,36 @@ broken with PyMySQL 1.2).
 from __future__ import annotations
 
 __all__ = [
+    "ACQUIRE_SOME",
+    "ACQUIRE_SOME_QUEUED",
+    "CREATE_HOLDS",
     "CREATE_TABLE",
     "CREATE_WAITERS",
     "DELETE_ENDED_PLACES",
     "DELETE_IDLE",
+    "DELETE_IDLE_HOLDS",
     "DROP_PLACE",
     "FORCE_FREE",
+    "FORCE_FREE_HOLDS",
     "HEAD",
+    "HOLDERS",
     "INSERT",
     "LIST",
+    "LOCK_ALL_LIVE",
     "LOCK_LIVE",
     "LOCK_NAME",
+    "LOCK_NAME_AND_HOLDS",
     "LOCK_OWNED",
     "NOW",
     "PLACE",
+    "PROBE_HOLDS",
     "PROBE_TABLE",
     "PROBE_WAITERS",
     "READ",
+    "RELEASE_HOLD",
     "RELEASE_OWNED",
     "RENEW",
+    "RENEW_HOLD",
     "TAKE",
     "TAKE_FREE",
     "session_setup",
@@ -79,18 +95,53 @@ CREATE TABLE IF NOT EXISTS {waiters} (
     KEY name_place (name, place)
 ) ENGINE=InnoDB
 """
+#: The extra holds of names taken with ``limit=N`` (N > 1): slot 1, 2, ... of a name, each
+#: row a hold with the name's row's columns and states. A slot is reused once its hold is
+#: over, so a name has at most as many rows as it ever had holds at once.
+CREATE_HOLDS = """
+CREATE TABLE IF NOT EXISTS {holds} (
+    name VARBINARY(1020) NOT NULL,
+    slot INT NOT NULL,
+    owner_token VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL,
+    fencing_token BIGINT NOT NULL,
+    host VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    pid BIGINT NOT NULL,
+    created_at DATETIME(6) NOT NULL,
+    expires_at DATETIME(6) NULL,
+    metadata TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    hold_until DATETIME(6) NULL,
+    released_at DATETIME(6) NULL,
+    PRIMARY KEY (name, slot)
+) ENGINE=InnoDB
+"""
 #: Whether the table is there and readable, when CREATE was refused.
 PROBE_TABLE = "SELECT 1 FROM {table} LIMIT 0"
 PROBE_WAITERS = "SELECT 1 FROM {waiters} LIMIT 0"
+PROBE_HOLDS = "SELECT 1 FROM {holds} LIMIT 0"
 
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
 _NOW = "UTC_TIMESTAMP(6)"
-#: Held: an owner and a lease not over by the server's clock.
-_HELD = f"(owner_token IS NOT NULL AND (expires_at IS NULL OR expires_at > {_NOW}))"
-#: Live: held, or released but still inside its minimum hold, so nobody else may take it.
-_LIVE = f"({_HELD} OR (owner_token IS NULL AND hold_until IS NOT NULL AND hold_until > {_NOW}))"
-#: What the steps read with a row: its columns (0-9), live (10), held (11), the server's clock (12).
-_ROW = f"{_COLUMNS}, {_LIVE} AS live, {_HELD} AS held, {_NOW} AS now"
+#: The one clock reading of a ``limit=N`` acquire (``SET @now``), which every statement of it judges by.
+_AT = "CAST(@now AS DATETIME(6))"
+
+
+def _held(now: str, of: str = "") -> str:
+    """Held at ``now``: an owner and a lease not over (``of``: the table's alias and a dot)."""
+    return f"({of}owner_token IS NOT NULL AND ({of}expires_at IS NULL OR {of}expires_at > {now}))"
+
+
+def _live(now: str, of: str = "") -> str:
+    """Live at ``now``: held, or released but still inside its minimum hold, so nobody else may take it."""
+    return (f"({_held(now, of)} OR ({of}owner_token IS NULL AND {of}hold_until IS NOT NULL "
+            f"AND {of}hold_until > {now}))")
+
+
+def _row(now: str) -> str:
+    """What the steps read with a row: its columns (0-9), live (10), held (11), the clock (12)."""
+    return f"{_COLUMNS}, {_live(now)} AS live, {_held(now)} AS held, {now} AS now"
+
+
+_HELD, _LIVE, _ROW = _held(_NOW), _live(_NOW), _row(_NOW)
 
 NOW = f"SELECT {_NOW}"
 #: The row of a name, locked for the rest of the transaction. A locking read sees the
@@ -102,6 +153,18 @@ LOCK_NAME = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) FOR UPDA
 LOCK_OWNED = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND owner_token = %(owner_token)s FOR UPDATE"
 #: The row only if it is live (force release).
 LOCK_LIVE = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_LIVE} FOR UPDATE"
+#: The name's row locked, then (a second statement, so read after the lock is granted) every
+#: slot of the name: whoever makes a slot live holds that lock, so the slots read stay true.
+_HOLDS_OF = f"SELECT {_ROW} FROM {{holds}} WHERE name = UNHEX(%(name)s) ORDER BY fencing_token"
+LOCK_NAME_AND_HOLDS = f"{LOCK_NAME};\n{_HOLDS_OF}"
+#: Every live hold of a name, by fencing token, with the name's row locked (force release).
+_LIVE_HOLDS = f"""
+SELECT {_ROW}, 0 AS slot FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_LIVE}
+UNION ALL
+SELECT {_ROW}, 1 AS slot FROM {{holds}} WHERE name = UNHEX(%(name)s) AND {_LIVE}
+ORDER BY fencing_token
+"""
+LOCK_ALL_LIVE = f"SELECT 1 FROM {{table}} WHERE name = UNHEX(%(name)s) FOR UPDATE;\n{_LIVE_HOLDS}"
 #: A first holder: the name has no row (never seen, or purged).
 INSERT = """
 INSERT INTO {table} (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, hold_until,
@@ -135,27 +198,126 @@ UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL
 #: statement, so every use in the UPDATE is the same instant. Only two columns come back:
 #: parsing a wide row's column descriptions was a third of the client's time per cycle. A
 #: name that is held, expired or has no row matches nothing and is left to the steps.
+#:
+#: The SELECT also guards the COMMIT against ``limit=N`` holds: when a slot of the name is
+#: live, or carries a fencing token not below the one just written (minted while the name's
+#: row was held), its scalar subquery returns two rows, and that error (1242) stops the
+#: batch before its COMMIT; the steps roll back and decide with every hold read. It runs
+#: after the UPDATE, in a statement of its own, so it reads after the row lock is granted:
+#: whoever made a slot live held that lock and has committed. With no slot, it is one
+#: probe of an empty range of the slots' primary key.
 TAKE_FREE = f"""
 UPDATE {{table}} SET owner_token = %(owner_token)s,
     fencing_token = GREATEST(fencing_token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_NOW}) DIV 1000),
     host = %(host)s, pid = %(pid)s, created_at = {_NOW}, expires_at = {_NOW} + INTERVAL %(lease_us)s MICROSECOND,
     metadata = %(metadata)s, hold_until = {_NOW} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL
 WHERE name = UNHEX(%(name)s) AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= {_NOW});
-SELECT created_at, fencing_token FROM {{table}} WHERE name = UNHEX(%(name)s)
+SELECT created_at, fencing_token FROM {{table}} AS taken WHERE name = UNHEX(%(name)s) AND 1 = (
+    SELECT 1 FROM {{holds}} AS slot WHERE slot.name = taken.name
+        AND (slot.fencing_token >= taken.fencing_token OR {_live(_NOW, "slot.")})
+    UNION ALL SELECT 1)
 """
 RENEW = "UPDATE {table} SET expires_at = %(expires_at)s WHERE name = UNHEX(%(name)s)"
 #: Administrative: free a held name, or end a minimum hold early.
-FORCE_FREE = """
-UPDATE {table} SET owner_token = NULL, expires_at = NULL, hold_until = NULL, released_at = %(now)s
-WHERE name = UNHEX(%(name)s)
+FORCE_FREE = f"""
+UPDATE {{table}} SET owner_token = NULL, expires_at = NULL, hold_until = NULL, released_at = %(now)s
+WHERE name = UNHEX(%(name)s) AND {_LIVE}
 """
-READ = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_LIVE}"
+#: Every live hold of a name, the name's row's and its slots', by fencing token.
+HOLDERS = f"""
+SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_LIVE}
+UNION ALL
+SELECT {_ROW} FROM {{holds}} WHERE name = UNHEX(%(name)s) AND {_LIVE}
+ORDER BY fencing_token
+"""
+#: One live hold of a name: the lowest fencing token.
+READ = HOLDERS.rstrip() + " LIMIT 1"
 #: LEFT() on bytes compares the prefix literally: '%', '_' and '\\' are plain text (no LIKE).
+_PREFIXED = "LEFT(name, LENGTH(UNHEX(%(prefix)s))) = UNHEX(%(prefix)s)"
 LIST = f"""
-SELECT {_ROW} FROM {{table}}
-WHERE LEFT(name, LENGTH(UNHEX(%(prefix)s))) = UNHEX(%(prefix)s) AND {_LIVE}
-ORDER BY name
+SELECT {_ROW} FROM {{table}} WHERE {_PREFIXED} AND {_LIVE}
+UNION ALL
+SELECT {_ROW} FROM {{holds}} WHERE {_PREFIXED} AND {_LIVE}
+ORDER BY name, fencing_token
 """
+#: A slot's release, as ``RELEASE_OWNED``'s for the name's row.
+RELEASE_HOLD = RELEASE_OWNED.replace("{table}", "{holds}")
+#: A slot's renewal, never before its minimum hold's end, in one statement; the name's row is
+#: locked first (the batch's first statement) so that no attempt judging that slot over, or
+#: taking it, is between its reading and its commit.
+RENEW_HOLD = f"""
+SELECT 1 FROM {{table}} WHERE name = UNHEX(%(name)s) FOR UPDATE;
+UPDATE {{holds}} SET expires_at = IF(%(lease_us)s IS NULL, NULL,
+    GREATEST({_NOW} + INTERVAL %(lease_us)s MICROSECOND, COALESCE(hold_until, {_NOW})))
+WHERE {_OWNED} AND {_HELD};
+SELECT {_ROW} FROM {{holds}} WHERE {_OWNED}
+"""
+#: Administrative: every live slot of a name (its row locked by ``LOCK_ALL_LIVE``).
+FORCE_FREE_HOLDS = f"""
+UPDATE {{holds}} SET owner_token = NULL, expires_at = NULL, hold_until = NULL, released_at = %(now)s
+WHERE name = UNHEX(%(name)s) AND {_LIVE}
+"""
+#: An acquire with ``limit=N`` (N > 1) in one round trip (sent with its COMMIT), whatever it
+#: finds. The first statement locks the name's row (inserting a free one for a new name; on
+#: a duplicate, even an update that changes nothing keeps the row's exclusive lock), so
+#: concurrent attempts on the name run one after another from there; the next read the
+#: server's clock once (``@now``) and count, at that reading, the live holds of the name (its
+#: row's and its slots'), the caller's own, a slot to reuse (one whose hold is over) or the
+#: next number, and the next fencing token: above the name's row's and every slot's, as the
+#: N = 1 acquire mints them. Then, only if the caller holds none and fewer than N are live
+#: (``@take``), the slot is written, and the name's row, when no N = 1 hold is live on it,
+#: takes the new token as the counter (an expired holder there is cleared). The last
+#: statement reads back every live hold at ``@now``: the caller's among them means acquired.
+_HOLDS_AT = f"""
+SELECT {_row(_AT)} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_live(_AT)}
+UNION ALL
+SELECT {_row(_AT)} FROM {{holds}} WHERE name = UNHEX(%(name)s) AND {_live(_AT)}
+ORDER BY fencing_token"""
+_THE_NAME = "name = UNHEX(%(name)s)"
+_MINE = f"{_THE_NAME} AND owner_token = %(owner_token)s AND {_held(_AT)}"
+_ACQUIRE_SOME = f"""
+INSERT INTO {{table}} (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, hold_until,
+                       released_at)
+VALUES (UNHEX(%(name)s), NULL, 0, %(host)s, %(pid)s, {_NOW}, NULL, '', NULL, {_NOW})
+ON DUPLICATE KEY UPDATE fencing_token = fencing_token;
+SET @now = {_NOW};
+SET @mine = (SELECT COUNT(*) FROM {{table}} WHERE {_MINE}) + (SELECT COUNT(*) FROM {{holds}} WHERE {_MINE}),
+    @live = (SELECT COUNT(*) FROM {{table}} WHERE {_THE_NAME} AND {_live(_AT)})
+          + (SELECT COUNT(*) FROM {{holds}} WHERE {_THE_NAME} AND {_live(_AT)}),
+    @slot = COALESCE((SELECT MIN(slot) FROM {{holds}} WHERE {_THE_NAME} AND NOT {_live(_AT)}),
+                     (SELECT COALESCE(MAX(slot), 0) + 1 FROM {{holds}} WHERE {_THE_NAME})),
+    @fence = GREATEST((SELECT fencing_token FROM {{table}} WHERE {_THE_NAME}) + 1,
+                      COALESCE((SELECT MAX(fencing_token) FROM {{holds}} WHERE {_THE_NAME}), 0) + 1,
+                      TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_AT}) DIV 1000){{queue_vars}};
+SET @take = (@mine = 0 AND @live + @ahead < %(limit)s);
+INSERT INTO {{holds}} (name, slot, owner_token, fencing_token, host, pid, created_at, expires_at, metadata,
+                       hold_until, released_at)
+SELECT UNHEX(%(name)s), @slot, %(owner_token)s, @fence, %(host)s, %(pid)s, {_AT},
+       {_AT} + INTERVAL %(lease_us)s MICROSECOND, %(metadata)s, {_AT} + INTERVAL %(hold_us)s MICROSECOND, NULL
+FROM DUAL WHERE @take
+ON DUPLICATE KEY UPDATE owner_token = %(owner_token)s, fencing_token = @fence, host = %(host)s, pid = %(pid)s,
+    created_at = {_AT}, expires_at = {_AT} + INTERVAL %(lease_us)s MICROSECOND, metadata = %(metadata)s,
+    hold_until = {_AT} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL;
+UPDATE {{table}} SET fencing_token = @fence, owner_token = NULL, expires_at = NULL, hold_until = NULL,
+    released_at = {_AT}
+WHERE {_THE_NAME} AND @take AND NOT {_live(_AT)};{{queue_writes}}
+{_HOLDS_AT}"""
+ACQUIRE_SOME = _ACQUIRE_SOME.replace("{queue_vars}", ", @ahead = 0").replace("{queue_writes}", "")
+#: The same for a waiting caller (``queue_for``): it takes a hold only while the live holds and
+#: the live places queued before its own (all of them, if it has none) are fewer than N; it
+#: then leaves the queue, and otherwise keeps (or takes) its place. The last statement says
+#: whether it took one, and when the first place ahead of it ends.
+_AHEAD = f"""{{waiters}} WHERE {_THE_NAME} AND ends_at > {_AT} AND owner_token <> %(owner_token)s
+        AND place < COALESCE((SELECT place FROM {{waiters}} WHERE {_THE_NAME} AND owner_token = %(owner_token)s),
+                             9223372036854775807)"""
+ACQUIRE_SOME_QUEUED = _ACQUIRE_SOME.replace("{queue_vars}", f""",
+    @ahead = (SELECT COUNT(*) FROM {_AHEAD}),
+    @ahead_end = (SELECT MIN(ends_at) FROM {_AHEAD})""").replace("{queue_writes}", f"""
+DELETE FROM {{waiters}} WHERE {_THE_NAME} AND owner_token = %(owner_token)s AND (@take OR @mine > 0);
+INSERT INTO {{waiters}} (name, owner_token, ends_at)
+SELECT UNHEX(%(name)s), %(owner_token)s, {_AT} + INTERVAL %(queue_us)s MICROSECOND FROM DUAL WHERE NOT @take AND @mine = 0
+ON DUPLICATE KEY UPDATE ends_at = {_AT} + INTERVAL %(queue_us)s MICROSECOND;""") + """;
+SELECT @take, CAST(@ahead_end AS DATETIME(6)), {_AT}""".replace("{_AT}", _AT)
 #: Keep (or first take) a waiter's place: a place already held keeps its order, and ends later.
 PLACE = """
 INSERT INTO {waiters} (name, owner_token, ends_at) VALUES (UNHEX(%(name)s), %(owner_token)s, %(ends_at)s)
@@ -173,12 +335,23 @@ DELETE_ENDED_PLACES = f"DELETE FROM {{waiters}} WHERE ends_at < {_NOW} - INTERVA
 #: than the retention period. A row in its minimum hold or held is never idle. ORDER BY makes
 #: the LIMIT deterministic, which statement-based replication asks of a DELETE ... LIMIT.
 _CUTOFF = f"({_NOW} - INTERVAL %(after_us)s MICROSECOND)"
+_IDLE = f"""
+    ((owner_token IS NULL AND COALESCE(released_at, created_at) < {_CUTOFF}
+      AND (hold_until IS NULL OR hold_until < {_CUTOFF}))
+     OR (owner_token IS NOT NULL AND expires_at < {_CUTOFF}))"""
+#: A name's row goes only once it has no slot left (a later sweep, after its slots'): the
+#: row is the name's fencing counter and the lock every ``limit=N`` attempt takes first.
 DELETE_IDLE = f"""
 DELETE FROM {{table}}
-WHERE (owner_token IS NULL AND COALESCE(released_at, created_at) < {_CUTOFF}
-       AND (hold_until IS NULL OR hold_until < {_CUTOFF}))
-   OR (owner_token IS NOT NULL AND expires_at < {_CUTOFF})
+WHERE {_IDLE}
+  AND NOT EXISTS (SELECT 1 FROM {{holds}} AS slot WHERE slot.name = {{table}}.name)
 ORDER BY name LIMIT %(limit)s
+"""
+#: Slots idle as long, in a statement after the names' rows (each lock taken in the order
+#: every attempt takes them: a name's row, then its slots).
+DELETE_IDLE_HOLDS = f"""
+DELETE FROM {{holds}} WHERE {_IDLE}
+ORDER BY name, slot LIMIT %(limit)s
 """
 
 

@@ -17,7 +17,9 @@ little earlier: both on the safe side.
 Round trips are few because a write goes with its ``COMMIT`` (``Op.commit``): the
 usual acquire (a free name, a caller not queued) is one conditional ``UPDATE`` at one
 clock reading, and a release is three owner-checked ``UPDATE``s whose affected-row
-counts say what it released; both judged in SQL, one round trip each.
+counts say what it released; both judged in SQL, one round trip each. An acquire with
+``limit=N`` (N > 1) is judged in SQL too, in one round trip whether it takes a hold or
+finds all N live (``ACQUIRE_SOME``); its holds live in the slots table.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ __all__ = ["Op", "Rules", "Steps", "record"]
 
 _EPOCH = datetime(1970, 1, 1)
 _RETRIES = 5
-#: MySQL error numbers the steps answer themselves.
-DUPLICATE_KEY, DEADLOCK = 1062, 1213
+#: MySQL error numbers the steps answer themselves; GUARDED: "Subquery returns more than 1 row",
+#: raised on purpose by ``TAKE_FREE``'s guard to keep its COMMIT from running.
+DUPLICATE_KEY, DEADLOCK, GUARDED = 1062, 1213, 1242
 
 
 class Op:
@@ -110,6 +113,16 @@ def _retry_after(row: tuple[Any, ...]) -> float | None:
     return None if end is None else max((end - _now(row)).total_seconds(), 0.0)
 
 
+def _soonest(rows: list[tuple[Any, ...]]) -> float | None:
+    """Seconds until the first of these live holds can end; None if none of them can."""
+    ends = [end for end in map(_retry_after, rows) if end is not None]
+    return min(ends) if ends else None
+
+
+def _records(rows: list[tuple[Any, ...]]) -> list[LockRecord]:
+    return [found for found in map(record, rows) if found is not None]
+
+
 def _error_code(error: BaseException) -> int | None:
     args = getattr(error, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
@@ -118,14 +131,16 @@ def _error_code(error: BaseException) -> int | None:
 class Rules:
     """The primitives as step generators for one table (its backquoted name)."""
 
-    def __init__(self, table: str, waiters: str, errors: Any) -> None:
+    def __init__(self, table: str, waiters: str, holds: str, errors: Any) -> None:
         #: pymysql.err, so the steps recognise a duplicate key without importing the driver.
         self.errors = errors
-        self.sql = {key: getattr(q, key).format(table=table, waiters=waiters) for key in q.__all__ if key.isupper()}
+        self.sql = {key: getattr(q, key).format(table=table, waiters=waiters, holds=holds)
+                    for key in q.__all__ if key.isupper()}  # fmt: skip
 
     def ensure_table(self) -> Steps[bool]:
         """Create the tables if they are missing; False when CREATE was refused and one is not there."""
-        for create, probe in (("CREATE_TABLE", "PROBE_TABLE"), ("CREATE_WAITERS", "PROBE_WAITERS")):
+        for create, probe in (("CREATE_TABLE", "PROBE_TABLE"), ("CREATE_WAITERS", "PROBE_WAITERS"),
+                              ("CREATE_HOLDS", "PROBE_HOLDS")):
             try:
                 yield Op("count", self.sql[create])
             except self.errors.MySQLError as error:
@@ -166,36 +181,53 @@ class Rules:
         yield Op("count", self.sql["DROP_PLACE"], {"name": key, "owner_token": owner_token}, commit=True)
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
-                queue_for: float | None = None) -> Steps[AcquireResult]:
+                queue_for: float | None = None, limit: int = 1) -> Steps[AcquireResult]:
         """``queue_for`` (a waiting caller): keep its place while the name is held, and take a
-        free name only when no earlier place is queued."""
+        free name only when no earlier place is queued. ``limit`` > 1: see ``acquire_some``."""
         key = name.encode("utf-8").hex()
         # Integer microseconds, so the server's times and this record's are the same values.
         lease_us = None if ttl is None else round(max(ttl, min_hold or 0.0) * 1_000_000)
         hold_us = round(min_hold * 1_000_000) if min_hold else None
         metadata = json.dumps(dict(owner.metadata)) if owner.metadata else "{}"
+        if limit > 1:
+            return (yield from self.acquire_some(key, owner, lease_us, hold_us, metadata, queue_for, limit))
         if queue_for is None:  # a free name in one round trip; the rest (and a queue's rules) take the steps below
-            results = yield Op("results", self.sql["TAKE_FREE"], {
-                "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-                "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
-            if results[0][0] == 1:  # the UPDATE took the row
-                at, fence = results[1][1][0]
-                return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
+            try:
+                results = yield Op("results", self.sql["TAKE_FREE"], {
+                    "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
+                    "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
+            except self.errors.MySQLError as error:
+                if _error_code(error) != GUARDED:
+                    raise
+                yield ROLLBACK  # a slot is live, or its token is ahead: the steps below judge with it
+            else:
+                if results[0][0] == 1:  # the UPDATE took the row
+                    at, fence = results[1][1][0]
+                    return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
         for attempt in range(_RETRIES):
             try:
-                row = yield Op("one", self.sql["LOCK_NAME"], {"name": key})
+                (_, found), (_, slots) = (yield Op("results", self.sql["LOCK_NAME_AND_HOLDS"], {"name": key}))[:2]
+                row = found[0] if found else None
                 if row is not None and _live(row):
                     if row[1] == owner.owner_token:  # our own write, retried after a lost reply
                         yield COMMIT
                         return AcquireResult(True, record(row))
                     yield from self._keep_place(key, owner.owner_token, queue_for, _now(row))
                     return AcquireResult(False, record(row), retry_after=_retry_after(row))
-                if row is None:
+                live = [slot for slot in slots if _live(slot)]
+                if live:  # holds taken with limit=N > 1: an N = 1 attempt waits until all have ended
+                    mine = [slot for slot in live if slot[1] == owner.owner_token]
+                    if mine:
+                        yield COMMIT
+                        return AcquireResult(True, record(mine[0]))
+                    yield from self._keep_place(key, owner.owner_token, queue_for, _now(live[0]))
+                    return AcquireResult(False, record(live[0]), retry_after=_soonest(live))
+                if row is None:  # a name without a row has no slots either: they go before it
                     now: datetime = (yield Op("one", q.NOW))[0]
                     fence = _ms(now)
                 else:
                     now = _now(row)
-                    fence = max(int(row[2]) + 1, _ms(now))
+                    fence = max(int(row[2]) + 1, _ms(now), *(int(slot[2]) + 1 for slot in slots))
                 if queue_for is not None:
                     refused = yield from self._queued_behind(key, owner.owner_token, queue_for, now)
                     if refused is not None:
@@ -218,6 +250,38 @@ class Rules:
             return self._taken(name, owner, fence, now, lease_us, hold_us, row)
         return AcquireResult(False, None)  # pragma: no cover - the loop returns or raises
 
+    def acquire_some(self, key: str, owner: Owner, lease_us: int | None, hold_us: int | None, metadata: str,
+                     queue_for: float | None, limit: int) -> Steps[AcquireResult]:
+        """One of up to ``limit`` holds of the name, judged and written in SQL in one round trip
+        (``ACQUIRE_SOME``), whether it takes one, finds one of the caller's, or finds all N live."""
+        values: dict[str, Any] = {
+            "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
+            "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata, "limit": limit,
+            "queue_us": None if queue_for is None else round(queue_for * 1_000_000),
+        }  # fmt: skip
+        queued = queue_for is not None
+        for attempt in range(_RETRIES):
+            try:
+                results = yield Op("results", self.sql["ACQUIRE_SOME_QUEUED" if queued else "ACQUIRE_SOME"], values,
+                                   commit=True)  # fmt: skip
+            except self.errors.OperationalError as error:  # InnoDB chose this transaction as a deadlock victim
+                if _error_code(error) != DEADLOCK or attempt == _RETRIES - 1:
+                    raise
+                yield ROLLBACK
+                continue
+            live = list(results[-3 if queued else -2][1])
+            mine = [row for row in live if row[1] == owner.owner_token]
+            if mine:
+                return AcquireResult(True, record(mine[0]))
+            holders = tuple(_records(live))
+            if queued and len(live) < limit:  # refused only because earlier places are queued
+                _, ahead_end, now = results[-2][1][0]
+                wait = 0.001 if ahead_end is None else max((ahead_end - now).total_seconds(), 0.001)
+                return AcquireResult(False, holders[0] if holders else None, retry_after=wait, queued_behind=True,
+                                     holders=holders)  # fmt: skip
+            return AcquireResult(False, holders[0] if holders else None, retry_after=_soonest(live), holders=holders)
+        return AcquireResult(False, None)  # pragma: no cover - the loop returns or raises
+
     @staticmethod
     def _taken(name: str, owner: Owner, fence: int, now: datetime, lease_us: int | None, hold_us: int | None,
                row: tuple[Any, ...] | None) -> AcquireResult:
@@ -230,14 +294,29 @@ class Rules:
         expired = record(row) if row is not None and row[1] is not None else None
         return AcquireResult(True, taken, expired=expired)
 
-    def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
-        """(released while live, the name is free now), in one round trip."""
+    def release(self, name: str, owner_token: str, slot_first: bool = False) -> Steps[tuple[bool, bool, bool]]:
+        """(released while live, the hold is free now, it was a slot), in one round trip when
+        the hold is where ``slot_first`` says (the name's row unless told), two otherwise."""
         key = name.encode("utf-8").hex()
-        into_hold, freed, expired = (yield Op("counts", self.sql["RELEASE_OWNED"],
-                                              {"name": key, "owner_token": owner_token}, commit=True))[:3]  # fmt: skip
-        return bool(into_hold or freed), bool(freed or expired)
+        params = {"name": key, "owner_token": owner_token}
+        for slot in (slot_first, not slot_first):
+            into_hold, freed, expired = (yield Op("counts", self.sql["RELEASE_HOLD" if slot else "RELEASE_OWNED"],
+                                                  params, commit=True))[:3]  # fmt: skip
+            if into_hold or freed or expired:
+                return bool(into_hold or freed), bool(freed or expired), slot
+        return False, False, slot_first
 
-    def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
+    def renew(self, name: str, owner_token: str, ttl: float | None,
+              slot_first: bool = False) -> Steps[LockRecord | None]:
+        """The hold's new record, or None when the token holds nothing live here; the name's
+        row is tried first unless ``slot_first``."""
+        for slot in (slot_first, not slot_first):
+            renewed = yield from (self._renew_slot if slot else self._renew_row)(name, owner_token, ttl)
+            if renewed is not None:
+                return renewed
+        return None
+
+    def _renew_row(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
         key = name.encode("utf-8").hex()
         row = yield Op("one", self.sql["LOCK_OWNED"], {"name": key, "owner_token": owner_token})
         if row is None or not _held(row):
@@ -251,26 +330,45 @@ class Rules:
         yield Op("count", self.sql["RENEW"], {"name": key, "expires_at": expires}, commit=True)
         return record((*row[:6], expires, *row[7:]))
 
+    def _renew_slot(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
+        """A slot's renewal in one round trip, judged in SQL (``RENEW_HOLD``)."""
+        results = yield Op("results", self.sql["RENEW_HOLD"], {
+            "name": name.encode("utf-8").hex(), "owner_token": owner_token,
+            "lease_us": None if ttl is None else round(ttl * 1_000_000)}, commit=True)  # fmt: skip
+        rows = results[2][1]  # held now (the name's row still locked): it was when the UPDATE judged it
+        return record(rows[0]) if rows and _held(rows[0]) else None
+
     def get(self, name: str) -> Steps[LockRecord | None]:
         row = yield Op("one", self.sql["READ"], {"name": name.encode("utf-8").hex()})
         yield COMMIT
         return record(row)
 
+    def holders(self, name: str) -> Steps[list[LockRecord]]:
+        rows = yield Op("all", self.sql["HOLDERS"], {"name": name.encode("utf-8").hex()})
+        yield COMMIT
+        return _records(rows)
+
     def list(self, prefix: str) -> Steps[list[LockRecord]]:
         rows = yield Op("all", self.sql["LIST"], {"prefix": prefix.encode("utf-8").hex()})
         yield COMMIT
-        return [found for found in map(record, rows) if found is not None]
+        return _records(rows)
 
     def force_release(self, name: str) -> Steps[LockRecord | None]:
+        """Frees every live hold of the name; returns the one with the lowest fencing token."""
         key = name.encode("utf-8").hex()
-        row = yield Op("one", self.sql["LOCK_LIVE"], {"name": key})
-        if row is None:
+        live = (yield Op("results", self.sql["LOCK_ALL_LIVE"], {"name": key}))[1][1]
+        if not live:
             yield ROLLBACK
             return None
-        yield Op("count", self.sql["FORCE_FREE"], {"name": key, "now": _now(row)}, commit=True)
-        return record(row)
+        now = _now(live[0])
+        if any(row[13] == 0 for row in live):
+            yield Op("count", self.sql["FORCE_FREE"], {"name": key, "now": now})
+        yield Op("count", self.sql["FORCE_FREE_HOLDS"], {"name": key, "now": now}, commit=True)
+        return record(live[0])
 
     def purge(self, after: float, limit: int) -> Steps[int]:
-        removed: int = yield Op("count", self.sql["DELETE_IDLE"], {"after_us": int(after * 1_000_000), "limit": limit})
+        idle = {"after_us": int(after * 1_000_000), "limit": limit}
+        removed: int = yield Op("count", self.sql["DELETE_IDLE"], idle)
+        yield Op("count", self.sql["DELETE_IDLE_HOLDS"], idle)
         yield Op("count", self.sql["DELETE_ENDED_PLACES"], {"limit": limit}, commit=True)
         return removed

@@ -22,6 +22,9 @@ Why it is shaped this way:
   waiters at once.
 * **A fair queue.** Waiters keep places in ``<table>_waiters``, changed only in a
   transaction holding the name's row lock; a free name goes to the first live place.
+* **Up to N holds** (``limit=N``): the holds beyond today's one row live in
+  ``<table>_holds``, one row per slot of a name; an attempt locks the name's row first
+  (also the name's one fencing counter), then judges every hold in SQL, in one round trip.
 * **One bounded pool per URL and process**, shared by every persister with the
   same URL and pool options (``max_size``, default 4; one set per event loop for
   aiomysql); a forked child opens its own.
@@ -72,6 +75,17 @@ _NONE_WORDS = ("none", "null", "never", "")
 _GONE = {2006, 2013, 2014, 2055}
 #: Sent after a write in the same round trip (``Op.commit``): connections allow several statements per call.
 _COMMIT_TAIL = ";\nCOMMIT"
+
+
+#: How many slot holds a process remembers taking (``_Pool.slots_held``); a forgotten one costs
+#: its release a second round trip, nothing else.
+_SLOTS_REMEMBERED = 4096
+
+
+def _limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, not {limit!r}")
+    return limit
 
 
 class TableNotCreated(PersisterError):
@@ -138,6 +152,9 @@ class _Pool:
         self.users = 0
         self.tables: set[str] = set()
         self.hubs: dict[str, ReleaseHub] = {}
+        #: (table, name, owner token) of the holds this process took in a slot (``limit=N``), so their
+        #: release and renewal go to the slots first: one round trip. Oldest dropped past the bound.
+        self.slots_held: dict[tuple[str, str, str], None] = {}
         self.purge_due: dict[str, float] = {}
         #: aiomysql binds a connection to its event loop: each loop has its own (dropped once it closes).
         self.loops: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
@@ -222,6 +239,7 @@ class MySql(Persister):
     supports_min_hold: ClassVar[bool] = True
     fair: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    limits: ClassVar[bool] = True
     clock: ClassVar[str] = "the MySQL server's clock (UTC_TIMESTAMP(6))"
 
     def __init__(self, url: str = "mysql://root@127.0.0.1:3306/test", *, table: str = DEFAULT_TABLE,
@@ -251,6 +269,7 @@ class MySql(Persister):
         self.table = table
         self._quoted = _quote_table(table)
         self._waiters = _quote_table(table + "_waiters")
+        self._holds = _quote_table(table + "_holds")
         self.statement_timeout_ms = int(_positive(statement_timeout_ms, "statement_timeout_ms"))
         self.connect_timeout = _positive(connect_timeout, "connect_timeout")
         statement = self.statement_timeout_ms / 1000
@@ -264,7 +283,7 @@ class MySql(Persister):
         self.tls = Tls.of(ssl, ssl_ca, ssl_cert, ssl_key, ssl_verify_cert, ssl_verify_identity)
         self._ssl_context = self.tls.context()
         self._pymysql = _import_drivers()
-        self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
+        self._rules = Rules(self._quoted, self._waiters, self._holds, self._pymysql.err)
         self._pool_: _Pool | None = None
 
     @classmethod
@@ -385,13 +404,14 @@ class MySql(Persister):
         return self._rules.ensure_table()
 
     def _not_created(self) -> TableNotCreated:
-        ddl = ";\n".join(statement.format(table=self._quoted, waiters=self._waiters).strip()
-                         for statement in (q.CREATE_TABLE, q.CREATE_WAITERS))
+        ddl = ";\n".join(statement.format(table=self._quoted, waiters=self._waiters, holds=self._holds).strip()
+                         for statement in (q.CREATE_TABLE, q.CREATE_WAITERS, q.CREATE_HOLDS))
         user = self._connect_args["user"]
         grants = "\n".join(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO '{user}'@'%';"
-                           for table in (self._quoted, self._waiters))
+                           for table in (self._quoted, self._waiters, self._holds))
         return TableNotCreated(self.backend, (
-            f"the tables {self.table!r} and {self.table + '_waiters'!r} are not both in database {self.database!r} "
+            f"the tables {self.table!r}, {self.table + '_waiters'!r} and {self.table + '_holds'!r} are not all in "
+            f"database {self.database!r} "
             f"and user {user!r} may not create them. Ask an administrator to run, in that database:\n{ddl};\n"
             f"{grants}\n(adjust the host part of the user), or pass table= to use existing ones."))
 
@@ -619,12 +639,41 @@ class MySql(Persister):
     # -- the primitives ------------------------------------------------------------------
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
-        return self._run(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for))
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        limit = _limit(limit)
+        result = self._run(f"acquire {name!r}",
+                           lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for, limit))  # fmt: skip
+        if limit > 1:
+            self._took(name, result)
+        return result
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                       queue_for: float | None = None) -> AcquireResult:
-        return await self._arun(f"acquire {name!r}", lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for))
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        limit = _limit(limit)
+        result = await self._arun(f"acquire {name!r}",
+                                  lambda: self._rules.acquire(name, owner, ttl, min_hold, queue_for, limit))
+        if limit > 1:
+            self._took(name, result)
+        return result
+
+    def _took(self, name: str, result: AcquireResult) -> None:
+        """Remember a hold taken in a slot, so that its release and renewal look there first."""
+        if not result.acquired or result.record is None:
+            return
+        pool = self._pool()
+        with pool.guard:
+            pool.slots_held[(self._quoted, name, result.record.owner_token)] = None
+            if len(pool.slots_held) > _SLOTS_REMEMBERED:
+                del pool.slots_held[next(iter(pool.slots_held))]
+
+    def _in_slot(self, name: str, owner_token: str, forget: bool = False) -> bool:
+        """Whether this process took that hold in a slot (``forget``: and no longer needs to know)."""
+        pool = self._pool()
+        key = (self._quoted, name, owner_token)
+        with pool.guard:
+            if forget:
+                return pool.slots_held.pop(key, False) is None
+            return key in pool.slots_held
 
     def leave_queue(self, name: str, owner_token: str) -> None:
         """A waiter gave up: drop its place, and wake this process's next waiter."""
@@ -636,30 +685,42 @@ class MySql(Persister):
         self._released(name)
 
     def release(self, name: str, owner_token: str) -> bool:
-        released, freed = self._run(f"release {name!r}", lambda: self._rules.release(name, owner_token))
+        slot = self._in_slot(name, owner_token, forget=True)
+        released, freed, _ = self._run(f"release {name!r}", lambda: self._rules.release(name, owner_token, slot))
         if freed:
             self._released(name)
         self._sweep()
         return released
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        released, freed = await self._arun(f"release {name!r}", lambda: self._rules.release(name, owner_token))
+        slot = self._in_slot(name, owner_token, forget=True)
+        released, freed, _ = await self._arun(f"release {name!r}",
+                                              lambda: self._rules.release(name, owner_token, slot))  # fmt: skip
         if freed:
             self._released(name)
         await self._asweep()
         return released
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        return self._run(f"renew {name!r}", lambda: self._rules.renew(name, owner_token, ttl))
+        slot = self._in_slot(name, owner_token)
+        return self._run(f"renew {name!r}", lambda: self._rules.renew(name, owner_token, ttl, slot))
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        return await self._arun(f"renew {name!r}", lambda: self._rules.renew(name, owner_token, ttl))
+        slot = self._in_slot(name, owner_token)
+        return await self._arun(f"renew {name!r}", lambda: self._rules.renew(name, owner_token, ttl, slot))
 
     def get(self, name: str) -> LockRecord | None:
         return self._run(f"read {name!r}", lambda: self._rules.get(name))
 
     async def aget(self, name: str) -> LockRecord | None:
         return await self._arun(f"read {name!r}", lambda: self._rules.get(name))
+
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        """Every live hold of ``name`` (its row's and its slots'), by fencing token, in one round trip."""
+        return self._run(f"read the holders of {name!r}", lambda: self._rules.holders(name))
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        return await self._arun(f"read the holders of {name!r}", lambda: self._rules.holders(name))
 
     @staticmethod
     def _prefix(prefix: str) -> str:
@@ -723,7 +784,7 @@ class MySql(Persister):
         self.__dict__.update(state)
         self._ssl_context = self.tls.context()
         self._pymysql = _import_drivers()
-        self._rules = Rules(self._quoted, self._waiters, self._pymysql.err)
+        self._rules = Rules(self._quoted, self._waiters, self._holds, self._pymysql.err)
         self._pool_ = None
 
     def __repr__(self) -> str:
