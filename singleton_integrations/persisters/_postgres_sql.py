@@ -18,6 +18,19 @@ Row states (one row per name, kept after release so the fencing counter survives
 * free: ``owner_token`` NULL and no hold in the future; ``released_at`` says
   since when (what the retention sweep judges).
 
+* shared (``limit=N``, more than one hold live): ``owner_token`` is ``''``, and
+  ``metadata`` keeps the holds themselves, ``{"singleton:holds": [hold, ...]}``
+  (each with the columns of a held or released row, without the name).
+  ``fencing_token`` is the name's counter, every hold's token at most it;
+  ``expires_at`` is when the last hold ends (NULL while one has no end), so to
+  every N = 1 statement, ours or an older client's, the row is simply held
+  until its last hold ends. A lone hold is kept as an ordinary held row: only a
+  second live hold turns the row shared, and its last release frees the row.
+
+Every statement on a name locks its one row, so the row is the whole state of
+the name and each statement judges its newest version: N racing attempts cannot
+both see N - 1 live holds, and the tokens of all the holds come from one counter.
+
 ``waiters_until`` is a hint that some process LISTENs for this name: a release
 sends a NOTIFY only then, because a committing NOTIFY serializes commits across
 the whole cluster. A waiter's failed attempt refreshes it in the same
@@ -31,10 +44,13 @@ import hashlib
 __all__ = [
     "ACQUIRE",
     "ACQUIRE_FREE",
+    "ACQUIRE_LIMITED",
     "CREATE_TABLE",
     "FORCE_RELEASE",
     "GET",
     "HINT",
+    "HOLDERS",
+    "HOLDS_KEY",
     "INSPECT",
     "LIST",
     "MIGRATE",
@@ -43,7 +59,10 @@ __all__ = [
     "PREPARED",
     "PURGE",
     "RELEASE",
+    "RELEASE_SHARED",
     "RENEW",
+    "RENEW_SHARED",
+    "SHARED",
     "message",
     "statements",
 ]
@@ -85,13 +104,49 @@ LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
 
 
-def _held(row: str = "") -> str:
-    return f"({row}owner_token IS NOT NULL AND ({row}expires_at IS NULL OR {row}expires_at > clock_timestamp()))"
+#: ``owner_token`` of a shared row (see the module docstring); no owner token is empty.
+SHARED = ""
+#: The key of a shared row's ``metadata`` that keeps its holds.
+HOLDS_KEY = "singleton:holds"
+# A shared row's holds as typed columns (``jsonb_to_recordset``), in ``_COLUMNS`` order after the name.
+_HOLD_TYPES = ("owner_token text, fencing_token bigint, host text, pid integer, created_at timestamptz, "
+               "expires_at timestamptz, metadata jsonb, released_at timestamptz, hold_until timestamptz")
 
 
-def _live(row: str = "") -> str:
+def _held(row: str = "", now: str = "clock_timestamp()") -> str:
+    return f"({row}owner_token IS NOT NULL AND ({row}expires_at IS NULL OR {row}expires_at > {now}))"
+
+
+def _live(row: str = "", now: str = "clock_timestamp()") -> str:
     """Held, or released but still inside its minimum hold: nobody else may take it."""
-    return f"({_held(row)} OR ({row}owner_token IS NULL AND {row}hold_until > clock_timestamp()))"
+    return f"({_held(row, now)} OR ({row}owner_token IS NULL AND {row}hold_until > {now}))"
+
+
+def _end(row: str = "") -> str:
+    """When a hold ends if nobody renews it: its lease, or its minimum hold once released (NULL: never)."""
+    return f"CASE WHEN {row}owner_token IS NULL THEN {row}hold_until ELSE {row}expires_at END"
+
+
+def _holds_of(rows: str) -> str:
+    """Every hold the rows of ``rows`` keep, live or not: an ordinary row is one, a shared row has its list."""
+    return f"""
+    SELECT {_COLUMNS} FROM {rows} WHERE owner_token IS DISTINCT FROM '{SHARED}'
+    UNION ALL
+    SELECT kept.name, hold.* FROM {rows} AS kept
+    CROSS JOIN LATERAL jsonb_to_recordset(kept.metadata -> '{HOLDS_KEY}') AS hold({_HOLD_TYPES})
+    WHERE kept.owner_token = '{SHARED}'"""
+
+
+def _last_end(holds: str) -> str:
+    """A shared row's ``expires_at``: when the last of ``holds`` ends, NULL if one never does."""
+    return (f"(SELECT CASE WHEN bool_or(ends_at IS NULL) THEN NULL ELSE max(ends_at) END "
+            f"FROM (SELECT {_end()} AS ends_at FROM {holds}) AS ends)")
+
+
+def _listed(holds: str) -> str:
+    """A shared row's ``metadata``: ``holds`` (a relation with ``_COLUMNS``), by fencing token."""
+    return (f"jsonb_build_object('{HOLDS_KEY}', (SELECT jsonb_agg(to_jsonb(listed) - 'name' ORDER BY listed.fencing_token) "
+            f"FROM {holds} AS listed))")
 
 
 # A new holder's lease: no expiry, or ttl from now but never ending before the hold.
@@ -186,21 +241,156 @@ UPDATE {{table}} SET expires_at = CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
 WHERE name = %(name)s AND owner_token = %(owner_token)s AND {_held()}
 RETURNING {_COLUMNS}
 """
-GET = f"SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s AND {_live()}"
+# The live holds of a name, by fencing token; GET the first of them.
+HOLDERS = f"""
+WITH kept AS (SELECT * FROM {{table}} WHERE name = %(name)s)
+SELECT hold.* FROM ({_holds_of("kept")}) AS hold WHERE {_live("hold.")} ORDER BY hold.fencing_token
+"""
+GET = HOLDERS.rstrip() + " LIMIT 1\n"
 # left() compares characters literally, so '%', '_' and '\\' in a prefix are plain text;
 # COLLATE "C" sorts by code point, as Python sorts the other stores' names.
 LIST = f"""
-SELECT {_COLUMNS} FROM {{table}}
-WHERE left(name, char_length(%(prefix)s)) = %(prefix)s AND {_live()}
-ORDER BY name COLLATE "C"
+WITH kept AS (SELECT * FROM {{table}} WHERE left(name, char_length(%(prefix)s)) = %(prefix)s AND {_live()})
+SELECT hold.* FROM ({_holds_of("kept")}) AS hold WHERE {_live("hold.")}
+ORDER BY hold.name COLLATE "C", hold.fencing_token
 """
-# Administrative: frees a held name, or ends a minimum hold early. The subquery locks
-# and reads the row before the update, so RETURNING shows what was removed.
+# Administrative: frees a held name (every hold of a shared one), or ends a minimum hold
+# early. ``holder`` locks and reads the row before the update, so the answer shows what
+# was removed: its live hold with the lowest fencing token.
 FORCE_RELEASE = f"""
-UPDATE {{table}} AS freed SET owner_token = NULL, expires_at = NULL, hold_until = NULL, released_at = clock_timestamp()
-FROM (SELECT {_COLUMNS} FROM {{table}} WHERE name = %(name)s AND {_live()} FOR UPDATE) AS holder
-WHERE freed.name = holder.name
-RETURNING {", ".join(f"holder.{column.strip()}" for column in _COLUMNS.split(","))}, pg_notify(%(channel)s, holder.name)
+WITH holder AS MATERIALIZED (SELECT * FROM {{table}} WHERE name = %(name)s AND {_live()} FOR UPDATE),
+freed AS (
+    UPDATE {{table}} AS freed SET owner_token = NULL, expires_at = NULL, hold_until = NULL,
+        released_at = clock_timestamp(),
+        metadata = CASE WHEN holder.owner_token = '{SHARED}' THEN jsonb_build_object() ELSE freed.metadata END
+    FROM holder WHERE freed.name = holder.name
+    RETURNING freed.name
+)
+SELECT hold.*, pg_notify(%(channel)s, hold.name) FROM ({_holds_of("holder")}) AS hold
+WHERE {_live("hold.")} AND EXISTS (SELECT FROM freed) ORDER BY hold.fencing_token LIMIT 1
+"""
+# ``limit=N``: one statement that adds a hold while fewer than N are live, or reports
+# every live hold. ``seen`` reads the row without a lock: when its N holds are live
+# (and no waiter's hint is to be left, as with PEEK) that is the answer, and the
+# refusal commits no row lock, whose commit would wait for a WAL flush. Otherwise
+# ``previous`` locks the row, so every later part judges its newest version. The first
+# hold of a name is an ordinary held row; a second turns the row shared, the first
+# hold moving into its list; expired holds are dropped. The new token is the name's
+# counter + 1 (or the clock in ms, as ACQUIRE's). Answer rows: ('taken', the new
+# hold), or ('live', a live hold, seconds until it ends) for each; none when the
+# name's row appeared after the statement's snapshot (look again).
+ACQUIRE_LIMITED = f"""
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+seen AS MATERIALIZED (SELECT * FROM {{table}} WHERE name = %(name)s),
+seen_live AS MATERIALIZED (
+    SELECT hold.* FROM ({_holds_of("seen")}) AS hold, clock WHERE {_live("hold.", "clock.now")}
+),
+full_set AS MATERIALIZED (
+    SELECT count(*) >= %(limit)s::integer AND NOT coalesce(bool_or(owner_token = %(owner_token)s), false)
+           AND (NOT %(hinting)s::boolean OR coalesce((SELECT waiters_until FROM seen)
+                > (SELECT now FROM clock) + interval '{HINT_REFRESH_SECONDS} seconds', false)) AS refused
+    FROM seen_live
+),
+previous AS MATERIALIZED (
+    SELECT * FROM {{table}} WHERE name = %(name)s AND NOT (SELECT refused FROM full_set) FOR UPDATE
+),
+live AS MATERIALIZED (
+    SELECT hold.* FROM ({_holds_of("previous")}) AS hold, clock WHERE {_live("hold.", "clock.now")}
+),
+verdict AS MATERIALIZED (
+    SELECT count(*) AS holds, coalesce(bool_or(owner_token = %(owner_token)s), false) AS mine FROM live
+),
+fresh AS MATERIALIZED (
+    SELECT %(name)s::text AS name, %(owner_token)s::text AS owner_token,
+           greatest(coalesce((SELECT fencing_token FROM previous) + 1, 0), {_CLOCK_MS}) AS fencing_token,
+           %(host)s::text AS host, %(pid)s::integer AS pid, clock.now AS created_at, {_EXPIRES} AS expires_at,
+           %(metadata)s::jsonb AS metadata, NULL::timestamptz AS released_at, {_HOLD_UNTIL} AS hold_until
+    FROM verdict, clock
+    WHERE NOT verdict.mine AND verdict.holds < %(limit)s::integer AND NOT (SELECT refused FROM full_set)
+),
+after AS (SELECT * FROM live UNION ALL SELECT * FROM fresh),
+taken AS (
+    INSERT INTO {{table}} AS held (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata,
+                                   hold_until, released_at)
+    SELECT fresh.name, CASE WHEN verdict.holds = 0 THEN fresh.owner_token ELSE '{SHARED}' END,
+           fresh.fencing_token, fresh.host, fresh.pid, fresh.created_at,
+           CASE WHEN verdict.holds = 0 THEN fresh.expires_at ELSE {_last_end("after")} END,
+           CASE WHEN verdict.holds = 0 THEN fresh.metadata ELSE {_listed("after")} END,
+           CASE WHEN verdict.holds = 0 THEN fresh.hold_until END, NULL
+    FROM fresh, verdict
+    ON CONFLICT (name) DO UPDATE SET
+        owner_token = excluded.owner_token, fencing_token = excluded.fencing_token,
+        host = excluded.host, pid = excluded.pid, created_at = excluded.created_at,
+        expires_at = excluded.expires_at, metadata = excluded.metadata,
+        hold_until = excluded.hold_until, released_at = NULL
+    WHERE EXISTS (SELECT FROM previous)
+    RETURNING 1
+)
+SELECT 'taken', fresh.*, NULL::float8 FROM fresh WHERE EXISTS (SELECT FROM taken)
+UNION ALL
+SELECT 'live', live.*, extract(epoch FROM {_end("live.")} - clock.now)::float8
+FROM live, clock WHERE NOT EXISTS (SELECT FROM fresh)
+UNION ALL
+SELECT 'live', seen_live.*, extract(epoch FROM {_end("seen_live.")} - clock.now)::float8
+FROM seen_live, clock WHERE (SELECT refused FROM full_set)
+ORDER BY 4
+"""
+# A shared row's hold: RELEASE's rules on one entry of its list (RELEASE found no row
+# with the token). A release before the hold's minimum hold ends keeps it listed,
+# released; else it leaves the list, and the last one to leave frees the row. Any hold
+# that leaves wakes the waiters (a hold is free for a caller with limit=N).
+RELEASE_SHARED = f"""
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+shared AS MATERIALIZED (SELECT * FROM {{table}} WHERE name = %(name)s AND owner_token = '{SHARED}' FOR UPDATE),
+holds AS MATERIALIZED (SELECT hold.* FROM ({_holds_of("shared")}) AS hold),
+mine AS MATERIALIZED (
+    SELECT {_held("", "clock.now")} AS live, coalesce(hold_until > clock.now, false) AS holding
+    FROM holds, clock WHERE owner_token = %(owner_token)s
+),
+kept AS MATERIALIZED (
+    SELECT after_release.* FROM (
+        SELECT name, CASE WHEN ours THEN NULL ELSE owner_token END AS owner_token, fencing_token, host, pid, created_at,
+               CASE WHEN ours THEN hold_until ELSE expires_at END AS expires_at, metadata,
+               CASE WHEN ours THEN clock.now ELSE released_at END AS released_at, hold_until
+        FROM (SELECT holds.*, owner_token IS NOT DISTINCT FROM %(owner_token)s AS ours FROM holds) AS judged, clock
+    ) AS after_release, clock WHERE {_live("after_release.", "clock.now")}
+),
+released AS (
+    UPDATE {{table}} AS named SET
+        owner_token = CASE WHEN EXISTS (SELECT FROM kept) THEN '{SHARED}' END,
+        metadata = CASE WHEN EXISTS (SELECT FROM kept) THEN {_listed("kept")} ELSE jsonb_build_object() END,
+        expires_at = {_last_end("kept")}, hold_until = NULL,
+        released_at = CASE WHEN EXISTS (SELECT FROM kept) THEN NULL ELSE clock.now END
+    FROM shared, clock WHERE named.name = shared.name AND EXISTS (SELECT FROM mine)
+    RETURNING named.name, coalesce(named.waiters_until > clock.now, false) AS waited
+)
+SELECT live, holding, CASE WHEN waited AND NOT holding THEN (SELECT true FROM pg_notify(%(channel)s, name)) ELSE false END
+FROM mine, released
+"""
+# A shared row's hold: RENEW's rules on one entry of its list; the row's end follows.
+RENEW_SHARED = f"""
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+shared AS MATERIALIZED (SELECT * FROM {{table}} WHERE name = %(name)s AND owner_token = '{SHARED}' FOR UPDATE),
+holds AS MATERIALIZED (SELECT hold.* FROM ({_holds_of("shared")}) AS hold),
+renewed AS MATERIALIZED (
+    SELECT name, owner_token, fencing_token, host, pid, created_at,
+           CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
+                ELSE greatest(clock.now + %(ttl)s::float8 * interval '1 second', hold_until) END AS expires_at,
+           metadata, released_at, hold_until
+    FROM holds, clock WHERE owner_token = %(owner_token)s AND {_held("", "clock.now")}
+),
+kept AS (
+    SELECT * FROM renewed
+    UNION ALL
+    SELECT holds.* FROM holds, clock
+    WHERE owner_token IS DISTINCT FROM %(owner_token)s AND {_live("holds.", "clock.now")}
+),
+stored AS (
+    UPDATE {{table}} AS named SET metadata = {_listed("kept")}, expires_at = {_last_end("kept")}
+    FROM shared WHERE named.name = shared.name AND EXISTS (SELECT FROM renewed)
+    RETURNING 1
+)
+SELECT renewed.* FROM renewed WHERE EXISTS (SELECT FROM stored)
 """
 # The retention sweep: at most ``limit`` rows of names free (or expired untaken) for
 # longer than the retention period. Rows another transaction has locked are skipped,
@@ -222,7 +412,8 @@ def message(statement_timeout_ms: int, *statements: str) -> str:
 
 
 #: The statements a direct connection prepares: a single statement each, and the hot ones.
-PREPARED = ("acquire_free", "acquire", "peek", "release", "renew", "get")
+PREPARED = ("acquire_free", "acquire", "peek", "release", "renew", "get", "acquire_limited", "release_shared",
+            "renew_shared", "holders")
 
 
 def _setup_key(table: str) -> int:
@@ -239,11 +430,15 @@ def statements(table: str, statement_timeout_ms: int) -> tuple[dict[str, str], d
     of_table = {key: template.format(table=table) for key, template in (
         ("acquire_free", ACQUIRE_FREE), ("acquire", ACQUIRE), ("hint", HINT), ("release", RELEASE),
         ("renew", RENEW), ("get", GET), ("list", LIST), ("force_release", FORCE_RELEASE),
-        ("peek", PEEK), ("purge", PURGE), ("create", CREATE_TABLE), ("migrate", MIGRATE))}
+        ("peek", PEEK), ("purge", PURGE), ("create", CREATE_TABLE), ("migrate", MIGRATE),
+        ("acquire_limited", ACQUIRE_LIMITED), ("release_shared", RELEASE_SHARED), ("renew_shared", RENEW_SHARED),
+        ("holders", HOLDERS))}
     timeout = statement_timeout_ms
     messages = {key: message(timeout, of_table[key]) for key in
-                ("acquire_free", "acquire", "peek", "release", "renew", "get", "list", "force_release", "purge")}
+                ("acquire_free", "acquire", "peek", "release", "renew", "get", "list", "force_release", "purge",
+                 "acquire_limited", "release_shared", "renew_shared", "holders")}
     messages["acquire_hint"] = message(timeout, of_table["acquire"], of_table["hint"])
+    messages["acquire_limited_hint"] = message(timeout, of_table["acquire_limited"], of_table["hint"])
     messages["inspect"] = message(timeout, INSPECT)
     messages["backend_pid"] = message(timeout, "SELECT pg_backend_pid()")
     messages["setup"] = message(timeout, f"SET LOCAL lock_timeout = {timeout}",

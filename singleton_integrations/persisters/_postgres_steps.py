@@ -100,6 +100,25 @@ def _free_taken(row: tuple[Any, ...] | None, name: str, owner: Owner) -> Acquire
     return AcquireResult(True, _taken(name, owner, row[0], row[1], row[2], row[3]))
 
 
+def _shared(row: tuple[Any, ...] | None, start: int = 0) -> bool:
+    """Whether a row read whole (from ``start``) is a shared one: holds taken with ``limit=N``, listed inside it."""
+    return row is not None and row[start + 1] == q.SHARED
+
+
+def _limited(rows: list[tuple[Any, ...]], owner: Owner) -> AcquireResult | None:
+    """ACQUIRE_LIMITED's answer; None when the name's row appeared after the statement's snapshot (look again)."""
+    if not rows:
+        return None
+    if rows[0][0] == "taken":
+        return AcquireResult(True, record(rows[0], 1))
+    holds = [found for found in (record(row, 1) for row in rows) if found is not None]
+    mine = next((hold for hold in holds if hold.owner_token == owner.owner_token), None)
+    if mine is not None:  # already ours, or our own write retried after a dropped connection
+        return AcquireResult(True, mine)
+    ends = [float(row[11]) for row in rows if row[11] is not None]
+    return AcquireResult(False, holds[0], retry_after=max(min(ends), 0.0) if ends else None, holders=tuple(holds))
+
+
 def _peeked(row: tuple[Any, ...] | None, owner: Owner, hinting: bool) -> AcquireResult | None:
     """PEEK's answer: a conflict, or None when only the locking ACQUIRE can say (free, expired,
     never seen, or a hint to write)."""
@@ -165,45 +184,75 @@ class Rules:
         return pooled, None
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
-                hinting: Callable[[str], bool]) -> Steps[AcquireResult]:
+                hinting: Callable[[str], bool], limit: int = 1) -> Steps[AcquireResult]:
         """A free name with one plain UPDATE; a held one answered by a read without row locks;
         the rest (expired, in its hold, never seen, or a waiter's hint to leave) by ACQUIRE.
 
-        ``hinting(name)``: this process LISTENs for ``name``, so a failed attempt leaves the
-        waiters' hint on the row. Replaying the steps is safe: our own earlier write is
-        found and reported as acquired.
+        ``limit`` > 1 takes one of up to ``limit`` holds with ACQUIRE_LIMITED, one statement
+        whatever the name's state; so does a ``limit`` of 1 on a shared row (only the list
+        in it says which holds are live). ``hinting(name)``: this process LISTENs for
+        ``name``, so a failed attempt leaves the waiters' hint on the row. Replaying the
+        steps is safe: our own earlier write is found and reported as acquired.
         """
         params = {
             "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-            "ttl": ttl, "min_hold": min_hold,
+            "ttl": ttl, "min_hold": min_hold, "limit": limit,
             "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
         }
+        if limit > 1:
+            return (yield from self._acquire_limited(params, owner, hinting(name)))
         result = _free_taken((yield Op("one", "acquire_free", params)), name, owner)
         if result is not None:
             return result
         hint = hinting(name)
-        result = _peeked((yield Op("one", "peek", params)), owner, hint)
+        row = yield Op("one", "peek", params)
+        if _shared(row):
+            return (yield from self._acquire_limited(params, owner, hint))
+        result = _peeked(row, owner, hint)
         if result is not None:
             return result
         key = "acquire_hint" if hint else "acquire"
         for _ in range(2):  # held, expired, in its minimum hold, or never seen
-            result = _acquired((yield Op("one", key, params)), name, owner)
+            row = yield Op("one", key, params)
+            if row[0] is None and _shared(row, 4):  # turned shared since the read
+                return (yield from self._acquire_limited(params, owner, hint))
+            result = _acquired(row, name, owner)
+            if result is not None:
+                return result
+        return AcquireResult(False, None)
+
+    def _acquire_limited(self, params: dict[str, Any], owner: Owner, hint: bool) -> Steps[AcquireResult]:
+        key = "acquire_limited_hint" if hint else "acquire_limited"
+        params = {**params, "hinting": hint}
+        for _ in range(2):  # the second only when the name's row appeared meanwhile
+            result = _limited((yield Op("all", key, params)), owner)
             if result is not None:
                 return result
         return AcquireResult(False, None)
 
     def release(self, name: str, owner_token: str, notify_channel: str) -> Steps[tuple[bool, bool]]:
         """(released while live, the name is free now); a release into a minimum hold frees nothing yet."""
-        row = yield Op("one", "release", {"name": name, "owner_token": owner_token, "channel": notify_channel})
+        params = {"name": name, "owner_token": owner_token, "channel": notify_channel}
+        row = yield Op("one", "release", params)
+        if row is None:  # not an ordinary holder: perhaps one of a shared row's
+            row = yield Op("one", "release_shared", params)
         if row is None:
             return False, False
         return bool(row[0]), not row[1]
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
-        return record((yield Op("one", "renew", {"name": name, "owner_token": owner_token, "ttl": ttl})))
+        params = {"name": name, "owner_token": owner_token, "ttl": ttl}
+        renewed = record((yield Op("one", "renew", params)))
+        if renewed is None:  # not an ordinary holder: perhaps one of a shared row's
+            renewed = record((yield Op("one", "renew_shared", params)))
+        return renewed
 
     def get(self, name: str) -> Steps[LockRecord | None]:
         return record((yield Op("one", "get", {"name": name})))
+
+    def holders(self, name: str) -> Steps[list[LockRecord]]:
+        rows = yield Op("all", "holders", {"name": name})
+        return [found for found in map(record, rows) if found is not None]
 
     def list(self, prefix: str) -> Steps[list[LockRecord]]:
         rows = yield Op("all", "list", {"prefix": prefix})

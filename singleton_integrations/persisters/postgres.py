@@ -20,6 +20,10 @@ All persisters built from the same DSN and options in one process share one
 store: one connection pool (at most ``max_size`` connections), one LISTEN
 connection per table for waiters, one retention sweep schedule.
 
+``limit=N`` keeps up to N holds of a name in its one row (``_postgres_sql``'s
+shared rows), so every statement still locks and judges one row, and an attempt
+with a limit, taken or refused, is one statement.
+
 Waiting: releases ``pg_notify`` one channel per table with the lock name as
 payload; one listener thread per store and table LISTENs and wakes the waiters
 of this process (``ReleaseHub``). A release notifies only when a waiter's hint
@@ -335,6 +339,7 @@ class Postgres(Persister):
     clock: ClassVar[str] = "the PostgreSQL server's clock (clock_timestamp())"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    limits: ClassVar[bool] = True
 
     @property
     def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, worked out per store here
@@ -867,18 +872,21 @@ class Postgres(Persister):
 
     # -- the primitives: the steps, driven sync or async ----------------------------------
 
-    def _acquire_steps(self, name: str, owner: Owner, ttl: float | None,
-                       min_hold: float | None) -> Callable[[str], Steps[AcquireResult]]:
-        return lambda _: self._rules.acquire(name, owner, ttl, min_hold, self._hinting)
+    def _acquire_steps(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
+                       limit: int) -> Callable[[str], Steps[AcquireResult]]:
+        return lambda _: self._rules.acquire(name, owner, ttl, min_hold, self._hinting, limit)
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
-        """``queue_for`` is ignored: this store keeps no queue (``fair`` is False)."""
-        return self._run("acquire", self._acquire_steps(name, owner, ttl, min_hold))
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        """``queue_for`` is ignored: this store keeps no queue (``fair`` is False).
+
+        ``limit`` > 1: one statement takes one of up to ``limit`` holds or reports every live one.
+        """
+        return self._run("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit))
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                       queue_for: float | None = None) -> AcquireResult:
-        return await self._arun("acquire", self._acquire_steps(name, owner, ttl, min_hold))
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        return await self._arun("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit))
 
     def _freed(self, name: str, answer: tuple[bool, bool]) -> bool:
         released, freed = answer
@@ -909,6 +917,13 @@ class Postgres(Persister):
 
     async def aget(self, name: str) -> LockRecord | None:
         return await self._arun("get", lambda _: self._rules.get(name))
+
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        """Every live hold of ``name``, by fencing token, in one statement."""
+        return self._run("holders", lambda _: self._rules.holders(name))
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        return await self._arun("holders", lambda _: self._rules.holders(name))
 
     def _list_steps(self, prefix: object) -> Callable[[str], Steps[list[LockRecord]]]:
         checked = name_prefix(prefix)
