@@ -14,6 +14,7 @@ from singleton_integrations.persisters import Persister
 from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 from ._store import persister_for
+from ._validate import validate_limit
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -48,6 +49,7 @@ class SingletonOptions(TypedDict, total=False):
     metadata: Mapping[str, str] | None
     release_on_sigterm: bool
     apply_prefix: bool
+    limit: int
 
 
 class SingletonBlock(Block):
@@ -175,7 +177,8 @@ class SingletonBlock(Block):
         """A core ``Singleton`` configured from this block, for code that wants the plain API.
 
         ``lock_expire_seconds`` defaults to the block's ``lease_seconds``, renewed when the
-        block says ``auto_renew``; ``apply_prefix=False`` takes ``name`` as stored.
+        block says ``auto_renew``; ``apply_prefix=False`` takes ``name`` as stored;
+        ``limit=N`` lets up to N holders in at once (see ``lock``).
         """
         name, persister, core = self._singleton_arguments(name, options)
         return Singleton(name, persister, **core)
@@ -196,6 +199,9 @@ class SingletonBlock(Block):
         }
         if options.get("min_hold_seconds") is not None:
             core["min_hold_seconds"] = options["min_hold_seconds"]
+        limit = self.check_limit(options.get("limit", 1))
+        if limit > 1:
+            core["limit"] = limit
         name = self.lock_name(name) if options.get("apply_prefix", True) else name
         return name, self.get_persister(), core
 
@@ -206,20 +212,35 @@ class SingletonBlock(Block):
         lock_expire_seconds: float | None = None,
         *,
         min_hold_seconds: float | None = None,
+        limit: int = 1,
     ) -> SingletonLock:
         """Hold ``name`` for a ``with`` or ``async with`` block; ``LockConflict`` when another holds it.
 
         ``wait`` seconds to wait for a busy lock (default: do not wait);
         ``lock_expire_seconds`` overrides the block's lease for this lock;
         ``min_hold_seconds`` keeps the name held that long after the acquisition even when
-        released sooner, so a schedule's slot runs once across deployments started seconds apart.
+        released sooner, so a schedule's slot runs once across deployments started seconds apart;
+        ``limit=N`` lets up to N holders in at once (each with a lease and fencing token of its
+        own), on a store that keeps several holds; ``LockConflict`` then names all N.
         """
         return SingletonLock(self, name, wait=wait, lock_expire_seconds=lock_expire_seconds,
-                             min_hold_seconds=min_hold_seconds)
+                             min_hold_seconds=min_hold_seconds, limit=self.check_limit(limit))
+
+    def check_limit(self, limit: object) -> int:
+        """``limit`` if this block's store can keep it: a ``TypeError`` or ``ValueError`` that says why not."""
+        checked = validate_limit(limit)
+        if checked > 1 and not self.get_persister().limits:
+            raise ValueError(f"limit={checked} needs a store that keeps several holds of a lock name; the "
+                             f"{scheme_of(self.url.get_secret_value())}:// store does not (its persister's limits is False)")
+        return checked
 
     def holder(self, name: str) -> LockRecord | None:
-        """Who holds ``name`` now, if anyone (host, pid, run ids, since when, fencing token)."""
+        """Who holds ``name`` now, if anyone (host, pid, run ids, since when, fencing token); one hold under a limit."""
         return self.get_persister().get(self.lock_name(name))
+
+    def holders(self, name: str) -> list[LockRecord]:
+        """Every live hold of ``name``, by fencing token: more than one only under ``limit``."""
+        return self.get_persister().holders(self.lock_name(name))
 
     def get_lock_manager(self, name_prefix: str = SingletonLockManager.DEFAULT_NAME_PREFIX) -> SingletonLockManager:
         """A ``prefect.locking`` lock manager on this store, for SERIALIZABLE transactions and cache policies."""

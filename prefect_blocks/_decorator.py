@@ -28,6 +28,7 @@ from ._block import SingletonBlock
 from ._context import current_run, run_logger
 from ._lock import SingletonLock
 from ._messages import fan_out
+from ._validate import validate_limit
 
 __all__ = ["BLOCK_CACHE_SECONDS_ENV", "OnConflict", "clear_block_cache", "current_lock", "singleton"]
 
@@ -72,6 +73,7 @@ def singleton(
     lock_expire_seconds: float | None = None,
     min_hold_seconds: float | None = None,
     skipped_state_name: str = "Skipped",
+    limit: int = 1,
 ) -> Callable[[F], F]:
     """Guard a flow's or task's function with a lock; put it under ``@flow`` / ``@task``.
 
@@ -85,6 +87,8 @@ def singleton(
     run ends sooner, so a scheduled slot runs once across deployments started seconds apart.
     ``skipped_state_name``: the name of a skip's Completed state; "Completed" lets the UI's
     deployment Runs tab list skips under its default filter (the message then starts "Skipped:").
+    ``limit``: how many runs may hold the lock name at once, across deployments, servers and
+    orchestrators (default 1); with all N held, ``on_conflict`` applies and the message names them all.
     """
     if on_conflict not in ("skip", "fail", "wait"):
         raise ValueError(f"on_conflict must be 'skip', 'fail' or 'wait', not {on_conflict!r}")
@@ -99,6 +103,7 @@ def singleton(
         raise ValueError(f"min_hold_seconds must be a positive number of seconds, not {min_hold_seconds!r}")
     if not isinstance(skipped_state_name, str) or not skipped_state_name.strip():
         raise ValueError(f"skipped_state_name must be a non-empty str, not {skipped_state_name!r}")
+    limit = block.check_limit(limit) if isinstance(block, SingletonBlock) else validate_limit(limit)
     wait = wait_timeout if wait_timeout is not None else (math.inf if on_conflict == "wait" else None)
 
     def decorate(fn: F) -> F:
@@ -110,7 +115,7 @@ def singleton(
             raise TypeError("@singleton decorates a function")
         _lock_namer(lock_name if lock_name is not None else fn.__name__, inspect.signature(fn), fn)  # check now
         guard = _Guard(block, lock_name if lock_name is not None else fn.__name__, on_conflict, wait,
-                       lock_expire_seconds, min_hold_seconds, skipped_state_name)
+                       lock_expire_seconds, min_hold_seconds, skipped_state_name, limit)
 
         # The wrappers refer to module functions only (pickled by reference) and to
         # ``guard`` and ``fn`` (pickled by value with the flow or task).
@@ -142,11 +147,12 @@ class _Guard:
     lock_expire_seconds: float | None
     min_hold_seconds: float | None
     skipped_state_name: str
+    limit: int = 1
 
     def lock_for(self, block: SingletonBlock, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = _lock_namer(self.lock_name, inspect.signature(fn), fn)(args, kwargs)
         return SingletonLock(block, name, wait=self.wait, lock_expire_seconds=self.lock_expire_seconds,
-                             min_hold_seconds=self.min_hold_seconds, log_conflict=False)
+                             min_hold_seconds=self.min_hold_seconds, log_conflict=False, limit=self.limit)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from singleton_integrations import AsyncSingleton, LockLost, Singleton
 from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
 from ._events import emit_lock_event
 from ._messages import conflict
+from ._validate import validate_limit
 from ._waiting import WaitReport, areporting_wait, reporting_wait
 
 if TYPE_CHECKING:
@@ -39,11 +40,12 @@ class LockSource(Protocol):
 
     def get_singleton(self, name: str, *, lock_expire_seconds: float | None = ..., min_hold_seconds: float | None = ...,
                       metadata: Mapping[str, str] | None = ..., release_on_sigterm: bool = ...,
-                      apply_prefix: bool = ...) -> Singleton: ...
+                      apply_prefix: bool = ..., limit: int = ...) -> Singleton: ...
 
     def get_async_singleton(self, name: str, *, lock_expire_seconds: float | None = ...,
                             min_hold_seconds: float | None = ..., metadata: Mapping[str, str] | None = ...,
-                            release_on_sigterm: bool = ..., apply_prefix: bool = ...) -> AsyncSingleton: ...
+                            release_on_sigterm: bool = ..., apply_prefix: bool = ...,
+                            limit: int = ...) -> AsyncSingleton: ...
 
 
 class SingletonLock:
@@ -51,6 +53,8 @@ class SingletonLock:
 
     ``with`` yields the core ``Singleton`` and ``async with`` an ``AsyncSingleton``, so the
     body can read ``fencing_token`` or call ``ensure_held()`` before side effects.
+    ``limit=N`` lets up to N holders in at once, each with a hold of its own; the
+    conflict then names every holder.
     """
 
     def __init__(
@@ -63,7 +67,9 @@ class SingletonLock:
         min_hold_seconds: float | None = None,
         metadata: Mapping[str, str] | None = None,
         log_conflict: bool = True,
+        limit: int = 1,
     ) -> None:
+        self.limit = validate_limit(limit)
         self.block = block
         self.name = block.lock_name(name)
         self.wait = wait
@@ -154,6 +160,8 @@ class SingletonLock:
             "release_on_sigterm": not prefect_handles_sigterm(),
             "apply_prefix": False,
         }
+        if self.limit > 1:
+            options["limit"] = self.limit
         try:
             singleton: CoreLock
             if asynchronous:
@@ -180,8 +188,9 @@ class SingletonLock:
 
     def _conflict(self, singleton: CoreLock) -> None:
         self._finish()
-        error = conflict(singleton.name, singleton.last_holder, self.wait)
-        self._emit("conflict", singleton, str(error), singleton.last_holder)
+        error = conflict(singleton.name, singleton.last_holder, self.wait, singleton.last_holders, self.limit)
+        every = {"limit": self.limit, "holders": [record.to_dict() for record in error.holders]} if self.limit > 1 else None
+        self._emit("conflict", singleton, str(error), error.holder, payload=every)
         if self.log_conflict:
             self._log.info("%s", error)
         raise error
@@ -214,7 +223,7 @@ class SingletonLock:
         self._log.warning("%s", message)
 
     def _wait_report(self, singleton: CoreLock) -> WaitReport:
-        return WaitReport(singleton.name, singleton.persister, self._log, singleton.metadata)
+        return WaitReport(singleton.name, singleton.persister, self._log, singleton.metadata, self.limit)
 
     def _reporting_wait(self, singleton: CoreLock) -> AbstractContextManager[None]:
         """Say in the run's log that the run waits, and for whom, while ``lock(wait=...)`` blocks."""
@@ -224,9 +233,10 @@ class SingletonLock:
         return areporting_wait(self._wait_report(singleton)) if self.wait else nullcontext()
 
     def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None,
-              follows: Event | None = None) -> Event | None:
+              follows: Event | None = None, payload: Mapping[str, Any] | None = None) -> Event | None:
         return emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend,
-                               message=message, record=record, follows=follows)
+                               message=message, record=record, follows=follows, payload=payload)
 
     def __repr__(self) -> str:
-        return f"SingletonLock({self.name!r}, wait={self.wait!r})"
+        limit = f", limit={self.limit}" if self.limit > 1 else ""
+        return f"SingletonLock({self.name!r}, wait={self.wait!r}{limit})"

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from singleton_integrations import LockConflict, LockRecord
 
-__all__ = ["conflict", "describe_holder", "fan_out", "waiting"]
+__all__ = ["conflict", "describe_holder", "fan_out", "waiting", "waiting_at_limit"]
 
 #: Metadata written by this package; the friendly ones are said in words, the ids left out.
 _PREFECT_KEYS = (
@@ -54,9 +54,30 @@ def describe_holder(record: LockRecord) -> str:
     return " ".join([*words, f"on {where}"]) if words else where
 
 
-def conflict(name: str, record: LockRecord | None, waited: float | None = None) -> LockConflict:
-    """The ``LockConflict`` a run reports: one sentence, holder first, then since when."""
+def _hold(record: LockRecord) -> str:
+    """One hold in a sentence: who, then since when (or when it ran, for a minimum hold)."""
+    who = describe_holder(record)
+    if record.released_at is not None:
+        return f"{who}, ran at {_when(record.created_at)}, held until {_when(record.hold_until)} for the minimum hold"
+    return f"{who} since {_when(record.created_at)}"
+
+
+def _at_limit(name: str, holders: tuple[LockRecord, ...], limit: int) -> str:
+    """``lock 'x' is at its limit, 2 of 2 held: <each hold>``: the core's words, each holder in Prefect's terms."""
+    named = "; ".join(_hold(record) for record in holders) or "holders the store did not name"
+    return f"lock {name!r} is at its limit, {len(holders) or limit} of {limit} held: {named}"
+
+
+def conflict(name: str, record: LockRecord | None, waited: float | None = None,
+             holders: tuple[LockRecord, ...] = (), limit: int = 1) -> LockConflict:
+    """The ``LockConflict`` a run reports: one sentence, holder first, then since when.
+
+    Under ``limit=N`` (N > 1) it names every hold the refused attempt saw, as the core's message does.
+    """
     after = f" (after waiting {waited:g} s)" if waited else ""
+    if limit > 1:
+        seen = holders or ((record,) if record is not None else ())
+        return LockConflict(name, record, f"{_at_limit(name, seen, limit)}{after}", holders=seen, limit=limit)
     if record is None:
         return LockConflict(name, None, f"lock {name!r} is held by another process{after}")
     who = describe_holder(record)
@@ -76,6 +97,14 @@ def waiting(name: str, record: LockRecord | None, waited: float | None = None) -
     if record.released_at is not None:
         return f"{head} held for the minimum hold until {_when(record.hold_until)}: {describe_holder(record)} ran its slot"
     return f"{head} held by {describe_holder(record)} since {_when(record.created_at)}"
+
+
+def waiting_at_limit(name: str, holders: list[LockRecord], limit: int, waited: float | None = None) -> str:
+    """``waiting`` under ``limit=N``: every hold of the name, since when."""
+    head = f"waiting for lock {name!r}" if waited is None else f"still waiting for lock {name!r} after {waited:.0f} s,"
+    if len(holders) < limit:
+        return f"{head} {len(holders)} of {limit} held right now (the next attempt may take one)"
+    return f"{head} at its limit, {len(holders)} of {limit} held: {'; '.join(_hold(record) for record in holders)}"
 
 
 def fan_out(name: str, record: LockRecord, task_run_name: str | None, recipe: str) -> str:

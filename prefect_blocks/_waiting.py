@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from singleton_integrations import LockRecord
 from singleton_integrations.persisters import Persister
 
-from ._messages import waiting
+from ._messages import waiting, waiting_at_limit
 
 __all__ = ["WAIT_LOG_INTERVAL", "WaitReport", "areporting_wait", "reporting_wait"]
 
@@ -37,22 +37,42 @@ _fallback_logger = logging.getLogger("prefect_blocks")
 
 @dataclass(frozen=True)
 class WaitReport:
-    """What the reporter needs: the lock, the store, the run's logger and how our own record looks."""
+    """What the reporter needs: the lock, the store, the run's logger, how our own record looks, and ``limit``."""
 
     name: str
     persister: Persister
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
     metadata: Mapping[str, str]
+    limit: int = 1
 
-    def line(self, record: LockRecord | None, started: float, said: bool) -> str | None:
-        """The log line for ``record``, or None when it is our own hold (taken, not yet returned)."""
-        if record is not None and record.pid == os.getpid() and record.host == _HOST and dict(record.metadata) == dict(self.metadata):
+    def _ours(self, record: LockRecord) -> bool:
+        return record.pid == os.getpid() and record.host == _HOST and dict(record.metadata) == dict(self.metadata)
+
+    def line(self, seen: list[LockRecord], started: float, said: bool) -> str | None:
+        """The log line for the holds ``seen``, or None when one is our own (taken, not yet returned)."""
+        if any(self._ours(record) for record in seen):
             return None
-        return waiting(self.name, record, time.monotonic() - started if said else None)
+        waited = time.monotonic() - started if said else None
+        if self.limit > 1:
+            return waiting_at_limit(self.name, seen, self.limit, waited)
+        return waiting(self.name, seen[0] if seen else None, waited)
 
-    def say(self, record: LockRecord | None, started: float, said: bool) -> tuple[float, bool]:
-        """Log what ``record`` means; the pause before the next read, and whether the wait was said."""
-        line = self.line(record, started, said)
+    def read(self) -> list[LockRecord]:
+        """The holds to name: every hold under ``limit=N``, else the one holder."""
+        if self.limit > 1:
+            return self.persister.holders(self.name)
+        record = self.persister.get(self.name)
+        return [] if record is None else [record]
+
+    async def aread(self) -> list[LockRecord]:
+        if self.limit > 1:
+            return await self.persister.aholders(self.name)
+        record = await self.persister.aget(self.name)
+        return [] if record is None else [record]
+
+    def say(self, seen: list[LockRecord], started: float, said: bool) -> tuple[float, bool]:
+        """Log what the holds ``seen`` mean; the pause before the next read, and whether the wait was said."""
+        line = self.line(seen, started, said)
         if line is None:
             return (WAIT_LOG_INTERVAL if said else FIRST_ATTEMPT_SECONDS), said
         self.logger.info("%s", line)
@@ -62,23 +82,23 @@ class WaitReport:
         started, pause, said = time.monotonic(), FIRST_ATTEMPT_SECONDS, False
         while not done.wait(pause):
             try:
-                record = self.persister.get(self.name)
+                seen = self.read()
             except Exception:  # the report must never break the wait: look again after the same pause
-                _fallback_logger.debug("could not read the holder of %r", self.name, exc_info=True)
+                _fallback_logger.debug("could not read the holders of %r", self.name, exc_info=True)
                 continue
             if not done.is_set():
-                pause, said = self.say(record, started, said)
+                pause, said = self.say(seen, started, said)
 
     async def arun(self) -> None:
         started, pause, said = time.monotonic(), FIRST_ATTEMPT_SECONDS, False
         while True:
             await asyncio.sleep(pause)
             try:
-                record = await self.persister.aget(self.name)
+                seen = await self.aread()
             except Exception:
-                _fallback_logger.debug("could not read the holder of %r", self.name, exc_info=True)
+                _fallback_logger.debug("could not read the holders of %r", self.name, exc_info=True)
                 continue
-            pause, said = self.say(record, started, said)
+            pause, said = self.say(seen, started, said)
 
 
 @contextmanager

@@ -8,8 +8,9 @@ Serve the two flows once, and they run from the UI with a form for their paramet
     serve(list_locks.to_deployment(name="locks"), force_release.to_deployment(name="force-release"))
 
 ``list_locks`` publishes every live lock of a saved Singleton block as the table
-artifact ``singleton-locks``. ``force_release`` releases a lock only while the hold
-an operator looked at (its fencing token) still has it, and emits
+artifact ``singleton-locks``, one row per hold (a name held under ``limit=N`` has a
+row for each holder). ``force_release`` releases a hold only while the hold
+an operator looked at (its fencing token) still has it, leaving the name's other holds alone, and emits
 ``singleton.lock.force-released``. ``held_too_long_automation`` builds the automation
 that acts when a lock is held longer than a given time. The rows, the guard and the
 errors are the core's (``singleton_integrations.admin``), as the ``singleton`` CLI shows them.
@@ -103,20 +104,30 @@ def list_locks(block: str, prefix: str = "") -> list[dict[str, Any]]:
                                                                 singleton_block.lock_name(prefix))]
     looked = datetime.now(timezone.utc).isoformat(timespec="seconds")
     where = f" starting with {prefix!r}" if prefix else ""
+    counted = _counted(rows)
     create_table_artifact(
         table=[_table_row(row) for row in rows],
         key=ARTIFACT_KEY,
-        description=f"{len(rows)} live lock(s){where} in Singleton block `{block}` at {looked}. "
-                    "To free one whose holder is gone, run `singleton-force-release` with its name and fencing token.",
+        description=f"{counted}{where} in Singleton block `{block}` at {looked}. To free a hold whose holder is gone, "
+                    "run `singleton-force-release` with its name and fencing token (a name's other holds stay).",
     )
-    run_logger().info("%d live lock(s)%s in Singleton block %r", len(rows), where, block)
+    run_logger().info("%s%s in Singleton block %r", counted, where, block)
     return [row.to_json() for row in rows]
 
 
-@flow(name="singleton-force-release", description="Release a lock only while the hold with the given fencing token "
-                                                  "has it; fails and releases nothing otherwise.")
+def _counted(rows: list[LockRow]) -> str:
+    """``3 live lock(s)``, or ``4 live hold(s) of 3 lock(s)`` when a name has several holds (``limit=N``)."""
+    names = len({row.name for row in rows})
+    return f"{names} live lock(s)" if names == len(rows) else f"{len(rows)} live hold(s) of {names} lock(s)"
+
+
+@flow(name="singleton-force-release", description="Release a lock's hold only while the hold with the given fencing "
+                                                  "token has it (a name's other holds stay); fails and releases nothing "
+                                                  "otherwise.")
 def force_release(block: str, lock_name: str, fencing_token: int, reason: str) -> dict[str, Any]:
     """Release ``lock_name`` of Singleton block ``block`` while the hold with ``fencing_token`` has it.
+
+    Under ``limit=N`` only that hold is released; the name's other holds are untouched.
 
     The run fails with ``NotHeld`` (the name is free, or only a finished run's minimum
     hold keeps it) or ``TokenChanged`` (another hold has it now), and releases nothing.

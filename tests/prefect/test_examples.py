@@ -1,4 +1,5 @@
-"""The Prefect examples in ``examples/prefect/`` run, and yield to another holder of the same lock name."""
+"""The Prefect examples in ``examples/prefect/`` run, and yield to another holder of the same lock name (or,
+under ``limit=N``, count its hold)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from singleton_integrations import Singleton
 
 from .conftest import ROOT, held_elsewhere
 
@@ -53,3 +56,25 @@ def test_transaction_example(example_env: str) -> None:
     example = load("transaction_flow.py")
     first, again, totals = example["report"]("2026-02-03")
     assert (first, again, totals) == ("Completed", "Cached", {"orders": 42})
+
+
+def test_limit_example_runs_at_most_two_exports_and_counts_a_cron_jobs_hold(example_env: str,
+                                                                            child_env: dict[str, str]) -> None:
+    env = {**child_env, "SINGLETON_URL": example_env}
+    command = [sys.executable, str(EXAMPLES / "limit_flow.py"), "eu", "us", "apac"]
+
+    def exports() -> list[str]:
+        ran = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=ROOT, timeout=300)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        lines = [line for line in ran.stdout.splitlines() if " exported with fencing token " in line]
+        assert sorted(line.split()[0] for line in lines) == ["apac", "eu", "us"], ran.stdout
+        return lines
+
+    assert all(line.endswith(("1 of 2 holds taken", "2 of 2 holds taken")) for line in exports())
+    cron = Singleton("warehouse-export", example_env, limit=2, metadata={"source": "cron"})
+    assert cron.lock()
+    try:
+        beside_cron = exports()  # one hold left for the flow: the exports run one at a time
+    finally:
+        cron.release()
+    assert all(line.endswith("2 of 2 holds taken") for line in beside_cron), beside_cron
