@@ -20,6 +20,20 @@ expiry rule counts from: the lease end, moved by every renewal, so a seed
 process cannot judge a live Python lock expired before its lease has ended
 (the far future for a lock without expiry). Seed documents are
 ``{_id: ObjectId, name, created}``, recognised by having no ``owner`` field.
+
+Holds taken with ``limit=N`` (N > 1) live in the same document, in ``holds``: a
+list of ``{owner, fence, host, pid, createdAt, expiresAt, metadata, holdUntil,
+releasedAt}`` (the holder fields, one set per hold), so one write counts the
+live holds by ``$$NOW`` and adds one, and every hold draws its token from the
+document's one ``fence`` counter. The main fields stay the N = 1 holder's
+(exactly today's document when ``limit`` is never used); an N = 1 acquire also
+needs every entry of ``holds`` to be over. While any hold is live the document
+carries ``name: <the name>`` and a ``created`` no earlier than the latest lease
+end, so a seed process neither inserts nor expires it. ``freedBy`` (the owner
+token, or the date of a forced release) is written by every write that frees a
+hold of ``holds``: the change stream wakes waiters on it, and a release reads
+it back to know that it was the one that freed the hold. Clients older than
+``limit`` ignore ``holds``: they count only the main holder.
 """
 
 from __future__ import annotations
@@ -85,6 +99,147 @@ LIVE: dict[str, Any] = {
 #: A live lock its owner can still renew or release (not yet released into a minimum hold).
 _OWNED = {**LIVE, "releasedAt": None}
 _SEED = {"owner": {"$exists": False}}
+_NOW = "$$NOW"
+
+
+def _hold_live(hold: str) -> dict[str, Any]:
+    """One entry of ``holds`` (a ``$$variable``) is live: no expiry, or not yet passed by ``$$NOW``."""
+    return {"$or": [{"$eq": [{"$ifNull": [f"{hold}.expiresAt", None]}, None]},
+                    {"$gt": [{"$toLong": f"{hold}.expiresAt"}, NOW_MS]}]}  # fmt: skip
+
+
+def _hold_in_minimum(hold: str) -> dict[str, Any]:
+    return {"$and": [{"$ne": [{"$ifNull": [f"{hold}.holdUntil", None]}, None]},
+                     {"$gt": [{"$toLong": f"{hold}.holdUntil"}, NOW_MS]}]}  # fmt: skip
+
+
+def _holds_where(cond: Any, source: Any = "$holds") -> dict[str, Any]:
+    return {"$filter": {"input": {"$ifNull": [source, []]}, "as": "h", "cond": cond}}
+
+
+#: The live entries of ``holds`` (an expired one is dropped by the next write that lists them).
+LIVE_HOLDS = _holds_where(_hold_live("$$h"))
+_NO_LIVE_HOLDS = {"$eq": [{"$size": LIVE_HOLDS}, 0]}
+_MAIN_LIVE = {"$and": [_HAS_OWNER, {"$not": [_EXPIRED]}]}
+#: A filter for documents with a live entry in ``holds``.
+HOLDS_LIVE: dict[str, Any] = {"$expr": {"$gt": [{"$size": LIVE_HOLDS}, 0]}}
+_FAR_MS = int(FAR_FUTURE.timestamp() * 1000)
+
+
+def _owned_by(token: str) -> dict[str, Any]:
+    """Whether ``$$h`` is ``token``'s hold that its owner can still release or renew."""
+    return {"$and": [{"$eq": ["$$h.owner", {"$literal": token}]},
+                     {"$eq": [{"$ifNull": ["$$h.releasedAt", None]}, None]}]}  # fmt: skip
+
+
+def _holds_settled(purge_ms: int | None) -> list[dict[str, Any]]:
+    """After ``holds`` (now live entries only) changed: the seed's view and retention follow every live hold.
+
+    ``_end`` is the latest lease end among the live holds, the main holder
+    included (the far future for one without expiry), or null when none is
+    live: then the name is free for a seed process and retention starts now.
+    Needs ``_main`` (the main holder was live) set by an earlier stage.
+    """
+    # Compared as {$toLong}: SecantusDB misorders a date made from $$NOW and a stored one.
+    ends = {"$map": {"input": "$holds", "as": "h", "in": {"$ifNull": [{"$toLong": "$$h.expiresAt"}, _FAR_MS]}}}
+    main_end = {"$cond": ["$_main", {"$ifNull": [{"$toLong": "$expiresAt"}, _FAR_MS]}, None]}
+    live = {"$ne": [{"$ifNull": ["$_end", None]}, None]}
+    unbounded = {"$gte": [{"$toLong": "$_end"}, _FAR_MS]}
+    return [
+        {"$set": {"_end": {"$toDate": {"$max": [main_end, {"$max": ends}]}}}},
+        {"$set": {
+            "name": {"$cond": [live, "$_id", {"free": "$_id"}]},
+            "created": {"$cond": [live, "$_end", "$$REMOVE"]},
+            "purgeAt": {"$cond": [live, {"$cond": [unbounded, "$$REMOVE", _purge("$_end", purge_ms)]},
+                                  _purge(_NOW, purge_ms)]},
+        }},
+        {"$unset": ["_end", "_main"]},
+    ]  # fmt: skip
+
+
+def limit_acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None,
+                         purge_ms: int | None, limit: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The pipeline that adds a hold to ``holds`` while fewer than ``limit`` holds are live.
+
+    The main holder (an N = 1 lock) counts as one. A refusal changes nothing
+    but drop expired entries, so it raises no change event for the waiters.
+    """
+    del name  # the document's _id is the name; ``name`` is rewritten from it
+    token = {"$literal": owner.owner_token}
+    expires = _at(None if ttl_ms is None else max(ttl_ms, hold_ms or 0))
+    hold = {
+        "owner": token, "fence": "$fence", "host": {"$literal": owner.host}, "pid": {"$literal": owner.pid},
+        "createdAt": _NOW, "expiresAt": expires, "metadata": {"$literal": dict(owner.metadata)},
+        "holdUntil": _at(hold_ms) if hold_ms else None, "releasedAt": None,
+    }  # fmt: skip
+    mine = {"$or": [{"$and": ["$_main", {"$eq": ["$owner", token]}]},
+                    {"$anyElementTrue": [{"$map": {"input": "$_live", "as": "h",
+                                                   "in": {"$eq": ["$$h.owner", token]}}}]}]}  # fmt: skip
+    count = {"$add": [{"$size": "$_live"}, {"$cond": ["$_main", 1, 0]}]}
+    return [
+        {"$set": {"_live": LIVE_HOLDS, "_main": _MAIN_LIVE, "owner": {"$ifNull": ["$owner", None]},
+                  "_before": {"$size": {"$ifNull": ["$holds", []]}}}},
+        {"$set": {"_take": {"$and": [{"$not": [mine]}, {"$lt": [count, limit]}]}}},
+        {"$set": {"fence": {"$cond": ["$_take", {"$max": [{"$add": [{"$ifNull": ["$fence", 0]}, 1]}, NOW_MS]},
+                                      "$fence"]}}},
+        {"$set": {"holds": {"$cond": ["$_take", {"$concatArrays": ["$_live", [hold]]}, "$_live"]},
+                  "freedBy": {"$cond": ["$_take", "$$REMOVE", "$freedBy"]}}},
+        {"$set": {"_changed": {"$or": ["$_take", {"$ne": [{"$size": "$holds"}, "$_before"]}]}}},
+        *_settled_if_changed(purge_ms),
+        {"$unset": ["_live", "_take", "_changed", "_before"]},
+    ]  # fmt: skip
+
+
+def _settled_if_changed(purge_ms: int | None) -> list[dict[str, Any]]:
+    """``_holds_settled``, but leaving ``name``/``created``/``purgeAt`` as they were unless ``_changed``."""
+    stages = _holds_settled(purge_ms)
+    settled = stages[1]["$set"]
+    stages[1] = {"$set": {field: {"$cond": ["$_changed", value, f"${field}"]} for field, value in settled.items()}}
+    return stages
+
+
+def limit_release_update(owner_token: str, purge_ms: int | None) -> list[dict[str, Any]]:
+    """Drop ``owner_token``'s entry of ``holds``, or mark it released until its minimum hold ends.
+
+    Sets ``freedBy`` to the token when the hold is freed (the wake-up, and the
+    caller's proof); expired entries go in the same write.
+    """
+    released = {"$mergeObjects": ["$$h", {"releasedAt": _NOW, "expiresAt": "$$h.holdUntil"}]}
+    return [
+        {"$set": {"_main": _MAIN_LIVE, "_live": LIVE_HOLDS}},
+        {"$set": {"_mine": _holds_where(_owned_by(owner_token), "$_live")}},
+        {"$set": {"_kept": _holds_where(_hold_in_minimum("$$h"), "$_mine")}},
+        {"$set": {
+            "holds": {"$concatArrays": [_holds_where({"$not": [_owned_by(owner_token)]}, "$_live"),
+                                        {"$map": {"input": "$_kept", "as": "h", "in": released}}]},
+            "freedBy": {"$cond": [{"$gt": [{"$size": "$_mine"}, {"$size": "$_kept"}]},
+                                  {"$literal": owner_token}, "$freedBy"]},
+        }},
+        *_holds_settled(purge_ms),
+        {"$unset": ["_live", "_mine", "_kept"]},
+    ]  # fmt: skip
+
+
+def limit_renew_update(owner_token: str, ttl_ms: int | None, purge_ms: int | None) -> list[dict[str, Any]]:
+    """``expiresAt = max(now + ttl, holdUntil)`` for ``owner_token``'s live entry of ``holds``."""
+    if ttl_ms is None:
+        expires: Any = None
+    else:
+        expires = {"$toDate": {"$max": [{"$add": [NOW_MS, ttl_ms]}, {"$ifNull": [{"$toLong": "$$h.holdUntil"}, 0]}]}}
+    renewed = {"$cond": [_owned_by(owner_token), {"$mergeObjects": ["$$h", {"expiresAt": expires}]}, "$$h"]}
+    return [
+        {"$set": {"_main": _MAIN_LIVE, "holds": {"$map": {"input": LIVE_HOLDS, "as": "h", "in": renewed}}}},
+        *_holds_settled(purge_ms),
+    ]
+
+
+def force_update(purge_ms: int | None) -> list[dict[str, Any]]:
+    """``free_update`` for the main holder, and every entry of ``holds`` gone (a wake-up when one was live)."""
+    return [
+        {"$set": {"freedBy": {"$cond": [_NO_LIVE_HOLDS, "$freedBy", _NOW]}}},
+        {"$unset": "holds"},
+        *free_update(purge_ms),
+    ]
 _HOLDER_FIELDS = ("owner", "fence", "host", "pid", "createdAt", "expiresAt", "metadata")
 
 
@@ -121,7 +276,8 @@ def acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | N
     previous = {"$cond": [{"$and": [_HAS_OWNER, _NOT_RELEASED]},
                           {field: f"${field}" for field in _HOLDER_FIELDS}, "$$REMOVE"]}  # fmt: skip
     return [
-        {"$set": {"_free": _FREE}},
+        # The holds of ``limit`` callers count too: a cheap check, made only once the main holder is over.
+        {"$set": {"_free": {"$and": [_FREE, _NO_LIVE_HOLDS]}}},
         {
             "$set": {
                 # $literal: a name, host or metadata value such as "$where" is data, never a field path.
@@ -266,8 +422,13 @@ class Rules:
                     raise
                 logger.warning("mongodb: cannot create %s: %s", what, error.code)
 
-    def acquire(self, name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None) -> Steps[AcquireResult]:
-        update = acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms)
+    def acquire(self, name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None,
+                limit: int = 1) -> Steps[AcquireResult]:  # fmt: skip
+        """One write takes the name (or, under ``limit`` N > 1, one of its N holds); a seed lock is met by index."""
+        if limit > 1:
+            update = limit_acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms, limit)
+        else:
+            update = acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms)
         seed_ms = self._seed_ms(ttl_ms)
         expired_seed: LockRecord | None = None
         doc: Any = None
@@ -298,23 +459,42 @@ class Rules:
                         expired_seed = holder
                         continue
                 now = yield Op("server_now")
-                return AcquireResult(False, holder, retry_after=_retry_after(holder.expires_at, now))
+                return AcquireResult(False, holder, retry_after=_retry_after(holder.expires_at, now),
+                                     holders=(holder,) if limit > 1 else ())  # fmt: skip
             if doc is None:  # SecantusDB: an upsert can answer nothing although it wrote
                 doc = yield Op("find_one", {"_id": name})
             break
         else:
             return AcquireResult(False, None)
-        if doc is not None and doc.get("owner") == owner.owner_token:
+        if doc is None:
+            return AcquireResult(False, None)
+        token = owner.owner_token
+        ours = next((hold for hold in doc.get("holds") or () if hold.get("owner") == token), None)
+        if ours is not None:  # only live entries stay in ``holds`` after this write
+            return AcquireResult(True, record(name, ours))
+        if doc.get("owner") == token:
             previous = doc.get("expired")
             return AcquireResult(True, record(name, doc), expired=record(name, previous) if previous else expired_seed)
-        if doc is None or doc.get("owner") is None:
+        if doc.get("owner") is None and not doc.get("holds"):
             return AcquireResult(False, None)
-        holder = record(name, doc)
         now = yield Op("server_now")
-        return AcquireResult(False, holder, retry_after=_retry_after(holder.expires_at, now))
+        holders = live_holds(name, doc, now)
+        if not holders:  # the write judged one live that our estimate of the server's clock just passed
+            holders = sorted((record(name, hold) for hold in doc.get("holds") or ()), key=_by_token) or [record(name, doc)]
+        ends = [max(0.0, holder.expires_at.timestamp() - now) for holder in holders if holder.expires_at is not None]
+        return AcquireResult(False, holders[0], retry_after=min(ends) if ends else None,
+                             holders=tuple(holders) if limit > 1 else ())  # fmt: skip
 
-    def release(self, name: str, owner_token: str) -> Steps[tuple[bool, bool]]:
-        """Returns (released, freed): freed is False when the release went into a minimum hold."""
+    def release(self, name: str, owner_token: str, in_holds: bool = False) -> Steps[tuple[bool, bool]]:
+        """Returns (released, freed): freed is False when the release went into a minimum hold.
+
+        ``in_holds``: the token was seen taking an entry of ``holds``, so that is
+        tried first (a hint: every path is still tried).
+        """
+        if in_holds:
+            answer = yield from self._release_hold(name, owner_token)
+            if answer is not None:
+                return answer
         ours = {"_id": name, **_OWNED, "owner": owner_token}
         # The common case, no minimum hold left: one plain update (cheaper than a
         # findAndModify on SecantusDB, which scans for it).
@@ -324,15 +504,43 @@ class Rules:
                        return_document=True, projection={"releasedAt": 1})  # fmt: skip
         if doc is not None:  # into the hold (or freed, had it just ended)
             return True, doc.get("releasedAt") is None
+        if not in_holds:
+            answer = yield from self._release_hold(name, owner_token)
+            if answer is not None:
+                return answer
         # A lease that ran out untaken is cleared too (a second trip only on this path),
         # but it was not held until now.
         yield Op("update_one", {"_id": name, "owner": owner_token, "releasedAt": None}, free_update(self.purge_ms))
         return False, False
 
-    def renew(self, name: str, owner_token: str, ttl_ms: int | None) -> Steps[LockRecord | None]:
-        doc = yield Op("find_one_and_update", {"_id": name, **_OWNED, "owner": owner_token},
-                       renew_update(ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
-        return record(name, doc) if doc is not None else None
+    def _release_hold(self, name: str, owner_token: str) -> Steps[tuple[bool, bool] | None]:
+        """Release ``owner_token``'s entry of ``holds``; None when it has none there (live or not)."""
+        doc = yield Op("find_one_and_update", _holding(name, owner_token),
+                       limit_release_update(owner_token, self.purge_ms), return_document=True,
+                       projection={"freedBy": 1, "holds": 1})  # fmt: skip
+        if doc is None:
+            return None
+        if doc.get("freedBy") == owner_token:
+            return True, True
+        kept = any(hold.get("owner") == owner_token for hold in doc.get("holds") or ())
+        return kept, False  # into its minimum hold, or it had expired (then dropped, and not held till now)
+
+    def renew(self, name: str, owner_token: str, ttl_ms: int | None, in_holds: bool = False) -> Steps[LockRecord | None]:
+        if not in_holds:
+            doc = yield Op("find_one_and_update", {"_id": name, **_OWNED, "owner": owner_token},
+                           renew_update(ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
+            if doc is not None:
+                return record(name, doc)
+        doc = yield Op("find_one_and_update", _holding(name, owner_token),
+                       limit_renew_update(owner_token, ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
+        hold = next((hold for hold in (doc or {}).get("holds") or () if hold.get("owner") == owner_token), None)
+        if hold is not None and hold.get("releasedAt") is None:
+            return record(name, hold)
+        if in_holds:  # the hint was wrong: the main holder's renewal
+            doc = yield Op("find_one_and_update", {"_id": name, **_OWNED, "owner": owner_token},
+                           renew_update(ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
+            return record(name, doc) if doc is not None else None
+        return None
 
     def _seed_live(self) -> dict[str, Any]:
         """Seed documents that are live for ``get``/``list``: all, unless an explicit expiry says otherwise."""
@@ -343,35 +551,75 @@ class Rules:
     def _seed_shown_ms(self) -> int | None:
         return None if isinstance(self.seed_expire_ms, bool) else self.seed_expire_ms
 
+    def _read(self, ours: dict[str, Any], seeds: dict[str, Any]) -> Steps[builtins.list[LockRecord]]:
+        """Every live hold of the matching documents, judged by ``$$NOW`` in one aggregation.
+
+        A name of ours hides a seed document of the same name (a leftover the
+        unique index would have refused while ours was held).
+        """
+        docs = yield Op("aggregate", [
+            {"$match": {"$or": [{"$and": [ours, {"$or": [LIVE, HOLDS_LIVE]}]}, seeds]}},
+            {"$set": {"_main": _MAIN_LIVE, "holds": LIVE_HOLDS}},
+        ])  # fmt: skip
+        found: dict[str, builtins.list[LockRecord]] = {}
+        for doc in docs:
+            if "owner" in doc and isinstance(doc.get("_id"), str):
+                name = doc["_id"]
+                holds = [record(name, hold) for hold in doc.get("holds") or ()]
+                found[name] = sorted(([record(name, doc)] if doc.get("_main") else []) + holds, key=_by_token)
+        for doc in docs:
+            if "owner" not in doc and isinstance(doc.get("name"), str) and not found.get(doc["name"]):
+                found[doc["name"]] = [seed_record(doc["name"], doc, self._seed_shown_ms())]
+        return [hold for key in sorted(found) for hold in found[key]]
+
+    def holders(self, name: str) -> Steps[builtins.list[LockRecord]]:
+        return (yield from self._read({"_id": name}, {"$and": [{"name": name}, self._seed_live()]}))
+
     def get(self, name: str) -> Steps[LockRecord | None]:
-        docs = yield Op("find", {"$or": [{"$and": [{"_id": name}, LIVE]}, {"$and": [{"name": name}, self._seed_live()]}]})
-        ours = [doc for doc in docs if doc.get("_id") == name and "owner" in doc]
-        if ours:
-            return record(name, ours[0])
-        seeds = [doc for doc in docs if "owner" not in doc]
-        return seed_record(name, seeds[0], self._seed_shown_ms()) if seeds else None
+        holders = yield from self.holders(name)
+        return holders[0] if holders else None
 
     def list(self, prefix: str, pattern: str | None) -> Steps[builtins.list[LockRecord]]:
-        ours: dict[str, Any] = {"$and": [LIVE]}
+        ours: dict[str, Any] = {"_id": {"$type": "string"}}
         seeds = self._seed_live()
         if pattern is not None:
-            ours["$and"].append({"_id": {"$regex": pattern}})
+            ours = {"_id": {"$regex": pattern}}
             seeds = {"$and": [seeds, {"name": {"$regex": pattern}}]}
         else:
             seeds = {"$and": [seeds, {"name": {"$type": "string"}}]}
-        docs = yield Op("find", {"$or": [ours, seeds]})
-        found: dict[str, LockRecord] = {}
-        for doc in docs:
-            if "owner" in doc and isinstance(doc.get("_id"), str):
-                found[doc["_id"]] = record(doc["_id"], doc)
-        for doc in docs:
-            if "owner" not in doc and isinstance(doc.get("name"), str) and doc["name"] not in found:
-                found[doc["name"]] = seed_record(doc["name"], doc, self._seed_shown_ms())
-        return [found[key] for key in sorted(found)]
+        return (yield from self._read(ours, seeds))
 
     def force_release(self, name: str) -> Steps[LockRecord | None]:
-        doc = yield Op("find_one_and_update", {"_id": name, **LIVE}, free_update(self.purge_ms), return_document=False)
+        """Free the main holder and every entry of ``holds``; returns the removed hold with the lowest token."""
+        doc = yield Op("find_one_and_update", {"$and": [{"_id": name}, {"$or": [LIVE, HOLDS_LIVE]}]},
+                       force_update(self.purge_ms), return_document=False)  # fmt: skip
         if doc is not None:
-            return record(name, doc)
+            if not doc.get("holds"):
+                return record(name, doc)
+            now = yield Op("server_now")
+            removed = live_holds(name, doc, now)
+            return removed[0] if removed else record(name, doc)
         seed = yield Op("find_one_and_delete", {"name": name, **_SEED})
         return seed_record(name, seed, self._seed_shown_ms()) if seed is not None else None
+
+
+def _holding(name: str, owner_token: str) -> dict[str, Any]:
+    """The name's document when ``owner_token`` has an unreleased entry in ``holds`` (live or not)."""
+    return {"_id": name, "holds": {"$elemMatch": {"owner": owner_token, "releasedAt": None}}}
+
+
+def _by_token(hold: LockRecord) -> int:
+    return hold.fencing_token
+
+
+def live_holds(name: str, doc: Mapping[str, Any], server_now: float) -> builtins.list[LockRecord]:
+    """The holds of ``doc`` live at ``server_now`` (the main holder and ``holds``), by fencing token.
+
+    Used where the write that returned ``doc`` could not also say which were
+    live; ``server_now`` is this client's estimate of the server's clock.
+    """
+    candidates = [doc] if doc.get("owner") is not None else []
+    candidates += list(doc.get("holds") or ())
+    found = [record(name, hold) for hold in candidates]
+    return sorted((hold for hold in found if hold.expires_at is None or hold.expires_at.timestamp() > server_now),
+                  key=_by_token)  # fmt: skip

@@ -31,6 +31,15 @@ Why it is shaped this way:
   max(fence + 1, $$NOW in ms)``. The clock term keeps tokens rising after the
   TTL clean-up (or a seed process) deleted a document: a new document starts
   at the server's current millisecond.
+* **At most N.** ``acquire(..., limit=N)`` keeps N > 1 holds in the name's
+  document, in a ``holds`` list beside the N = 1 holder's fields: one
+  ``findAndModify`` counts the live holds by ``$$NOW`` (the N = 1 holder
+  included), adds one with a token from the document's ``fence`` counter when
+  fewer than N are live, and answers a refusal with every holder, so a full
+  set costs one round trip whatever N. Concurrent attempts are serialised by
+  the document. An N = 1 acquire also waits for every entry of ``holds`` to
+  end (a check made only once the main holder is over). Releasing one sets
+  ``freedBy``, which the change stream turns into a wake-up.
 * **Minimum hold.** ``holdUntil`` is recorded with the lock and folded into
   ``expiresAt``; a release before it keeps the record (``releasedAt`` set) as
   the holder until then.
@@ -109,6 +118,7 @@ _CHANGE_STREAM_AWAIT_MS = 200
 _CLOCK_REFRESH_SECONDS = 60.0
 _PROBE_SECONDS = 2.0
 _SEED_IDS_KEPT = 10_000
+_HINTS_KEPT = 10_000
 # Options of ours that may appear in the URL's query; pymongo would reject them.
 _OWN_QUERY_OPTIONS = {
     "collection": "collection",
@@ -130,6 +140,8 @@ _RELEASES = [{"$match": {"$or": [
     {"operationType": "insert", "fullDocument.owner": {"$exists": False}},  # a seed lock: remember its name
     {"operationType": "replace", "fullDocument.owner": {"$type": "null"}},
     {"updateDescription.updatedFields.owner": {"$type": "null"}},
+    {"updateDescription.updatedFields.freedBy": {"$exists": True}},  # a hold of ``holds`` freed
+    {"operationType": "replace", "fullDocument.freedBy": {"$exists": True}},
 ]}}]  # fmt: skip
 
 
@@ -289,6 +301,7 @@ class MongoDb(Persister):
     clock: ClassVar[str] = "the MongoDB server's clock ($$NOW)"
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
+    limits: ClassVar[bool] = True
     notifies = _NotifiesProbe()
     poll_interval: float = 0.1
 
@@ -369,6 +382,8 @@ class MongoDb(Persister):
         self._change_streams: bool | None = None
         self._probed_at = -math.inf
         self._clock_offset: tuple[float, float] | None = None  # (server - client seconds, measured at)
+        #: (name, owner token) of holds this persister took under ``limit``: their release tries ``holds`` first.
+        self._in_holds: set[tuple[str, str]] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MongoDb:
@@ -544,6 +559,8 @@ class MongoDb(Persister):
             return now
         if op.method == "find":
             return list(collection.find(*op.args, **op.kwargs))
+        if op.method == "aggregate":
+            return list(collection.aggregate(*op.args, **op.kwargs))
         result = getattr(collection, op.method)(*op.args, **op.kwargs)
         return _result(op.method, result)
 
@@ -556,6 +573,8 @@ class MongoDb(Persister):
             return now
         if op.method == "find":
             return await collection.find(*op.args, **op.kwargs).to_list(None)
+        if op.method == "aggregate":
+            return await (await collection.aggregate(*op.args, **op.kwargs)).to_list(None)
         result = await getattr(collection, op.method)(*op.args, **op.kwargs)
         return _result(op.method, result)
 
@@ -574,31 +593,54 @@ class MongoDb(Persister):
 
     # -- the primitives ----------------------------------------------------------------
 
-    def acquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
-                min_hold: float | None = None) -> AcquireResult:
-        return self._run(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
+    def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        """``queue_for`` is never passed (this store is not ``fair``); ``limit`` N > 1 keeps up to N holds."""
+        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit))
+        return self._taken(self._run(f"acquire {name!r}", steps), name, owner, limit)
 
-    async def aacquire(self, name: str, owner: Owner, ttl: float | None,  # type: ignore[override]  # no queue_for: it is only passed when ``fair``, and this store is not
-                       min_hold: float | None = None) -> AcquireResult:
-        return await self._arun(f"acquire {name!r}", self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold)))
+    async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit))
+        return self._taken(await self._arun(f"acquire {name!r}", steps), name, owner, limit)
+
+    def _taken(self, result: AcquireResult, name: str, owner: Owner, limit: int) -> AcquireResult:
+        """Remember a hold taken in ``holds``, so that its release and renewal try that first."""
+        if limit > 1 and result.acquired:
+            if len(self._in_holds) >= _HINTS_KEPT:
+                self._in_holds.clear()  # a hint only: a forgotten token costs its release a trip or two
+            self._in_holds.add((name, owner.owner_token))
+        return result
 
     def release(self, name: str, owner_token: str) -> bool:
-        released, freed = self._run(f"release {name!r}", self._rules.release(name, owner_token))
+        hint = (name, owner_token) in self._in_holds
+        released, freed = self._run(f"release {name!r}", self._rules.release(name, owner_token, hint))
+        self._in_holds.discard((name, owner_token))
         if freed:
             self._notify(name)
         return bool(released)
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        released, freed = await self._arun(f"release {name!r}", self._rules.release(name, owner_token))
+        hint = (name, owner_token) in self._in_holds
+        released, freed = await self._arun(f"release {name!r}", self._rules.release(name, owner_token, hint))
+        self._in_holds.discard((name, owner_token))
         if freed:
             self._notify(name)
         return bool(released)
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        return self._run(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl)))
+        hint = (name, owner_token) in self._in_holds
+        return self._run(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl), hint))
 
     async def arenew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
-        return await self._arun(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl)))
+        hint = (name, owner_token) in self._in_holds
+        return await self._arun(f"renew {name!r}", self._rules.renew(name, owner_token, _ms(ttl), hint))
+
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        return self._run(f"read {name!r}", self._rules.holders(name))
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        return await self._arun(f"read {name!r}", self._rules.holders(name))
 
     def get(self, name: str) -> LockRecord | None:
         return self._run(f"read {name!r}", self._rules.get(name))
@@ -708,7 +750,7 @@ class MongoDb(Persister):
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the configuration only; the client is rebuilt on first use."""
         state = self.__dict__.copy()
-        for key in ("_pymongo", "_client_", "_clock_offset", "_rules"):
+        for key in ("_pymongo", "_client_", "_clock_offset", "_rules", "_in_holds"):
             state.pop(key, None)
         state["_purge_seed"] = (self._rules.purge_ms, self._rules.seed_expire_ms)
         return state
@@ -738,6 +780,12 @@ def _result(method: str, result: Any) -> Any:
     if method == "delete_one":
         return result.deleted_count
     return result
+
+
+def _limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, not {limit!r}")
+    return limit
 
 
 def _prefix_pattern(prefix: str) -> str | None:
