@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
-from ._redis_scripts import RELEASED_MARKER, script_keys
+from ._redis_scripts import HOLDS_SUFFIX, RELEASED_MARKER, script_keys
 
-__all__ = ["EVAL", "READ", "SCAN", "Op", "Rules", "Steps", "bulk", "record"]
+__all__ = ["EVAL", "READ", "SCAN", "Op", "Rules", "Steps", "bulk", "record", "sorted_holds"]
 
 EVAL, SCAN, READ = "eval", "scan", "read"
 
@@ -80,6 +80,20 @@ def record(name: str, token: str | None, holder: str | None) -> LockRecord:
     )
 
 
+def sorted_holds(name: str, listed: Any) -> list[LockRecord]:
+    """The records of a script's ``every_hold`` list (the lock key's token and holder JSON,
+    '' when it is free, then each hold's JSON), by fencing token."""
+    records = [record(name, None, text) for text in listed[2:] if text]
+    if listed[0]:
+        records.append(record(name, listed[0], listed[1] or None))
+    records.sort(key=_fencing)
+    return records
+
+
+def _fencing(held: LockRecord) -> int:
+    return held.fencing_token
+
+
 def _our_record(name: str, owner: Owner, fence: int, created_ms: int, ttl_ms: int, hold_ms: int) -> LockRecord:
     """The record a fresh acquire made, built without reading the holder JSON back."""
     life = max(ttl_ms, hold_ms) if ttl_ms else 0
@@ -108,6 +122,13 @@ def _acquired(name: str, owner: Owner, reply: Any, ttl_ms: int, hold_ms: int) ->
         return AcquireResult(True, record(name, owner.owner_token, reply[1]))
     if reply[0] == 3:
         return AcquireResult(False, None, retry_after=reply[1] / 1000, queued_behind=True)
+    if reply[0] == 5:  # one of the holds of limit=N
+        return AcquireResult(True, _our_record(name, owner, reply[1], reply[2], ttl_ms, hold_ms),
+                             expired=record(name, None, reply[3]) if reply[3] else None)
+    if reply[0] == 4:  # every live hold, read by the refusing step
+        holds = sorted_holds(name, reply[2:])
+        return AcquireResult(False, holds[0] if holds else None,
+                             retry_after=reply[1] / 1000 if reply[1] >= 0 else None, holders=tuple(holds))
     pttl = reply[3]
     return AcquireResult(False, record(name, reply[1], reply[2]), retry_after=pttl / 1000 if pttl >= 0 else None)
 
@@ -159,8 +180,9 @@ class Rules:
         if cached is None:
             if len(self._keys) >= _KEYS_CACHED:
                 self._keys = {}
-            keys = tuple(key.encode() for key in script_keys(f"{self.prefix}{{{name}}}")[1:])
-            cached = self._keys[name] = ((b"4", *keys), b"".join(map(bulk, (b"4", *keys))))
+            keys = tuple(key.encode() for key in script_keys(f"{self.prefix}{{{name}}}"))
+            counted = (b"%d" % len(keys), *keys)
+            cached = self._keys[name] = (counted, b"".join(map(bulk, counted)))
         return Op(EVAL, script, cached[0], args, wait, cached[1])
 
     def _holder_members(self, owner: Owner) -> bytes:
@@ -175,19 +197,26 @@ class Rules:
         return b'"owner_token":%s,%s' % (token_json.encode(), cached[3])
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
-                queue_for: float | None, wake: str) -> Steps[AcquireResult]:
+                queue_for: float | None, wake: str, limit: int = 1) -> Steps[AcquireResult]:
         """``wake``: the wake channel of this process's listener, for a queued caller ('' for none).
 
+        ``limit`` > 1 takes one of the name's ``limit`` holds instead of the lock key.
         With ``wait_replicas``, an acquire too few replicas confirmed is given back and raises.
         """
         lease, hold = ttl_ms(ttl), ttl_ms(min_hold)
         token, waits = owner.owner_token.encode(), self.wait_replicas
-        args = (token, lease, self._holder_members(owner), hold, self._purge, ttl_ms(queue_for), wake.encode())
-        reply = yield self._op("acquire", name, args, bool(waits))
+        args: tuple[Any, ...] = (token, lease, self._holder_members(owner), hold, self._purge, ttl_ms(queue_for),
+                                 wake.encode())
+        script = "acquire"
+        if limit > 1:
+            script, args = "acquire_limit", (*args, limit)
+        reply = yield self._op(script, name, args, bool(waits))
         acknowledged = waits
         if waits:
             reply, acknowledged = reply
         result = _acquired(name, owner, reply, lease, hold)
+        if type(reply) is not str and reply[0] == 5 and reply[4]:
+            self.notify(name, reply[4])  # holds are still free: the queue's head may take one
         if result.acquired and acknowledged < waits:
             yield self._op("release", name, (token, self._purge))
             raise PersisterError(
@@ -212,15 +241,27 @@ class Rules:
         return record(name, owner_token, holder) if holder else None
 
     def get(self, name: str) -> Steps[LockRecord | None]:
+        """The lock key's holder; when it is free, the live hold under ``limit`` with the lowest fencing token."""
         reply = yield self._op("get", name, ())
-        return record(name, reply[0], reply[1]) if reply else None
+        if not reply:
+            return None
+        if reply[0]:
+            return record(name, reply[0], reply[1])
+        holds = sorted_holds(name, reply)
+        return holds[0] if holds else None
+
+    def holders(self, name: str) -> Steps[list[LockRecord]]:
+        """Every live hold of ``name`` (the lock key's and those under ``limit``), by fencing token."""
+        return sorted_holds(name, (yield self._op("holders", name, ())))
 
     def force_release(self, name: str) -> Steps[LockRecord | None]:
+        """Every live hold goes; the answer is the one with the lowest fencing token."""
         reply = yield self._op("force_release", name, (self._purge,))
         if not reply:
             return None
-        self.notify(name, reply[2] or None)
-        return record(name, reply[0], reply[1])
+        self.notify(name, reply[0] or None)
+        holds = sorted_holds(name, reply[1:])
+        return holds[0] if holds else None
 
     def leave_queue(self, name: str, owner_token: str) -> Steps[None]:
         head = yield self._op("leave_queue", name, (owner_token.encode(),))
@@ -228,15 +269,26 @@ class Rules:
             self.notify(name, head)
 
     def list(self, pattern: str, batch: int = 500) -> Steps[list[LockRecord]]:
-        """Every live lock whose key matches ``pattern`` (SCAN, never KEYS), sorted by name."""
+        """Every live hold whose keys match ``pattern`` (SCAN, never KEYS), by name and fencing token.
+
+        ``pattern`` matches every key of the names listed: the lock keys (ending in ``}``) are
+        read in pipelined batches; a name with a holds key is read whole by the holders script.
+        """
         keys: list[str] = yield Op(SCAN, "list", (), (pattern,))
-        found: dict[str, LockRecord] = {}  # SCAN may return a key twice
         start = len(self.prefix) + 1
-        for first in range(0, len(keys), batch):
-            chunk = tuple(keys[first:first + batch])
+        limited = {str(key)[start:-len(HOLDS_SUFFIX)] for key in keys if str(key).endswith(HOLDS_SUFFIX)}
+        # SCAN may return a key twice; a name with holds under limit is read with them.
+        plain = sorted({str(key) for key in keys if str(key).endswith("}") and str(key)[start:-1] not in limited})
+        found: dict[str, list[LockRecord]] = {}
+        for first in range(0, len(plain), batch):
+            chunk = tuple(plain[first:first + batch])
             replies = yield Op(READ, "list", chunk, ())
             for key, token, holder in zip(chunk, replies[::2], replies[1::2], strict=True):
                 if token is not None:  # None: expired between SCAN and the read
-                    name = str(key)[start:-1]
-                    found[name] = record(name, token, holder)
-        return [found[name] for name in sorted(found)]
+                    name = key[start:-1]
+                    found[name] = [record(name, token, holder)]
+        for name in limited:
+            holds = sorted_holds(name, (yield self._op("holders", name, ())))
+            if holds:
+                found[name] = holds
+        return [held for name in sorted(found) for held in found[name]]

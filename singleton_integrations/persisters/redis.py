@@ -12,6 +12,10 @@ Expiry is Redis's own key TTL, so an expired lock is simply gone; a ``holder``
 still present in the state hash is what tells the next acquire that the lock
 expired rather than was released, in the same script. Times come from the
 server's ``TIME``, never the client's clock.
+
+With ``limit=N`` (N > 1) a name keeps up to N holds in a sorted set beside the
+lock key, under the same hash tag, drawing fencing tokens from the same counter;
+a lock taken without ``limit`` is stored exactly as before.
 """
 
 from __future__ import annotations
@@ -147,8 +151,8 @@ class Redis(Persister):
     backend: ClassVar[str] = "redis"
     clock: ClassVar[str] = "the Redis server's clock (TIME, key TTLs)"
     # Every capability a Persister declares: shared across hosts, woken by pub/sub, a minimum
-    # hold, a native async client, and a fair queue of waiters.
-    distributed = notifies = supports_min_hold = native_async = fair = True
+    # hold, a native async client, a fair queue of waiters, and up to N holds of a name.
+    distributed = notifies = supports_min_hold = native_async = fair = limits = True
 
     @classmethod
     def preload(cls) -> None:
@@ -369,7 +373,8 @@ class Redis(Persister):
         # Written in the protocol's form here: redis-py's packer costs more per call than the script's
         # own work on the server, and the keys and the constant arguments come encoded once.
         args = [bulk(arg if type(arg) is bytes else b"%d" % arg) for arg in op.args]
-        connection.send_packed_command([b"".join((b"*%d\r\n" % (7 + len(args)), _EVALSHA[op.script], op.packed_keys, *args))])
+        count = 2 + len(op.keys) + len(args)  # EVALSHA, the SHA-1, the key count and keys, the arguments
+        connection.send_packed_command([b"".join((b"*%d\r\n" % count, _EVALSHA[op.script], op.packed_keys, *args))])
         if wait:
             connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
         try:
@@ -438,18 +443,19 @@ class Redis(Persister):
         return scripts.wake_channel(self.key_prefix, hub.id) if hub is not None else ""
 
     def _list_pattern(self, prefix: str) -> str:
-        return f"{scripts.glob_escape(self.key_prefix)}\\{{{scripts.glob_escape(prefix)}*\\}}"
+        """Every key of the names under ``prefix``: their lock keys and holds keys among them."""
+        return f"{scripts.glob_escape(self.key_prefix)}\\{{{scripts.glob_escape(prefix)}*\\}}*"
 
     # -- primitives: the rules in _redis_steps, sent blocking or awaited ------------------
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                queue_for: float | None = None) -> AcquireResult:
-        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for))
+                queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for), limit)
         return self._run("acquire of", name, steps, owner.owner_token)
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
-                       queue_for: float | None = None) -> AcquireResult:
-        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for))
+                       queue_for: float | None = None, limit: int = 1) -> AcquireResult:
+        steps = self._rules.acquire(name, owner, ttl, min_hold, queue_for, self._wake_channel(queue_for), limit)
         return await self._arun("acquire of", name, steps, owner.owner_token)
 
     def release(self, name: str, owner_token: str) -> bool:
@@ -470,6 +476,12 @@ class Redis(Persister):
     async def aget(self, name: str) -> LockRecord | None:
         return await self._arun("get of", name, self._rules.get(name))
 
+    def holders(self, name: str) -> builtins.list[LockRecord]:
+        return self._run("holders of", name, self._rules.holders(name))
+
+    async def aholders(self, name: str) -> builtins.list[LockRecord]:
+        return await self._arun("holders of", name, self._rules.holders(name))
+
     def force_release(self, name: str) -> LockRecord | None:
         return self._run("force release of", name, self._rules.force_release(name))
 
@@ -483,7 +495,8 @@ class Redis(Persister):
         await self._arun("leave queue of", name, self._rules.leave_queue(name, owner_token), owner_token)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
-        """SCAN for lock keys (never KEYS), then read each batch in one pipelined round trip."""
+        """SCAN for the names' keys (never KEYS), then read each batch of lock keys in one pipelined
+        round trip, and each name with holds under ``limit`` in one script call."""
         return self._run("listing locks under", prefix, self._rules.list(self._list_pattern(prefix)))
 
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:

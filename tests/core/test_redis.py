@@ -28,9 +28,10 @@ import pytest
 from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters import DEFAULT_PURGE_AFTER_SECONDS, Persister
-from singleton_integrations.persisters._redis_scripts import RELEASED_MARKER
+from singleton_integrations.persisters._redis_scripts import RELEASED_MARKER, script_keys
 from singleton_integrations.persisters.redis import Redis
 from singleton_integrations.testing.conformance import PersisterConformance
+from tests.core.test_redis_limits import limit_scenario
 from tests.servers import redis_cluster, redis_sentinel, redis_server, unavailable
 
 if os.environ.get("CI") == "true":  # the driver is part of the test environment there
@@ -121,12 +122,13 @@ def test_times_come_from_the_server_clock(store: Redis, raw: redis.Redis) -> Non
     assert (record.expires_at - record.created_at).total_seconds() == pytest.approx(60, abs=0.002)
 
 
-def test_hash_tag_puts_both_keys_of_a_name_in_one_slot(store: Redis, prefix: str) -> None:
+def test_hash_tag_puts_every_key_of_a_name_in_one_slot(store: Redis, prefix: str) -> None:
     from redis.crc import key_slot
 
     for name in ("plain", "{braces}", "a}b{c", "ünï"):
-        lock = f"{prefix}{{{name}}}".encode()
-        assert key_slot(lock) == key_slot(lock + b":state"), name
+        keys = script_keys(f"{prefix}{{{name}}}")
+        assert len(keys) == 6 and keys[4].endswith(":holds")  # the holds of limit=N too
+        assert {key_slot(key.encode()) for key in keys} == {key_slot(keys[0].encode())}, name
 
 
 def test_lock_without_expiry_has_no_ttl_until_renewed(store: Redis, prefix: str, raw: redis.Redis) -> None:
@@ -1063,6 +1065,40 @@ def test_cluster_wake_ups_cross_nodes_and_list_spans_them(cluster: redis_cluster
     finally:
         store.close()
         releaser.close()
+
+
+def test_limit_holds_on_a_cluster(cluster: redis_cluster.Cluster) -> None:
+    """Every key of a name on one slot, so each step stays one script; a hold's release wakes a watch across nodes."""
+    prefix = f"limit-{uuid.uuid4().hex[:8]}:"
+    store = Redis(cluster.url, key_prefix=prefix)
+    releaser = Redis(cluster.url, key_prefix=prefix, client_name="releaser")  # heard through PUBLISH only
+    try:
+        names = [f"limited-{index}" for index in range(6)]
+        client = store._client()
+        assert len({client.get_node_from_key(f"{prefix}{{{name}}}").name for name in names}) > 1
+        for name in names:
+            limit_scenario(store, name)
+        owners = [Owner(), Owner()]
+        for owner in owners:
+            assert store.acquire(names[0], owner, 60, limit=2).acquired
+        assert [record.name for record in releaser.list()] == [names[0]] * 2
+        watch = subscribed(store, names[0])
+        try:
+            assert releaser.release(names[0], owners[0].owner_token)
+            assert watch.wait(30)
+        finally:
+            watch.close()
+    finally:
+        store.close()
+        releaser.close()
+
+
+def test_limit_holds_on_a_sentinel_master(sentinel: redis_sentinel.Topology) -> None:
+    store = Redis(sentinel.url, key_prefix=f"limit-{uuid.uuid4().hex[:8]}:")
+    try:
+        limit_scenario(store, "limited")
+    finally:
+        store.close()
 
 
 def test_wait_replicas_is_refused_on_a_cluster() -> None:
