@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -463,6 +466,48 @@ def test_racing_stores_never_exceed_the_limit_and_reach_it(route: str, server_ur
     assert not failures, failures
     assert most[0] == limit, most[0]
     assert granted[0] >= rounds
+
+
+_COMPETITOR = textwrap.dedent("""
+    import os, sys, time
+    from singleton_integrations._record import Owner
+    from singleton_integrations.persisters.postgres import Postgres
+
+    url, table, log, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    store = Postgres(url, table=table, max_size=1)
+    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    for _ in range(rounds):
+        owner = Owner()
+        if not store.acquire("job", owner, 60, limit=3).acquired:
+            time.sleep(0.001)
+            continue
+        started = time.monotonic_ns()
+        time.sleep(0.005)
+        os.write(out, f"{started} {time.monotonic_ns()}\\n".encode())
+        assert store.release("job", owner.owner_token)
+    store.close()
+""")
+
+
+def test_racing_processes_never_hold_more_than_the_limit(server_url: str, table: str, tmp_path: Any) -> None:
+    """6 processes race for 3 holds; each logs when it held (after its acquire, before its release,
+    on the machine-wide monotonic clock), and no instant is covered by more than 3 of the intervals."""
+    log = tmp_path / "holds.log"
+    Postgres(server_url, table=table).close()
+    children = [subprocess.Popen([sys.executable, "-c", _COMPETITOR, elsewhere(server_url, f"proc{index}"), table,
+                                  str(log), "40"], stderr=subprocess.PIPE, text=True) for index in range(6)]
+    for child in children:
+        _, errors = child.communicate(timeout=180)
+        assert child.returncode == 0, errors
+    intervals = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert intervals
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                    key=lambda event: (event[0], event[1]))  # an end before a start at the same instant
+    held = most = 0
+    for _, change in events:
+        held += change
+        most = max(most, held)
+    assert most <= 3
 
 
 def test_racing_takeovers_of_expired_holds_never_exceed_the_limit(server_url: str, table: str, admin: psycopg.Connection[Any]) -> None:
