@@ -101,9 +101,11 @@ _LIVE_ROW = f"{_ROW} AND {_LIVE}"
 #: The holds taken with a limit, in one value: NULL for none, -1 when one is live, else their
 #: greatest fencing token (params: now, name).
 _OTHERS = f"SELECT CASE WHEN max({_LIVE}) THEN -1 ELSE max(fencing_token) END FROM singleton_holds AS h WHERE h.name = ?"
-#: A name's row and ``_OTHERS`` in one statement (params: now, name): the check costs no extra call.
-_ROW_AND_OTHERS = (f"SELECT {_COLUMNS}, ({_OTHERS.replace('h.name = ?', 'h.name = singleton_locks.name')}) "
-                   "FROM singleton_locks WHERE name = ?")
+#: A name's row and ``_OTHERS`` in one statement, one row even for a name without a row (its
+#: columns NULL), so the check costs no extra call either way (params: now, name).
+_ROW_AND_OTHERS = (f"SELECT {', '.join('l.' + column for column in _COLUMNS.split(', '))}, "
+                   f"({_OTHERS.replace('h.name = ?', 'h.name = wanted.name')}) "
+                   "FROM (SELECT ? AS name) AS wanted LEFT JOIN singleton_locks AS l ON l.name = wanted.name")
 #: Every row of a name in both tables, by fencing token; the 11th column is NULL for
 #: ``singleton_locks``' row, else the N the hold was taken with (params: name, name).
 _ALL_HOLDS = (f"SELECT {_COLUMNS}, NULL AS hold_limit FROM singleton_locks WHERE name = ? UNION ALL "
@@ -275,12 +277,12 @@ def peek_among(now: float, name: str, owner_token: str, queue_for: float | None,
 
 def acquire(now: float, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
             queue_for: float | None = None) -> Steps[AcquireResult]:
-    row = yield ONE, _ROW_AND_OTHERS, (now, name)
+    found = yield ONE, _ROW_AND_OTHERS, (now, name)
+    row, others = (found if found[0] is not None else None), found[10]
     if _live(row, now):
         if queue_for is not None:
             yield from _enqueue(now, name, owner.owner_token, queue_for)
         return _conflict(row, now)
-    others = row[10] if row is not None else (yield ONE, _OTHERS, (now, name))[0]
     if others == -1:  # a hold taken with a limit is live: this attempt is one of N = 1 among them
         return (yield from acquire_among(now, name, owner, ttl, min_hold, queue_for, 1))
     if queue_for is not None:

@@ -146,6 +146,21 @@ def test_fencing_tokens_rise_across_every_hold_and_both_kinds(tmp_path: Path) ->
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), tokens
 
 
+def test_a_name_only_ever_held_with_a_limit_passes_its_sequence_to_an_attempt_without_one(tmp_path: Path) -> None:
+    """No ``singleton_locks`` row at all: the same statement still sees the holds taken with a limit."""
+    path = tmp_path / "locks.sqlite3"
+    store = persisters.Sqlite(path)
+    owners = _take(store, "limited", 2)
+    assert not store.acquire("limited", Owner(), 30).acquired, "refused while they are live"
+    last = max(record.fencing_token for record in store.holders("limited"))
+    for owner in owners:
+        store.release("limited", owner.owner_token)
+    assert _table(path, "singleton_locks") == []
+    taken = store.acquire("limited", Owner(), 30)
+    assert taken.record is not None and taken.record.fencing_token > last
+    assert _table(path, "singleton_holds") == [], "the dead holds go once a later token stands for them"
+
+
 def test_tokens_rise_after_a_purge_of_every_row(tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
     store = persisters.Sqlite(path, purge_after_seconds=0.05)
