@@ -278,7 +278,8 @@ def peek_among(now: float, name: str, owner_token: str, queue_for: float | None,
 def acquire(now: float, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
             queue_for: float | None = None) -> Steps[AcquireResult]:
     found = yield ONE, _ROW_AND_OTHERS, (now, name)
-    row, others = (found if found[0] is not None else None), found[10]
+    row: Any = found if found[0] is not None else None
+    others = found[10]
     if _live(row, now):
         if queue_for is not None:
             yield from _enqueue(now, name, owner.owner_token, queue_for)
