@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -42,6 +43,11 @@ class _Log:
 
     def note(self, event: str, **fields: Any) -> None:
         os.write(self._fd, (json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n").encode())
+
+
+def _pause(seconds: float) -> None:
+    """Sleep without ``time.sleep``: under libfaketime its ``clock_nanosleep`` fails with EINVAL."""
+    threading.Event().wait(seconds)
 
 
 def hold(args: dict[str, Any]) -> None:
@@ -83,7 +89,7 @@ def worker(args: dict[str, Any]) -> None:
             _say(holding=record.fencing_token, pid=os.getpid())
             sys.stdin.readline()
         else:
-            time.sleep(random.uniform(0, args.get("work", 0.1)))
+            _pause(random.uniform(0, args.get("work", 0.1)))
         renewed_ok = singleton.renew()
         if sat:
             _say(renewed=renewed_ok, lost=singleton.lost, token=record.fencing_token)
