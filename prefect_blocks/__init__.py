@@ -11,13 +11,14 @@ from singleton_integrations import LockConflict, LockLost
 
 from ._block import SingletonBlock
 from ._decorator import BLOCK_CACHE_SECONDS_ENV, OnConflict, clear_block_cache, current_lock, singleton
-from ._events import EVENT_NAMES, lock_resource_id
+from ._events import EVENT_NAMES, HOLD_LABEL, lock_resource_id
 from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 
 __all__ = [
     "BLOCK_CACHE_SECONDS_ENV",
     "EVENT_NAMES",
+    "HOLD_LABEL",
     "LockConflict",
     "LockLost",
     "OnConflict",

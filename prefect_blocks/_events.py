@@ -18,7 +18,10 @@ from ._context import RunInfo
 if TYPE_CHECKING:
     from prefect.events import Event
 
-__all__ = ["EVENT_NAMES", "emit_lock_event", "lock_resource_id"]
+__all__ = ["EVENT_NAMES", "HOLD_LABEL", "emit_lock_event", "lock_resource_id"]
+
+#: The resource label naming the hold an event is about (its fencing token): acquired, released, lost, force-released.
+HOLD_LABEL = "singleton.fencing-token"
 
 #: Every event this package emits, as ``singleton.lock.<what>``.
 EVENT_NAMES = (
@@ -47,11 +50,14 @@ def emit_lock_event(
     follows: Event | None = None,
     payload: Mapping[str, Any] | None = None,
     related: list[dict[str, str]] | None = None,
+    fencing_token: int | None = None,
 ) -> Event | None:
     """Send ``singleton.lock.<what>``; never raises (an event must not break locking).
 
     Returns the event sent (for a later event to ``follow``), or None when none was.
     ``payload`` and ``related`` add to the message, store and holder, and to the run.
+    ``fencing_token`` labels the resource with the hold the event is about (``HOLD_LABEL``),
+    so an automation can tell apart the holds of one name under ``limit=N``.
     Outside any run with no Prefect API configured there is no one to tell, and
     Prefect would start an ephemeral server just for the event: skip it.
     """
@@ -68,6 +74,8 @@ def emit_lock_event(
         body["holder"] = record.to_dict()
     body.update(payload or {})
     resource = {"prefect.resource.id": lock_resource_id(name), "prefect.resource.name": name, "singleton.store": backend}
+    if fencing_token is not None:
+        resource[HOLD_LABEL] = str(fencing_token)
     try:
         return emit_event(event=event, resource=resource, related=[*run.related(), *(related or [])], payload=body,
                           follows=follows)

@@ -84,6 +84,7 @@ class SingletonLock:
         self._lost_reason: str | None = None
         self._entered = threading.Lock()
         self._acquired_event: Event | None = None  # the hold's acquired event: its released event follows it
+        self._hold_token: int | None = None  # the hold's fencing token, labelling its events (read after it ends too)
 
     @property
     def singleton(self) -> CoreLock | None:
@@ -152,6 +153,7 @@ class SingletonLock:
         self._run = current_run()
         self._log = run_logger()  # here, in the run's thread: the renewal thread has no run context
         self._lost_reason = None
+        self._hold_token = None
         metadata = {**self._run.metadata(), **self.extra_metadata}
         options: dict[str, Any] = {
             "lock_expire_seconds": self.lock_expire_seconds,
@@ -197,6 +199,7 @@ class SingletonLock:
 
     def _acquired(self, singleton: CoreLock) -> None:
         message = f"acquired lock {singleton.name!r} with fencing token {singleton.fencing_token}"
+        self._hold_token = singleton.fencing_token
         self._acquired_event = self._emit("acquired", singleton, message, singleton.record)
         self._log.info("%s", message)
 
@@ -234,8 +237,9 @@ class SingletonLock:
 
     def _emit(self, what: str, singleton: CoreLock, message: str, record: Any = None,
               follows: Event | None = None, payload: Mapping[str, Any] | None = None) -> Event | None:
+        hold = self._hold_token if what in ("acquired", "released", "lost") else None
         return emit_lock_event(what, singleton.name, run=self._run, backend=singleton.persister.backend,
-                               message=message, record=record, follows=follows, payload=payload)
+                               message=message, record=record, follows=follows, payload=payload, fencing_token=hold)
 
     def __repr__(self) -> str:
         limit = f", limit={self.limit}" if self.limit > 1 else ""

@@ -32,7 +32,7 @@ from singleton_integrations.admin import force_release as release_hold
 
 from ._block import SingletonBlock
 from ._context import current_run, run_logger
-from ._events import emit_lock_event, lock_resource_id
+from ._events import HOLD_LABEL, emit_lock_event, lock_resource_id
 
 if TYPE_CHECKING:
     from prefect.automations import Automation
@@ -154,7 +154,7 @@ def force_release(block: str, lock_name: str, fencing_token: int, reason: str) -
                         "prefect.resource.role": "previous-holder"})
     emit_lock_event("force-released", name, run=current_run(), backend=persister.backend, message=message,
                     payload={"reason": reason, "previous_holder": previous, "fencing_token": fencing_token},
-                    related=related)
+                    related=related, fencing_token=record.fencing_token)
     log.warning("%s", message)
     return previous
 
@@ -177,9 +177,10 @@ def held_too_long_automation(
 ) -> Automation:
     """The automation "a lock held longer than ``within``", not yet created (``.create()`` or ``create_...`` does).
 
-    A proactive trigger per lock (``for_each`` on the lock's resource id): after
-    ``singleton.lock.acquired``, it expects the hold to end (``released``, ``lost`` or
-    ``force-released``) within ``within``, and runs ``actions`` when it does not.
+    A proactive trigger per hold (``for_each`` on the lock's resource id and the hold's
+    fencing token, ``HOLD_LABEL``, so each of a name's holds under ``limit=N`` is timed
+    apart): after ``singleton.lock.acquired``, it expects that hold to end (``released``,
+    ``lost`` or ``force-released``) within ``within``, and runs ``actions`` when it does not.
     ``lock_name`` is a stored lock name (with the block's name prefix), or a prefix
     ending in ``*``; the default watches every lock. Prefect needs ``within`` of at least 10 s.
     """
@@ -197,7 +198,7 @@ def held_too_long_automation(
         match={"prefect.resource.id": watched},
         after={"singleton.lock.acquired"},
         expect=set(HOLD_ENDED_EVENTS),
-        for_each={"prefect.resource.id"},
+        for_each={"prefect.resource.id", HOLD_LABEL},
         threshold=1,
         within=within,
     )

@@ -24,7 +24,7 @@ from prefect.automations import DoNothing, Posture
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-from prefect_blocks import EVENT_NAMES, SingletonBlock, lock_resource_id
+from prefect_blocks import EVENT_NAMES, HOLD_LABEL, SingletonBlock, lock_resource_id
 from prefect_blocks.admin import (
     ARTIFACT_KEY,
     HOLD_ENDED_EVENTS,
@@ -173,7 +173,7 @@ def test_the_automation_is_built_as_documented() -> None:
     trigger = automation.trigger
     assert trigger.posture == Posture.Proactive and trigger.within == timedelta(minutes=30)
     assert trigger.after == {"singleton.lock.acquired"} and trigger.expect == set(HOLD_ENDED_EVENTS)
-    assert trigger.for_each == {"prefect.resource.id"}
+    assert trigger.for_each == {"prefect.resource.id", HOLD_LABEL}, "each hold timed apart (limit=N)"
     assert trigger.match.model_dump() == {"prefect.resource.id": "singleton.lock.team-nightly"}
     assert automation.name == "singleton: lock 'team-nightly' held longer than 30 min"
     assert held_too_long_automation(timedelta(hours=2), [DoNothing()]).trigger.match.model_dump() == {
@@ -205,16 +205,18 @@ def test_the_automation_is_created_and_read_back(automations: list[Any]) -> None
     trigger = read.trigger
     assert trigger.posture == Posture.Proactive and trigger.within == timedelta(minutes=20)
     assert trigger.after == {"singleton.lock.acquired"} and trigger.expect == set(HOLD_ENDED_EVENTS)
-    assert trigger.for_each == {"prefect.resource.id"} and trigger.threshold == 1
+    assert trigger.for_each == {"prefect.resource.id", HOLD_LABEL} and trigger.threshold == 1
     assert trigger.match.model_dump() == {"prefect.resource.id": "singleton.lock.nightly-*"}
     assert [action.type for action in read.actions] == ["do-nothing"]
 
 
-#: Holds a lock through a block outside any flow (events go to PREFECT_API_URL) until a line arrives on stdin.
+#: Holds a lock through a block outside any flow (events go to PREFECT_API_URL) until a line arrives on stdin;
+#: a third argument is the limit.
 HOLD_SCRIPT = """
 import sys
 from prefect_blocks import SingletonBlock
-with SingletonBlock(url=sys.argv[1], lock_expire_seconds=60).lock(sys.argv[2]) as held:
+limit = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+with SingletonBlock(url=sys.argv[1], lock_expire_seconds=60).lock(sys.argv[2], limit=limit) as held:
     print(held.fencing_token, flush=True)
     sys.stdin.readline()
 """
@@ -245,7 +247,9 @@ def test_a_lock_held_past_the_limit_fires_the_automation(automations: list[Any],
     holder = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, store_url, lock_name], env=server.env(), cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip().isdigit()
+        assert holder.stdout is not None
+        token = holder.stdout.readline().strip()
+        assert token.isdigit()
         acquired = wait_for_event("singleton.lock.acquired", lock_resource_id(lock_name), holder)
         # Held on, past the 10 s limit: the server's proactive evaluation fires the automation.
         triggered = wait_for_event("prefect.automation.triggered", f"prefect.automation.{created.id}", holder)
@@ -256,8 +260,40 @@ def test_a_lock_held_past_the_limit_fires_the_automation(automations: list[Any],
             holder.stdin.flush()
         holder.wait(timeout=60)
     assert holder.returncode == 0
-    assert triggered.payload["triggering_labels"] == {"prefect.resource.id": lock_resource_id(lock_name)}
+    assert triggered.payload["triggering_labels"] == {"prefect.resource.id": lock_resource_id(lock_name),
+                                                      HOLD_LABEL: token}
     assert triggered.payload["triggering_event"]["id"] == str(acquired.id), "fired for the hold that began then"
+
+
+def test_under_a_limit_another_holds_release_does_not_hide_a_hold_held_too_long(
+        automations: list[Any], server: PrefectServer, store_url: str, lock_name: str) -> None:
+    """Two holds of one name (``limit=2``): the second comes and goes, the first stays past the limit and is reported."""
+    created = create_held_too_long_automation(timedelta(seconds=10), [DoNothing()], lock_name=lock_name,
+                                              name=f"held-too-long-{uuid.uuid4().hex[:6]}")
+    automations.append(created)
+    holders = [subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, store_url, lock_name, "2"], env=server.env(),
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    stuck, brief = holders
+    try:
+        tokens = []
+        for holder in holders:  # one at a time: the stuck hold's acquired event comes first
+            assert holder.stdout is not None and holder.stdin is not None
+            tokens.append(holder.stdout.readline().strip())
+            assert tokens[-1].isdigit()
+            wait_for_event("singleton.lock.acquired", lock_resource_id(lock_name), holder)
+        brief.stdin.write("release\n")  # type: ignore[union-attr]
+        brief.stdin.flush()  # type: ignore[union-attr]
+        assert brief.wait(timeout=60) == 0
+        triggered = wait_for_event("prefect.automation.triggered", f"prefect.automation.{created.id}", stuck)
+    finally:
+        for holder in holders:
+            if holder.poll() is None:
+                assert holder.stdin is not None
+                holder.stdin.write("release\n")
+                holder.stdin.flush()
+            holder.wait(timeout=60)
+    assert triggered.payload["triggering_labels"] == {"prefect.resource.id": lock_resource_id(lock_name),
+                                                      HOLD_LABEL: tokens[0]}, "the stuck hold, not the name"
 
 
 # -- the artifact in a real browser ------------------------------------------------------------------------

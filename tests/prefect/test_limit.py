@@ -20,7 +20,7 @@ from prefect import flow, get_client, task
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from prefect_blocks import LockConflict, SingletonBlock, current_lock, singleton
+from prefect_blocks import HOLD_LABEL, LockConflict, SingletonBlock, current_lock, singleton
 from prefect_blocks._messages import conflict, waiting_at_limit
 from prefect_blocks.admin import ARTIFACT_KEY, force_release, list_locks
 from singleton_integrations import LockRecord, Singleton
@@ -124,6 +124,10 @@ def test_block_lock_lets_n_in_then_names_every_holder(block: SingletonBlock, loc
     assert conflicts[0].payload["limit"] == 2 and conflicts[0].payload["message"] == str(refused)
     assert [hold["fencing_token"] for hold in conflicts[0].payload["holders"]] == tokens
     assert "limit" not in conflicts[1].payload, "a limit=1 conflict's payload is as before"
+    for ended in ("singleton.lock.acquired", "singleton.lock.released"):  # each event names its hold
+        labels = [event.resource[HOLD_LABEL] for event in events.lock_events(lock_name) if event.event == ended]
+        assert sorted(int(label) for label in labels) == tokens, ended
+    assert all(HOLD_LABEL not in event.resource for event in conflicts)
 
 
 def test_async_block_lock_lets_n_in(block: SingletonBlock, lock_name: str) -> None:
