@@ -300,30 +300,47 @@ def acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | N
     ]
 
 
+def _freed(purge_ms: int | None) -> dict[str, Any]:
+    """``name``, ``created`` and ``purgeAt`` once the main holder is over: free, unless ``holds`` has a live one.
+
+    Exactly today's values for a document without ``holds``; with a live hold
+    there, the seed stays kept out until the latest lease end among them, and
+    retention stays as the holds' own writes set it.
+    """
+    latest = {"$max": {"$map": {"input": LIVE_HOLDS, "as": "h",
+                                "in": {"$ifNull": [{"$toLong": "$$h.expiresAt"}, _FAR_MS]}}}}  # fmt: skip
+    return {
+        "name": {"$cond": [_NO_LIVE_HOLDS, {"free": "$_id"}, "$_id"]},
+        "created": {"$cond": [_NO_LIVE_HOLDS, "$$REMOVE", {"$toDate": latest}]},
+        "purgeAt": {"$cond": [_NO_LIVE_HOLDS, _purge("$$NOW", purge_ms), "$purgeAt"]},
+    }
+
+
 def free_update(purge_ms: int | None) -> list[dict[str, Any]]:
     """Free the name but keep the document, and with it the fencing counter."""
     return [
-        {"$set": {"owner": None, "expiresAt": None, "name": {"free": "$_id"}, "purgeAt": _purge("$$NOW", purge_ms)}},
-        {"$unset": ["expired", "created", "releasedAt", "holdUntil"]},
+        {"$set": {"owner": None, "expiresAt": None, **_freed(purge_ms)}},
+        {"$unset": ["expired", "releasedAt", "holdUntil"]},
     ]
 
 
 def release_update(purge_ms: int | None) -> list[dict[str, Any]]:
     """Free the name, or, before ``holdUntil``, keep it held by the released record until then."""
 
-    def held(value: Any, freed: Any) -> dict[str, Any]:
-        return {"$cond": ["$_hold", value, freed]}
+    def held(value: Any, otherwise: Any) -> dict[str, Any]:
+        return {"$cond": ["$_hold", value, otherwise]}
 
+    freed = _freed(purge_ms)
     return [
         {"$set": {"_hold": _IN_HOLD}},
         {
             "$set": {
                 "owner": held("$owner", None),
-                "name": held("$name", {"free": "$_id"}),
+                "name": held("$name", freed["name"]),
                 "releasedAt": held("$$NOW", "$$REMOVE"),
                 "expiresAt": held("$holdUntil", None),
-                "created": held("$holdUntil", "$$REMOVE"),
-                "purgeAt": held(_purge("$holdUntil", purge_ms), _purge("$$NOW", purge_ms)),
+                "created": held("$holdUntil", freed["created"]),
+                "purgeAt": held(_purge("$holdUntil", purge_ms), freed["purgeAt"]),
             }
         },
         {"$set": {"holdUntil": {"$cond": ["$_hold", "$holdUntil", "$$REMOVE"]}}},

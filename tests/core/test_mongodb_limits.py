@@ -273,10 +273,15 @@ def test_a_seed_process_is_kept_out_while_any_hold_is_live(url: str) -> None:
     store = MongoDb(url, database=database)  # the seed's collection
     seed = Seed(url, database, "shared-job", expire=0.5)
     try:
-        owners = [Owner() for _ in range(2)]
+        single, owners = Owner(), [Owner() for _ in range(2)]
+        assert store.acquire("shared-job", single, 5).acquired  # mixed N: an N = 1 holder, whose lease ends first
         for owner in owners:
-            assert store.acquire("shared-job", owner, 60, limit=2).acquired
-        time.sleep(1)  # past the seed's own lockExpireSeconds: our lease ends later, so not expired for it
+            assert store.acquire("shared-job", owner, 60, limit=3).acquired
+        time.sleep(1)  # past the seed's own lockExpireSeconds: our leases end later, so not expired for it
+        assert seed.call("lock")["locked"] is False
+        assert store.release("shared-job", single.owner_token)  # the main holder goes, the holds stay
+        doc = raw(store).find_one({"_id": "shared-job"})
+        assert doc["name"] == "shared-job" and doc["created"] == max(hold["expiresAt"] for hold in doc["holds"])
         assert seed.call("lock")["locked"] is False
         assert store.release("shared-job", owners[0].owner_token)
         assert seed.call("lock")["locked"] is False  # one hold is still live
