@@ -34,6 +34,7 @@ def test_status_list_and_json_describe_the_holder(any_cli: Cli) -> None:
     assert data["holder"]["pid"] == holder.pid and data["holder"]["host"] == socket.gethostname()
     assert data["holder"]["fencing_token"] == token and data["holder"]["expires_at"] is not None
     assert "owner_token" not in data["holder"], "the owner token is a capability, never printed"
+    assert data["holders"] == [data["holder"]], "one hold: the holder is the only one"
 
     table = cli.run("list", "--prefix", cli.name).stdout.splitlines()
     assert table[0].split() == ["NAME", "HOLDER", "SINCE", "EXPIRES", "FENCE", "METADATA"]
@@ -45,7 +46,8 @@ def test_status_list_and_json_describe_the_holder(any_cli: Cli) -> None:
     assert json.loads(cli.run("list", "--prefix", f"{cli.name}-other", "--json").stdout) == []
     cli.go()
     assert finish(holder)[0] == 0
-    assert json.loads(cli.run("status", cli.name, "--json").stdout) == {"name": cli.name, "held": False, "holder": None}
+    assert json.loads(cli.run("status", cli.name, "--json").stdout) == {"name": cli.name, "held": False, "holder": None,
+                                                                        "holders": []}
 
 
 def test_release_force_breaks_the_lock_and_is_logged(cli: Cli) -> None:
