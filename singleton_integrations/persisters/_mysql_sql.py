@@ -12,6 +12,7 @@ Row states (one row per name, kept after release so the fencing counter survives
 * released into its minimum hold: ``owner_token`` NULL, ``released_at`` set,
   ``expires_at = hold_until`` still ahead. Nobody may take it yet.
 * free: ``owner_token`` NULL and no hold ahead; ``released_at`` says since when.
+  ``expires_at`` = ``MARK``: holds taken with ``limit=N`` may be live (see ``MARK``).
 
 A name's row is also its one fencing counter. Holds taken with ``limit=N`` (N > 1) live
 in ``<table>_holds``, one row per slot of the name (kept after release, like the name's
@@ -151,7 +152,7 @@ NOW = f"SELECT {_NOW}"
 LOCK_NAME = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) FOR UPDATE"
 #: The row only if ``owner_token`` owns it (release, renew).
 LOCK_OWNED = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND owner_token = %(owner_token)s FOR UPDATE"
-#: The row only if it is live (force release).
+#: The row only if it is live.
 LOCK_LIVE = f"SELECT {_ROW} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_LIVE} FOR UPDATE"
 #: The name's row locked, then (a second statement, so read after the lock is granted) every
 #: slot of the name: whoever makes a slot live holds that lock, so the slots read stay true.
@@ -179,18 +180,30 @@ UPDATE {table} SET owner_token = %(owner_token)s, fencing_token = %(fencing_toke
     hold_until = %(hold_until)s, released_at = NULL
 WHERE name = UNHEX(%(name)s)
 """
+#: The mark of a name whose row is free (or released into its minimum hold) while holds taken
+#: with ``limit=N`` may be live: ``expires_at``, which such a row does not otherwise use, set
+#: this far ahead. The one-round-trip N = 1 acquire leaves a marked row to the steps, which
+#: read every hold under the row lock and clear the mark when they take the row. Rows and
+#: readers of older clients never see it: they judge a free row by ``hold_until`` alone.
+MARK = "'9999-12-31 00:00:00'"
 #: Release in one round trip, without reading first: three UPDATEs sent together (with the
 #: COMMIT), each for the token's row in one state, so the affected-row counts say which it was:
 #: held into its minimum hold, held and now free, or already expired. The first that matches
 #: frees the owner token, so the later ones match nothing; each judges by its own clock reading,
 #: later than the one before, so a hold or lease ending between them falls to the next.
+#:
+#: ``released_at`` set while held is the mark a ``limit=N`` hold leaves on an N = 1 hold it
+#: joined (see ``MARK``): the release turns it into the free row's mark. Each SET reads it
+#: first, so the order of assignments (MariaDB's SIMULTANEOUS_ASSIGNMENT or not) is moot.
 _OWNED = "name = UNHEX(%(name)s) AND owner_token = %(owner_token)s"
+_MARKED = "released_at IS NOT NULL"
 RELEASE_OWNED = f"""
-UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = hold_until
+UPDATE {{table}} SET expires_at = IF({_MARKED}, {MARK}, hold_until), owner_token = NULL, released_at = {_NOW}
 WHERE {_OWNED} AND (expires_at IS NULL OR expires_at > {_NOW}) AND hold_until IS NOT NULL AND hold_until > {_NOW};
-UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL
+UPDATE {{table}} SET expires_at = IF({_MARKED}, {MARK}, NULL), owner_token = NULL, released_at = {_NOW}
 WHERE {_OWNED} AND (expires_at IS NULL OR expires_at > {_NOW});
-UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL WHERE {_OWNED}
+UPDATE {{table}} SET expires_at = IF({_MARKED}, {MARK}, NULL), owner_token = NULL, released_at = {_NOW}
+WHERE {_OWNED}
 """
 #: The usual acquire in one round trip (sent with its COMMIT): take the name's row if it is
 #: free (no owner, no minimum hold ahead), then read back the clock reading and fencing token
@@ -199,26 +212,21 @@ UPDATE {{table}} SET owner_token = NULL, released_at = {_NOW}, expires_at = NULL
 #: parsing a wide row's column descriptions was a third of the client's time per cycle. A
 #: name that is held, expired or has no row matches nothing and is left to the steps.
 #:
-#: The SELECT also guards the COMMIT against ``limit=N`` holds: when a slot of the name is
-#: live, or carries a fencing token not below the one just written (minted while the name's
-#: row was held), its scalar subquery returns two rows, and that error (1242) stops the
-#: batch before its COMMIT; the steps roll back and decide with every hold read. It runs
-#: after the UPDATE, in a statement of its own, so it reads after the row lock is granted:
-#: whoever made a slot live held that lock and has committed. With no slot, it is one
-#: probe of an empty range of the slots' primary key.
+#: A name whose row is free but MARKed (``limit=N`` holds may be live) matches nothing
+#: either: the steps judge it with every hold read under the row lock. The mark is in the
+#: row itself, so the UPDATE, which re-reads the row once any lock wait is over, sees it.
 TAKE_FREE = f"""
 UPDATE {{table}} SET owner_token = %(owner_token)s,
     fencing_token = GREATEST(fencing_token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_NOW}) DIV 1000),
     host = %(host)s, pid = %(pid)s, created_at = {_NOW}, expires_at = {_NOW} + INTERVAL %(lease_us)s MICROSECOND,
     metadata = %(metadata)s, hold_until = {_NOW} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL
-WHERE name = UNHEX(%(name)s) AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= {_NOW});
-SELECT created_at, fencing_token FROM {{table}} AS taken WHERE name = UNHEX(%(name)s) AND 1 = (
-    SELECT 1 FROM {{holds}} AS slot WHERE slot.name = taken.name
-        AND (slot.fencing_token >= taken.fencing_token OR {_live(_NOW, "slot.")})
-    UNION ALL SELECT 1)
+WHERE name = UNHEX(%(name)s) AND owner_token IS NULL AND (hold_until IS NULL OR hold_until <= {_NOW})
+    AND (expires_at IS NULL OR expires_at <= {_NOW});
+SELECT created_at, fencing_token FROM {{table}} WHERE name = UNHEX(%(name)s)
 """
 RENEW = "UPDATE {table} SET expires_at = %(expires_at)s WHERE name = UNHEX(%(name)s)"
-#: Administrative: free a held name, or end a minimum hold early.
+#: Administrative: free a held name, or end a minimum hold early (the mark goes too: every
+#: live slot of the name is freed in the same transaction).
 FORCE_FREE = f"""
 UPDATE {{table}} SET owner_token = NULL, expires_at = NULL, hold_until = NULL, released_at = %(now)s
 WHERE name = UNHEX(%(name)s) AND {_LIVE}
@@ -260,36 +268,41 @@ WHERE name = UNHEX(%(name)s) AND {_LIVE}
 #: An acquire with ``limit=N`` (N > 1) in one round trip (sent with its COMMIT), whatever it
 #: finds. The first statement locks the name's row (inserting a free one for a new name; on
 #: a duplicate, even an update that changes nothing keeps the row's exclusive lock), so
-#: concurrent attempts on the name run one after another from there; the next read the
-#: server's clock once (``@now``) and count, at that reading, the live holds of the name (its
-#: row's and its slots'), the caller's own, a slot to reuse (one whose hold is over) or the
-#: next number, and the next fencing token: above the name's row's and every slot's, as the
-#: N = 1 acquire mints them. Then, only if the caller holds none and fewer than N are live
-#: (``@take``), the slot is written, and the name's row, when no N = 1 hold is live on it,
-#: takes the new token as the counter (an expired holder there is cleared). The last
-#: statement reads back every live hold at ``@now``: the caller's among them means acquired.
-_HOLDS_AT = f"""
-SELECT {_row(_AT)} FROM {{table}} WHERE name = UNHEX(%(name)s) AND {_live(_AT)}
-UNION ALL
-SELECT {_row(_AT)} FROM {{holds}} WHERE name = UNHEX(%(name)s) AND {_live(_AT)}
-ORDER BY fencing_token"""
+#: concurrent attempts on the name run one after another from there. The next reads, in one
+#: pass over the name's row joined with its slots, the server's clock once (``@now``, which
+#: every later statement judges by), the live holds, the caller's own, a slot to reuse (one
+#: whose hold is over) or the next number, and the next fencing token (above the row's and
+#: every slot's, as the N = 1 acquire mints them), and decides (``@take``): the caller holds
+#: none and fewer than N are live (with the places queued before the caller's). Then, only
+#: if so, the slot is written, and the name's row is MARKed (``@row``): a row with no live
+#: hold takes the free row's mark (an expired holder there is cleared; a row marked already
+#: is not written again); a row released into its minimum hold takes the mark; a held row
+#: gets ``released_at``, which its release turns into the mark (a held row's ``released_at``
+#: is read by nobody). The row's counter is not moved: every acquire mints above the row's
+#: token and every slot's. The last statement reads back every live hold at ``@now``: the
+#: caller's among them means acquired.
 _THE_NAME = "name = UNHEX(%(name)s)"
-_MINE = f"{_THE_NAME} AND owner_token = %(owner_token)s AND {_held(_AT)}"
+_IS_MINE = "owner_token = %(owner_token)s"
+_AHEAD = f"""{{waiters}} WHERE {_THE_NAME} AND ends_at > {_NOW} AND owner_token <> %(owner_token)s
+        AND place < COALESCE((SELECT place FROM {{waiters}} WHERE {_THE_NAME} AND {_IS_MINE}),
+                             9223372036854775807)"""
+#: Over the name's row joined with its slots (a row with no slot: one row of NULL slot columns).
+_LIVE_COUNT = f"(MAX({_live(_NOW, 'named.')}) + COALESCE(SUM({_live(_NOW, 'slot.')}), 0))"
+_MINE_COUNT = (f"(MAX(named.{_IS_MINE} AND {_held(_NOW, 'named.')}) "
+               f"+ COALESCE(SUM(slot.{_IS_MINE} AND {_held(_NOW, 'slot.')}), 0))")
 _ACQUIRE_SOME = f"""
 INSERT INTO {{table}} (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, hold_until,
                        released_at)
 VALUES (UNHEX(%(name)s), NULL, 0, %(host)s, %(pid)s, {_NOW}, NULL, '', NULL, {_NOW})
 ON DUPLICATE KEY UPDATE fencing_token = fencing_token;
-SET @now = {_NOW};
-SET @mine = (SELECT COUNT(*) FROM {{table}} WHERE {_MINE}) + (SELECT COUNT(*) FROM {{holds}} WHERE {_MINE}),
-    @live = (SELECT COUNT(*) FROM {{table}} WHERE {_THE_NAME} AND {_live(_AT)})
-          + (SELECT COUNT(*) FROM {{holds}} WHERE {_THE_NAME} AND {_live(_AT)}),
-    @slot = COALESCE((SELECT MIN(slot) FROM {{holds}} WHERE {_THE_NAME} AND NOT {_live(_AT)}),
-                     (SELECT COALESCE(MAX(slot), 0) + 1 FROM {{holds}} WHERE {_THE_NAME})),
-    @fence = GREATEST((SELECT fencing_token FROM {{table}} WHERE {_THE_NAME}) + 1,
-                      COALESCE((SELECT MAX(fencing_token) FROM {{holds}} WHERE {_THE_NAME}), 0) + 1,
-                      TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_AT}) DIV 1000){{queue_vars}};
-SET @take = (@mine = 0 AND @live + @ahead < %(limit)s);
+SELECT {_NOW}, {_LIVE_COUNT}, {_MINE_COUNT},
+       COALESCE(MIN(IF({_live(_NOW, "slot.")}, NULL, slot.slot)), MAX(slot.slot) + 1, 1),
+       GREATEST(MAX(named.fencing_token) + 1, COALESCE(MAX(slot.fencing_token), 0) + 1,
+                TIMESTAMPDIFF(MICROSECOND, '1970-01-01', {_NOW}) DIV 1000),
+       MAX(IF({_held(_NOW, "named.")}, 1, IF({_live(_NOW, "named.")}, 2, 0))),
+       {_MINE_COUNT} = 0 AND {_LIVE_COUNT} + {{ahead}} < %(limit)s{{queue_reads}}
+FROM {{table}} AS named LEFT JOIN {{holds}} AS slot ON slot.name = named.name
+WHERE named.{_THE_NAME} INTO @now, @live, @mine, @slot, @fence, @row, @take{{queue_vars}};
 INSERT INTO {{holds}} (name, slot, owner_token, fencing_token, host, pid, created_at, expires_at, metadata,
                        hold_until, released_at)
 SELECT UNHEX(%(name)s), @slot, %(owner_token)s, @fence, %(host)s, %(pid)s, {_AT},
@@ -298,26 +311,27 @@ FROM DUAL WHERE @take
 ON DUPLICATE KEY UPDATE owner_token = %(owner_token)s, fencing_token = @fence, host = %(host)s, pid = %(pid)s,
     created_at = {_AT}, expires_at = {_AT} + INTERVAL %(lease_us)s MICROSECOND, metadata = %(metadata)s,
     hold_until = {_AT} + INTERVAL %(hold_us)s MICROSECOND, released_at = NULL;
-UPDATE {{table}} SET fencing_token = @fence, owner_token = NULL, expires_at = NULL, hold_until = NULL,
-    released_at = {_AT}
-WHERE {_THE_NAME} AND @take AND NOT {_live(_AT)};{{queue_writes}}
-{_HOLDS_AT}"""
-ACQUIRE_SOME = _ACQUIRE_SOME.replace("{queue_vars}", ", @ahead = 0").replace("{queue_writes}", "")
+UPDATE {{table}} SET owner_token = IF(@row = 0, NULL, owner_token), hold_until = IF(@row = 0, NULL, hold_until),
+    released_at = IF(@row = 2 OR (@row = 0 AND expires_at <=> {MARK}), released_at, {_AT}),
+    expires_at = IF(@row = 1, expires_at, {MARK})
+WHERE {_THE_NAME} AND @take;{{queue_writes}}
+SELECT {_row(_AT)} FROM {{table}} WHERE {_THE_NAME} AND {_live(_AT)}
+UNION ALL
+SELECT {_row(_AT)} FROM {{holds}} WHERE {_THE_NAME} AND {_live(_AT)}"""
+ACQUIRE_SOME = _ACQUIRE_SOME.replace("{ahead}", "0").replace("{queue_reads}", "").replace(
+    "{queue_vars}", "").replace("{queue_writes}", "")
 #: The same for a waiting caller (``queue_for``): it takes a hold only while the live holds and
 #: the live places queued before its own (all of them, if it has none) are fewer than N; it
 #: then leaves the queue, and otherwise keeps (or takes) its place. The last statement says
 #: whether it took one, and when the first place ahead of it ends.
-_AHEAD = f"""{{waiters}} WHERE {_THE_NAME} AND ends_at > {_AT} AND owner_token <> %(owner_token)s
-        AND place < COALESCE((SELECT place FROM {{waiters}} WHERE {_THE_NAME} AND owner_token = %(owner_token)s),
-                             9223372036854775807)"""
-ACQUIRE_SOME_QUEUED = _ACQUIRE_SOME.replace("{queue_vars}", f""",
-    @ahead = (SELECT COUNT(*) FROM {_AHEAD}),
-    @ahead_end = (SELECT MIN(ends_at) FROM {_AHEAD})""").replace("{queue_writes}", f"""
-DELETE FROM {{waiters}} WHERE {_THE_NAME} AND owner_token = %(owner_token)s AND (@take OR @mine > 0);
+ACQUIRE_SOME_QUEUED = _ACQUIRE_SOME.replace("{ahead}", f"(SELECT COUNT(*) FROM {_AHEAD})").replace(
+    "{queue_reads}", f", (SELECT MIN(ends_at) FROM {_AHEAD})").replace(
+    "{queue_vars}", ", @ahead_end").replace("{queue_writes}", f"""
+DELETE FROM {{waiters}} WHERE {_THE_NAME} AND {_IS_MINE} AND (@take OR @mine > 0);
 INSERT INTO {{waiters}} (name, owner_token, ends_at)
 SELECT UNHEX(%(name)s), %(owner_token)s, {_AT} + INTERVAL %(queue_us)s MICROSECOND FROM DUAL WHERE NOT @take AND @mine = 0
-ON DUPLICATE KEY UPDATE ends_at = {_AT} + INTERVAL %(queue_us)s MICROSECOND;""") + """;
-SELECT @take, CAST(@ahead_end AS DATETIME(6)), {_AT}""".replace("{_AT}", _AT)
+ON DUPLICATE KEY UPDATE ends_at = {_AT} + INTERVAL %(queue_us)s MICROSECOND;""") + f""";
+SELECT @take, CAST(@ahead_end AS DATETIME(6)), {_AT}"""
 #: Keep (or first take) a waiter's place: a place already held keeps its order, and ends later.
 PLACE = """
 INSERT INTO {waiters} (name, owner_token, ends_at) VALUES (UNHEX(%(name)s), %(owner_token)s, %(ends_at)s)

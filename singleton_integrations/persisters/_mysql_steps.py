@@ -36,9 +36,8 @@ __all__ = ["Op", "Rules", "Steps", "record"]
 
 _EPOCH = datetime(1970, 1, 1)
 _RETRIES = 5
-#: MySQL error numbers the steps answer themselves; GUARDED: "Subquery returns more than 1 row",
-#: raised on purpose by ``TAKE_FREE``'s guard to keep its COMMIT from running.
-DUPLICATE_KEY, DEADLOCK, GUARDED = 1062, 1213, 1242
+#: MySQL error numbers the steps answer themselves.
+DUPLICATE_KEY, DEADLOCK = 1062, 1213
 
 
 class Op:
@@ -192,18 +191,12 @@ class Rules:
         if limit > 1:
             return (yield from self.acquire_some(key, owner, lease_us, hold_us, metadata, queue_for, limit))
         if queue_for is None:  # a free name in one round trip; the rest (and a queue's rules) take the steps below
-            try:
-                results = yield Op("results", self.sql["TAKE_FREE"], {
-                    "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-                    "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
-            except self.errors.MySQLError as error:
-                if _error_code(error) != GUARDED:
-                    raise
-                yield ROLLBACK  # a slot is live, or its token is ahead: the steps below judge with it
-            else:
-                if results[0][0] == 1:  # the UPDATE took the row
-                    at, fence = results[1][1][0]
-                    return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
+            results = yield Op("results", self.sql["TAKE_FREE"], {
+                "name": key, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
+                "lease_us": lease_us, "hold_us": hold_us, "metadata": metadata}, commit=True)  # fmt: skip
+            if results[0][0] == 1:  # the UPDATE took the row
+                at, fence = results[1][1][0]
+                return self._taken(name, owner, int(fence), at, lease_us, hold_us, None)
         for attempt in range(_RETRIES):
             try:
                 (_, found), (_, slots) = (yield Op("results", self.sql["LOCK_NAME_AND_HOLDS"], {"name": key}))[:2]
@@ -222,7 +215,7 @@ class Rules:
                         return AcquireResult(True, record(mine[0]))
                     yield from self._keep_place(key, owner.owner_token, queue_for, _now(live[0]))
                     return AcquireResult(False, record(live[0]), retry_after=_soonest(live))
-                if row is None:  # a name without a row has no slots either: they go before it
+                if row is None:  # a name without a row has no slots either: they go before it (purge)
                     now: datetime = (yield Op("one", q.NOW))[0]
                     fence = _ms(now)
                 else:
@@ -269,7 +262,7 @@ class Rules:
                     raise
                 yield ROLLBACK
                 continue
-            live = list(results[-3 if queued else -2][1])
+            live = sorted(results[-3 if queued else -2][1], key=lambda row: int(row[2]))  # by fencing token
             mine = [row for row in live if row[1] == owner.owner_token]
             if mine:
                 return AcquireResult(True, record(mine[0]))

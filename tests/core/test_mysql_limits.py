@@ -130,19 +130,42 @@ def test_mixed_n_each_attempt_counts_every_live_hold(store: MySql) -> None:
 
 def test_an_n1_acquire_after_holds_taken_under_an_n1_holder_mints_a_higher_token(store: MySql) -> None:
     """Slots taken while the name's row was held by an N = 1 hold carry tokens above that row's
-    counter; the one-round-trip acquire's guard sends the next N = 1 acquire to the steps."""
+    counter; the row's mark sends the next N = 1 acquire to the steps, which read every hold."""
     single = Owner()
-    assert store.acquire("guarded", single, 30).acquired
-    (extra,) = _take(store, "guarded", 2, 1)
-    extra_token = store.holders("guarded")[-1].fencing_token
-    assert store.release("guarded", single.owner_token)
-    assert not store.acquire("guarded", Owner(), 30).acquired, "the slot is live"
-    assert store.release("guarded", extra.owner_token)
-    later = store.acquire("guarded", Owner(), 30)
+    assert store.acquire("marked", single, 30).acquired
+    (extra,) = _take(store, "marked", 2, 1)
+    extra_token = store.holders("marked")[-1].fencing_token
+    assert store.get("marked") == store.holders("marked")[0], "the N = 1 hold's record is as it was"
+    assert store.release("marked", single.owner_token)
+    assert not store.acquire("marked", Owner(), 30).acquired, "the slot is live"
+    assert store.release("marked", extra.owner_token)
+    later = store.acquire("marked", Owner(), 30)
     assert later.acquired and later.record is not None and later.record.fencing_token > extra_token
-    assert store.release("guarded", later.record.owner_token)
-    fast = store.acquire("guarded", Owner(), 30)  # the row is ahead again: the one-round-trip path
+    assert store.release("marked", later.record.owner_token)
+    fast = store.acquire("marked", Owner(), 30)  # the mark is gone: the one-round-trip path again
     assert fast.acquired and fast.record is not None and fast.record.fencing_token > later.record.fencing_token
+
+
+@pytest.mark.parametrize("how", ["held", "in its minimum hold", "free"])
+def test_the_mark_outlives_the_n1_hold_until_the_slots_end(store: MySql, admin: Any, table: str, how: str) -> None:
+    """Whatever state the name's row is in when a slot is taken, no N = 1 acquire takes the row
+    while the slot is live, however that row's own hold ends."""
+    single = Owner()
+    if how != "free":
+        assert store.acquire("mark", single, 30, 60 if how == "in its minimum hold" else None).acquired
+    if how == "in its minimum hold":
+        assert store.release("mark", single.owner_token)
+    (extra,) = _take(store, "mark", 3, 1)
+    if how == "held":
+        assert store.release("mark", single.owner_token)
+    with admin.cursor() as cursor:  # the row's minimum hold, if any, is over
+        cursor.execute(f"UPDATE `{table}` SET hold_until = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND "
+                       "WHERE hold_until IS NOT NULL")
+    assert [held.owner_token for held in store.holders("mark")] == [extra.owner_token]
+    refused = store.acquire("mark", Owner(), 30)
+    assert not refused.acquired and refused.record is not None and refused.record.owner_token == extra.owner_token
+    assert store.release("mark", extra.owner_token)
+    assert store.acquire("mark", Owner(), 30).acquired
 
 
 def test_an_n1_acquire_refuses_a_name_whose_row_is_free_but_a_slot_is_live(store: MySql) -> None:
