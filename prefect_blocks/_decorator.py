@@ -210,7 +210,7 @@ def _warn_if_fanned_out(conflict: LockConflict, fn: Callable[..., Any]) -> None:
         return
     parameters = list(inspect.signature(fn).parameters)
     recipe = f"{fn.__name__}-{{{parameters[0]}}}" if parameters else "item-{i}"
-    run_logger().warning("%s", fan_out(conflict.name, holder, run.task_run_name, recipe))
+    run_logger().warning("%s", fan_out(conflict.name, holder, run.task_run_name, recipe, conflict.limit))
 
 
 def _skipped(conflict: LockConflict, state_name: str) -> Any:

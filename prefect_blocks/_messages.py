@@ -107,11 +107,15 @@ def waiting_at_limit(name: str, holders: list[LockRecord], limit: int, waited: f
     return f"{head} at its limit, {len(holders)} of {limit} held: {'; '.join(_hold(record) for record in holders)}"
 
 
-def fan_out(name: str, record: LockRecord, task_run_name: str | None, recipe: str) -> str:
+def fan_out(name: str, record: LockRecord, task_run_name: str | None, recipe: str, limit: int = 1) -> str:
     """The warning for a task run skipped by a sibling task run of its own flow run (``.map()``, ``.submit()``)."""
     holder = record.metadata.get("prefect_task_run_name") or "another task run"
     skipped = f"task run {task_run_name!r}" if task_run_name else "this task run"
     return (f"{skipped} was skipped: lock {name!r} is held by task run {holder!r} of this same flow run. "
             f"Every call of a @singleton task in .map() or .submit() gets the same lock name unless lock_name "
             f"names a parameter; to run the items in parallel, give each its own lock, e.g. @singleton(..., "
-            f'lock_name="{recipe}"), or on_conflict="wait" to run them one at a time')
+            f'lock_name="{recipe}"), or on_conflict="wait" to run them {_at_a_time(limit)}')
+
+
+def _at_a_time(limit: int) -> str:
+    return "one at a time" if limit == 1 else f"{limit} at a time"

@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.client.schemas.objects import StateType
 
 from prefect_blocks import HOLD_LABEL, LockConflict, SingletonBlock, current_lock, singleton
-from prefect_blocks._messages import conflict, waiting_at_limit
+from prefect_blocks._messages import conflict, fan_out, waiting_at_limit
 from prefect_blocks.admin import ARTIFACT_KEY, force_release, list_locks
 from singleton_integrations import LockRecord, Singleton
 
@@ -270,6 +270,7 @@ def test_the_messages_name_each_hold_in_prefect_terms() -> None:
     assert "for the minimum hold" in str(conflict("exports", None, None, (ran,), 3))
     assert waiting_at_limit("exports", [run, cron], 2).startswith("waiting for lock 'exports' at its limit, 2 of 2 held: "
                                                                   "flow run 'witty-heron'")
+    assert fan_out("exports", run, "export-3", "export-{region}", 2).endswith('on_conflict="wait" to run them 2 at a time')
     assert waiting_at_limit("exports", [cron], 2, waited=61) == (
         "still waiting for lock 'exports' after 61 s, 1 of 2 held right now (the next attempt may take one)")
 
