@@ -102,15 +102,16 @@ LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 
 _COLUMNS = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, released_at, hold_until"
+# Every column in the table's own order (``excluded.*``'s), as CREATE_TABLE and MIGRATE leave it.
+_ROW = "name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata, hold_until, released_at, waiters_until"
 
 
 #: ``owner_token`` of a shared row (see the module docstring); no owner token is empty.
 SHARED = ""
 #: The key of a shared row's ``metadata`` that keeps its holds.
 HOLDS_KEY = "singleton:holds"
-# A shared row's holds as typed columns (``jsonb_to_recordset``), in ``_COLUMNS`` order after the name.
-_HOLD_TYPES = ("owner_token text, fencing_token bigint, host text, pid integer, created_at timestamptz, "
-               "expires_at timestamptz, metadata jsonb, released_at timestamptz, hold_until timestamptz")
+# A shared row's holds read back as rows of the table's own type (its list leaves out the name).
+_LISTED_COLUMNS = ", ".join(f"hold.{column.strip()}" for column in _COLUMNS.split(",")[1:])
 
 
 def _held(row: str = "", now: str = "clock_timestamp()") -> str:
@@ -120,6 +121,11 @@ def _held(row: str = "", now: str = "clock_timestamp()") -> str:
 def _live(row: str = "", now: str = "clock_timestamp()") -> str:
     """Held, or released but still inside its minimum hold: nobody else may take it."""
     return f"({_held(row, now)} OR ({row}owner_token IS NULL AND {row}hold_until > {now}))"
+
+
+def _alive(row: str = "", now: str = "clock_timestamp()") -> str:
+    """``_live`` written shorter, for the long statements: a hold lives until its end, or for ever without one."""
+    return f"coalesce({_end(row)} > {now}, {row}owner_token IS NOT NULL)"
 
 
 def _end(row: str = "") -> str:
@@ -132,15 +138,17 @@ def _holds_of(rows: str) -> str:
     return f"""
     SELECT {_COLUMNS} FROM {rows} WHERE owner_token IS DISTINCT FROM '{SHARED}'
     UNION ALL
-    SELECT kept.name, hold.* FROM {rows} AS kept
-    CROSS JOIN LATERAL jsonb_to_recordset(kept.metadata -> '{HOLDS_KEY}') AS hold({_HOLD_TYPES})
-    WHERE kept.owner_token = '{SHARED}'"""
+    SELECT kept.name, {_LISTED_COLUMNS} FROM {rows} AS kept
+    CROSS JOIN LATERAL {_listed_holds("kept")} WHERE kept.owner_token = '{SHARED}'"""
+
+
+def _listed_holds(row: str) -> str:
+    return f"jsonb_populate_recordset(NULL::{{table}}, {row}.metadata -> '{HOLDS_KEY}') AS hold"
 
 
 def _last_end(holds: str) -> str:
     """A shared row's ``expires_at``: when the last of ``holds`` ends, NULL if one never does."""
-    return (f"(SELECT CASE WHEN bool_or(ends_at IS NULL) THEN NULL ELSE max(ends_at) END "
-            f"FROM (SELECT {_end()} AS ends_at FROM {holds}) AS ends)")
+    return f"(SELECT CASE WHEN bool_and(ends IS NOT NULL) THEN max(ends) END FROM (SELECT {_end()} AS ends FROM {holds}) AS e)"
 
 
 def _listed(holds: str) -> str:
@@ -270,69 +278,63 @@ SELECT hold.*, pg_notify(%(channel)s, hold.name) FROM ({_holds_of("holder")}) AS
 WHERE {_live("hold.")} AND EXISTS (SELECT FROM freed) ORDER BY hold.fencing_token LIMIT 1
 """
 # ``limit=N``: one statement that adds a hold while fewer than N are live, or reports
-# every live hold. ``seen`` reads the row without a lock: when its N holds are live
-# (and no waiter's hint is to be left, as with PEEK) that is the answer, and the
-# refusal commits no row lock, whose commit would wait for a WAL flush. Otherwise
+# every live hold. ``full_set`` judges the row read without a lock: when its N holds
+# are live (and no waiter's hint is to be left, as with PEEK) that is the answer, and
+# the refusal commits no row lock, whose commit would wait for a WAL flush. Otherwise
 # ``previous`` locks the row, so every later part judges its newest version. The first
 # hold of a name is an ordinary held row; a second turns the row shared, the first
 # hold moving into its list; expired holds are dropped. The new token is the name's
 # counter + 1 (or the clock in ms, as ACQUIRE's). Answer rows: ('taken', the new
 # hold), or ('live', a live hold, seconds until it ends) for each; none when the
-# name's row appeared after the statement's snapshot (look again).
+# name's row appeared after the statement's snapshot (look again). Kept under 4 kB
+# (``_compact``), the size up to which psycopg caches a statement's placeholders.
 ACQUIRE_LIMITED = f"""
-WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
-seen AS MATERIALIZED (SELECT * FROM {{table}} WHERE name = %(name)s),
-seen_live AS MATERIALIZED (
-    SELECT hold.* FROM ({_holds_of("seen")}) AS hold, clock WHERE {_live("hold.", "clock.now")}
+WITH clock AS (SELECT clock_timestamp() AS now),
+seen AS (SELECT * FROM {{table}} WHERE name = %(name)s),
+full_set AS (
+    SELECT coalesce((
+        SELECT CASE WHEN owner_token = '{SHARED}' THEN (SELECT count(*) FROM {_listed_holds("seen")}
+                                                      WHERE {_alive("hold.", "clock.now")})
+                    ELSE {_alive("", "clock.now")}::int END >= %(limit)s::integer
+               AND owner_token IS DISTINCT FROM %(owner_token)s
+               AND NOT coalesce(metadata -> '{HOLDS_KEY}' @> jsonb_build_array(jsonb_build_object(
+                   'owner_token', %(owner_token)s::text)), false)
+               AND (NOT %(hinting)s::boolean OR coalesce(waiters_until > now + interval '{HINT_REFRESH_SECONDS} seconds', false))
+        FROM seen, clock), false) AS refused
 ),
-full_set AS MATERIALIZED (
-    SELECT count(*) >= %(limit)s::integer AND NOT coalesce(bool_or(owner_token = %(owner_token)s), false)
-           AND (NOT %(hinting)s::boolean OR coalesce((SELECT waiters_until FROM seen)
-                > (SELECT now FROM clock) + interval '{HINT_REFRESH_SECONDS} seconds', false)) AS refused
-    FROM seen_live
-),
-previous AS MATERIALIZED (
+previous AS (
     SELECT * FROM {{table}} WHERE name = %(name)s AND NOT (SELECT refused FROM full_set) FOR UPDATE
 ),
-live AS MATERIALIZED (
-    SELECT hold.* FROM ({_holds_of("previous")}) AS hold, clock WHERE {_live("hold.", "clock.now")}
+judged AS (SELECT * FROM previous UNION ALL SELECT * FROM seen WHERE (SELECT refused FROM full_set)),
+live AS (
+    SELECT hold.* FROM ({_holds_of("judged")}) AS hold, clock WHERE {_alive("hold.", "clock.now")}
 ),
-verdict AS MATERIALIZED (
+verdict AS (
     SELECT count(*) AS holds, coalesce(bool_or(owner_token = %(owner_token)s), false) AS mine FROM live
 ),
-fresh AS MATERIALIZED (
+fresh AS (
     SELECT %(name)s::text AS name, %(owner_token)s::text AS owner_token,
            greatest(coalesce((SELECT fencing_token FROM previous) + 1, 0), {_CLOCK_MS}) AS fencing_token,
            %(host)s::text AS host, %(pid)s::integer AS pid, clock.now AS created_at, {_EXPIRES} AS expires_at,
            %(metadata)s::jsonb AS metadata, NULL::timestamptz AS released_at, {_HOLD_UNTIL} AS hold_until
-    FROM verdict, clock
-    WHERE NOT verdict.mine AND verdict.holds < %(limit)s::integer AND NOT (SELECT refused FROM full_set)
+    FROM verdict, clock WHERE NOT verdict.mine AND verdict.holds < %(limit)s::integer
 ),
 after AS (SELECT * FROM live UNION ALL SELECT * FROM fresh),
 taken AS (
-    INSERT INTO {{table}} AS held (name, owner_token, fencing_token, host, pid, created_at, expires_at, metadata,
-                                   hold_until, released_at)
+    INSERT INTO {{table}} AS held ({_ROW})
     SELECT fresh.name, CASE WHEN verdict.holds = 0 THEN fresh.owner_token ELSE '{SHARED}' END,
            fresh.fencing_token, fresh.host, fresh.pid, fresh.created_at,
            CASE WHEN verdict.holds = 0 THEN fresh.expires_at ELSE {_last_end("after")} END,
            CASE WHEN verdict.holds = 0 THEN fresh.metadata ELSE {_listed("after")} END,
-           CASE WHEN verdict.holds = 0 THEN fresh.hold_until END, NULL
+           CASE WHEN verdict.holds = 0 THEN fresh.hold_until END, NULL, (SELECT waiters_until FROM previous)
     FROM fresh, verdict
-    ON CONFLICT (name) DO UPDATE SET
-        owner_token = excluded.owner_token, fencing_token = excluded.fencing_token,
-        host = excluded.host, pid = excluded.pid, created_at = excluded.created_at,
-        expires_at = excluded.expires_at, metadata = excluded.metadata,
-        hold_until = excluded.hold_until, released_at = NULL
-    WHERE EXISTS (SELECT FROM previous)
+    ON CONFLICT (name) DO UPDATE SET ({_ROW}) = ROW(excluded.*) WHERE EXISTS (SELECT FROM previous)
     RETURNING 1
 )
 SELECT 'taken', fresh.*, NULL::float8 FROM fresh WHERE EXISTS (SELECT FROM taken)
 UNION ALL
 SELECT 'live', live.*, extract(epoch FROM {_end("live.")} - clock.now)::float8
 FROM live, clock WHERE NOT EXISTS (SELECT FROM fresh)
-UNION ALL
-SELECT 'live', seen_live.*, extract(epoch FROM {_end("seen_live.")} - clock.now)::float8
-FROM seen_live, clock WHERE (SELECT refused FROM full_set)
 ORDER BY 4
 """
 # A shared row's hold: RELEASE's rules on one entry of its list (RELEASE found no row
@@ -404,6 +406,14 @@ DELETE FROM {{table}} WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {{table}} WHERE {_IDLE.format(cutoff=_CUTOFF)} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )) AND {_IDLE.format(cutoff=_CUTOFF)}
 """
+
+
+def _compact(statement: str) -> str:
+    """``statement`` with each run of whitespace made one space (no literal here holds two)."""
+    return " ".join(statement.split())
+
+
+ACQUIRE_LIMITED, RELEASE_SHARED, RENEW_SHARED = map(_compact, (ACQUIRE_LIMITED, RELEASE_SHARED, RENEW_SHARED))
 
 
 def message(statement_timeout_ms: int, *statements: str) -> str:
