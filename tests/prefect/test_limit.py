@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from prefect import flow, get_client, task
@@ -24,15 +25,21 @@ from prefect_blocks import HOLD_LABEL, LockConflict, SingletonBlock, current_loc
 from prefect_blocks._messages import conflict, fan_out, waiting_at_limit
 from prefect_blocks.admin import ARTIFACT_KEY, force_release, list_locks
 from singleton_integrations import LockRecord, Singleton
+from tests.conftest import store_url_for
 
-from .conftest import EventsRecorder
+from .conftest import STORES, EventsRecorder
 from .test_states import SHAPES, api_state, run_shape
 
 
 @pytest.fixture
-def block() -> SingletonBlock:
-    """A block on a store of this process that keeps several holds (``memory://``, pooled per URL)."""
-    return SingletonBlock(url=f"memory://{uuid.uuid4().hex}", lock_expire_seconds=30)
+def block(request: pytest.FixtureRequest, tmp_path: Path) -> SingletonBlock:
+    """A block on a store that keeps several holds: ``memory://`` (this process's), or each store of
+    ``STORES`` where a test is marked ``on_every_store``."""
+    return SingletonBlock(url=store_url_for(getattr(request, "param", "memory"), tmp_path), lock_expire_seconds=30)
+
+
+#: The rows of the states table at the limit, and the block's lock, run on every store as ``test_states`` does.
+on_every_store = pytest.mark.parametrize("block", STORES, indirect=True)
 
 
 @contextmanager
@@ -105,6 +112,7 @@ def test_a_saved_block_on_such_a_store_fails_the_run_and_says_why(without_limits
 # -- block.lock ----------------------------------------------------------------------------------
 
 
+@on_every_store
 def test_block_lock_lets_n_in_then_names_every_holder(block: SingletonBlock, lock_name: str,
                                                       events: EventsRecorder) -> None:
     with block.lock(lock_name, limit=2) as first, block.lock(lock_name, limit=2) as second:
@@ -130,6 +138,7 @@ def test_block_lock_lets_n_in_then_names_every_holder(block: SingletonBlock, loc
     assert all(HOLD_LABEL not in event.resource for event in conflicts)
 
 
+@on_every_store
 def test_async_block_lock_lets_n_in(block: SingletonBlock, lock_name: str) -> None:
     async def scenario() -> tuple[list[int], LockConflict]:
         async with block.lock(lock_name, limit=3) as one, block.lock(lock_name, limit=3) as two, \
@@ -147,6 +156,7 @@ def test_async_block_lock_lets_n_in(block: SingletonBlock, lock_name: str) -> No
     assert tokens == sorted(set(tokens)) and "3 of 3 held" in str(refused) and len(refused.holders) == 3
 
 
+@on_every_store
 def test_a_waiting_block_lock_gets_in_when_any_holder_leaves(block: SingletonBlock, lock_name: str) -> None:
     with held(block, lock_name, "cron-a", "cron-b") as (first, second):
         threading.Timer(0.2, first.release).start()  # whichever hold ends lets the next one in
@@ -178,6 +188,7 @@ def test_a_run_takes_a_free_hold_beside_another(block: SingletonBlock, lock_name
     assert (state.type, state.name) == (StateType.COMPLETED, "Completed") and state.result() > token
 
 
+@on_every_store
 def test_all_held_skip_is_skipped_and_names_every_holder(block: SingletonBlock, lock_name: str) -> None:
     with held(block, lock_name, "cron-a", "cron-b"):
         state = limited_flow(block, lock_name)(return_state=True)
@@ -187,6 +198,7 @@ def test_all_held_skip_is_skipped_and_names_every_holder(block: SingletonBlock, 
     assert api_state(state).message == state.message
 
 
+@on_every_store
 def test_all_held_fail_is_failed_with_every_holder(block: SingletonBlock, lock_name: str) -> None:
     with held(block, lock_name, "cron-a", "cron-b") as locks:
         tokens = [lock.fencing_token for lock in locks]
@@ -198,6 +210,7 @@ def test_all_held_fail_is_failed_with_every_holder(block: SingletonBlock, lock_n
     assert [hold.fencing_token for hold in raised.value.holders] == tokens
 
 
+@on_every_store
 def test_all_held_wait_runs_once_a_hold_ends_or_fails_after_the_timeout(block: SingletonBlock, lock_name: str) -> None:
     with held(block, lock_name, "cron-a", "cron-b") as (first, second):
         tokens = [first.fencing_token, second.fencing_token]
