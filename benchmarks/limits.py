@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -189,6 +190,14 @@ def handover(store: str, url: str, processes: int, seconds: float) -> Handover:
     return Handover(store, processes, seconds, sum(counts), min(counts) / max(counts) if max(counts) else 0.0, most)
 
 
+def drop_mysql_tables(url: str) -> None:
+    """The run's MySQL tables (``contention.store_url`` names one per run): the lock, waiters' and holds' tables."""
+    import run
+
+    table = dict(parse_qsl(urlsplit(url).query))["table"]
+    run.mysql_drop(url, table, f"{table}_waiters", f"{table}_holds")
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                      for store in results if store in PROCESS_STORES]
         for persister in made:
             persister.close()
+        if "mysql" in urls:
+            drop_mysql_tables(urls["mysql"])
     text = render(results, handovers, skipped, rounds, time.perf_counter() - started)
     print(text)
     if args.output != "-":

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         latencies = f"{type(error).__name__}: {error}"
     finally:
-        run.mysql_drop(url, TABLE, f"{TABLE}_waiters")
+        run.mysql_drop(url, TABLE, f"{TABLE}_waiters", f"{TABLE}_holds")
 
     handovers: list[contention.HandoverResult] = []
     skipped: list[str] = []
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"handover {impl}: {handovers[-1]}", file=sys.stderr)
         except Exception as error:
             skipped.append(f"{impl}: {type(error).__name__}: {str(error)[:200]}")
-    run.mysql_drop(url, TABLE, f"{TABLE}_waiters")
+    run.mysql_drop(url, TABLE, f"{TABLE}_waiters", f"{TABLE}_holds")
     loads["end"] = load()
 
     results, contention_section = render(cases, trips, latencies, handovers, skipped, loads, args,

@@ -424,7 +424,7 @@ def mysql_cases() -> list[Callable[[], Case]]:
 
         def close() -> None:
             inner()
-            mysql_drop(url, MYSQL_TABLE, f"{MYSQL_TABLE}_waiters")
+            mysql_drop(url, MYSQL_TABLE, f"{MYSQL_TABLE}_waiters", f"{MYSQL_TABLE}_holds")
 
         case.close = close
         return case

@@ -69,7 +69,7 @@ class TlsServer:
 
 
 def drop_store_tables(base_url: str, table: str) -> None:
-    """Drop a test's lock table and its waiters' table from the server at ``base_url``."""
+    """Drop a test's lock table and its waiters' and holds' tables from the server at ``base_url``."""
     import pymysql
 
     parts = urlsplit(base_url)
@@ -78,7 +78,7 @@ def drop_store_tables(base_url: str, table: str) -> None:
                                  autocommit=True, connect_timeout=5)
     try:
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`")
+            cursor.execute(f"DROP TABLE IF EXISTS `{table}`, `{table}_waiters`, `{table}_holds`")
     finally:
         connection.close()
 
