@@ -81,10 +81,16 @@ def _name(raw: Any) -> str:
 
 
 def record(row: tuple[Any, ...] | None) -> LockRecord | None:
-    """A live row as a record; a row released into its minimum hold has no owner token."""
+    """A live row as a record; a row released into its minimum hold has no owner token.
+
+    Such a row ends with its hold, whatever its ``expires_at`` says: that column may carry the
+    ``limit=N`` mark (``_mysql_sql.MARK``), which is the store's bookkeeping, not a lease.
+    """
     if row is None:
         return None
     name, owner_token, fence, host, pid, created, expires, metadata, released, hold_until = row[:10]
+    if owner_token is None and hold_until is not None:
+        expires = hold_until
     values = json.loads(metadata) if metadata else {}
     return LockRecord(
         _name(name), owner_token or "", int(fence), str(host), int(pid), _utc(created),  # type: ignore[arg-type]

@@ -168,6 +168,17 @@ def test_the_mark_outlives_the_n1_hold_until_the_slots_end(store: MySql, admin: 
     assert store.acquire("mark", Owner(), 30).acquired
 
 
+def test_a_row_released_into_its_minimum_hold_shows_the_hold_s_end_not_the_mark(store: MySql) -> None:
+    """The mark is the store's bookkeeping: a released hold's record still ends when its hold does."""
+    single = Owner()
+    assert store.acquire("shown", single, 30, 60).acquired
+    _take(store, "shown", 2, 1)
+    assert store.release("shown", single.owner_token)
+    released = store.holders("shown")[0]
+    assert released.released_at is not None and released.hold_until is not None
+    assert released.expires_at == released.hold_until
+
+
 def test_an_n1_acquire_refuses_a_name_whose_row_is_free_but_a_slot_is_live(store: MySql) -> None:
     """The name's row can be free (never held by N = 1) while slots are live: the guard refuses."""
     owners = _take(store, "slots-only", 3, 2)
