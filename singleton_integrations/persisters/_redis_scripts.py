@@ -220,7 +220,9 @@ end
 #: holds taken with ``limit`` are live (one EXISTS tells, on the path that finds it free).
 #: The key lives max(ttl, min_hold): a crashed holder frees the name at the later of its
 #: lease's end and the hold's.
-ACQUIRE_SCRIPT = _LUA_HEAD + _LUA_LIST + r"""
+#: (The holds' functions are defined only inside the branch that needs them: each function
+#: defined is a closure made on every call, which the N = 1 cycle would pay for nothing.)
+ACQUIRE_SCRIPT = _LUA_HEAD + r"""
 local ttl = tonumber(ARGV[2])
 local hold = tonumber(ARGV[4])
 local purge = tonumber(ARGV[5])
@@ -250,7 +252,10 @@ if not taken then
     return {2, redis.call('HGET', KEYS[2], 'holder')}
   end
   if queue > 0 then enqueue(ARGV[1], now_ms(), queue, ARGV[7]) end
-  if not token then return refusal(now_ms(), false) end
+  if not token then
+""" + _LUA_LIST + r"""
+    return refusal(now_ms(), false)
+  end
   return {0, token, redis.call('HGET', KEYS[2], 'holder'), redis.call('PTTL', KEYS[1])}
 end
 if queue > 0 then dequeue(ARGV[1]) end
@@ -378,10 +383,11 @@ return {5, fence, now, expired, woke}
 #: lost) answers 1 again. A lease of this token that ran out untaken is cleared from the
 #: state hash (so the next holder is not told it expired), but the answer is 0: it was
 #: not held until now.
-RELEASE_SCRIPT = _LUA_HEAD + _LUA_HOLDS + r"""
+RELEASE_SCRIPT = _LUA_HEAD + r"""
 local token = redis.call('GET', KEYS[1])
 local purge = tonumber(ARGV[2])
 if token ~= ARGV[1] then
+""" + _LUA_HOLDS + r"""
   local freed = release_hold(purge, token)
   if freed then return freed end
   if redis.call('HGET', KEYS[2], 'released') == redis.sha1hex(ARGV[1]) then
@@ -416,10 +422,11 @@ return announce_free(now) or 1
 #: (0 = no expiry), purge_ms. Returns the holder JSON or nil. The lease is never shortened
 #: below the minimum hold. The token's hold under ``limit`` is renewed alike, looked for
 #: only when the lock key is not the token's.
-RENEW_SCRIPT = _LUA_HEAD + _LUA_HOLDS + r"""
+RENEW_SCRIPT = _LUA_HEAD + r"""
 local ttl = tonumber(ARGV[2])
 local purge = tonumber(ARGV[3])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+""" + _LUA_HOLDS + r"""
   local ends = redis.call('ZSCORE', KEYS[5], ARGV[1])
   if not ends then return false end
   local now = now_ms()
