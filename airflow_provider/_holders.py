@@ -7,7 +7,7 @@ same wherever it is named (deployment first, then DAG, run, task, map index and 
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 
     from singleton_integrations import LockRecord
 
-__all__ = ["deployment_name", "describe_holder", "holder_metadata", "same_task_earlier_try"]
+__all__ = ["MAX_LIMIT", "deployment_name", "describe_conflict", "describe_holder", "holder_metadata",
+           "same_task_earlier_try", "validate_limit"]
+
+#: The most holds ``limit`` may allow on one name: the core's bound (``singleton_integrations``
+#: checks it again at run time; a test keeps the two equal).
+MAX_LIMIT = 1000
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +69,37 @@ def describe_holder(record: LockRecord | None, *, ours: str | None = None) -> st
     until = f" until {iso(record.expires_at)}" if record.expires_at else ""
     return (f"{where} ({task}{extra}) on host {host} pid {record.pid}, since {iso(record.created_at)}{until} "
             f"(fencing token {record.fencing_token})")
+
+
+def validate_limit(limit: object) -> int:
+    """How many tasks may hold a lock name at once: an int from 1 (one holder, the default) to ``MAX_LIMIT``.
+
+    Checked when the DAG file is parsed, so a bad value is an import error rather than a
+    failed task; whether the store keeps several holds is known only once the task reads its connection.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int (how many may hold the lock at once), not {type(limit).__name__}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be from 1 to {MAX_LIMIT} (how many may hold the lock at once), not {limit!r}")
+    return limit
+
+
+def describe_conflict(name: str, holder: LockRecord | None, holders: Sequence[LockRecord] = (), limit: int = 1,
+                      *, ours: str | None = None) -> str:
+    """Why an attempt on ``name`` was refused, in the core's words, each holder in Airflow's terms.
+
+    One holder: "lock 'n' is held by <holder>" (or "was run by" for a slot kept by its minimum
+    hold). Under ``limit=N``: "lock 'n' is at its limit, 2 of 2 held: <holder>; <holder>".
+    """
+    if limit > 1:
+        seen = tuple(holders) or ((holder,) if holder is not None else ())
+        if not seen:  # refused only because earlier waiters in the store's queue take the free holds
+            return f"lock {name!r} has no hold free for this task (limit {limit}): earlier waiters take them first"
+        named = "; ".join(describe_holder(hold, ours=ours) for hold in seen)
+        return f"lock {name!r} is at its limit, {len(holders) or limit} of {limit} held: {named}"
+    described = describe_holder(holder, ours=ours)
+    verb = "was run by" if "ran this slot" in described else "is held by"
+    return f"lock {name!r} {verb} {described}"
 
 
 def holder_metadata(context: Context, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -29,18 +29,22 @@ class SingletonLockConflict(AirflowException, LockConflict):
 
     ``holder`` is its record when known (as for the core's ``LockConflict``);
     ``holder_description`` names it in Airflow's terms (deployment, DAG, run, task).
+    Under ``limit=N``, ``holders`` has every hold the refused attempt saw and ``limit`` is N.
     """
 
-    def __init__(self, lock_name: str, holder: LockRecord | str | None = None, message: str | None = None) -> None:
+    def __init__(self, lock_name: str, holder: LockRecord | str | None = None, message: str | None = None,
+                 holders: tuple[LockRecord, ...] = (), limit: int = 1) -> None:
         record = holder if isinstance(holder, LockRecord) else None
         description = holder.describe() if isinstance(holder, LockRecord) else holder
         LockConflict.__init__(self, lock_name, record,
-                              message or f"lock {lock_name!r} is held by {description or 'another process'}")
+                              message or f"lock {lock_name!r} is held by {description or 'another process'}",
+                              holders=holders, limit=limit)
         self.lock_name = lock_name
         self.holder_description = description
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_conflict, (type(self), self.lock_name, self.holder, self.holder_description, str(self)))
+        return (_rebuild_conflict, (type(self), self.lock_name, self.holder, self.holder_description, str(self),
+                                    self.holders, self.limit))
 
 
 class SingletonWaitTimeout(SingletonLockConflict):
@@ -59,7 +63,8 @@ class SingletonLockLost(AirflowFailException, LockLost):
 
 
 def _rebuild_conflict(cls: type[SingletonLockConflict], lock_name: str, record: LockRecord | None,
-                      description: str | None, message: str) -> SingletonLockConflict:
-    error = cls(lock_name, record if record is not None else description, message)
+                      description: str | None, message: str, holders: tuple[LockRecord, ...] = (),
+                      limit: int = 1) -> SingletonLockConflict:
+    error = cls(lock_name, record if record is not None else description, message, holders=holders, limit=limit)
     error.holder_description = description
     return error

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
-from airflow_provider.operators.singleton import SingletonOperator
+from airflow_provider.operators.singleton import SingletonOperator, check_choices
 
 if TYPE_CHECKING:
     from airflow.sdk.bases.decorator import TaskDecorator
@@ -54,6 +54,7 @@ def singleton_task(
     :param python_callable: the function (when used without parentheses).
     :param multiple_outputs: unroll a returned dict into several XComs.
     """
+    check_choices(kwargs)  # now: a mapped task's operator is built only when an instance runs
     return task_decorator_factory(
         python_callable=python_callable,
         multiple_outputs=multiple_outputs,

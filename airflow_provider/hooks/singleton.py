@@ -77,6 +77,7 @@ class LeaseOptions(TypedDict, total=False):
     lock_expire_seconds: float | None
     metadata: Mapping[str, str] | None
     min_hold_seconds: float | None
+    limit: int
 
 
 class SingletonHook(BaseHook):
@@ -140,18 +141,21 @@ class SingletonHook(BaseHook):
         metadata: Mapping[str, str] | None = None,
         min_hold_seconds: float | None = None,
         owner_token: str | None = None,
+        limit: int = 1,
     ) -> Lease:
         """A lease on ``lock_name`` that outlives this process: taken here, renewed or released by its owner token.
 
         :param min_hold_seconds: keep the name held at least this long after the acquisition, even once released.
+        :param limit: up to this many leases may hold the name at once, each with its own owner and fencing token.
         """
         return Lease(lock_name, self.get_conn(), owner_token=owner_token, lock_expire_seconds=lock_expire_seconds,
-                     metadata=metadata, min_hold_seconds=min_hold_seconds)
+                     metadata=metadata, min_hold_seconds=min_hold_seconds, limit=limit)
 
     def acquire(self, lock_name: str, *, wait: float | None = None, **options: Unpack[LeaseOptions]) -> AcquireResult:
         """Take ``lock_name`` (with ``wait``, waiting in the store's queue); keep ``result.record.owner_token`` to release it.
 
-        ``options`` are ``lease``'s: ``lock_expire_seconds``, ``metadata``, ``min_hold_seconds``.
+        ``options`` are ``lease``'s: ``lock_expire_seconds``, ``metadata``, ``min_hold_seconds``, ``limit``.
+        Under ``limit=N`` a refusal's ``result.holders`` lists every live hold.
         """
         return self.lease(lock_name, **options).take(wait=wait)
 
@@ -164,11 +168,18 @@ class SingletonHook(BaseHook):
         return self.get_conn().get(lock_name) is not None
 
     def holder(self, lock_name: str) -> LockRecord | None:
-        """The live holder of ``lock_name`` (host, pid, metadata, since when), if any."""
+        """The live holder of ``lock_name`` (host, pid, metadata, since when), if any; one of them under ``limit``."""
         return self.get_conn().get(lock_name)
 
+    def holders(self, lock_name: str) -> list[LockRecord]:
+        """Every live hold of ``lock_name``, by fencing token (several when tasks use ``limit``)."""
+        return self.get_conn().holders(lock_name)
+
     def force_release(self, lock_name: str) -> LockRecord | None:
-        """Administrative release regardless of owner; returns the record it removed."""
+        """Administrative release regardless of owner, of every hold; returns the one with the lowest fencing token.
+
+        To free one hold of several, use ``singleton_integrations.admin.force_release`` with its fencing token.
+        """
         return self.get_conn().force_release(lock_name)
 
     def test_connection(self) -> tuple[bool, str]:

@@ -17,6 +17,10 @@ hosts. Three rules keep the group exclusive across those processes:
   stopped. A takeover is a loss; a lease that ended after the guarded work had
   stopped is a warning; a record that vanished before its lease could end was
   force-released (or lost by the store).
+
+Under ``limit=N`` the name has several holds: the acquire task's XCom says N, and
+every task finds the group's hold among them by its fencing token. Other holds of
+the name are other groups' (or other tools'), never a takeover of this one.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
     from singleton_integrations.persisters import Persister
 
 __all__ = ["LEASE_REPORT_KEY", "MARKER_SECONDS", "XCOM_KEY", "GuardedTaskLease", "SingletonReleaseOperator",
-           "guarded_prefix", "take_back_from_earlier_try", "wait_for_guarded_tasks"]
+           "guarded_prefix", "hold_with_token", "take_back_from_earlier_try", "wait_for_guarded_tasks"]
 
 #: The XCom key under which an acquire task hands its hold to the release task.
 XCOM_KEY = "singleton_lock"
@@ -73,6 +77,24 @@ def guarded_prefix(lock_name: str, dag_id: str, run_id: str) -> str:
 
 def _marker_name(prefix: str, task_id: str, map_index: int) -> str:
     return f"{prefix}{_digest(task_id, map_index)}"
+
+
+def hold_with_token(persister: Persister, name: str, fencing_token: int, limit: int) -> LockRecord | None:
+    """The live hold of ``name`` with ``fencing_token``; with one holder (``limit`` 1), whoever holds the name now.
+
+    One holder: a different token there is a takeover, so the caller gets that record to say so.
+    Under ``limit=N`` other holds are other holders', so only the hold with the token is returned.
+    """
+    if limit == 1:
+        return persister.get(name)
+    return next((record for record in persister.holders(name) if record.fencing_token == fencing_token), None)
+
+
+def _own_hold(lease: Lease) -> LockRecord | None:
+    """The lease's own live hold as the store shows it, among the name's several under ``limit``."""
+    records = [lease.holder()] if lease.limit == 1 else lease.holders()
+    return next((record for record in records if record is not None and not record.released
+                 and record.owner_token == lease.owner_token), None)
 
 
 def _live(records: Iterable[LockRecord]) -> list[LockRecord]:
@@ -145,14 +167,15 @@ class GuardedTaskLease:
         if not hold:
             return  # the acquire task holds nothing for this run (skipped, or not a group run)
         hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
-        record = hook.holder(hold["lock_name"])
+        limit = int(hold.get("limit", 1))
+        record = hold_with_token(hook.get_conn(), hold["lock_name"], hold["fencing_token"], limit)
         if record is None or record.fencing_token != hold["fencing_token"] or record.released:
             log.error("Lock %r (fencing token %s) is no longer the group's: %s", hold["lock_name"],
                       hold["fencing_token"], f"now {describe_holder(record)}" if record else "it expired")
             return
         # The owner token comes from the store's record of the hold with this fencing token, never from XCom.
         group = Lease(hold["lock_name"], hook.get_conn(), owner_token=record.owner_token,
-                      lock_expire_seconds=self.lock_expire_seconds)
+                      lock_expire_seconds=self.lock_expire_seconds, limit=limit)
         self.stop(context)  # a previous start of this task instance in this process (a retry in-process)
         marker = self._take_marker(context, hook, hold)
         running = self._Running(hold, marker, threading.Event(), self._stop_on_sigterm(hold["lock_name"]))
@@ -283,7 +306,7 @@ class SingletonReleaseOperator(BaseOperator):
         if not hold:
             self.log.info("Task %r holds no lock for this run; nothing to release", self.acquire_task_id)
             return
-        name, token = hold["lock_name"], hold["fencing_token"]
+        name, token, limit = hold["lock_name"], hold["fencing_token"], int(hold.get("limit", 1))
         hook = SingletonHook(singleton_conn_id=self.singleton_conn_id)
         persister = hook.get_conn()
         # The store's record says whether the hold is still the group's: fencing tokens only
@@ -304,7 +327,7 @@ class SingletonReleaseOperator(BaseOperator):
             if group.release():  # owner-checked in the store
                 self.log.info("Released lock %r (fencing token %s)", name, token)
                 return
-        self._judge_missing_hold(context, name, token, persister.get(name))
+        self._judge_missing_hold(context, name, token, hold_with_token(persister, name, token, limit))
 
     def _judge_missing_hold(self, context: Context, name: str, token: int, holder: LockRecord | None) -> None:
         """The hold was not there to release: fail on a takeover or an early removal, warn on a late expiry."""
@@ -344,7 +367,7 @@ class SingletonReleaseOperator(BaseOperator):
 
 
 def take_back_from_earlier_try(persister: Persister, record: LockRecord, context: Context, log: Any,
-                               ttl: float | None) -> LockRecord | None:
+                               ttl: float | None, limit: int = 1) -> LockRecord | None:
     """Adopt a hold left by an earlier try of this setup task, once that try's guarded tasks have stopped.
 
     Clearing a running guarded task clears the group's setup and teardown too, so the
@@ -357,7 +380,7 @@ def take_back_from_earlier_try(persister: Persister, record: LockRecord, context
     log.warning("Lock %r is held by an earlier try of this task (%s), left behind when the run was cleared; "
                 "taking it over once that try's guarded tasks have stopped", record.name, describe_holder(record))
 
-    earlier = Lease(record.name, persister, owner_token=record.owner_token, lock_expire_seconds=ttl)
+    earlier = Lease(record.name, persister, owner_token=record.owner_token, lock_expire_seconds=ttl, limit=limit)
 
     def keep_alive() -> None:
         if ttl is not None:
@@ -366,7 +389,7 @@ def take_back_from_earlier_try(persister: Persister, record: LockRecord, context
     wait_for_guarded_tasks(persister, guarded_prefix(record.name, str(ti.dag_id), str(ti.run_id)), log, keep_alive,
                            (ttl or 3 * _WAIT_RECHECK_SECONDS) / 3, f"before taking over lock {record.name!r}")
     if ttl is None:
-        return earlier.holder() if earlier.verify() else None
+        return _own_hold(earlier)
     return earlier.renew()
 
 

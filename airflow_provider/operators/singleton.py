@@ -26,6 +26,11 @@ still the group's, so it never frees a lock someone else took.
 
 A mapped task's default lock name ends in ``[map_index]``: each map index is its own
 lock. Pass ``lock_name`` to share one lock between all of them.
+
+``limit=N`` lets up to N tasks hold the name at once, in any deployment (or cron job,
+or Prefect flow) sharing the store: each holds a lease of its own, with its own
+fencing token. Every ``on_conflict`` outcome applies when all N are held, and the log
+names each holder; a deferred wait resumes on any holder's release.
 """
 
 from __future__ import annotations
@@ -51,7 +56,14 @@ from airflow.sdk.exceptions import (
     AirflowTaskTerminated,
 )
 
-from airflow_provider._holders import deployment_name, describe_holder, holder_metadata, same_task_earlier_try
+from airflow_provider._holders import (
+    deployment_name,
+    describe_conflict,
+    describe_holder,
+    holder_metadata,
+    same_task_earlier_try,
+    validate_limit,
+)
 from airflow_provider._stats import recording_stats
 from airflow_provider.exceptions import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
 from airflow_provider.hooks.singleton import SingletonHook
@@ -66,10 +78,10 @@ from airflow_provider.triggers.singleton import SingletonTrigger
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from singleton_integrations import LockRecord, Singleton
+    from singleton_integrations import AcquireResult, LockRecord, Singleton
 
 __all__ = ["DEFAULT_LOCK_NAME", "ON_CONFLICT", "XCOM_KEY", "SingletonOperator", "SingletonReleaseOperator",
-           "deployment_name", "describe_holder"]
+           "check_choices", "deployment_name", "describe_holder"]
 
 #: What a task does when another holder has the lock.
 ON_CONFLICT = ("skip", "fail", "retry", "wait")
@@ -118,6 +130,21 @@ def _seconds(value: float | timedelta | None, what: str) -> float | None:
     return float(value)
 
 
+def check_choices(options: Mapping[str, Any]) -> None:
+    """Refuse a bad ``on_conflict``, ``mode`` or ``limit`` among an operator's arguments.
+
+    Run when the DAG file is parsed: by the constructor, and by ``partial`` and
+    ``@task.singleton`` for a mapped task, whose operator Airflow builds only when it runs.
+    """
+    on_conflict = options.get("on_conflict", "skip")
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, not {on_conflict!r}")
+    mode = options.get("mode", "poke")
+    if mode not in ("poke", "reschedule"):
+        raise ValueError(f"mode must be 'poke' or 'reschedule', not {mode!r}")
+    validate_limit(options.get("limit", 1))
+
+
 class SingletonOperator(PythonOperator):
     """Run ``python_callable`` only while holding ``lock_name``, across every deployment sharing the store.
 
@@ -142,6 +169,10 @@ class SingletonOperator(PythonOperator):
         released it, so a late run of the same slot in another deployment skips (ShedLock's lockAtLeastFor).
         Judged by the store's clock. Template the lock name with the slot, e.g.
         ``"{{ dag.dag_id }}.load.{{ ds }}"``, to run each logical date once across deployments.
+    :param limit: up to this many tasks (or other holders: cron jobs, Prefect flows, other deployments)
+        may hold ``lock_name`` at once, each with its own lease and fencing token; ``on_conflict``
+        applies when all of them are held. Needs a store that keeps several holds (every built-in one).
+        Each attempt counts every live hold of the name, whatever limit its holder gave.
     """
 
     template_fields: ClassVar[tuple[str, ...]] = ("lock_name", *PythonOperator.template_fields)
@@ -162,14 +193,12 @@ class SingletonOperator(PythonOperator):
         mode: str = "poke",
         lock_metadata: Mapping[str, str] | None = None,
         min_hold_seconds: float | timedelta | None = None,
+        limit: int = 1,
         **kwargs: Any,
     ) -> None:
         self._requested_task_id = kwargs.get("task_id")
         super().__init__(python_callable=python_callable or _hold_for_group, **kwargs)
-        if on_conflict not in ON_CONFLICT:
-            raise ValueError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, not {on_conflict!r}")
-        if mode not in ("poke", "reschedule"):
-            raise ValueError(f"mode must be 'poke' or 'reschedule', not {mode!r}")
+        check_choices({"on_conflict": on_conflict, "mode": mode, "limit": limit})
         if auto_renew and lock_expire_seconds is None:
             raise ValueError("auto_renew needs a lock_expire_seconds: a lock that never expires has nothing to renew")
         if on_conflict == "fail" and self.retries:
@@ -185,12 +214,21 @@ class SingletonOperator(PythonOperator):
         self.mode = mode
         self.lock_metadata = dict(lock_metadata or {})
         self.min_hold_seconds = _seconds(min_hold_seconds, "min_hold_seconds") or None
+        self.limit = limit
         self.release_task: SingletonReleaseOperator | None = None
         self._guarded_before: set[str] | None = None
         self._singleton: Singleton | None = None
         self._conflict_holder: str | None = None
+        self._conflict_message: str | None = None
+        self._conflict_holders: tuple[LockRecord, ...] = ()
 
     # -- construction helpers ----------------------------------------------------------
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """``BaseOperator.partial``, with this operator's arguments checked now rather than when a mapped instance runs."""
+        check_choices(kwargs)
+        return super().partial(**kwargs)
 
     @property
     def holds_for_group(self) -> bool:
@@ -244,11 +282,13 @@ class SingletonOperator(PythonOperator):
     @recording_stats
     def execute(self, context: Context) -> Any:
         deadline = self._deadline(context)
-        if self.on_conflict == "wait" and not self.deferrable and self.mode == "poke":
+        acquired = self._try_acquire(context)
+        if not acquired and self.on_conflict == "wait" and not self.deferrable and self.mode == "poke":
+            # Said before the wait, as deferring and rescheduling say it: whom this task waits for.
+            self.log.info("Waiting for lock %r: %s; waiting in this worker until a release", self.lock_name,
+                          self._conflict_message)
             remaining = math.inf if deadline is None else max(deadline - time.time(), 0.0)
             acquired = self._try_acquire(context, wait=remaining)
-        else:
-            acquired = self._try_acquire(context)
         if acquired:
             return self._work(context)
         return self._on_conflict(context, deadline)
@@ -258,9 +298,11 @@ class SingletonOperator(PythonOperator):
         """Resume after the trigger: race for the lock, and wait again if someone else won."""
         status = event.get("status")
         if status == "timeout":
+            held = (f"at its limit, {event.get('held', self.limit)} of {self.limit} held: {event.get('holder')},"
+                    if self.limit > 1 else f"held by {event.get('holder')}")
             raise SingletonWaitTimeout(self.lock_name, event.get("holder"),
-                                       f"lock {self.lock_name!r} was still held by {event.get('holder')} "
-                                       f"after waiting {self.wait_timeout:g} s")
+                                       f"lock {self.lock_name!r} was still {held} after waiting {self.wait_timeout:g} s",
+                                       limit=self.limit)
         if status != "free":
             raise AirflowException(f"watching lock {self.lock_name!r} failed: {event.get('message', event)}")
         if event.get("observed_at"):
@@ -299,6 +341,7 @@ class SingletonOperator(PythonOperator):
             auto_renew=self.auto_renew,
             metadata=metadata,
             release_on_sigterm=False,  # this operator's own handler releases, then stops the task
+            limit=self.limit,
             **options,
         )
         singleton.on("expired", lambda message: self.log.warning("Expired lock taken over: %s", message))
@@ -309,19 +352,26 @@ class SingletonOperator(PythonOperator):
             self.log.info("Acquired lock %r (fencing token %s) on %s", self.lock_name, singleton.fencing_token,
                           self.hook.describe_store())  # no second lookup: the hook keeps its store URL
             return True
-        self._conflict_holder = describe_holder(singleton.last_holder, ours=deployment_name())
+        self._note_conflict(singleton.last_holder, singleton.last_holders)
         return False
+
+    def _note_conflict(self, holder: LockRecord | None, holders: tuple[LockRecord, ...]) -> None:
+        """Remember whom a refused attempt saw: the holder, or every hold under ``limit``, in Airflow's terms."""
+        ours = deployment_name()
+        self._conflict_holder = describe_holder(holder, ours=ours)
+        self._conflict_holders = holders
+        self._conflict_message = describe_conflict(self.lock_name, holder, holders, self.limit, ours=ours)
 
     def _acquire_for_group(self, context: Context, metadata: dict[str, str], wait: float) -> bool:
         """Take the group's lease, waiting through the core's loop (the store's queue, woken by the release)."""
         lease = self.hook.lease(self.lock_name, lock_expire_seconds=self.lock_expire_seconds, metadata=metadata,
-                                min_hold_seconds=self.min_hold_seconds)
+                                min_hold_seconds=self.min_hold_seconds, limit=self.limit)
         deadline = time.monotonic() + wait
         result = lease.take()
-        if not result.acquired and same_task_earlier_try(result.record, context):
-            assert result.record is not None
-            adopted = take_back_from_earlier_try(lease.persister, result.record, context, self.log,
-                                                 self.lock_expire_seconds)
+        earlier = self._earlier_try_hold(result, context)
+        if earlier is not None:
+            adopted = take_back_from_earlier_try(lease.persister, earlier, context, self.log,
+                                                 self.lock_expire_seconds, limit=self.limit)
             if adopted is not None:
                 self._hand_over(context, adopted)
                 return True
@@ -329,7 +379,7 @@ class SingletonOperator(PythonOperator):
         if not result.acquired and wait > 0:
             result = lease.take(wait=max(deadline - time.monotonic(), 0.0))
         if not result.acquired:
-            self._conflict_holder = describe_holder(result.record, ours=deployment_name())
+            self._note_conflict(result.record, result.holders)
             return False
         assert result.record is not None
         if result.expired is not None:
@@ -338,13 +388,25 @@ class SingletonOperator(PythonOperator):
         self._hand_over(context, result.record)
         return True
 
+    @staticmethod
+    def _earlier_try_hold(result: AcquireResult, context: Context) -> LockRecord | None:
+        """The hold an earlier try of this setup task left behind, among those a refused attempt saw."""
+        if result.acquired:
+            return None
+        seen = result.holders or ((result.record,) if result.record is not None else ())
+        return next((record for record in seen if same_task_earlier_try(record, context)), None)
+
     def _hand_over(self, context: Context, record: LockRecord) -> None:
         from airflow.sdk.log import mask_secret
 
         mask_secret(record.owner_token)  # the token releases the lock: keep it out of every log
         # Only what identifies the hold: XCom is readable in the UI and the API, and the owner
         # token would let any reader release the lock. The fencing token names this hold alone.
-        context["ti"].xcom_push(key=XCOM_KEY, value={"lock_name": record.name, "fencing_token": record.fencing_token})
+        # Under limit=N the guarded tasks and the teardown find this hold among the name's several.
+        hold: dict[str, Any] = {"lock_name": record.name, "fencing_token": record.fencing_token}
+        if self.limit > 1:
+            hold["limit"] = self.limit
+        context["ti"].xcom_push(key=XCOM_KEY, value=hold)
         until = record.expires_at.isoformat(timespec="seconds") if record.expires_at else "released"
         self.log.info("Acquired lock %r (fencing token %s) for the guarded tasks; held until %s or released by %s",
                       record.name, record.fencing_token, until,
@@ -352,8 +414,8 @@ class SingletonOperator(PythonOperator):
 
     def _on_conflict(self, context: Context, deadline: float | None) -> Any:
         holder = self._conflict_holder or "another process"
-        verb = "was run by" if "ran this slot" in holder else "is held by"
-        message = f"lock {self.lock_name!r} {verb} {holder}"
+        message = self._conflict_message or f"lock {self.lock_name!r} is held by {holder}"
+        holders, limit = self._conflict_holders, self.limit
         if self.on_conflict == "skip":
             raise AirflowSkipException(f"Skipping: {message}")
         if self.on_conflict == "fail":
@@ -361,21 +423,22 @@ class SingletonOperator(PythonOperator):
                 self.log.warning(_FAIL_IGNORES_RETRIES.format(task_id=self.task_id, retries=self.retries))
             raise AirflowFailException(f"Failing without retry: {message}")
         if self.on_conflict == "retry":
-            raise SingletonLockConflict(self.lock_name, holder)
+            raise SingletonLockConflict(self.lock_name, holder, message, holders=holders, limit=limit)
         if deadline is not None and time.time() >= deadline:
-            raise SingletonWaitTimeout(self.lock_name, holder,
-                                       f"{message} after waiting {self.wait_timeout:g} s")
+            raise SingletonWaitTimeout(self.lock_name, holder, f"{message} after waiting {self.wait_timeout:g} s",
+                                       holders=holders, limit=limit)
         if self.deferrable:
             self.log.info("Waiting for lock %r: %s; deferring", self.lock_name, message)
             self.defer(
                 trigger=SingletonTrigger(lock_name=self.lock_name, singleton_conn_id=self.singleton_conn_id,
-                                         poll_interval=self.poll_interval, deadline=deadline),
+                                         poll_interval=self.poll_interval, deadline=deadline, limit=self.limit),
                 method_name="execute_complete",
             )
         if self.mode == "reschedule":
             self.log.info("Waiting for lock %r: %s; rescheduling", self.lock_name, message)
             raise AirflowRescheduleException(datetime.now(timezone.utc) + timedelta(seconds=self.poll_interval))
-        raise SingletonWaitTimeout(self.lock_name, holder, f"{message} after waiting {self.wait_timeout or 0:g} s")
+        raise SingletonWaitTimeout(self.lock_name, holder, f"{message} after waiting {self.wait_timeout or 0:g} s",
+                                   holders=holders, limit=limit)
 
     def _work(self, context: Context) -> Any:
         if self.holds_for_group:

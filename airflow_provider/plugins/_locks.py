@@ -156,6 +156,8 @@ def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "
                timeout: float = STORE_TIMEOUT) -> list[dict[str, Any]]:
     """Every live lock of ``connections`` whose name starts with ``prefix``, by connection then name.
 
+    A name held under ``limit=N`` has a row per hold, by fencing token.
+
     A connection that is missing, is not a lock store, or cannot be read within
     ``timeout`` seconds becomes one row with ``error`` set and ``name`` None; the others still list.
     """
@@ -188,6 +190,8 @@ def list_locks(connections: list[tuple[str, Connection | None]], prefix: str = "
 def force_release(conn_id: str, conn: Connection, name: str, fencing_token: int, reason: str,
                   timeout: float = STORE_TIMEOUT) -> dict[str, Any]:
     """Release ``name`` only while the holder still has ``fencing_token``; the previous holder's row.
+
+    Under ``limit=N`` only the hold with ``fencing_token`` is released; the name's other holds stay.
 
     ``singleton_integrations.admin.force_release`` reads the record, compares the token
     and releases through the store's owner-checked ``release`` with that record's owner
