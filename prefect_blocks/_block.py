@@ -8,13 +8,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from singleton_integrations import DEFAULT_LOCK_EXPIRE_SECONDS, AsyncSingleton, Singleton, redact_url, scheme_of
+from singleton_integrations import (
+    DEFAULT_LOCK_EXPIRE_SECONDS,
+    AsyncSingleton,
+    Singleton,
+    redact_url,
+    scheme_of,
+    validate_limit,
+)
 from singleton_integrations.persisters import Persister
 
 from ._lock import SingletonLock
 from ._lock_manager import SingletonLockManager
 from ._store import persister_for
-from ._validate import validate_limit
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

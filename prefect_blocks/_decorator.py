@@ -22,13 +22,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from singleton_integrations import AsyncSingleton, LockConflict, Singleton
+from singleton_integrations import AsyncSingleton, LockConflict, Singleton, validate_limit
 
 from ._block import SingletonBlock
 from ._context import current_run, run_logger
 from ._lock import SingletonLock
 from ._messages import fan_out
-from ._validate import validate_limit
 
 __all__ = ["BLOCK_CACHE_SECONDS_ENV", "OnConflict", "clear_block_cache", "current_lock", "singleton"]
 

@@ -16,12 +16,11 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, null
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from singleton_integrations import AsyncSingleton, LockLost, Singleton
+from singleton_integrations import AsyncSingleton, LockLost, Singleton, validate_limit
 
 from ._context import RunInfo, current_run, prefect_handles_sigterm, run_logger
 from ._events import emit_lock_event
 from ._messages import conflict
-from ._validate import validate_limit
 from ._waiting import WaitReport, areporting_wait, reporting_wait
 
 if TYPE_CHECKING:

@@ -13,9 +13,11 @@ from ._errors import LockConflict, LockLost, MissingDependency, NotHeld, Persist
 from ._events import EVENTS
 from ._lease import AsyncLease, Lease
 from ._record import (
+    MAX_LIMIT,
     AcquireResult,
     LockRecord,
     Owner,
+    validate_limit,
     validate_metadata,
     validate_min_hold,
     validate_name,
@@ -28,6 +30,7 @@ from ._urls import redact_url, scheme_of
 __all__ = [
     "DEFAULT_LOCK_EXPIRE_SECONDS",
     "EVENTS",
+    "MAX_LIMIT",
     "AcquireResult",
     "AsyncLease",
     "AsyncSingleton",
@@ -46,6 +49,7 @@ __all__ = [
     "persisters",
     "redact_url",
     "scheme_of",
+    "validate_limit",
     "validate_metadata",
     "validate_min_hold",
     "validate_name",
