@@ -19,12 +19,7 @@ if TYPE_CHECKING:
 
     from singleton_integrations import LockRecord
 
-__all__ = ["MAX_LIMIT", "deployment_name", "describe_conflict", "describe_holder", "holder_metadata",
-           "same_task_earlier_try", "validate_limit"]
-
-#: The most holds ``limit`` may allow on one name: the core's bound (``singleton_integrations``
-#: checks it again at run time; a test keeps the two equal).
-MAX_LIMIT = 1000
+__all__ = ["deployment_name", "describe_conflict", "describe_holder", "holder_metadata", "same_task_earlier_try"]
 
 
 @lru_cache(maxsize=1)
@@ -69,19 +64,6 @@ def describe_holder(record: LockRecord | None, *, ours: str | None = None) -> st
     until = f" until {iso(record.expires_at)}" if record.expires_at else ""
     return (f"{where} ({task}{extra}) on host {host} pid {record.pid}, since {iso(record.created_at)}{until} "
             f"(fencing token {record.fencing_token})")
-
-
-def validate_limit(limit: object) -> int:
-    """How many tasks may hold a lock name at once: an int from 1 (one holder, the default) to ``MAX_LIMIT``.
-
-    Checked when the DAG file is parsed, so a bad value is an import error rather than a
-    failed task; whether the store keeps several holds is known only once the task reads its connection.
-    """
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int (how many may hold the lock at once), not {type(limit).__name__}")
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be from 1 to {MAX_LIMIT} (how many may hold the lock at once), not {limit!r}")
-    return limit
 
 
 def describe_conflict(name: str, holder: LockRecord | None, holders: Sequence[LockRecord] = (), limit: int = 1,

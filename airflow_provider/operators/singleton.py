@@ -62,7 +62,6 @@ from airflow_provider._holders import (
     describe_holder,
     holder_metadata,
     same_task_earlier_try,
-    validate_limit,
 )
 from airflow_provider._stats import recording_stats
 from airflow_provider.exceptions import SingletonLockConflict, SingletonLockLost, SingletonWaitTimeout
@@ -74,6 +73,7 @@ from airflow_provider.operators._guarded_group import (
     take_back_from_earlier_try,
 )
 from airflow_provider.triggers.singleton import SingletonTrigger
+from singleton_integrations import validate_limit
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

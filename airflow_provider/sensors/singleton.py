@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseSensorOperator, conf
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
 
-from airflow_provider._holders import validate_limit
 from airflow_provider.hooks.singleton import SingletonHook
 from airflow_provider.triggers.singleton import SingletonTrigger
+from singleton_integrations import validate_limit
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

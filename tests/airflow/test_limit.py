@@ -28,10 +28,9 @@ from airflow_provider import (
     SingletonTrigger,
     SingletonWaitTimeout,
 )
-from airflow_provider._holders import MAX_LIMIT
 from airflow_provider.hooks.singleton import SingletonHook, cached_persister
 from airflow_provider.plugins import _locks
-from singleton_integrations import Lease, LockRecord, _record, persisters
+from singleton_integrations import MAX_LIMIT, Lease, LockRecord, persisters
 from tests.airflow._dagrun import history, run_dag
 from tests.airflow.conftest import OTHER
 
@@ -146,7 +145,6 @@ def test_a_mapped_task_with_a_good_limit_still_maps() -> None:
 
 
 def test_the_bound_is_the_cores() -> None:
-    assert MAX_LIMIT == _record.MAX_LIMIT
     with DAG("limit_bound", schedule=None, start_date=START):
         assert SingletonOperator(task_id="op", lock_name="n", limit=MAX_LIMIT).limit == MAX_LIMIT
 
