@@ -178,9 +178,11 @@ class Lease(_Terms):
         return records
 
     def verify(self) -> bool:
-        """Whether the store shows this token holding the name now (call before side effects)."""
-        if self.limit == 1:
-            return holds(self.holder(), self._owner_token)
+        """Whether the store shows this token holding the name now (call before side effects).
+
+        Among every hold of the name, whatever ``limit`` this object was given: a lease adopted
+        or rebuilt from its token alone may be any of a name's holds.
+        """
         return holds(hold_of(self.holders(), self._owner_token), self._owner_token)
 
     def wait_until_free(
@@ -247,8 +249,6 @@ class AsyncLease(_Terms):
 
     async def verify(self) -> bool:
         """``Lease.verify`` for coroutines."""
-        if self.limit == 1:
-            return holds(await self.holder(), self._owner_token)
         return holds(hold_of(await self.holders(), self._owner_token), self._owner_token)
 
     async def wait_until_free(self, *, wait: float | None = None, poll_interval: float | None = None) -> LockRecord | None:

@@ -232,6 +232,16 @@ class HandsOverAfterRead(CountingPersister):
         self._after_read()
         return record
 
+    def holders(self, name: str) -> list[LockRecord]:
+        records = self.inner.holders(name)
+        self._after_read()
+        return records
+
+    async def aholders(self, name: str) -> list[LockRecord]:
+        records = await self.inner.aholders(name)
+        self._after_read()
+        return records
+
 
 def test_a_lock_that_changes_hands_after_the_read_is_left_to_its_new_holder(persister: Persister, name: str) -> None:
     first = hold(name, persister)

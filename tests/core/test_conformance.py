@@ -101,6 +101,7 @@ class TestConformance(PersisterConformance):
     def test_builtin_persisters_declare_this_rounds_capabilities(self, persister: Persister, store_kind: str) -> None:
         """The suite skips the minimum-hold rules on a persister without them: no built-in may lack them."""
         assert persister.supports_min_hold is True
+        assert persister.limits is True, "limit=N: every built-in store keeps several holds of a name"
         if store_kind in ("redis", "postgres", "mongodb"):
             assert persister.native_async is True, f"{store_kind} must use its native async driver"
         assert 0 < persister.call_timeout <= 15

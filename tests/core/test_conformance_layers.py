@@ -170,3 +170,11 @@ def test_the_hold_log_checker_counts_honestly() -> None:
     # A release refused after the end line: the hold ended with its renewed lease (99 here), not at the line.
     refused = [start(1, 0, 2), *end(1, released=False), start(2, 50, 52)]
     assert _most_at_once(refused) == 2
+    # Grant order is token order, not log order: hold 4 was granted before hold 5 but wrote its start line
+    # after it, and hold 1 (killed) had ended by the store's clock when hold 5 was granted.
+    late_line = [start(1, 0, 5.0), start(2, 1, 99), start(5, 5.1, 9), start(4, 4.9, 9), *end(5), *end(4), *end(2)]
+    assert _most_at_once(late_line) == 3
+    # ... and a hold granted earlier still counts when its start line comes later.
+    crossing = [start(2, 1, 99), start(5, 5.1, 9), start(4, 4.9, 9), start(6, 5.2, 9), *end(5), *end(4), *end(6),
+                *end(2)]
+    assert _most_at_once(crossing) == 4

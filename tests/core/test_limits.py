@@ -131,8 +131,6 @@ def test_lease_adopt_finds_its_hold_among_several(store: Persister, name: str) -
     assert Lease.adopt(name, store, fencing_token=tokens[2] + 1) is None
 
 
-@pytest.mark.xfail(strict=True, reason="core: Lease.adopt builds its lease with limit=1, whose verify() reads "
-                                       "get() (the name's first hold) instead of holders()")
 def test_an_adopted_later_hold_verifies(store: Persister, name: str) -> None:
     holds = held(name, store)
     adopted = Lease.adopt(name, store, fencing_token=holds[2].fencing_token, lock_expire_seconds=30)

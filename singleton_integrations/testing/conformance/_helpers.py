@@ -301,16 +301,10 @@ class CountingPersister(Persister):
         return await self.inner.aget(name)
 
     def holders(self, name: str) -> builtins.list[LockRecord]:
-        records = self.inner.holders(name)
-        if type(self).get is not CountingPersister.get:
-            self.get(name)  # a subclass that watches the holder's reads through ``get`` sees this one too
-        return records
+        return self.inner.holders(name)
 
     async def aholders(self, name: str) -> builtins.list[LockRecord]:
-        records = await self.inner.aholders(name)
-        if type(self).aget is not CountingPersister.aget:
-            await self.aget(name)
-        return records
+        return await self.inner.aholders(name)
 
     def list(self, prefix: str = "") -> list[LockRecord]:
         return self.inner.list(prefix)

@@ -362,13 +362,20 @@ class LimitsWithFairQueue(_LimitKit):
 
 
 def _live_at_each_start(lines: list[dict[str, Any]]) -> list[tuple[int, list[int]]]:
-    """For each ``start`` line of a hold log (see ``_limits_child.worker``): its index and the holds live then.
+    """For each ``start`` line of a hold log (see ``_limits_child.worker``): its index and the holds live
+    when the store granted that hold.
 
-    Judged honestly: a hold that was confirmed by a renewal and then released is live, by the log's
-    order, from its ``start`` line (written after the store granted it) to its ``end`` line (written
-    before the release): inside what it really held. A hold that never ended so (its process was
-    killed, or stopped past its lease, or its release was refused) is live by the store's clock until
-    its lease ended: at every later ``start`` whose hold the store granted before that end.
+    Judged honestly, with no client clock (some children run an hour off): the store grants holds in
+    the order of their fencing tokens, so a hold X was granted before the hold Y of a ``start`` line
+    when X's token is lower. Such an X was still live at Y's grant when:
+
+    - X was confirmed by a renewal and then released, and its ``end`` line (written before the
+      release) comes after Y's ``start`` line (written after Y's grant); or
+    - X never ended so (its process was killed, or stopped past its lease, or its release was
+      refused), and Y was granted before X's lease ended, by the store's clock.
+
+    The log's order alone would be wrong here: a child may write its ``start`` line after a child
+    the store granted later has written its own.
     """
     ended: dict[int, int] = {}
     expires: dict[int, float] = {}
@@ -380,19 +387,15 @@ def _live_at_each_start(lines: list[dict[str, Any]]) -> list[tuple[int, list[int
             expires[line["token"]] = line["expires"]
         elif line["event"] == "released" and not line["released"]:
             del ended[line["token"]]  # the lease ended it before the release came
+    starts = [(index, line) for index, line in enumerate(lines) if line["event"] == "start"]
     seen: list[tuple[int, list[int]]] = []
-    open_ended: list[int] = []
-    unended: list[int] = []
-    for index, line in enumerate(lines):
+    for index, line in starts:
         token: int = line["token"]
-        if line["event"] == "end" and ended.get(token) == index:
-            open_ended.remove(token)
-        if line["event"] != "start":
-            continue
-        granted = line["created"]
-        lasting = [other for other in unended if granted < expires[other] - STORE_TIME_SLACK]
-        seen.append((index, [*open_ended, *lasting, token]))
-        (open_ended if token in ended else unended).append(token)
+        granted: float = line["created"]
+        earlier = [other["token"] for _, other in starts if other["token"] < token]
+        live = [other for other in earlier
+                if (ended[other] > index if other in ended else granted < expires[other] - STORE_TIME_SLACK)]
+        seen.append((index, [*live, token]))
     return seen
 
 
