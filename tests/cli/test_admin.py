@@ -266,6 +266,8 @@ def test_internal_errors_are_one_line_unless_debugging(cli: Cli, tmp_path: Path)
         "        return cls()\n"
         "    def get(self, name):\n"
         "        raise ZeroDivisionError('a bug')\n"
+        "    def holders(self, name):\n"
+        "        raise ZeroDivisionError('a bug')\n"
         "    def list(self, prefix=''):\n"
         "        return 42\n"
     )

@@ -54,7 +54,8 @@ def test_status_and_list_describe_the_holder_in_mysql(mysql_cli: Cli) -> None:
 
     cli.go()
     assert finish(holder)[0] == 0
-    assert json.loads(cli.run("status", cli.name, "--json").stdout) == {"name": cli.name, "held": False, "holder": None}
+    assert json.loads(cli.run("status", cli.name, "--json").stdout) == {"name": cli.name, "held": False, "holder": None,
+                                                                        "holders": []}
     assert cli.run("list", "--prefix", cli.name, "--json").stdout.strip() == "[]", "a released name is not listed"
 
 
