@@ -32,6 +32,7 @@ from ._lockstate import (
     hold_of,
     holder_seen,
     holds,
+    holds_seen,
     measure,
     validate_wait,
 )
@@ -190,17 +191,36 @@ class Lease(_Terms):
     ) -> LockRecord | None:
         """Wait until nobody holds the name, taking nothing; None once free, else the holder when the wait ended.
 
+        Under ``limit=N``: until fewer than N holds are live (``wait_for_room`` returns them all).
+
         The same loop as ``take`` (woken by the release, looking again when the
         holder's lease or minimum hold ends), for code that only reports the name
         free and lets someone else take it. ``poll_interval`` is the longest pause
         between looks (default: the store's ``poll_interval``, or a 2 s safety poll
         where releases wake the wait); a process serving many waits may look less often.
         """
+        if self.limit > 1:
+            seen = self.wait_for_room(wait=wait, cancel=cancel, poll_interval=poll_interval)
+            return seen[0] if seen else None
         seconds = validate_wait(wait)
         persister = self.persister
         name = self.name
         waiting = Waiting.until_free(persister, name, seconds, poll_interval)
         return wait_turn(waiting, lambda _: holder_seen(persister.get(name)), cancel)[1].record
+
+    def wait_for_room(
+        self, *, wait: float | None = None, cancel: threading.Event | None = None, poll_interval: float | None = None
+    ) -> list[LockRecord]:
+        """Wait until fewer than ``limit`` holds of the name are live, taking nothing: [] once so, else every
+        hold when the wait ended.
+
+        ``wait_until_free`` for a limit: the same loop, woken by the release of any hold and
+        looking again when the first of them can end. With ``limit=1``, until the name is free.
+        """
+        seconds = validate_wait(wait)
+        persister, name, limit = self.persister, self.name, self.limit
+        waiting = Waiting.until_free(persister, name, seconds, poll_interval)
+        return list(wait_turn(waiting, lambda _: holds_seen(persister.holders(name), limit), cancel)[1].holders)
 
 
 class AsyncLease(_Terms):
@@ -253,6 +273,9 @@ class AsyncLease(_Terms):
 
     async def wait_until_free(self, *, wait: float | None = None, poll_interval: float | None = None) -> LockRecord | None:
         """``Lease.wait_until_free`` for coroutines; cancel the task to give up."""
+        if self.limit > 1:
+            seen = await self.wait_for_room(wait=wait, poll_interval=poll_interval)
+            return seen[0] if seen else None
         seconds = validate_wait(wait)
         waiting = Waiting.until_free(self.persister, self.name, seconds, poll_interval)
         persister = self.persister
@@ -262,6 +285,17 @@ class AsyncLease(_Terms):
             return holder_seen(await persister.aget(name))
 
         return (await await_turn(waiting, look))[1].record
+
+    async def wait_for_room(self, *, wait: float | None = None, poll_interval: float | None = None) -> list[LockRecord]:
+        """``Lease.wait_for_room`` for coroutines; cancel the task to give up."""
+        seconds = validate_wait(wait)
+        persister, name, limit = self.persister, self.name, self.limit
+        waiting = Waiting.until_free(persister, name, seconds, poll_interval)
+
+        async def look(_: float | None) -> AcquireResult:
+            return holds_seen(await persister.aholders(name), limit)
+
+        return list((await await_turn(waiting, look))[1].holders)
 
     async def _call(self, call: Awaitable[_R]) -> _R:
         return await acall_store(self.persister, call)

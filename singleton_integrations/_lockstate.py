@@ -46,6 +46,7 @@ __all__ = [
     "hold_of",
     "holder_seen",
     "holds",
+    "holds_seen",
     "validate_wait",
 ]
 
@@ -242,6 +243,17 @@ def holder_seen(record: LockRecord | None) -> AcquireResult:
         return AcquireResult(False, record)
     left = record.expires_at.timestamp() - time.time()
     return AcquireResult(False, record, retry_after=left if left > 0 else OVERDUE_LOOK_SECONDS)
+
+
+def holds_seen(records: list[LockRecord], limit: int) -> AcquireResult:
+    """A look at a name's holds under ``limit``, as ``holder_seen``: room (no ``record``) while fewer
+    than ``limit`` are live; else the holds, looked at again when the first of them can end."""
+    if len(records) < limit:
+        return AcquireResult(False, None)
+    ends = [record.expires_at.timestamp() for record in records if record.expires_at is not None]
+    left = min(ends) - time.time() if ends else None
+    retry = None if left is None else left if left > 0 else OVERDUE_LOOK_SECONDS
+    return AcquireResult(False, records[0], retry_after=retry, holders=tuple(records))
 
 
 class Waiting:

@@ -1,14 +1,11 @@
 """``SingletonTrigger``: tells a deferred task when a lock looks free; it only observes.
 
-It waits through the core's own wait (``AsyncLease.wait_until_free``): on the store's
+It waits through the core's own wait (``AsyncLease.wait_for_room``): on the store's
 release notification (Redis pub/sub, PostgreSQL LISTEN, MongoDB change stream)
 through the persister's shared watch, holding no thread, looking again when the
 holder's lease or minimum hold ends; stores that cannot notify are polled every
-``poll_interval``.
-
-With ``limit=N`` it waits until fewer than N holds are live: woken by a release of
-any of them (the store's watch on the name), looking again when the soonest-ending
-hold's lease or minimum hold ends.
+``poll_interval``. With ``limit=N`` the same wait ends once fewer than N holds are
+live: a release of any of them wakes it.
 
 A triggerer may run the same trigger twice at once (HA, reassignment), so a trigger
 that acquired could hold a lock nobody releases. This one never writes: the resumed
@@ -20,31 +17,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from singleton_integrations import AsyncLease, redact_url
 
-if TYPE_CHECKING:
-    from singleton_integrations import LockRecord
-    from singleton_integrations.persisters import Persister
-
 __all__ = ["SingletonTrigger"]
 
 #: With a notifying store, how long to wait on the release notification before looking anyway.
 _NOTIFIED_RECHECK = 30.0
-#: How soon to look again at a hold whose end has passed by our clock but not yet by the store's.
-_OVERDUE_LOOK = 0.25
-
-
-def _soonest_end(holds: list[LockRecord]) -> float:
-    """Seconds until the first of ``holds`` can end by itself (its lease or minimum hold); inf if none can."""
-    ends = [record.expires_at.timestamp() for record in holds if record.expires_at is not None]
-    if not ends:
-        return math.inf
-    left = min(ends) - time.time()
-    return left + 0.001 if left > 0 else _OVERDUE_LOOK
 
 
 class SingletonTrigger(BaseTrigger):
@@ -107,12 +89,8 @@ class SingletonTrigger(BaseTrigger):
         look_every = _NOTIFIED_RECHECK if persister.notifies else self.poll_interval
         wait = math.inf if self.deadline is None else max(self.deadline - time.time(), 0.0)
         try:
-            if self.limit > 1:
-                holds = await self._until_below_limit(persister, wait)
-            else:
-                holder = await AsyncLease(self.lock_name, persister).wait_until_free(wait=wait,
-                                                                                    poll_interval=look_every)
-                holds = [] if holder is None else [holder]
+            holds = await AsyncLease(self.lock_name, persister, limit=self.limit).wait_for_room(
+                wait=wait, poll_interval=look_every)
         except Exception as error:  # noqa: BLE001  (reported to the resumed task, which fails with it)
             yield self._event("error", message=redact_url(f"{type(error).__name__}: {error}"))
             return
@@ -122,23 +100,3 @@ class SingletonTrigger(BaseTrigger):
         from airflow_provider._holders import describe_holder
 
         yield self._event("timeout", holder="; ".join(describe_holder(record) for record in holds), held=len(holds))
-
-    async def _until_below_limit(self, persister: Persister, wait: float) -> list[LockRecord]:
-        """Wait until fewer than ``limit`` holds are live: [] once so, else the holds seen when ``wait`` ran out.
-
-        The watch on the name is opened before the first look and kept, so a release between
-        a look and the pause is remembered: any release of any hold wakes the wait. A store
-        whose watch cannot wake coroutines is looked at every ``poll_interval``.
-        """
-        deadline = time.monotonic() + wait
-        async with persister.awatching(self.lock_name) as watch:
-            woken = persister.notifies and watch.wakes_coroutines
-            look_every = _NOTIFIED_RECHECK if woken else self.poll_interval
-            while True:
-                holds = await persister.aholders(self.lock_name)
-                if len(holds) < self.limit:
-                    return []
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return holds
-                await watch.wait_async(min(left, look_every, _soonest_end(holds)))

@@ -172,3 +172,19 @@ def test_admin_aforce_release_frees_only_the_hold_with_that_token(store: Persist
     released = asyncio.run(admin.aforce_release(store, name, holds[2].fencing_token))
     assert released.fencing_token == holds[2].fencing_token
     assert [hold.verify() for hold in holds] == [True, True, False]
+
+
+def test_waiting_for_room_ends_once_fewer_than_n_holds_are_live(store: Persister, name: str) -> None:
+    locks = held(name, store)
+    watcher = Lease(name, store, limit=N)
+    seen = watcher.wait_for_room(wait=0.05)
+    assert [hold.fencing_token for hold in seen] == [lock.fencing_token for lock in locks], "full: every hold"
+    assert watcher.wait_until_free(wait=0.05) == seen[0]
+    release = asyncio.get_event_loop_policy().new_event_loop()
+    try:
+        release.call_later(0.1, locks[1].release)  # a hold in the middle: any release makes room
+        assert release.run_until_complete(AsyncLease(name, store, limit=N).wait_for_room(wait=30)) == []
+    finally:
+        release.close()
+    assert Lease(name, store, limit=N).wait_until_free(wait=0) is None, "room now, though two holds are live"
+    assert Lease(name, store).wait_for_room(wait=0) == store.holders(name), "limit=1: room only once none is live"
