@@ -14,7 +14,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,36 +24,17 @@ import pytest
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters._mongodb_steps import Op
 from singleton_integrations.persisters.mongodb import MongoDb
+from tests.core import test_mongodb
 from tests.core.test_seed_migration import Seed
-from tests.servers import mongodb_server
 
-RUN_DATABASE = f"singleton_limits_{uuid.uuid4().hex[:10]}"
+RUN_DATABASE = test_mongodb.RUN_DATABASE
 #: The holder fields an N = 1 lock's document has today (issue 13's format), besides ``_id``.
 N1_HELD_FIELDS = {"name", "owner", "fence", "host", "pid", "createdAt", "expiresAt", "created", "metadata",
                   "purgeAt", "expired"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    server_url = mongodb_server.url()
-    yield server_url
-    client: pymongo.MongoClient[Any] = pymongo.MongoClient(server_url, serverSelectionTimeoutMS=5000)
-    try:
-        client.drop_database(RUN_DATABASE)
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def collection_name() -> str:
-    return f"limits_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def store(url: str, collection_name: str) -> Iterator[MongoDb]:
-    persister = MongoDb(url, database=RUN_DATABASE, collection=collection_name)
-    yield persister
-    persister.close()
+# The store's fixtures, shared: a database for the run, a collection per test, a persister on it.
+url, collection_name, store = test_mongodb.url, test_mongodb.collection_name, test_mongodb.store
 
 
 def raw(store: MongoDb) -> Any:

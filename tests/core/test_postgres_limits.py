@@ -31,26 +31,10 @@ from singleton_integrations import persisters
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters import _postgres_sql as q
 from singleton_integrations.persisters.postgres import Postgres
-from tests.servers import pgbouncer, postgres_server
+from tests.core import test_postgres
+from tests.servers import pgbouncer
 
-
-@pytest.fixture
-def server_url() -> str:
-    return postgres_server.url()
-
-
-@pytest.fixture
-def admin(server_url: str) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as connection:
-        yield connection
-
-
-@pytest.fixture
-def table(admin: psycopg.Connection[Any]) -> Iterator[str]:
-    """A table of this test alone, dropped afterwards."""
-    name = f"singleton_limits_{uuid.uuid4().hex[:12]}"
-    yield name
-    admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+server_url, admin, table = test_postgres.server_url, test_postgres.admin, test_postgres.table  # shared fixtures
 
 
 @pytest.fixture
