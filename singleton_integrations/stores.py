@@ -28,12 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import SingletonError
 from ._urls import redact_url, scheme_of
 from .persisters import _BUILTIN_SCHEMES
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -103,7 +105,7 @@ class SourceNotInstalled(SourceUnavailable):
 
 def kinds() -> list[str]:
     """The source kinds installed here, sorted."""
-    return sorted({point.name for point in entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted({point.name for point in _entry_points(ENTRY_POINT_GROUP)})
 
 
 def resolve(kind: str, name: str) -> StoreLocation:
@@ -149,7 +151,15 @@ def store_url(url: str) -> str:
     return translate(url)
 
 
+def _entry_points(group: str) -> list[EntryPoint]:
+    # Imported here: reading the installed packages' metadata costs tens of ms, which a
+    # store's own URL never needs.
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=group))
+
+
 def _entry_point(group: str, name: str) -> EntryPoint | None:
     wanted = name.lower()
-    return next((point for point in entry_points(group=group) if point.name.lower() == wanted), None)
+    return next((point for point in _entry_points(group) if point.name.lower() == wanted), None)
 

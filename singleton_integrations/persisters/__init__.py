@@ -10,8 +10,7 @@ must do, and declares what it can do with the flags in ``CAPABILITIES``).
 
 from __future__ import annotations
 
-from importlib import import_module
-from importlib.metadata import entry_points
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .._urls import redact_url, scheme_of
@@ -25,14 +24,16 @@ from ._base import (
     SleepWatch,
     run_blocking,
 )
-from .memory import Memory
-from .sqlite import Sqlite
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+    from .memory import Memory
     from .mongodb import MongoDb
     from .mysql import MySql
     from .postgres import Postgres
     from .redis import Redis
+    from .sqlite import Sqlite
 
 __all__ = [
     "CAPABILITIES",
@@ -57,8 +58,16 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "singleton_integrations.persisters"
 
-# Modules are imported on first use so the core imports no driver.
-_LAZY = {"Redis": ".redis", "MongoDb": ".mongodb", "Postgres": ".postgres", "MySql": ".mysql"}
+# Each persister's module is imported on first use: the core imports no driver, and a process
+# that locks on one store pays for that store's module only (a fresh process per task pays it per run).
+_LAZY = {
+    "Memory": "memory",
+    "Sqlite": "sqlite",
+    "Redis": "redis",
+    "MongoDb": "mongodb",
+    "Postgres": "postgres",
+    "MySql": "mysql",
+}
 _BUILTIN_SCHEMES = {
     "memory": "Memory",
     "sqlite": "Sqlite",
@@ -80,19 +89,32 @@ _BUILTIN_SCHEMES = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        cls = getattr(import_module(_LAZY[name], __name__), name)
+        module = f"{__name__}.{_LAZY[name]}"
+        __import__(module)  # the import statement's own path, which ``python -X importtime`` reports
+        cls = getattr(sys.modules[module], name)
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def _plugins() -> list[EntryPoint]:
+    """The installed plug-in stores; read only for a scheme that is not built in (the scan costs tens of ms)."""
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
 def schemes() -> dict[str, type[Persister]]:
     """Every URL scheme known here, built in or added by an installed package."""
     found: dict[str, type[Persister]] = {}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
+    for point in _plugins():
         found[point.name.lower()] = point.load()
     for scheme, class_name in _BUILTIN_SCHEMES.items():
-        found[scheme] = __getattr__(class_name) if class_name in _LAZY else globals()[class_name]
+        found[scheme] = __getattr__(class_name)
     return found
 
 
@@ -112,10 +134,11 @@ def _class_for(url: str, shown: str) -> Any:
     scheme = scheme_of(url)
     class_name = _BUILTIN_SCHEMES.get(scheme)
     if class_name is not None:
-        return __getattr__(class_name) if class_name in _LAZY else globals()[class_name]
-    matches = [p for p in entry_points(group=ENTRY_POINT_GROUP) if p.name.lower() == scheme]
+        return __getattr__(class_name)
+    plugins = _plugins()
+    matches = [p for p in plugins if p.name.lower() == scheme]
     if not matches:
-        known = ", ".join(sorted({*_BUILTIN_SCHEMES, *(p.name for p in entry_points(group=ENTRY_POINT_GROUP))}))
+        known = ", ".join(sorted({*_BUILTIN_SCHEMES, *(p.name for p in plugins)}))
         raise ValueError(f"no persister for scheme {scheme!r} in {redact_url(shown)!r}; known schemes: {known}")
     return matches[0].load()
 

@@ -23,7 +23,6 @@ lock's exclusivity never depends on it.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import functools
 import logging
@@ -34,7 +33,6 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -44,6 +42,10 @@ from .._errors import PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 
 if TYPE_CHECKING:
+    # Imported where used: a sync lock in a fresh process (an orchestrator's task) never pays for them.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     from typing_extensions import Self
 
 __all__ = [
@@ -85,6 +87,8 @@ _executor_guard = threading.Lock()
 
 
 def _blocking_executor() -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor
+
     global _executor
     with _executor_guard:
         if _executor is None:
@@ -97,6 +101,8 @@ async def run_blocking(func: Callable[..., _T], *args: Any) -> _T:
 
     Never asyncio's default pool: a busy default pool is what starved waiters before.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_blocking_executor(), functools.partial(func, *args))
 
@@ -162,6 +168,8 @@ class ReleaseWatch:
 
     async def wait_async(self, timeout: float) -> bool:
         """``wait`` for coroutines: holds no thread. The default sleeps (a poll)."""
+        import asyncio
+
         await asyncio.sleep(max(timeout, 0.0))
         return False
 
@@ -219,6 +227,8 @@ class HubWatch(ReleaseWatch):
         return self._consume()
 
     async def wait_async(self, timeout: float) -> bool:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         entry = (loop, future)
@@ -259,6 +269,8 @@ async def resolved_within(future: asyncio.Future[None], timeout: float | None) -
     cancel, when the future is resolved (a wake-up) in the same loop turn as the task
     is cancelled, and a cancelled wait then went on waiting.
     """
+    import asyncio
+
     timer = None if timeout is None else asyncio.get_running_loop().call_later(max(timeout, 0.0), _resolve, future)
     try:
         await future
