@@ -216,6 +216,8 @@ class Shared:
         self._sync: Any = None
         self._sentinel: Any = None
         self.slots = _Slots(store.max_connections)
+        #: Sync connections kept out of the pool between script calls (see ``idle_connection``).
+        self.idle: list[Any] = []
         self._async: dict[int, _AsyncEntry] = {}
         self.hubs: dict[str, Any] = {}  # key prefix -> ReleaseHub
         self._users: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -288,12 +290,47 @@ class Shared:
         sentinel_kwargs.update(extra.pop("sentinel_kwargs", None) or {})
         return sentinel_class(list(store.nodes), sentinel_kwargs=sentinel_kwargs, **extra)
 
+    # -- the script calls' own connections, outside the pool's bookkeeping --
+
+    def idle_connection(self, pool: Any, pool_arguments: tuple[str, ...]) -> Any:
+        """A connection for one script call: one kept from an earlier call, else one from ``pool``.
+
+        Taking and giving back a pooled connection costs redis-py a lock, a socket
+        poll and its metrics on every call; the script calls skip that by keeping
+        their connections (``keep``). They stay checked out of the pool, so they
+        count against its ``max_connections`` as busy ones, and the slots bound
+        how many calls run at once, so no call finds the pool exhausted. Other
+        commands on the pool are sent after ``return_idle``.
+        """
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return pool.get_connection(*pool_arguments)
+
+    def keep(self, connection: Any) -> None:
+        """Keep ``connection`` for the next script call; its reply was read whole."""
+        self.idle.append(connection)
+
+    def return_idle(self, pool: Any, disconnect: bool = False) -> None:
+        """Hand the kept connections back to ``pool`` (closed first with ``disconnect``: after a
+        connection error, or a failover, the others may be as stale)."""
+        while True:
+            try:
+                connection = self.idle.pop()
+            except IndexError:
+                return
+            if disconnect:
+                connection.disconnect()
+            pool.release(connection)
+
     def close_sync(self) -> None:
         """Disconnect the sync pool(s); the next call reconnects."""
         with self._guard:
             client = self._sync
         if client is None:
             return
+        if self.store.topology != "cluster":
+            self.return_idle(client.connection_pool)
         if self.store.topology == "cluster":
             for node in client.get_nodes():
                 if node.redis_connection is not None:
@@ -415,6 +452,7 @@ class Shared:
         # pools reset their own sockets on first use in the child.
         self._guard = threading.Lock()
         self.slots = _Slots(self.store.max_connections)
+        self.idle = []  # the parent's sockets: never write to them here
         self._async = {}
 
 

@@ -280,6 +280,55 @@ end
 return {ok = fence .. ' ' .. now}
 """
 
+#: ACQUIRE_SCRIPT for the common call: no place in the queue asked for (queue_ms 0) and no
+#: ``limit``. KEYS as ACQUIRE_SCRIPT's. ARGV: owner_token, the key's life in ms
+#: (max(ttl, min_hold); 0 = no expiry), the holder's other JSON members, min_hold_ms (0 =
+#: none), purge_ms. Returns what ACQUIRE_SCRIPT would: the status "FENCE CREATED_MS", {1,
+#: fence, created_ms, expired holder JSON} or the conflict {0, holder token, holder JSON,
+#: pttl}; or nil, having written nothing, when ACQUIRE_SCRIPT must decide (holds taken
+#: with ``limit`` may be live, or this token holds the name already). It defines no
+#: functions: each would be a closure made on every call.
+ACQUIRE_FREE_SCRIPT = r"""
+if redis.call('EXISTS', KEYS[5]) == 1 then return false end
+local life = tonumber(ARGV[2])
+local taken
+if life > 0 then
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+else
+  taken = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+end
+if not taken then
+  local token = redis.call('GET', KEYS[1])
+  if token == ARGV[1] then return false end
+  return {0, token, redis.call('HGET', KEYS[2], 'holder'), redis.call('PTTL', KEYS[1])}
+end
+local state = redis.call('HMGET', KEYS[2], 'fence', 'holder')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fence = tonumber(state[1])
+if fence and fence >= now then
+  fence = fence + 1
+else
+  fence = now
+end
+local expires = 'null'
+if life > 0 then expires = now + life end
+local held = ''
+if ARGV[4] ~= '0' then held = ',"hold_until":' .. (now + tonumber(ARGV[4])) end
+redis.call('HSET', KEYS[2], 'fence', fence, 'holder',
+  '{"expires_at":' .. expires .. ',"created_at":' .. now .. held .. ',"fencing_token":' .. fence .. ',' .. ARGV[3] .. '}')
+local purge = tonumber(ARGV[5])
+if life > 0 and purge > 0 then
+  redis.call('PEXPIRE', KEYS[2], life + purge)
+else
+  redis.call('PERSIST', KEYS[2])
+end
+if state[2] and not string.find(state[2], '^{"expires_at":[^,]*,"released_at":') then
+  return {1, fence, now, state[2]}
+end
+return {ok = fence .. ' ' .. now}
+"""
+
 #: ACQUIRE_SCRIPT's keys and arguments, then N (> 1): take one of the name's N holds. Every
 #: live hold counts, whatever N its holder gave, the lock key's too; expired holds are
 #: dropped first. A queued caller takes only from among the first (N - live) live places.
@@ -383,11 +432,13 @@ return {5, fence, now, expired, woke}
 #: lost) answers 1 again. A lease of this token that ran out untaken is cleared from the
 #: state hash (so the next holder is not told it expired), but the answer is 0: it was
 #: not held until now.
-RELEASE_SCRIPT = _LUA_HEAD + r"""
+#: The common release (ours, no minimum hold, nobody queued) runs inline; the functions
+#: are defined only in the branches that need them, so that path makes no closures.
+RELEASE_SCRIPT = r"""
 local token = redis.call('GET', KEYS[1])
 local purge = tonumber(ARGV[2])
 if token ~= ARGV[1] then
-""" + _LUA_HOLDS + r"""
+""" + _LUA_HEAD + _LUA_HOLDS + r"""
   local freed = release_hold(purge, token)
   if freed then return freed end
   if redis.call('HGET', KEYS[2], 'released') == redis.sha1hex(ARGV[1]) then
@@ -402,20 +453,33 @@ if token ~= ARGV[1] then
   return 0
 end
 local holder = redis.call('HGET', KEYS[2], 'holder')
-local hold = hold_of(holder)
-local now = hold and now_ms()  -- the clock only matters for a minimum hold, or a queue (read there)
-if hold and hold > now then
-  holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. hold .. ',"released_at":' .. now, 1)
-  redis.call('SET', KEYS[1], '\0released', 'PX', hold - now)
-  redis.call('HSET', KEYS[2], 'holder', holder, 'released', redis.sha1hex(ARGV[1]))
-  if purge > 0 then keep_state(hold - now + purge) else keep_state(0) end
-  return 2
+local now = nil  -- the clock only matters for a minimum hold, or a queue (read there)
+if holder and string.find(holder, ',"hold_until":', 1, true) then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local hold = tonumber(string.match(holder, '^{"expires_at":[^,]*,"created_at":%d+,"hold_until":(%d+)'))
+  if hold and hold > now then
+    holder = string.gsub(holder, '^{"expires_at":[^,]*', '{"expires_at":' .. hold .. ',"released_at":' .. now, 1)
+    redis.call('SET', KEYS[1], '\0released', 'PX', hold - now)
+    redis.call('HSET', KEYS[2], 'holder', holder, 'released', redis.sha1hex(ARGV[1]))
+    if purge > 0 then
+      redis.call('PEXPIRE', KEYS[2], hold - now + purge)
+    else
+      redis.call('PERSIST', KEYS[2])
+    end
+    return 2
+  end
 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], 'holder')
 redis.call('HSET', KEYS[2], 'released', redis.sha1hex(ARGV[1]))
-if purge > 0 then keep_state(purge) end
-return announce_free(now) or 1
+if purge > 0 then redis.call('PEXPIRE', KEYS[2], purge) end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+""" + _LUA_HEAD + r"""
+  return announce_free(now) or 1
+end
+redis.call('PUBLISH', KEYS[1] .. ':released', '')
+return 1
 """
 
 #: KEYS: lock, state, queue, queue ends (unused), holds, holders. ARGV: owner_token, ttl_ms
@@ -534,6 +598,7 @@ return ''
 
 SCRIPTS: dict[str, str] = {
     "acquire": ACQUIRE_SCRIPT,
+    "acquire_free": ACQUIRE_FREE_SCRIPT,
     "acquire_limit": ACQUIRE_LIMIT_SCRIPT,
     "release": RELEASE_SCRIPT,
     "renew": RENEW_SCRIPT,

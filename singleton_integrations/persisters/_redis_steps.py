@@ -203,14 +203,21 @@ class Rules:
         ``limit`` > 1 takes one of the name's ``limit`` holds instead of the lock key.
         With ``wait_replicas``, an acquire too few replicas confirmed is given back and raises.
         """
-        lease, hold = ttl_ms(ttl), ttl_ms(min_hold)
+        lease, hold, queue = ttl_ms(ttl), ttl_ms(min_hold), ttl_ms(queue_for)
         token, waits = owner.owner_token.encode(), self.wait_replicas
-        args: tuple[Any, ...] = (token, lease, self._holder_members(owner), hold, self._purge, ttl_ms(queue_for),
-                                 wake.encode())
-        script = "acquire"
-        if limit > 1:
-            script, args = "acquire_limit", (*args, limit)
-        reply = yield self._op(script, name, args, bool(waits))
+        members = self._holder_members(owner)
+        reply = None
+        if queue == 0 and limit == 1:  # the common call: the small script, which may hand over to the full one
+            life = max(lease, hold) if lease else 0
+            reply = yield self._op("acquire_free", name, (token, life, members, hold, self._purge), bool(waits))
+            if waits and reply[0] is None:
+                reply = None
+        if reply is None:
+            args: tuple[Any, ...] = (token, lease, members, hold, self._purge, queue, wake.encode())
+            script = "acquire"
+            if limit > 1:
+                script, args = "acquire_limit", (*args, limit)
+            reply = yield self._op(script, name, args, bool(waits))
         acknowledged = waits
         if waits:
             reply, acknowledged = reply

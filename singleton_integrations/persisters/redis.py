@@ -323,49 +323,58 @@ class Redis(Persister):
             slots.acquire(self.socket_timeout)  # not a context manager: this runs on every call
             try:
                 client = shared.sync_client()
-                return drive(steps, lambda op: self._send(client, op), _unanswered)
+                return drive(steps, lambda op: self._send(shared, client, op), _unanswered)
             finally:
                 slots.release()
         except self._errors as error:
             raise self._failure(f"{verb} {name!r}", error, secret) from error
 
-    def _send(self, client: Any, op: Op) -> Any:
+    def _send(self, shared: Shared, client: Any, op: Op) -> Any:
         if op.kind is EVAL:
             if self.topology != "cluster":
-                return self._eval_pooled(client.connection_pool, op)
+                return self._eval_pooled(shared, client.connection_pool, op)
             # RedisCluster routes by the keys' slot and follows MOVED/ASK itself.
             try:
                 return client.evalsha(scripts.SHAS[op.script], *op.keys, *op.args)
             except self._no_script:
                 return client.eval(scripts.SCRIPTS[op.script], *op.keys, *op.args)
+        if self.topology != "cluster":
+            shared.return_idle(client.connection_pool)  # redis-py's own commands take theirs from the pool
         if op.kind is SCAN:
             return [cast(str, key) for key in client.scan_iter(match=op.args[0], count=_SCAN_COUNT)]
         with client.pipeline(transaction=self.topology != "cluster") as pipe:
             _queue_reads(pipe, op.keys)
             return pipe.execute()
 
-    def _eval_pooled(self, pool: Any, op: Op) -> Any:
-        """EVALSHA (and WAIT) on one pooled connection, loading the script if the server lacks it.
+    def _eval_pooled(self, shared: Shared, pool: Any, op: Op) -> Any:
+        """EVALSHA (and WAIT) on one of the pool's connections, loading the script if the server lacks it.
 
         It talks to the connection directly: redis-py's command wrapper costs more
-        client time per call than the script does on the server. WAIT goes on the
-        same connection, because it confirms the writes of the connection it runs on.
+        client time per call than the script does on the server. The connection is
+        kept for the next call rather than handed back (``Shared.idle_connection``).
+        WAIT goes on the same connection, because it confirms the writes of the
+        connection it runs on.
         """
         for attempt in (1, 2):
-            connection = pool.get_connection(*self._pool_arguments)
+            connection = shared.idle_connection(pool, self._pool_arguments)
             try:
-                return self._exchange(connection, op)
+                reply = self._exchange(connection, op)
             except self._connection_error:
                 connection.disconnect()
+                pool.release(connection)
+                shared.return_idle(pool, disconnect=True)  # a restart or a failover: the kept ones are stale too
                 if attempt == 2:
                     raise
+                continue
             except self._response_error:
-                raise  # an error reply was read whole: the connection stays usable
-            except BaseException:
-                connection.disconnect()  # never hand back a connection with a reply unread
+                shared.keep(connection)  # an error reply was read whole: the connection stays usable
                 raise
-            finally:
+            except BaseException:
+                connection.disconnect()  # never keep a connection with a reply unread
                 pool.release(connection)
+                raise
+            shared.keep(connection)
+            return reply
         raise AssertionError("unreachable")
 
     def _exchange(self, connection: Any, op: Op) -> Any:
