@@ -1,5 +1,9 @@
 """Locks in Redis: each primitive is one Lua script, so one round trip and one atomic step.
 
+(The one exception: an acquire that does not queue sends a small script for the
+common case, which hands over to the full one, having written nothing, when holds
+under ``limit`` or its own token are there.)
+
 Works on a single server (``redis://``, ``rediss://``, ``unix://``), on a
 Sentinel-managed master (``redis+sentinel://``, ``rediss+sentinel://``) and on a
 cluster (``redis+cluster://``, ``rediss+cluster://``). The rules are written

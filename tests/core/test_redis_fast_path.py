@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from singleton_integrations._record import Owner
+from singleton_integrations.persisters._redis_scripts import ACQUIRE_SCRIPT, script_keys
 from singleton_integrations.persisters.redis import Redis
 from tests.core.test_redis_limits import subscribed
 from tests.servers import redis_server
@@ -240,3 +241,30 @@ def test_every_kept_connection_the_server_closed_is_replaced(url: str, prefix: s
             assert store.release(f"after-{index}", owner.owner_token)
     finally:
         store.close()
+
+
+# -- a rolling upgrade: clients that send the full acquire script ------------------------
+
+
+def _full_acquire(raw: Any, prefix: str, name: str, owner: Owner) -> Any:
+    """ACQUIRE_SCRIPT as an older client of this library sends it (the layout is unchanged, so it still is)."""
+    members = f'"owner_token":"{owner.owner_token}","host":"{owner.host}","pid":{owner.pid},"metadata":{{}}'
+    return raw.eval(ACQUIRE_SCRIPT, 6, *script_keys(f"{prefix}{{{name}}}"), owner.owner_token, 30_000, members, 0,
+                    86_400_000, 0, "")
+
+
+def test_the_small_script_and_the_full_one_exclude_each_other(store: Redis, prefix: str, raw: Any) -> None:
+    ours, older = Owner(), Owner()
+    assert store.acquire("upgrade", ours, 30).acquired
+    conflict = _full_acquire(raw, prefix, "upgrade", older)
+    assert conflict[0] == 0 and conflict[1] == ours.owner_token
+    assert store.release("upgrade", ours.owner_token)
+    taken = _full_acquire(raw, prefix, "upgrade", older)
+    assert isinstance(taken, str)  # "FENCE CREATED_MS": a free name, with no expired holder to report
+    refused = store.acquire("upgrade", Owner(), 30)
+    assert not refused.acquired and refused.record is not None and refused.record.owner_token == older.owner_token
+    assert int(taken.split()[0]) == refused.record.fencing_token
+    assert store.release("upgrade", older.owner_token)  # the newer release frees a lock the full script took
+    after = store.acquire("upgrade", Owner(), 30)
+    assert after.acquired and after.expired is None and after.record is not None
+    assert after.record.fencing_token > refused.record.fencing_token
