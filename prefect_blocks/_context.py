@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ def current_run() -> RunInfo:
         flow_run_name=_text(getattr(flow_run, "name", None)),
         flow_name=_text(getattr(flow, "name", None)),
         deployment_id=deployment_id,
-        deployment_name=_deployment_name(deployment_id),
+        deployment_name=_deployment_name(deployment_id, flow_run),
         task_run_id=_text(getattr(task_run, "id", None)),
         task_run_name=_text(getattr(task_run, "name", None)),
     )
@@ -79,11 +80,18 @@ def current_run() -> RunInfo:
 _deployment_names: dict[str, str | None] = {}
 
 
-def _deployment_name(deployment_id: str | None) -> str | None:
-    """The deployment's name, read once per process (a conflict message names it, not its UUID)."""
+def _deployment_name(deployment_id: str | None, flow_run: Any) -> str | None:
+    """The deployment's name, once per process (a conflict message names it, not its UUID).
+
+    The process that Prefect started for the run has it in its environment; else one API read.
+    """
     if deployment_id is None:
         return None
     if deployment_id not in _deployment_names:
+        from_environment = _started_for(flow_run)
+        if from_environment is not None:
+            _deployment_names[deployment_id] = from_environment
+            return from_environment
         try:
             from prefect.runtime import deployment
 
@@ -92,6 +100,22 @@ def _deployment_name(deployment_id: str | None) -> str | None:
             _fallback_logger.debug("could not read the name of deployment %s", deployment_id, exc_info=True)
             return None
     return _deployment_names[deployment_id]
+
+
+def _started_for(flow_run: Any) -> str | None:
+    """The name of the deployment whose run this process was started for, when ``flow_run`` is that run.
+
+    Served deployments, ``prefect.engine`` and workers set ``PREFECT__DEPLOYMENT_NAME`` in the
+    run's process, and Prefect's run loggers read it under the same rule: a run of a deployment
+    that is not a subflow. ``PREFECT__FLOW_RUN_ID``, where set, must name this run.
+    """
+    name = os.environ.get("PREFECT__DEPLOYMENT_NAME")
+    if not name or getattr(flow_run, "parent_task_run_id", None) is not None:
+        return None
+    started_for = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if started_for and started_for != _text(getattr(flow_run, "id", None)):
+        return None
+    return name
 
 
 def _text(value: object) -> str | None:
