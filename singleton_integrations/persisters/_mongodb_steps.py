@@ -34,6 +34,23 @@ token, or the date of a forced release) is written by every write that frees a
 hold of ``holds``: the change stream wakes waiters on it, and a release reads
 it back to know that it was the one that freed the hold. Clients older than
 ``limit`` ignore ``holds``: they count only the main holder.
+
+The waiter queue (``fair``) lives in the same document too, in ``queue``: a
+list of ``{token, ends}`` places in arrival order (the waiter's owner token,
+and when its place ends unless a later attempt moves that on: once less than
+half of its ``queue_for`` is left, so most attempts write nothing). It only orders
+waiters; the lock's exclusivity never depends on it. An attempt with
+``queue_ms`` (a waiter) reads it in its one write: a free name (or, under
+``limit``, a free hold) goes only to the first (N - live) live places, and a
+waiter that does not take it keeps its place; ended places go with the next
+write that lists the queue. Taking the name drops the taker's place, and the
+field is removed once no place is left, so an N = 1 document nobody waits on
+is exactly today's. An attempt without ``queue_ms`` never reads it. A write
+that hands the queue's head a free hold without freeing the main holder (a
+taker under ``limit`` that leaves one free, a head that leaves) sets
+``freedBy`` to ``$$NOW``, so the change stream wakes the head then too.
+Older clients and seed processes ignore ``queue``: they take a free name
+whoever waits, as before.
 """
 
 from __future__ import annotations
@@ -126,6 +143,73 @@ HOLDS_LIVE: dict[str, Any] = {"$expr": {"$gt": [{"$size": LIVE_HOLDS}, 0]}}
 _FAR_MS = int(FAR_FUTURE.timestamp() * 1000)
 
 
+# --- the waiter queue: ``queue``, a list of {token, ends} places in arrival order ---
+
+#: The places of ``queue`` that have not ended (an ended one is dropped by the next write that lists them).
+LIVE_PLACES = {"$filter": {"input": {"$ifNull": ["$queue", []]}, "as": "p",
+                           "cond": {"$gt": [{"$toLong": "$$p.ends"}, NOW_MS]}}}  # fmt: skip
+
+
+def _place_index(token: str) -> dict[str, Any]:
+    """Where ``token``'s place is among the live places in ``_q`` (-1: it has none).
+
+    By ``$map``, not ``$_q.token``: SecantusDB reads no field path through an array.
+    """
+    return {"$indexOfArray": [{"$map": {"input": "$_q", "as": "p", "in": "$$p.token"}}, {"$literal": token}]}
+
+
+#: How many live places come before the caller's (all of them when it has none); needs ``_q`` and ``_at``.
+_AHEAD = {"$cond": [{"$lt": ["$_at", 0]}, {"$size": "$_q"}, "$_at"]}
+
+
+def _queue_stages(token: str) -> list[dict[str, Any]]:
+    """``_q`` (the live places) and ``_at`` (the caller's index among them, -1 for none)."""
+    return [{"$set": {"_q": LIVE_PLACES}}, {"$set": {"_at": _place_index(token)}}]
+
+
+def _queue_after(token: str, queue_ms: int, placed: Any) -> dict[str, Any]:
+    """The stage that writes the queue back: without the caller's place when ``placed`` is false (it
+    took the name, or holds it), else with it, appended or its end moved to now + ``queue_ms``; the
+    field goes once no place is left.
+
+    A kept place's end is moved only once less than half of ``queue_ms`` is left (or it lies beyond
+    it), so most attempts of a waiter leave the document as it was: a write that changes nothing
+    raises no change event, and SecantusDB answers every open change stream's wait on each event.
+    """
+    mine = {"token": {"$literal": token}, "ends": {"$add": ["$$NOW", queue_ms]}}
+    left_ms = {"$subtract": [{"$toLong": "$$p.ends"}, NOW_MS]}
+    due = {"$and": [{"$eq": ["$$p.token", {"$literal": token}]},
+                    {"$or": [{"$lt": [left_ms, queue_ms // 2]}, {"$gt": [left_ms, queue_ms]}]}]}  # fmt: skip
+    kept = {"$cond": [{"$lt": ["$_at", 0]},
+                      {"$concatArrays": ["$_q", [mine]]},
+                      {"$map": {"input": "$_q", "as": "p", "in": {"$cond": [due, mine, "$$p"]}}}]}  # fmt: skip
+    left = {"$filter": {"input": "$_q", "as": "p", "cond": {"$ne": ["$$p.token", {"$literal": token}]}}}
+    queue = {"$cond": [placed, kept, left]}
+    return {"$set": {"queue": {"$let": {"vars": {"q": queue},
+                                        "in": {"$cond": [{"$gt": [{"$size": "$$q"}, 0]}, "$$q", "$$REMOVE"]}}}}}  # fmt: skip
+
+
+def queue_update(token: str, queue_ms: int) -> list[dict[str, Any]]:
+    """Keep ``token``'s place (appended, or its end moved) without touching the lock: for an attempt
+    that a seed process's lock refused, whose write could not keep it."""
+    return [*_queue_stages(token), _queue_after(token, queue_ms, True), {"$unset": ["_q", "_at"]}]
+
+
+def leave_update(token: str) -> list[dict[str, Any]]:
+    """Drop ``token``'s place; when it was the head and the main holder is over, set ``freedBy`` (the
+    change stream's wake-up) so the next place hears it: under ``limit`` a hold may be free too."""
+    first = {"$arrayElemAt": [{"$map": {"input": "$_q", "as": "p", "in": "$$p.token"}}, 0]}
+    return [
+        {"$set": {"_q": LIVE_PLACES}},
+        {"$set": {"_head": {"$eq": [first, {"$literal": token}]},
+                  "_q": {"$filter": {"input": "$_q", "as": "p", "cond": {"$ne": ["$$p.token", {"$literal": token}]}}}}},
+        {"$set": {"queue": {"$cond": [{"$gt": [{"$size": "$_q"}, 0]}, "$_q", "$$REMOVE"]},
+                  "freedBy": {"$cond": [{"$and": ["$_head", {"$gt": [{"$size": "$_q"}, 0]}, _FREE]},
+                                        "$$NOW", "$freedBy"]}}},
+        {"$unset": ["_q", "_head"]},
+    ]  # fmt: skip
+
+
 def _owned_by(token: str) -> dict[str, Any]:
     """Whether ``$$h`` is ``token``'s hold that its owner can still release or renew."""
     return {"$and": [{"$eq": ["$$h.owner", {"$literal": token}]},
@@ -158,11 +242,14 @@ def _holds_settled(purge_ms: int | None) -> list[dict[str, Any]]:
 
 
 def limit_acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None,
-                         purge_ms: int | None, limit: int) -> list[dict[str, Any]]:  # fmt: skip
+                         purge_ms: int | None, limit: int, queue_ms: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The pipeline that adds a hold to ``holds`` while fewer than ``limit`` holds are live.
 
-    The main holder (an N = 1 lock) counts as one. A refusal changes nothing
-    but drop expired entries, so it raises no change event for the waiters.
+    The main holder (an N = 1 lock) counts as one. With ``queue_ms`` (a waiter) the caller takes
+    only from among the first (limit - live) live places, and keeps its place otherwise. A taker
+    that leaves a hold free while places remain sets ``freedBy`` (the next place's wake-up). A
+    refusal changes nothing but drop expired entries and keep the caller's place, so it raises no
+    change event the waiters listen for.
     """
     del name  # the document's _id is the name; ``name`` is rewritten from it
     token = {"$literal": owner.owner_token}
@@ -176,17 +263,27 @@ def limit_acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: i
                     {"$anyElementTrue": [{"$map": {"input": "$_live", "as": "h",
                                                    "in": {"$eq": ["$$h.owner", token]}}}]}]}  # fmt: skip
     count = {"$add": [{"$size": "$_live"}, {"$cond": ["$_main", 1, 0]}]}
+    room = [{"$lt": [count, limit]}]
+    queued: list[dict[str, Any]] = []
+    if queue_ms is not None:
+        room.append({"$lt": [_AHEAD, {"$subtract": [limit, count]}]})
+        queued = _queue_stages(owner.owner_token)
+    # A take that leaves a hold free wakes the queue's next place (its own place is gone by then).
+    handed_on = {"$and": [{"$lt": [{"$add": [count, 1]}, limit]}, {"$gt": [{"$size": LIVE_PLACES}, 0]}]}
     return [
         {"$set": {"_live": LIVE_HOLDS, "_main": _MAIN_LIVE, "owner": {"$ifNull": ["$owner", None]},
                   "_before": {"$size": {"$ifNull": ["$holds", []]}}}},
-        {"$set": {"_take": {"$and": [{"$not": [mine]}, {"$lt": [count, limit]}]}}},
+        *queued,
+        {"$set": {"_mine": mine}},
+        {"$set": {"_take": {"$and": [{"$not": ["$_mine"]}, *room]}}},
         {"$set": {"fence": {"$cond": ["$_take", {"$max": [{"$add": [{"$ifNull": ["$fence", 0]}, 1]}, NOW_MS]},
                                       "$fence"]}}},
-        {"$set": {"holds": {"$cond": ["$_take", {"$concatArrays": ["$_live", [hold]]}, "$_live"]},
-                  "freedBy": {"$cond": ["$_take", "$$REMOVE", "$freedBy"]}}},
-        {"$set": {"_changed": {"$or": ["$_take", {"$ne": [{"$size": "$holds"}, "$_before"]}]}}},
+        {"$set": {"holds": {"$cond": ["$_take", {"$concatArrays": ["$_live", [hold]]}, "$_live"]}}},
+        *([_queue_after(owner.owner_token, queue_ms, {"$not": [{"$or": ["$_take", "$_mine"]}]})] if queue_ms is not None else []),
+        {"$set": {"freedBy": {"$cond": ["$_take", {"$cond": [handed_on, _NOW, "$$REMOVE"]}, "$freedBy"]},
+                  "_changed": {"$or": ["$_take", {"$ne": [{"$size": "$holds"}, "$_before"]}]}}},
         *_settled_if_changed(purge_ms),
-        {"$unset": ["_live", "_take", "_changed", "_before"]},
+        {"$unset": ["_live", "_take", "_mine", "_changed", "_before", *(["_q", "_at"] if queue_ms is not None else [])]},
     ]  # fmt: skip
 
 
@@ -261,11 +358,14 @@ def _purge(at: Any, purge_ms: int | None) -> Any:
 
 
 def acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None,
-                   purge_ms: int | None) -> list[dict[str, Any]]:  # fmt: skip
+                   purge_ms: int | None, queue_ms: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The pipeline that takes a free or expired name and leaves a live one untouched.
 
     A minimum hold is folded into the lease: ``expiresAt = now + max(ttl, hold)``,
     so one rule (``expiresAt`` passed) frees a crashed holder at the later bound.
+    With ``queue_ms`` (a waiter) a free name is taken only by the first live place
+    (or anyone while none is queued), and a caller that does not take it keeps its
+    place; without it, the queue is not even read.
     """
 
     def take(value: Any, field: str) -> dict[str, Any]:
@@ -275,9 +375,13 @@ def acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | N
     # A holder released into its minimum hold is over, not expired: nobody to report.
     previous = {"$cond": [{"$and": [_HAS_OWNER, _NOT_RELEASED]},
                           {field: f"${field}" for field in _HOLDER_FIELDS}, "$$REMOVE"]}  # fmt: skip
+    queued: list[dict[str, Any]] = []
+    if queue_ms is not None:
+        queued = [*_queue_stages(owner.owner_token), {"$set": {"_free": {"$and": ["$_free", {"$eq": [_AHEAD, 0]}]}}}]
     return [
         # The holds of ``limit`` callers count too: a cheap check, made only once the main holder is over.
         {"$set": {"_free": {"$and": [_FREE, _NO_LIVE_HOLDS]}}},
+        *queued,
         {
             "$set": {
                 # $literal: a name, host or metadata value such as "$where" is data, never a field path.
@@ -296,7 +400,8 @@ def acquire_update(name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | N
                 "expired": take(previous, "expired"),
             }
         },
-        {"$unset": "_free"},
+        *([_queue_after(owner.owner_token, queue_ms, {"$ne": ["$owner", {"$literal": owner.owner_token}]}),
+           {"$unset": ["_free", "_q", "_at"]}] if queue_ms is not None else [{"$unset": "_free"}]),
     ]
 
 
@@ -440,12 +545,16 @@ class Rules:
                 logger.warning("mongodb: cannot create %s: %s", what, error.code)
 
     def acquire(self, name: str, owner: Owner, ttl_ms: int | None, hold_ms: int | None,
-                limit: int = 1) -> Steps[AcquireResult]:  # fmt: skip
-        """One write takes the name (or, under ``limit`` N > 1, one of its N holds); a seed lock is met by index."""
+                limit: int = 1, queue_ms: int | None = None) -> Steps[AcquireResult]:  # fmt: skip
+        """One write takes the name (or, under ``limit`` N > 1, one of its N holds); a seed lock is met by index.
+
+        ``queue_ms``: the caller waits, so the same write keeps its place in the queue
+        (or drops it once taken), and a free name goes to the first live place.
+        """
         if limit > 1:
-            update = limit_acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms, limit)
+            update = limit_acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms, limit, queue_ms)
         else:
-            update = acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms)
+            update = acquire_update(name, owner, ttl_ms, hold_ms, self.purge_ms, queue_ms)
         seed_ms = self._seed_ms(ttl_ms)
         expired_seed: LockRecord | None = None
         doc: Any = None
@@ -475,6 +584,8 @@ class Rules:
                     if gone:
                         expired_seed = holder
                         continue
+                if queue_ms is not None:  # the refused write kept no place: keep it apart (this path only)
+                    yield Op("update_one", {"_id": name}, queue_update(owner.owner_token, queue_ms))
                 now = yield Op("server_now")
                 return AcquireResult(False, holder, retry_after=_retry_after(holder.expires_at, now),
                                      holders=(holder,) if limit > 1 else ())  # fmt: skip
@@ -492,10 +603,16 @@ class Rules:
         if doc.get("owner") == token:
             previous = doc.get("expired")
             return AcquireResult(True, record(name, doc), expired=record(name, previous) if previous else expired_seed)
-        if doc.get("owner") is None and not doc.get("holds"):
+        queued = queue_ms is not None and bool(doc.get("queue"))
+        if doc.get("owner") is None and not doc.get("holds") and not queued:
             return AcquireResult(False, None)
         now = yield Op("server_now")
         holders = live_holds(name, doc, now)
+        if queued and len(holders) < limit:
+            ahead = places_ahead(doc, token)
+            if ahead:  # room was left, but for earlier places: the soonest of them to end may change that
+                soonest = min(aware(place.get("ends")) or FAR_FUTURE for place in ahead).timestamp()
+                return AcquireResult(False, None, retry_after=max(soonest - now, 0.001), queued_behind=True)
         if not holders:  # the write judged one live that our estimate of the server's clock just passed
             holders = sorted((record(name, hold) for hold in doc.get("holds") or ()), key=_by_token) or [record(name, doc)]
         ends = [max(0.0, holder.expires_at.timestamp() - now) for holder in holders if holder.expires_at is not None]
@@ -558,6 +675,11 @@ class Rules:
                            renew_update(ttl_ms, self.purge_ms), return_document=True)  # fmt: skip
             return record(name, doc) if doc is not None else None
         return None
+
+    def leave_queue(self, name: str, owner_token: str) -> Steps[None]:
+        """Drop ``owner_token``'s place (one write; its ``freedBy`` wakes the next place when the
+        leaver was the head of a free name)."""
+        yield Op("update_one", {"_id": name, "queue": {"$elemMatch": {"token": owner_token}}}, leave_update(owner_token))
 
     def _seed_live(self) -> dict[str, Any]:
         """Seed documents that are live for ``get``/``list``: all, unless an explicit expiry says otherwise."""
@@ -623,6 +745,25 @@ class Rules:
 def _holding(name: str, owner_token: str) -> dict[str, Any]:
     """The name's document when ``owner_token`` has an unreleased entry in ``holds`` (live or not)."""
     return {"_id": name, "holds": {"$elemMatch": {"owner": owner_token, "releasedAt": None}}}
+
+
+def places_ahead(doc: Mapping[str, Any], owner_token: str) -> builtins.list[Mapping[str, Any]]:
+    """The places of ``doc``'s queue before ``owner_token``'s (all of them when it has none).
+
+    Read from the document a write returned, which kept only live places.
+    """
+    places = [place for place in doc.get("queue") or () if isinstance(place, Mapping)]
+    mine = next((index for index, place in enumerate(places) if place.get("token") == owner_token), len(places))
+    return places[:mine]
+
+
+def queue_head(doc: Mapping[str, Any], server_now: float) -> str | None:
+    """The owner token of the first place in ``doc``'s queue that has not ended at ``server_now``."""
+    for place in doc.get("queue") or ():
+        ends = aware(place.get("ends")) if isinstance(place, Mapping) else None
+        if ends is not None and ends.timestamp() > server_now and isinstance(place.get("token"), str):
+            return str(place["token"])
+    return None
 
 
 def _by_token(hold: LockRecord) -> int:

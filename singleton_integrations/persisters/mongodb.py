@@ -48,9 +48,21 @@ Why it is shaped this way:
   that after its lock was last live. ``purge_after_seconds=None`` keeps every
   document and skips the index.
 * **Waiting.** One change stream per collection and process, in the
-  ``ReleaseHub``'s listener thread, wakes every waiter (sync or async) of a
+  ``ReleaseHub``'s listener thread, wakes the waiters (sync or async) of a
   released name; in-process releases wake them directly. Change streams need
   a replica set: on a standalone server waiters poll every ``poll_interval``.
+* **Fair waiting.** Waiters queue in the name's own document (``queue``, see
+  ``_mongodb_steps``): the attempt's one ``findAndModify`` keeps the waiter's
+  place, refuses a waiter behind the head with ``queued_behind`` and the time
+  until the earliest place ahead ends, and lets the head take a free name.
+  A release costs nothing more: the change stream looks the document up
+  (``updateLookup``) and each process wakes the head only if it waits there
+  (and one waiter that does not queue), so a release no longer sends every
+  process's waiter at the store. A place ends at most ``queue_for`` after the
+  waiter's last attempt (its end is moved on only once half of that is left,
+  so most attempts write nothing and raise no change event), so a dead waiter
+  holds the name up for seconds at most; ``leave_queue`` drops one in one write. A caller that does not wait never
+  reads the queue: the uncontended cycle is the same two round trips.
 * **Clients.** Persisters built from the same URL and options share one
   ``MongoClient`` per process (and one ``AsyncMongoClient`` per event loop:
   pymongo binds an async client to the loop it first ran on). The last
@@ -68,8 +80,11 @@ date with ``$$NOW`` can give the wrong answer (every comparison is between
 ``{$toLong: ...}`` values); a ``findAndModify`` with ``upsert`` can return no
 document (it is then read back by ``_id``; the random owner token says whose
 write it was); ``$$NOW`` is undefined in a projection (the time left on a
-lease is computed from the server clock reported by ``hello``); and pipeline
-updates reach change streams as ``replace`` events.
+lease is computed from the server clock reported by ``hello``); and field
+paths through arrays (``$queue.token``) read nothing (``$map`` is used). A
+server that reports pipeline updates as ``replace`` events (mongod before 5.0)
+is met by the listener comparing each with the name's previous one, so a
+waiter refreshing its place wakes nobody.
 """
 
 from __future__ import annotations
@@ -94,7 +109,7 @@ from .._errors import MissingDependency, PersisterError
 from .._record import AcquireResult, LockRecord, Owner
 from .._urls import redact_url
 from ._base import DEFAULT_PURGE_AFTER_SECONDS, Persister, ReleaseHub, ReleaseWatch
-from ._mongodb_steps import Op, Rules, Steps, aware
+from ._mongodb_steps import Op, Rules, Steps, aware, queue_head
 from ._steps import adrive, drive
 
 if TYPE_CHECKING:
@@ -302,6 +317,7 @@ class MongoDb(Persister):
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
     limits: ClassVar[bool] = True
+    fair: ClassVar[bool] = True
     notifies = _NotifiesProbe()
     poll_interval: float = 0.1
 
@@ -595,14 +611,28 @@ class MongoDb(Persister):
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                 queue_for: float | None = None, limit: int = 1) -> AcquireResult:
-        """``queue_for`` is never passed (this store is not ``fair``); ``limit`` N > 1 keeps up to N holds."""
-        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit))
+        """``queue_for``: a waiter keeps its place in the name's queue in the same write; ``limit`` N > 1
+        keeps up to N holds."""
+        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit), _ms(queue_for))
         return self._taken(self._run(f"acquire {name!r}", steps), name, owner, limit)
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                        queue_for: float | None = None, limit: int = 1) -> AcquireResult:
-        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit))
+        steps = self._rules.acquire(name, owner, _ms(ttl), _ms(min_hold), _limit(limit), _ms(queue_for))
         return self._taken(await self._arun(f"acquire {name!r}", steps), name, owner, limit)
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        self._run(f"leave the queue of {name!r}", self._rules.leave_queue(name, owner_token))
+        self._left(name)
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        await self._arun(f"leave the queue of {name!r}", self._rules.leave_queue(name, owner_token))
+        self._left(name)
+
+    def _left(self, name: str) -> None:
+        """Without change streams, a waiter here that may be the next place tries again now."""
+        if not self._change_streams:
+            self._notify(name)
 
     def _taken(self, result: AcquireResult, name: str, owner: Owner, limit: int) -> AcquireResult:
         """Remember a hold taken in ``holds``, so that its release and renewal try that first."""
@@ -685,17 +715,22 @@ class MongoDb(Persister):
         if hub is not None:
             hub.notify(name)
 
-    def watch(self, name: str) -> ReleaseWatch:  # type: ignore[override]  # owner_token is only passed when ``fair``
-        """A wake-up from the process's one change stream (or an in-process release); see ``ReleaseHub``."""
+    def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
+        """A wake-up from the process's one change stream (or an in-process release); see ``ReleaseHub``.
+
+        A queued waiter (``owner_token``) is woken by a release only while its place heads the queue.
+        """
         hub = self._hub()
         assert hub is not None
-        return hub.watch(name)
+        return hub.watch(name, owner_token)
 
     def _listen(self, hub: ReleaseHub, stop: threading.Event) -> None:
         """The hub's listener: one collection-wide change stream, fanned out by name."""
         errors = self._pymongo.errors
         try:
-            stream = self._collection().watch(_RELEASES, max_await_time_ms=_CHANGE_STREAM_AWAIT_MS)
+            # updateLookup: the document as it is now, whose queue names the waiter to wake.
+            stream = self._collection().watch(_RELEASES, max_await_time_ms=_CHANGE_STREAM_AWAIT_MS,
+                                              full_document="updateLookup")
         except errors.OperationFailure as error:  # a standalone server: no change streams, ever
             logger.debug("mongodb: change streams unavailable, waiters poll: %s", self._describe(error))
             self._change_streams = False
@@ -703,12 +738,13 @@ class MongoDb(Persister):
             return
         self._change_streams = True
         seed_names: OrderedDict[Any, str] = OrderedDict()  # a seed's delete names only its ObjectId
+        seen: OrderedDict[str, tuple[Any, ...]] = OrderedDict()  # each name's last replace event
         with stream:
             hub.ready()
             while not stop.is_set():
                 change = stream.try_next()  # blocks up to _CHANGE_STREAM_AWAIT_MS
                 if change is not None:
-                    _dispatch(hub, change, seed_names)
+                    _dispatch(hub, change, seed_names, seen, self._server_now() or time.time())
 
     async def _aprobe_change_streams(self, collection: Any) -> None:
         errors = self._pymongo.errors
@@ -766,6 +802,21 @@ class MongoDb(Persister):
         return f"MongoDb({self.url!r}, database={self.database_name!r}, collection={self.collection_name!r})"
 
 
+def _unchanged(seen: OrderedDict[str, tuple[Any, ...]], name: str, doc: Mapping[str, Any]) -> bool:
+    """Whether a replace event of ``name`` left every field a release changes as the last one did.
+
+    mongod before 5.0 reports a pipeline update as a whole document: a waiter refreshing its place
+    would otherwise wake the head, whose own refresh would wake it again, round and round.
+    """
+    holds = tuple((hold.get("fence"), hold.get("releasedAt")) for hold in doc.get("holds") or () if isinstance(hold, Mapping))
+    state = (doc.get("owner"), doc.get("fence"), doc.get("freedBy"), doc.get("releasedAt"), holds)
+    before = seen.pop(name, None)
+    seen[name] = state
+    while len(seen) > _SEED_IDS_KEPT:
+        seen.popitem(last=False)
+    return before == state
+
+
 def _in_event_loop() -> bool:
     try:
         asyncio.get_running_loop()
@@ -794,8 +845,13 @@ def _prefix_pattern(prefix: str) -> str | None:
     return "^" + re.escape(prefix) if prefix else None  # a prefix is text, never a pattern
 
 
-def _dispatch(hub: ReleaseHub, change: Mapping[str, Any], seed_names: OrderedDict[Any, str]) -> None:
-    """Turn one change event into wake-ups: the name when it is known, everyone when it is not."""
+def _dispatch(hub: ReleaseHub, change: Mapping[str, Any], seed_names: OrderedDict[Any, str],
+              seen: OrderedDict[str, tuple[Any, ...]] | None = None, server_now: float | None = None) -> None:
+    """Turn one change event into wake-ups: the name when it is known, everyone when it is not.
+
+    When the document (as it is now) queues waiters, the wake-up goes to the first live place's
+    waiter, if it waits here, and to one unqueued waiter: the other places would only be refused.
+    """
     kind = change.get("operationType")
     key = (change.get("documentKey") or {}).get("_id")
     if kind == "insert":
@@ -806,7 +862,14 @@ def _dispatch(hub: ReleaseHub, change: Mapping[str, Any], seed_names: OrderedDic
                 seed_names.popitem(last=False)
         return
     if kind in ("update", "replace", "delete") and isinstance(key, str):
-        hub.notify(key)
+        doc = change.get("fullDocument")
+        if kind == "replace" and isinstance(doc, Mapping) and seen is not None and _unchanged(seen, key, doc):
+            return  # a server that reports whole documents: only a queued place moved, nothing was freed
+        head = queue_head(doc, time.time() if server_now is None else server_now) if isinstance(doc, Mapping) else None
+        if head is not None:
+            hub.notify(key, head)
+        else:
+            hub.notify(key)
     elif kind == "delete" and key in seed_names:
         hub.notify(seed_names.pop(key))
     else:  # a seed lock from before the stream opened, or the collection went away

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ from singleton_integrations import PersisterError, Singleton, persisters
 from singleton_integrations._errors import MissingDependency
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters._base import HubWatch
+from singleton_integrations.persisters._mongodb_steps import Op
 from singleton_integrations.persisters.mongodb import MongoDb
+from singleton_integrations.testing.conformance import FairQueue, FairQueueAcrossProcesses
 from tests.servers import mongodb_server
 
 RUN_DATABASE = f"singleton_test_{uuid.uuid4().hex[:10]}"
@@ -62,6 +64,32 @@ def store(url: str, collection_name: str) -> Iterator[MongoDb]:
 def raw(store: MongoDb) -> Any:
     """The collection itself, to look at (or damage) what the persister wrote."""
     return store._client()[store.database_name][store.collection_name]
+
+
+def place_url(url: str, database: str, collection: str) -> str:
+    """``url`` naming ``database`` in its path and ``collection`` in its query, for another process."""
+    base, _, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    hosts = rest.partition("/")[0]
+    return f"{scheme}://{hosts}/{database}?" + "&".join(filter(None, [query, f"collection={collection}"]))
+
+
+def server_now(store: MongoDb) -> datetime:
+    return store._client().admin.command("hello")["localTime"].replace(tzinfo=timezone.utc)
+
+
+def counted_calls(store: MongoDb, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The store calls (round trips) ``store`` makes from now on, by method; a cached clock is none."""
+    calls: list[str] = []
+    real = store._call
+
+    def counted(collection: Any, op: Op) -> Any:
+        if op.method != "server_now" or store._server_now() is None:
+            calls.append(op.method)
+        return real(collection, op)
+
+    monkeypatch.setattr(store, "_call", counted)
+    return calls
 
 
 def closed_port() -> int:
@@ -635,6 +663,172 @@ def test_in_process_release_wakes_a_waiter_without_change_streams() -> None:
                 assert watch.wait(60) is True  # woken by the release in this process, not the timeout
         finally:
             store.close()
+
+
+# -- the fair queue (issue 22) -----------------------------------------------------------
+
+
+class TestFairQueue(FairQueue, FairQueueAcrossProcesses):
+    """The conformance kit's fair-queue rules, on a collection of this test's own."""
+
+    @pytest.fixture
+    def store_url(self, url: str, collection_name: str) -> str:
+        return place_url(url, RUN_DATABASE, collection_name)
+
+
+def test_waiters_queue_in_the_names_document(store: MongoDb) -> None:
+    holder, first, second = Owner(), Owner(), Owner()
+    assert store.acquire("q", holder, 60).acquired
+    for waiter in (first, second):
+        refused = store.acquire("q", waiter, 60, queue_for=30)
+        assert not refused.acquired and not refused.queued_behind  # held: a conflict, queued all the same
+        assert refused.record is not None and refused.record.owner_token == holder.owner_token
+    doc = raw(store).find_one({"_id": "q"})
+    assert [place["token"] for place in doc["queue"]] == [first.owner_token, second.owner_token]
+    ends = [place["ends"] for place in doc["queue"]]
+    assert all(0 < (end - doc["createdAt"]).total_seconds() <= 31 for end in ends)
+    again = store.acquire("q", first, 60, queue_for=30)  # a later attempt keeps its place, refreshed
+    assert not again.acquired
+    doc = raw(store).find_one({"_id": "q"})
+    assert [place["token"] for place in doc["queue"]] == [first.owner_token, second.owner_token]
+    assert doc["queue"][0]["ends"] >= ends[0]
+
+    assert store.release("q", holder.owner_token)
+    behind = store.acquire("q", second, 60, queue_for=30)
+    assert not behind.acquired and behind.queued_behind and behind.record is None
+    assert behind.retry_after is not None and 0 < behind.retry_after <= 30
+    assert raw(store).find_one({"_id": "q"})["owner"] is None  # refused: the name stays free for the head
+    assert store.acquire("q", first, 60, queue_for=30).acquired
+    doc = raw(store).find_one({"_id": "q"})
+    assert [place["token"] for place in doc["queue"]] == [second.owner_token]  # taking it dropped the place
+    assert store.release("q", first.owner_token)
+    assert store.acquire("q", second, 60, queue_for=30).acquired
+    assert "queue" not in raw(store).find_one({"_id": "q"})  # no place left: no field
+
+
+def test_a_dead_waiters_place_ends(store: MongoDb) -> None:
+    """A waiter that stops asking holds nobody up once its place has ended (by the server's clock)."""
+    holder, dead, alive = Owner(), Owner(), Owner()
+    assert store.acquire("dead", holder, 60).acquired
+    assert not store.acquire("dead", dead, 60, queue_for=0.5).acquired
+    assert not store.acquire("dead", alive, 60, queue_for=30).acquired
+    assert store.release("dead", holder.owner_token)
+    place_ends = raw(store).find_one({"_id": "dead"})["queue"][0]["ends"]
+    for _ in range(1200):
+        result = store.acquire("dead", alive, 60, queue_for=30)
+        if result.acquired:
+            break
+        assert result.queued_behind  # behind the dead one's place, until it ends
+        time.sleep(0.05)
+    assert result.acquired and result.record is not None
+    assert result.record.created_at >= place_ends, "taken before the earlier place had ended"
+    assert "queue" not in raw(store).find_one({"_id": "dead"})  # the ended place went with that write
+
+
+def test_leave_queue_drops_the_place_and_wakes_the_next(store: MongoDb, url: str) -> None:
+    holder, first, second = Owner(), Owner(), Owner()
+    assert store.acquire("leave", holder, 60).acquired
+    for waiter in (first, second):
+        assert not store.acquire("leave", waiter, 60, queue_for=30).acquired
+    assert store.release("leave", holder.owner_token)
+    assert store.acquire("leave", second, 60, queue_for=30).queued_behind
+    store.leave_queue("leave", Owner().owner_token)  # no place: changes nothing
+    assert [place["token"] for place in raw(store).find_one({"_id": "leave"})["queue"]] == [
+        first.owner_token, second.owner_token]  # fmt: skip
+    if _is_replica_set(store):  # the head leaving a free name sets the wake-up the change stream hears
+        other = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name, appname="next")
+        watch = other.watch("leave", second.owner_token)
+        try:
+            assert watch.wait(60)  # the wake-up every (re)subscription gives
+            store.leave_queue("leave", first.owner_token)
+            assert watch.wait(60) is True
+        finally:
+            watch.close()
+            other.close()
+    else:
+        store.leave_queue("leave", first.owner_token)
+    assert [place["token"] for place in raw(store).find_one({"_id": "leave"})["queue"]] == [second.owner_token]
+    assert store.acquire("leave", second, 60, queue_for=30).acquired
+
+
+def test_a_release_wakes_the_head_of_the_queue_not_the_others(store: MongoDb, url: str) -> None:
+    if not _is_replica_set(store):
+        pytest.skip("change streams need a replica set")
+    holder, first, second = Owner(), Owner(), Owner()
+    assert store.acquire("head", holder, 600).acquired
+    # Another client (other options): its hub hears only the change stream, not this process's releases.
+    waiter = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name, appname="waiters")
+    watches = [waiter.watch("head", first.owner_token), waiter.watch("head", second.owner_token)]
+    try:
+        assert all(watch.wait(60) for watch in watches)  # the wake-up every (re)subscription gives
+        for owner in (second, first):  # the later watch queued first: the store's order decides
+            assert not waiter.acquire("head", owner, 60, queue_for=30).acquired
+        assert store.release("head", holder.owner_token)
+        assert watches[1].wait(60) is True  # the head: ``second``
+        assert watches[0].wait(0) is False  # the release was dispatched whole: it named the head only
+        assert not waiter.acquire("head", first, 60, queue_for=30).acquired
+        assert waiter.acquire("head", second, 60, queue_for=30).acquired
+    finally:
+        for watch in watches:
+            watch.close()
+        waiter.close()
+
+
+def test_round_trips_with_the_queue(store: MongoDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter's uncontended cycle costs what a plain one does; a refusal and a leave are one write each."""
+    store.acquire("warm", Owner(), 60)  # the indexes, once per collection
+    calls = counted_calls(store, monkeypatch)
+    for queue_for in (None, 30.0):
+        calls.clear()
+        owner = Owner()
+        extra = {} if queue_for is None else {"queue_for": queue_for}
+        assert store.acquire("cycle", owner, 60, **extra).acquired
+        assert store.release("cycle", owner.owner_token)
+        assert calls == ["find_one_and_update", "update_one"]
+    holder, waiter = Owner(), Owner()
+    assert store.acquire("cycle", holder, 60).acquired
+    store.acquire("cycle", waiter, 60, queue_for=30)  # the clock estimate, fetched once
+    calls.clear()
+    assert not store.acquire("cycle", waiter, 60, queue_for=30).acquired
+    assert store.release("cycle", holder.owner_token)
+    assert store.acquire("cycle", Owner(), 60, queue_for=30).queued_behind
+    store.leave_queue("cycle", waiter.owner_token)
+    assert calls == ["find_one_and_update", "update_one", "find_one_and_update", "update_one"]
+
+
+def test_a_seed_process_meets_the_queue(url: str) -> None:
+    """The queue's fields break neither side: a seed process takes a free name whatever is queued, and a
+    waiter refused by a seed lock keeps its place."""
+    from tests.core.test_seed_migration import Seed
+
+    database = f"seed_queue_{uuid.uuid4().hex[:10]}"
+    store = MongoDb(url, database=database)  # the seed's collection
+    seed = Seed(url, database, "shared")
+    try:
+        holder, first, second = Owner(), Owner(), Owner()
+        assert store.acquire("shared", holder, 60).acquired
+        assert not store.acquire("shared", first, 60, queue_for=30).acquired
+        assert seed.call("lock")["locked"] is False  # a Python holder with a queue: still excluded
+        assert store.release("shared", holder.owner_token)
+        assert seed.call("lock")["locked"] is True  # the seed does not queue: it takes a free name
+        refused = store.acquire("shared", first, 60, queue_for=30)  # the head, refused by the seed's unique index
+        assert not refused.acquired and refused.record is not None and refused.record.owner_token == ""
+        assert store.acquire("shared", second, 60, queue_for=30).queued_behind  # behind the head, seed or not
+        doc = store._client()[database]["singletons"].find_one({"_id": "shared"})
+        assert [place["token"] for place in doc["queue"]] == [first.owner_token, second.owner_token]
+        assert doc["name"] == {"free": "shared"}  # the places were kept without claiming the name
+        assert seed.call("release")["released"] is True
+        assert store.acquire("shared", second, 60, queue_for=30).queued_behind
+        assert store.acquire("shared", first, 60, queue_for=30).acquired
+        assert seed.call("lock")["locked"] is False
+        assert store.release("shared", first.owner_token)
+        assert store.acquire("shared", second, 60, queue_for=30).acquired
+    finally:
+        seed.close()
+        store.close()
+        client: pymongo.MongoClient[Any] = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
+        client.drop_database(database)
+        client.close()
 
 
 # -- pools and secrets (contract 6, issue 14 item 6) -------------------------------------

@@ -24,6 +24,7 @@ import pytest
 from singleton_integrations._record import Owner
 from singleton_integrations.persisters._mongodb_steps import Op
 from singleton_integrations.persisters.mongodb import MongoDb
+from singleton_integrations.testing.conformance import LimitsWithFairQueue
 from tests.core import test_mongodb
 from tests.core.test_seed_migration import Seed
 
@@ -311,6 +312,64 @@ def test_round_trips_per_cycle(store: MongoDb, monkeypatch: pytest.MonkeyPatch) 
     assert calls == ["find_one_and_update"]
 
 
+# -- the fair queue (issue 22) -----------------------------------------------------------
+
+
+class TestLimitsWithFairQueue(LimitsWithFairQueue):
+    """The conformance kit's rules for waiters under ``limit=N``, on a collection of this test's own."""
+
+    @pytest.fixture
+    def store_url(self, url: str, collection_name: str) -> str:
+        return test_mongodb.place_url(url, RUN_DATABASE, collection_name)
+
+
+def test_queued_waiters_take_free_holds_in_queue_order(store: MongoDb) -> None:
+    holders = [Owner() for _ in range(3)]
+    for owner in holders:
+        assert store.acquire("fair", owner, 30, limit=3).acquired
+    waiters = [Owner() for _ in range(3)]
+    for waiter in waiters:  # each keeps a place; all three held: a refusal naming them, not "behind"
+        refused = store.acquire("fair", waiter, 30, queue_for=30, limit=3)
+        assert not refused.acquired and not refused.queued_behind and len(refused.holders) == 3
+    assert [place["token"] for place in raw(store).find_one({"_id": "fair"})["queue"]] \
+        == tokens(waiters)  # fmt: skip
+    assert store.release("fair", holders[0].owner_token)
+    assert store.release("fair", holders[1].owner_token)  # two holds free: the first two places
+    third = store.acquire("fair", waiters[2], 30, queue_for=30, limit=3)
+    assert not third.acquired and third.queued_behind and third.retry_after is not None and third.retry_after > 0
+    assert store.acquire("fair", waiters[1], 30, queue_for=30, limit=3).acquired
+    assert store.acquire("fair", waiters[2], 30, queue_for=30, limit=3).queued_behind  # still behind the first
+    assert store.acquire("fair", Owner(), 30, limit=3).acquired  # a caller that does not wait is not queued
+    full = store.acquire("fair", waiters[0], 30, queue_for=30, limit=3)
+    assert not full.acquired and not full.queued_behind and len(full.holders) == 3  # all held again
+    assert store.release("fair", holders[2].owner_token)
+    assert store.acquire("fair", waiters[0], 30, queue_for=30, limit=3).acquired
+    store.leave_queue("fair", waiters[2].owner_token)
+    assert "queue" not in raw(store).find_one({"_id": "fair"})  # takers and the leaver dropped their places
+
+
+def test_an_attempt_without_a_limit_waits_in_the_same_queue(store: MongoDb) -> None:
+    two = Owner()
+    assert store.acquire("mixed-queue", two, 30, limit=2).acquired
+    single, later = Owner(), Owner()
+    assert not store.acquire("mixed-queue", single, 30, queue_for=10).acquired  # N = 1: any live hold refuses
+    assert store.acquire("mixed-queue", later, 30, queue_for=10, limit=2).queued_behind  # one free, a place ahead
+    assert store.release("mixed-queue", two.owner_token)
+    assert store.acquire("mixed-queue", single, 30, queue_for=10).acquired  # the first place, without a limit
+    assert store.acquire("mixed-queue", later, 30, queue_for=10, limit=2).acquired
+
+
+def test_a_queued_refusal_is_one_write(store: MongoDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(2):
+        assert store.acquire("trips", Owner(), 60, limit=2).acquired
+    waiter = Owner()
+    store.acquire("trips", waiter, 60, queue_for=30, limit=2)  # the indexes and the clock estimate, once
+    calls = test_mongodb.counted_calls(store, monkeypatch)
+    assert not store.acquire("trips", waiter, 60, queue_for=30, limit=2).acquired
+    assert not store.acquire("trips", Owner(), 60, queue_for=30, limit=2).acquired
+    assert calls == ["find_one_and_update", "find_one_and_update"]
+
+
 # -- waking waiters --------------------------------------------------------------------
 
 
@@ -351,6 +410,35 @@ def test_the_release_of_any_hold_wakes_a_waiter_through_the_change_stream(
             assert store.release("wake", owner.owner_token)
         assert waiter.acquire("wake", Owner(), 60, **extra).acquired
     finally:
+        waiter.close()
+
+
+def test_a_release_wakes_the_queue_head_and_a_taker_wakes_the_next(store: MongoDb, url: str) -> None:
+    """Two holds free while two wait: the head is woken, and the head's taking wakes the next place."""
+    if not _is_replica_set(store):
+        pytest.skip("change streams need a replica set")
+    owners = [Owner() for _ in range(2)]
+    for owner in owners:
+        assert store.acquire("chain", owner, 600, limit=2).acquired
+    first, second = Owner(), Owner()
+    # Another client (other options): its hub hears only the change stream, not this process's writes.
+    waiter = MongoDb(url, database=RUN_DATABASE, collection=store.collection_name, appname="chain")
+    head, after = waiter.watch("chain", first.owner_token), waiter.watch("chain", second.owner_token)
+    try:
+        assert head.wait(60) and after.wait(60)  # the wake-up every (re)subscription gives
+        for owner in (first, second):
+            assert not waiter.acquire("chain", owner, 60, queue_for=30, limit=2).acquired
+        assert store.release("chain", owners[0].owner_token)
+        assert head.wait(60) is True
+        assert after.wait(0) is False  # the release named the head only
+        assert store.release("chain", owners[1].owner_token)
+        assert head.wait(60) is True  # the head still heads the queue
+        assert store.acquire("chain", first, 60, queue_for=30, limit=2).acquired
+        assert after.wait(60) is True  # a hold is still free: the taker woke the next place
+        assert waiter.acquire("chain", second, 60, queue_for=30, limit=2).acquired
+    finally:
+        head.close()
+        after.close()
         waiter.close()
 
 
