@@ -7,10 +7,13 @@ Each figure is one new interpreter, timed from spawn to exit, in wall time and i
 - ``redis``: ``import redis``, the driver alone (the floor included);
 - ``package``: ``import singleton_integrations``;
 - ``sync api``: ``from singleton_integrations import Singleton, persisters``;
-- ``lock``: that, plus one ``Singleton`` on Redis, ``lock()`` and ``release()``.
+- ``lock``: that, plus one ``Singleton`` on Redis, ``lock()`` and ``release()``;
+- ``share``: the same run with ``redis`` imported first, untimed, and the rest timed inside the
+  process: the project's own share of a guarded run (its imports, building the persister and the
+  lock, the two round trips), with nothing of the interpreter's start or the driver's import in it.
 
-The project's own share of a guarded run is ``lock`` minus ``redis`` (the floor and the driver's
-import taken off), computed per round from the same round's runs. Every case of every tree runs
+``lock`` minus ``redis``, paired per round, estimates the same share from whole processes; on a
+busy machine its spread is wide, which is why ``share`` is measured directly too. Every case of every tree runs
 once per round, in a shuffled order, so drift on a shared machine hits all alike; the figures are
 medians over rounds with their spread (lowest..highest). ``--tree NAME=PATH`` times another
 checkout (e.g. a ``git worktree`` of an older commit) in the same rounds.
@@ -46,10 +49,22 @@ lock.release()
 
 #: Cases that do not import this project: run once per round, whatever the trees.
 _SHARED = {"floor": "pass", "redis": "import redis"}
+_SHARE = """
+import sys, time
+import redis
+wall, cpu = time.perf_counter(), time.process_time()
+from singleton_integrations import Singleton, persisters
+lock = Singleton(sys.argv[1], persisters.from_url(sys.argv[2]))
+if not lock.lock():
+    sys.exit("the benchmark's lock was held by someone else")
+lock.release()
+print((time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000)
+"""
 _PER_TREE = {
     "package": "import singleton_integrations",
     "sync api": "from singleton_integrations import Singleton, persisters",
     "lock": _LOCK,
+    "share": _SHARE,
 }
 
 
@@ -58,16 +73,20 @@ def _run(code: str, tree: Path | None, args: list[str], cwd: str) -> tuple[float
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     if tree is not None:
         env["PYTHONPATH"] = str(tree)  # before site-packages, so before an editable install's path
-    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a child never blocks on a full pipe
+    with tempfile.TemporaryFile() as errors, tempfile.TemporaryFile() as output:  # files: never a full pipe
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=errors)
+                                 stdout=output, stderr=errors)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time, not all children's
         wall = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode:
             errors.seek(0)
             raise SystemExit(f"a timed child failed ({code.strip().splitlines()[-1]!r}):\n{errors.read().decode()}")
+        output.seek(0)
+        measured = output.read().split()
+    if measured:  # the child timed itself
+        return float(measured[0]), float(measured[1])
     return wall * 1000, (usage.ru_utime + usage.ru_stime) * 1000
 
 
@@ -110,7 +129,7 @@ def main() -> None:
         for round_number in range(options.warmup + options.rounds):
             random.shuffle(jobs)
             for case, name, path, code in jobs:
-                args = [lock_name, options.url] if case == "lock" else []
+                args = [lock_name, options.url] if case in ("lock", "share") else []
                 took = _run(code, path, args, cwd)
                 if round_number >= options.warmup:
                     wall[case, name].append(took[0])
@@ -123,11 +142,11 @@ def main() -> None:
     for case, name in wall:
         label = f"{case} [{name}]" if name else case
         print(f"{label:<28}{_spread(wall[case, name]):>32}{_spread(cpu[case, name]):>32}")
-    print("the project's own share (lock - redis, paired per round):")
+    print("lock - redis, paired per round:")
     for name in paths:
         shares = [(a - b, c - d) for a, b, c, d in zip(wall["lock", name], wall["redis", ""],
                                                         cpu["lock", name], cpu["redis", ""], strict=True)]
-        label = f"share [{name}]"
+        label = f"lock - redis [{name}]"
         print(f"{label:<28}{_spread([s[0] for s in shares]):>32}{_spread([s[1] for s in shares]):>32}")
     if len(paths) > 1:
         first = next(iter(paths))
