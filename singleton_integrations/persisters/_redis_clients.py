@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -146,16 +147,50 @@ def parse_store(redis: Any, url: str, scheme: str) -> tuple[str, str, tuple[tupl
 
 
 class _Slots:
-    """At most ``size`` calls at once on one sync client; the rest wait up to their deadline."""
+    """At most ``size`` calls at once on one sync client; the rest wait up to their deadline.
+
+    A free slot is an entry of a list, taken and given back by ``pop`` and ``append``,
+    which are atomic: an uncontended call takes no lock (``threading.Semaphore`` is
+    written in Python and costs each call a lock and a condition twice). Only a
+    caller that finds none waits on the condition; a release wakes one when any waits.
+    """
 
     def __init__(self, size: int) -> None:
-        self._semaphore = threading.BoundedSemaphore(size)
-        self.release = self._semaphore.release
+        self._free = [True] * size
+        self._changed = threading.Condition(threading.Lock())
+        self._waiting = 0
 
     def acquire(self, timeout: float) -> None:
         """Take a slot within ``timeout`` seconds (``release`` gives it back), or raise ``PoolExhausted``."""
-        if not self._semaphore.acquire(timeout=timeout):
-            raise PoolExhausted(f"no free connection within {timeout:g} s")
+        free = self._free
+        if free:
+            try:
+                free.pop()
+                return
+            except IndexError:  # another thread took the last one in between
+                pass
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._waiting += 1  # before looking again: a release after this look notifies us
+            try:
+                while True:
+                    try:
+                        free.pop()
+                        return
+                    except IndexError:
+                        pass
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PoolExhausted(f"no free connection within {timeout:g} s")
+                    self._changed.wait(left)
+            finally:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._free.append(True)
+        if self._waiting:  # read after the append: a waiter counted later finds the slot itself
+            with self._changed:
+                self._changed.notify()
 
     @contextmanager
     def take(self, timeout: float) -> Iterator[None]:

@@ -385,9 +385,13 @@ class Redis(Persister):
         wait = op.wait
         # Written in the protocol's form here: redis-py's packer costs more per call than the script's
         # own work on the server, and the keys and the constant arguments come encoded once.
-        args = [bulk(arg if type(arg) is bytes else b"%d" % arg) for arg in op.args]
-        count = 2 + len(op.keys) + len(args)  # EVALSHA, the SHA-1, the key count and keys, the arguments
-        connection.send_packed_command([b"".join((b"*%d\r\n" % count, _EVALSHA[op.script], op.packed_keys, *args))])
+        count = 2 + len(op.keys) + len(op.args)  # EVALSHA, the SHA-1, the key count and keys, the arguments
+        parts = [b"*%d\r\n" % count, _EVALSHA[op.script], op.packed_keys]
+        for arg in op.args:  # each a bulk string (``bulk``, written out: this runs for every argument)
+            if type(arg) is not bytes:
+                arg = b"%d" % arg
+            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        connection.send_packed_command([b"".join(parts)])
         if wait:
             connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
         try:

@@ -12,6 +12,7 @@ keeps, never by time.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from singleton_integrations._record import Owner
+from singleton_integrations.persisters._redis_clients import PoolExhausted, _Slots
 from singleton_integrations.persisters._redis_scripts import ACQUIRE_SCRIPT, script_keys
 from singleton_integrations.persisters.redis import Redis
 from tests.core.test_redis_limits import subscribed
@@ -268,3 +270,41 @@ def test_the_small_script_and_the_full_one_exclude_each_other(store: Redis, pref
     after = store.acquire("upgrade", Owner(), 30)
     assert after.acquired and after.expired is None and after.record is not None
     assert after.record.fencing_token > refused.record.fencing_token
+
+
+# -- the connection slots ----------------------------------------------------------------
+
+
+def test_slots_bound_the_calls_at_once_and_every_waiter_gets_one() -> None:
+    """Sixteen threads, 200 turns each, through three slots: never more than three inside, nobody left out."""
+    slots = _Slots(3)
+    guard = threading.Lock()
+    inside, most, failures = [0], [0], []
+
+    def turns() -> None:
+        try:
+            for _ in range(200):
+                slots.acquire(60)
+                try:
+                    with guard:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                    time.sleep(0)
+                    with guard:
+                        inside[0] -= 1
+                finally:
+                    slots.release()
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=turns) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    assert most[0] <= 3
+    for _ in range(3):  # all three are free again
+        slots.acquire(0)
+    with pytest.raises(PoolExhausted, match="no free connection"):
+        slots.acquire(0.01)
