@@ -72,7 +72,6 @@ from airflow_provider.operators._guarded_group import (
     SingletonReleaseOperator,
     take_back_from_earlier_try,
 )
-from airflow_provider.triggers.singleton import SingletonTrigger
 from singleton_integrations import validate_limit
 
 if TYPE_CHECKING:
@@ -428,6 +427,9 @@ class SingletonOperator(PythonOperator):
             raise SingletonWaitTimeout(self.lock_name, holder, f"{message} after waiting {self.wait_timeout:g} s",
                                        holders=holders, limit=limit)
         if self.deferrable:
+            # Imported here: airflow.triggers.base costs every task process that parses this DAG file ~8 ms.
+            from airflow_provider.triggers.singleton import SingletonTrigger
+
             self.log.info("Waiting for lock %r: %s; deferring", self.lock_name, message)
             self.defer(
                 trigger=SingletonTrigger(lock_name=self.lock_name, singleton_conn_id=self.singleton_conn_id,

@@ -16,7 +16,6 @@ from airflow.sdk import BaseSensorOperator, conf
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
 
 from airflow_provider.hooks.singleton import SingletonHook
-from airflow_provider.triggers.singleton import SingletonTrigger
 from singleton_integrations import validate_limit
 
 if TYPE_CHECKING:
@@ -103,6 +102,8 @@ class SingletonSensor(BaseSensorOperator):
             self._defer(event.get("deadline"))
 
     def _defer(self, deadline: float | None) -> None:
+        from airflow_provider.triggers.singleton import SingletonTrigger  # only when deferring: see the operator's
+
         self.defer(
             trigger=SingletonTrigger(lock_name=self.lock_name, singleton_conn_id=self.singleton_conn_id,
                                      poll_interval=self.poke_interval, deadline=deadline, limit=self.limit),
