@@ -15,7 +15,6 @@ vanished.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import threading
 from collections.abc import Awaitable, Mapping
@@ -255,6 +254,8 @@ class AsyncLease(_Terms):
 
     async def release(self) -> bool:
         """``Lease.release``, shielded from cancellation: a cancelled task still releases."""
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         return self._released(await asyncio.shield(self._call(self.persister.arelease(self.name, self._owner_token))))
 
     async def holder(self) -> LockRecord | None:

@@ -15,7 +15,6 @@ loop and from a signal handler's helper threads alike.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import heapq
 import itertools
@@ -27,13 +26,16 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _process, _record, metrics
 from ._errors import PersisterError, SingletonError, conflict_message
 from ._events import EventEmitter, logger
 from ._record import AcquireResult, LockRecord, Owner
 from .persisters._base import Persister, ReleaseWatch, resolved_within
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "DEFAULT_LOCK_EXPIRE_SECONDS",
@@ -413,6 +415,8 @@ class Signal:
         return event.wait(timeout)
 
     async def wait_async(self, timeout: float | None = None) -> bool:
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         entry = (loop, future)
@@ -756,6 +760,8 @@ class LockState(TermsView, EventEmitter):
 
     def acquire_failed(self, flight: Flight, error: BaseException, callback: Callable[..., object] | None) -> None:
         """Our acquire raised: joiners see the error, or try for themselves when it was a cancellation."""
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         if isinstance(error, asyncio.CancelledError):
             self.end_acquire(flight)
             return

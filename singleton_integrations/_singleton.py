@@ -13,7 +13,6 @@ leases (``_lease``) wait through the same two.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import threading
@@ -44,6 +43,8 @@ from ._record import AcquireResult, LockRecord
 from .persisters._base import Persister, ReleaseWatch
 
 if TYPE_CHECKING:
+    import asyncio
+
     from typing_extensions import Self
 
 __all__ = ["DEFAULT_LOCK_EXPIRE_SECONDS", "AsyncSingleton", "Singleton", "await_turn", "wait_turn"]
@@ -156,6 +157,8 @@ _cleanups: set[asyncio.Task[Any]] = set()
 
 
 def _in_background(cleanup: Coroutine[Any, Any, None]) -> None:
+    import asyncio  # here, not at the top: a sync lock never loads asyncio
+
     task = asyncio.ensure_future(cleanup)
     _cleanups.add(task)
     task.add_done_callback(_cleanups.discard)
@@ -187,6 +190,8 @@ async def _await_turns(
     call: Callable[[float | None], Awaitable[AcquireResult]],
     answered: Callable[[AcquireResult], object] | None,
 ) -> tuple[float, AcquireResult]:
+    import asyncio  # here, not at the top: a sync lock never loads asyncio
+
     persister = waiting.persister
     in_flight: asyncio.Future[AcquireResult] | None = None  # set while a call is awaited
 
@@ -673,6 +678,8 @@ class AsyncSingleton(_Face):
 
     async def release(self, callback: ReleaseCallback | None = None) -> bool:
         """``Singleton.release``, shielded from cancellation: a cancelled task still releases."""
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         self._releasing(callback)
         try:
             released = await asyncio.shield(self._release("release"))
@@ -782,6 +789,8 @@ class AsyncSingleton(_Face):
         return await self._call(self.persister.arenew(self.name, owner_token, self.lock_expire_seconds))
 
     def _start_renewal(self, generation: int) -> None:
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._renew_loop(generation), name=f"singleton-renew:{self.name}")
 
@@ -792,6 +801,8 @@ class AsyncSingleton(_Face):
         self._state.set_renewal(generation, stop)
 
     async def _renew_loop(self, generation: int) -> None:
+        import asyncio  # here, not at the top: a sync lock never loads asyncio
+
         interval: float | None = self._state.renew_interval or 1.0
         while interval is not None:
             await asyncio.sleep(interval)

@@ -109,7 +109,7 @@ def _connection_option_names(connection_class: type) -> set[str]:
     names: set[str] = set()
     for cls in connection_class.__mro__:
         init = cls.__dict__.get("__init__")
-        if init is not None:
+        if init is not None and cls is not object:
             names.update(
                 p.name for p in inspect.signature(init).parameters.values()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"

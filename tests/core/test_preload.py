@@ -84,7 +84,6 @@ def test_importing_the_package_loads_nothing_a_sync_lock_does_not_need() -> None
     assert loaded == [[], []]
 
 
-@pytest.mark.xfail(strict=True, reason="_singleton, _lease and _lockstate still import asyncio at the top")
 def test_the_sync_api_does_not_load_asyncio() -> None:
     # Each built-in persister's module imports asyncio itself (and so do the Redis and MongoDB drivers).
     loaded = _fresh("""
