@@ -170,26 +170,35 @@ class OpenTelemetryRecorder:
         self._attempts, self._acquired, self._not_acquired = made["attempts"], made["acquired"], made["not_acquired"]
         self._released, self._lost, self._active = made["released"], made["lost"], made["active"]
         self._wait, self._hold = made["wait_duration"], made["hold_duration"]
+        self._made: dict[tuple[str | None, str, tuple[str, object] | None], dict[str, Any]] = {}
 
-    def _attributes(self, lock: LockInfo) -> dict[str, Any]:
+    def _attributes(self, lock: LockInfo, extra: tuple[str, object] | None = None) -> dict[str, Any]:
+        """A measurement's attributes, built once per lock and kept: four measurements a cycle
+        would otherwise build a dict each (OpenTelemetry only reads them)."""
         include = self._include_lock_name
         if include is None:
             include = _settings.include_lock_name()
-        if include:
-            return {"lock.name": lock.name, "lock.store": lock.store}
-        return {"lock.store": lock.store}
+        key = (lock.name if include else None, lock.store, extra)
+        attributes = self._made.get(key)
+        if attributes is None:
+            attributes = {"lock.name": lock.name, "lock.store": lock.store} if include else {"lock.store": lock.store}
+            if extra is not None:
+                attributes[extra[0]] = extra[1]
+            if len(self._made) >= _ATTRIBUTES_KEPT:
+                self._made = {}
+            self._made[key] = attributes
+        return attributes
 
     def attempted(self, lock: LockInfo) -> None:
         self._attempts.add(1, self._attributes(lock))
 
     def acquired(self, lock: LockInfo, *, takeover: bool) -> None:
-        attributes = self._attributes(lock)
         if lock.follows_hold:
-            self._active.add(1, attributes)
-        self._acquired.add(1, {**attributes, "takeover": takeover})
+            self._active.add(1, self._attributes(lock))
+        self._acquired.add(1, self._attributes(lock, ("takeover", takeover)))
 
     def not_acquired(self, lock: LockInfo, *, reason: Reason) -> None:
-        self._not_acquired.add(1, {**self._attributes(lock), "reason": reason})
+        self._not_acquired.add(1, self._attributes(lock, ("reason", reason)))
 
     def waited(self, lock: LockInfo, seconds: float) -> None:
         self._wait.record(max(seconds, 0.0), self._attributes(lock))
@@ -208,6 +217,10 @@ class OpenTelemetryRecorder:
         if lock.follows_hold:
             self._active.add(-1, attributes)
 
+
+#: Attribute sets a recorder keeps (per lock name and outcome); past it the cache starts over,
+#: so a process with generated lock names keeps no more than this.
+_ATTRIBUTES_KEPT = 1024
 
 #: Each instrument's kind, unit and description.
 _HOW = {
