@@ -2,7 +2,9 @@
 
 Each ``Deployment`` has its own AIRFLOW_HOME, its own PostgreSQL metadata database
 (created on 127.0.0.1:5432 and dropped afterwards), and its own api-server,
-scheduler, dag-processor and triggerer, with the LocalExecutor. Deployments share
+scheduler, dag-processor and triggerer, with the LocalExecutor, or with the
+CeleryExecutor and one Celery worker (Redis as broker and result backend, on a Redis
+database of its own; needs ``apache-airflow-providers-celery``). Deployments share
 only the lock store. Nothing here imports Airflow: every Airflow process is a child.
 """
 
@@ -24,11 +26,24 @@ from typing import Any
 
 from tests.servers import free_port
 
-__all__ = ["METADATA_SERVER", "Deployment"]
+__all__ = ["CELERY_BROKER", "EXECUTORS", "METADATA_SERVER", "Deployment", "celery_missing"]
 
 #: The PostgreSQL server that hosts each deployment's metadata database (trust auth).
 METADATA_SERVER = os.environ.get("SINGLETON_TEST_METADATA_PG", "postgresql://postgres@127.0.0.1:5432")
+#: The Celery broker: a Redis database the lock tests do not use (they use 0). Results go to the
+#: deployment's own metadata database, dropped with it; ``stop()`` removes the deployment's broker keys.
+CELERY_BROKER = os.environ.get("SINGLETON_TEST_CELERY_BROKER", "redis://127.0.0.1:6379/13")
+EXECUTORS = ("LocalExecutor", "CeleryExecutor")
 _COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def celery_missing() -> str | None:
+    """Why a CeleryExecutor deployment cannot start here, or None (checked in a child, as a deployment runs)."""
+    done = subprocess.run([sys.executable, "-c", "import airflow.providers.celery.executors.celery_executor"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode == 0:
+        return None
+    return f"the CeleryExecutor needs apache-airflow-providers-celery: {done.stderr.strip().splitlines()[-1:]}"
 
 
 def _pg(statement: str) -> None:
@@ -45,6 +60,7 @@ class Deployment:
     name: str
     root: Path
     env_extra: dict[str, str] = field(default_factory=dict)
+    executor: str = "LocalExecutor"
     port: int = field(default_factory=free_port)
     worker_log_port: int = field(default_factory=free_port)
     trigger_log_port: int = field(default_factory=free_port)
@@ -66,6 +82,25 @@ class Deployment:
     def dags(self) -> Path:
         return self.home / "dags"
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        return (*_COMPONENTS, "celery-worker") if self.executor == "CeleryExecutor" else _COMPONENTS
+
+    def _executor_env(self) -> dict[str, str]:
+        if self.executor == "LocalExecutor":
+            return {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+        if self.executor != "CeleryExecutor":
+            raise ValueError(f"executor must be one of {EXECUTORS}, not {self.executor!r}")
+        return {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CELERY__BROKER_URL": CELERY_BROKER,
+            "AIRFLOW__CELERY__RESULT_BACKEND":
+                f"db+{METADATA_SERVER.replace('postgresql://', 'postgresql+psycopg://')}/{self.database}",
+            # One queue per deployment, so two deployments (or a stale worker) never take each other's tasks.
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": f"singleton-{os.getpid()}-{self.name}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
+        }
+
     def env(self) -> dict[str, str]:
         # PYTHONDONTWRITEBYTECODE (set on some CI machines, and uv installs no .pyc) would make every task
         # process compile Airflow's and our modules from source, which no real install does.
@@ -76,7 +111,6 @@ class Deployment:
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__FERNET_KEY": "",
@@ -100,6 +134,7 @@ class Deployment:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.worker_log_port),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.trigger_log_port),
             "PYTHONUNBUFFERED": "1",
+            **self._executor_env(),
             **self.env_extra,
         }
 
@@ -117,8 +152,12 @@ class Deployment:
                                 stderr=subprocess.STDOUT, text=True)
 
     def start(self) -> None:
-        for component in _COMPONENTS:
-            args = ["api-server", "--workers", "1"] if component == "api-server" else [component]
+        for component in self.components:
+            args = [component]
+            if component == "api-server":
+                args = ["api-server", "--workers", "1"]
+            elif component == "celery-worker":
+                args = ["celery", "worker", "--queues", self._executor_env()["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]]
             log = open(self.home / f"{component}.log", "wb")  # noqa: SIM115  (kept open for the child)
             self.processes[component] = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *args], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
@@ -224,6 +263,17 @@ class Deployment:
         # A leftover database is named by pid and dropped on the next start.
         with contextlib.suppress(Exception):
             _pg(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        if self.executor == "CeleryExecutor":
+            with contextlib.suppress(Exception):
+                self._drop_broker_keys()
+
+    def _drop_broker_keys(self) -> None:
+        """The broker's keys for this deployment's queue (its list and Kombu's binding set), nothing else."""
+        import redis
+
+        queue = self._executor_env()["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]
+        with redis.Redis.from_url(CELERY_BROKER) as broker:
+            broker.delete(queue, f"_kombu.binding.{queue}")
 
     def remove(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.airflow.deployments import Deployment
+from tests.airflow.overhead import OVERHEAD_DAG, run_once
 
 pytestmark = [pytest.mark.airflow_deployment, pytest.mark.timeout(900)]
 
@@ -76,18 +77,7 @@ def deferred():
     after_release()
 
 
-@dag(dag_id="overhead", schedule=None, start_date=datetime(2024, 1, 1), catchup=False)
-def overhead():
-    @task
-    def plain():
-        pass
-
-    @task.singleton(lock_name="overhead-" + TAG + "-{{{{ run_id }}}}")
-    def guarded():
-        pass
-
-    plain() >> guarded()
-
+{overhead}
 
 @dag(dag_id="slot", schedule=None, start_date=datetime(2024, 1, 1), catchup=False)
 def slot():
@@ -123,7 +113,6 @@ def guarded():
 race()
 mapped()
 deferred()
-overhead()
 slot()
 guarded()
 '''
@@ -167,7 +156,7 @@ def deployments(tmp_path_factory: pytest.TempPathFactory, facts: Path) -> Iterat
         for deployment, migration in zip(pair, migrations, strict=True):
             assert migration.wait(600) == 0, (deployment.home / "db-migrate.log").read_text()[-3000:]
             (deployment.dags / "singleton_dags.py").write_text(
-                DAG_FILE.format(tag=TAG, facts=str(facts), hold=HOLD))
+                DAG_FILE.format(tag=TAG, facts=str(facts), hold=HOLD, overhead=OVERHEAD_DAG.format(tag=TAG)))
         for deployment in pair:
             started.append(deployment)
             deployment.start()
@@ -278,47 +267,36 @@ def test_deferred_task_wakes_on_the_release_notification(deployments: tuple[Depl
     assert fired < 10, f"the trigger noticed the release after {fired:.1f} s: it polled (poll_interval=120)"
 
 
-def _execute_span(log: str) -> float:
-    """Seconds from the end of "Pre Execute" to the start of "Post Execute" in a task's structured log."""
-    marks: dict[str, datetime] = {}
-    for line in log.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        event, stamp = entry.get("event"), entry.get("timestamp")
-        if not (isinstance(entry, dict) and stamp):
-            continue
-        moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-        if event == "::endgroup::" and "start" not in marks:
-            marks["start"] = moment
-        elif event == "::group::Post Execute":
-            marks["end"] = moment
-    return (marks["end"] - marks["start"]).total_seconds()
-
-
 @pytest.mark.parametrize("which", ["east", "west"])
 def test_guarded_task_overhead(deployments: tuple[Deployment, Deployment], which: str) -> None:
-    """The cost a guard adds per task, measured: east imports redis in each task; west preloads it."""
+    """The cost a guard adds per task, measured: east imports redis in each task; west preloads it.
+
+    ``benchmarks/airflow_overhead.py`` measures the same DAG on one deployment at a time, per executor.
+    """
     deployment = deployments[0] if which == "east" else deployments[1]
     label = "preloaded redis (airflow_local_settings)" if which == "west" else "no preload"
     durations: dict[str, list[float]] = {"plain": [], "guarded": []}
     spans: dict[str, list[float]] = {"plain": [], "guarded": []}
+    steps: dict[str, list[float]] = {}
     for round_ in range(6):
-        run_id = f"overhead-{TAG}-{which}-{round_}"
-        deployment.trigger("overhead", run_id)
-        assert deployment.wait_run("overhead", run_id)["state"] == "success"
+        times = run_once(deployment, f"overhead-{TAG}-{which}-{round_}")
         if round_ == 0:
             continue  # the first run also warms the DAG bundle and the executor's workers
-        for ti in deployment.task_instances("overhead", run_id):
-            durations[ti["task_id"]].append(float(ti["duration"]))
-            spans[ti["task_id"]].append(_execute_span(deployment.task_log("overhead", run_id, ti["task_id"])))
+        for task_id, (duration, span) in times.items():
+            durations[task_id].append(duration)
+            spans[task_id].append(span)
+        for step, milliseconds in times.steps.items():
+            steps.setdefault(step, []).append(milliseconds)
+    assert set(steps) == {"::endgroup:: -> locked", "locked -> Acquired lock", "Acquired lock -> Done. Returned value",
+                          "Done. Returned value -> Released lock", "Released lock -> ::group::Post Execute"}, steps
     median = {key: statistics.median(values) * 1000 for key, values in durations.items()}
     span = {key: statistics.median(values) * 1000 for key, values in spans.items()}
     _figure(f"{label}: task duration plain / guarded, median (ms)", [round(median["plain"]), round(median["guarded"])])
     _figure(f"{label}: guard overhead on the task duration, median (ms)", round(median["guarded"] - median["plain"]))
     _figure(f"{label}: execute span plain / guarded, median (ms)", [round(span["plain"]), round(span["guarded"])])
     _figure(f"{label}: guard overhead in execute (acquire + release), median (ms)", round(span["guarded"] - span["plain"]))
+    for step, values in steps.items():
+        _figure(f"{label}: guarded task, {step}, median (ms)", round(statistics.median(values), 1))
 
 
 def test_a_late_second_run_of_the_slot_is_skipped_by_the_minimum_hold(deployments: tuple[Deployment, Deployment]) -> None:
