@@ -90,6 +90,7 @@ def probe(out: str) -> None:
     figures["block_read_ms"] = (time.perf_counter() - started) * 1000
     figures["block_read_requests"] = requests[before:]
 
+    cpu_started = time.thread_time()  # this thread's CPU: what a busy machine inflates least
     started = time.perf_counter()
     block.get_persister()  # the core's persister module and client; nothing connects yet
     figures["persister_ms"] = (time.perf_counter() - started) * 1000
@@ -103,6 +104,7 @@ def probe(out: str) -> None:
     started = time.perf_counter()
     first()  # connects, acquires, emits, releases
     figures["first_call_ms"] = (time.perf_counter() - started) * 1000
+    figures["own_cpu_ms"] = (time.thread_time() - cpu_started) * 1000
     figures["first_call_requests"] = requests[before:]
     core = block.get_singleton(LOCK + "-probe-core")
     warm_guarded, warm_core = [], []
@@ -239,6 +241,7 @@ def _measure(get_client: object, arguments: argparse.Namespace, served: subproce
                        ("persister_ms", "the core's persister: its module and client"),
                        ("first_call_ms", "first guarded call: connect, acquire, events, release"),
                        ("own_ms", "the project's own share (the two above)"),
+                       ("own_cpu_ms", "  its CPU time in the run's thread"),
                        ("warm_guarded_ms", "a warm guarded call"),
                        ("warm_core_ms", "a warm core lock() + release(), same store")):
         values = [float(probe[key]) if key != "own_ms" else float(probe["persister_ms"]) + float(probe["first_call_ms"])
