@@ -162,8 +162,8 @@ class Rules:
         """The driver errors the steps answer themselves (thrown in rather than ending the primitive)."""
         return isinstance(error, self._answered)
 
-    def open_table(self, table: str, detect: bool) -> Steps[tuple[bool | None, str | None]]:
-        """Create or migrate ``table`` (quoted) if need be.
+    def open_table(self, table: str, detect: bool, queue: str) -> Steps[tuple[bool | None, str | None]]:
+        """Create or migrate ``table`` (quoted) if need be, and create its waiter ``queue`` (quoted) beside it.
 
         Returns whether a pooler is in front (None unless ``detect``: a pooler hands out
         its own cancel keys, so the pid a connection is told is not the server's) and
@@ -173,32 +173,36 @@ class Rules:
         if detect:
             server_pid, told_pid = yield Op("pids", "backend_pid")
             pooled = server_pid != told_pid
-        params = {"table": table, "columns": list(q.NEW_COLUMNS)}
+        params = {"table": table, "columns": list(q.NEW_COLUMNS), "queue": queue}
         for _ in range(3):
             found = yield Op("one", "inspect", params)
-            if found is not None and found[1] is not None and int(found[2]) >= len(q.NEW_COLUMNS):
+            table_ready = found is not None and found[1] is not None and int(found[2]) >= len(q.NEW_COLUMNS)
+            if table_ready and found[3]:
                 return pooled, channel(found[0], found[1])
             # Created meanwhile by a process that does not take the advisory lock: look again.
             with suppress(*self._answered):
-                yield Op("count", "setup")
+                yield Op("count", "setup_queue" if table_ready else "setup")
         return pooled, None
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
-                hinting: Callable[[str], bool], limit: int = 1) -> Steps[AcquireResult]:
+                hinting: Callable[[str], bool], limit: int = 1, queue_for: float | None = None) -> Steps[AcquireResult]:
         """A free name with one plain UPDATE; a held one answered by a read without row locks;
         the rest (expired, in its hold, never seen, or a waiter's hint to leave) by ACQUIRE.
 
         ``limit`` > 1 takes one of up to ``limit`` holds with ACQUIRE_LIMITED, one statement
         whatever the name's state; so does a ``limit`` of 1 on a shared row (only the list
         in it says which holds are live). ``hinting(name)``: this process LISTENs for
-        ``name``, so a failed attempt leaves the waiters' hint on the row. Replaying the
-        steps is safe: our own earlier write is found and reported as acquired.
+        ``name``, so a failed attempt leaves the waiters' hint on the row. ``queue_for``:
+        the caller waits in the name's queue (``_queued``). Replaying the steps is safe:
+        our own earlier write is found and reported as acquired.
         """
         params = {
             "name": name, "owner_token": owner.owner_token, "host": owner.host, "pid": owner.pid,
-            "ttl": ttl, "min_hold": min_hold, "limit": limit,
+            "ttl": ttl, "min_hold": min_hold, "limit": limit, "ahead": 0,
             "metadata": json.dumps(dict(owner.metadata)) if owner.metadata else "{}",
         }
+        if queue_for is not None:
+            return (yield from self._queued(params, owner, limit, queue_for))
         if limit > 1:
             return (yield from self._acquire_limited(params, owner, hinting(name)))
         result = _free_taken((yield Op("one", "acquire_free", params)), name, owner)
@@ -211,15 +215,56 @@ class Rules:
         result = _peeked(row, owner, hint)
         if result is not None:
             return result
+        return (yield from self._acquire_locking(params, owner, hint))
+
+    def _acquire_locking(self, params: dict[str, Any], owner: Owner, hint: bool) -> Steps[AcquireResult]:
+        """ACQUIRE: a name held, expired, in its minimum hold, or never seen."""
         key = "acquire_hint" if hint else "acquire"
-        for _ in range(2):  # held, expired, in its minimum hold, or never seen
+        for _ in range(2):
             row = yield Op("one", key, params)
             if row[0] is None and _shared(row, 4):  # turned shared since the read
                 return (yield from self._acquire_limited(params, owner, hint))
-            result = _acquired(row, name, owner)
+            result = _acquired(row, params["name"], owner)
             if result is not None:
                 return result
         return AcquireResult(False, None)
+
+    def _queued(self, params: dict[str, Any], owner: Owner, limit: int, queue_for: float) -> Steps[AcquireResult]:
+        """A waiter's attempt: a free name only when no earlier live place is queued, else its place kept.
+
+        The common hand-over is one statement (the woken head takes the free name and
+        drops its place); a refusal is a second, which reads the name and the queue and
+        writes the caller's place only when it is missing or due for renewal. A queued
+        waiter leaves no hint: the queue itself tells a release to wake its head.
+        """
+        name = params["name"]
+        if limit == 1:
+            result = _free_taken((yield Op("one", "acquire_free_queued", params)), name, owner)
+            if result is not None:
+                return result
+        row = yield Op("one", "queue", {**params, "queue_for": queue_for})
+        ahead, head_left = int(row[12]), row[13]
+        behind = AcquireResult(False, None, retry_after=_seconds_left(head_left), queued_behind=True)
+        if limit > 1 or _shared(row):
+            result = yield from self._acquire_limited({**params, "ahead": ahead}, owner, False)
+            if result.acquired:
+                yield Op("count", "dequeue", params)
+            elif ahead and len(result.holders) < limit:
+                return behind
+            return result
+        if row[0] is not None and row[10]:  # held, or in its minimum hold
+            holder = record(row)
+            if holder is not None and holder.owner_token == owner.owner_token:  # our own take, retried
+                yield Op("count", "dequeue", params)  # the look above may have queued us again
+                return AcquireResult(True, holder)
+            return AcquireResult(False, holder, retry_after=_seconds_left(row[11]))
+        if ahead:
+            return behind
+        # First in the queue, and the name is free, expired or never seen: ACQUIRE decides.
+        result = yield from self._acquire_locking(params, owner, False)
+        if result.acquired:
+            yield Op("count", "dequeue", params)
+        return result
 
     def _acquire_limited(self, params: dict[str, Any], owner: Owner, hint: bool) -> Steps[AcquireResult]:
         key = "acquire_limited_hint" if hint else "acquire_limited"
@@ -230,15 +275,22 @@ class Rules:
                 return result
         return AcquireResult(False, None)
 
-    def release(self, name: str, owner_token: str, notify_channel: str) -> Steps[tuple[bool, bool]]:
-        """(released while live, the name is free now); a release into a minimum hold frees nothing yet."""
-        params = {"name": name, "owner_token": owner_token, "channel": notify_channel}
+    def release(self, name: str, owner_token: str, notify_channel: str,
+                durable: bool = False) -> Steps[tuple[bool, bool, str | None]]:
+        """(released while live, the name is free now, the queue's head it woke); a release into a
+        minimum hold frees nothing yet. ``durable``: wait for the WAL flush whatever the lease."""
+        params = {"name": name, "owner_token": owner_token, "channel": notify_channel, "durable": durable}
         row = yield Op("one", "release", params)
         if row is None:  # not an ordinary holder: perhaps one of a shared row's
             row = yield Op("one", "release_shared", params)
         if row is None:
-            return False, False
-        return bool(row[0]), not row[1]
+            return False, False, None
+        return bool(row[0]), not row[1], row[3]
+
+    def leave_queue(self, name: str, owner_token: str, notify_channel: str) -> Steps[str | None]:
+        """Drop a waiter's place; the next place it woke (the name is free), if any."""
+        row = yield Op("one", "leave_queue", {"name": name, "owner_token": owner_token, "channel": notify_channel})
+        return None if row is None else row[0]
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> Steps[LockRecord | None]:
         params = {"name": name, "owner_token": owner_token, "ttl": ttl}
@@ -258,8 +310,10 @@ class Rules:
         rows = yield Op("all", "list", {"prefix": prefix})
         return [found for found in map(record, rows) if found is not None]
 
-    def force_release(self, name: str, notify_channel: str) -> Steps[LockRecord | None]:
-        return record((yield Op("one", "force_release", {"name": name, "channel": notify_channel})))
+    def force_release(self, name: str, notify_channel: str) -> Steps[tuple[LockRecord | None, str | None]]:
+        """The live hold with the lowest fencing token it removed, and the queue's head it woke."""
+        row = yield Op("one", "force_release", {"name": name, "channel": notify_channel})
+        return record(row), None if row is None else row[11]
 
     def purge(self, after: float, limit: int) -> Steps[int]:
         removed: int = yield Op("count", "purge", {"after": after, "limit": limit})

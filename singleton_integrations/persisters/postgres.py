@@ -29,12 +29,18 @@ payload; one listener thread per store and table LISTENs and wakes the waiters
 of this process (``ReleaseHub``). A release notifies only when a waiter's hint
 is on the row (see ``_postgres_sql``). Behind a pooler, LISTEN needs a direct
 connection (``listen_dsn``); without one, waiters poll every ``poll_interval``.
+
+Fair waiting (``fair``): waiters queue in a table beside the lock table
+(``<table>_waiters``, created with it), so a free name goes to the longest
+waiter across processes, and the release wakes only that waiter: its NOTIFY
+names the queue's head. A caller that does not wait never reads the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import inspect
 import logging
 import math
@@ -94,6 +100,15 @@ def _text(text: str, what: str) -> str:
     return text
 
 
+def _flag(text: str, what: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{what} must be true or false, not {text!r}")
+
+
 def _prepare_threshold(text: str, what: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "null") else option_whole_number(text, what)
 
@@ -112,6 +127,7 @@ _URL_OPTIONS: dict[str, Callable[[str, str], Any]] = {
     "pooler": _text,
     "listen_dsn": _text,
     "poll_interval": option_seconds,
+    "durable_release": _flag,
 }
 # libpq settings that bound a dead peer unless the DSN chooses its own: keepalives
 # notice a vanished server in about 11 s, tcp_user_timeout a send nobody acknowledges.
@@ -158,6 +174,15 @@ def _split_table(table: object) -> tuple[str, ...]:
     return parts
 
 
+def _queue_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The waiter queue table beside a table: ``<table>_waiters`` in the same schema, or a
+    hashed name when that would pass PostgreSQL's identifier length."""
+    queue = f"{parts[-1]}_waiters"
+    if len(queue.encode()) > _MAX_IDENTIFIER_BYTES:
+        queue = f"singleton_waiters_{hashlib.sha256(parts[-1].encode()).hexdigest()[:32]}"
+    return (*parts[:-1], queue)
+
+
 def _retriable(error: BaseException, pool_module: Any) -> bool:
     """A dropped connection (e.g. a server restart) rather than a verdict of the server."""
     if isinstance(error, (pool_module.PoolTimeout, pool_module.PoolClosed)):
@@ -191,6 +216,16 @@ def _answer(op: Op, rows: list[Any], connection: Any) -> Any:
     if op.kind == "pids":
         return int(rows[0][0]), connection.info.backend_pid
     return rows[0] if rows else None
+
+
+def _heard(hub: ReleaseHub, payload: str) -> None:
+    """One NOTIFY: a name (wake this process's longest waiter), or a queue's head and the name
+    (wake that waiter, if it waits here: the unqueued ones hear the plain NOTIFY)."""
+    if payload.startswith(q.QUEUED_WAKE):
+        head, _, name = payload[1:].partition(q.QUEUED_WAKE)
+        hub.notify(name, head, unqueued=False)
+    else:
+        hub.notify(payload)
 
 
 # -- the store shared by every persister of one configuration in one process ------------
@@ -332,6 +367,13 @@ class Postgres(Persister):
     free name's row is kept. ``prepare_threshold`` is accepted for old
     configurations and has no effect: what is prepared depends on ``pooler``.
     A bad number raises ``ValueError``.
+
+    The release of a lease with an end commits without waiting for the server's WAL
+    flush (the next synchronous commit, such as the acquire that follows, flushes it
+    first): a server crash in the few hundred milliseconds before the flush can only
+    undo the release, which keeps the name held until its lease ends, as a holder that
+    crashed would. Exclusivity and fencing never depend on it. ``durable_release=True``
+    waits for the flush on every release, as a lock without an end always does.
     """
 
     backend: ClassVar[str] = "postgres"
@@ -340,6 +382,7 @@ class Postgres(Persister):
     supports_min_hold: ClassVar[bool] = True
     native_async: ClassVar[bool] = True
     limits: ClassVar[bool] = True
+    fair: ClassVar[bool] = True
 
     @property
     def notifies(self) -> bool:  # type: ignore[override]  # a class attribute in Persister, worked out per store here
@@ -367,6 +410,7 @@ class Postgres(Persister):
         pooler: str = "auto",
         listen_dsn: str | None = None,
         poll_interval: float = 0.25,
+        durable_release: bool = False,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"a PostgreSQL DSN must be a str, not {type(dsn).__name__}")
@@ -393,6 +437,9 @@ class Postgres(Persister):
             raise ValueError(f"pooler must be one of {', '.join(POOLER_MODES)}, not {pooler!r}")
         self.pooler = mode
         self.poll_interval = positive_seconds(poll_interval, "poll_interval")
+        if not isinstance(durable_release, bool):
+            raise TypeError(f"durable_release must be a bool, not {type(durable_release).__name__}")
+        self.durable_release = durable_release
         if listen_dsn is not None and not isinstance(listen_dsn, str):
             raise TypeError(f"listen_dsn must be a str, not {type(listen_dsn).__name__}")
         self.listen_dsn = None if listen_dsn is None else redact_url(listen_dsn)
@@ -407,9 +454,10 @@ class Postgres(Persister):
         self._listen_conninfo = None if listen_dsn is None else self._conninfo_for(listen_dsn)
 
         self._quoted_table: str = self._psycopg.sql.Identifier(*self._table_parts).as_string(None)
+        self._quoted_queue: str = self._psycopg.sql.Identifier(*_queue_parts(self._table_parts)).as_string(None)
         self._rules = Rules(self._psycopg.errors)
         # Messages fit any connection; on a direct one the hot statements are prepared instead.
-        self._sql, self._prepared = q.statements(self._quoted_table, self.statement_timeout_ms)
+        self._sql, self._prepared = q.statements(self._quoted_table, self.statement_timeout_ms, self._quoted_queue)
         # The statement timeout is in the key: a direct connection carries it as session state.
         self._store_key = (self._conninfo, self._listen_conninfo, self.pooler, self.min_size, self.max_size,
                            self.pool_timeout, self.connect_timeout, self.statement_timeout_ms)
@@ -597,7 +645,7 @@ class Postgres(Persister):
                 connection = self._psycopg.Connection.connect(self._conninfo, **self._connect_kwargs())
             try:
                 with self._translated(f"opening table {self.table!r}"):
-                    opened = drive(self._rules.open_table(self._quoted_table, store.mode is None),
+                    opened = drive(self._rules.open_table(self._quoted_table, store.mode is None, self._quoted_queue),
                                    self._caller(store, connection, deadline), self._rules.answerable)
             finally:
                 connection.close()
@@ -716,7 +764,7 @@ class Postgres(Persister):
             connection = await self._aconnect(self._conninfo, deadline)
         try:
             with self._translated(f"opening table {self.table!r}"):
-                opened = await adrive(self._rules.open_table(self._quoted_table, store.mode is None),
+                opened = await adrive(self._rules.open_table(self._quoted_table, store.mode is None, self._quoted_queue),
                                       self._acaller(store, connection, deadline), self._rules.answerable)
         finally:
             await connection.close()
@@ -808,7 +856,7 @@ class Postgres(Persister):
                 quiet_since = time.monotonic()
                 while not stop.is_set():
                     for notify in connection.notifies(timeout=0.5):
-                        hub.notify(notify.payload)
+                        _heard(hub, notify.payload)
                         quiet_since = time.monotonic()
                     if time.monotonic() - quiet_since > _LISTEN_HEARTBEAT:
                         self._execute_plain(connection, "SELECT 1")
@@ -828,10 +876,11 @@ class Postgres(Persister):
     def watch(self, name: str, owner_token: str | None = None) -> ReleaseWatch:
         """A waiter on this process's one listener for the table; registers only, no I/O here.
 
-        ``owner_token`` is ignored: this store keeps no queue (``fair`` is False).
+        ``owner_token``: the waiter's place in the queue, so a release that names it as the
+        queue's head wakes it.
         """
         hub = self._hub()
-        return _Watch(hub.watch(name), hub, self.poll_interval)
+        return _Watch(hub.watch(name, owner_token), hub, self.poll_interval)
 
     def _hinting(self, name: str) -> bool:
         """Whether a failed attempt should leave a waiter's hint: this process LISTENs for ``name``."""
@@ -839,12 +888,13 @@ class Postgres(Persister):
         hub = None if store is None else store.hubs.get(self._quoted_table)
         return hub is not None and hub.subscribed.is_set() and name in hub.names()
 
-    def _released(self, name: str) -> None:
-        """Wake this process's waiters for ``name`` at once; other processes hear the NOTIFY."""
+    def _released(self, name: str, head: str | None = None) -> None:
+        """Wake this process's waiter for ``name`` at once (the queue's ``head``, if it waits
+        here); other processes hear the NOTIFY."""
         store = self._store
         hub = None if store is None else store.hubs.get(self._quoted_table)
         if hub is not None:
-            hub.notify(name)
+            hub.notify(name, head)
 
     # -- retention -----------------------------------------------------------------------
 
@@ -873,38 +923,51 @@ class Postgres(Persister):
     # -- the primitives: the steps, driven sync or async ----------------------------------
 
     def _acquire_steps(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None,
-                       limit: int) -> Callable[[str], Steps[AcquireResult]]:
-        return lambda _: self._rules.acquire(name, owner, ttl, min_hold, self._hinting, limit)
+                       limit: int, queue_for: float | None) -> Callable[[str], Steps[AcquireResult]]:
+        return lambda _: self._rules.acquire(name, owner, ttl, min_hold, self._hinting, limit, queue_for)
 
     def acquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                 queue_for: float | None = None, limit: int = 1) -> AcquireResult:
-        """``queue_for`` is ignored: this store keeps no queue (``fair`` is False).
+        """``queue_for``: the caller waits; its place in the name's queue is kept that long.
 
         ``limit`` > 1: one statement takes one of up to ``limit`` holds or reports every live one.
         """
-        return self._run("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit))
+        return self._run("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit, queue_for))
 
     async def aacquire(self, name: str, owner: Owner, ttl: float | None, min_hold: float | None = None, *,
                        queue_for: float | None = None, limit: int = 1) -> AcquireResult:
-        return await self._arun("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit))
+        return await self._arun("acquire", self._acquire_steps(name, owner, ttl, min_hold, limit, queue_for))
 
-    def _freed(self, name: str, answer: tuple[bool, bool]) -> bool:
-        released, freed = answer
+    def _freed(self, name: str, answer: tuple[bool, bool, str | None]) -> bool:
+        released, freed, head = answer
         if freed:
-            self._released(name)
+            self._released(name, head)
         return released
 
     def release(self, name: str, owner_token: str) -> bool:
-        released = self._freed(name, self._run("release", lambda channel: self._rules.release(name, owner_token, channel)))
+        released = self._freed(name, self._run("release", lambda channel: self._rules.release(
+            name, owner_token, channel, self.durable_release)))
         if self._sweep_due():
             sweep(self.purge, self.table)
         return released
 
     async def arelease(self, name: str, owner_token: str) -> bool:
-        released = self._freed(name, await self._arun("release", lambda channel: self._rules.release(name, owner_token, channel)))
+        released = self._freed(name, await self._arun("release", lambda channel: self._rules.release(
+            name, owner_token, channel, self.durable_release)))
         if self._sweep_due():
             await asweep(self.apurge, self.table)
         return released
+
+    def _left(self, name: str, head: str | None) -> None:
+        if head is not None:
+            self._released(name, head)
+
+    def leave_queue(self, name: str, owner_token: str) -> None:
+        """Drop a waiter's place; if the name is free, the next place is woken."""
+        self._left(name, self._run("leave_queue", lambda channel: self._rules.leave_queue(name, owner_token, channel)))
+
+    async def aleave_queue(self, name: str, owner_token: str) -> None:
+        self._left(name, await self._arun("leave_queue", lambda channel: self._rules.leave_queue(name, owner_token, channel)))
 
     def renew(self, name: str, owner_token: str, ttl: float | None) -> LockRecord | None:
         return self._run("renew", lambda _: self._rules.renew(name, owner_token, ttl))
@@ -935,9 +998,10 @@ class Postgres(Persister):
     async def alist(self, prefix: str = "") -> builtins.list[LockRecord]:  # ``list`` is a method here
         return await self._arun("list", self._list_steps(prefix))
 
-    def _forced(self, name: str, removed: LockRecord | None) -> LockRecord | None:
+    def _forced(self, name: str, answer: tuple[LockRecord | None, str | None]) -> LockRecord | None:
+        removed, head = answer
         if removed is not None:
-            self._released(name)
+            self._released(name, head)
         return removed
 
     def force_release(self, name: str) -> LockRecord | None:

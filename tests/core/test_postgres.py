@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import subprocess
@@ -48,7 +49,7 @@ def table(admin: psycopg.Connection[Any]) -> Iterator[str]:
     """A table name of this test alone, dropped afterwards, so parallel runs never meet."""
     name = f"singleton_test_{uuid.uuid4().hex[:12]}"
     yield name
-    admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(name), sql.Identifier(f"{name}_waiters")))
 
 
 @pytest.fixture
@@ -117,6 +118,67 @@ def test_table_is_created_with_the_documented_columns(persister: Postgres, admin
     ]
 
 
+def queue_rows(admin: psycopg.Connection[Any], queue: str) -> list[tuple[str, str]]:
+    """The waiter queue's places (name, owner token), first place first."""
+    rows = admin.execute(sql.SQL("SELECT name, owner_token FROM {} ORDER BY place").format(sql.Identifier(queue))).fetchall()
+    return [(row[0], row[1]) for row in rows]
+
+
+def test_waiters_queue_in_a_table_of_their_own(persister: Postgres, admin: psycopg.Connection[Any], table: str) -> None:
+    """The lock table keeps its columns (older clients' statements run unchanged); places live beside it."""
+    holder, waiter = Owner(), Owner()
+    assert persister.acquire("job", holder, 60).acquired
+    assert not persister.acquire("job", waiter, 60, queue_for=30).acquired
+    assert queue_rows(admin, f"{table}_waiters") == [("job", waiter.owner_token)]
+    assert persister.release("job", holder.owner_token)
+    assert persister.acquire("job", waiter, 60, queue_for=30).acquired
+    assert queue_rows(admin, f"{table}_waiters") == []  # taking the name drops the place
+    assert persister.release("job", waiter.owner_token)
+
+
+def test_a_table_made_before_the_queue_gains_it_without_an_alter(
+        server_url: str, admin: psycopg.Connection[Any], table: str) -> None:
+    """An older version's table (every column, no queue): the queue is created beside it, and the lock
+    table is not altered, which would wait for an ACCESS EXCLUSIVE lock behind every reader of it."""
+    from singleton_integrations.persisters import _postgres_sql as q
+
+    admin.execute(q.CREATE_TABLE.format(table=sql.Identifier(table).as_string(admin)))
+    store = Postgres(server_url, table=table, statement_timeout_ms=2000)
+    holder, waiter = Owner(), Owner()
+    with psycopg.connect(server_url, connect_timeout=5) as reader:  # a transaction that keeps reading the table
+        reader.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+        try:
+            assert store.acquire("job", holder, 60).acquired
+            assert not store.acquire("job", waiter, 60, queue_for=30).acquired
+            assert queue_rows(admin, f"{table}_waiters") == [("job", waiter.owner_token)]
+        finally:
+            store.close()
+            reader.rollback()
+
+
+def test_a_caller_that_does_not_wait_writes_no_place(persister: Postgres, admin: psycopg.Connection[Any], table: str) -> None:
+    assert persister.acquire("job", Owner(), 60).acquired
+    assert not persister.acquire("job", Owner(), 60).acquired
+    assert queue_rows(admin, f"{table}_waiters") == []
+
+
+def test_a_long_table_name_gets_a_queue_name_that_fits(server_url: str, admin: psycopg.Connection[Any]) -> None:
+    long_name = f"singleton_{uuid.uuid4().hex}_{'x' * 20}"  # 63 bytes: '<name>_waiters' would not fit
+    assert len(long_name) == 63
+    store = Postgres(server_url, table=long_name)
+    holder, waiter = Owner(), Owner()
+    try:
+        assert store.acquire("job", holder, 60).acquired
+        assert not store.acquire("job", waiter, 60, queue_for=30).acquired
+        assert store.release("job", holder.owner_token)
+        assert not store.acquire("job", Owner(), 60, queue_for=30).acquired  # behind the first waiter
+        assert store.acquire("job", waiter, 60, queue_for=30).acquired
+    finally:
+        store.close()
+        queue = f"singleton_waiters_{hashlib.sha256(long_name.encode()).hexdigest()[:32]}"
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(long_name), sql.Identifier(queue)))
+
+
 def test_schema_qualified_table_keeps_its_locks_apart(server_url: str, schema: str, admin: psycopg.Connection[Any], table: str) -> None:
     qualified = Postgres(server_url, table=f"{schema}.locks")
     plain = Postgres(server_url, table=table)
@@ -142,7 +204,7 @@ def test_awkward_table_names_are_quoted(server_url: str, admin: psycopg.Connecti
         assert admin.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(awkward).as_string(admin),)).fetchone() == (True,)
     finally:
         store.close()
-        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(awkward)))
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(awkward), sql.Identifier(f"{awkward}_waiters")))
 
 
 def test_table_names_are_validated_before_any_io() -> None:
@@ -635,7 +697,8 @@ def test_tables_do_not_share_wake_ups(server_url: str, persister: Postgres, tabl
             assert watch.wait(0.5) is False
     finally:
         other_table.close()
-        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(f"{table}_other")))
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(sql.Identifier(f"{table}_other"),
+                                                                      sql.Identifier(f"{table}_other_waiters")))
 
 
 def test_singleton_wait_is_woken_by_release(persister: Postgres) -> None:
