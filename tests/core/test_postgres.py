@@ -355,6 +355,36 @@ def test_from_url_reads_both_schemes_and_query_options(scheme: str, server_url: 
         store.close()
 
 
+def test_durable_release_is_an_option(server_url: str, table: str) -> None:
+    """By default a lease with an end is released without waiting for the WAL flush; the option waits."""
+    store = persisters.from_url(f"{server_url}?durable_release=true", table=table)
+    try:
+        assert isinstance(store, Postgres) and store.durable_release is True
+        assert Postgres(server_url).durable_release is False
+        owner = Owner()
+        assert store.acquire("job", owner, 60).acquired
+        assert store.release("job", owner.owner_token) is True
+        assert store.get("job") is None
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="durable_release"):
+        persisters.from_url(f"{server_url}?durable_release=maybe")
+    with pytest.raises(TypeError, match="durable_release"):
+        Postgres(server_url, durable_release=1)  # type: ignore[arg-type]
+
+
+def test_a_release_reports_whether_the_lease_was_still_live(persister: Postgres) -> None:
+    """One UPDATE judges the row it frees: a lease that ran out untaken is cleared but not reported released."""
+    live, ran_out = Owner(), Owner()
+    assert persister.acquire("live", live, 60).acquired
+    assert persister.acquire("ran-out", ran_out, 0.05).acquired
+    time.sleep(0.3)
+    assert persister.release("live", live.owner_token) is True
+    assert persister.release("ran-out", ran_out.owner_token) is False
+    assert persister.release("live", live.owner_token) is False
+    assert persister.acquire("ran-out", Owner(), 60).acquired
+
+
 def test_keyword_options_override_the_url(server_url: str, table: str) -> None:
     store = persisters.from_url(f"{server_url}?table=not_this_one&connect_timeout=9", table=table, connect_timeout=3)
     assert (store.table, store.connect_timeout) == (table, 3.0)
