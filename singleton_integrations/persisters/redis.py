@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import inspect
 import re
 import threading
@@ -105,7 +106,9 @@ def _import_redis() -> Any:
     return redis
 
 
-def _connection_option_names(connection_class: type) -> set[str]:
+@functools.cache
+def _connection_option_names(connection_class: type) -> frozenset[str]:
+    """The keywords ``connection_class`` takes, read once per class (signatures are slow to read)."""
     names: set[str] = set()
     for cls in connection_class.__mro__:
         init = cls.__dict__.get("__init__")
@@ -114,7 +117,7 @@ def _connection_option_names(connection_class: type) -> set[str]:
                 p.name for p in inspect.signature(init).parameters.values()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
             )
-    return names
+    return frozenset(names)
 
 
 class Redis(Persister):
@@ -160,7 +163,7 @@ class Redis(Persister):
 
     @classmethod
     def preload(cls) -> None:
-        _import_redis()
+        _connection_option_names(_import_redis().Connection)
 
     def __init__(
         self,
