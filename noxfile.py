@@ -108,8 +108,10 @@ def demo(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Throughput and contention against the floor and peer libraries, on the local servers.
 
-    ``nox -s benchmarks`` runs all four; ``-- throughput ARGS``, ``-- contention ARGS``,
-    ``-- mysql ARGS`` or ``-- limits ARGS`` runs one.
+    ``nox -s benchmarks`` runs all five; ``-- throughput ARGS``, ``-- contention ARGS``,
+    ``-- mysql ARGS``, ``-- limits ARGS`` or ``-- import ARGS`` runs one. The guarded
+    Airflow task and Prefect run have sessions of their own (``benchmarks_airflow``,
+    ``benchmarks_prefect``): each needs its orchestrator.
     """
     session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
     which, *args = session.posargs or ["all"]
@@ -121,3 +123,21 @@ def benchmarks(session: nox.Session) -> None:
         session.run("python", "benchmarks/mysql_bench.py", *args)
     if which in ("all", "limits"):
         session.run("python", "benchmarks/limits.py", *args)
+    if which in ("all", "import"):
+        session.run("python", "benchmarks/import_time.py", *args)
+
+
+@nox.session
+def benchmarks_airflow(session: nox.Session) -> None:
+    """A guarded Airflow task against a plain one on real deployments (LocalExecutor and CeleryExecutor)."""
+    session.env["UV_COMPILE_BYTECODE"] = "1"  # as in tests_airflow: task processes must not compile their imports
+    # Celery 5.7 removed what the Celery provider still imports (celery.backends.database.retry).
+    session.install("-e", f".[airflow,{STORES}]", "apache-airflow-providers-celery", "celery>=5.5,<5.7")
+    session.run("python", "benchmarks/airflow_overhead.py", *session.posargs)
+
+
+@nox.session
+def benchmarks_prefect(session: nox.Session) -> None:
+    """A guarded served Prefect flow run against a plain one on a real Prefect server."""
+    session.install("-e", f".[prefect,{STORES}]")
+    session.run("python", "benchmarks/prefect_overhead.py", *session.posargs)
