@@ -113,6 +113,7 @@ def benchmarks(session: nox.Session) -> None:
     Airflow task and Prefect run have sessions of their own (``benchmarks_airflow``,
     ``benchmarks_prefect``): each needs its orchestrator.
     """
+    session.env["UV_COMPILE_BYTECODE"] = "1"  # import_time.py's fresh processes must not compile their imports
     session.install("-e", f".[{STORES}]", "python-redis-lock", "pottery")
     which, *args = session.posargs or ["all"]
     if which in ("all", "throughput"):
@@ -139,5 +140,6 @@ def benchmarks_airflow(session: nox.Session) -> None:
 @nox.session
 def benchmarks_prefect(session: nox.Session) -> None:
     """A guarded served Prefect flow run against a plain one on a real Prefect server."""
+    session.env["UV_COMPILE_BYTECODE"] = "1"  # run processes must not compile their imports (PYTHONDONTWRITEBYTECODE here)
     session.install("-e", f".[prefect,{STORES}]")
     session.run("python", "benchmarks/prefect_overhead.py", *session.posargs)

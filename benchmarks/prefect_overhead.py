@@ -184,6 +184,9 @@ def main() -> None:
     print(_load(), "(before)")
     with tempfile.TemporaryDirectory(prefix="prefect-overhead-") as home, prefect_server(Path(home)) as server:
         env = server.env(**names, PREFECT_RUNNER_POLL_FREQUENCY="1")
+        # Run processes write and reuse bytecode, as on any real install: without it each one
+        # compiles Prefect's, redis-py's and our modules from source (PYTHONDONTWRITEBYTECODE).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         if arguments.importtime:
             env["PYTHONPROFILEIMPORTTIME"] = "1"
         log_path = Path(home) / "serve.log"
