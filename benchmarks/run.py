@@ -252,12 +252,47 @@ def postgres_cases() -> list[Callable[[], Case]]:
         return Case("postgres", "floor: INSERT ON CONFLICT + owner-checked DELETE", cycle, floor=True, close=close,
                     note="crash-safe (WAL-logged) table, reused connection")
 
+    def floor_unflushed_delete() -> Case:
+        # The floor with its DELETE committed as ours commits a release by default: without waiting
+        # for the WAL flush (set_config inside the statement, so still one round trip).
+        import psycopg
+
+        connection = psycopg.connect(postgres_url(), autocommit=True, connect_timeout=5)
+        table = f"bench_floor_unflushed_{RUN_ID}"
+        connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, owner_token TEXT NOT NULL, "
+            "expires_at TIMESTAMPTZ NOT NULL)"
+        )
+        name, token = _name("floor-unflushed"), secrets.token_hex(16)
+        insert = (f"INSERT INTO {table} (name, owner_token, expires_at) "
+                  f"VALUES (%s, %s, now() + interval '{TTL_SECONDS} seconds') ON CONFLICT DO NOTHING")
+        delete = (f"DELETE FROM {table} WHERE name = %s AND owner_token = %s "
+                  "AND set_config('synchronous_commit', 'off', true) IS NOT NULL")
+
+        def cycle() -> None:
+            if connection.execute(insert, (name, token)).rowcount != 1:
+                raise RuntimeError("floor: INSERT ... ON CONFLICT inserted nothing")
+            connection.execute(delete, (name, token))
+
+        def close() -> None:
+            connection.execute(f"DROP TABLE IF EXISTS {table}")
+            connection.close()
+
+        return Case("postgres", "the floor, its DELETE committed without waiting for the WAL flush", cycle,
+                    close=close, note="what ours does by default on release: the like-for-like comparison")
+
     def ours() -> Case:
         url = postgres_url()
         return _ours("postgres", lambda: persisters.Postgres(url), "singleton-integrations Singleton",
-                     "fencing token + holder metadata")
+                     "fencing token + holder metadata; a release of a lease does not wait for the WAL flush")
 
-    return [floor_logged, ours, floor]
+    def ours_durable() -> Case:
+        url = postgres_url()
+        return _ours("postgres", lambda: persisters.Postgres(url, durable_release=True),
+                     "singleton-integrations Singleton, durable_release=True",
+                     "every release waits for the WAL flush, as the floor's DELETE does")
+
+    return [floor_logged, ours, ours_durable, floor_unflushed_delete, floor]
 
 
 def mongodb_cases() -> list[Callable[[], Case]]:
