@@ -198,88 +198,51 @@ def redis_cases() -> list[Callable[[], Case]]:
     return [floor, ours, redis_py, python_redis_lock, pottery_redlock]
 
 
+def _postgres_floor(label: str, table_kind: str, delete_suffix: str = "", *, floor: bool = False,
+                    note: str = "") -> Case:
+    """INSERT ... ON CONFLICT DO NOTHING + an owner-checked DELETE on one reused connection:
+    the fewest round trips that take and give back a name on PostgreSQL."""
+    import psycopg
+
+    connection = psycopg.connect(postgres_url(), autocommit=True, connect_timeout=5)
+    table = f"bench_floor_{table_kind.lower() or 'logged'}_{secrets.token_hex(3)}_{RUN_ID}"
+    connection.execute(
+        f"CREATE {table_kind} TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, owner_token TEXT NOT NULL, "
+        "expires_at TIMESTAMPTZ NOT NULL)"
+    )
+    name, token = _name(table), secrets.token_hex(16)
+    insert = (f"INSERT INTO {table} (name, owner_token, expires_at) "
+              f"VALUES (%s, %s, now() + interval '{TTL_SECONDS} seconds') ON CONFLICT DO NOTHING")
+    delete = f"DELETE FROM {table} WHERE name = %s AND owner_token = %s{delete_suffix}"
+
+    def cycle() -> None:
+        if connection.execute(insert, (name, token)).rowcount != 1:
+            raise RuntimeError("floor: INSERT ... ON CONFLICT inserted nothing")
+        connection.execute(delete, (name, token))
+
+    def close() -> None:
+        connection.execute(f"DROP TABLE IF EXISTS {table}")
+        connection.close()
+
+    return Case("postgres", label, cycle, floor=floor, close=close, note=note)
+
+
 def postgres_cases() -> list[Callable[[], Case]]:
     def floor() -> Case:
-        import psycopg
-
-        connection = psycopg.connect(postgres_url(), autocommit=True, connect_timeout=5)
-        table = f"bench_floor_{RUN_ID}"
-        connection.execute(
-            f"CREATE UNLOGGED TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, owner_token TEXT NOT NULL, "
-            "expires_at TIMESTAMPTZ NOT NULL)"
-        )
-        name, token = _name("floor"), secrets.token_hex(16)
-        insert = (f"INSERT INTO {table} (name, owner_token, expires_at) "
-                  f"VALUES (%s, %s, now() + interval '{TTL_SECONDS} seconds') ON CONFLICT DO NOTHING")
-        delete = f"DELETE FROM {table} WHERE name = %s AND owner_token = %s"
-
-        def cycle() -> None:
-            if connection.execute(insert, (name, token)).rowcount != 1:
-                raise RuntimeError("floor: INSERT ... ON CONFLICT inserted nothing")
-            connection.execute(delete, (name, token))
-
-        def close() -> None:
-            connection.execute(f"DROP TABLE IF EXISTS {table}")
-            connection.close()
-
-        return Case("postgres", "INSERT ON CONFLICT + owner-checked DELETE, UNLOGGED table", cycle, close=close,
-                    note="not crash-safe, so not a fair floor for a lock store; for scale only")
+        return _postgres_floor("INSERT ON CONFLICT + owner-checked DELETE, UNLOGGED table", "UNLOGGED",
+                               note="not crash-safe, so not a fair floor for a lock store; for scale only")
 
     def floor_logged() -> Case:
         # The floor: a normal (WAL-logged, crash-safe) table, as a lock store must use.
-        import psycopg
-
-        connection = psycopg.connect(postgres_url(), autocommit=True, connect_timeout=5)
-        table = f"bench_floor_logged_{RUN_ID}"
-        connection.execute(
-            f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, owner_token TEXT NOT NULL, "
-            "expires_at TIMESTAMPTZ NOT NULL)"
-        )
-        name, token = _name("floor-logged"), secrets.token_hex(16)
-        insert = (f"INSERT INTO {table} (name, owner_token, expires_at) "
-                  f"VALUES (%s, %s, now() + interval '{TTL_SECONDS} seconds') ON CONFLICT DO NOTHING")
-        delete = f"DELETE FROM {table} WHERE name = %s AND owner_token = %s"
-
-        def cycle() -> None:
-            if connection.execute(insert, (name, token)).rowcount != 1:
-                raise RuntimeError("floor: INSERT ... ON CONFLICT inserted nothing")
-            connection.execute(delete, (name, token))
-
-        def close() -> None:
-            connection.execute(f"DROP TABLE IF EXISTS {table}")
-            connection.close()
-
-        return Case("postgres", "floor: INSERT ON CONFLICT + owner-checked DELETE", cycle, floor=True, close=close,
-                    note="crash-safe (WAL-logged) table, reused connection")
+        return _postgres_floor("floor: INSERT ON CONFLICT + owner-checked DELETE", "", floor=True,
+                               note="crash-safe (WAL-logged) table, reused connection")
 
     def floor_unflushed_delete() -> Case:
-        # The floor with its DELETE committed as ours commits a release by default: without waiting
-        # for the WAL flush (set_config inside the statement, so still one round trip).
-        import psycopg
-
-        connection = psycopg.connect(postgres_url(), autocommit=True, connect_timeout=5)
-        table = f"bench_floor_unflushed_{RUN_ID}"
-        connection.execute(
-            f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, owner_token TEXT NOT NULL, "
-            "expires_at TIMESTAMPTZ NOT NULL)"
-        )
-        name, token = _name("floor-unflushed"), secrets.token_hex(16)
-        insert = (f"INSERT INTO {table} (name, owner_token, expires_at) "
-                  f"VALUES (%s, %s, now() + interval '{TTL_SECONDS} seconds') ON CONFLICT DO NOTHING")
-        delete = (f"DELETE FROM {table} WHERE name = %s AND owner_token = %s "
-                  "AND set_config('synchronous_commit', 'off', true) IS NOT NULL")
-
-        def cycle() -> None:
-            if connection.execute(insert, (name, token)).rowcount != 1:
-                raise RuntimeError("floor: INSERT ... ON CONFLICT inserted nothing")
-            connection.execute(delete, (name, token))
-
-        def close() -> None:
-            connection.execute(f"DROP TABLE IF EXISTS {table}")
-            connection.close()
-
-        return Case("postgres", "the floor, its DELETE committed without waiting for the WAL flush", cycle,
-                    close=close, note="what ours does by default on release: the like-for-like comparison")
+        # As ours commits a release by default: without waiting for the WAL flush (set_config inside
+        # the statement, so still one round trip).
+        return _postgres_floor("the floor, its DELETE committed without waiting for the WAL flush", "",
+                               " AND set_config('synchronous_commit', 'off', true) IS NOT NULL",
+                               note="what ours does by default on release: the like-for-like comparison")
 
     def ours() -> Case:
         url = postgres_url()

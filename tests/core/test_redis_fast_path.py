@@ -15,7 +15,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,42 +23,17 @@ from singleton_integrations._record import Owner
 from singleton_integrations.persisters._redis_clients import PoolExhausted, _Slots
 from singleton_integrations.persisters._redis_scripts import ACQUIRE_SCRIPT, script_keys
 from singleton_integrations.persisters.redis import Redis
+from tests.core import test_redis_limits
 from tests.core.test_redis_limits import subscribed
-from tests.servers import redis_server
 
 redis = pytest.importorskip("redis")
 
 
-@pytest.fixture(scope="module")
-def url() -> str:
-    return redis_server.url()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}:"
-
-
-@pytest.fixture
-def store(url: str, prefix: str) -> Iterator[Redis]:
-    persister = Redis(url, key_prefix=prefix)
-    yield persister
-    persister.close()
-
-
-@pytest.fixture
-def other(url: str, prefix: str) -> Iterator[Redis]:
-    """The same store through another client, as another process would reach it."""
-    persister = Redis(url, key_prefix=prefix, client_name="fast-path-other")
-    yield persister
-    persister.close()
-
-
-@pytest.fixture
-def raw(url: str) -> Iterator[Any]:
-    client = redis.Redis.from_url(url, decode_responses=True)
-    yield client
-    client.close()
+# Shared fixtures (``releaser``: the same store through another client).
+url, prefix, store, raw, releaser = (
+    test_redis_limits.url, test_redis_limits.prefix, test_redis_limits.store, test_redis_limits.raw,
+    test_redis_limits.releaser,
+)
 
 
 def wait_for(check: Any, timeout: float = 15.0) -> None:
@@ -85,14 +59,14 @@ def test_a_free_name_is_taken_with_the_documented_layout(store: Redis, prefix: s
     assert store.get("free") == result.record
 
 
-def test_a_plain_acquire_is_refused_while_a_hold_under_limit_is_live(store: Redis, other: Redis) -> None:
+def test_a_plain_acquire_is_refused_while_a_hold_under_limit_is_live(store: Redis, releaser: Redis) -> None:
     """The holds key exists: the small script hands over, and the full one names the live hold."""
     holder = Owner()
-    assert other.acquire("limited", holder, 30, limit=2).acquired
+    assert releaser.acquire("limited", holder, 30, limit=2).acquired
     refused = store.acquire("limited", Owner(), 30)
     assert not refused.acquired
     assert [record.owner_token for record in refused.holders] == [holder.owner_token]
-    assert other.release("limited", holder.owner_token)
+    assert releaser.release("limited", holder.owner_token)
     assert store.acquire("limited", Owner(), 30).acquired
 
 
@@ -113,9 +87,9 @@ def test_a_retried_acquire_hands_over_and_gets_its_own_record_back(store: Redis)
     assert second.record.fencing_token == first.record.fencing_token
 
 
-def test_a_conflict_names_the_holder_and_its_remaining_lease(store: Redis, other: Redis) -> None:
+def test_a_conflict_names_the_holder_and_its_remaining_lease(store: Redis, releaser: Redis) -> None:
     holder = Owner(metadata={"who": "first"})
-    assert other.acquire("held", holder, 30).acquired
+    assert releaser.acquire("held", holder, 30).acquired
     refused = store.acquire("held", Owner(), 30)
     assert not refused.acquired and refused.record is not None
     assert refused.record.owner_token == holder.owner_token and refused.record.metadata == {"who": "first"}
@@ -153,27 +127,27 @@ def test_a_release_frees_the_name_and_sets_the_state_to_expire(store: Redis, pre
     assert not store.release("plain", Owner().owner_token)
 
 
-def test_a_release_wakes_the_queued_head_through_the_queue_branch(store: Redis, other: Redis) -> None:
+def test_a_release_wakes_the_queued_head_through_the_queue_branch(store: Redis, releaser: Redis) -> None:
     holder, head, later = Owner(), Owner(), Owner()
-    assert other.acquire("queued", holder, 30).acquired
+    assert releaser.acquire("queued", holder, 30).acquired
     watch = subscribed(store, "queued", head.owner_token)
     try:
         assert not store.acquire("queued", head, 30, queue_for=30).acquired  # queued, with this process's wake channel
-        assert other.release("queued", holder.owner_token)
+        assert releaser.release("queued", holder.owner_token)
         assert watch.wait(15)  # the release told the head's process
-        refused = other.acquire("queued", later, 30, queue_for=30)
+        refused = releaser.acquire("queued", later, 30, queue_for=30)
         assert not refused.acquired and refused.queued_behind  # the name is kept for the head
         assert store.acquire("queued", head, 30, queue_for=30).acquired
     finally:
         watch.close()
 
 
-def test_an_unqueued_watch_hears_the_inline_release(store: Redis, other: Redis) -> None:
+def test_an_unqueued_watch_hears_the_inline_release(store: Redis, releaser: Redis) -> None:
     holder = Owner()
-    assert other.acquire("heard", holder, 30).acquired
+    assert releaser.acquire("heard", holder, 30).acquired
     watch = subscribed(store, "heard")
     try:
-        assert other.release("heard", holder.owner_token)
+        assert releaser.release("heard", holder.owner_token)
         assert watch.wait(15)
     finally:
         watch.close()
