@@ -277,7 +277,8 @@ _WAKE_HEAD = "(SELECT {head} FROM pg_notify(%(channel)s, chr(31) || {head} || ch
 # and ``released_at = now`` is the answer "live". Before hold_until the row stays as
 # the name's holder, marked released, and no NOTIFY goes out: the name is not free
 # yet. A lease with an end is released without waiting for the WAL flush (``_NO_FLUSH``,
-# judged on the row version being updated) unless ``durable``. RETURNING reads the newest row version, so a waiter's hint committed while we
+# judged on the row version being updated; a CASE, so a lock without an end never runs it)
+# unless ``durable``. RETURNING reads the newest row version, so a waiter's hint committed while we
 # waited for the row is seen; the queue's head is read as the row is freed.
 RELEASE = f"""
 WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
@@ -287,7 +288,7 @@ released AS (
                            ELSE least(freed.expires_at, clock.now - interval '1 microsecond') END,
         expires_at = CASE WHEN freed.hold_until > clock.now THEN freed.hold_until END
     FROM clock WHERE freed.name = %(name)s AND freed.owner_token = %(owner_token)s
-        AND (freed.expires_at IS NULL OR %(durable)s::boolean OR {_NO_FLUSH} IS NOT NULL)
+        AND CASE WHEN freed.expires_at IS NULL OR %(durable)s::boolean THEN true ELSE {_NO_FLUSH} IS NOT NULL END
     RETURNING freed.name, freed.released_at = clock.now AS live, coalesce(freed.hold_until > clock.now, false) AS holding,
         coalesce(freed.waiters_until > clock.now, false) AS waited,
         CASE WHEN NOT coalesce(freed.hold_until > clock.now, false)
