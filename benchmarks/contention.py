@@ -170,7 +170,8 @@ elif impl == "python-redis-lock":
     def take(wait):
         lock = redis_lock.Lock(client, name, expire=10)
         holder["lock"] = lock
-        return lock.acquire(blocking=True, timeout=max(wait, 0.001))
+        # python-redis-lock refuses a timeout longer than the lock's expire (TimeoutTooLarge).
+        return lock.acquire(blocking=True, timeout=min(max(wait, 0.001), 9.0))
     def give(): holder["lock"].release()
 elif impl == "GET_LOCK":  # MySQL's session lock: waits in the server, no lease, no holder record
     from urllib.parse import unquote, urlsplit
