@@ -177,7 +177,7 @@ def main() -> None:
 
     from prefect_blocks import SingletonBlock
     from tests.prefect.real_server import prefect_server
-    from tests.servers import redis_server
+    from tests.servers import redis_server, stop_process
 
     store = redis_server.url()
     names = {BLOCK_ENV: f"overhead-{uuid.uuid4().hex[:8]}", LOCK_ENV: f"overhead-{uuid.uuid4().hex[:8]}"}
@@ -198,12 +198,7 @@ def main() -> None:
             try:
                 _measure(get_client, arguments, served, log_path, Path(home))
             finally:
-                served.terminate()
-                try:
-                    served.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    served.kill()
-                    served.wait(timeout=30)
+                stop_process(served)
                 if arguments.importtime:
                     kept = Path(tempfile.gettempdir()) / "prefect-overhead-serve.log"
                     kept.write_text(log_path.read_text(errors="replace"))

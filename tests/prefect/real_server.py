@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import free_port, unavailable
+from tests.servers import free_port, stop_process, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 STARTUP_TIMEOUT = 120.0
@@ -79,10 +79,5 @@ def prefect_server(home: Path) -> Iterator[PrefectServer]:
             time.sleep(0.25)
         yield PrefectServer(url=url, api_url=f"{url}/api", home=home, process=process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop_process(process)
         log.close()

@@ -26,6 +26,7 @@ from prefect import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_blocks import SingletonBlock
+from tests.servers import stop_process
 
 from .conftest import held_elsewhere
 from .real_server import ROOT, PrefectServer
@@ -74,12 +75,7 @@ def served(real_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory)
             time.sleep(0.25)
         yield Served(process, metrics_dir, lock)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop_process(process)
 
 
 def points(metrics_dir: Path, lock_name: str) -> dict[int, dict[tuple[str, tuple[tuple[str, object], ...]], float]]:

@@ -1,16 +1,18 @@
 """Real servers for the tests: each module finds or starts one and returns its URL.
 
 Shared here: what to do when a server is missing (fail under ``CI=true``,
-skip elsewhere) and how to pick a free loopback port for a throwaway server.
+skip elsewhere), how to pick a free loopback port for a throwaway server, and how
+to stop a process one started.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import NoReturn
+import subprocess
+from typing import Any, NoReturn
 
-__all__ = ["ServerUnavailable", "free_port", "unavailable"]
+__all__ = ["ServerUnavailable", "free_port", "stop_process", "unavailable"]
 
 
 class ServerUnavailable(RuntimeError):
@@ -31,3 +33,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
